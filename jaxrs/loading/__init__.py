@@ -1,0 +1,117 @@
+"""Model sources -> (ModelConfig, parameter pytree, tokenizer).
+
+A source is a GGUF file, a Hugging Face model folder, a folder holding one GGUF, a Hub repo id, or
+nothing (the embedded demo model). Every format ends in the same parameter tree, so one model
+implementation serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax.numpy as jnp
+
+from jaxrs.config import ModelConfig, read_json
+from jaxrs.errors import ModelLoadError
+from jaxrs.models.registry import family
+
+if TYPE_CHECKING:
+    from jaxrs.tokenizer import Tokenizer
+
+log = logging.getLogger("jaxrs")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]  # default sampling values (generation_config.json)
+    source: str
+
+
+def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str, Path]:
+    """("gguf" | "hf", local path) for a user-given model string."""
+    from jaxrs.loading.demo import fetch_demo_model
+    from jaxrs.loading.hub import download_repo, looks_like_repo_id
+
+    if model is None:
+        return "gguf", fetch_demo_model()
+    path = Path(model).expanduser()
+    if path.is_file():
+        return "gguf", path
+    if path.is_dir():
+        if gguf_file:
+            return "gguf", path / gguf_file
+        if (path / "config.json").is_file():
+            return "hf", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        if ggufs:
+            raise ModelLoadError(path, f"several GGUF files here; choose one with --gguf-file: "
+                                 f"{', '.join(g.name for g in ggufs)}")
+        raise ModelLoadError(path, "neither config.json nor a GGUF file in this folder")
+    if looks_like_repo_id(model):
+        local = download_repo(model, gguf_file)
+        return ("hf" if local.is_dir() else "gguf"), local
+    raise ModelLoadError(path, "no such file or directory")
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | jnp.dtype = "float32",
+    tokenizer: str | None = None,
+) -> LoadedModel:
+    """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source."""
+    from jaxrs.tokenizer import Tokenizer
+
+    kind, path = resolve_source(model, gguf_file)
+    start = time.perf_counter()
+    dtype = jnp.dtype(dtype)
+    if kind == "gguf":
+        from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
+        from jaxrs.loading.gguf_reader import open_gguf, read_metadata
+        from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
+
+        reader = open_gguf(path)
+        meta = read_metadata(reader)
+        cfg = gguf_config(reader, meta, path)
+        get = open_gguf_tensors(reader, cfg, path)
+        tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
+        generation_config: dict[str, Any] = {}
+    else:
+        from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
+
+        cfg = load_hf_config(path)
+        get = open_hf_tensors(path, family(cfg.architecture).hf_weight_names(cfg))
+        tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)
+        gen_path = path / "generation_config.json"
+        generation_config = read_json(gen_path) if gen_path.is_file() else {}
+    params = family(cfg.architecture).params_from_hf(_with_progress(get, cfg), cfg, dtype)
+    log.info("loaded %s (%s, %d layers) from %s in %.1f s", cfg.name or path.name, cfg.architecture,
+             cfg.num_layers, path, time.perf_counter() - start)
+    return LoadedModel(cfg, params, tok, generation_config, str(path))
+
+
+def _with_progress(get, cfg: ModelConfig):
+    """Wrap a tensor getter with a progress bar over the tensors the family will ask for."""
+    from tqdm.auto import tqdm
+
+    total = len(family(cfg.architecture).hf_weight_names(cfg))
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor", leave=False, delay=1.0)
+
+    def counted(name: str):
+        value = get(name)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+        return value
+
+    return counted

@@ -1,0 +1,90 @@
+"""A GGUF file: metadata -> ModelConfig, llama.cpp tensor names -> the family's HF names.
+
+Tensors are dequantized with `gguf.quants` as they are requested (one layer's worth at a time), so
+peak host memory stays near the finished parameter tree. The getter is the seam where packed
+(quantized-on-device) tensors will plug in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from jaxrs.config import ModelConfig, config_from_gguf
+from jaxrs.errors import ModelLoadError
+from jaxrs.models.registry import family
+
+# Storage types that load (dequantized by gguf.quants).
+SUPPORTED_TYPES = {
+    QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+}
+
+
+def gguf_config(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path) -> ModelConfig:
+    names = {t.name for t in reader.tensors}
+    rope_freqs = None
+    if "rope_freqs.weight" in names:
+        tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_freqs = tuple(float(x) for x in np.asarray(tensor.data, dtype=np.float32).reshape(-1))
+    return config_from_gguf(meta, path, has_output="output.weight" in names, rope_freqs=rope_freqs)
+
+
+def _template(name: str) -> re.Pattern:
+    """A name template with a `{i}` layer index as a regex."""
+    return re.compile("^" + re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _name_patterns(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(_template(k), v) for k, v in names.items()]
+
+
+def _translate(name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in patterns:
+        if m := pattern.match(name):
+            layer = m.groupdict().get("i")
+            return target.replace("{i}", layer) if layer is not None else target
+    return None
+
+
+def unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> Callable[[str], np.ndarray]:
+    """A getter of HF-named float tensors backed by the GGUF file."""
+    fam = family(cfg.architecture)
+    patterns = _name_patterns(fam.GGUF_NAMES)
+    permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(fam.GGUF_ROPE_PERMUTED)}
+    by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None]] = {}
+    for tensor in reader.tensors:
+        if (hf := _translate(tensor.name, patterns)) is not None:
+            heads = next((h for p, h in permuted.items() if p.match(tensor.name)), None)
+            by_hf_name[hf] = (tensor, heads)
+    missing = [n for n in fam.hf_weight_names(cfg) if n not in by_hf_name]
+    if missing:
+        to_gguf = _name_patterns({v: k for k, v in fam.GGUF_NAMES.items()})
+        shown = [_translate(n, to_gguf) or n for n in missing[:3]]
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(path, f"missing tensor(s) {', '.join(shown)}{more}")
+
+    def get(name: str) -> np.ndarray:
+        tensor, heads = by_hf_name[name]
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                path, f"tensor {tensor.name!r} has storage type {tensor.tensor_type.name}, which jaxrs cannot "
+                f"load (supported: {', '.join(t.name for t in sorted(SUPPORTED_TYPES))})"
+            )
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        data = data.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        return unpermute_rope(data, heads) if heads else data
+
+    return get

