@@ -86,7 +86,11 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
 ) -> str:
     # jinja's own tojson HTML-escapes (<, >, &, '), which would corrupt prompts; transformers overrides it so.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -110,7 +114,9 @@ def compile_chat_template(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from None
+        raise ChatTemplateError(
+            f"the chat template does not compile: {e.message} (line {e.lineno})"
+        ) from None
 
 
 def _plain(value: Any) -> Any:

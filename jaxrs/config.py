@@ -85,10 +85,12 @@ def rope_scaling_from_hf(raw: dict | None, path: Path) -> RopeScaling:
 
 def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     """Normalize a transformers `config.json` dict."""
-    from jaxrs.models.registry import HF_ARCHITECTURES
+    from jaxrs.models.registry import HF_ARCHITECTURES, HF_MODEL_TYPES
 
     archs = raw.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    if arch is None and not archs:
+        arch = HF_MODEL_TYPES.get(raw.get("model_type", ""))
     if arch is None:
         raise ModelLoadError(
             path, f"unknown architecture {archs or raw.get('model_type')!r} "

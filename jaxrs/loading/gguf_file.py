@@ -56,7 +56,7 @@ def _translate(name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
 def unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> Callable[[str], np.ndarray]:

@@ -25,6 +25,7 @@ from jaxrs.models.layers import (
 from jaxrs.ops import Kernels
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+HF_MODEL_TYPES = ("llama", "mistral")  # config.json `model_type`, when `architectures` is absent
 GGUF_ARCHITECTURES = ("llama",)
 
 # Stacked layer parameter -> HF checkpoint name under `model.layers.{i}.`

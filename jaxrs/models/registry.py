@@ -1,6 +1,6 @@
 """Architecture name -> model family module. Adding a family: one file in `models/` plus a line here.
 
-A family module provides: HF_ARCHITECTURES, GGUF_ARCHITECTURES, GGUF_NAMES, GGUF_ROPE_PERMUTED,
+A family module provides: HF_ARCHITECTURES, HF_MODEL_TYPES, GGUF_ARCHITECTURES, GGUF_NAMES, GGUF_ROPE_PERMUTED,
 hf_weight_names(cfg), params_from_hf(get, cfg, dtype), forward(...), compute_logits(...).
 """
 
@@ -15,6 +15,7 @@ FAMILIES: dict[str, ModuleType] = {
 }
 
 HF_ARCHITECTURES = {arch: key for key, mod in FAMILIES.items() for arch in mod.HF_ARCHITECTURES}
+HF_MODEL_TYPES = {t: key for key, mod in FAMILIES.items() for t in mod.HF_MODEL_TYPES}
 GGUF_ARCHITECTURES = {arch: key for key, mod in FAMILIES.items() for arch in mod.GGUF_ARCHITECTURES}
 
 
