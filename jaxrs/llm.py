@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,17 +107,33 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         *,
         add_generation_prompt: bool = True,
-        chat_template: str | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [
-            self.tokenizer.encode(
-                self.tokenizer.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt,
-                                                   chat_template=chat_template),
-                add_special_tokens=False,
-            )
-            for c in conversations
-        ]
+        prompts = [self.chat_prompt_ids(c, add_generation_prompt=add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (which writes its own BOS)."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt_ids: list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one request as it is generated.
+
+        Text that could be the start of a stop string is held back until it is known not to be one.
+        """
+        seq = self.engine.add_request(prompt_ids, sampling_params or SamplingParams())
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        sent = 0
+        try:
+            while not seq.finished:
+                self.engine.step()
+                safe = len(seq.text) if seq.finished else max(sent, len(seq.text) - hold)
+                if safe > sent:
+                    yield seq.text[sent:safe]
+                    sent = safe
+        finally:
+            if not seq.finished:
+                self.engine.abort(seq)

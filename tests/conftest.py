@@ -38,3 +38,17 @@ def save_tiny_hf_model(config, path, seed: int = 0):
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def save_tiny_tokenizer(path, vocab_size: int) -> None:
+    """A word-level tokenizer over `vocab_size` tokens (`w3 w17 ...`), with a ChatML-ish template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "chat_template": template}
+    (path / "tokenizer_config.json").write_text(__import__("json").dumps(config))

@@ -96,7 +96,9 @@ def test_smollm2_digits_are_single_tokens(ours, text):
 
 def test_smollm2_special_tokens(ours, ref):
     assert (ours.bos_token_id, ours.eos_token_ids, ours.pad_token_id) == (1, [2], 2)
-    assert (ours.bos_token, ours.eos_token) == (ref.bos_token, ref.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (
+        (ours.bos_token, ours.eos_token) == (ref.bos_token, ref.eos_token) == ("<|im_start|>", "<|im_end|>")
+    )
     assert not ours.add_bos and not ours.add_eos
     assert ours.vocab_size == len(ref) == 49152
     assert ours.special_ids == set(range(17))
@@ -174,10 +176,28 @@ def test_pre_tokenizer_rules_by_name(caplog):
 def test_byte_level_flags():
     smol = tokenizer_from_gguf(_byte_level_metadata("smollm"), "t.gguf")
     assert not smol.add_bos and smol.eos_token_ids == [0]
-    llama3 = tokenizer_from_gguf(_byte_level_metadata("llama-bpe", **{"tokenizer.ggml.bos_token_id": 0}), "t.gguf")
+    llama3 = tokenizer_from_gguf(
+        _byte_level_metadata("llama-bpe", **{"tokenizer.ggml.bos_token_id": 0}), "t.gguf"
+    )
     assert llama3.add_bos  # llama.cpp's default for this pre-tokenizer when the flag is absent
     assert llama3.encode("hi") == [0, *llama3.encode("hi", add_special_tokens=False)]
     assert llama3.encode("<|endoftext|>hi").count(0) == 1  # BOS already in the text is not doubled
+
+
+def test_added_tokens_keep_their_ids_and_raw_text():
+    """CONTROL tokens written in raw text (DeepSeek's fullwidth bars) and USER_DEFINED ones (`<think>`, a
+    newline pair) are matched whole, keep their GGUF ids and decode to their text."""
+    meta = _byte_level_metadata("llama-bpe")
+    n = len(meta["tokenizer.ggml.tokens"])
+    meta["tokenizer.ggml.tokens"] += ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<think>", "\n\n"]
+    meta["tokenizer.ggml.token_type"] += [3, 4, 4]
+    meta["tokenizer.ggml.bos_token_id"] = n
+    tok = tokenizer_from_gguf(meta, "t.gguf")
+    assert tok.vocab_size == n + 3 and tok.special_ids == {0, n}
+    text = "<\uff5cbegin\u2581of\u2581sentence\uff5c>hi<think>\n\nx"
+    ids = tok.encode(text)
+    assert ids[0] == n and ids.count(n) == 1 and ids[3:5] == [n + 1, n + 2]
+    assert tok.decode(ids) == text and tok.decode(ids, skip_special_tokens=True) == "hi<think>\n\nx"
 
 
 def test_unsupported_model():
@@ -263,7 +283,11 @@ def test_sentencepiece_matches_transformers(spm_gguf):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
     assert ours.id_to_token(ours.encode("日", add_special_tokens=False)[1]) == "<0xE6>"
     # a BOS the text already starts with is not doubled (transformers would add a second one)
-    assert ours.encode("<s>x") == [1, *ours.encode("x", add_special_tokens=False)]
+    assert (
+        ours.encode("<s>x")
+        == ref.encode("<s>x")[1:]
+        == [1, *ours.encode("<s>x", add_special_tokens=False)[1:]]
+    )
 
 
 def test_sentencepiece_merges_match_transformers(spm_gguf):
@@ -272,7 +296,9 @@ def test_sentencepiece_merges_match_transformers(spm_gguf):
     meta = read_metadata(open_gguf(spm_gguf))
     tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
     merges = merges_from_scores(tokens, scores)
-    assert merges == generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+    assert merges == generate_merges(
+        {t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores, strict=True))
+    )
     assert merges[0] == ("▁", "t")  # the best-scored piece that is a pair of pieces
 
 

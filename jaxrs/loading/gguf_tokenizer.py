@@ -74,7 +74,13 @@ _DEEPSEEK_LLM = (
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
     "\\p{N}+",
 )
-_DEEPSEEK_CODER = ("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", "\\p{N}")
+_DEEPSEEK_CODER = (
+    "[\r\n]",
+    "\\s?\\p{L}+",
+    "\\s?\\p{P}+",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    "\\p{N}",
+)
 _DEEPSEEK_V3 = (
     "\\p{N}{1,3}",
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
@@ -84,9 +90,10 @@ _DEEPSEEK_V3 = (
 _FALCON = ("[\\p{P}\\$\\+<=>\\^~\\|`]+", _GPT2, "[0-9][0-9][0-9]")
 _BLOOM = (" ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+",)
 
-# Pre-tokenizer names (as llama.cpp's convert_hf_to_gguf.py writes them) -> splitting rules.
-# "gpt2-bytelevel" = tokenizers' ByteLevel with its built-in GPT-2 regex; "digits+gpt2" = each digit
-# split off first (llama.cpp's "\p{N}" step), which is also what the original tokenizer.json files do.
+# Pre-tokenizer names (as llama.cpp's convert_hf_to_gguf.py writes them) -> splitting rules. The GPT-2
+# names use tokenizers' ByteLevel with its built-in GPT-2 regex (for "default", a name current converters
+# do not write, llama.cpp adds punctuation and digit-group splits; we keep plain GPT-2). The digit names
+# split each digit off first (llama.cpp's "\p{N}" step), as those models' own tokenizer.json files do.
 _GPT2_NAMES = (
     "default", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "roberta-bpe", "gigachat",
     "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-v2-code",
@@ -130,7 +137,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | Path) -> Tokenizer
 
     def token_id(key: str, default: int | None = None) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}", default)
-        if value is None:
+        if value is None or int(value) in (-1, 0xFFFFFFFF):  # how some converters write "none"
             return None
         if not 0 <= int(value) < n:
             log.warning(

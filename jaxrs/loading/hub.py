@@ -21,7 +21,7 @@ def looks_like_repo_id(text: str) -> bool:
 
 def download_repo(repo_id: str, gguf_file: str | None = None, revision: str | None = None) -> Path:
     """Local path of the model: the snapshot folder (HF layout) or the chosen GGUF file in it."""
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import constants, list_repo_files, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
@@ -33,7 +33,10 @@ def download_repo(repo_id: str, gguf_file: str | None = None, revision: str | No
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=FOLDER_FILES))
         if (folder / "config.json").is_file():
             return folder
-        ggufs = [f for f in list_repo_files(repo_id, revision=revision) if f.endswith(".gguf")]
+        if constants.HF_HUB_OFFLINE:  # only what the cache holds
+            ggufs = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf"))
+        else:
+            ggufs = [f for f in list_repo_files(repo_id, revision=revision) if f.endswith(".gguf")]
     except ModelLoadError:
         raise
     except RepositoryNotFoundError:

@@ -1,0 +1,110 @@
+"""`jaxrs` command line: run a model (one prompt or an interactive chat), fetch the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from jaxrs.errors import JaxrsError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF file, HF model folder or Hub repo id (default: the demo model)")
+    p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
+    p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-mb", type=float, default=512.0, help="memory for the paged KV cache (MiB)")
+    p.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32], help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, help="longest sequence served (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: the model's generation config)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--sample-seed", type=int, help="seed of this request's sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrs", description="A pure-JAX/XLA LLM inference engine.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="complete one prompt, or chat interactively without --prompt")
+    _model_args(run)
+    _sampling_args(run)
+    run.add_argument("--prompt", "-p", help="the prompt; without it, an interactive chat")
+    run.add_argument("--system", help="system message for chat")
+    run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    sub.add_parser("fetch-demo", help="download the demo model (SmolLM2-135M-Instruct) into the local cache")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing chatter
+    try:
+        if args.command == "fetch-demo":
+            from jaxrs.loading.demo import fetch_demo_model
+
+            print(fetch_demo_model())
+            return 0
+        return _run(args)
+    except JaxrsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jaxrs.engine.sampling import SamplingParams
+    from jaxrs.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
+              kv_cache_mb=args.kv_cache_mb, block_size=args.block_size, max_model_len=args.max_model_len,
+              seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, seed=args.sample_seed)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        if args.raw or llm.tokenizer.chat_template is None:
+            stream = llm.stream(llm.tokenizer.encode(args.prompt), params)
+        else:
+            stream = llm.stream(llm.chat_prompt_ids(system + [{"role": "user", "content": args.prompt}]), params)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    return _chat(llm, params, system)
+
+
+def _chat(llm, params, history: list[dict]) -> int:
+    if llm.tokenizer.chat_template is None:
+        raise JaxrsError("this model has no chat template; pass --prompt (or a --tokenizer with a template)")
+    print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in llm.stream(llm.chat_prompt_ids(history), params):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The Python API end to end on the real demo model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxrs import LLM, SamplingParams
+from jaxrs.errors import JaxrsError
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def llm(demo_gguf):
+    return LLM(str(demo_gguf), kv_cache_mb=64)
+
+
+def test_chat_answers_coherently(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], GREEDY)[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # the model ends its answer with <|im_end|>
+    assert out.token_ids[-1] == 2 and out.text == llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_batched_prompts_equal_alone(llm):
+    prompts = ["The quick brown fox", "Once upon a time, in a land far away,", "def fibonacci(n):",
+               "The three primary colors are"]
+    together = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, together, strict=True):
+        alone = llm.generate(prompt, GREEDY)[0]
+        assert alone.token_ids == out.token_ids, prompt
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_max_tokens_and_stop_strings(llm):
+    out = llm.generate("Count: one, two, three, four,", SamplingParams(temperature=0, max_tokens=5))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    full = llm.generate("Count: one, two, three, four,", SamplingParams(temperature=0, max_tokens=20))[0].text
+    stop = full.strip().split()[2]
+    cut = llm.generate("Count: one, two, three, four,",
+                       SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    def sample(seed):
+        p = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_tokens=16, seed=seed, ignore_eos=True)
+        return llm.generate("Write a poem about the sea.", p)[0].token_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stream_concatenates_to_the_text(llm):
+    ids = llm.tokenizer.encode("My favourite food is")
+    pieces = list(llm.stream(ids, SamplingParams(temperature=0, max_tokens=20)))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llm.generate("My favourite food is", SamplingParams(temperature=0, max_tokens=20))[0].text
+
+
+def test_preemption_loses_nothing(demo_gguf, llm):
+    prompts = ["Tell me about the moon.", "Tell me about the sun.", "Tell me about the stars."]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    roomy = llm.generate(prompts, params, use_tqdm=False)
+    tight = LLM(str(demo_gguf), kv_cache_mb=5.7)  # 8 blocks of 16 tokens: not enough for all three
+    assert tight.engine.blocks.num_blocks == 8
+    squeezed = tight.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
+    assert tight.engine.blocks.num_free == 8
+
+
+def test_prompt_too_long_is_rejected(llm):
+    with pytest.raises(JaxrsError, match="tokens per sequence"):
+        llm.generate([1] * (llm.engine.max_model_len + 1), GREEDY)
