@@ -45,8 +45,12 @@ def bench_jaxrs(model: str | None, n_prompt: int, n_new: int, passes: int, dtype
         if i:
             prefill.append(n_prompt / (t1 - t0))
             decode.append((len(seq.output_ids) - 1) / (t2 - t1))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "compiled_shapes": len(engine.runner.compiled_shapes), "dtype": str(llm.dtype)}
+    return {
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "compiled_shapes": len(engine.runner.compiled_shapes),
+        "dtype": str(llm.dtype),
+    }
 
 
 def bench_transformers(model_path: Path, n_prompt: int, n_new: int, passes: int) -> dict:
@@ -70,8 +74,11 @@ def bench_transformers(model_path: Path, n_prompt: int, n_new: int, passes: int)
             if i:
                 prefill.append(n_prompt / (t1 - t0))
                 decode.append((n_new - 1) / ((t2 - t1) - (t1 - t0)))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "dtype": "float32"}
+    return {
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "dtype": "float32",
+    }
 
 
 def main() -> None:
@@ -89,25 +96,40 @@ def main() -> None:
     _, path = resolve_source(args.model)
     rows = {"jaxrs": bench_jaxrs(args.model, args.prompt_tokens, args.new_tokens, args.passes, args.dtype)}
     if not args.no_peer:
-        rows["transformers (torch CPU, f32)"] = bench_transformers(path, args.prompt_tokens, args.new_tokens,
-                                                                   args.passes)
+        rows["transformers (torch CPU, f32)"] = bench_transformers(
+            path, args.prompt_tokens, args.new_tokens, args.passes
+        )
     import jax
 
-    print(f"\nmodel {path.name}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"median of {args.passes} passes, {jax.default_backend()} ({platform.processor() or platform.machine()})")
+    print(
+        f"\nmodel {path.name}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+        f"median of {args.passes} passes, {jax.default_backend()} ({platform.machine()})"
+    )
     print("| engine | prefill tok/s | decode tok/s |")
     print("|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
     if len(rows) > 1:
         ours, peer = rows["jaxrs"], rows["transformers (torch CPU, f32)"]
-        print(f"\nratio jaxrs/transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
-              f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x")
+        print(
+            f"\nratio jaxrs/transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
+            f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "single_stream.json"
-    out.write_text(json.dumps({"model": path.name, "args": vars(args), "backend": jax.default_backend(),
-                               "results": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2,
-                              default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    out.write_text(
+        json.dumps(
+            {
+                "model": path.name,
+                "args": vars(args),
+                "backend": jax.default_backend(),
+                "results": rows,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+            default=lambda o: o.item() if isinstance(o, np.generic) else str(o),
+        )
+    )
     print(f"wrote {out}")
 
 

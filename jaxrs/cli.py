@@ -11,7 +11,9 @@ from jaxrs.errors import JaxrsError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="GGUF file, HF model folder or Hub repo id (default: the demo model)")
+    p.add_argument(
+        "--model", "-m", help="GGUF file, HF model folder or Hub repo id (default: the demo model)"
+    )
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -39,15 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(run)
     run.add_argument("--prompt", "-p", help="the prompt; without it, an interactive chat")
     run.add_argument("--system", help="system message for chat")
-    run.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    run.add_argument(
+        "--raw", action="store_true", help="complete the prompt as is, without the chat template"
+    )
     sub.add_parser("fetch-demo", help="download the demo model (SmolLM2-135M-Instruct) into the local cache")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing chatter
     try:
         if args.command == "fetch-demo":
@@ -67,17 +74,32 @@ def _run(args: argparse.Namespace) -> int:
     from jaxrs.engine.sampling import SamplingParams
     from jaxrs.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
-              kv_cache_mb=args.kv_cache_mb, block_size=args.block_size, max_model_len=args.max_model_len,
-              seed=args.seed)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, seed=args.sample_seed)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer,
+        kv_cache_mb=args.kv_cache_mb,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.sample_seed,
+    )
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         if args.raw or llm.tokenizer.chat_template is None:
             stream = llm.stream(llm.tokenizer.encode(args.prompt), params)
         else:
-            stream = llm.stream(llm.chat_prompt_ids(system + [{"role": "user", "content": args.prompt}]), params)
+            stream = llm.stream(
+                llm.chat_prompt_ids(system + [{"role": "user", "content": args.prompt}]), params
+            )
         for piece in stream:
             print(piece, end="", flush=True)
         print()

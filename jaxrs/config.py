@@ -93,8 +93,9 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         arch = HF_MODEL_TYPES.get(raw.get("model_type", ""))
     if arch is None:
         raise ModelLoadError(
-            path, f"unknown architecture {archs or raw.get('model_type')!r} "
-            f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})"
+            path,
+            f"unknown architecture {archs or raw.get('model_type')!r} "
+            f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})",
         )
     if raw.get("sliding_window") and raw.get("use_sliding_window", True) and arch == "llama":
         window = raw["sliding_window"]
@@ -136,8 +137,9 @@ def read_json(path: Path) -> dict:
         raise ModelLoadError(path, f"invalid JSON ({e})") from None
 
 
-def config_from_gguf(meta: dict[str, Any], path: Path, *, has_output: bool,
-                     rope_freqs: tuple[float, ...] | None = None) -> ModelConfig:
+def config_from_gguf(
+    meta: dict[str, Any], path: Path, *, has_output: bool, rope_freqs: tuple[float, ...] | None = None
+) -> ModelConfig:
     """Normalize GGUF metadata (`<arch>.*` keys, llama.cpp's spelling)."""
     arch = meta.get("general.architecture")
     from jaxrs.models.registry import GGUF_ARCHITECTURES

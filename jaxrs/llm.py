@@ -31,7 +31,7 @@ class RequestOutput:
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
-    """"auto" is bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are slow)."""
+    """ "auto" is bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are slow)."""
     if dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(dtype)
@@ -61,9 +61,14 @@ class LLM:
         self.dtype = resolve_dtype(dtype)
         self.model = load_model(model, gguf_file=gguf_file, dtype=self.dtype, tokenizer=tokenizer)
         self.tokenizer = self.model.tokenizer
-        config = EngineConfig(block_size=block_size, kv_cache_mb=kv_cache_mb, max_model_len=max_model_len,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              seed=seed)
+        config = EngineConfig(
+            block_size=block_size,
+            kv_cache_mb=kv_cache_mb,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            seed=seed,
+        )
         self.engine = Engine(self.model, config, kernels=Kernels.from_mapping(kernels), dtype=self.dtype)
 
     def generate(
@@ -111,10 +116,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [self.chat_prompt_ids(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        prompts = [
+            self.chat_prompt_ids(c, add_generation_prompt=add_generation_prompt) for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def chat_prompt_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt_ids(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation rendered with the chat template (which writes its own BOS)."""
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)

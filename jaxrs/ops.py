@@ -6,7 +6,7 @@ A researcher plugs in a new implementation with::
     from jaxrs import ops
 
     @ops.register("paged_attention", "mine")
-    def my_attention(q, k_pages, v_pages, block_tables, positions, context_lens, *, scale,
+    def my_attention(q, k_cache, v_cache, layer, block_tables, positions, context_lens, *, scale,
                      sliding_window=None, soft_cap=None): ...
 
     LLM(model, kernels={"paged_attention": "mine"})

@@ -1,6 +1,8 @@
 """Attention over a block-table (paged) KV cache.
 
-Layout: one layer's pages are `[num_blocks, block_size, num_kv_heads, head_dim]`. A sequence's block
+Layout: the cache of every layer is one array `[layers, num_blocks, block_size, num_kv_heads, head_dim]`
+and ops take a layer index into it: the model runs its layers under `lax.scan` with the cache in the
+carry, so the (donated) cache is updated in place instead of being copied each step. A sequence's block
 table lists the physical blocks holding its logical blocks 0, 1, 2...; token `i` of a sequence lives in
 block `block_table[i // block_size]` at offset `i % block_size`. A slot is `block * block_size + offset`.
 
@@ -18,26 +20,32 @@ NEG_INF = -1e30  # finite, so a fully masked (padding) row gives zeros instead o
 
 
 def write_kv_xla(
-    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new keys/values `[batch, q_len, kv_heads, head_dim]` into their slots; slot -1 is padding."""
-    num_blocks, block_size = k_pages.shape[:2]
-    num_slots = num_blocks * block_size
+    """Scatter new keys/values `[batch, q_len, kv_heads, head_dim]` into their slots of `layer`;
+    slot -1 is padding."""
+    num_blocks, block_size = k_cache.shape[1:3]
     slots = slot_mapping.reshape(-1)
-    slots = jnp.where(slots < 0, num_slots, slots)  # out of range: dropped by the scatter
+    blocks = jnp.where(slots < 0, num_blocks, slots // block_size)  # out of range: dropped by the scatter
+    offsets = slots % block_size
 
-    def scatter(pages: jax.Array, new: jax.Array) -> jax.Array:
-        flat = pages.reshape(num_slots, *pages.shape[2:])
-        flat = flat.at[slots].set(new.reshape(-1, *new.shape[2:]).astype(pages.dtype), mode="drop")
-        return flat.reshape(pages.shape)
+    def scatter(cache: jax.Array, new: jax.Array) -> jax.Array:
+        new = new.reshape(-1, *new.shape[2:]).astype(cache.dtype)
+        return cache.at[layer, blocks, offsets].set(new, mode="drop")
 
-    return scatter(k_pages, k), scatter(v_pages, v)
+    return scatter(k_cache, k), scatter(v_cache, v)
 
 
 def paged_attention_xla(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
     block_tables: jax.Array,
     positions: jax.Array,
     context_lens: jax.Array,
@@ -48,15 +56,15 @@ def paged_attention_xla(
 ) -> jax.Array:
     """Reference: gather every page of the block table, mask by position and length, softmax in f32.
 
-    q: [B, T, Hq, D]; pages: [num_blocks, block_size, Hkv, D]; block_tables: [B, NB];
+    q: [B, T, Hq, D]; caches: [layers, num_blocks, block_size, Hkv, D]; block_tables: [B, NB];
     positions: [B, T] absolute query positions; context_lens: [B] number of valid keys.
     Returns [B, T, Hq, D] in q's dtype.
     """
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k_pages.shape[2]
+    num_kv_heads = k_cache.shape[3]
     group = num_heads // num_kv_heads
-    k = k_pages[block_tables].reshape(batch, -1, num_kv_heads, head_dim)
-    v = v_pages[block_tables].reshape(batch, -1, num_kv_heads, head_dim)
+    k = k_cache[layer, block_tables].reshape(batch, -1, num_kv_heads, head_dim)
+    v = v_cache[layer, block_tables].reshape(batch, -1, num_kv_heads, head_dim)
     qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if soft_cap is not None:

@@ -14,8 +14,17 @@ from jaxrs.ops import Kernels
 class PagedRun:
     """Feeds token chunks of one sequence through `forward`, returning every position's logits."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, *, block_size: int = 16, num_blocks: int = 32,
-                 kernels: Kernels = Kernels(), seed: int = 0, dtype=jnp.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        *,
+        block_size: int = 16,
+        num_blocks: int = 32,
+        kernels: Kernels = Kernels(),
+        seed: int = 0,
+        dtype=jnp.float32,
+    ):
         self.cfg, self.params, self.kernels, self.block_size = cfg, params, kernels, block_size
         self.kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
         self.table = np.random.default_rng(seed).permutation(num_blocks).astype(np.int32)
@@ -25,10 +34,12 @@ class PagedRun:
         n = len(token_ids)
         pos = np.arange(self.length, self.length + n, dtype=np.int32)
         slots = self.table[pos // self.block_size] * self.block_size + pos % self.block_size
-        meta = AttentionMetadata(pos[None], slots[None].astype(np.int32), self.table[None],
-                                 np.array([self.length + n], np.int32))
+        meta = AttentionMetadata(
+            pos[None], slots[None].astype(np.int32), self.table[None], np.array([self.length + n], np.int32)
+        )
         fam = family(self.cfg.architecture)
-        hidden, self.kv = fam.forward(self.params, self.cfg, self.kernels, jnp.asarray([token_ids], jnp.int32),
-                                      meta, self.kv)
+        hidden, self.kv = fam.forward(
+            self.params, self.cfg, self.kernels, jnp.asarray([token_ids], jnp.int32), meta, self.kv
+        )
         self.length += n
         return np.asarray(fam.compute_logits(self.params, self.cfg, hidden))[0]

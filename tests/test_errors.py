@@ -13,13 +13,24 @@ from jaxrs.errors import ModelLoadError
 from jaxrs.loading import load_model
 from tests.conftest import save_tiny_hf_model
 
-TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+TINY = LlamaConfig(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxrs.cli", "--log-level", "ERROR", "run", *args],
-                          capture_output=True, text=True, timeout=300, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "jaxrs.cli", "--log-level", "ERROR", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
 
 
 def _env():
@@ -65,7 +76,9 @@ def test_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"config\.json: unknown architecture \['FancyNewForCausalLM'\]"):
         load_model(str(tmp_path))
-    assert_clean_failure(run_cli("--model", str(tmp_path), "--prompt", "hi"), "config.json", "FancyNewForCausalLM")
+    assert_clean_failure(
+        run_cli("--model", str(tmp_path), "--prompt", "hi"), "config.json", "FancyNewForCausalLM"
+    )
 
 
 def test_missing_tensor(tmp_path):
@@ -76,7 +89,9 @@ def test_missing_tensor(tmp_path):
     tensors = load_file(weights)
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, weights)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: missing tensor\(s\) model\.layers\.1\.mlp\.down_proj"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors: missing tensor\(s\) model\.layers\.1\.mlp\.down_proj"
+    ):
         load_model(str(tmp_path))
 
 

@@ -43,7 +43,12 @@ def ours(demo_gguf):
 
 def test_config_from_metadata(ours):
     cfg, _ = ours
-    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
+    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == (
+        "llama",
+        30,
+        576,
+        1536,
+    )
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (9, 3, 64, 49152)
     assert cfg.rope_theta == 1e5 and cfg.tie_word_embeddings and cfg.max_position_embeddings == 8192
 
@@ -64,7 +69,7 @@ def test_32_greedy_tokens_match_transformers(ours, reference):
     model, ids = reference
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
-    theirs = out[0, len(ids):].tolist()
+    theirs = out[0, len(ids) :].tolist()
     assert len(theirs) == 32  # no early EOS: the comparison covers all 32 tokens
     run = PagedRun(cfg, params, num_blocks=64, seed=6)
     logits = run.feed(ids)[-1]
@@ -76,12 +81,14 @@ def test_32_greedy_tokens_match_transformers(ours, reference):
 
 
 def test_hf_folder_copy_gives_same_logits(ours, reference, tmp_path):
-    """The transformers model (from the GGUF) written as a sharded safetensors folder loads to the same logits."""
+    """The transformers model (from the GGUF) saved as sharded safetensors loads to the same logits."""
     cfg, params = ours
     model, ids = reference
     write_sharded_hf_folder(model, tmp_path)
     hf_cfg = load_hf_config(tmp_path)
-    hf_params = llama.params_from_hf(open_hf_tensors(tmp_path, llama.hf_weight_names(hf_cfg)), hf_cfg, np.float32)
+    hf_params = llama.params_from_hf(
+        open_hf_tensors(tmp_path, llama.hf_weight_names(hf_cfg)), hf_cfg, np.float32
+    )
     a = PagedRun(cfg, params, num_blocks=64).feed(ids[:20])
     b = PagedRun(hf_cfg, hf_params, num_blocks=64).feed(ids[:20])
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
@@ -120,6 +127,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 def test_truncated_gguf_is_a_clear_error(demo_gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(demo_gguf.read_bytes()[: 40_000_000])
+    cut.write_bytes(demo_gguf.read_bytes()[:40_000_000])
     with pytest.raises(ModelLoadError, match=r"cut\.gguf: truncated"):
         open_gguf(cut)

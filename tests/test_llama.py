@@ -12,20 +12,39 @@ from jaxrs.models import llama
 from tests.conftest import relative_error, save_tiny_hf_model
 from tests.paged import PagedRun
 
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             max_position_embeddings=256)
+SMALL = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256
+)
 CONFIGS = {
-    "mha-untied": LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "mha-untied": LlamaConfig(
+        **SMALL, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
+    ),
     "gqa-tied-llama3-rope": LlamaConfig(
-        **SMALL, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16},
+        **SMALL,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
     "gqa8-headdim-bias-linear-rope": LlamaConfig(
-        **SMALL, num_attention_heads=8, num_key_value_heads=1, head_dim=32, attention_bias=True,
-        mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=500.0,
+        **SMALL,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=32,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        rope_theta=500.0,
     ),
-    "mistral-no-window": MistralConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    "mistral-no-window": MistralConfig(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+    ),
 }
 PROMPT_LEN, DECODE_STEPS = 32, 8
 

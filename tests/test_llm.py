@@ -21,12 +21,18 @@ def test_chat_answers_coherently(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], GREEDY)[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # the model ends its answer with <|im_end|>
-    assert out.token_ids[-1] == 2 and out.text == llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+    assert out.token_ids[-1] == 2 and out.text == llm.tokenizer.decode(
+        out.token_ids[:-1], skip_special_tokens=True
+    )
 
 
 def test_batched_prompts_equal_alone(llm):
-    prompts = ["The quick brown fox", "Once upon a time, in a land far away,", "def fibonacci(n):",
-               "The three primary colors are"]
+    prompts = [
+        "The quick brown fox",
+        "Once upon a time, in a land far away,",
+        "def fibonacci(n):",
+        "The three primary colors are",
+    ]
     together = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, together, strict=True):
         alone = llm.generate(prompt, GREEDY)[0]
@@ -39,8 +45,9 @@ def test_max_tokens_and_stop_strings(llm):
     assert out.finish_reason == "length" and len(out.token_ids) == 5
     full = llm.generate("Count: one, two, three, four,", SamplingParams(temperature=0, max_tokens=20))[0].text
     stop = full.strip().split()[2]
-    cut = llm.generate("Count: one, two, three, four,",
-                       SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0]
+    cut = llm.generate(
+        "Count: one, two, three, four,", SamplingParams(temperature=0, max_tokens=20, stop=[stop])
+    )[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
 
 
@@ -57,7 +64,10 @@ def test_stream_concatenates_to_the_text(llm):
     ids = llm.tokenizer.encode("My favourite food is")
     pieces = list(llm.stream(ids, SamplingParams(temperature=0, max_tokens=20)))
     assert len(pieces) > 1
-    assert "".join(pieces) == llm.generate("My favourite food is", SamplingParams(temperature=0, max_tokens=20))[0].text
+    assert (
+        "".join(pieces)
+        == llm.generate("My favourite food is", SamplingParams(temperature=0, max_tokens=20))[0].text
+    )
 
 
 def test_preemption_loses_nothing(demo_gguf, llm):

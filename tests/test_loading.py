@@ -15,8 +15,16 @@ from jaxrs.errors import ModelLoadError
 from jaxrs.loading import load_model, resolve_source
 from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
 
-TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, bos_token_id=1)
+TINY = LlamaConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    eos_token_id=2,
+    bos_token_id=1,
+)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -32,12 +40,16 @@ def lay_out_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> No
 
 
 def load_offline(hf_home: Path, *args: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from jaxrs.loading import load_model; "
-            "m = load_model(sys.argv[1], gguf_file=(sys.argv[2] if len(sys.argv) > 2 else None)); "
-            "print(m.config.architecture, m.config.num_layers, m.source)")
+    code = (
+        "import sys; from jaxrs.loading import load_model; "
+        "m = load_model(sys.argv[1], gguf_file=(sys.argv[2] if len(sys.argv) > 2 else None)); "
+        "print(m.config.architecture, m.config.num_layers, m.source)"
+    )
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

@@ -46,37 +46,61 @@ def kv_bytes_per_token(loaded: LoadedModel, dtype: jnp.dtype) -> int:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *,
-                 kernels: Kernels = Kernels(), dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        *,
+        kernels: Kernels = Kernels(),
+        dtype: jnp.dtype = jnp.float32,
+    ):
         self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
         per_token = kv_bytes_per_token(loaded, dtype)
         num_blocks = max(1, int(config.kv_cache_mb * 2**20) // (per_token * config.block_size))
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
-                                 num_blocks * config.block_size)
+        self.max_model_len = min(
+            config.max_model_len or loaded.config.max_position_embeddings, num_blocks * config.block_size
+        )
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(loaded.config, loaded.params, num_blocks=num_blocks,
-                                  block_size=config.block_size, kernels=kernels, dtype=dtype,
-                                  max_tokens_per_step=config.max_num_batched_tokens)
-        log.info("KV cache: %d blocks of %d tokens, %.1f MiB (%d bytes/token), up to %d tokens at once",
-                 num_blocks, config.block_size, num_blocks * config.block_size * per_token / 2**20,
-                 per_token, num_blocks * config.block_size)
+        self.runner = ModelRunner(
+            loaded.config,
+            loaded.params,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            kernels=kernels,
+            dtype=dtype,
+            max_tokens_per_step=config.max_num_batched_tokens,
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB (%d bytes/token), up to %d tokens at once",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size * per_token / 2**20,
+            per_token,
+            num_blocks * config.block_size,
+        )
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     # -- requests -----------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Sequence:
         if not prompt_ids:
             raise JaxrsError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
-            raise JaxrsError(f"the prompt has {len(prompt_ids)} tokens; this engine serves at most "
-                             f"{self.max_model_len} tokens per sequence")
+            raise JaxrsError(
+                f"the prompt has {len(prompt_ids)} tokens; this engine serves at most "
+                f"{self.max_model_len} tokens per sequence"
+            )
         params = params.with_defaults(self.model.generation_config)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
+        )
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, seed, detok)
         self.waiting.append(seq)
         return seq
@@ -107,8 +131,10 @@ class Engine:
         needed = self.blocks.blocks_needed(seq.num_computed + chunk + 1) - len(seq.block_table)
         if not self.blocks.can_allocate(needed):
             if not self.running:
-                raise JaxrsError(f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold one sequence "
-                                 f"of {seq.num_tokens} tokens; give it more memory")
+                raise JaxrsError(
+                    f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold one sequence "
+                    f"of {seq.num_tokens} tokens; give it more memory"
+                )
             return None  # wait for running sequences to finish
         return seq
 
@@ -118,7 +144,9 @@ class Engine:
         end = seq.num_computed + len(chunk)
         self.blocks.ensure_capacity(seq.block_table, end)
         last_chunk = end == len(ids)
-        row = Row(chunk, seq.num_computed, seq.block_table, last_chunk, seq.params, seq.seed, len(seq.output_ids))
+        row = Row(
+            chunk, seq.num_computed, seq.block_table, last_chunk, seq.params, seq.seed, len(seq.output_ids)
+        )
         tokens, _ = self.runner.execute([row])
         seq.num_computed = end
         if not last_chunk:
@@ -141,8 +169,10 @@ class Engine:
                     break
             if seq in self.running:
                 self.blocks.ensure_capacity(seq.block_table, seq.num_tokens)
-        rows = [Row([s.all_ids[-1]], s.num_tokens - 1, s.block_table, True, s.params, s.seed, len(s.output_ids))
-                for s in self.running]
+        rows = [
+            Row([s.all_ids[-1]], s.num_tokens - 1, s.block_table, True, s.params, s.seed, len(s.output_ids))
+            for s in self.running
+        ]
         if not rows:
             return []
         tokens, _ = self.runner.execute(rows)

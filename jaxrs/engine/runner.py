@@ -58,8 +58,17 @@ def _step(params, kv, tokens, meta, last_index, arrays, *, cfg, kernels, all_gre
 class ModelRunner:
     """Owns the parameters and the preallocated KV pool; turns rows into one jitted call."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, *, num_blocks: int, block_size: int,
-                 kernels: Kernels, dtype: jnp.dtype, max_tokens_per_step: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: dict,
+        *,
+        num_blocks: int,
+        block_size: int,
+        kernels: Kernels,
+        dtype: jnp.dtype,
+        max_tokens_per_step: int,
+    ):
         self.cfg = cfg
         self.params = params
         self.kernels = kernels
@@ -92,18 +101,34 @@ class ModelRunner:
             last[i] = n - 1
         sampled = [r for r in rows if r.sample]
         all_greedy = all(r.params.greedy for r in sampled)
-        arrays = sampling_arrays([r.params for r in rows], [r.seed for r in rows], [r.step for r in rows], batch)
+        arrays = sampling_arrays(
+            [r.params for r in rows], [r.seed for r in rows], [r.step for r in rows], batch
+        )
         meta = AttentionMetadata(positions, slots, tables, context)
         shape = (batch, q_len, width, all_greedy)
         fresh = shape not in self.compiled_shapes
         start = time.perf_counter()
         next_tokens, logprobs, self.kv = _step(
-            self.params, self.kv, tokens, meta, last, arrays,
-            cfg=self.cfg, kernels=self.kernels, all_greedy=all_greedy,
+            self.params,
+            self.kv,
+            tokens,
+            meta,
+            last,
+            arrays,
+            cfg=self.cfg,
+            kernels=self.kernels,
+            all_greedy=all_greedy,
         )
         next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
         if fresh:
             self.compiled_shapes.add(shape)
-            log.info("compiled step for batch=%d tokens=%d blocks=%d greedy=%s in %.1f s (%d shapes so far)",
-                     batch, q_len, width, all_greedy, time.perf_counter() - start, len(self.compiled_shapes))
+            log.info(
+                "compiled step for batch=%d tokens=%d blocks=%d greedy=%s in %.1f s (%d shapes so far)",
+                batch,
+                q_len,
+                width,
+                all_greedy,
+                time.perf_counter() - start,
+                len(self.compiled_shapes),
+            )
         return next_tokens[: len(rows)], logprobs[: len(rows)]

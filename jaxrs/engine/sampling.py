@@ -60,9 +60,7 @@ class SamplingParams:
             "top_p": generation_config.get("top_p", 1.0) if sampled else 1.0,
             "min_p": generation_config.get("min_p") or 0.0,
         }
-        return dataclasses.replace(
-            self, **{k: v for k, v in fill.items() if getattr(self, k) is None}
-        )
+        return dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
 
     @property
     def greedy(self) -> bool:

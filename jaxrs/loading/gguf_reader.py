@@ -29,8 +29,9 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ModelLoadError(
-                path, f"truncated GGUF file: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, "
-                f"the file has {size} bytes"
+                path,
+                f"truncated GGUF file: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, "
+                f"the file has {size} bytes",
             )
     return reader
 

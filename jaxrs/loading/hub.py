@@ -40,11 +40,14 @@ def download_repo(repo_id: str, gguf_file: str | None = None, revision: str | No
     except ModelLoadError:
         raise
     except RepositoryNotFoundError:
-        raise ModelLoadError(repo_id, "no such repository on the Hugging Face Hub (or it is private)") from None
+        raise ModelLoadError(
+            repo_id, "no such repository on the Hugging Face Hub (or it is private)"
+        ) from None
     except LocalEntryNotFoundError:
         raise ModelLoadError(
-            repo_id, "not in the local Hugging Face cache, and the Hub cannot be reached (HF_HUB_OFFLINE "
-            "is set or there is no network)"
+            repo_id,
+            "not in the local Hugging Face cache, and the Hub cannot be reached (HF_HUB_OFFLINE "
+            "is set or there is no network)",
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelLoadError(repo_id, f"download failed ({e})") from None
@@ -52,5 +55,7 @@ def download_repo(repo_id: str, gguf_file: str | None = None, revision: str | No
         return download_repo(repo_id, ggufs[0], revision)
     if not ggufs:
         raise ModelLoadError(repo_id, "the repository has neither config.json nor a GGUF file")
-    raise ModelLoadError(repo_id, f"the repository has several GGUF files; choose one with --gguf-file: "
-                         f"{', '.join(sorted(ggufs))}")
+    raise ModelLoadError(
+        repo_id,
+        f"the repository has several GGUF files; choose one with --gguf-file: {', '.join(sorted(ggufs))}",
+    )

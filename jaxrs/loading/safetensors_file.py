@@ -18,9 +18,18 @@ import numpy as np
 from jaxrs.errors import ModelLoadError
 
 DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -38,7 +47,9 @@ class SafetensorsFile:
                 raise ModelLoadError(self.path, "not a safetensors file (shorter than its header)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > size - 8:
-                raise ModelLoadError(self.path, "truncated or not a safetensors file (header runs past the end)")
+                raise ModelLoadError(
+                    self.path, "truncated or not a safetensors file (header runs past the end)"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -49,7 +60,9 @@ class SafetensorsFile:
         for name, entry in header.items():
             end = entry["data_offsets"][1]
             if self._data_start + end > size:
-                raise ModelLoadError(self.path, f"truncated file: tensor {name!r} ends past the end of the file")
+                raise ModelLoadError(
+                    self.path, f"truncated file: tensor {name!r} ends past the end of the file"
+                )
             if entry["dtype"] not in DTYPES:
                 raise ModelLoadError(self.path, f"tensor {name!r} has unsupported dtype {entry['dtype']}")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")

@@ -46,7 +46,9 @@ def dense(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, rotary_dim: int | None = None) -> np.ndarray:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScaling, rotary_dim: int | None = None
+) -> np.ndarray:
     """Inverse frequencies `[rotary_dim // 2]` (a host constant, folded into the compiled step)."""
     dim = rotary_dim or head_dim
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))

@@ -102,18 +102,31 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jn
 
 
 def _layer(
-    cfg: ModelConfig, kernels: Kernels, meta: AttentionMetadata, cos: jax.Array, sin: jax.Array,
-    h: jax.Array, lp: dict, k_pages: jax.Array, v_pages: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cfg: ModelConfig,
+    kernels: Kernels,
+    meta: AttentionMetadata,
+    cos: jax.Array,
+    sin: jax.Array,
+    h: jax.Array,
+    lp: dict,
+    kv: KVCache,
+    layer: jax.Array,
+) -> tuple[jax.Array, KVCache]:
     batch, q_len, _ = h.shape
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
     q = dense(x, lp["q_proj"], lp.get("q_proj_bias")).reshape(batch, q_len, cfg.num_heads, cfg.head_dim)
     k = dense(x, lp["k_proj"], lp.get("k_proj_bias")).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
     v = dense(x, lp["v_proj"], lp.get("v_proj_bias")).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_pages, v_pages = kernels.get("write_kv")(k_pages, v_pages, k, v, meta.slot_mapping)
+    kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
     attn = kernels.get("paged_attention")(
-        q, k_pages, v_pages, meta.block_tables, meta.positions, meta.context_lens,
+        q,
+        kv.k,
+        kv.v,
+        layer,
+        meta.block_tables,
+        meta.positions,
+        meta.context_lens,
         scale=cfg.head_dim**-0.5,
     )
     h = h + dense(attn.reshape(batch, q_len, cfg.q_size), lp["o_proj"], lp.get("o_proj_bias"))
@@ -121,11 +134,15 @@ def _layer(
     gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"))
     up = dense(x, lp["up_proj"], lp.get("up_proj_bias"))
     h = h + dense(jax.nn.silu(gate) * up, lp["down_proj"], lp.get("down_proj_bias"))
-    return h, k_pages, v_pages
+    return h, kv
 
 
 def forward(
-    params: dict, cfg: ModelConfig, kernels: Kernels, tokens: jax.Array, meta: AttentionMetadata,
+    params: dict,
+    cfg: ModelConfig,
+    kernels: Kernels,
+    tokens: jax.Array,
+    meta: AttentionMetadata,
     kv: KVCache,
 ) -> tuple[jax.Array, KVCache]:
     """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written."""
@@ -133,13 +150,14 @@ def forward(
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = rope_cos_sin(meta.positions, inv_freq)
 
-    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        lp, k_pages, v_pages = xs
-        h, k_pages, v_pages = _layer(cfg, kernels, meta, cos, sin, h, lp, k_pages, v_pages)
-        return h, (k_pages, v_pages)
+    def body(carry: tuple[jax.Array, KVCache], xs: tuple) -> tuple[tuple[jax.Array, KVCache], None]:
+        (h, kv), (lp, layer) = carry, xs
+        return _layer(cfg, kernels, meta, cos, sin, h, lp, kv, layer), None
 
-    h, (k, v) = jax.lax.scan(body, h, (params["layers"], kv.k, kv.v))
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), KVCache(k, v)
+    # The cache rides in the carry (not xs/ys) so the donated buffer is updated in place.
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (h, kv), _ = jax.lax.scan(body, (h, kv), (params["layers"], layers))
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), kv
 
 
 def compute_logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

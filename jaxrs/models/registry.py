@@ -1,7 +1,7 @@
 """Architecture name -> model family module. Adding a family: one file in `models/` plus a line here.
 
-A family module provides: HF_ARCHITECTURES, HF_MODEL_TYPES, GGUF_ARCHITECTURES, GGUF_NAMES, GGUF_ROPE_PERMUTED,
-hf_weight_names(cfg), params_from_hf(get, cfg, dtype), forward(...), compute_logits(...).
+A family module provides: HF_ARCHITECTURES, HF_MODEL_TYPES, GGUF_ARCHITECTURES, GGUF_NAMES,
+GGUF_ROPE_PERMUTED, hf_weight_names(cfg), params_from_hf(get, cfg, dtype), forward(...), compute_logits(...).
 """
 
 from __future__ import annotations
