@@ -17,9 +17,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-mb", type=float, default=512.0, help="memory for the paged KV cache (MiB)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-mb", type=float, help="memory for the paged KV cache, MiB (CPU default: 512)")
+    kv.add_argument("--kv-cache-fraction", type=float, help="share of free device memory for the KV cache")
+    kv.add_argument("--kv-cache-tokens", type=int, help="size the KV cache to hold this many tokens")
     p.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32], help="tokens per KV block")
     p.add_argument("--max-model-len", type=int, help="longest sequence served (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk)")
+    p.add_argument(
+        "--max-decode-steps", type=int, default=8, help="decode tokens per call when nothing waits"
+    )
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn prefix caching off")
+    p.add_argument(
+        "--kernel",
+        action="append",
+        default=[],
+        metavar="OP=IMPL",
+        help="kernel choice, e.g. paged_attention=pallas (see jaxrs.ops)",
+    )
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
 
 
@@ -68,6 +84,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def parse_kernels(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        op, sep, impl = pair.partition("=")
+        if not sep:
+            raise JaxrsError(f"--kernel takes OP=IMPL, not {pair!r}")
+        out[op] = impl
+    return out
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig fields from the shared model flags."""
+    return dict(
+        block_size=args.block_size,
+        kv_cache_mb=args.kv_cache_mb,
+        kv_cache_fraction=args.kv_cache_fraction,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_decode_steps=args.max_decode_steps,
+        prefix_caching=not args.no_prefix_cache,
+        seed=args.seed,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,4 +1,7 @@
-"""The synchronous Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The synchronous Python API: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+A list of prompts runs as one continuous batch on the engine; results come back in prompt order.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,25 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxrs.engine.engine import Engine, EngineConfig
+from jaxrs.engine.engine import Engine, EngineConfig, Request
 from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.loading import load_model
 from jaxrs.ops import Kernels
 
 log = logging.getLogger("jaxrs")
 
 Message = Mapping[str, object]
+Prompt = str | list[int]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclasses.dataclass
@@ -25,9 +39,30 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    # The first sample, for the common n = 1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+# Greedy, plain temperature, and filtered (top-k/top-p/min-p) sampling compile to different steps.
+# Penalties, logit bias and top logprobs compile on first use (logged).
+WARMUP_PROFILES = (
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=1.0, top_p=0.9),
+)
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -37,10 +72,26 @@ def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+def request_output(request: Request, prompt: str | None) -> RequestOutput:
+    seqs = sorted(request.seqs, key=lambda s: s.index)
+    outputs = [
+        CompletionOutput(
+            s.index,
+            s.text,
+            list(s.output_ids),
+            s.finish_reason or "abort",
+            list(s.logprobs) if s.params.logprobs is not None else None,
+        )
+        for s in seqs
+    ]
+    return RequestOutput(request.request_id, prompt, seqs[0].prompt_ids, outputs, seqs[0].num_cached_tokens)
+
+
 class LLM:
     """Load a model once, then generate for lists of prompts or chat conversations.
 
     `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, or None for the demo model.
+    Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
     """
 
     def __init__(
@@ -51,29 +102,25 @@ class LLM:
         gguf_file: str | None = None,
         tokenizer: str | None = None,
         kernels: Mapping[str, str] | None = None,
-        block_size: int = 16,
-        kv_cache_mb: float = 512.0,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 2048,
-        seed: int = 0,
+        warmup: bool = False,
+        **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
         self.model = load_model(model, gguf_file=gguf_file, dtype=self.dtype, tokenizer=tokenizer)
         self.tokenizer = self.model.tokenizer
-        config = EngineConfig(
-            block_size=block_size,
-            kv_cache_mb=kv_cache_mb,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            seed=seed,
-        )
+        config = EngineConfig(**engine_config)
         self.engine = Engine(self.model, config, kernels=Kernels.from_mapping(kernels), dtype=self.dtype)
+        if warmup:
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`)."""
+        steps = tuple(sorted({1, self.engine.config.max_decode_steps}))
+        self.engine.runner.warmup(steps, WARMUP_PROFILES)
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str] | Sequence[list[int]],
+        prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
@@ -85,26 +132,31 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        seqs, texts = [], []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            texts.append(prompt if isinstance(prompt, str) else None)
-            seqs.append(self.engine.add_request(ids, p))
-        bar = tqdm(total=len(seqs), desc="Generating", unit="req", disable=not use_tqdm or len(seqs) < 2)
+        requests = []
         try:
-            while self.engine.has_unfinished():
-                done_before = sum(s.finished for s in seqs)
-                self.engine.step()
-                bar.update(sum(s.finished for s in seqs) - done_before)
+            for prompt, p in zip(prompts, params_list, strict=True):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                requests.append(self.engine.add_request(ids, p))
+            self._run(requests, use_tqdm)
         finally:
-            bar.close()
-            for s in seqs:
-                if not s.finished:
-                    self.engine.abort(s)
+            for r in requests:
+                if not r.finished:
+                    self.engine.abort(r.request_id)
         return [
-            RequestOutput(s.request_id, t, s.prompt_ids, s.text, s.output_ids, s.finish_reason or "abort")
-            for s, t in zip(seqs, texts, strict=True)
+            request_output(r, p if isinstance(p, str) else None)
+            for r, p in zip(requests, prompts, strict=True)
         ]
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> None:
+        with tqdm(
+            total=len(requests), desc="Generating", unit="req", disable=not use_tqdm or len(requests) < 2
+        ) as bar:
+            done = 0
+            while self.engine.has_unfinished() and done < len(requests):
+                self.engine.step()
+                now = sum(r.finished for r in requests)
+                bar.update(now - done)
+                done = now
 
     def chat(
         self,
@@ -129,11 +181,12 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt_ids: list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one request as it is generated.
+        """Yield the text of one request (its first sample) as it is generated.
 
         Text that could be the start of a stop string is held back until it is known not to be one.
         """
-        seq = self.engine.add_request(prompt_ids, sampling_params or SamplingParams())
+        request = self.engine.add_request(prompt_ids, sampling_params or SamplingParams())
+        seq = request.seqs[0]
         hold = max((len(s) for s in seq.params.stop), default=1) - 1
         sent = 0
         try:
@@ -144,5 +197,21 @@ class LLM:
                     yield seq.text[sent:safe]
                     sent = safe
         finally:
-            if not seq.finished:
-                self.engine.abort(seq)
+            if not request.finished:
+                self.engine.abort(request.request_id)
+
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[Prompt]) -> list[list[float]]:
+        """Log-probability of each continuation token given the prompt and the tokens before it.
+
+        Text continuations are tokenized on their own (no BOS), as evaluation harnesses do.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        results = []
+        for prompt, cont in zip(prompts, continuations, strict=True):
+            p_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            c_ids = (
+                self.tokenizer.encode(cont, add_special_tokens=False) if isinstance(cont, str) else list(cont)
+            )
+            results.append(self.engine.score(p_ids, c_ids))
+        return results

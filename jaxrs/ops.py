@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from pallas_kernels.paged_attention import paged_attention_xla, write_kv_xla
+from jaxrs.errors import JaxrsError
+from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 # Implementation used when nothing is chosen, by platform ("cpu", "gpu", "tpu"); "*" for any.
@@ -53,12 +54,12 @@ def default_name(op: str, platform: str | None = None) -> str:
 def resolve(op: str, name: str | None = None) -> Callable:
     """The implementation `name` of `op`, or the platform default."""
     if op not in _IMPLS:
-        raise KeyError(f"unknown op {op!r} (known: {', '.join(sorted(_IMPLS))})")
+        raise JaxrsError(f"unknown op {op!r} (known: {', '.join(sorted(_IMPLS))})")
     name = name or default_name(op)
     try:
         return _IMPLS[op][name]
     except KeyError:
-        raise ValueError(
+        raise JaxrsError(
             f"no implementation {name!r} of {op!r} (registered: {', '.join(implementations(op))})"
         ) from None
 
@@ -81,4 +82,5 @@ class Kernels:
 
 
 register("paged_attention", "xla", default_on=("*",))(paged_attention_xla)
+register("paged_attention", "pallas", default_on=("gpu",))(paged_attention_pallas)
 register("write_kv", "xla", default_on=("*",))(write_kv_xla)

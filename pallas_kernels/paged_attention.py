@@ -13,8 +13,13 @@ a cached prefix. Query token at position p attends to the keys at positions <= p
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives zeros instead of NaN
 
@@ -78,4 +83,244 @@ def paged_attention_xla(
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pallas kernel (GPU Triton lowering; interpret mode on CPU)
+# --------------------------------------------------------------------------------------------------------
+
+_MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: jax.Array, b: int) -> jax.Array:
+    """Ceil division of a non-negative traced int by a static positive int."""
+    return lax.div(a + (b - 1), b)
+
+
+def _paged_attention_kernel(
+    # inputs: whole arrays in memory (no BlockSpec), indexed here
+    layer_ref,  # [1] int32
+    context_lens_ref,  # [B] int32
+    block_tables_ref,  # [B, NBp] int32, NBp a multiple of pages_per_step
+    row_positions_ref,  # [B, Rp] int32: absolute position of each query row
+    q_ref,  # [B, Hkv, Rp, Dp]: row r = query token r // Gp, head r % Gp of the kv head's group
+    k_ref,  # [layers, num_blocks, block_size, Hkv, Dp]
+    v_ref,  # [layers, num_blocks, block_size, Hkv, Dp]
+    # outputs: normalized [B, Hkv, Rp, Dp] when num_splits == 1, else unnormalized partials
+    # acc [S, B, Hkv, Rp, Dp] f32, running max m [S, B, Hkv, Rp] f32 and denominator l [S, B, Hkv, Rp] f32
+    *out_refs,
+    block_size: int,
+    pages_per_step: int,
+    rows_per_block: int,
+    num_splits: int,
+    max_context: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    """One program: `rows_per_block` query rows of one kv head of one sequence (one KV split of them).
+
+    It walks the sequence's KV pages `pages_per_step` at a time, reading their physical ids from the
+    block table, and keeps a flash-attention running max / denominator / accumulator in f32. Only the
+    pages the rows can see are visited: up to min(context_len, max position + 1) and, with a sliding
+    window, from the first step holding min position - window + 1. With `num_splits > 1` those steps
+    are shared out evenly between the splits (program axis 3) and the partials are combined outside.
+    """
+    batch_idx, kv_head, row_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    keys_per_step = pages_per_step * block_size
+    head_dim = q_ref.shape[-1]
+    rows = pl.ds(row_block * rows_per_block, rows_per_block)
+
+    layer = layer_ref[0]
+    context_len = context_lens_ref[batch_idx]
+    query_pos = row_positions_ref[batch_idx, rows]  # [R]
+    q = q_ref[batch_idx, kv_head, rows, :]  # [R, Dp]
+
+    kv_end = jnp.clip(jnp.minimum(context_len, jnp.max(query_pos) + 1), 0, max_context)
+    kv_start = 0
+    if sliding_window is not None:
+        kv_start = jnp.clip(jnp.min(query_pos) - sliding_window + 1, 0, kv_end)
+    first_step = lax.div(kv_start, keys_per_step)
+    num_steps = _cdiv(kv_end, keys_per_step) - first_step
+    if num_splits > 1:
+        split = pl.program_id(3)
+        steps_per_split = _cdiv(num_steps, num_splits)
+        first_step += split * steps_per_split
+        num_steps = jnp.clip(num_steps - split * steps_per_split, 0, steps_per_split)
+
+    key_offsets = jnp.arange(keys_per_step, dtype=jnp.int32)
+    # f32: full-precision matmuls (Triton's default for f32 would be TF32)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def step(i, carry):
+        acc, running_max, denom = carry
+        first_page = (first_step + i) * pages_per_step
+        page_ids = block_tables_ref[batch_idx, pl.ds(first_page, pages_per_step)]  # [P]
+        k = k_ref[layer, page_ids, :, kv_head, :].reshape(keys_per_step, head_dim).astype(q.dtype)
+        v = v_ref[layer, page_ids, :, kv_head, :].reshape(keys_per_step, head_dim).astype(q.dtype)
+
+        scores = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+        scores *= scale
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        key_pos = (first_page * block_size + key_offsets)[None, :]  # [1, K]
+        mask = (key_pos <= query_pos[:, None]) & (key_pos < context_len)
+        if sliding_window is not None:
+            mask &= key_pos > query_pos[:, None] - sliding_window
+        scores = jnp.where(mask, scores, NEG_INF)
+
+        new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
+        correction = jnp.exp(running_max - new_max)
+        probs = jnp.where(mask, jnp.exp(scores - new_max[:, None]), 0.0)
+        denom = denom * correction + jnp.sum(probs, axis=1)
+        pv = lax.dot_general(
+            probs.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return acc * correction[:, None] + pv, new_max, denom
+
+    acc = jnp.zeros((rows_per_block, head_dim), jnp.float32)
+    running_max = jnp.full((rows_per_block,), NEG_INF, jnp.float32)
+    denom = jnp.zeros((rows_per_block,), jnp.float32)
+    acc, running_max, denom = lax.fori_loop(0, num_steps, step, (acc, running_max, denom))
+
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # rows that see no key: 0, not NaN
+        o_ref[batch_idx, kv_head, rows, :] = out.astype(o_ref.dtype)
+    else:
+        acc_ref, max_ref, denom_ref = out_refs
+        split = pl.program_id(3)
+        acc_ref[split, batch_idx, kv_head, rows, :] = acc
+        max_ref[split, batch_idx, kv_head, rows] = running_max
+        denom_ref[split, batch_idx, kv_head, rows] = denom
+
+
+def _combine_splits(acc: jax.Array, running_max: jax.Array, denom: jax.Array) -> jax.Array:
+    """Merge the per-split partials (leading axis) of the online softmax into normalized outputs."""
+    global_max = jnp.max(running_max, axis=0)
+    weight = jnp.exp(running_max - global_max)  # empty splits: acc = denom = 0, any weight is fine
+    total = jnp.sum(weight * denom, axis=0)
+    out = jnp.sum(weight[..., None] * acc, axis=0)
+    return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def paged_attention_pallas(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    context_lens: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool | None = None,
+    rows_per_block: int = 64,
+    keys_per_step: int = 64,
+    num_splits: int = 1,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Pallas paged attention with the semantics and positional signature of `paged_attention_xla`.
+
+    Grid (batch, kv_head, query row block[, kv split]). The queries of one kv head are laid out as rows
+    (token-major, each token's group of query heads padded to a power of two), so one program serves
+    GQA, decode (q_len 1) and (chunked) prefill alike; each program loops over the KV pages its rows can
+    see (see `_paged_attention_kernel`). The kernel takes whole arrays and indexes pages itself.
+
+    Tuning (keyword-only): `rows_per_block` query rows per program (rounded to a power of two, >= 16,
+    at most the padded row count); `keys_per_step` keys per loop step (whole pages, >= 16);
+    `num_splits` splits each program's KV range over that many programs (flash-decoding; partials
+    combined in XLA), for long contexts with few query rows; `num_warps` (default 4, 8 for big tiles) and
+    `num_stages` for Triton.
+    `interpret=None` interprets on CPU and compiles (Triton) elsewhere.
+
+    Padding done here: group size and head dim to powers of two (head dim >= 16), query rows to a
+    multiple of the row block, the block table to whole steps (ids clipped into range). A head dim
+    that is not a power of two pads the whole cache (a copy per call): slow, correct.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    batch, q_len, num_heads, head_dim = q.shape
+    _, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    group = num_heads // num_kv_heads
+    group_p = _next_power_of_2(group)
+    dim_p = max(_MIN_DOT_DIM, _next_power_of_2(head_dim))
+    pages_per_step = _next_power_of_2(max(keys_per_step // block_size, _MIN_DOT_DIM // block_size, 1))
+    num_rows = q_len * group_p
+    rows_per_block = max(_MIN_DOT_DIM, min(_next_power_of_2(rows_per_block), _next_power_of_2(num_rows)))
+    padded_rows = pl.cdiv(num_rows, rows_per_block) * rows_per_block
+    dtype = jnp.promote_types(q.dtype, k_cache.dtype)
+    if num_warps is None:
+        num_warps = 8 if rows_per_block * dim_p >= 128 * 128 or dim_p >= 256 else 4
+
+    # q [B, T, Hkv * G, D] -> rows [B, Hkv, T * Gp, Dp]
+    q_rows = q.astype(dtype).reshape(batch, q_len, num_kv_heads, group, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 0), (0, group_p - group), (0, dim_p - head_dim)))
+    q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, num_rows, dim_p)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_rows - num_rows), (0, 0)))
+    # padding rows repeat the last position: they widen no row block's KV range
+    row_positions = jnp.repeat(positions.astype(jnp.int32), group_p, axis=1)
+    row_positions = jnp.pad(row_positions, ((0, 0), (0, padded_rows - num_rows)), mode="edge")
+    max_context = block_tables.shape[1] * block_size
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1)
+    tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % pages_per_step)))
+    if dim_p != head_dim:
+        pad = ((0, 0),) * 4 + ((0, dim_p - head_dim),)
+        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    grid = (batch, num_kv_heads, padded_rows // rows_per_block)
+    rows_shape = (batch, num_kv_heads, padded_rows)
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((*rows_shape, dim_p), dtype)]
+    else:
+        grid += (num_splits,)
+        out_shape = [
+            jax.ShapeDtypeStruct((num_splits, *rows_shape, dim_p), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *rows_shape), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, *rows_shape), jnp.float32),
+        ]
+    kernel = functools.partial(
+        _paged_attention_kernel,
+        block_size=block_size,
+        pages_per_step=pages_per_step,
+        rows_per_block=rows_per_block,
+        num_splits=num_splits,
+        max_context=max_context,
+        scale=scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"paged_attention_r{rows_per_block}_p{pages_per_step}_s{num_splits}",
+    )(layer, context_lens.astype(jnp.int32), tables, row_positions, q_rows, k_cache, v_cache)
+    out = outs[0] if num_splits == 1 else _combine_splits(*outs)
+
+    out = out[:, :, :num_rows].reshape(batch, num_kv_heads, q_len, group_p, dim_p)
+    out = out[..., :group, :head_dim].transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

@@ -1,53 +1,148 @@
-"""Host-side bookkeeping of the paged KV pool: which physical blocks are free, who holds which."""
+"""Host-side bookkeeping of the paged KV pool: free blocks, reference counts, and the prefix cache.
+
+Prefix caching: once a block is full, its content is named by a chain hash of (the previous block's
+hash, the block's token ids, extra keys such as an adapter or image id). A later sequence whose prompt
+starts with the same blocks reuses them instead of recomputing their K/V. Blocks nobody references
+stay cached until their space is needed; they are evicted least recently used first.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 
 
-class OutOfBlocks(Exception):
-    """The pool cannot satisfy an allocation; the scheduler answers by waiting or preempting."""
+@dataclasses.dataclass
+class BlockTable:
+    """One sequence's physical blocks, and the chain hashes of those already full and registered."""
+
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found cached
+    evictions: int = 0  # cached blocks reclaimed for new content
+
+
+def chain_hash(parent: int | None, tokens: Sequence[int], extra: Hashable = None) -> int:
+    return hash((parent, tuple(tokens), extra))
 
 
 class BlockManager:
-    """A free list of fixed-size blocks with reference counts (shared blocks come with prefix caching)."""
+    """Allocates blocks to block tables; shares and caches full blocks when prefix caching is on."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True):
         if block_size not in (8, 16, 32):
             raise ValueError(f"block size must be 8, 16 or 32, not {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self.stats = PrefixCacheStats()
         self._refs = [0] * num_blocks
+        self._hash_of: list[int | None] = [None] * num_blocks
+        self._cached: dict[int, int] = {}  # chain hash -> block
+        # Unreferenced blocks, eviction order first: never-cached blocks are taken before cached ones.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
+    # -- capacity -----------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
+        """Blocks that can be handed out now (free, or cached but unreferenced)."""
         return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    # -- prefix cache -------------------------------------------------------------------------------
+    def match_prefix(self, table: BlockTable, token_ids: Sequence[int], extra: Hashable = None) -> int:
+        """Attach the longest cached prefix of `token_ids` to an empty table; returns the tokens covered.
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"{n} blocks wanted, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
-            self._refs[b] = 1
-        return blocks
+        At least one token is always left to compute, since the step that follows must produce logits.
+        """
+        assert not table.blocks, "prefix matching starts from an empty table"
+        if not self.prefix_caching:
+            return 0
+        bs = self.block_size
+        full = (len(token_ids) - 1) // bs
+        self.stats.queries += len(token_ids)
+        parent = None
+        for i in range(full):
+            h = chain_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            block = self._cached.get(h)
+            if block is None:
+                break
+            self._take(block)
+            table.blocks.append(block)
+            table.hashes.append(h)
+            parent = h
+        covered = len(table.blocks) * bs
+        self.stats.hits += covered
+        return covered
 
-    def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
-            elif self._refs[b] < 0:
-                raise RuntimeError(f"block {b} freed twice")
+    def register_full_blocks(
+        self, table: BlockTable, token_ids: Sequence[int], num_computed: int, extra: Hashable = None
+    ) -> None:
+        """Name the table's blocks that became full (their K/V computed) so later prompts can reuse them."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(table.hashes), num_computed // bs):
+            parent = table.hashes[-1] if table.hashes else None
+            h = chain_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            table.hashes.append(h)
+            block = table.blocks[i]
+            if h not in self._cached and self._hash_of[block] is None:
+                self._cached[h] = block
+                self._hash_of[block] = h
 
-    def ensure_capacity(self, table: list[int], num_tokens: int) -> None:
-        """Grow a block table in place so it holds `num_tokens` tokens."""
-        missing = self.blocks_needed(num_tokens) - len(table)
-        if missing > 0:
-            table.extend(self.allocate(missing))
+    # -- allocation ---------------------------------------------------------------------------------
+    def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(table.blocks) <= len(self._free)
+
+    def grow(self, table: BlockTable, num_tokens: int) -> bool:
+        """Extend the table to hold `num_tokens` tokens; False (and nothing allocated) if the pool is short."""
+        missing = self.blocks_needed(num_tokens) - len(table.blocks)
+        if missing > len(self._free):
+            return False
+        for _ in range(missing):
+            block = next(iter(self._free))
+            if self._hash_of[block] is not None:  # reclaim a cached block
+                del self._cached[self._hash_of[block]]
+                self._hash_of[block] = None
+                self.stats.evictions += 1
+            self._take(block)
+            table.blocks.append(block)
+        return True
+
+    def fork(self, table: BlockTable, num_tokens: int) -> BlockTable:
+        """A new table sharing the full blocks covering the first `num_tokens` tokens (n > 1 samples)."""
+        shared = min(num_tokens // self.block_size, len(table.blocks))
+        for block in table.blocks[:shared]:
+            self._take(block)
+        return BlockTable(table.blocks[:shared], table.hashes[:shared])
+
+    def free(self, table: BlockTable) -> None:
+        """Drop the table's references; its unreferenced blocks become reusable (cached ones last)."""
+        for block in reversed(table.blocks):  # a sequence's tail is evicted before its prefix
+            self._refs[block] -= 1
+            if self._refs[block] < 0:
+                raise RuntimeError(f"block {block} freed twice")
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if self._hash_of[block] is None:
+                    self._free.move_to_end(block, last=False)
+        table.blocks.clear()
+        table.hashes.clear()
+
+    def _take(self, block: int) -> None:
+        if self._refs[block] == 0:
+            del self._free[block]
+        self._refs[block] += 1

@@ -1,9 +1,7 @@
-"""The engine loop: admit waiting sequences, run prefill or a batched decode step, apply stops.
+"""The engine: requests in, tokens out. It owns the scheduler, the block manager and the runner.
 
-Each step either prefills one waiting sequence (in chunks of at most `max_num_batched_tokens`) or
-decodes every running sequence together. When the pool runs out of blocks the newest running sequence
-is preempted: its blocks are freed and it is recomputed later from its prompt plus its output so far,
-so no output is lost.
+`step()` asks the scheduler for a batch, runs it (one decode call for all running sequences, one
+prefill call per prompt chunk), then appends the sampled tokens and applies stops on the host.
 """
 
 from __future__ import annotations
@@ -12,14 +10,17 @@ import dataclasses
 import itertools
 import logging
 import random
-from collections import deque
+import time
+from collections.abc import Hashable
 
+import jax
 import jax.numpy as jnp
 
-from jaxrs.engine.block_manager import BlockManager
-from jaxrs.engine.runner import ModelRunner, Row
-from jaxrs.engine.sampling import SamplingParams
-from jaxrs.engine.sequence import Sequence, Status
+from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.runner import ModelRunner
+from jaxrs.engine.sampling import SampleOutput, SamplingParams
+from jaxrs.engine.scheduler import Scheduler
+from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.ops import Kernels
@@ -30,19 +31,55 @@ log = logging.getLogger("jaxrs")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Serving knobs."""
+    """Serving knobs. KV memory: `kv_cache_tokens`, else `kv_cache_mb`, else `kv_cache_fraction` of the
+    device memory left after the weights (accelerators), else 512 MiB (CPU)."""
 
     block_size: int = 16
-    kv_cache_mb: float = 512.0
-    max_model_len: int | None = None  # default: the model's context length
+    kv_cache_mb: float | None = None
+    kv_cache_fraction: float | None = None
+    kv_cache_tokens: int | None = None
+    max_model_len: int | None = None  # default: the model's context length, capped by the pool
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
+    max_decode_steps: int = 8  # decode tokens per call when nothing waits
+    prefix_caching: bool = True
     seed: int = 0
 
 
-def kv_bytes_per_token(loaded: LoadedModel, dtype: jnp.dtype) -> int:
-    cfg = loaded.config
+@dataclasses.dataclass
+class Request:
+    """One request's n sequences (`n` > 1 forks after the prompt is computed, sharing its blocks)."""
+
+    request_id: str
+    seqs: list[Sequence]
+    n: int
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.n and all(s.finished for s in self.seqs)
+
+
+def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def kv_pool_bytes(config: EngineConfig, per_token: int, params: dict) -> int:
+    if config.kv_cache_tokens:
+        return config.kv_cache_tokens * per_token
+    if config.kv_cache_mb:
+        return int(config.kv_cache_mb * 2**20)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return int(free * (config.kv_cache_fraction or 0.9))
+    if config.kv_cache_fraction:
+        raise JaxrsError("kv_cache_fraction needs a device that reports its memory; give kv_cache_mb instead")
+    return 512 * 2**20
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of a request (index 0 keeps the request's seed)."""
+    return seed if index == 0 else hash((seed, index)) & 0xFFFFFFFF
 
 
 class Engine:
@@ -57,162 +94,200 @@ class Engine:
         self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
-        per_token = kv_bytes_per_token(loaded, dtype)
-        num_blocks = max(1, int(config.kv_cache_mb * 2**20) // (per_token * config.block_size))
-        self.max_model_len = min(
-            config.max_model_len or loaded.config.max_position_embeddings, num_blocks * config.block_size
+        cfg = loaded.config
+        per_token = kv_bytes_per_token(cfg, dtype)
+        num_blocks = max(
+            1, kv_pool_bytes(config, per_token, loaded.params) // (per_token * config.block_size)
         )
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_decode_steps=config.max_decode_steps,
+            max_model_len=self.max_model_len,
+        )
         self.runner = ModelRunner(
-            loaded.config,
+            cfg,
             loaded.params,
             num_blocks=num_blocks,
             block_size=config.block_size,
             kernels=kernels,
             dtype=dtype,
-            max_tokens_per_step=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_chunk=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
         )
         log.info(
-            "KV cache: %d blocks of %d tokens, %.1f MiB (%d bytes/token), up to %d tokens at once",
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
             config.block_size,
+            num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / 2**20,
             per_token,
-            num_blocks * config.block_size,
+            jnp.dtype(dtype).name,
+            self.max_model_len,
         )
+        self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
 
     # -- requests -----------------------------------------------------------------------------------
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> Sequence:
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_key: Hashable = None,
+    ) -> Request:
+        """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served."""
+        self.validate(prompt_ids, params)
+        params = params.with_defaults(self.model.generation_config)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        request = Request(
+            request_id, [self._new_sequence(request_id, 0, prompt_ids, params, seed, cache_key)], params.n
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        return request
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise JaxrsError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise JaxrsError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise JaxrsError(
                 f"the prompt has {len(prompt_ids)} tokens; this engine serves at most "
                 f"{self.max_model_len} tokens per sequence"
             )
-        params = params.with_defaults(self.model.generation_config)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise JaxrsError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
+
+    def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key) -> Sequence:
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
         )
-        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, seed, detok)
-        self.waiting.append(seq)
-        return seq
+        return Sequence(
+            request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key
+        )
 
-    def abort(self, seq: Sequence) -> None:
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        self._finish(seq, "abort")
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks."""
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.finished:
+                self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one model step; returns the sequences that received a token (or finished)."""
-        seq = self._next_prefill()
-        if seq is not None:
-            return self._prefill(seq)
-        if self.running:
-            return self._decode()
-        return []
+        """Run one scheduled batch; returns the sequences that received tokens or finished."""
+        plan = self.scheduler.schedule()
+        touched: list[Sequence] = []
+        if plan.decode:
+            out = self.runner.decode(plan.decode, plan.decode_steps)
+            for i, seq in enumerate(plan.decode):
+                for s in range(plan.decode_steps):
+                    if seq.finished:
+                        break
+                    seq.num_computed = seq.num_tokens
+                    self._append(seq, out, (s, i))
+            touched += plan.decode
+        for chunk in plan.prefill:
+            seq = chunk.seq
+            out = self.runner.prefill(seq, chunk.start, chunk.end)
+            seq.num_computed = chunk.end
+            self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
+            if chunk.completes_prompt:
+                self._fork_samples(seq)  # before the first token, which may finish (and free) the parent
+                self._append(seq, out, (0,))
+                touched.append(seq)
+        for seq in plan.decode:
+            if not seq.finished:
+                self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
+        return touched
 
-    def _next_prefill(self) -> Sequence | None:
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
-            return None
-        seq = self.waiting[0]
-        chunk = min(seq.num_tokens - seq.num_computed, self.config.max_num_batched_tokens)
-        needed = self.blocks.blocks_needed(seq.num_computed + chunk + 1) - len(seq.block_table)
-        if not self.blocks.can_allocate(needed):
-            if not self.running:
-                raise JaxrsError(
-                    f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold one sequence "
-                    f"of {seq.num_tokens} tokens; give it more memory"
-                )
-            return None  # wait for running sequences to finish
-        return seq
+    def _fork_samples(self, seq: Sequence) -> None:
+        """After the first sample's prompt is computed, start the others on its blocks."""
+        request = self.requests.get(seq.request_id)
+        if request is None or seq.index != 0 or len(request.seqs) == request.n:
+            return
+        prompt_len = len(seq.prompt_ids)
+        for index in range(1, request.n):
+            child = self._new_sequence(
+                seq.request_id, index, seq.prompt_ids, seq.params, seq.seed, seq.cache_key
+            )
+            child.table = self.blocks.fork(seq.table, prompt_len)
+            child.num_computed = len(child.table.blocks) * self.blocks.block_size
+            child.num_cached_tokens = child.num_computed
+            request.seqs.append(child)
+            self.scheduler.add(child, front=True)
 
-    def _prefill(self, seq: Sequence) -> list[Sequence]:
-        ids = seq.all_ids
-        chunk = ids[seq.num_computed : seq.num_computed + self.config.max_num_batched_tokens]
-        end = seq.num_computed + len(chunk)
-        self.blocks.ensure_capacity(seq.block_table, end)
-        last_chunk = end == len(ids)
-        row = Row(
-            chunk, seq.num_computed, seq.block_table, last_chunk, seq.params, seq.seed, len(seq.output_ids)
-        )
-        tokens, _ = self.runner.execute([row])
-        seq.num_computed = end
-        if not last_chunk:
+    # -- scoring ------------------------------------------------------------------------------------
+    def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
+        """Log-probabilities of the continuation tokens after the prompt (prefix cache applies)."""
+        if not continuation_ids:
             return []
-        self.waiting.popleft()
-        seq.status = Status.RUNNING
-        self.running.append(seq)
-        self._append(seq, int(tokens[0]))
-        return [seq]
+        ids = list(prompt_ids) + list(continuation_ids)
+        self.validate(ids[:-1] or ids, SamplingParams())
+        table = BlockTable()
+        try:
+            done = self.blocks.match_prefix(table, prompt_ids)
+            if not self.blocks.grow(table, len(ids) - 1):
+                raise JaxrsError(f"the KV cache has too few free blocks to score {len(ids)} tokens now")
+            out: list[float] = []
+            while done < len(ids) - 1:
+                end = min(done + self.config.max_num_batched_tokens, len(ids) - 1)
+                logprobs = self.runner.score(ids[done:end], table.blocks, done, ids[done + 1 : end + 1])
+                out += logprobs.tolist()
+                done = end
+                self.blocks.register_full_blocks(table, ids, done)
+            skipped = len(ids) - 1 - len(out)  # prompt positions served from the cache
+            return out[len(prompt_ids) - 1 - skipped :]
+        finally:
+            self.blocks.free(table)
 
-    def _decode(self) -> list[Sequence]:
-        for seq in list(self.running):  # oldest first; the newest give way
-            if seq not in self.running:
-                continue
-            needed = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table)
-            while not self.blocks.can_allocate(needed):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                self.blocks.ensure_capacity(seq.block_table, seq.num_tokens)
-        rows = [
-            Row([s.all_ids[-1]], s.num_tokens - 1, s.block_table, True, s.params, s.seed, len(s.output_ids))
-            for s in self.running
-        ]
-        if not rows:
-            return []
-        tokens, _ = self.runner.execute(rows)
-        batch = list(self.running)
-        for seq, token in zip(batch, tokens, strict=True):
-            seq.num_computed = seq.num_tokens
-            self._append(seq, int(token))
-        return batch
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it is recomputed from prompt + output when readmitted."""
-        log.info("preempting %s (%d tokens) for lack of KV blocks", seq.request_id, seq.num_tokens)
-        self.running.remove(seq)
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
-
-    # -- stops --------------------------------------------------------------------------------------
-    def _append(self, seq: Sequence, token: int) -> None:
+    # -- tokens and stops ---------------------------------------------------------------------------
+    def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
+        token = int(out.tokens[at])
         p = seq.params
         seq.output_ids.append(token)
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids)
-        if token in p.stop_token_ids or (token in eos and not p.ignore_eos):
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if p.logprobs is not None:
+            top = tuple(zip(out.top_ids[at].tolist(), out.top_logprobs[at].tolist(), strict=True))[
+                : p.logprobs
+            ]
+            seq.logprobs.append(TokenLogprob(token, float(out.logprobs[at]), top))
+        if token in p.stop_token_ids or (token in self._eos and not p.ignore_eos):
+            seq.text += seq.detokenizer.flush()
             return self._finish(seq, "stop")
         before = len(seq.text)
         seq.text += seq.detokenizer.push(token)
         for stop in p.stop:
-            at = seq.text.find(stop, max(0, before - len(stop) + 1))
-            if at >= 0:
-                seq.text = seq.text[:at]
+            at_ = seq.text.find(stop, max(0, before - len(stop) + 1))
+            if at_ >= 0:
+                seq.text = seq.text[:at_]
                 return self._finish(seq, "stop")
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text += seq.detokenizer.flush()
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
-        self.blocks.free(seq.block_table)
-        seq.block_table = []
+        self.scheduler.remove(seq)
+        request = self.requests.get(seq.request_id)
+        if request is not None and request.finished:
+            del self.requests[seq.request_id]

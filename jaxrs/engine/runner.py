@@ -1,22 +1,26 @@
-"""Runs one jitted model step over a padded, bucketed batch and samples on device.
+"""Runs jitted model steps over padded, bucketed batches, sampling on device.
 
-Shapes are bucketed (batch rows, tokens per row, blocks per row, each to a power of two) so the number
-of compilations is small and logged. The KV cache is donated into each step so XLA updates it in place.
+Three jitted functions: `prefill` (a chunk of one sequence's tokens, then a sample), `decode` (one or
+more tokens for every running sequence in one call: a `lax.scan` over steps feeds each sampled token
+back on device), and `score` (log-probabilities of given next tokens). Shapes are bucketed to powers of
+two (batch rows, chunk length, block-table width), so compilations are few, logged, and warmed up
+before serving. The KV cache is donated into every call and updated in place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Sequence as Seq
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig
-from jaxrs.engine.sampling import SamplingParams, sample, sampling_arrays
+from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
+from jaxrs.engine.sequence import Sequence
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
@@ -24,39 +28,54 @@ from jaxrs.ops import Kernels
 log = logging.getLogger("jaxrs")
 
 
-def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
-    """The next power of two >= n (at least `minimum`, at most `maximum` when n fits under it)."""
-    size = max(minimum, 1 << max(0, (n - 1).bit_length()))
-    return min(size, maximum) if maximum is not None and n <= maximum else size
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
 
 
-@dataclasses.dataclass
-class Row:
-    """One sequence's share of a step: tokens to run from `start`, and whether to sample after them."""
-
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    sample: bool
-    params: SamplingParams
-    seed: int
-    step: int  # index of the token being sampled, for the per-request RNG stream
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "all_greedy"), donate_argnames=("kv",))
-def _step(params, kv, tokens, meta, last_index, arrays, *, cfg, kernels, all_greedy):
+def _logits_at(params, cfg, kernels, kv, tokens, meta, index):
     fam = family(cfg.architecture)
     hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
-    last = hidden[jnp.arange(hidden.shape[0]), last_index]
-    logits = fam.compute_logits(params, cfg, last)
-    next_tokens = sample(logits, arrays, all_greedy=all_greedy)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, next_tokens[:, None], axis=-1)[:, 0]
-    return next_tokens, chosen, kv
+    picked = hidden[jnp.arange(hidden.shape[0]), index]
+    return fam.compute_logits(params, cfg, picked), kv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "flags"), donate_argnames=("kv",))
+def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags):
+    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index)
+    return sample(logits, batch, flags), kv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "flags", "num_steps"), donate_argnames=("kv",))
+def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels, flags, num_steps):
+    block_size = kv.k.shape[2]
+    rows = jnp.arange(tokens.shape[0])
+
+    def one(carry, i):
+        kv, tok, pos = carry
+        slot = tables[rows, pos // block_size] * block_size + pos % block_size
+        meta = AttentionMetadata(
+            pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
+        )
+        logits, kv = _logits_at(params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows))
+        out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
+        return (kv, out.tokens, pos + 1), out
+
+    (kv, _, _), outs = jax.lax.scan(one, (kv, tokens, positions), jnp.arange(num_steps))
+    return outs, kv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels"), donate_argnames=("kv",))
+def _score(params, kv, tokens, meta, targets, *, cfg, kernels):
+    fam = family(cfg.architecture)
+    hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
+    logprobs = jax.nn.log_softmax(fam.compute_logits(params, cfg, hidden), axis=-1)
+    return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
 
 
 class ModelRunner:
-    """Owns the parameters and the preallocated KV pool; turns rows into one jitted call."""
+    """Owns the parameters and the preallocated KV pool; turns sequences into jitted calls."""
 
     def __init__(
         self,
@@ -67,68 +86,215 @@ class ModelRunner:
         block_size: int,
         kernels: Kernels,
         dtype: jnp.dtype,
-        max_tokens_per_step: int,
+        max_num_seqs: int,
+        max_chunk: int,
+        max_model_len: int,
     ):
         self.cfg = cfg
         self.params = params
         self.kernels = kernels
         self.block_size = block_size
-        self.max_tokens_per_step = max_tokens_per_step
+        self.max_num_seqs = max_num_seqs
+        self.max_chunk = max_chunk
+        self.max_model_len = max_model_len
         self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
-        self.compiled_shapes: set[tuple] = set()
+        self.shapes: set[tuple] = set()
+        self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
 
-    def execute(self, rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
-        """Run the rows; returns (sampled token, its logprob) per row (meaningful where row.sample)."""
-        batch = bucket(len(rows))
-        longest = max(len(r.token_ids) for r in rows)
-        q_len = 1 if longest == 1 else bucket(longest, minimum=16, maximum=self.max_tokens_per_step)
-        width = bucket(max(len(r.block_table) for r in rows), minimum=4)
-        tokens = np.zeros((batch, q_len), np.int32)
-        positions = np.zeros((batch, q_len), np.int32)
-        slots = np.full((batch, q_len), -1, np.int32)
-        tables = np.zeros((batch, width), np.int32)
-        context = np.zeros((batch,), np.int32)
-        last = np.zeros((batch,), np.int32)
-        for i, r in enumerate(rows):
-            n = len(r.token_ids)
-            pos = np.arange(r.start, r.start + n)
-            tokens[i, :n] = r.token_ids
-            positions[i, :n] = pos
-            table = np.asarray(r.block_table, np.int32)
-            slots[i, :n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-            tables[i, : len(table)] = table
-            context[i] = r.start + n
-            last[i] = n - 1
-        sampled = [r for r in rows if r.sample]
-        all_greedy = all(r.params.greedy for r in sampled)
-        arrays = sampling_arrays(
-            [r.params for r in rows], [r.seed for r in rows], [r.step for r in rows], batch
+    # -- shapes ---------------------------------------------------------------------------------------
+    def width(self, num_blocks: int) -> int:
+        """Block-table width bucket (at least 16 blocks, at most what max_model_len needs)."""
+        most = bucket(-(-self.max_model_len // self.block_size))
+        return min(bucket(num_blocks, 16), most)
+
+    def chunk_len(self, n: int) -> int:
+        return min(bucket(n, 16), bucket(self.max_chunk))
+
+    @staticmethod
+    def compile_count() -> int:
+        """Entries in the jit caches of the step functions: grows only when something compiles."""
+        return sum(f._cache_size() for f in (_prefill, _decode, _score))
+
+    def _note(self, kind: str, shape: tuple, start: float) -> None:
+        self.device_seconds += time.perf_counter() - start
+        key = (kind, *shape)
+        if key not in self.shapes:
+            self.shapes.add(key)
+            log.info(
+                "compiled %s %s in %.2f s (%d shapes)",
+                kind,
+                shape,
+                time.perf_counter() - start,
+                len(self.shapes),
+            )
+
+    def _sampling(self, seqs: Seq[Sequence], batch: int) -> tuple[dict, SamplingFlags]:
+        return build_sampling_batch(
+            [s.params for s in seqs],
+            [s.seed for s in seqs],
+            [len(s.output_ids) for s in seqs],
+            [s.prompt_ids for s in seqs],
+            [s.output_ids for s in seqs],
+            batch,
+            self.cfg.vocab_size,
         )
-        meta = AttentionMetadata(positions, slots, tables, context)
-        shape = (batch, q_len, width, all_greedy)
-        fresh = shape not in self.compiled_shapes
-        start = time.perf_counter()
-        next_tokens, logprobs, self.kv = _step(
+
+    # -- calls ----------------------------------------------------------------------------------------
+    def prefill(self, seq: Sequence, start: int, end: int) -> SampleOutput:
+        """Run tokens [start, end) of one sequence; the sample is its next token if end is its length."""
+        ids = seq.all_ids[start:end]
+        n = len(ids)
+        t, w = self.chunk_len(n), self.width(len(seq.table.blocks))
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :n] = ids
+        meta = self._metadata(seq.table.blocks, start, n, t, w)
+        batch, flags = self._sampling([seq], 1)
+        began = time.perf_counter()
+        out, self.kv = _prefill(
             self.params,
             self.kv,
             tokens,
             meta,
-            last,
-            arrays,
+            np.array([n - 1], np.int32),
+            batch,
             cfg=self.cfg,
             kernels=self.kernels,
-            all_greedy=all_greedy,
+            flags=flags,
         )
-        next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
-        if fresh:
-            self.compiled_shapes.add(shape)
-            log.info(
-                "compiled step for batch=%d tokens=%d blocks=%d greedy=%s in %.1f s (%d shapes so far)",
-                batch,
-                q_len,
-                width,
-                all_greedy,
-                time.perf_counter() - start,
-                len(self.compiled_shapes),
+        out = jax.tree.map(np.asarray, out)
+        self._note("prefill", (t, w, flags), began)
+        return out
+
+    def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
+        """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
+        b = min(bucket(len(seqs)), bucket(self.max_num_seqs))
+        w = self.width(max(len(s.table.blocks) for s in seqs))
+        tokens = np.zeros(b, np.int32)
+        positions = np.zeros(b, np.int32)
+        tables = np.zeros((b, w), np.int32)
+        valid = np.zeros(b, bool)
+        for i, s in enumerate(seqs):
+            tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
+            tables[i, : len(s.table.blocks)] = s.table.blocks
+        batch, flags = self._sampling(seqs, b)
+        began = time.perf_counter()
+        out, self.kv = _decode(
+            self.params,
+            self.kv,
+            tokens,
+            positions,
+            tables,
+            valid,
+            batch,
+            cfg=self.cfg,
+            kernels=self.kernels,
+            flags=flags,
+            num_steps=num_steps,
+        )
+        out = jax.tree.map(lambda a: np.asarray(a)[:, : len(seqs)], out)
+        self._note("decode", (b, w, num_steps, flags), began)
+        return out
+
+    def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
+        """Log-probabilities of `targets[i]` following tokens[:start + i + 1] (tokens [start, end) run now)."""
+        n = len(token_ids)
+        t, w = self.chunk_len(n), self.width(len(blocks))
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :n] = token_ids
+        target = np.zeros((1, t), np.int32)
+        target[0, :n] = targets
+        began = time.perf_counter()
+        logprobs, self.kv = _score(
+            self.params,
+            self.kv,
+            tokens,
+            self._metadata(blocks, start, n, t, w),
+            target,
+            cfg=self.cfg,
+            kernels=self.kernels,
+        )
+        self._note("score", (t, w), began)
+        return np.asarray(logprobs)[0, :n]
+
+    def _metadata(self, blocks: list[int], start: int, n: int, t: int, w: int) -> AttentionMetadata:
+        positions = np.zeros((1, t), np.int32)
+        slots = np.full((1, t), -1, np.int32)
+        tables = np.zeros((1, w), np.int32)
+        table = np.asarray(blocks, np.int32)
+        pos = np.arange(start, start + n)
+        positions[0, :n] = pos
+        slots[0, :n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        tables[0, : len(table)] = table
+        return AttentionMetadata(positions, slots, tables, np.array([start + n], np.int32))
+
+    # -- warm-up --------------------------------------------------------------------------------------
+    def warmup(self, decode_steps: tuple[int, ...], profiles: Seq[SamplingParams]) -> None:
+        """Compile every decode and prefill bucket for each sampling profile (e.g. greedy, sampled).
+
+        Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
+        compile on first use, and are logged.
+        """
+        from tqdm.auto import tqdm
+
+        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
+        batches = sorted({min(bucket(b), bucket(self.max_num_seqs)) for b in range(1, self.max_num_seqs + 1)})
+        chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
+        work = [
+            ("decode", b, w, s, p) for p in profiles for s in decode_steps for b in batches for w in widths
+        ]
+        work += [
+            ("prefill", t, w, 0, p)
+            for p in profiles
+            for t in chunks
+            for w in widths
+            if w * self.block_size >= min(t, self.max_model_len)
+        ]
+        before = self.compile_count()
+        began = time.perf_counter()
+        for kind, a, w, s, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
+            rows = a if kind == "decode" else 1
+            batch, f = build_sampling_batch(
+                [p] * rows, [0] * rows, [0] * rows, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
             )
-        return next_tokens[: len(rows)], logprobs[: len(rows)]
+            if kind == "decode":
+                zeros = np.zeros(a, np.int32)
+                _, self.kv = _decode(
+                    self.params,
+                    self.kv,
+                    zeros,
+                    zeros,
+                    np.zeros((a, w), np.int32),
+                    np.zeros(a, bool),
+                    batch,
+                    cfg=self.cfg,
+                    kernels=self.kernels,
+                    flags=f,
+                    num_steps=s,
+                )
+                self.shapes.add(("decode", a, w, s, f))
+            else:
+                meta = AttentionMetadata(
+                    np.zeros((1, a), np.int32),
+                    np.full((1, a), -1, np.int32),
+                    np.zeros((1, w), np.int32),
+                    np.zeros(1, np.int32),
+                )
+                _, self.kv = _prefill(
+                    self.params,
+                    self.kv,
+                    np.zeros((1, a), np.int32),
+                    meta,
+                    np.zeros(1, np.int32),
+                    batch,
+                    cfg=self.cfg,
+                    kernels=self.kernels,
+                    flags=f,
+                )
+                self.shapes.add(("prefill", a, w, f))
+        jax.block_until_ready(self.kv)
+        log.info(
+            "warm-up: %d shapes (%d compiled now) in %.1f s",
+            len(work),
+            self.compile_count() - before,
+            time.perf_counter() - began,
+        )

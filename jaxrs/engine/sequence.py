@@ -1,10 +1,13 @@
-"""One generation request as the engine tracks it."""
+"""One generated sequence as the engine tracks it (a request with n > 1 owns n of them)."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import time
+from collections.abc import Hashable
 
+from jaxrs.engine.block_manager import BlockTable
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.tokenizer import IncrementalDetokenizer
 
@@ -15,19 +18,32 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely alternatives, best first
+
+
+@dataclasses.dataclass(eq=False)
 class Sequence:
     request_id: str
+    index: int  # which of the request's n samples
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
     detokenizer: IncrementalDetokenizer
+    cache_key: Hashable = None  # extra prefix-cache key (adapter, images)
     output_ids: list[int] = dataclasses.field(default_factory=list)
-    block_table: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    table: BlockTable = dataclasses.field(default_factory=BlockTable)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_time: float | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -40,3 +56,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def needs_host_each_token(self) -> bool:
+        """Penalties read the growing output, so such a sequence decodes one token per call."""
+        p = self.params
+        return (
+            p.repetition_penalty not in (None, 1.0) or bool(p.presence_penalty) or bool(p.frequency_penalty)
+        )

@@ -1,0 +1,108 @@
+"""Aggregate generation throughput at several concurrencies on the demo model (or any model).
+
+    python bench/bench_throughput.py [--model PATH] [--concurrency 1 8 32] [--new-tokens 128]
+
+Each run submits N requests at once (short distinct prompts, greedy, EOS ignored so every request
+generates exactly --new-tokens) after a warm-up, and reports aggregate generated tokens/s (median of
+passes), KV bytes per token, the number of compiled step shapes, and the share of wall time spent on
+the host (outside the jitted step calls). Writes bench/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TOPICS = [
+    "the sea",
+    "a mountain",
+    "the city at night",
+    "an old library",
+    "a robot",
+    "the first snow",
+    "a long journey",
+    "a small garden",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
+    args = ap.parse_args()
+
+    import jax
+
+    from jaxrs import LLM, SamplingParams
+    from jaxrs.cli import parse_kernels
+    from jaxrs.engine.engine import kv_bytes_per_token
+
+    most = max(args.concurrency)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        kernels=parse_kernels(args.kernel),
+        max_num_seqs=most,
+        kv_cache_tokens=most * (args.new_tokens + 64),
+        prefix_caching=False,
+    )
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    prompts = [
+        llm.tokenizer.encode(f"Request {i}: write a few lines about {TOPICS[i % len(TOPICS)]}.")
+        for i in range(most)
+    ]
+    rows = []
+    for n in args.concurrency:
+        rates, host = [], []
+        for p in range(args.passes + 1):  # the first pass compiles
+            before = engine.runner.device_seconds
+            start = time.perf_counter()
+            llm.generate([list(x) for x in prompts[:n]], params, use_tqdm=False)
+            wall = time.perf_counter() - start
+            if p:
+                rates.append(n * args.new_tokens / wall)
+                host.append(1 - (engine.runner.device_seconds - before) / wall)
+        rows.append(
+            {"concurrency": n, "tok_s": statistics.median(rates), "host_share": statistics.median(host)}
+        )
+    shapes = len(engine.runner.shapes)
+    per_token = kv_bytes_per_token(llm.model.config, llm.dtype)
+    print(
+        f"\n{Path(llm.model.source).name}, {args.new_tokens} new tokens per request, greedy, median of "
+        f"{args.passes} passes, {jax.default_backend()}, dtype {llm.dtype.name}"
+    )
+    print("| concurrent sequences | aggregate tok/s | host share of wall time |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {100 * r['host_share']:.0f}% |")
+    print(f"\nKV cache: {per_token} bytes/token; compiled step shapes: {shapes}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "throughput.json"
+    out.write_text(
+        json.dumps(
+            {
+                "model": llm.model.source,
+                "args": vars(args),
+                "backend": jax.default_backend(),
+                "rows": rows,
+                "kv_bytes_per_token": per_token,
+                "compiled_shapes": shapes,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Block pool bookkeeping and the prefix cache (host-only, fast)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxrs.engine.block_manager import BlockManager, BlockTable
+
+
+def filled(bm: BlockManager, tokens: list[int]) -> BlockTable:
+    """A table holding `tokens`, all computed and registered."""
+    table = BlockTable()
+    bm.match_prefix(table, tokens)
+    assert bm.grow(table, len(tokens))
+    bm.register_full_blocks(table, tokens, len(tokens))
+    return table
+
+
+def test_grow_and_free_return_every_block():
+    bm = BlockManager(8, 16, prefix_caching=False)
+    a, b = BlockTable(), BlockTable()
+    assert bm.grow(a, 33) and len(a.blocks) == 3
+    assert bm.grow(b, 80) and len(b.blocks) == 5
+    assert bm.num_free == 0 and not bm.grow(a, 49)
+    assert len(a.blocks) == 3  # a failed grow allocates nothing
+    assert len(set(a.blocks) | set(b.blocks)) == 8
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free == 8 and bm.num_used == 0
+
+
+def test_block_size_is_checked():
+    with pytest.raises(ValueError, match="8, 16 or 32"):
+        BlockManager(4, 12)
+
+
+def test_prefix_hit_shares_full_blocks_and_keeps_one_token_to_compute():
+    bm = BlockManager(16, 8)
+    prompt = list(range(40))  # 5 full blocks
+    first = filled(bm, prompt)
+    second = BlockTable()
+    covered = bm.match_prefix(second, prompt)
+    assert covered == 32  # 4 blocks: the last token must still run to produce logits
+    assert second.blocks == first.blocks[:4]
+    assert bm.stats.hits == 32 and bm.stats.queries == 80
+
+
+def test_chain_hash_depends_on_the_whole_prefix_and_extra_key():
+    bm = BlockManager(16, 8)
+    filled(bm, list(range(24)))
+    other = BlockTable()
+    assert bm.match_prefix(other, [99] + list(range(1, 24))) == 0  # first block differs: nothing matches
+    bm.free(other)
+    keyed = BlockTable()
+    assert bm.match_prefix(keyed, list(range(24)), extra="adapter-1") == 0
+    bm.free(keyed)
+    plain = BlockTable()
+    assert bm.match_prefix(plain, list(range(24))) == 16
+
+
+def test_freed_cached_blocks_are_reused_then_evicted_lru():
+    bm = BlockManager(4, 8)
+    a = filled(bm, list(range(16)))  # 2 blocks, cached
+    bm.free(a)
+    assert bm.num_free == 4  # cached but unreferenced blocks count as free
+    hit = BlockTable()
+    assert bm.match_prefix(hit, list(range(17))) == 16
+    bm.free(hit)
+    b = BlockTable()
+    assert bm.grow(b, 32)  # needs all 4 blocks: the 2 cached ones are evicted
+    assert bm.stats.evictions == 2
+    bm.free(b)
+    miss = BlockTable()
+    assert bm.match_prefix(miss, list(range(17))) == 0
+
+
+def test_uncached_blocks_are_taken_before_cached_ones():
+    bm = BlockManager(4, 8)
+    cached = filled(bm, list(range(8)))
+    bm.free(cached)
+    scratch = BlockTable()
+    assert bm.grow(scratch, 24)  # 3 blocks: the 3 never-cached ones
+    assert bm.stats.evictions == 0
+    again = BlockTable()
+    assert bm.match_prefix(again, list(range(9))) == 8
+
+
+def test_fork_shares_full_blocks_with_reference_counts():
+    bm = BlockManager(8, 8, prefix_caching=False)
+    parent = BlockTable()
+    bm.grow(parent, 20)  # 2 full blocks + 1 partial
+    child = bm.fork(parent, 20)
+    assert child.blocks == parent.blocks[:2]
+    bm.free(parent)
+    assert bm.num_free == 6  # the shared blocks are still held by the child
+    bm.free(child)
+    assert bm.num_free == 8
+    with pytest.raises(RuntimeError, match="freed twice"):
+        bm.free(BlockTable([0]))

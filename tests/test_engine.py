@@ -1,0 +1,178 @@
+"""Engine equivalences on the real demo model, greedy: batching, prefix caching, preemption, chunked
+prefill and multi-step decode must not change a single token."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrs import LLM, SamplingParams
+from jaxrs.engine.engine import Engine, EngineConfig
+from jaxrs.llm import WARMUP_PROFILES, request_output
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+WORDS = (
+    "the cat sat on a warm mat while rain fell softly over the quiet old town and "
+    "children ran home from school laughing about the day they had"
+).split()
+PROMPTS = [" ".join(WORDS[: 3 + 2 * i]) for i in range(16)]  # 3..33 words: lengths cross block boundaries
+
+
+@pytest.fixture(scope="module")
+def llm(demo_gguf):
+    return LLM(str(demo_gguf), kv_cache_mb=48)
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list:
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_free == engine.blocks.num_blocks, "blocks leaked"
+    return [request_output(r, None) for r in requests]
+
+
+def engine_with(llm: LLM, **knobs) -> Engine:
+    return Engine(llm.model, EngineConfig(**{"kv_cache_mb": 48, **knobs}), dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def ids(llm):
+    return [llm.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def alone(llm, ids):
+    engine = engine_with(llm, prefix_caching=False)
+    return [run(engine, [p], GREEDY)[0].token_ids for p in ids]
+
+
+def test_batched_equals_alone(llm, ids, alone):
+    together = run(engine_with(llm, prefix_caching=False), ids, GREEDY)
+    assert [o.token_ids for o in together] == alone
+
+
+def test_prefix_cache_on_equals_off_and_hits(llm, ids, alone):
+    engine = engine_with(llm, prefix_caching=True)
+    shared = [ids[-1] + p for p in ids[:4]]  # a 28-token common prefix; 31..37 tokens each
+    cold = run(engine, shared, GREEDY)
+    hits_before = engine.blocks.stats.hits
+    warm = run(engine, shared, GREEDY)
+    assert engine.blocks.stats.hits > hits_before
+    assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
+    # Full blocks of 16, keeping at least the last prompt token to compute:
+    assert [o.num_cached_tokens for o in warm] == [16, 32, 32, 32]
+    off = run(engine_with(llm, prefix_caching=False), shared, GREEDY)
+    assert [o.token_ids for o in off] == [o.token_ids for o in cold]
+
+
+def test_preemption_gives_identical_tokens(llm, ids, alone):
+    engine = engine_with(llm, kv_cache_tokens=96, prefix_caching=False)  # 6 blocks for 16 sequences
+    out = run(engine, ids, GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in out] == alone
+
+
+def test_chunked_prefill_equals_whole(llm, ids, alone):
+    engine = engine_with(llm, max_num_batched_tokens=16, prefix_caching=False)
+    out = run(engine, ids[-4:], GREEDY)
+    assert [o.token_ids for o in out] == alone[-4:]
+
+
+def test_single_step_decode_equals_multi_step(llm, ids, alone):
+    out = run(engine_with(llm, max_decode_steps=1, prefix_caching=False), ids[:6], GREEDY)
+    assert [o.token_ids for o in out] == alone[:6]
+
+
+def test_pallas_attention_equals_xla(llm, ids):
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    xla = run(engine_with(llm, prefix_caching=False), ids[5:7], params)
+    from jaxrs.ops import Kernels
+
+    pallas_engine = Engine(
+        llm.model,
+        EngineConfig(kv_cache_mb=48, prefix_caching=False),
+        kernels=Kernels.from_mapping({"paged_attention": "pallas"}),
+        dtype=jnp.float32,
+    )
+    pallas = run(pallas_engine, ids[5:7], params)
+    assert [o.token_ids for o in pallas] == [o.token_ids for o in xla]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llm, ids):
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
+    engine = engine_with(llm)
+    alone_out = run(engine, [ids[3]], sampled)[0].token_ids
+    mixed = [GREEDY, SamplingParams(temperature=1.2, max_tokens=7, seed=5), sampled, GREEDY]
+    batch_out = run(engine, [ids[0], ids[9], ids[3], ids[12]], mixed)
+    assert batch_out[2].token_ids == alone_out
+
+
+def test_n_samples_share_the_prompt_blocks(llm, ids):
+    engine = engine_with(llm, prefix_caching=False)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    request = engine.add_request(ids[-1], params)
+    engine.step()  # the prompt's prefill, then the fork
+    assert len(request.seqs) == 4
+    full = len(ids[-1]) // engine.blocks.block_size
+    first = request.seqs[0].table.blocks[:full]
+    assert all(s.table.blocks[:full] == first for s in request.seqs[1:])
+    while engine.has_unfinished():
+        engine.step()
+    outs = request_output(request, None).outputs
+    assert [o.index for o in outs] == [0, 1, 2, 3]
+    assert len({tuple(o.token_ids) for o in outs}) == 4
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_abort_frees_blocks(llm, ids):
+    engine = engine_with(llm)
+    requests = [engine.add_request(p, GREEDY) for p in ids[:5]]
+    engine.step()
+    engine.step()
+    assert engine.blocks.num_used > 0
+    for r in requests:
+        engine.abort(r.request_id)
+    assert not engine.has_unfinished() and engine.blocks.num_used == 0
+
+
+def test_no_compilation_in_steady_state(llm, ids):
+    engine = Engine(
+        llm.model,
+        EngineConfig(
+            kv_cache_mb=48, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, max_decode_steps=4
+        ),
+        dtype=jnp.float32,
+    )
+    engine.runner.warmup((1, 4), WARMUP_PROFILES)
+    before = engine.runner.compile_count()
+    mixed = [
+        GREEDY,
+        SamplingParams(temperature=0.8, top_k=40, max_tokens=9, seed=3),
+        SamplingParams(temperature=0.7, max_tokens=5, seed=4),
+    ] * 2
+    run(engine, ids[:6], mixed)
+    assert engine.runner.compile_count() == before
+
+
+def test_score_matches_transformers(llm, demo_gguf):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt, continuation = "The capital of France is", " Paris, a city on the Seine."
+    ours = llm.score([prompt], [continuation])[0]
+    p_ids = llm.tokenizer.encode(prompt)
+    c_ids = llm.tokenizer.encode(continuation, add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        logits = model(torch.tensor([p_ids + c_ids])).logits[0]
+    ref = torch.log_softmax(logits, -1)[len(p_ids) - 1 : -1].gather(1, torch.tensor(c_ids)[:, None])[:, 0]
+    assert len(ours) == len(c_ids)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=2e-4)
+    again = llm.score([prompt], [continuation])[0]  # now through the prefix cache
+    np.testing.assert_allclose(again, ours, atol=1e-5)

@@ -1,0 +1,190 @@
+"""The Pallas paged-attention kernel (interpret mode) against the XLA reference.
+
+Interpret mode fills a kernel's outputs with NaN before running it, so "no NaN anywhere" also checks
+that every output element was written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrs import ops
+from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla
+
+NUM_LAYERS = 3
+LAYER = 2  # not the first layer of the cache
+
+
+def make_inputs(
+    *,
+    block_size: int,
+    group: int,
+    starts: list[int],
+    new_tokens: list[int],
+    q_len: int,
+    dtype,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    table_width: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """A batch where sequence i has `starts[i]` cached tokens and `new_tokens[i]` tokens in this step
+    (0 new tokens and start 0: a padding row); query tokens past a sequence's new tokens sit at
+    position 0, like the engine's padding. Block tables are shuffled and their unused entries junk."""
+    rng = np.random.default_rng(seed)
+    batch = len(starts)
+    context_lens = np.array([s + n for s, n in zip(starts, new_tokens, strict=True)], np.int32)
+    pages = [-(-int(c) // block_size) for c in context_lens]
+    width = table_width or max(max(pages), 1)
+    num_blocks = sum(pages) + 3
+    ids = rng.permutation(num_blocks).astype(np.int32)
+    tables = rng.integers(-2, num_blocks + 5, (batch, width)).astype(np.int32)  # junk past the context
+    used = 0
+    for i, n in enumerate(pages):
+        tables[i, :n] = ids[used : used + n]
+        used += n
+    positions = np.zeros((batch, q_len), np.int32)
+    for i, (s, n) in enumerate(zip(starts, new_tokens, strict=True)):
+        positions[i, :n] = np.arange(s, s + n)
+    cache_shape = (NUM_LAYERS, num_blocks, block_size, kv_heads, head_dim)
+    return dict(
+        q=jnp.asarray(rng.standard_normal((batch, q_len, kv_heads * group, head_dim)), dtype),
+        k_cache=jnp.asarray(rng.standard_normal(cache_shape), dtype),
+        v_cache=jnp.asarray(rng.standard_normal(cache_shape), dtype),
+        layer=jnp.int32(LAYER),
+        block_tables=jnp.asarray(tables),
+        positions=jnp.asarray(positions),
+        context_lens=jnp.asarray(context_lens),
+    )
+
+
+def check(inputs: dict, *, scale: float = 0.2, sliding_window=None, soft_cap=None, **tuning) -> None:
+    options = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = paged_attention_pallas(**inputs, **options, interpret=True, **tuning)
+    ref = paged_attention_xla(**inputs, **options)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert not np.isnan(out32).any()
+    padding_rows = np.asarray(inputs["context_lens"]) == 0
+    assert (out32[padding_rows] == 0).all()
+    tol = 1e-5 if out.dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(out32, ref32, rtol=tol, atol=tol)
+
+
+DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("block_size", "group"), [(8, 1), (16, 3), (8, 8)], ids=["bs8-g1", "bs16-g3", "bs8-g8"]
+)
+def test_decode(block_size: int, group: int, dtype) -> None:
+    # contexts: one key, exactly one and two blocks, one past a block, ragged, and a padding row
+    lens = [1, block_size, 2 * block_size, block_size + 1, 3 * block_size - 3, 0]
+    inputs = make_inputs(
+        block_size=block_size,
+        group=group,
+        starts=[max(n - 1, 0) for n in lens],
+        new_tokens=[min(n, 1) for n in lens],
+        q_len=1,
+        dtype=dtype,
+    )
+    check(inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("block_size", "group"), [(16, 1), (8, 3), (16, 8)], ids=["bs16-g1", "bs8-g3", "bs16-g8"]
+)
+def test_prefill_chunk_on_cached_prefix(block_size: int, group: int, dtype) -> None:
+    # chunks crossing a block boundary, ending exactly on one, a fresh prompt shorter than the chunk
+    # (padded query tokens), a chunk starting on a boundary, and a padding row
+    inputs = make_inputs(
+        block_size=block_size,
+        group=group,
+        starts=[block_size - 3, block_size - 5, 0, 2 * block_size, 0],
+        new_tokens=[5, 5, 3, 5, 0],
+        q_len=5,
+        dtype=dtype,
+    )
+    check(inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len", [1, 6], ids=["decode", "prefill"])
+def test_sliding_window_soft_cap_scale(q_len: int, dtype) -> None:
+    inputs = make_inputs(
+        block_size=8,
+        group=3,
+        starts=[37 - q_len, 20 - q_len, 0, 3],
+        new_tokens=[q_len, q_len, 0, q_len],
+        q_len=q_len,
+        dtype=dtype,
+    )
+    check(inputs, scale=0.7, sliding_window=11, soft_cap=4.0)
+    check(inputs, scale=0.05, sliding_window=8)  # window exactly one block
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+def test_kv_splits(num_splits: int) -> None:
+    # 8 splits over at most 6 steps of 16 keys: some splits are empty
+    inputs = make_inputs(
+        block_size=8,
+        group=3,
+        starts=[90, 15, 40, 0],
+        new_tokens=[1, 1, 1, 0],
+        q_len=1,
+        dtype=jnp.float32,
+    )
+    check(inputs, keys_per_step=16, num_splits=num_splits)
+    check(inputs, keys_per_step=16, num_splits=num_splits, sliding_window=30, soft_cap=3.0)
+
+
+def test_kv_splits_prefill_bf16() -> None:
+    inputs = make_inputs(
+        block_size=16, group=1, starts=[70, 3, 0], new_tokens=[4, 4, 0], q_len=4, dtype=jnp.bfloat16
+    )
+    check(inputs, keys_per_step=16, num_splits=4)
+
+
+def test_several_row_blocks_and_page_steps() -> None:
+    # 6 tokens x 8 heads = 48 rows in blocks of 16; 2 pages per loop step; a table wider than needed
+    inputs = make_inputs(
+        block_size=8,
+        group=8,
+        starts=[30, 0, 9],
+        new_tokens=[6, 6, 2],
+        q_len=6,
+        dtype=jnp.float32,
+        table_width=9,
+    )
+    check(inputs, rows_per_block=16, keys_per_step=16)
+    check(inputs, rows_per_block=16, keys_per_step=16, sliding_window=7)
+
+
+def test_head_dim_not_power_of_two() -> None:
+    inputs = make_inputs(
+        block_size=8, group=2, starts=[12, 0], new_tokens=[3, 2], q_len=3, dtype=jnp.float32, head_dim=40
+    )
+    check(inputs)
+
+
+def test_under_jit_with_traced_layer() -> None:
+    inputs = make_inputs(
+        block_size=16, group=3, starts=[20, 5], new_tokens=[1, 1], q_len=1, dtype=jnp.float32
+    )
+    fn = jax.jit(lambda layer, **kw: paged_attention_pallas(layer=layer, **kw, scale=0.3, interpret=True))
+    for layer in range(NUM_LAYERS):
+        inputs["layer"] = jnp.int32(layer)
+        out = fn(**inputs)
+        ref = paged_attention_xla(**inputs, scale=0.3)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_registered() -> None:
+    assert ops.resolve("paged_attention", "pallas") is paged_attention_pallas
+    assert ops.default_name("paged_attention", "cpu") == "xla"
+    assert ops.default_name("paged_attention", "gpu") == "pallas"
