@@ -6,6 +6,27 @@ import os
 from pathlib import Path
 
 
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache (once per process) so a restart skips recompiling.
+
+    `$JAXRS_COMPILATION_CACHE` names the folder (default: `<cache_dir>/xla`); "off" disables it. A cache
+    folder the user already configured for JAX is left alone.
+    """
+    import jax
+
+    setting = os.environ.get("JAXRS_COMPILATION_CACHE", "")
+    if setting.lower() == "off":
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    folder = Path(setting).expanduser() if setting else cache_dir() / "xla"
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # JAX skips compiles under a second by default; our step compiles are often just under.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return folder
+
+
 def cache_dir() -> Path:
     """`$JAXRS_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxrs`, else `~/.cache/jaxrs`."""
     if env := os.environ.get("JAXRS_CACHE_DIR"):

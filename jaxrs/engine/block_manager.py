@@ -108,7 +108,7 @@ class BlockManager:
         return self.blocks_needed(num_tokens) - len(table.blocks) <= len(self._free)
 
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
-        """Extend the table to hold `num_tokens` tokens; False (and nothing allocated) if the pool is short."""
+        """Extend the table to hold `num_tokens` tokens; False (nothing allocated) if the pool is short."""
         missing = self.blocks_needed(num_tokens) - len(table.blocks)
         if missing > len(self._free):
             return False

@@ -24,6 +24,7 @@ from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.ops import Kernels
+from jaxrs.paths import enable_compilation_cache
 from jaxrs.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jaxrs")
@@ -91,6 +92,9 @@ class Engine:
         kernels: Kernels = Kernels(),
         dtype: jnp.dtype = jnp.float32,
     ):
+        cache = enable_compilation_cache()
+        if cache:
+            log.info("persistent compilation cache: %s", cache)
         self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer

@@ -196,7 +196,7 @@ class ModelRunner:
         return out
 
     def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
-        """Log-probabilities of `targets[i]` following tokens[:start + i + 1] (tokens [start, end) run now)."""
+        """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now."""
         n = len(token_ids)
         t, w = self.chunk_len(n), self.width(len(blocks))
         tokens = np.zeros((1, t), np.int32)

@@ -1,0 +1,248 @@
+"""Drives the engine from a background thread for asyncio callers (the server).
+
+The engine loop runs in its own thread (JAX releases the GIL while the device works), so the event
+loop stays free to accept and stream requests. Requests and aborts cross into the engine thread
+through a queue; per-request updates cross back with `call_soon_threadsafe`. A client that goes away
+aborts its request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+
+from jaxrs.engine.engine import Engine, Request
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.sequence import Sequence, TokenLogprob
+from jaxrs.errors import JaxrsError
+
+log = logging.getLogger("jaxrs")
+
+
+class QueueFullError(JaxrsError):
+    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
+
+
+@dataclasses.dataclass
+class SequenceUpdate:
+    """What one sample gained since the last update."""
+
+    index: int
+    text: str  # new text (stop-string prefixes held back until resolved)
+    token_ids: list[int]  # new tokens
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None  # set on the last update of the sample
+
+
+@dataclasses.dataclass
+class RequestUpdate:
+    request_id: str
+    prompt_token_ids: list[int]
+    updates: list[SequenceUpdate]
+    num_cached_tokens: int
+    finished: bool  # every sample of the request is done
+
+
+@dataclasses.dataclass
+class _Stream:
+    """Per-sample emission state kept on the engine thread."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters for /metrics, updated on the engine thread."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    time_to_first_token: list[float] = dataclasses.field(default_factory=list)  # drained by metrics
+    inter_token: list[float] = dataclasses.field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(
+        self, engine: Engine, *, max_waiting: int = 256, on_finish: Callable[[Request], None] | None = None
+    ):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_finish = on_finish
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._requests: dict[str, Request] = {}  # live requests, engine thread only
+        self._streams: dict[tuple[str, int], _Stream] = {}
+        self._last_token_time: dict[tuple[str, int], float] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="jaxrs-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (event loop) -------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._commands.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        cache_key: Hashable = None,
+    ) -> AsyncIterator[RequestUpdate]:
+        """Submit a request and yield its updates until it finishes; leaving early aborts it."""
+        self.engine.validate(prompt_ids, params)
+        if self.num_waiting >= self.max_waiting:
+            raise QueueFullError(f"too many requests waiting ({self.num_waiting}); retry later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        sink: asyncio.Queue = asyncio.Queue()
+        self._sinks[request_id] = (asyncio.get_running_loop(), sink)
+        self._commands.put(("add", request_id, prompt_ids, params, cache_key))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._sinks.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+                self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- engine thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                touched = self.engine.step()
+            except Exception as e:  # a failed step must not leave clients hanging
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self.stats.steps += 1
+            self._publish(touched)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt_ids, params, cache_key = command
+                if request_id not in self._sinks:
+                    continue  # the client left before admission
+                try:
+                    self._requests[request_id] = self.engine.add_request(
+                        prompt_ids, params, request_id, cache_key
+                    )
+                    self.stats.prompt_tokens += len(prompt_ids)
+                except JaxrsError as e:
+                    self._send(request_id, e)
+            else:
+                self._abort(command[1])
+
+    def _abort(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        self.engine.abort(request_id)
+        self._forget(request)
+        self._count_finish(request)
+
+    def _publish(self, touched: list[Sequence]) -> None:
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in touched:
+            by_request.setdefault(seq.request_id, []).append(seq)
+        now = time.monotonic()
+        for request_id, seqs in by_request.items():
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            updates = [self._update(seq, now) for seq in seqs]
+            updates = [u for u in updates if u.text or u.token_ids or u.finish_reason]
+            if not updates and not request.finished:
+                continue
+            update = RequestUpdate(
+                request_id, seqs[0].prompt_ids, updates, seqs[0].num_cached_tokens, request.finished
+            )
+            self._send(request_id, update)
+            if request.finished:
+                self._forget(request)
+                self._count_finish(request)
+
+    def _update(self, seq: Sequence, now: float) -> SequenceUpdate:
+        key = (seq.request_id, seq.index)
+        stream = self._streams.setdefault(key, _Stream())
+        new_tokens = seq.output_ids[stream.tokens_sent :]
+        if new_tokens:
+            last = self._last_token_time.get(key)
+            if last is None:
+                self.stats.time_to_first_token.append(now - seq.arrival_time)
+            else:
+                self.stats.inter_token.append((now - last) / len(new_tokens))
+            self._last_token_time[key] = now
+            self.stats.generation_tokens += len(new_tokens)
+        hold = 0 if seq.finished else max((len(s) for s in seq.params.stop), default=1) - 1
+        safe = max(stream.text_sent, len(seq.text) - hold)
+        text = seq.text[stream.text_sent : safe]
+        logprobs = seq.logprobs[stream.tokens_sent :] if seq.params.logprobs is not None else []
+        stream.text_sent, stream.tokens_sent = safe, len(seq.output_ids)
+        return SequenceUpdate(
+            seq.index, text, new_tokens, logprobs, seq.finish_reason if seq.finished else None
+        )
+
+    def _forget(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+        for seq in request.seqs:
+            self._streams.pop((seq.request_id, seq.index), None)
+            self._last_token_time.pop((seq.request_id, seq.index), None)
+
+    def _count_finish(self, request: Request) -> None:
+        for seq in request.seqs:
+            reason = seq.finish_reason or "abort"
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        if self.on_finish is not None:
+            self.on_finish(request)
+
+    def _send(self, request_id: str, item: object) -> None:
+        target = self._sinks.get(request_id)
+        if target is not None:
+            loop, sink = target
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, request in list(self._requests.items()):
+            self.engine.abort(request_id)
+            self._forget(request)
+            self._send(request_id, JaxrsError(f"the engine failed: {error}"))
