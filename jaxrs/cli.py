@@ -121,10 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         gguf_file=args.gguf_file,
         tokenizer=args.tokenizer,
-        kv_cache_mb=args.kv_cache_mb,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
+        kernels=parse_kernels(args.kernel),
+        **engine_kwargs(args),
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -176,3 +176,14 @@ def test_score_matches_transformers(llm, demo_gguf):
     np.testing.assert_allclose(ours, ref.numpy(), atol=2e-4)
     again = llm.score([prompt], [continuation])[0]  # now through the prefix cache
     np.testing.assert_allclose(again, ours, atol=1e-5)
+
+
+def test_generated_logprobs_equal_score(llm, ids):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    out = run(engine_with(llm), [ids[4]], params)[0].outputs[0]
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    for lp in out.logprobs:
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the top alternative
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+    scored = llm.score([ids[4]], [out.token_ids])[0]
+    np.testing.assert_allclose([lp.logprob for lp in out.logprobs], scored, atol=1e-4)
