@@ -29,13 +29,13 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def bench_jaxrs(model: str | None, n_prompt: int, n_new: int, passes: int, dtype: str) -> dict:
     from jaxrs import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, kv_cache_mb=256)
+    llm = LLM(model, dtype=dtype, kv_cache_mb=256, prefix_caching=False)  # every pass computes the prompt
     ids = prompt_ids(llm.tokenizer, n_prompt)
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
     engine = llm.engine
     prefill, decode = [], []
     for i in range(passes + 1):  # the first pass compiles
-        seq = engine.add_request(ids, params)
+        seq = engine.add_request(ids, params).seqs[0]
         t0 = time.perf_counter()
         engine.step()  # prefill + first token
         t1 = time.perf_counter()
@@ -48,7 +48,7 @@ def bench_jaxrs(model: str | None, n_prompt: int, n_new: int, passes: int, dtype
     return {
         "prefill_tok_s": statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
-        "compiled_shapes": len(engine.runner.compiled_shapes),
+        "compiled_shapes": len(engine.runner.shapes),
         "dtype": str(llm.dtype),
     }
 
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-peer", action="store_true", help="skip the transformers measurement")
+    ap.add_argument("--out", type=Path, default=RESULTS / "single_stream.json", help="JSON results file")
     args = ap.parse_args()
 
     from jaxrs.loading import resolve_source
@@ -115,8 +116,8 @@ def main() -> None:
             f"\nratio jaxrs/transformers: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, "
             f"decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x"
         )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "single_stream.json"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
+    ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json", help="JSON results file")
     args = ap.parse_args()
 
     import jax
@@ -83,15 +84,15 @@ def main() -> None:
     print("| concurrent sequences | aggregate tok/s | host share of wall time |")
     print("|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {100 * r['host_share']:.0f}% |")
+        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {100 * r['host_share']:.1f}% |")
     print(f"\nKV cache: {per_token} bytes/token; compiled step shapes: {shapes}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "throughput.json"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "model": llm.model.source,
-                "args": vars(args),
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "backend": jax.default_backend(),
                 "rows": rows,
                 "kv_bytes_per_token": per_token,
