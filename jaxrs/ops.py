@@ -23,6 +23,7 @@ import jax
 
 from jaxrs.errors import JaxrsError
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
+from pallas_kernels.qmatmul import qmatmul_pallas, qmatmul_xla
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 # Implementation used when nothing is chosen, by platform ("cpu", "gpu", "tpu"); "*" for any.
@@ -84,3 +85,5 @@ class Kernels:
 register("paged_attention", "xla", default_on=("*",))(paged_attention_xla)
 register("paged_attention", "pallas", default_on=("gpu",))(paged_attention_pallas)
 register("write_kv", "xla", default_on=("*",))(write_kv_xla)
+register("qmatmul", "xla", default_on=("*",))(qmatmul_xla)
+register("qmatmul", "pallas", default_on=("gpu",))(qmatmul_pallas)

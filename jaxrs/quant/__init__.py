@@ -1,0 +1,30 @@
+"""Quantized weights that stay packed on the device.
+
+- `formats`: the format names and each one's structure-of-arrays layout; `parse_format`.
+- `QuantizedTensor` (a pytree), `stack`.
+- `from_gguf_bytes` / `to_gguf_bytes`: GGUF blocks <-> our layout (NumPy).
+- `dequantize` (jnp, jittable), `quantize` (NumPy, every format), `should_quantize` (ISQ rule).
+
+Matmuls against packed weights: `pallas_kernels.qmatmul` (op `qmatmul` in `jaxrs.ops`).
+"""
+
+from jaxrs.quant.dequant import dequantize
+from jaxrs.quant.formats import FORMATS, QUANTIZED_FORMATS, FormatSpec, parse_format
+from jaxrs.quant.gguf_codec import from_gguf_bytes, to_gguf_bytes
+from jaxrs.quant.policy import should_quantize
+from jaxrs.quant.quantize import quantize
+from jaxrs.quant.tensor import QuantizedTensor, stack
+
+__all__ = [
+    "FORMATS",
+    "QUANTIZED_FORMATS",
+    "FormatSpec",
+    "QuantizedTensor",
+    "dequantize",
+    "from_gguf_bytes",
+    "parse_format",
+    "quantize",
+    "should_quantize",
+    "stack",
+    "to_gguf_bytes",
+]

@@ -1,0 +1,307 @@
+"""Matmul against packed quantized weights: `x [..., in] @ W.T -> [..., out]`, W `[out, in]` packed.
+
+`qmatmul_xla` dequantizes and lets XLA fuse the dequantization into the dot (the reference and the
+default off GPU). `qmatmul_pallas` never materializes W: each program owns a tile of output rows x
+columns and walks `in`, loading tiles of the packed arrays and dequantizing them in registers right
+before the dot (GPU Triton lowering; interpret mode on CPU).
+
+Planes. A packed byte holds several elements that are far apart in `in` (Q4_0's byte j holds
+elements j and j + 16 of its block; Q2_K's holds four, 32 apart). Rather than shuffle the unpacked
+values back into order inside the kernel, the wrapper permutes the activations once (cheap: x is
+small next to W) into planes: plane p, column c is the element held by bits p of packed column c.
+The kernel then dequantizes plane p of a packed tile with shifts and masks only and accumulates one
+dot per plane. Scales (and Q5/Q3_K/Q6_K high bits) are gathered per element from their arrays at
+`element >> log2(group)`: tiny arrays, cached.
+
+Families: legacy 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), K-quant 256-superblocks (Q2_K..Q6_K, Q8_K)
+and HQQ (HQQ4, HQQ8) differ only in the plane map and the per-tile dequantization below; F32/F16/BF16
+take the same path with one plane.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxrs.quant.dequant import dequantize
+from jaxrs.quant.tensor import QuantizedTensor
+
+_MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
+
+
+def qmatmul_xla(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
+    """`x @ dequantize(qt).T`: W is dequantized in f32, cast to x's dtype, dotted with f32
+    accumulation; XLA fuses the dequantization into the dot. qt: `[out, in]` (no stacked axes)."""
+    _check(x, qt)
+    w = dequantize(qt, x.dtype)
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _check(x: jax.Array, qt: QuantizedTensor) -> None:
+    if qt.lead_shape:
+        raise ValueError(f"qmatmul takes one [out, in] weight; index the stacked axes of {qt!r} first")
+    if x.shape[-1] != qt.out_in[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, {qt!r} expects {qt.out_in[1]}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plane maps: (plane p, packed column c) -> element index along `in`. Written with shifts and masks so
+# the same function runs on NumPy ints (building the activation permutation) and on int32 tiles (inside
+# the kernel).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _nibble_halves(unit: int) -> Callable:
+    half = unit // 2  # bytes per unit; byte l holds elements l (low nibble) and l + half (high)
+    shift = half.bit_length() - 1
+    return lambda c, p: ((c >> shift) * unit) + p * half + (c & (half - 1))
+
+
+def _crumbs(c, p):  # Q2_K/Q3_K: per 128 elements, byte l bits 2p = element 32p + l
+    return ((c >> 5) << 7) + (p << 5) + (c & 31)
+
+
+def _q6k_low(c, p):  # Q6_K ql: per 256, byte 64n + 32k + l low nibble = 128n + 32k + l, high +64
+    return ((c >> 6) << 7) + (p << 6) + (c & 63)
+
+
+def _identity(c, p):
+    return c
+
+
+# planes per packed column, the plane map, and the array holding the per-plane codes
+_PLANES: dict[str, tuple[int, Callable, str]] = {
+    "F32": (1, _identity, "w"),
+    "F16": (1, _identity, "w"),
+    "BF16": (1, _identity, "w"),
+    "Q4_0": (2, _nibble_halves(32), "qs"),
+    "Q4_1": (2, _nibble_halves(32), "qs"),
+    "Q5_0": (2, _nibble_halves(32), "qs"),
+    "Q5_1": (2, _nibble_halves(32), "qs"),
+    "Q8_0": (1, _identity, "qs"),
+    "Q2_K": (4, _crumbs, "qs"),
+    "Q3_K": (4, _crumbs, "qs"),
+    "Q4_K": (2, _nibble_halves(64), "qs"),
+    "Q5_K": (2, _nibble_halves(64), "qs"),
+    "Q6_K": (2, _q6k_low, "ql"),
+    "Q8_K": (1, _identity, "qs"),
+    "HQQ4": (2, _nibble_halves(64), "qs"),
+    "HQQ8": (1, _identity, "qs"),
+}
+
+
+def plane_permutation(fmt: str, in_features: int) -> np.ndarray:
+    """`[planes, in / planes]`: the element index of each (plane, packed column)."""
+    planes, element_of, _ = _PLANES[fmt]
+    cols = np.arange(in_features // planes)
+    perm = np.stack([element_of(cols, p) for p in range(planes)])
+    assert sorted(perm.reshape(-1).tolist()) == list(range(in_features))
+    return perm
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-tile dequantization. `main` is the tile of the code array, `gather(name, index)` loads array
+# `name` at the tile's rows and the given per-column index `[1, C]`; `elem` is the `[1, C]` element
+# index of the plane's columns. Returns the f32 weights `[N, C]` of plane p.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _bits_at(gather, name: str, elem, layout: str):
+    """The high bit(s) of each element: Q5_0/Q5_1 (u32 per block), Q3_K/Q5_K bit planes, Q6_K crumbs."""
+    if layout == "u32":
+        return (gather(name, elem >> 5) >> (elem & 31).astype(jnp.uint32)) & 1
+    if layout == "bitplane":  # per 256: byte 32 * superblock + l, bit (elem >> 5) & 7
+        byte = ((elem >> 8) << 5) + (elem & 31)
+        return (gather(name, byte) >> ((elem >> 5) & 7).astype(jnp.uint8)) & 1
+    byte = ((elem >> 7) << 5) + (elem & 31)  # crumbs, per 128: bits 2 * ((elem >> 5) & 3)
+    return (gather(name, byte) >> (((elem >> 5) & 3) << 1).astype(jnp.uint8)) & 3
+
+
+def _legacy_tile(fmt: str, main, p: int, elem, gather):
+    f32 = jnp.float32
+    d = gather("d", elem >> 5).astype(f32)
+    if fmt == "Q8_0":
+        return main.astype(f32) * d
+    q = (main >> (4 * p)) & 0xF
+    if fmt in ("Q5_0", "Q5_1"):
+        q = q | (_bits_at(gather, "qh", elem, "u32").astype(jnp.uint8) << 4)
+    if fmt == "Q4_0":
+        return (q.astype(f32) - 8) * d
+    if fmt == "Q5_0":
+        return (q.astype(f32) - 16) * d
+    return q.astype(f32) * d + gather("m", elem >> 5).astype(f32)
+
+
+def _kquant_tile(fmt: str, main, p: int, elem, gather):
+    f32 = jnp.float32
+    d = gather("d", elem >> 8).astype(f32)
+    if fmt == "Q8_K":
+        return main.astype(f32) * d
+    if fmt in ("Q2_K", "Q3_K"):
+        q = ((main >> (2 * p)) & 3).astype(f32)
+        sc = gather("sc", elem >> 4)
+        if fmt == "Q2_K":
+            dmin = gather("dmin", elem >> 8).astype(f32)
+            return d * (sc & 0xF).astype(f32) * q - dmin * (sc >> 4).astype(f32)
+        high = _bits_at(gather, "hmask", elem, "bitplane").astype(f32)
+        return d * sc.astype(f32) * (q - 4 * (1 - high))
+    q = (main >> (4 * p)) & 0xF
+    if fmt == "Q6_K":
+        q = q | (_bits_at(gather, "qh", elem, "crumbs") << 4)
+        return d * gather("sc", elem >> 4).astype(f32) * (q.astype(f32) - 32)
+    if fmt == "Q5_K":
+        q = q | (_bits_at(gather, "qh", elem, "bitplane") << 4)
+    dmin = gather("dmin", elem >> 8).astype(f32)
+    sub = elem >> 5
+    return d * gather("sc", sub).astype(f32) * q.astype(f32) - dmin * gather("m", sub).astype(f32)
+
+
+def _hqq_tile(fmt: str, main, p: int, elem, gather):
+    f32 = jnp.float32
+    q = main if fmt == "HQQ8" else (main >> (4 * p)) & 0xF
+    group = elem >> 6
+    return (q.astype(f32) - gather("zero", group).astype(f32)) * gather("scale", group).astype(f32)
+
+
+def _float_tile(fmt: str, main, p: int, elem, gather):
+    return main.astype(jnp.float32)
+
+
+_FAMILY_TILE = {"legacy": _legacy_tile, "k": _kquant_tile, "hqq": _hqq_tile, "float": _float_tile}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------------
+
+
+def _qmatmul_kernel(
+    x_ref,  # [P, Mp, Cp] activation planes, zero-padded
+    *refs,  # the packed arrays of the weight in `names` order (whole, unpadded), then the output
+    fmt: str,
+    family: str,
+    names: tuple[str, ...],
+    main_name: str,
+    out_features: int,
+    columns: int,
+    block_m: int,
+    block_n: int,
+    block_c: int,
+):
+    """One program: output rows [block_m] x columns [block_n]; loops over the packed columns."""
+    *w_refs, o_ref = refs
+    arrays = dict(zip(names, w_refs, strict=True))
+    planes, element_of, _ = _PLANES[fmt]
+    tile = _FAMILY_TILE[family]
+    m0 = pl.program_id(0) * block_m
+    n0 = pl.program_id(1) * block_n
+    rows = n0 + jnp.arange(block_n, dtype=jnp.int32)
+    rows_in = rows < out_features
+    rows_c = jnp.minimum(rows, out_features - 1)[:, None]  # gathers stay in bounds; extra rows dropped
+    main_ref = arrays[main_name]
+    compute = x_ref.dtype
+    precision = lax.Precision.HIGHEST if compute == jnp.float32 else None
+
+    def gather(name, index):
+        ref = arrays[name]
+        return ref[rows_c, jnp.minimum(index, ref.shape[1] - 1)]
+
+    def step(k, acc):
+        c0 = k * block_c
+        cols = c0 + jnp.arange(block_c, dtype=jnp.int32)
+        mask = rows_in[:, None] & (cols < columns)[None, :]
+        main = plgpu.load(main_ref.at[pl.ds(n0, block_n), pl.ds(c0, block_c)], mask=mask, other=0)
+        for p in range(planes):
+            elem = element_of(cols, p)[None, :]
+            w = tile(fmt, main, p, elem, gather).astype(compute)  # [N, C]
+            xp = x_ref[p, pl.ds(m0, block_m), pl.ds(c0, block_c)]  # [M, C]
+            acc += lax.dot_general(
+                xp, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
+        return acc
+
+    steps = x_ref.shape[2] // block_c
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[pl.ds(m0, block_m), pl.ds(n0, block_n)] = acc
+
+
+def _pow2_at_least(n: int, floor: int = _MIN_DOT_DIM) -> int:
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+def qmatmul_pallas(
+    x: jax.Array,
+    qt: QuantizedTensor,
+    *,
+    interpret: bool | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    block_k: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Pallas `x @ W.T` reading W packed, with the semantics of `qmatmul_xla` (f32 accumulation,
+    result in x's dtype). Grid (row blocks of x, blocks of `out`); each program loops over `in` in
+    steps of `block_k` elements (`block_k / planes` packed columns).
+
+    Tuning: `block_m` rows of x per program (shrunk to the padded row count, >= 16), `block_n` output
+    features, `block_k` input features per step (powers of two); `num_warps`, `num_stages` for
+    Triton. `interpret=None` interprets on CPU and compiles (Triton) elsewhere.
+
+    Only activations are padded (rows to `block_m`, planes to whole steps); the packed arrays are
+    read in place, with masked loads at the edges, so `out` and `in` need not divide the tiles.
+    """
+    _check(x, qt)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    fmt, spec = qt.fmt, qt.spec
+    out_features, in_features = qt.out_in
+    planes, _, main_name = _PLANES[fmt]
+    columns = in_features // planes
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    m = x2.shape[0]
+    compute = x.dtype
+
+    block_m = min(_pow2_at_least(block_m), _pow2_at_least(m))
+    block_n = min(_pow2_at_least(block_n), _pow2_at_least(out_features))
+    block_c = min(_pow2_at_least(max(1, block_k // planes)), _pow2_at_least(columns))
+    padded_m = pl.cdiv(m, block_m) * block_m
+    padded_c = pl.cdiv(columns, block_c) * block_c
+    grid_n = pl.cdiv(out_features, block_n)
+
+    perm = plane_permutation(fmt, in_features)
+    x_planes = jnp.transpose(x2[:, perm], (1, 0, 2))  # [P, M, C]
+    x_planes = jnp.pad(x_planes, ((0, 0), (0, padded_m - m), (0, padded_c - columns)))
+
+    names = spec.field_names
+    arrays = [jnp.asarray(qt.arrays[n]) for n in names]
+    arrays = [a.reshape(a.shape[-2], -1) for a in arrays]
+    kernel = functools.partial(
+        _qmatmul_kernel,
+        fmt=fmt,
+        family=spec.family,
+        names=names,
+        main_name=main_name,
+        out_features=out_features,
+        columns=columns,
+        block_m=block_m,
+        block_n=block_n,
+        block_c=block_c,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(padded_m // block_m, grid_n),
+        out_shape=jax.ShapeDtypeStruct((padded_m, grid_n * block_n), jnp.float32),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"qmatmul_{fmt.lower()}_m{block_m}_n{block_n}_c{block_c}",
+    )(x_planes.astype(compute), *arrays)
+    return out[:m, :out_features].astype(compute).reshape(*lead, out_features)

@@ -1,0 +1,101 @@
+"""Quantized matmul: the Pallas kernels (interpret mode) against the XLA reference, which is checked
+against a plain dot with the dequantized weight.
+
+Interpret mode fills a kernel's outputs with NaN before running it, so "no NaN" also checks that
+every output element was written. Shapes are small: interpret mode is slow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrs import ops
+from jaxrs.quant import FORMATS, dequantize, quantize
+from pallas_kernels.qmatmul import plane_permutation, qmatmul_pallas, qmatmul_xla
+
+OUT = 40  # not a multiple of BLOCK_N
+BLOCK_N = 32
+# `in` per family, with the step size (elements) that leaves a partial last step
+IN_AND_STEP = {"float": (544, 256), "legacy": (544, 256), "k": (768, 512), "hqq": (576, 256)}
+
+
+@functools.cache
+def packed(fmt: str):
+    in_features, _ = IN_AND_STEP[FORMATS[fmt].family]
+    rng = np.random.default_rng(sum(map(ord, fmt)))
+    return jax.device_put(quantize(rng.standard_normal((OUT, in_features)).astype(np.float32), fmt))
+
+
+def inputs(fmt: str, rows: int, dtype=jnp.float32) -> jax.Array:
+    rng = np.random.default_rng(rows)
+    return jnp.asarray(rng.standard_normal((rows, packed(fmt).out_in[1])), dtype)
+
+
+def close(ours: jax.Array, ref: jax.Array, tol: float) -> None:
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape and not np.isnan(ours).any()
+    assert np.max(np.abs(ours - ref)) <= tol * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_xla_reference_is_a_dot_with_the_dequantized_weight(fmt):
+    qt, x = packed(fmt), inputs(fmt, 3)
+    close(qmatmul_xla(x, qt), x @ dequantize(qt).T, 1e-5)
+    y = qmatmul_xla(x.astype(jnp.bfloat16), qt)
+    assert y.dtype == jnp.bfloat16 and y.shape == (3, OUT)
+
+
+@pytest.mark.parametrize("rows", [1, 33], ids=["decode", "prefill"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_pallas_equals_xla(fmt, rows):
+    qt, x = packed(fmt), inputs(fmt, rows)
+    _, step = IN_AND_STEP[qt.spec.family]
+    ours = qmatmul_pallas(x, qt, interpret=True, block_n=BLOCK_N, block_k=step)
+    close(ours, qmatmul_xla(x, qt), 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q5_K", "HQQ4"])
+def test_pallas_bf16_batched_decode(fmt):
+    """bf16 activations with leading batch axes: 4 decode rows as [2, 2, in]."""
+    qt = packed(fmt)
+    x = inputs(fmt, 4, jnp.bfloat16).reshape(2, 2, -1)
+    ours = qmatmul_pallas(x, qt, interpret=True, block_n=BLOCK_N)
+    assert ours.shape == (2, 2, OUT) and ours.dtype == jnp.bfloat16
+    close(ours, qmatmul_xla(x, qt), 2e-2)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_plane_permutation_covers_every_element(fmt):
+    in_features, _ = IN_AND_STEP[FORMATS[fmt].family]
+    perm = plane_permutation(fmt, in_features)
+    assert sorted(perm.reshape(-1)) == list(range(in_features))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q3_K", "Q6_K", "HQQ8"])
+def test_pallas_lowers_to_triton(fmt):
+    """The kernel's ops all have Triton lowerings (jaxpr -> Triton IR; compiling needs a GPU)."""
+    qt, x = packed(fmt), inputs(fmt, 3, jnp.bfloat16)
+    fn = jax.jit(functools.partial(qmatmul_pallas, interpret=False))
+    text = fn.trace(x, qt).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()
+
+
+def test_registered_as_an_op():
+    assert {"xla", "pallas"} <= set(ops.implementations("qmatmul"))
+    assert ops.default_name("qmatmul", "cpu") == "xla"
+    assert ops.default_name("qmatmul", "gpu") == "pallas"
+    assert ops.Kernels.from_mapping({"qmatmul": "pallas"}).get("qmatmul") is qmatmul_pallas
+
+
+def test_rejects_stacked_or_mismatched_weights():
+    qt = packed("Q8_0")
+    with pytest.raises(ValueError, match="features"):
+        qmatmul_xla(jnp.ones((1, 32)), qt)
+    stacked = jax.tree.map(lambda a: a[None], qt)
+    with pytest.raises(ValueError, match="stacked"):
+        qmatmul_pallas(jnp.ones((1, qt.out_in[1])), stacked)
