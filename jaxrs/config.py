@@ -46,10 +46,30 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    hidden_act: str = "silu"  # MLP activation: silu, gelu_tanh or gelu (exact)
+    norm_offset: float = 0.0  # RMSNorm scales by `norm_offset + weight` (Gemma: 1, it stores weight - 1)
+    embedding_scale: float | None = None  # token embeddings times this, in the compute dtype (Gemma)
+    sliding_window: int | None = None  # keys a sliding layer sees: positions > query position - window
+    layer_types: tuple[str, ...] = ()  # per layer: "sliding_attention" | "full_attention"; () = all full
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: main
 
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through the sliding window."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def kv_size(self) -> int:
@@ -62,6 +82,50 @@ def _as_tuple(value: Any) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
     return (int(value),)
+
+
+# Activation names (transformers' ACT2FN spelling) -> ours.
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def pattern_layer_types(num_layers: int, period: int) -> tuple[str, ...]:
+    """llama.cpp's `set_swa_pattern(period)`: each run of `period` layers is sliding but its last
+    (Gemma 2: 2, Gemma 3: 6); period 0: every layer sliding."""
+    return tuple(SLIDING if period == 0 or i % period < period - 1 else FULL for i in range(num_layers))
+
+
+def normalize_window(cfg: ModelConfig) -> ModelConfig:
+    """No window, or no sliding layer, or a window no sequence can exceed: plain full attention."""
+    types = cfg.layer_types or (SLIDING,) * cfg.num_layers
+    if len(types) != cfg.num_layers or not set(types) <= {SLIDING, FULL}:
+        raise ValueError(f"layer_types {types!r} do not give one of {SLIDING!r}/{FULL!r} per layer")
+    window = cfg.sliding_window
+    if not window or window >= cfg.max_position_embeddings or SLIDING not in types:
+        return dataclasses.replace(cfg, sliding_window=None, layer_types=())
+    return dataclasses.replace(cfg, sliding_window=int(window), layer_types=tuple(types))
+
+
+def _finish(cfg: ModelConfig, hook: str, raw: dict, path: Path) -> ModelConfig:
+    """Apply the family's config hook (family defaults and quirks), then normalize the window."""
+    from jaxrs.models.registry import family
+
+    fix = getattr(family(cfg.architecture), hook, None)
+    if fix is not None:
+        cfg = fix(cfg, raw)
+    if cfg.hidden_act not in ACTIVATIONS.values():
+        raise ModelLoadError(path, f"unsupported activation {cfg.hidden_act!r}")
+    try:
+        return normalize_window(cfg)
+    except ValueError as e:
+        raise ModelLoadError(path, str(e)) from None
 
 
 def rope_scaling_from_hf(raw: dict | None, path: Path) -> RopeScaling:
@@ -97,16 +161,22 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
             f"unknown architecture {archs or raw.get('model_type')!r} "
             f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})",
         )
-    if raw.get("sliding_window") and raw.get("use_sliding_window", True) and arch == "llama":
-        window = raw["sliding_window"]
-        if window < raw.get("max_position_embeddings", 0):
-            raise ModelLoadError(path, f"sliding-window attention (window {window}) is not supported yet")
     heads = raw["num_attention_heads"]
     hidden = raw["hidden_size"]
     rope_params = raw.get("rope_parameters") or {}
+    local_theta = raw.get("rope_local_base_freq")
+    if "full_attention" in rope_params:  # per layer type (Gemma 3): global layers' and sliding layers'
+        local = rope_params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(path, f"unsupported sliding-layer rope type {local['rope_type']!r}")
+        local_theta = local.get("rope_theta", local_theta)
+        rope_params = rope_params["full_attention"] or {}
     rope_scaling = raw.get("rope_scaling") or (rope_params if rope_params.get("rope_type") else None)
     theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    return ModelConfig(
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise ModelLoadError(path, f"unsupported activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
+    cfg = ModelConfig(
         architecture=arch,
         vocab_size=raw["vocab_size"],
         hidden_size=hidden,
@@ -125,7 +195,15 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_as_tuple(raw.get("eos_token_id")),
         name=raw.get("_name_or_path", "") or path.name,
+        hidden_act=ACTIVATIONS[act],
+        sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+        layer_types=tuple(raw.get("layer_types") or ()),
+        query_pre_attn_scalar=raw.get("query_pre_attn_scalar"),
+        attn_logit_softcap=raw.get("attn_logit_softcapping"),
+        final_logit_softcap=raw.get("final_logit_softcapping"),
+        rope_local_theta=None if local_theta is None else float(local_theta),
     )
+    return _finish(cfg, "finish_hf_config", raw, path)
 
 
 def read_json(path: Path) -> dict:
@@ -168,12 +246,19 @@ def config_from_gguf(
     else:
         raise ModelLoadError(path, f"unsupported rope scaling {scaling_type!r} (supported: none, linear)")
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
+    num_layers = int(get("block_count"))
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # per layer, true = sliding
+        layer_types = tuple(SLIDING if p else FULL for p in pattern)
+    else:
+        layer_types = () if pattern is None else pattern_layer_types(num_layers, int(pattern))
+    local_theta = meta.get(f"{arch}.rope.freq_base_swa")
+    cfg = ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(n_vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(get("attention.key_length", hidden // heads)),
@@ -185,4 +270,10 @@ def config_from_gguf(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_as_tuple(eos),
         name=meta.get("general.name", path.stem),
+        sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        layer_types=layer_types,
+        attn_logit_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
+        final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping"),
+        rope_local_theta=None if local_theta is None else float(local_theta),
     )
+    return _finish(cfg, "finish_gguf_config", meta, path)

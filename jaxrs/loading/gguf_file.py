@@ -77,6 +77,7 @@ def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> 
     fam = family(cfg.architecture)
     patterns = _name_patterns(fam.GGUF_NAMES)
     permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(fam.GGUF_ROPE_PERMUTED)}
+    fix = getattr(fam, "from_gguf_tensor", None)  # e.g. Gemma: norms were stored as weight + 1
     by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None]] = {}
     for tensor in reader.tensors:
         if (hf := _translate(tensor.name, patterns)) is not None:
@@ -99,6 +100,7 @@ def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> 
             )
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         data = data.reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        return unpermute_rope(data, heads) if heads else data
+        data = unpermute_rope(data, heads) if heads else data
+        return fix(name, data) if fix else data
 
     return get

@@ -46,6 +46,15 @@ def dense(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax
     return y if bias is None else y + bias.astype(y.dtype)
 
 
+def activation(x: jax.Array, kind: str) -> jax.Array:
+    """The MLP gate activation: silu, gelu_tanh (GeGLU as Gemma runs it) or gelu (exact)."""
+    if kind == "silu":
+        return jax.nn.silu(x)
+    if kind in ("gelu_tanh", "gelu"):
+        return jax.nn.gelu(x, approximate=kind == "gelu_tanh")
+    raise ValueError(f"unknown activation {kind!r}")
+
+
 def rope_inv_freq(
     head_dim: int, theta: float, scaling: RopeScaling, rotary_dim: int | None = None
 ) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""Gemma (1): the Llama layer with GeGLU (tanh GELU), RMSNorm scaling by (1 + w), token embeddings
+times sqrt(hidden), head_dim independent of hidden / heads, tied embeddings.
+
+Also the pieces Gemma 2 and 3 share: llama.cpp's converter stores every Gemma norm weight with the +1
+folded in (`*norm.weight` + 1, and no q/k permutation), which `from_gguf_tensor` undoes so GGUF files
+and HF folders give one parameter tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrs.config import ModelConfig
+from jaxrs.models import decoder
+
+HF_ARCHITECTURES = ("GemmaForCausalLM",)
+HF_MODEL_TYPES = ("gemma",)
+GGUF_ARCHITECTURES = ("gemma",)
+GGUF_NAMES = decoder.GGUF_NAMES
+GGUF_ROPE_PERMUTED: dict[str, str] = {}
+
+
+def from_gguf_tensor(name: str, data: np.ndarray) -> np.ndarray:
+    """HF-named tensor read from a GGUF file -> the checkpoint's value (norms stored as w + 1)."""
+    return data - np.float32(1.0) if name.endswith("norm.weight") else data
+
+
+def gemma_config(cfg: ModelConfig, raw: dict | None, **changes) -> ModelConfig:
+    """What every Gemma has: (1 + w) norms, embeddings times sqrt(hidden); from a config.json (`raw`),
+    tied embeddings unless it says otherwise (transformers' default for Gemma)."""
+    if raw is not None:
+        changes["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings", True))
+    return dataclasses.replace(cfg, norm_offset=1.0, embedding_scale=cfg.hidden_size**0.5, **changes)
+
+
+def llama_cpp_query_scalar(cfg: ModelConfig, layers_27b: int) -> float:
+    """llama.cpp's Gemma 2/3 query scale: hidden / heads for the 27B model, head_dim otherwise (the GGUF
+    does not carry `query_pre_attn_scalar`)."""
+    return cfg.hidden_size / cfg.num_heads if cfg.num_layers == layers_27b else cfg.head_dim
+
+
+def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
+    # Official configs say hidden_act "gelu" and mean the tanh approximation (transformers rewrites it).
+    return gemma_config(cfg, raw, hidden_act="gelu_tanh" if cfg.hidden_act == "gelu" else cfg.hidden_act)
+
+
+def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
+    return gemma_config(cfg, None, hidden_act="gelu_tanh")
+
+
+def hf_weight_names(cfg: ModelConfig) -> list[str]:
+    return decoder.hf_weight_names(cfg, decoder.layer_weights(cfg))
+
+
+def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
+    return decoder.params_from_hf(get, cfg, dtype, decoder.layer_weights(cfg))
+
+
+forward = decoder.forward
+compute_logits = decoder.compute_logits

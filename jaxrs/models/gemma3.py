@@ -1,0 +1,66 @@
+"""Gemma 3 (text): Gemma 2's layer with q/k RMSNorms and no soft-capping; local (sliding) layers use
+their own unscaled RoPE base (`rope_local_base_freq`, 10000), global layers the main RoPE and its
+scaling; the layer pattern comes from `layer_types` (or `sliding_window_pattern`, default 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrs.config import ModelConfig
+from jaxrs.models import decoder, gemma2
+from jaxrs.models.gemma import from_gguf_tensor  # noqa: F401
+
+HF_ARCHITECTURES = ("Gemma3ForCausalLM",)
+HF_MODEL_TYPES = ("gemma3_text",)
+GGUF_ARCHITECTURES = ("gemma3",)
+GGUF_NAMES = gemma2.GGUF_NAMES | {
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+GGUF_ROPE_PERMUTED: dict[str, str] = {}
+LOCAL_ROPE_THETA = 10000.0
+
+
+def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
+    """transformers' Gemma 3 defaults for keys a config.json leaves out."""
+    cfg = gemma2.finish_hf_config(
+        cfg, raw, pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None
+    )
+    if "rope_theta" not in raw and "rope_theta" not in (raw.get("rope_parameters") or {}).get(
+        "full_attention", {}
+    ):
+        cfg = dataclasses.replace(cfg, rope_theta=1_000_000.0)
+    return dataclasses.replace(cfg, rope_local_theta=cfg.rope_local_theta or LOCAL_ROPE_THETA)
+
+
+def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
+    """llama.cpp's Gemma 3: five sliding layers then a global one, local RoPE base 10000, no caps."""
+    cfg = gemma2.finish_gguf_config(cfg, meta, pattern=6, layers_27b=62)
+    arch = meta["general.architecture"]
+    return dataclasses.replace(
+        cfg,
+        attn_logit_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
+        final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping"),
+        rope_local_theta=cfg.rope_local_theta or LOCAL_ROPE_THETA,
+    )
+
+
+def layer_weights(cfg: ModelConfig) -> dict[str, str]:
+    return decoder.layer_weights(cfg, decoder.SANDWICH_NORMS, decoder.QK_NORMS)
+
+
+def hf_weight_names(cfg: ModelConfig) -> list[str]:
+    return decoder.hf_weight_names(cfg, layer_weights(cfg))
+
+
+def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
+    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
+
+
+forward = decoder.forward
+compute_logits = decoder.compute_logits
