@@ -91,6 +91,8 @@ class LLM:
     """Load a model once, then generate for lists of prompts or chat conversations.
 
     `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, or None for the demo model.
+    `packed=True` keeps a GGUF's quantized tensors packed on the device; `isq="Q4K"` (any
+    `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading.
     Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
     """
 
@@ -102,11 +104,15 @@ class LLM:
         gguf_file: str | None = None,
         tokenizer: str | None = None,
         kernels: Mapping[str, str] | None = None,
+        isq: str | None = None,
+        packed: bool = False,
         warmup: bool = False,
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
-        self.model = load_model(model, gguf_file=gguf_file, dtype=self.dtype, tokenizer=tokenizer)
+        self.model = load_model(
+            model, gguf_file=gguf_file, dtype=self.dtype, tokenizer=tokenizer, packed=packed, isq=isq
+        )
         self.tokenizer = self.model.tokenizer
         config = EngineConfig(**engine_config)
         self.engine = Engine(self.model, config, kernels=Kernels.from_mapping(kernels), dtype=self.dtype)

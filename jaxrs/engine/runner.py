@@ -38,7 +38,7 @@ def _logits_at(params, cfg, kernels, kv, tokens, meta, index):
     fam = family(cfg.architecture)
     hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
     picked = hidden[jnp.arange(hidden.shape[0]), index]
-    return fam.compute_logits(params, cfg, picked), kv
+    return fam.compute_logits(params, cfg, picked, kernels), kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kernels", "flags"), donate_argnames=("kv",))
@@ -70,7 +70,7 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
 def _score(params, kv, tokens, meta, targets, *, cfg, kernels):
     fam = family(cfg.architecture)
     hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
-    logprobs = jax.nn.log_softmax(fam.compute_logits(params, cfg, hidden), axis=-1)
+    logprobs = jax.nn.log_softmax(fam.compute_logits(params, cfg, hidden, kernels), axis=-1)
     return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
 
 

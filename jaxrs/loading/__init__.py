@@ -70,8 +70,14 @@ def load_model(
     gguf_file: str | None = None,
     dtype: str | jnp.dtype = "float32",
     tokenizer: str | None = None,
+    packed: bool = False,
+    isq: str | None = None,
 ) -> LoadedModel:
-    """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source."""
+    """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source.
+
+    `packed`: a GGUF's quantized tensors stay in their format on the device (matmuls read them
+    packed). `isq`: quantize float weights into this format while loading (see `jaxrs.quant`).
+    """
     from jaxrs.tokenizer import Tokenizer
 
     kind, path = resolve_source(model, gguf_file)
@@ -85,7 +91,7 @@ def load_model(
         reader = open_gguf(path)
         meta = read_metadata(reader)
         cfg = gguf_config(reader, meta, path)
-        get = open_gguf_tensors(reader, cfg, path)
+        get = open_gguf_tensors(reader, cfg, path, packed=packed)
         tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
         generation_config: dict[str, Any] = {}
     else:
@@ -96,7 +102,13 @@ def load_model(
         tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)
         gen_path = path / "generation_config.json"
         generation_config = read_json(gen_path) if gen_path.is_file() else {}
-    params = family(cfg.architecture).params_from_hf(_with_progress(get, cfg), cfg, dtype)
+    if isq:
+        from jaxrs.loading.isq import quantizing_getter
+
+        get = quantizing_getter(get, isq)
+    params = family(cfg.architecture).params_from_hf(
+        _with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype
+    )
     log.info(
         "loaded %s (%s, %d layers) from %s in %.1f s",
         cfg.name or path.name,
@@ -108,12 +120,12 @@ def load_model(
     return LoadedModel(cfg, params, tok, generation_config, str(path))
 
 
-def _with_progress(get, cfg: ModelConfig):
+def _with_progress(get, cfg: ModelConfig, desc: str):
     """Wrap a tensor getter with a progress bar over the tensors the family will ask for."""
     from tqdm.auto import tqdm
 
     total = len(family(cfg.architecture).hf_weight_names(cfg))
-    bar = tqdm(total=total, desc="Loading weights", unit="tensor", leave=False, delay=1.0)
+    bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, delay=1.0)
 
     def counted(name: str):
         value = get(name)

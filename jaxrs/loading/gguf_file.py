@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jax
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from jaxrs.config import ModelConfig, config_from_gguf
 from jaxrs.errors import ModelLoadError
 from jaxrs.models.registry import family
+from jaxrs.quant import QuantizedTensor, from_gguf_bytes
 
 # Storage types that load (dequantized by gguf.quants).
 SUPPORTED_TYPES = {
@@ -72,8 +74,14 @@ def unpermute_rope(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> Callable[[str], np.ndarray]:
-    """A getter of HF-named float tensors backed by the GGUF file."""
+FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
+
+
+def open_gguf_tensors(
+    reader: gguf.GGUFReader, cfg: ModelConfig, path: Path, *, packed: bool = False
+) -> Callable[[str], np.ndarray | QuantizedTensor]:
+    """A getter of HF-named tensors backed by the GGUF file: f32 arrays, or with `packed`, quantized
+    tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s."""
     fam = family(cfg.architecture)
     patterns = _name_patterns(fam.GGUF_NAMES)
     permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(fam.GGUF_ROPE_PERMUTED)}
@@ -98,9 +106,13 @@ def open_gguf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> 
                 f"tensor {tensor.name!r} has storage type {tensor.tensor_type.name}, which jaxrs cannot "
                 f"load (supported: {', '.join(t.name for t in sorted(SUPPORTED_TYPES))})",
             )
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        if packed and tensor.tensor_type not in FLOAT_TYPES:
+            qt = from_gguf_bytes(np.asarray(tensor.data), tensor.tensor_type, shape)
+            # Rows are independent in every format, so the q/k row permutation applies to each array.
+            return jax.tree.map(lambda a: unpermute_rope(a, heads), qt) if heads else qt
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        data = data.reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        data = unpermute_rope(data, heads) if heads else data
+        data = unpermute_rope(data.reshape(shape), heads) if heads else data.reshape(shape)
         return fix(name, data) if fix else data
 
     return get

@@ -29,11 +29,14 @@ from jaxrs.models.layers import (
     activation,
     apply_rope,
     dense,
+    embed,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
 from jaxrs.ops import Kernels
+from jaxrs.quant import QuantizedTensor
+from jaxrs.quant import stack as stack_quantized
 
 # Stacked layer parameter -> HF checkpoint name under `model.layers.{i}.` (the Llama layer).
 LAYER_WEIGHTS = {
@@ -96,15 +99,28 @@ def hf_weight_names(cfg: ModelConfig, per_layer: dict[str, str]) -> list[str]:
 
 
 def params_from_hf(
-    get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype, per_layer: dict[str, str]
+    get: Callable[[str], np.ndarray | QuantizedTensor],
+    cfg: ModelConfig,
+    dtype: jnp.dtype,
+    per_layer: dict[str, str],
 ) -> dict:
-    """Build the parameter pytree from a getter of HF-named tensors (numpy), stacking layers."""
+    """Build the parameter pytree from a getter of HF-named tensors, stacking layers.
 
-    def put(x: np.ndarray) -> jax.Array:
-        return jnp.asarray(x, dtype=dtype)
+    The getter returns NumPy arrays (cast to `dtype`) or packed `QuantizedTensor`s (kept packed).
+    """
+
+    def put(x: np.ndarray | QuantizedTensor) -> jax.Array | QuantizedTensor:
+        return jax.device_put(x) if isinstance(x, QuantizedTensor) else jnp.asarray(x, dtype=dtype)
+
+    def stacked(tensors: list) -> np.ndarray | QuantizedTensor:
+        if any(isinstance(t, QuantizedTensor) for t in tensors):
+            if not all(isinstance(t, QuantizedTensor) for t in tensors):
+                raise ValueError("a stacked parameter mixes packed and float layers")
+            return stack_quantized(tensors)
+        return np.stack(tensors)
 
     layers = {
-        key: put(np.stack([get(f"model.layers.{i}.{suffix}") for i in range(cfg.num_layers)]))
+        key: put(stacked([get(f"model.layers.{i}.{suffix}") for i in range(cfg.num_layers)]))
         for key, suffix in per_layer.items()
     }
     params = {
@@ -167,19 +183,25 @@ def _layer(
         return rms_norm(x, lp[key], eps, offset=offset) if key in lp else x
 
     x = norm(h, "input_norm")
-    q = dense(x, lp["q_proj"], lp.get("q_proj_bias")).reshape(batch, q_len, cfg.num_heads, cfg.head_dim)
-    k = dense(x, lp["k_proj"], lp.get("k_proj_bias")).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
-    v = dense(x, lp["v_proj"], lp.get("v_proj_bias")).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
+    q = dense(x, lp["q_proj"], lp.get("q_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_heads, cfg.head_dim
+    )
+    k = dense(x, lp["k_proj"], lp.get("k_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_kv_heads, cfg.head_dim
+    )
+    v = dense(x, lp["v_proj"], lp.get("v_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_kv_heads, cfg.head_dim
+    )
     q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
     attn = _attention(cfg, kernels, meta, q, kv, layer, sliding)
-    attn = dense(attn.reshape(batch, q_len, cfg.q_size), lp["o_proj"], lp.get("o_proj_bias"))
+    attn = dense(attn.reshape(batch, q_len, cfg.q_size), lp["o_proj"], lp.get("o_proj_bias"), kernels)
     h = h + norm(attn, "attn_out_norm")
     x = norm(h, "post_attn_norm")
-    gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"))
-    up = dense(x, lp["up_proj"], lp.get("up_proj_bias"))
-    mlp = dense(activation(gate, cfg.hidden_act) * up, lp["down_proj"], lp.get("down_proj_bias"))
+    gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"), kernels)
+    up = dense(x, lp["up_proj"], lp.get("up_proj_bias"), kernels)
+    mlp = dense(activation(gate, cfg.hidden_act) * up, lp["down_proj"], lp.get("down_proj_bias"), kernels)
     return h + norm(mlp, "ffn_out_norm"), kv
 
 
@@ -192,7 +214,7 @@ def forward(
     kv: KVCache,
 ) -> tuple[jax.Array, KVCache]:
     """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written."""
-    h = params["embed"][tokens]
+    h = embed(params["embed"], tokens, params["final_norm"].dtype)
     if cfg.embedding_scale is not None:
         h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
     rope = rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
@@ -221,12 +243,17 @@ def forward(
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps, offset=cfg.norm_offset), kv
 
 
-def compute_logits(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+def compute_logits(
+    params: dict, cfg: ModelConfig, hidden: jax.Array, kernels: Kernels = Kernels()
+) -> jax.Array:
     """Logits in f32 (tied embeddings reuse the embedding matrix), soft-capped if the model says so."""
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum(
-        "...h,vh->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
-    )
+    if isinstance(head, QuantizedTensor):
+        logits = kernels.get("qmatmul")(hidden, head).astype(jnp.float32)
+    else:
+        logits = jnp.einsum(
+            "...h,vh->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
     if cfg.final_logit_softcap is not None:
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits

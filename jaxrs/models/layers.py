@@ -10,6 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig, RopeScaling
+from jaxrs.ops import Kernels
+from jaxrs.quant import QuantizedTensor, dequantize
+
+Weight = jax.Array | QuantizedTensor
 
 
 class KVCache(NamedTuple):
@@ -40,10 +44,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0
     return (xf * (offset + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def dense(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """`x @ weight.T (+ bias)` with weight in the checkpoint layout `[out, in]`."""
-    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+def dense(
+    x: jax.Array, weight: Weight, bias: jax.Array | None = None, kernels: Kernels = Kernels()
+) -> jax.Array:
+    """`x @ weight.T (+ bias)` with weight in the checkpoint layout `[out, in]`; packed weights go
+    through the `qmatmul` op, which reads them without unpacking them in memory first."""
+    if isinstance(weight, QuantizedTensor):
+        y = kernels.get("qmatmul")(x, weight)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def embed(table: Weight, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows of the embedding table; a packed table gathers and dequantizes only the rows it needs."""
+    if isinstance(table, QuantizedTensor):
+        rows = QuantizedTensor(
+            table.fmt,
+            (tokens.size, table.out_in[1]),
+            {name: a[tokens.reshape(-1)] for name, a in table.arrays.items()},
+        )
+        return dequantize(rows, dtype).reshape(*tokens.shape, table.out_in[1])
+    return table[tokens].astype(dtype)
 
 
 def activation(x: jax.Array, kind: str) -> jax.Array:
