@@ -61,7 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="complete the prompt as is, without the chat template"
     )
     sub.add_parser("fetch-demo", help="download the demo model (SmolLM2-135M-Instruct) into the local cache")
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _model_args(serve)
+    _serve_args(serve)
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXRS_API_KEY)")
+    p.add_argument("--served-model-name", help="the model name clients use (default: the file or repo name)")
+    p.add_argument("--log", metavar="FILE", help="append one JSON line per request to FILE")
+    p.add_argument("--log-full-text", action="store_true", help="include prompts and responses in --log")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (413 above)")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the model's")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every step shape before serving")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(fetch_demo_model())
             return 0
+        if args.command == "serve":
+            return _serve(args)
         return _run(args)
     except JaxrsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -145,6 +163,54 @@ def _run(args: argparse.Namespace) -> int:
         print()
         return 0
     return _chat(llm, params, system)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Load (progress shown), warm up every step shape, then serve until interrupted."""
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from jaxrs.llm import LLM
+    from server.app import create_app
+
+    log = logging.getLogger("jaxrs")
+    template = None
+    if args.chat_template:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise JaxrsError(f"{path}: chat template file not found")
+        template = path.read_text(encoding="utf-8")
+    log.info("loading %s", args.model or "the demo model")
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer,
+        kernels=parse_kernels(args.kernel),
+        **engine_kwargs(args),
+    )
+    if not args.no_warmup:
+        log.info("warming up: compiling every step shape (--no-warmup skips this)")
+        llm.warmup()
+    # A Hub repo id is what clients will call the model; a local file goes by its stem.
+    served = args.served_model_name or (
+        args.model if args.model and not Path(args.model).expanduser().exists() else None
+    )
+    app = create_app(
+        llm,
+        served_model_name=served,
+        api_key=args.api_key or os.environ.get("JAXRS_API_KEY") or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_waiting=args.max_waiting,
+        request_log=args.log,
+        log_full_text=args.log_full_text,
+        chat_template=template,
+    )
+    log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    return 0
 
 
 def _chat(llm, params, history: list[dict]) -> int:

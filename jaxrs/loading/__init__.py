@@ -84,12 +84,17 @@ def load_model(
     start = time.perf_counter()
     dtype = jnp.dtype(dtype)
     if kind == "gguf":
+        from jaxrs.loading.ggml_file import is_ggml, read_ggml
         from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
         from jaxrs.loading.gguf_reader import open_gguf, read_metadata
         from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
 
-        reader = open_gguf(path)
-        meta = read_metadata(reader)
+        if path.is_file() and is_ggml(path):  # legacy GGML: read into GGUF's shape
+            reader = read_ggml(path)
+            meta = reader.metadata
+        else:
+            reader = open_gguf(path)
+            meta = read_metadata(reader)
         cfg = gguf_config(reader, meta, path)
         get = open_gguf_tensors(reader, cfg, path, packed=packed)
         tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)

@@ -1,0 +1,89 @@
+"""The app factory: routes, errors, auth, metrics, and the engine driver's lifetime.
+
+The AsyncEngine (the thread that steps the engine) starts in the app's lifespan and stops with it, so an
+app that has not started answers /health with 503 and never touches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from litestar import Litestar, Router
+from litestar.di import Provide
+
+from jaxrs.engine.async_engine import AsyncEngine
+from jaxrs.llm import LLM
+from server.auth import api_key_guard
+from server.context import ServerContext
+from server.errors import EXCEPTION_HANDLERS
+from server.request_log import RequestLog
+from server.routes_chat import chat_completions
+from server.routes_completions import completions
+from server.routes_health import health, metrics
+from server.routes_models import get_model, list_models
+
+log = logging.getLogger("jaxrs.server")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+def create_app(
+    llm: LLM,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_waiting: int = 256,
+    request_log: str | Path | None = None,
+    log_full_text: bool = False,
+    chat_template: str | None = None,
+) -> Litestar:
+    """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
+    `api_key` guards /v1; `request_log` appends one JSON line per generation request.
+
+    Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
+    """
+    ctx = ServerContext.build(
+        llm,
+        served_model_name=served_model_name,
+        max_waiting=max_waiting,
+        request_log=RequestLog(request_log, full_text=log_full_text) if request_log else None,
+        chat_template=chat_template,
+    )
+
+    @contextlib.asynccontextmanager
+    async def engine_lifespan(_: Litestar) -> AsyncIterator[None]:
+        driver = AsyncEngine(llm.engine, max_waiting=max_waiting)
+        ctx.metrics.attach(llm.engine, driver)
+        ctx.driver = driver
+        log.info("serving %s (aliases: %s)", ctx.served_name, ", ".join(ctx.names[1:]) or "none")
+        try:
+            yield
+        finally:
+            ctx.driver = None
+            await asyncio.to_thread(driver.shutdown)
+            for request_id in list(llm.engine.requests):  # requests cut off by the shutdown
+                llm.engine.abort(request_id)
+
+    v1 = Router(
+        "/v1",
+        route_handlers=[chat_completions, completions, list_models, get_model],
+        guards=[api_key_guard(api_key)] if api_key else None,
+    )
+    app = Litestar(
+        route_handlers=[v1, health, metrics],
+        dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[engine_lifespan],
+        request_max_body_size=max_body_bytes,
+        openapi_config=None,
+        logging_config=None,  # leave the process's logging (the CLI's format) as it is
+    )
+    app.state.ctx = ctx
+    # Litestar middleware only sees matched routes; wrapping the app's ASGI handler counts 404s too.
+    app.asgi_handler = ctx.metrics.instrument(app.asgi_handler)
+    return app

@@ -1,0 +1,154 @@
+"""Submitting prompts to the AsyncEngine and gathering what comes back, for both endpoints.
+
+Each prompt is its own engine request (with its n samples); a request for several prompts merges their
+updates as they arrive. Leaving the merged iterator early, or being cancelled, aborts every engine
+request still running, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncGenerator
+
+from litestar import Request
+
+from jaxrs.engine.async_engine import AsyncEngine, QueueFullError, RequestUpdate, SequenceUpdate
+from jaxrs.engine.engine import Engine
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.sequence import TokenLogprob
+from jaxrs.errors import JaxrsError
+from server.errors import APIError
+from server.sampling import param_of
+
+
+def check_prompt(
+    engine: Engine, prompt_ids: list[int], params: SamplingParams, *, param: str = "max_tokens"
+) -> None:
+    """Reject, before anything is queued, a prompt the engine cannot serve with this many new tokens."""
+    limit = engine.max_model_len
+    total = len(prompt_ids) + params.max_tokens
+    if total > limit:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens, but {total} were requested "
+            f"({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion); "
+            f"shorten the prompt or lower {param}",
+            param=param,
+            code="context_length_exceeded",
+        )
+    try:
+        engine.validate(prompt_ids, params)
+    except JaxrsError as e:
+        raise APIError(400, str(e), param=param_of(e)) from None
+
+
+def check_capacity(driver: AsyncEngine, num_requests: int) -> None:
+    if driver.num_waiting + num_requests > driver.max_waiting:
+        raise APIError(429, f"too many requests waiting ({driver.num_waiting}); retry later")
+
+
+async def generate_all(
+    driver: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str
+) -> AsyncGenerator[tuple[int, RequestUpdate], None]:
+    """Yield (prompt index, update) for every prompt's engine request until all have finished."""
+    queue: asyncio.Queue[tuple[int, RequestUpdate | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, ids: list[int]) -> None:
+        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        try:
+            async for update in driver.generate(ids, params, request_id=rid):
+                queue.put_nowait((i, update))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        else:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, QueueFullError):
+                raise APIError(429, str(item)) from None
+            elif isinstance(item, JaxrsError):  # validated already, so the engine itself failed
+                raise APIError(500, str(item)) from None
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:  # cancelling a pump aborts its engine request
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(
+    request: Request, updates: AsyncGenerator[tuple[int, RequestUpdate], None], choices: Choices
+) -> None:
+    """Gather a whole (non-streamed) response. A client that hangs up meanwhile aborts it, as leaving
+    a stream does, rather than leaving the engine to finish work nobody will read (HTTP 499)."""
+
+    async def gather() -> None:
+        async with contextlib.aclosing(updates):
+            async for prompt_index, update in updates:
+                choices.apply(prompt_index, update)
+
+    async def hangup() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, gone = asyncio.create_task(gather()), asyncio.create_task(hangup())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):  # cancelling `work` aborts the engine requests still running
+            task.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+    if not work.cancelled():
+        work.result()  # its exception, if it failed
+    else:
+        raise APIError(499, "the client closed the connection before the response was ready")
+
+
+@dataclasses.dataclass
+class ChoiceState:
+    """What one choice (a prompt's sample) has produced so far."""
+
+    prompt_index: int
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Choices:
+    """The choices of a request, indexed prompt * n + sample as OpenAI numbers them."""
+
+    def __init__(self, num_prompts: int, n: int):
+        self.n = n
+        self.states = [ChoiceState(i // n) for i in range(num_prompts * n)]
+
+    def apply(self, prompt_index: int, update: RequestUpdate) -> list[tuple[int, SequenceUpdate]]:
+        """Record an update; returns (choice index, what it gained) for each choice it touched."""
+        touched = []
+        for u in update.updates:
+            index = prompt_index * self.n + u.index
+            state = self.states[index]
+            state.text.append(u.text)
+            state.token_ids += u.token_ids
+            state.logprobs += u.logprobs
+            state.finish_reason = u.finish_reason or state.finish_reason
+            touched.append((index, u))
+        return touched
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.states)
+
+    def finish_reasons(self) -> list[str]:
+        """Per choice; "abort" for one that never finished (the client left)."""
+        return [s.finish_reason or "abort" for s in self.states]

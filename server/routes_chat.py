@@ -1,0 +1,182 @@
+"""POST /v1/chat/completions: messages through the chat template, streamed or whole."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+
+from litestar import Request, Response, post
+from msgspec import UNSET
+
+from jaxrs.engine.async_engine import RequestUpdate
+from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
+from jaxrs.errors import JaxrsError
+from server.body import read_json
+from server.context import ServerContext, new_id
+from server.errors import APIError
+from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.logprobs import chat_logprobs
+from server.request_log import RequestRecord
+from server.sampling import sampling_params
+from server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Delta,
+    Usage,
+)
+from server.streaming import DONE, event_stream, sse
+
+ROUTE = "/v1/chat/completions"
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_IMAGE_PARTS = {"image_url", "input_image", "image"}
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them; content parts joined, images refused (for now)."""
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            raise APIError(
+                400,
+                f"messages[{i}].role {m.role!r} is not supported (system, user, assistant)",
+                param=f"messages[{i}].role",
+            )
+        if m.content is None or isinstance(m.content, str):
+            text = m.content or ""
+        else:
+            texts = []
+            for j, part in enumerate(m.content):
+                if part.type in _IMAGE_PARTS:
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content[{j}] is an image; this server accepts text only for now",
+                        param=f"messages[{i}].content[{j}]",
+                        code="unsupported_content",
+                    )
+                if part.type != "text":
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts are accepted",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
+                texts.append(part.text or "")
+            text = "\n".join(texts)
+        out.append({"role": role, "content": text})
+    return out
+
+
+def prompt_ids(ctx: ServerContext, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the rendered conversation (the template writes its own BOS)."""
+    tokenizer = ctx.chat_tokenizer
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except JaxrsError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_params(ctx: ServerContext, req: ChatCompletionRequest, ids: list[int]) -> SamplingParams:
+    """max_completion_tokens wins over max_tokens; neither means "up to the context length"."""
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, ctx.llm.engine.max_model_len - len(ids))
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
+    check_prompt(ctx.llm.engine, ids, params, param=param)
+    return params
+
+
+@post(ROUTE.removeprefix("/v1"), status_code=200)
+async def chat_completions(request: Request, ctx: ServerContext) -> Response:
+    record = RequestRecord(new_id("chatcmpl"), ROUTE)
+    choices: Choices | None = None
+    try:
+        req = await read_json(request, ChatCompletionRequest)
+        record.model, record.stream = ctx.check_model(req.model), req.stream
+        messages = conversation(req.messages)
+        record.prompt = messages
+        ids = prompt_ids(ctx, messages)
+        record.prompt_tokens = len(ids)
+        params = chat_params(ctx, req, ids)
+        driver = ctx.ready_driver()
+        check_capacity(driver, 1)
+        updates = generate_all(driver, [ids], params, record.id)
+        if req.stream:
+            return event_stream(_stream(ctx, req, record, updates))
+        choices = Choices(1, req.n)
+        await collect(request, updates, choices)
+        ctx.log_request(record, choices)
+        return Response(_completion(ctx, req, record, choices))
+    except Exception as e:
+        ctx.log_failure(record, e, choices)
+        raise
+
+
+def _completion(
+    ctx: ServerContext, req: ChatCompletionRequest, record: RequestRecord, choices: Choices
+) -> ChatCompletion:
+    tokenizer = ctx.llm.tokenizer
+    out = [
+        ChatChoice(
+            i,
+            AssistantMessage("".join(s.text)),
+            s.finish_reason,
+            chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
+        )
+        for i, s in enumerate(choices.states)
+    ]
+    tokens = choices.completion_tokens
+    usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
+    return ChatCompletion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage)
+
+
+async def _stream(
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    record: RequestRecord,
+    updates: AsyncGenerator[tuple[int, RequestUpdate], None],
+) -> AsyncGenerator[bytes, None]:
+    """Role chunks, content chunks, a finish chunk per choice, the usage chunk if asked, [DONE]."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    created, model = int(record.timestamp), record.model or ctx.served_name
+    tokenizer = ctx.llm.tokenizer
+    choices = Choices(1, req.n)
+
+    def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        return sse(
+            ChatCompletionChunk(record.id, created, model, parts, usage=usage if include_usage else UNSET)
+        )
+
+    try:
+        async with contextlib.aclosing(updates):
+            yield chunk([ChatChunkChoice(i, Delta(role="assistant", content="")) for i in range(req.n)])
+            async for prompt_index, update in updates:
+                for index, u in choices.apply(prompt_index, update):
+                    logprobs = chat_logprobs(tokenizer, u.logprobs) if req.logprobs and u.logprobs else None
+                    if u.text or logprobs:
+                        yield chunk([ChatChunkChoice(index, Delta(content=u.text), logprobs=logprobs)])
+                    if u.finish_reason:
+                        yield chunk([ChatChunkChoice(index, Delta(), finish_reason=u.finish_reason)])
+        if include_usage:
+            total = record.prompt_tokens + choices.completion_tokens
+            yield chunk([], Usage(record.prompt_tokens, choices.completion_tokens, total))
+        yield DONE
+    except Exception as e:
+        record.status, record.error = getattr(e, "status", 500), str(e)
+        raise
+    finally:
+        ctx.log_request(record, choices)

@@ -1,0 +1,141 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or many), streamed or whole."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+
+from litestar import Request, Response, post
+from msgspec import UNSET
+
+from jaxrs.engine.async_engine import RequestUpdate
+from jaxrs.engine.sampling import SamplingParams
+from server.body import read_json
+from server.context import ServerContext, new_id
+from server.errors import APIError
+from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.logprobs import completion_logprobs
+from server.request_log import RequestRecord
+from server.sampling import sampling_params
+from server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
+from server.streaming import DONE, event_stream, sse
+
+ROUTE = "/v1/completions"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+def prompts(ctx: ServerContext, prompt: str | list) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt: a string, a list of strings, a token-id list or a list of those."""
+    tokenizer = ctx.llm.tokenizer
+    if isinstance(prompt, str):
+        return [(prompt, tokenizer.encode(prompt))]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [(p, tokenizer.encode(p)) for p in prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [(tokenizer.decode(prompt), list(prompt))]
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return [(tokenizer.decode(p), p) for p in prompt]
+    raise APIError(
+        400,
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        param="prompt",
+    )
+
+
+def completion_params(ctx: ServerContext, req: CompletionRequest, ids: list[list[int]]) -> SamplingParams:
+    if req.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported; use n", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+    for prompt_ids in ids:
+        check_prompt(ctx.llm.engine, prompt_ids, params)
+    return params
+
+
+@post(ROUTE.removeprefix("/v1"), status_code=200)
+async def completions(request: Request, ctx: ServerContext) -> Response:
+    record = RequestRecord(new_id("cmpl"), ROUTE)
+    choices: Choices | None = None
+    try:
+        req = await read_json(request, CompletionRequest)
+        record.model, record.stream = ctx.check_model(req.model), req.stream
+        record.prompt = req.prompt
+        texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
+        record.prompt_tokens = sum(len(p) for p in ids)
+        params = completion_params(ctx, req, list(ids))
+        driver = ctx.ready_driver()
+        check_capacity(driver, len(ids))
+        updates = generate_all(driver, list(ids), params, record.id)
+        echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
+        if req.stream:
+            return event_stream(_stream(ctx, req, record, updates, echoes))
+        choices = Choices(len(ids), req.n)
+        await collect(request, updates, choices)
+        ctx.log_request(record, choices)
+        return Response(_completion(ctx, req, record, choices, echoes))
+    except Exception as e:
+        ctx.log_failure(record, e, choices)
+        raise
+
+
+def _completion(
+    ctx: ServerContext, req: CompletionRequest, record: RequestRecord, choices: Choices, echoes: list[str]
+) -> Completion:
+    out = []
+    for i, s in enumerate(choices.states):
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, _ = completion_logprobs(
+                ctx.llm.tokenizer, s.logprobs, top=req.logprobs, offset=len(echoes[i])
+            )
+        out.append(CompletionChoice(i, echoes[i] + "".join(s.text), s.finish_reason, logprobs))
+    tokens = choices.completion_tokens
+    usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
+    return Completion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage=usage)
+
+
+async def _stream(
+    ctx: ServerContext,
+    req: CompletionRequest,
+    record: RequestRecord,
+    updates: AsyncGenerator[tuple[int, RequestUpdate], None],
+    echoes: list[str],
+) -> AsyncGenerator[bytes, None]:
+    """Echoed prompts first, then text chunks, a finish chunk per choice, usage if asked, [DONE]."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    created, model = int(record.timestamp), record.model or ctx.served_name
+    choices = Choices(len(echoes) // req.n, req.n)
+    offsets = [len(e) for e in echoes]
+
+    def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return sse(Completion(record.id, created, model, parts, usage=usage if include_usage else UNSET))
+
+    try:
+        async with contextlib.aclosing(updates):
+            for i, echo in enumerate(echoes):
+                if echo:
+                    yield chunk([CompletionChoice(i, echo, None)])
+            async for prompt_index, update in updates:
+                for index, u in choices.apply(prompt_index, update):
+                    logprobs = None
+                    if req.logprobs is not None and u.logprobs:
+                        logprobs, offsets[index] = completion_logprobs(
+                            ctx.llm.tokenizer, u.logprobs, top=req.logprobs, offset=offsets[index]
+                        )
+                    if u.text or logprobs:
+                        yield chunk([CompletionChoice(index, u.text, None, logprobs)])
+                    if u.finish_reason:
+                        yield chunk([CompletionChoice(index, "", u.finish_reason)])
+        if include_usage:
+            tokens = choices.completion_tokens
+            yield chunk([], Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens))
+        yield DONE
+    except Exception as e:
+        record.status, record.error = getattr(e, "status", 500), str(e)
+        raise
+    finally:
+        ctx.log_request(record, choices)

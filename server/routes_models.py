@@ -1,0 +1,22 @@
+"""GET /v1/models and /v1/models/{name}: the served model under its name and aliases."""
+
+from __future__ import annotations
+
+from litestar import get
+
+from server.context import ServerContext
+from server.errors import APIError
+from server.schemas import ModelCard, ModelList
+
+
+@get("/models")
+async def list_models(ctx: ServerContext) -> ModelList:
+    return ModelList([ModelCard(name, ctx.created) for name in ctx.names])
+
+
+@get("/models/{name:path}")
+async def get_model(name: str, ctx: ServerContext) -> ModelCard:
+    name = name.lstrip("/")
+    if name not in ctx.names:
+        raise APIError(404, f"model {name!r} is not served here", param="model", code="model_not_found")
+    return ModelCard(name, ctx.created)

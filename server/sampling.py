@@ -1,0 +1,64 @@
+"""Request fields -> `SamplingParams`, with each bad value reported as a 400 naming its field.
+
+Fields the client leaves out stay None, so the model's generation_config.json decides them, as it does
+for `LLM.generate`.
+"""
+
+from __future__ import annotations
+
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.errors import JaxrsError
+from server.errors import APIError
+from server.schemas import SamplingFields
+
+# The field a SamplingParams message starts with -> the request field to name in the error.
+_PARAMS = {
+    "max_tokens": "max_tokens",
+    "n": "n",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "logit_bias": "logit_bias",
+    "logprobs": "logprobs",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+}
+
+MAX_N = 16  # samples per request: each is a full sequence in the batch
+
+
+def param_of(error: JaxrsError) -> str | None:
+    """The request field an engine validation message is about (its first word), if it names one."""
+    words = str(error).split()
+    return _PARAMS.get(words[0]) if words else None
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """Build the engine's parameters; `max_tokens` and `logprobs` are already resolved per endpoint."""
+    if not 1 <= req.n <= MAX_N:
+        raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens,
+            n=req.n,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.logit_bias,  # type: ignore[arg-type]  # string keys are converted
+            logprobs=logprobs,
+        )
+    except JaxrsError as e:
+        raise APIError(400, str(e), param=param_of(e)) from None
