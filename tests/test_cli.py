@@ -13,20 +13,43 @@ pytestmark = pytest.mark.slow
 
 def jaxrs(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "jaxrs.cli", "--log-level", "WARNING", *args], input=stdin,
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxrs.cli", "--log-level", "WARNING", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_run_prompt_prints_the_answer(demo_gguf):
-    done = jaxrs("run", "--model", str(demo_gguf), "--prompt", "What is the capital of France?",
-                 "--temperature", "0", "--max-tokens", "20")
+    done = jaxrs(
+        "run",
+        "--model",
+        str(demo_gguf),
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+    )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
 
 
 def test_interactive_chat_keeps_history(demo_gguf):
-    done = jaxrs("run", "--model", str(demo_gguf), "--temperature", "0", "--max-tokens", "12",
-                 stdin="What is the capital of France?\nAnd of Italy?\n\n")
+    done = jaxrs(
+        "run",
+        "--model",
+        str(demo_gguf),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        stdin="What is the capital of France?\nAnd of Italy?\n\n",
+    )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "Rome" in done.stdout
 

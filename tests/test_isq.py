@@ -13,8 +13,15 @@ from jaxrs.quant import QuantizedTensor, dequantize
 from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer
 from tests.paged import PagedRun
 
-TINY = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+TINY = LlamaConfig(
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +38,11 @@ def logits(loaded, ids):
 
 def dequantized(params):
     """The same tree with every packed weight replaced by its float value."""
-    return jax.tree.map(lambda x: dequantize(x) if isinstance(x, QuantizedTensor) else x, params,
-                        is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    return jax.tree.map(
+        lambda x: dequantize(x) if isinstance(x, QuantizedTensor) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, QuantizedTensor),
+    )
 
 
 @pytest.fixture(scope="module")
