@@ -56,13 +56,9 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-# Greedy, plain temperature, and filtered (top-k/top-p/min-p) sampling compile to different steps.
-# Penalties, logit bias and top logprobs compile on first use (logged).
-WARMUP_PROFILES = (
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=1.0),
-    SamplingParams(temperature=1.0, top_p=0.9),
-)
+# Greedy and sampled decode compile to different steps (prefill has one variant). Penalties, logit
+# bias and top logprobs compile on first use (logged).
+WARMUP_PROFILES = (SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.9))
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:

@@ -131,9 +131,15 @@ class AsyncEngine:
                 self._wake.set()
 
     def shutdown(self) -> None:
+        """Stop the engine thread; requests still in flight are aborted and their callers told."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        for request_id, request in list(self._requests.items()):
+            self.engine.abort(request_id)
+            self._forget(request)
+        for request_id in list(self._sinks):
+            self._send(request_id, JaxrsError("the server is shutting down"))
 
     # -- engine thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -160,8 +166,9 @@ class AsyncEngine:
                 return
             if command[0] == "add":
                 _, request_id, prompt_ids, params, cache_key = command
-                if request_id not in self._sinks:
-                    continue  # the client left before admission
+                if request_id not in self._sinks:  # the client left before admission
+                    self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+                    continue
                 try:
                     self._requests[request_id] = self.engine.add_request(
                         prompt_ids, params, request_id, cache_key
@@ -196,10 +203,10 @@ class AsyncEngine:
             update = RequestUpdate(
                 request_id, seqs[0].prompt_ids, updates, seqs[0].num_cached_tokens, request.finished
             )
-            self._send(request_id, update)
-            if request.finished:
+            if request.finished:  # counted before the client can see the end (and scrape /metrics)
                 self._forget(request)
                 self._count_finish(request)
+            self._send(request_id, update)
 
     def _update(self, seq: Sequence, now: float) -> SequenceUpdate:
         key = (seq.request_id, seq.index)
