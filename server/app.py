@@ -65,9 +65,7 @@ def create_app(
             yield
         finally:
             ctx.driver = None
-            await asyncio.to_thread(driver.shutdown)
-            for request_id in list(llm.engine.requests):  # requests cut off by the shutdown
-                llm.engine.abort(request_id)
+            await asyncio.to_thread(driver.shutdown)  # aborts and fails what is still in flight
 
     v1 = Router(
         "/v1",
