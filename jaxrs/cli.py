@@ -17,6 +17,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
+    p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-mb", type=float, help="memory for the paged KV cache, MiB (CPU default: 512)")
     kv.add_argument("--kv-cache-fraction", type=float, help="share of free device memory for the KV cache")
@@ -114,6 +116,22 @@ def parse_kernels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def load_llm(args: argparse.Namespace):
+    """The LLM the shared model flags describe."""
+    from jaxrs.llm import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer,
+        kernels=parse_kernels(args.kernel),
+        isq=args.isq,
+        packed=args.packed,
+        **engine_kwargs(args),
+    )
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the shared model flags."""
     return dict(
@@ -132,16 +150,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from jaxrs.engine.sampling import SamplingParams
-    from jaxrs.llm import LLM
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        gguf_file=args.gguf_file,
-        tokenizer=args.tokenizer,
-        kernels=parse_kernels(args.kernel),
-        **engine_kwargs(args),
-    )
+    llm = load_llm(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -172,7 +182,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from jaxrs.llm import LLM
     from server.app import create_app
 
     log = logging.getLogger("jaxrs")
@@ -183,14 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise JaxrsError(f"{path}: chat template file not found")
         template = path.read_text(encoding="utf-8")
     log.info("loading %s", args.model or "the demo model")
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        gguf_file=args.gguf_file,
-        tokenizer=args.tokenizer,
-        kernels=parse_kernels(args.kernel),
-        **engine_kwargs(args),
-    )
+    llm = load_llm(args)
     if not args.no_warmup:
         log.info("warming up: compiling every step shape (--no-warmup skips this)")
         llm.warmup()

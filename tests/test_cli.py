@@ -58,3 +58,23 @@ def test_unknown_kernel_is_a_clean_error(demo_gguf):
     done = jaxrs("run", "--model", str(demo_gguf), "--prompt", "x", "--kernel", "paged_attention=nope")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no implementation 'nope' of 'paged_attention' (registered: pallas, xla)" in done.stderr
+
+
+def test_isq_flag_and_unknown_type(demo_gguf):
+    done = jaxrs("run", "--model", str(demo_gguf), "--isq", "Q9", "--prompt", "x")
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "Q4_K" in done.stderr
+    done = jaxrs(
+        "run",
+        "--model",
+        str(demo_gguf),
+        "--isq",
+        "8",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
