@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ from jaxrs.errors import ModelLoadError
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is one of: default, linear, llama3, freq_factors."""
+    """RoPE frequency scaling. `kind` is one of: default, linear, llama3, freq_factors, longrope.
+
+    longrope (Phi-3 "su"): frequencies divided by `short_factor` while a sequence is at most
+    `original_max_position_embeddings` long, by `long_factor` once it is longer (chosen per sequence and
+    step, as transformers does), and cos/sin times `attention_factor`.
+    """
 
     kind: str = "default"
     factor: float = 1.0
@@ -24,6 +30,9 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs.weight` (llama.cpp's llama3 form)
+    short_factor: tuple[float, ...] | None = None  # longrope: per frequency, for short sequences
+    long_factor: tuple[float, ...] | None = None  # longrope: per frequency, past the original length
+    attention_factor: float = 1.0  # longrope: cos and sin are scaled by this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +45,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # epsilon of every norm (RMSNorm, or LayerNorm with `layer_norm`)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
@@ -55,6 +64,11 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: main
+    rotary_dim: int | None = None  # RoPE rotates only the first `rotary_dim` dims of a head (Phi); None: all
+    layer_norm: bool = False  # norms are LayerNorm (mean-centred, bias when the checkpoint has one)
+    parallel_block: bool = False  # attention and MLP read one normalized input, both add to the residual
+    num_experts: int = 0  # sparse MoE MLP (Mixtral): experts per layer; 0 = dense MLP
+    num_experts_per_tok: int = 0  # experts each token is routed to
 
     @property
     def q_size(self) -> int:
@@ -114,12 +128,16 @@ def normalize_window(cfg: ModelConfig) -> ModelConfig:
 
 
 def _finish(cfg: ModelConfig, hook: str, raw: dict, path: Path) -> ModelConfig:
-    """Apply the family's config hook (family defaults and quirks), then normalize the window."""
+    """Apply the family's config hook (family defaults and quirks; a ValueError from it means
+    unsupported), then normalize the window."""
     from jaxrs.models.registry import family
 
     fix = getattr(family(cfg.architecture), hook, None)
     if fix is not None:
-        cfg = fix(cfg, raw)
+        try:
+            cfg = fix(cfg, raw)
+        except ValueError as e:  # a hook rejects a config it cannot run
+            raise ModelLoadError(path, str(e)) from None
     if cfg.hidden_act not in ACTIVATIONS.values():
         raise ModelLoadError(path, f"unsupported activation {cfg.hidden_act!r}")
     try:
@@ -128,12 +146,37 @@ def _finish(cfg: ModelConfig, hook: str, raw: dict, path: Path) -> ModelConfig:
         raise ModelLoadError(path, str(e)) from None
 
 
-def rope_scaling_from_hf(raw: dict | None, path: Path) -> RopeScaling:
+def longrope_attention_factor(factor: float, original: int) -> float:
+    """LongRoPE's cos/sin scale when the config gives none (transformers' and llama.cpp's rule)."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_scaling_from_hf(
+    raw: dict | None, path: Path, *, max_position_embeddings: int = 4096, original_max: int | None = None
+) -> RopeScaling:
+    """`original_max`: a top-level `original_max_position_embeddings` (Phi-3 keeps it there, and
+    transformers prefers it to the one inside the rope dict)."""
     if not raw:
         return RopeScaling()
     kind = raw.get("rope_type", raw.get("type", "default"))
     if kind == "default":
         return RopeScaling()
+    if kind in ("longrope", "su"):
+        if "short_factor" not in raw or "long_factor" not in raw:
+            raise ModelLoadError(path, "longrope rope_scaling needs short_factor and long_factor")
+        original = int(original_max or raw.get("original_max_position_embeddings") or max_position_embeddings)
+        factor = raw.get("factor") or max_position_embeddings / original
+        attention = raw.get("attention_factor")
+        return RopeScaling(
+            kind="longrope",
+            factor=float(factor),
+            original_max_position_embeddings=original,
+            short_factor=tuple(float(f) for f in raw["short_factor"]),
+            long_factor=tuple(float(f) for f in raw["long_factor"]),
+            attention_factor=float(
+                longrope_attention_factor(factor, original) if attention is None else attention
+            ),
+        )
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(raw["factor"]))
     if kind == "llama3":
@@ -144,7 +187,9 @@ def rope_scaling_from_hf(raw: dict | None, path: Path) -> RopeScaling:
             high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
         )
-    raise ModelLoadError(path, f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    raise ModelLoadError(
+        path, f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, longrope)"
+    )
 
 
 def config_from_hf(raw: dict, path: Path) -> ModelConfig:
@@ -173,6 +218,10 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         rope_params = rope_params["full_attention"] or {}
     rope_scaling = raw.get("rope_scaling") or (rope_params if rope_params.get("rope_type") else None)
     theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    head_dim = raw.get("head_dim") or hidden // heads
+    partial = raw.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial)
+    max_pos = raw.get("max_position_embeddings", 4096)
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise ModelLoadError(path, f"unsupported activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
@@ -184,11 +233,16 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         num_layers=raw["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
+        head_dim=head_dim,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-        rope_scaling=rope_scaling_from_hf(rope_scaling, path),
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rope_scaling=rope_scaling_from_hf(
+            rope_scaling,
+            path,
+            max_position_embeddings=max_pos,
+            original_max=raw.get("original_max_position_embeddings"),
+        ),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -202,6 +256,7 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         attn_logit_softcap=raw.get("attn_logit_softcapping"),
         final_logit_softcap=raw.get("final_logit_softcapping"),
         rope_local_theta=None if local_theta is None else float(local_theta),
+        rotary_dim=rotary_dim if rotary_dim != head_dim else None,
     )
     return _finish(cfg, "finish_hf_config", raw, path)
 
@@ -216,9 +271,16 @@ def read_json(path: Path) -> dict:
 
 
 def config_from_gguf(
-    meta: dict[str, Any], path: Path, *, has_output: bool, rope_freqs: tuple[float, ...] | None = None
+    meta: dict[str, Any],
+    path: Path,
+    *,
+    has_output: bool,
+    rope_freqs: tuple[float, ...] | None = None,
+    rope_factors: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> ModelConfig:
-    """Normalize GGUF metadata (`<arch>.*` keys, llama.cpp's spelling)."""
+    """Normalize GGUF metadata (`<arch>.*` keys, llama.cpp's spelling). `rope_freqs`: the
+    `rope_freqs.weight` tensor (llama3 scaling); `rope_factors`: `rope_factors_long.weight` and
+    `rope_factors_short.weight` (Phi-3's LongRoPE)."""
     arch = meta.get("general.architecture")
     from jaxrs.models.registry import GGUF_ARCHITECTURES
 
@@ -237,7 +299,21 @@ def config_from_gguf(
     hidden = int(get("embedding_length"))
     n_vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
-    if rope_freqs is not None:
+    context = int(get("context_length", 4096))
+    if rope_factors is not None:
+        original = int(meta.get(f"{arch}.rope.scaling.original_context_length", context))
+        attention = meta.get(f"{arch}.rope.scaling.attn_factor")
+        rope_scaling = RopeScaling(
+            kind="longrope",
+            factor=context / original,
+            original_max_position_embeddings=original,
+            long_factor=rope_factors[0],
+            short_factor=rope_factors[1],
+            attention_factor=float(
+                longrope_attention_factor(context / original, original) if attention is None else attention
+            ),
+        )
+    elif rope_freqs is not None:
         rope_scaling = RopeScaling(kind="freq_factors", freq_factors=rope_freqs)
     elif scaling_type == "linear":
         rope_scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
@@ -253,6 +329,11 @@ def config_from_gguf(
     else:
         layer_types = () if pattern is None else pattern_layer_types(num_layers, int(pattern))
     local_theta = meta.get(f"{arch}.rope.freq_base_swa")
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rotary_dim = meta.get(f"{arch}.rope.dimension_count")
+    eps = meta.get(
+        f"{arch}.attention.layer_norm_rms_epsilon", meta.get(f"{arch}.attention.layer_norm_epsilon")
+    )
     cfg = ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(n_vocab),
@@ -261,11 +342,11 @@ def config_from_gguf(
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", hidden // heads)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=head_dim,
+        rms_norm_eps=float(1e-5 if eps is None else eps),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(get("context_length", 4096)),
+        max_position_embeddings=context,
         tie_word_embeddings=not has_output,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_as_tuple(eos),
@@ -275,5 +356,8 @@ def config_from_gguf(
         attn_logit_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=meta.get(f"{arch}.final_logit_softcapping"),
         rope_local_theta=None if local_theta is None else float(local_theta),
+        rotary_dim=None if rotary_dim in (None, head_dim) else int(rotary_dim),
+        num_experts=int(meta.get(f"{arch}.expert_count", 0)),
+        num_experts_per_tok=int(meta.get(f"{arch}.expert_used_count", 0)),
     )
     return _finish(cfg, "finish_gguf_config", meta, path)

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QT
 
 from jaxrs.config import ModelConfig, config_from_gguf
 from jaxrs.errors import ModelLoadError
+from jaxrs.models.decoder import take
 from jaxrs.models.registry import family
 from jaxrs.quant import QuantizedTensor, from_gguf_bytes
 
@@ -41,17 +42,28 @@ SUPPORTED_TYPES = {
 
 
 def gguf_config(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path) -> ModelConfig:
-    names = {t.name for t in reader.tensors}
-    rope_freqs = None
-    if "rope_freqs.weight" in names:
-        tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        rope_freqs = tuple(float(x) for x in np.asarray(tensor.data, dtype=np.float32).reshape(-1))
-    return config_from_gguf(meta, path, has_output="output.weight" in names, rope_freqs=rope_freqs)
+    by_name = {t.name: t for t in reader.tensors}
+
+    def values(name: str) -> tuple[float, ...] | None:
+        """A small f32 tensor that is configuration (RoPE frequency factors), as a tuple."""
+        if name not in by_name:
+            return None
+        return tuple(float(x) for x in np.asarray(by_name[name].data, dtype=np.float32).reshape(-1))
+
+    long, short = values("rope_factors_long.weight"), values("rope_factors_short.weight")
+    return config_from_gguf(
+        meta,
+        path,
+        has_output="output.weight" in by_name,
+        rope_freqs=values("rope_freqs.weight"),
+        rope_factors=None if long is None or short is None else (long, short),
+    )
 
 
 def _template(name: str) -> re.Pattern:
-    """A name template with a `{i}` layer index as a regex."""
-    return re.compile("^" + re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    """A name template with a `{i}` layer index (and optionally an `{e}` expert index) as a regex."""
+    pattern = re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile("^" + pattern + "$")
 
 
 def _name_patterns(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
@@ -61,8 +73,9 @@ def _name_patterns(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
 def _translate(name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
     for pattern, target in patterns:
         if m := pattern.match(name):
-            layer = m.groupdict().get("i")
-            return target.replace("{i}", layer) if layer is not None else target
+            for key, value in m.groupdict().items():
+                target = target.replace(f"{{{key}}}", value)
+            return target
     return None
 
 
@@ -81,16 +94,31 @@ def open_gguf_tensors(
     reader: gguf.GGUFReader, cfg: ModelConfig, path: Path, *, packed: bool = False
 ) -> Callable[[str], np.ndarray | QuantizedTensor]:
     """A getter of HF-named tensors backed by the GGUF file: f32 arrays, or with `packed`, quantized
-    tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s."""
+    tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s.
+
+    A family's `gguf_split(cfg)` names llama.cpp tensors that hold several HF tensors (Phi-2's fused
+    `attn_qkv`, Mixtral's 3-D `ffn_*_exps`): each part is a row range or a leading index of it (see
+    `decoder.take`); the whole tensor is read once and kept until its last part has been asked for.
+    """
     fam = family(cfg.architecture)
     patterns = _name_patterns(fam.GGUF_NAMES)
     permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(fam.GGUF_ROPE_PERMUTED)}
     fix = getattr(fam, "from_gguf_tensor", None)  # e.g. Gemma: norms were stored as weight + 1
-    by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None]] = {}
+    split = fam.gguf_split(cfg) if hasattr(fam, "gguf_split") else {}
+    split_patterns = [(_template(k), parts) for k, parts in split.items()]
+    by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None, int | slice | None]] = {}
+    parts_left: dict[str, int] = {}  # split GGUF tensor -> parts not yet asked for
     for tensor in reader.tensors:
         if (hf := _translate(tensor.name, patterns)) is not None:
             heads = next((h for p, h in permuted.items() if p.match(tensor.name)), None)
-            by_hf_name[hf] = (tensor, heads)
+            by_hf_name[hf] = (tensor, heads, None)
+            continue
+        for pattern, parts in split_patterns:
+            if m := pattern.match(tensor.name):
+                for target, index in parts:
+                    by_hf_name[target.replace("{i}", m.group("i"))] = (tensor, None, index)
+                parts_left[tensor.name] = len(parts)
+                break
     missing = [n for n in fam.hf_weight_names(cfg) if n not in by_hf_name]
     if missing:
         to_gguf = _name_patterns({v: k for k, v in fam.GGUF_NAMES.items()})
@@ -98,8 +126,22 @@ def open_gguf_tensors(
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelLoadError(path, f"missing tensor(s) {', '.join(shown)}{more}")
 
-    def get(name: str) -> np.ndarray:
-        tensor, heads = by_hf_name[name]
+    whole: dict[str, np.ndarray | QuantizedTensor] = {}
+
+    def get(name: str) -> np.ndarray | QuantizedTensor:
+        tensor, heads, index = by_hf_name[name]
+        if index is None:
+            data = read(tensor, heads)
+        else:
+            if tensor.name not in whole:
+                whole[tensor.name] = read(tensor, None)
+            data = take(whole[tensor.name], index)
+            parts_left[tensor.name] -= 1
+            if parts_left[tensor.name] == 0:
+                del whole[tensor.name]
+        return fix(name, data) if fix and not isinstance(data, QuantizedTensor) else data
+
+    def read(tensor: gguf.ReaderTensor, heads: int | None) -> np.ndarray | QuantizedTensor:
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
                 path,
@@ -112,7 +154,6 @@ def open_gguf_tensors(
             # Rows are independent in every format, so the q/k row permutation applies to each array.
             return jax.tree.map(lambda a: unpermute_rope(a, heads), qt) if heads else qt
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        data = unpermute_rope(data.reshape(shape), heads) if heads else data.reshape(shape)
-        return fix(name, data) if fix else data
+        return unpermute_rope(data.reshape(shape), heads) if heads else data.reshape(shape)
 
     return get

@@ -1,21 +1,30 @@
 """The decoder-only transformer every family shares: GQA attention with RoPE over the paged KV cache,
-a gated MLP, RMSNorm, stacked layers under `lax.scan`.
+a gated, plain or sparse-MoE MLP, RMSNorm or LayerNorm, stacked layers under `lax.scan`.
 
 Families differ by data, not code: which checkpoint tensors a layer has (the weight table: biases,
-q/k norms, sandwich norms around attention and MLP) and `ModelConfig` fields (activation, norm offset,
-embedding scale, sliding-window layers, soft-caps, query scale, local RoPE base). The forward pass
-applies a piece when its weights are in the tree (`"q_norm" in lp`: static pytree structure), so one
-traced function serves Llama, Mistral, Qwen2 and Gemma 1/2/3.
+q/k norms, sandwich norms around attention and MLP, norm biases, a gate projection or not, a router
+and experts) and `ModelConfig` fields (activation, norm kind and offset, embedding scale,
+sliding-window layers, soft-caps, query scale, local RoPE base, partial rotary, LongRoPE, parallel
+attention + MLP, experts per token). The forward pass applies a piece when its weights are in the
+tree (`"q_norm" in lp`: static pytree structure), so one traced function serves Llama, Mistral,
+Mixtral, Qwen2, Gemma 1/2/3, Phi-2, Phi-3 and Starcoder2.
+
+A weight table maps a parameter key to a checkpoint name, or to a `Rows` range of a fused checkpoint
+tensor (Phi-3's `qkv_proj` / `gate_up_proj`, split at load so the tree is the same as for separate
+tensors), or to `Experts` (one checkpoint tensor per expert, stacked to `[E, out, in]`).
 
 Parameters are a pytree; per-layer weights are stacked on a leading layer axis so the layers run under
 `lax.scan` and compile once whatever the depth. Weights keep the checkpoint layout `[out, in]`. Layer
 keys name roles: `post_attn_norm` is always the norm in front of the MLP (HF Llama's
 `post_attention_layernorm`, Gemma 2's `pre_feedforward_layernorm`); `attn_out_norm` / `ffn_out_norm`
-normalize the attention / MLP output before the residual add (Gemma 2/3).
+normalize the attention / MLP output before the residual add (Gemma 2/3); `<norm>_bias` is a LayerNorm's
+bias; `router` and `experts_gate` / `experts_up` / `experts_down` (`[L, E, out, in]`) make the MLP a
+sparse MoE; without `gate_proj` the MLP is plain (`down(act(up(x)))`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -30,13 +39,34 @@ from jaxrs.models.layers import (
     apply_rope,
     dense,
     embed,
+    layer_norm,
+    longrope_inv_freq,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
 from jaxrs.ops import Kernels
-from jaxrs.quant import QuantizedTensor
+from jaxrs.quant import QuantizedTensor, dequantize
 from jaxrs.quant import stack as stack_quantized
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Rows `[start, stop)` of the fused checkpoint tensor `name` (a layer suffix)."""
+
+    name: str
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """One checkpoint tensor per expert (`name` has an `{e}`), stacked on a leading expert axis."""
+
+    name: str
+
+
+Spec = str | Rows | Experts
 
 # Stacked layer parameter -> HF checkpoint name under `model.layers.{i}.` (the Llama layer).
 LAYER_WEIGHTS = {
@@ -58,6 +88,14 @@ SANDWICH_NORMS = {  # Gemma 2/3: norms on both sides of attention and MLP
     "attn_out_norm": "post_attention_layernorm.weight",
     "post_attn_norm": "pre_feedforward_layernorm.weight",
     "ffn_out_norm": "post_feedforward_layernorm.weight",
+}
+
+# Top-level parameter -> HF checkpoint name (the Llama model). Families may add "final_norm_bias" and
+# "lm_head_bias"; "lm_head" is dropped when the embeddings are tied.
+TOP_WEIGHTS = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
 }
 
 # llama.cpp tensor names -> HF names ("{i}" is the layer index), the Llama layout.
@@ -89,47 +127,96 @@ def layer_weights(cfg: ModelConfig, *extra: dict[str, str]) -> dict[str, str]:
     return table
 
 
-def hf_weight_names(cfg: ModelConfig, per_layer: dict[str, str]) -> list[str]:
-    """Every checkpoint tensor a model with this layer table needs."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    names += [f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in per_layer.values()]
+def _top_table(cfg: ModelConfig, top: dict[str, str] | None) -> dict[str, str]:
+    table = dict(TOP_WEIGHTS if top is None else top)
+    if cfg.tie_word_embeddings:
+        table.pop("lm_head", None)
+    return table
+
+
+def _spec_names(spec: Spec, cfg: ModelConfig) -> list[str]:
+    """The layer-relative checkpoint names a table entry reads."""
+    if isinstance(spec, Rows):
+        return [spec.name]
+    if isinstance(spec, Experts):
+        return [spec.name.format(e=e) for e in range(cfg.num_experts)]
+    return [spec]
+
+
+def hf_weight_names(
+    cfg: ModelConfig, per_layer: dict[str, Spec], top: dict[str, str] | None = None
+) -> list[str]:
+    """Every checkpoint tensor a model with this layer table needs (a fused tensor once)."""
+    names = list(_top_table(cfg, top).values())
+    suffixes = list(dict.fromkeys(n for spec in per_layer.values() for n in _spec_names(spec, cfg)))
+    names += [f"model.layers.{i}.{s}" for i in range(cfg.num_layers) for s in suffixes]
     return names
+
+
+def take(x: np.ndarray | QuantizedTensor, index: int | slice) -> np.ndarray | QuantizedTensor:
+    """Part of a checkpoint tensor: an int picks along the leading axis (an expert of a 3-D expert
+    tensor), a slice picks rows (`out`) of a fused matrix or bias. Packed tensors stay packed (every
+    format quantizes rows independently, so a row range of one is the same format over those rows)."""
+    if isinstance(index, int):
+        return x[index]
+    if isinstance(x, QuantizedTensor):
+        arrays = {n: a[..., index, :] for n, a in x.arrays.items()}
+        rows = len(range(*index.indices(x.out_in[0])))
+        return QuantizedTensor(x.fmt, (rows, x.out_in[1]), arrays)
+    return x[..., index, :] if x.ndim >= 2 else x[index]
+
+
+def stack(tensors: list) -> np.ndarray | QuantizedTensor:
+    """Stack per-layer (or per-expert) tensors on a new leading axis, packed ones staying packed."""
+    if any(isinstance(t, QuantizedTensor) for t in tensors):
+        if not all(isinstance(t, QuantizedTensor) for t in tensors):
+            raise ValueError("a stacked parameter mixes packed and float tensors")
+        return stack_quantized(tensors)
+    return np.stack(tensors)
 
 
 def params_from_hf(
     get: Callable[[str], np.ndarray | QuantizedTensor],
     cfg: ModelConfig,
     dtype: jnp.dtype,
-    per_layer: dict[str, str],
+    per_layer: dict[str, Spec],
+    top: dict[str, str] | None = None,
 ) -> dict:
-    """Build the parameter pytree from a getter of HF-named tensors, stacking layers.
+    """Build the parameter pytree from a getter of HF-named tensors, stacking layers (and experts).
 
-    The getter returns NumPy arrays (cast to `dtype`) or packed `QuantizedTensor`s (kept packed).
+    The getter returns NumPy arrays (cast to `dtype`) or packed `QuantizedTensor`s (kept packed). A fused
+    tensor that `Rows` entries split is read once and kept until its last part has been taken.
     """
 
     def put(x: np.ndarray | QuantizedTensor) -> jax.Array | QuantizedTensor:
         return jax.device_put(x) if isinstance(x, QuantizedTensor) else jnp.asarray(x, dtype=dtype)
 
-    def stacked(tensors: list) -> np.ndarray | QuantizedTensor:
-        if any(isinstance(t, QuantizedTensor) for t in tensors):
-            if not all(isinstance(t, QuantizedTensor) for t in tensors):
-                raise ValueError("a stacked parameter mixes packed and float layers")
-            return stack_quantized(tensors)
-        return np.stack(tensors)
+    parts_left = {}  # fused suffix -> Rows entries reading it (per layer)
+    for spec in per_layer.values():
+        if isinstance(spec, Rows):
+            parts_left[spec.name] = parts_left.get(spec.name, 0) + 1
+    fused: dict[str, list] = {}  # full name -> [tensor, parts still to take]
+
+    def read(i: int, spec: Spec) -> np.ndarray | QuantizedTensor:
+        prefix = f"model.layers.{i}."
+        if isinstance(spec, Experts):
+            return stack([get(prefix + spec.name.format(e=e)) for e in range(cfg.num_experts)])
+        if not isinstance(spec, Rows):
+            return get(prefix + spec)
+        name = prefix + spec.name
+        entry = fused.setdefault(name, [None, parts_left[spec.name]])
+        if entry[0] is None:
+            entry[0] = get(name)
+        part, entry[1] = take(entry[0], slice(spec.start, spec.stop)), entry[1] - 1
+        if entry[1] == 0:
+            del fused[name]
+        return part
 
     layers = {
-        key: put(stacked([get(f"model.layers.{i}.{suffix}") for i in range(cfg.num_layers)]))
-        for key, suffix in per_layer.items()
+        key: put(stack([read(i, spec) for i in range(cfg.num_layers)])) for key, spec in per_layer.items()
     }
-    params = {
-        "embed": put(get("model.embed_tokens.weight")),
-        "layers": layers,
-        "final_norm": put(get("model.norm.weight")),
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = put(get("lm_head.weight"))
+    params = {key: put(get(name)) for key, name in _top_table(cfg, top).items()}
+    params["layers"] = layers
     return params
 
 
@@ -165,6 +252,62 @@ def _attention(
     return call(cfg.sliding_window if True in kinds else None)()
 
 
+def _norm(cfg: ModelConfig, x: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """The model's norm: LayerNorm (with its bias) or RMSNorm (with the family's weight offset)."""
+    if cfg.layer_norm:
+        return layer_norm(x, weight, bias, cfg.rms_norm_eps)
+    return rms_norm(x, weight, cfg.rms_norm_eps, offset=cfg.norm_offset)
+
+
+def _ragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Grouped matmul: rows of `x` `[M, in]` sorted by group, group g times `w[g]` (`[G, out, in]`)."""
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+    )
+    return jax.lax.ragged_dot_general(x, w, group_sizes, dims)
+
+
+def _moe(cfg: ModelConfig, x: jax.Array, lp: dict) -> jax.Array:
+    """Sparse MoE MLP (Mixtral): each token goes to its top-k experts by router logit, weighted by the
+    softmax over those k logits (transformers' softmax-then-renormalize, the same numbers). Token copies
+    are sorted by expert and run as grouped matmuls (`ragged_dot`), so no Python loop over experts;
+    packed experts are dequantized first (one layer's worth at a time)."""
+    shape, k, n_exp = x.shape, cfg.num_experts_per_tok, cfg.num_experts
+    xf = x.reshape(-1, shape[-1])
+
+    def weight(key: str) -> jax.Array:
+        w = lp[key]
+        return dequantize(w, xf.dtype) if isinstance(w, QuantizedTensor) else w.astype(xf.dtype)
+
+    logits = jnp.einsum("th,eh->te", xf, weight("router"), preferred_element_type=jnp.float32)
+    top_logits, top_experts = jax.lax.top_k(logits, k)  # [T, k]; softmax is monotonic
+    weights = jax.nn.softmax(top_logits, axis=-1)
+    flat = top_experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k  # which token each sorted copy comes from
+    group_sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
+
+    xs = xf[token]
+    gate = _ragged(xs, weight("experts_gate"), group_sizes)
+    up = _ragged(xs, weight("experts_up"), group_sizes)
+    out = _ragged(activation(gate, cfg.hidden_act) * up, weight("experts_down"), group_sizes)
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros_like(xf).at[token].add(out).reshape(shape)
+
+
+def _mlp(cfg: ModelConfig, kernels: Kernels, x: jax.Array, lp: dict) -> jax.Array:
+    """Gated (`gate_proj` present: act(gate) * up), plain (act(up): Phi-2, Starcoder2) or MoE MLP."""
+    if "router" in lp:
+        return _moe(cfg, x, lp)
+    up = dense(x, lp["up_proj"], lp.get("up_proj_bias"), kernels)
+    if "gate_proj" in lp:
+        gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"), kernels)
+        hidden = activation(gate, cfg.hidden_act) * up
+    else:
+        hidden = activation(up, cfg.hidden_act)
+    return dense(hidden, lp["down_proj"], lp.get("down_proj_bias"), kernels)
+
+
 def _layer(
     cfg: ModelConfig,
     kernels: Kernels,
@@ -177,10 +320,9 @@ def _layer(
     sliding: jax.Array,
 ) -> tuple[jax.Array, KVCache]:
     batch, q_len, _ = h.shape
-    eps, offset = cfg.rms_norm_eps, cfg.norm_offset
 
     def norm(x: jax.Array, key: str) -> jax.Array:
-        return rms_norm(x, lp[key], eps, offset=offset) if key in lp else x
+        return _norm(cfg, x, lp[key], lp.get(f"{key}_bias")) if key in lp else x
 
     x = norm(h, "input_norm")
     q = dense(x, lp["q_proj"], lp.get("q_proj_bias"), kernels).reshape(
@@ -197,12 +339,31 @@ def _layer(
     kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
     attn = _attention(cfg, kernels, meta, q, kv, layer, sliding)
     attn = dense(attn.reshape(batch, q_len, cfg.q_size), lp["o_proj"], lp.get("o_proj_bias"), kernels)
+    if cfg.parallel_block:  # Phi-2: x + attn(norm(x)) + mlp(norm(x))
+        return h + attn + _mlp(cfg, kernels, x, lp), kv
     h = h + norm(attn, "attn_out_norm")
     x = norm(h, "post_attn_norm")
-    gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"), kernels)
-    up = dense(x, lp["up_proj"], lp.get("up_proj_bias"), kernels)
-    mlp = dense(activation(gate, cfg.hidden_act) * up, lp["down_proj"], lp.get("down_proj_bias"), kernels)
-    return h + norm(mlp, "ffn_out_norm"), kv
+    return h + norm(_mlp(cfg, kernels, x, lp), "ffn_out_norm"), kv
+
+
+def _rope(
+    cfg: ModelConfig, theta: float, scaling: RopeScaling, meta: AttentionMetadata
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin `[B, T, rotary_dim]` for this step's positions.
+
+    LongRoPE does what transformers does: a sequence uses the long factors once its length (its
+    `context_lens`, i.e. last position + 1) passes `original_max_position_embeddings`, the short ones
+    before, chosen per sequence for the whole step. Keys already in the cache keep the rotation they were
+    written with; cos and sin are scaled by the attention factor either way.
+    """
+    dim = cfg.rotary_dim or cfg.head_dim
+    if scaling.kind != "longrope":
+        return rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, theta, scaling, dim))
+    short = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.short_factor))
+    long = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.long_factor))
+    use_long = (jnp.asarray(meta.context_lens) > scaling.original_max_position_embeddings)[:, None, None]
+    factor = jnp.float32(scaling.attention_factor)
+    return tuple(jnp.where(use_long, lg, sh) * factor for sh, lg in zip(short, long, strict=True))
 
 
 def forward(
@@ -217,11 +378,10 @@ def forward(
     h = embed(params["embed"], tokens, params["final_norm"].dtype)
     if cfg.embedding_scale is not None:
         h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
-    rope = rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling, meta)
     rope_local = rope
     if cfg.rope_local_theta is not None:
-        local_freq = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, RopeScaling())
-        rope_local = rope_cos_sin(meta.positions, local_freq)
+        rope_local = _rope(cfg, cfg.rope_local_theta, RopeScaling(), meta)
     sliding_layers = cfg.sliding_layers
 
     def body(carry: tuple[jax.Array, KVCache], xs: tuple) -> tuple[tuple[jax.Array, KVCache], None]:
@@ -240,7 +400,7 @@ def forward(
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     xs = (params["layers"], layers, jnp.asarray(sliding_layers, dtype=bool))
     (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps, offset=cfg.norm_offset), kv
+    return _norm(cfg, h, params["final_norm"], params.get("final_norm_bias")), kv
 
 
 def compute_logits(
@@ -254,6 +414,8 @@ def compute_logits(
         logits = jnp.einsum(
             "...h,vh->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
         )
+    if "lm_head_bias" in params:
+        logits = logits + params["lm_head_bias"].astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits

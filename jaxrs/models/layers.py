@@ -44,6 +44,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0
     return (xf * (offset + weight.astype(jnp.float32))).astype(x.dtype)
 
 
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm computed in f32 (Phi, Starcoder2): mean-centred, scaled, plus the bias if there is one."""
+    xf = x.astype(jnp.float32)
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = xf * weight.astype(jnp.float32)
+    return (xf if bias is None else xf + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 def dense(
     x: jax.Array, weight: Weight, bias: jax.Array | None = None, kernels: Kernels = Kernels()
 ) -> jax.Array:
@@ -83,7 +92,9 @@ def rope_inv_freq(
     """Inverse frequencies `[rotary_dim // 2]` (a host constant, folded into the compiled step)."""
     dim = rotary_dim or head_dim
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if scaling.kind == "linear":
+    if scaling.kind == "longrope":  # the short set; `longrope_inv_freq` gives either
+        inv_freq = longrope_inv_freq(dim, theta, scaling.short_factor)
+    elif scaling.kind == "linear":
         inv_freq = inv_freq / scaling.factor
     elif scaling.kind == "freq_factors":
         inv_freq = inv_freq / np.asarray(scaling.freq_factors, dtype=np.float64)
@@ -100,6 +111,16 @@ def rope_inv_freq(
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
     return inv_freq.astype(np.float32)
+
+
+def longrope_inv_freq(rotary_dim: int, theta: float, factors: tuple[float, ...]) -> np.ndarray:
+    """LongRoPE's inverse frequencies: each of the `rotary_dim // 2` base frequencies divided by its
+    factor (computed in f32, as transformers does)."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    ext = np.asarray(factors, dtype=np.float32)
+    if ext.shape != exponents.shape:
+        raise ValueError(f"longrope needs {exponents.size} factors, got {ext.size}")
+    return (np.float32(1.0) / (ext * np.float32(theta) ** exponents)).astype(np.float32)
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:

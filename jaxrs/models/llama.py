@@ -5,6 +5,7 @@ checkpoints it reads and how.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -20,6 +21,13 @@ GGUF_ARCHITECTURES = ("llama",)
 
 # llama.cpp permutes q/k rows for its interleaved RoPE; the loader undoes it (value: heads to use).
 GGUF_ROPE_PERMUTED = {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"}
+
+
+def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
+    """llama.cpp writes Mixtral as `llama` with an expert count: that one is the MoE family."""
+    if not cfg.num_experts:
+        return cfg
+    return dataclasses.replace(cfg, architecture="mixtral", num_experts_per_tok=cfg.num_experts_per_tok or 2)
 
 
 def hf_weight_names(cfg: ModelConfig) -> list[str]:

@@ -3,7 +3,8 @@
 A family module provides: HF_ARCHITECTURES, HF_MODEL_TYPES, GGUF_ARCHITECTURES, GGUF_NAMES,
 GGUF_ROPE_PERMUTED, hf_weight_names(cfg), params_from_hf(get, cfg, dtype), forward(...), compute_logits(...);
 optionally finish_hf_config(cfg, raw) / finish_gguf_config(cfg, meta) (family defaults and quirks of
-the config) and from_gguf_tensor(hf_name, array) (undo a llama.cpp convert-time change of a tensor).
+the config), from_gguf_tensor(hf_name, array) (undo a llama.cpp convert-time change of a tensor) and
+gguf_split(cfg) (llama.cpp tensors holding several HF tensors: fused q/k/v, 3-D experts).
 Most of it comes from the shared decoder (`models/decoder.py`).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxrs.models import gemma, gemma2, gemma3, llama, qwen2
+from jaxrs.models import gemma, gemma2, gemma3, llama, mixtral, phi, phi3, qwen2, starcoder2
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
@@ -19,6 +20,10 @@ FAMILIES: dict[str, ModuleType] = {
     "gemma": gemma,
     "gemma2": gemma2,
     "gemma3": gemma3,
+    "phi": phi,
+    "phi3": phi3,
+    "starcoder2": starcoder2,
+    "mixtral": mixtral,
 }
 
 HF_ARCHITECTURES = {arch: key for key, mod in FAMILIES.items() for arch in mod.HF_ARCHITECTURES}
