@@ -45,7 +45,14 @@ CONFIGS = {
     "mistral-window": MistralConfig(
         **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
     ),
+    "mistral-mha-window16": MistralConfig(
+        **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, sliding_window=16
+    ),
     "gemma": GemmaConfig(**GEMMA, num_hidden_layers=2),
+    # an odd head_dim (not a power of two), MQA
+    "gemma-odd-head-dim": GemmaConfig(
+        **(GEMMA | {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 40}), num_hidden_layers=2
+    ),
     "gemma2": Gemma2Config(
         **GEMMA,
         num_hidden_layers=2,  # sliding, full
@@ -53,6 +60,14 @@ CONFIGS = {
         query_pre_attn_scalar=24,
         attn_logit_softcapping=4.0,  # small caps so they bite
         final_logit_softcapping=2.0,
+    ),
+    "gemma2-gqa4-default-caps": Gemma2Config(
+        **(GEMMA | {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}),
+        num_hidden_layers=4,
+        sliding_window=12,
+    ),
+    "gemma3-sss-full": Gemma3TextConfig(
+        **GEMMA, num_hidden_layers=4, layer_types=[SLIDING, SLIDING, SLIDING, FULL], sliding_window=6
     ),
     "gemma3": Gemma3TextConfig(
         **GEMMA,

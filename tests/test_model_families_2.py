@@ -71,6 +71,25 @@ CONFIGS = {
             "long_factor": factors(6, 2.0, 8.0),
         },
     ),
+    "phi-quarter-rotary-gqa": PhiConfig(
+        **(SMALL | {"intermediate_size": 256}),
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        partial_rotary_factor=0.25,
+    ),
+    "starcoder2-untied-mqa": Starcoder2Config(
+        **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False
+    ),
+    "mixtral-3-experts-window": MixtralConfig(
+        **SMALL,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    ),
     "starcoder2-window": Starcoder2Config(
         **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
     ),
