@@ -28,3 +28,5 @@ async def read_json(request: Request, schema: type[T]) -> T:
         raise APIError(400, f"invalid request: {e}", param=match.group(1) if match else None) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # msgspec checks UTF-8 only while building a str
+        raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} in a string)") from None

@@ -24,7 +24,12 @@ from server.sampling import param_of
 
 
 def check_prompt(
-    engine: Engine, prompt_ids: list[int], params: SamplingParams, *, param: str = "max_tokens"
+    engine: Engine,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    param: str = "max_tokens",
+    prompt_param: str = "prompt",
 ) -> None:
     """Reject, before anything is queued, a prompt the engine cannot serve with this many new tokens."""
     limit = engine.max_model_len
@@ -40,8 +45,8 @@ def check_prompt(
         )
     try:
         engine.validate(prompt_ids, params)
-    except JaxrsError as e:
-        raise APIError(400, str(e), param=param_of(e)) from None
+    except JaxrsError as e:  # a sampling field's id range, or else the prompt itself
+        raise APIError(400, str(e), param=param_of(e) or prompt_param) from None
 
 
 def check_capacity(driver: AsyncEngine, num_requests: int) -> None:

@@ -49,8 +49,10 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 f"messages[{i}].role {m.role!r} is not supported (system, user, assistant)",
                 param=f"messages[{i}].role",
             )
-        if m.content is None or isinstance(m.content, str):
-            text = m.content or ""
+        if m.content is None:  # tool calls (the one reason OpenAI allows none) are not served
+            raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
+        if isinstance(m.content, str):
+            text = m.content
         else:
             texts = []
             for j, part in enumerate(m.content):
@@ -96,7 +98,7 @@ def chat_params(ctx: ServerContext, req: ChatCompletionRequest, ids: list[int]) 
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
-    check_prompt(ctx.llm.engine, ids, params, param=param)
+    check_prompt(ctx.llm.engine, ids, params, param=param, prompt_param="messages")
     return params
 
 

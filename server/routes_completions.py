@@ -32,14 +32,22 @@ def prompts(ctx: ServerContext, prompt: str | list) -> list[tuple[str, list[int]
     if prompt and all(isinstance(p, str) for p in prompt):
         return [(p, tokenizer.encode(p)) for p in prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
-        return [(tokenizer.decode(prompt), list(prompt))]
+        return [(tokenizer.decode(_token_ids(ctx, prompt)), list(prompt))]
     if prompt and all(isinstance(p, list) for p in prompt):
-        return [(tokenizer.decode(p), p) for p in prompt]
+        return [(tokenizer.decode(_token_ids(ctx, p)), p) for p in prompt]
     raise APIError(
         400,
         "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists",
         param="prompt",
     )
+
+
+def _token_ids(ctx: ServerContext, ids: list[int]) -> list[int]:
+    """Token ids checked before they are decoded (the tokenizer overflows on negative or huge ones)."""
+    vocab = ctx.llm.model.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return ids
 
 
 def completion_params(ctx: ServerContext, req: CompletionRequest, ids: list[list[int]]) -> SamplingParams:

@@ -29,6 +29,8 @@ _PARAMS = {
 }
 
 MAX_N = 16  # samples per request: each is a full sequence in the batch
+MAX_TEMPERATURE = 2.0  # OpenAI's bound (far above it, sampling is noise)
+INT32_MAX = 2**31 - 1  # the engine packs top_k into int32; any top_k >= the vocabulary means "off"
 
 
 def param_of(error: JaxrsError) -> str | None:
@@ -41,11 +43,17 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | Non
     """Build the engine's parameters; `max_tokens` and `logprobs` are already resolved per endpoint."""
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
+    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
+        raise APIError(
+            400,
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}], not {req.temperature:g}",
+            param="temperature",
+        )
     try:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
-            top_k=req.top_k,
+            top_k=req.top_k if req.top_k is None else min(req.top_k, INT32_MAX),
             top_p=req.top_p,
             min_p=req.min_p,
             seed=req.seed,

@@ -314,3 +314,16 @@ def test_filter_thresholds_with_ties_and_extremes():
         batch, flags = make([SamplingParams(temperature=1.0, **kw)])
         out = np.asarray(_process(logits, batch, flags))[0]
         assert set(np.flatnonzero(np.isfinite(out))) == kept, kw
+
+
+def test_extreme_legal_values_stay_finite():
+    """Huge top_k means "off" and a huge repetition penalty stays finite: nothing overflows int32/f32."""
+    params = [
+        SamplingParams(temperature=1.0, top_k=2**40),
+        SamplingParams(temperature=0, repetition_penalty=1e300),
+    ]
+    batch, flags = make(params, prompts=[[1, 2], [3, 0]], outputs=[[], [4]])
+    assert batch["top_k"][0] == V and np.isfinite(batch["repetition_penalty"]).all()
+    logits = np.zeros((2, V), np.float32)
+    logits[:, 3] = -2.0
+    assert np.all(~np.isnan(np.asarray(_process(logits, batch, flags))))

@@ -191,7 +191,8 @@ def build_sampling_batch(
 
     arrays = {
         "temperature": column([value(p.temperature, 1.0) for p in params], 0.0, np.float32),
-        "top_k": column([value(p.top_k, 0) for p in params], 0, np.int32),
+        # k at or past the vocabulary keeps everything: clamp so any int fits int32.
+        "top_k": column([min(value(p.top_k, 0), vocab_size) for p in params], 0, np.int32),
         "top_p": column([value(p.top_p, 1.0) for p in params], 1.0, np.float32),
         "min_p": column([value(p.min_p, 0.0) for p in params], 0.0, np.float32),
         "seed": column([s & 0xFFFFFFFF for s in seeds], 0, np.uint32),
@@ -212,7 +213,10 @@ def build_sampling_batch(
     )
     if flags.penalties:
         arrays["repetition_penalty"] = column(
-            [value(p.repetition_penalty, 1.0) for p in params], 1.0, np.float32
+            # Clamped into f32 range: an overflow to inf would turn a zero logit into NaN.
+            [min(value(p.repetition_penalty, 1.0), 1e30) for p in params],
+            1.0,
+            np.float32,
         )
         arrays["presence_penalty"] = column([p.presence_penalty for p in params], 0.0, np.float32)
         arrays["frequency_penalty"] = column([p.frequency_penalty for p in params], 0.0, np.float32)
