@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, MistralConfig
 
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.models import llama
+from jaxrs.models.registry import family
 from tests.conftest import relative_error, save_tiny_hf_model
 from tests.paged import PagedRun
 
@@ -51,8 +51,8 @@ PROMPT_LEN, DECODE_STEPS = 32, 8
 
 def load_params(path, dtype=np.float32):
     cfg = load_hf_config(path)
-    get = open_hf_tensors(path, llama.hf_weight_names(cfg))
-    return cfg, llama.params_from_hf(get, cfg, dtype)
+    get = open_hf_tensors(path, family("llama").hf_weight_names(cfg))
+    return cfg, family("llama").params_from_hf(get, cfg, dtype)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

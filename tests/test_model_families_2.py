@@ -135,7 +135,8 @@ def load_params(path, dtype=np.float32):
 def test_configs_normalize():
     raws = {name: c.to_dict() for name, c in CONFIGS.items()}
     cfgs = {name: config_from_hf(raw, Path("config.json")) for name, raw in raws.items()}
-    phi, p3, p3s, sc, mx = cfgs.values()
+    names = ("phi", "phi3-longrope-window", "phi3-longrope-switch", "starcoder2-window", "mixtral")
+    phi, p3, p3s, sc, mx = (cfgs[n] for n in names)
     assert (phi.architecture, phi.rotary_dim, phi.layer_norm, phi.parallel_block) == ("phi", 8, True, True)
     assert (
         phi.hidden_act == "gelu_tanh" and phi.attention_bias and phi.mlp_bias and not phi.tie_word_embeddings

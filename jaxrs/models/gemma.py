@@ -9,9 +9,7 @@ and HF folders give one parameter tree.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig
@@ -50,15 +48,3 @@ def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
 
 def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return gemma_config(cfg, None, hidden_act="gelu_tanh")
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, decoder.layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, decoder.layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

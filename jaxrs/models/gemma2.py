@@ -5,11 +5,6 @@ soft-capping, sliding-window layers alternating with global ones, query scale fr
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
-
 from jaxrs.config import ACTIVATIONS, ModelConfig, pattern_layer_types
 from jaxrs.models import decoder
 from jaxrs.models.gemma import from_gguf_tensor, gemma_config, llama_cpp_query_scalar  # noqa: F401
@@ -68,15 +63,3 @@ def finish_gguf_config(
 
 def layer_weights(cfg: ModelConfig) -> dict[str, str]:
     return decoder.layer_weights(cfg, decoder.SANDWICH_NORMS)
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

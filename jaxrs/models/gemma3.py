@@ -6,10 +6,6 @@ scaling; the layer pattern comes from `layer_types` (or `sliding_window_pattern`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.models import decoder, gemma2
@@ -52,15 +48,3 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
 
 def layer_weights(cfg: ModelConfig) -> dict[str, str]:
     return decoder.layer_weights(cfg, decoder.SANDWICH_NORMS, decoder.QK_NORMS)
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

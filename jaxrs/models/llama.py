@@ -6,13 +6,8 @@ checkpoints it reads and how.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder
 from jaxrs.models.decoder import ATTENTION_BIASES, GGUF_NAMES, LAYER_WEIGHTS, MLP_BIASES  # noqa: F401
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -28,17 +23,3 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     if not cfg.num_experts:
         return cfg
     return dataclasses.replace(cfg, architecture="mixtral", num_experts_per_tok=cfg.num_experts_per_tok or 2)
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    """Every checkpoint tensor this config needs."""
-    return decoder.hf_weight_names(cfg, decoder.layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    """Build the parameter pytree from a getter of HF-named tensors (numpy), stacking layers."""
-    return decoder.params_from_hf(get, cfg, dtype, decoder.layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

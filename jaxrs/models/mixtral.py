@@ -10,10 +10,6 @@ files; split per expert at load) or one `blk.N.ffn_{gate,up,down}.E` tensor per 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.models import decoder
@@ -61,15 +57,3 @@ def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
         num_experts=int(raw.get("num_local_experts", 8)),
         num_experts_per_tok=int(raw.get("num_experts_per_tok", 2)),
     )
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

@@ -10,13 +10,8 @@ No q/k permutation (NeoX-style RoPE).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder
 
 HF_ARCHITECTURES = ("PhiForCausalLM",)
 HF_MODEL_TYPES = ("phi",)
@@ -93,13 +88,5 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return phi_config(cfg, hidden_act="gelu_tanh")
 
 
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, LAYER_WEIGHTS, TOP_WEIGHTS)
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, LAYER_WEIGHTS, TOP_WEIGHTS)
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits
+def layer_weights(cfg: ModelConfig) -> dict:
+    return LAYER_WEIGHTS

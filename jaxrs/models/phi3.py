@@ -10,11 +10,6 @@ permutation (NeoX-style RoPE).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
-
 from jaxrs.config import ModelConfig
 from jaxrs.models import decoder
 from jaxrs.models.decoder import Rows
@@ -46,15 +41,3 @@ def layer_weights(cfg: ModelConfig) -> dict[str, str | Rows]:
         "gate_proj": Rows(gate_up, 0, ff),
         "up_proj": Rows(gate_up, ff, 2 * ff),
     }
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

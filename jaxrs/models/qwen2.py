@@ -7,10 +7,6 @@ llama.cpp converts Qwen2 without permuting q/k (its RoPE is already the rotate-h
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import FULL, SLIDING, ModelConfig
 from jaxrs.models import decoder
@@ -35,15 +31,3 @@ def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
         types = tuple(SLIDING if i >= first else FULL for i in range(cfg.num_layers))
         cfg = dataclasses.replace(cfg, layer_types=types)
     return cfg
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg))
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg))
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits

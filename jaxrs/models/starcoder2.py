@@ -9,10 +9,6 @@ no sliding window (its graph has none, so a GGUF runs with full attention).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-
-import jax.numpy as jnp
-import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.models import decoder
@@ -69,15 +65,3 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return dataclasses.replace(
         cfg, layer_norm=True, hidden_act="gelu_tanh", attention_bias=True, mlp_bias=True
     )
-
-
-def hf_weight_names(cfg: ModelConfig) -> list[str]:
-    return decoder.hf_weight_names(cfg, layer_weights(cfg), TOP_WEIGHTS)
-
-
-def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    return decoder.params_from_hf(get, cfg, dtype, layer_weights(cfg), TOP_WEIGHTS)
-
-
-forward = decoder.forward
-compute_logits = decoder.compute_logits
