@@ -39,3 +39,13 @@ def test_batched_equals_alone(name, tmp_path):
     together = generate(engine, PROMPTS)
     alone = [generate(engine, [p])[0] for p in PROMPTS]
     assert together == alone
+
+
+def test_longrope_models_do_not_reuse_cached_blocks(tmp_path):
+    """Cached keys do not record which LongRoPE factor set rotated them, so the cache stays off."""
+    save_tiny_hf_model(CONFIGS["phi3-longrope-switch"], tmp_path, seed=3)
+    save_tiny_tokenizer(tmp_path, CONFIGS["phi3-longrope-switch"].vocab_size)
+    engine = Engine(
+        load_model(str(tmp_path)), EngineConfig(kv_cache_tokens=512, prefix_caching=True), dtype=jnp.float32
+    )
+    assert not engine.blocks.prefix_caching

@@ -64,7 +64,7 @@ def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def kv_pool_bytes(config: EngineConfig, per_token: int, params: dict) -> int:
+def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
     if config.kv_cache_tokens:
         return config.kv_cache_tokens * per_token
     if config.kv_cache_mb:
@@ -100,13 +100,17 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         cfg = loaded.config
         per_token = kv_bytes_per_token(cfg, dtype)
-        num_blocks = max(
-            1, kv_pool_bytes(config, per_token, loaded.params) // (per_token * config.block_size)
-        )
+        num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
+        prefix_caching = config.prefix_caching
+        if prefix_caching and cfg.rope_scaling.kind == "longrope":
+            # LongRoPE rotates keys by a factor set chosen from the sequence's length when they are
+            # written; a cached block does not record which, so reusing it could mix the two sets.
+            log.warning("prefix caching is off for this LongRoPE model")
+            prefix_caching = False
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
