@@ -10,12 +10,14 @@ def enable_compilation_cache() -> Path | None:
     """Turn on JAX's persistent compilation cache (once per process) so a restart skips recompiling.
 
     `$JAXRS_COMPILATION_CACHE` names the folder (default: `<cache_dir>/xla`); "off" disables it. A cache
-    folder the user already configured for JAX is left alone.
+    folder the user already configured for JAX is left alone. On CPU it is off unless a folder is named:
+    jax 0.10's CPU executable serialization crashed the process (SIGSEGV in `put_executable_and_time`)
+    on some of our steps.
     """
     import jax
 
     setting = os.environ.get("JAXRS_COMPILATION_CACHE", "")
-    if setting.lower() == "off":
+    if setting.lower() == "off" or (not setting and jax.default_backend() == "cpu"):
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
