@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from transformers import LlamaConfig, MistralConfig
 
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
 from jaxrs.models.registry import family
 from tests.conftest import relative_error, save_tiny_hf_model
-from tests.paged import PagedRun
+from tests.paged import PagedRun, assert_matches_transformers
 
 SMALL = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256
@@ -59,25 +58,7 @@ def load_params(path, dtype=np.float32):
 def test_logits_and_greedy_match_transformers(name, tmp_path):
     ref = save_tiny_hf_model(CONFIGS[name], tmp_path, seed=len(name))
     cfg, params = load_params(tmp_path)
-    prompt = np.random.default_rng(1).integers(0, 256, PROMPT_LEN).tolist()
-
-    run = PagedRun(cfg, params, block_size=8, num_blocks=16, seed=3)
-    ours = [run.feed(prompt)]
-    ids = list(prompt)
-    with torch.no_grad():
-        theirs = [ref(torch.tensor([ids])).logits[0].numpy()]
-    for _ in range(DECODE_STEPS):  # greedy on both sides, each from its own logits
-        ours_next = int(np.argmax(ours[-1][-1]))
-        assert ours_next == int(np.argmax(theirs[-1][-1]))
-        ids.append(ours_next)
-        ours.append(run.feed([ours_next]))
-        with torch.no_grad():
-            theirs.append(ref(torch.tensor([ids])).logits[0, -1:].numpy())
-    ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
-    assert ours_all.shape == (PROMPT_LEN + DECODE_STEPS, 256)
-    err = relative_error(ours_all, theirs_all)
-    print(f"{name}: max relative logit error {err:.2e}")
-    assert err <= 1e-4
+    assert_matches_transformers(name, cfg, params, ref, PROMPT_LEN, DECODE_STEPS)
 
 
 def test_chunked_prefill_equals_whole_prompt(tmp_path):

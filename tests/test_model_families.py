@@ -23,7 +23,7 @@ from jaxrs.models.layers import activation
 from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
 from tests.conftest import relative_error, save_tiny_hf_model
-from tests.paged import PagedRun
+from tests.paged import PagedRun, assert_matches_transformers
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
 GEMMA = dict(SMALL, num_attention_heads=4, num_key_value_heads=2, head_dim=32)  # q size 128 != hidden
@@ -164,25 +164,7 @@ def test_gelu_tanh_is_torchs():
 def test_logits_and_greedy_match_transformers(name, tiny):
     path, ref = tiny(name)
     cfg, params = load_params(path)
-    prompt = np.random.default_rng(1).integers(0, 256, PROMPT_LEN).tolist()
-
-    run = PagedRun(cfg, params, block_size=8, num_blocks=16, seed=3)
-    ours = [run.feed(prompt)]
-    ids = list(prompt)
-    with torch.no_grad():
-        theirs = [ref(torch.tensor([ids])).logits[0].numpy()]
-    for _ in range(DECODE_STEPS):  # greedy on both sides, each from its own logits
-        ours_next = int(np.argmax(ours[-1][-1]))
-        assert ours_next == int(np.argmax(theirs[-1][-1]))
-        ids.append(ours_next)
-        ours.append(run.feed([ours_next]))
-        with torch.no_grad():
-            theirs.append(ref(torch.tensor([ids])).logits[0, -1:].numpy())
-    ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
-    assert ours_all.shape == (PROMPT_LEN + DECODE_STEPS, 256)
-    err = relative_error(ours_all, theirs_all)
-    print(f"{name}: max relative logit error {err:.2e}")
-    assert err <= 1e-4
+    assert_matches_transformers(name, cfg, params, ref, PROMPT_LEN, DECODE_STEPS)
 
 
 # --- GGUF: a tiny file written as llama.cpp's convert_hf_to_gguf.py writes the architecture ----------
