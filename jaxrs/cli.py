@@ -1,4 +1,4 @@
-"""`jaxrs` command line: run a model (one prompt or an interactive chat), fetch the demo model."""
+"""`jaxrs` command line: run or serve a model, quantize one into a folder, fetch the demo model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from jaxrs.errors import JaxrsError
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """Which model, and how its weights are loaded."""
     p.add_argument(
         "--model", "-m", help="GGUF file, HF model folder or Hub repo id (default: the demo model)"
     )
@@ -19,6 +20,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
     p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    _source_args(p)
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-mb", type=float, help="memory for the paged KV cache, MiB (CPU default: 512)")
     kv.add_argument("--kv-cache-fraction", type=float, help="share of free device memory for the KV cache")
@@ -66,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _model_args(serve)
     _serve_args(serve)
+    quantize = sub.add_parser(
+        "quantize", help="quantize a model once into a folder that run, serve and LLM() load directly"
+    )
+    _source_args(quantize)
+    quantize.add_argument("--out", "-o", required=True, help="folder to write (new, or an earlier output)")
     return parser
 
 
@@ -98,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "quantize":
+            return _quantize(args)
         return _run(args)
     except JaxrsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -173,6 +185,30 @@ def _run(args: argparse.Namespace) -> int:
         print()
         return 0
     return _chat(llm, params, system)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """Load with ISQ (or a GGUF packed) and write the folder; no engine is built."""
+    from pathlib import Path
+
+    from jaxrs.llm import resolve_dtype
+    from jaxrs.loading import load_model
+    from jaxrs.loading.prequantized import save_quantized
+
+    if not args.isq and not args.packed:
+        raise JaxrsError("quantize needs --isq TYPE (or --packed to keep a GGUF's own quantized tensors)")
+    loaded = load_model(
+        args.model,
+        gguf_file=args.gguf_file,
+        dtype=resolve_dtype(args.dtype),
+        tokenizer=args.tokenizer,
+        packed=args.packed,
+        isq=args.isq,
+    )
+    out = Path(args.out)
+    save_quantized(loaded, out)
+    print(out)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Model sources -> (ModelConfig, parameter pytree, tokenizer).
 
-A source is a GGUF file, a Hugging Face model folder, a folder holding one GGUF, a Hub repo id, or
-nothing (the embedded demo model). Every format ends in the same parameter tree, so one model
-implementation serves them all.
+A source is a GGUF file, a Hugging Face model folder, a folder holding one GGUF, a folder written by
+`jaxrs quantize` (`prequantized`), a Hub repo id, or nothing (the embedded demo model). Every format
+ends in the same parameter tree, so one model implementation serves them all.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 
 from jaxrs.config import ModelConfig, read_json
-from jaxrs.errors import ModelLoadError
+from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.registry import family
 
 if TYPE_CHECKING:
@@ -35,9 +35,10 @@ class LoadedModel:
 
 
 def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str, Path]:
-    """("gguf" | "hf", local path) for a user-given model string."""
+    """("gguf" | "hf" | "quantized", local path) for a user-given model string."""
     from jaxrs.loading.demo import fetch_demo_model
     from jaxrs.loading.hub import download_repo, looks_like_repo_id
+    from jaxrs.loading.prequantized import is_quantized_folder
 
     if model is None:
         return "gguf", fetch_demo_model()
@@ -47,6 +48,8 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str
     if path.is_dir():
         if gguf_file:
             return "gguf", path / gguf_file
+        if is_quantized_folder(path):  # written by `jaxrs quantize`
+            return "quantized", path
         if (path / "config.json").is_file():
             return "hf", path
         ggufs = sorted(path.glob("*.gguf"))
@@ -83,6 +86,12 @@ def load_model(
     kind, path = resolve_source(model, gguf_file)
     start = time.perf_counter()
     dtype = jnp.dtype(dtype)
+    if kind == "quantized":
+        from jaxrs.loading.prequantized import load_quantized
+
+        if isq:
+            raise JaxrsError(f"{path} is already quantized; drop --isq (or quantize the original model)")
+        return load_quantized(path, dtype=dtype, tokenizer=tokenizer)
     if kind == "gguf":
         from jaxrs.loading.ggml_file import is_ggml, read_ggml
         from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
