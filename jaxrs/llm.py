@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxrs.engine.engine import Engine, EngineConfig, Request
+from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import TokenLogprob
-from jaxrs.loading import load_model
+from jaxrs.loading import LoadedModel, load_model
 from jaxrs.ops import Kernels
 
 log = logging.getLogger("jaxrs")
@@ -88,7 +89,8 @@ class LLM:
 
     `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, or None for the demo model.
     `packed=True` keeps a GGUF's quantized tensors packed on the device; `isq="Q4K"` (any
-    `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading.
+    `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading, and
+    `requantize("Q8_0")` quantizes them again later, without a restart.
     Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
     """
 
@@ -106,14 +108,29 @@ class LLM:
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
-        self.model = load_model(
+        loaded = load_model(
             model, gguf_file=gguf_file, dtype=self.dtype, tokenizer=tokenizer, packed=packed, isq=isq
         )
-        self.tokenizer = self.model.tokenizer
-        config = EngineConfig(**engine_config)
-        self.engine = Engine(self.model, config, kernels=Kernels.from_mapping(kernels), dtype=self.dtype)
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(
+            loaded,
+            EngineConfig(**engine_config),
+            kernels=Kernels.from_mapping(kernels),
+            dtype=self.dtype,
+            reload=source_reloader(loaded.source, self.dtype, tokenizer),
+        )
         if warmup:
             self.warmup()
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model served (the engine's: `requantize` replaces its weights)."""
+        return self.engine.model
+
+    def requantize(self, fmt: str) -> Requantized:
+        """Quantize the served weights to `fmt` now (runtime ISQ; see `Engine.requantize`): pending
+        requests carry on afterwards. While a server drives this LLM, use its `POST /v1/re_isq`."""
+        return self.engine.requantize(fmt)
 
     def warmup(self) -> None:
         """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`)."""

@@ -21,6 +21,7 @@ from server.auth import api_key_guard
 from server.context import ServerContext
 from server.errors import EXCEPTION_HANDLERS
 from server.request_log import RequestLog
+from server.routes_admin import re_isq
 from server.routes_chat import chat_completions
 from server.routes_completions import completions
 from server.routes_health import health, metrics
@@ -43,7 +44,7 @@ def create_app(
     chat_template: str | None = None,
 ) -> Litestar:
     """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
-    `api_key` guards /v1; `request_log` appends one JSON line per generation request.
+    `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per generation request.
 
     Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
     """
@@ -67,13 +68,13 @@ def create_app(
             ctx.driver = None
             await asyncio.to_thread(driver.shutdown)  # aborts and fails what is still in flight
 
+    guards = [api_key_guard(api_key)] if api_key else None
     v1 = Router(
-        "/v1",
-        route_handlers=[chat_completions, completions, list_models, get_model],
-        guards=[api_key_guard(api_key)] if api_key else None,
+        "/v1", route_handlers=[chat_completions, completions, list_models, get_model, re_isq], guards=guards
     )
+    admin = Router("/", route_handlers=[re_isq], guards=guards)  # /re_isq, mistral.rs's path
     app = Litestar(
-        route_handlers=[v1, health, metrics],
+        route_handlers=[v1, admin, health, metrics],
         dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[engine_lifespan],

@@ -55,6 +55,8 @@ class _EngineCollector:
         for reason, count in sorted(dict(stats.finished if stats else {}).items()):
             completed.add_metric([reason], count)
         yield completed
+        done = stats.requantizations if stats else 0
+        yield CounterMetricFamily("re_isq", "Weight re-quantizations done (POST /v1/re_isq)", value=done)
         cache = engine.blocks.stats
         yield CounterMetricFamily(
             "prefix_cache_lookups", "Prompt tokens looked up in the prefix cache", value=cache.queries

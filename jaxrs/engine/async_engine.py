@@ -3,7 +3,8 @@
 The engine loop runs in its own thread (JAX releases the GIL while the device works), so the event
 loop stays free to accept and stream requests. Requests and aborts cross into the engine thread
 through a queue; per-request updates cross back with `call_soon_threadsafe`. A client that goes away
-aborts its request, which frees its KV blocks at once.
+aborts its request, which frees its KV blocks at once. Re-quantizing the weights is a command too, so
+it runs between steps and nothing races the step loop.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 
 from jaxrs.engine.engine import Engine, Request
+from jaxrs.engine.requantize import Requantized
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import Sequence, TokenLogprob
 from jaxrs.errors import JaxrsError
+from jaxrs.quant import parse_format
 
 log = logging.getLogger("jaxrs")
 
@@ -65,6 +68,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    requantizations: int = 0
     time_to_first_token: list[float] = dataclasses.field(default_factory=list)  # drained by metrics
     inter_token: list[float] = dataclasses.field(default_factory=list)
 
@@ -130,11 +134,25 @@ class AsyncEngine:
                 self._commands.put(("abort", request_id))
                 self._wake.set()
 
+    async def requantize(self, fmt: str) -> Requantized:
+        """Quantize the weights to `fmt` on the engine thread, between steps (see `Engine.requantize`):
+        requests arriving meanwhile wait, those in flight recompute and carry on afterwards."""
+        parse_format(fmt)  # an unknown format fails at once, without waiting for the engine thread
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Requantized] = loop.create_future()
+        self._commands.put(("requantize", fmt, loop, done))
+        self._wake.set()
+        return await done
+
     def shutdown(self) -> None:
         """Stop the engine thread; requests still in flight are aborted and their callers told."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        while not self._commands.empty():  # a re-ISQ the thread never reached
+            command = self._commands.get_nowait()
+            if command[0] == "requantize":
+                _settle(command[2], command[3], JaxrsError("the server is shutting down"))
         for request_id, request in list(self._requests.items()):
             self.engine.abort(request_id)
             self._forget(request)
@@ -176,8 +194,20 @@ class AsyncEngine:
                     self.stats.prompt_tokens += len(prompt_ids)
                 except JaxrsError as e:
                     self._send(request_id, e)
+            elif command[0] == "requantize":
+                self._requantize(*command[1:])
             else:
                 self._abort(command[1])
+
+    def _requantize(self, fmt: str, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        try:
+            result = self.engine.requantize(fmt)
+        except Exception as e:  # the caller reports it; the engine serves on (old weights restored)
+            _settle(loop, done, e)
+            return
+        self.stats.requantizations += 1
+        self._publish(result.cut)
+        _settle(loop, done, result)
 
     def _abort(self, request_id: str) -> None:
         request = self._requests.get(request_id)
@@ -253,3 +283,17 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._forget(request)
             self._send(request_id, JaxrsError(f"the engine failed: {error}"))
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: object) -> None:
+    """Resolve an event-loop future from another thread (an exception outcome is raised to its awaiter)."""
+
+    def settle() -> None:
+        if future.done():  # the caller went away
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    loop.call_soon_threadsafe(settle)

@@ -2,6 +2,7 @@
 
 `step()` asks the scheduler for a batch, runs it (one decode call for all running sequences, one
 prefill call per prompt chunk), then appends the sampled tokens and applies stops on the host.
+`requantize()` swaps the weights for another format between steps (runtime ISQ).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import Scheduler
@@ -25,6 +27,8 @@ from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
+from jaxrs.quant import parse_format
+from jaxrs.quant.tensor import tree_nbytes
 from jaxrs.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jaxrs")
@@ -91,26 +95,27 @@ class Engine:
         *,
         kernels: Kernels = Kernels(),
         dtype: jnp.dtype = jnp.float32,
+        reload: Reloader | None = None,
     ):
+        """`reload` reads the weights again quantized to a format (for `requantize`); by default from
+        `loaded.source`, with that source's own tokenizer."""
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
         self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
+        self.kernels = kernels
+        self.dtype = jnp.dtype(dtype)
+        self._reload = reload or source_reloader(loaded.source, self.dtype)
         cfg = loaded.config
-        per_token = kv_bytes_per_token(cfg, dtype)
-        num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
-        self.max_model_len = min(
-            config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
-        )
-        prefix_caching = config.prefix_caching
-        if prefix_caching and cfg.rope_scaling.kind == "longrope":
+        self.prefix_caching = config.prefix_caching
+        if self.prefix_caching and cfg.rope_scaling.kind == "longrope":
             # LongRoPE rotates keys by a factor set chosen from the sequence's length when they are
             # written; a cached block does not record which, so reusing it could mix the two sets.
             log.warning("prefix caching is off for this LongRoPE model")
-            prefix_caching = False
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=prefix_caching)
+            self.prefix_caching = False
+        self._build_pool()
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
@@ -118,13 +123,28 @@ class Engine:
             max_decode_steps=config.max_decode_steps,
             max_model_len=self.max_model_len,
         )
+        self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self.requests: dict[str, Request] = {}
+
+    def _build_pool(self) -> None:
+        """Size the KV pool from the memory left beside the weights, then build the block manager (empty
+        prefix cache) and the runner around it."""
+        cfg, config = self.model.config, self.config
+        per_token = kv_bytes_per_token(cfg, self.dtype)
+        num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=self.prefix_caching)
         self.runner = ModelRunner(
             cfg,
-            loaded.params,
+            self.model.params,
             num_blocks=num_blocks,
             block_size=config.block_size,
-            kernels=kernels,
-            dtype=dtype,
+            kernels=self.kernels,
+            dtype=self.dtype,
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
@@ -136,13 +156,9 @@ class Engine:
             num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / 2**20,
             per_token,
-            jnp.dtype(dtype).name,
+            self.dtype.name,
             self.max_model_len,
         )
-        self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
-        self._rng = random.Random(config.seed)
-        self._ids = itertools.count()
-        self.requests: dict[str, Request] = {}
 
     # -- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -266,6 +282,78 @@ class Engine:
         finally:
             self.blocks.free(table)
 
+    # -- re-quantization ----------------------------------------------------------------------------
+    def requantize(self, fmt: str) -> Requantized:
+        """Replace the weights, between steps, by the model's weights quantized to `fmt` (runtime ISQ).
+
+        Requests stay queued: running sequences give their blocks back and recompute their tokens with
+        the new weights, and the prefix cache is emptied (its K/V came from the old ones). The KV pool
+        is sized again from the memory now free, and a warmed-up runner is warmed up again. An unknown
+        format raises `JaxrsError` before anything changes; a failed load puts the old weights back
+        and raises `RequantizeError`.
+        """
+        fmt = parse_format(fmt)
+        began = time.perf_counter()
+        weight_bytes, kv_blocks = tree_nbytes(self.model.params), self.blocks.num_blocks
+        requeued = self.scheduler.release_all()
+        warmed = self.runner.warmed
+        self.runner.release()
+        stash = jax.device_get(self.model.params)  # on the host, to put back if loading fails
+        shell = self.model = dataclasses.replace(self.model, params={})  # config stays readable meanwhile
+        failure = None
+        try:
+            self._install(self._load(fmt), warmed)
+        except Exception as error:  # any failure puts the old weights back
+            log.exception("re-ISQ to %s failed; putting the old weights back", fmt)
+            failure = f"{type(error).__name__}: {error}"
+        if failure is not None:  # past the except block, so its traceback no longer pins new arrays
+            self.runner.release()  # a new runner, if it was built
+            self._install(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
+            raise RequantizeError(f"re-ISQ to {fmt} failed; the model is unchanged ({failure})")
+        cut = [seq for seq in self.scheduler.waiting if seq.num_tokens >= self.max_model_len]
+        for seq in cut:  # a smaller pool no longer holds them
+            self._finish_at_length(seq)
+        done = Requantized(
+            fmt,
+            weight_bytes,
+            tree_nbytes(self.model.params),
+            kv_blocks,
+            self.blocks.num_blocks,
+            self.max_model_len,
+            requeued,
+            time.perf_counter() - began,
+            cut,
+        )
+        log.info(
+            "re-ISQ to %s in %.1f s: weights %.1f -> %.1f MiB, KV pool %d -> %d blocks, %d running "
+            "sequences recompute, %d cut at the new max model length; step shapes compile again%s",
+            fmt,
+            done.seconds,
+            done.weight_bytes_before / 2**20,
+            done.weight_bytes_after / 2**20,
+            done.kv_blocks_before,
+            done.kv_blocks_after,
+            requeued,
+            len(cut),
+            " (warmed up)" if warmed else " on first use",
+        )
+        return done
+
+    def _load(self, fmt: str) -> LoadedModel:
+        """The model's weights read again in `fmt`, beside the config, tokenizer and defaults in use."""
+        fresh = self._reload(fmt)
+        if fresh.config != self.model.config:
+            raise JaxrsError(f"{self.model.source} no longer holds the model that was loaded from it")
+        return dataclasses.replace(self.model, params=fresh.params)
+
+    def _install(self, model: LoadedModel, warmed: tuple | None) -> None:
+        """Serve `model`: a new pool and runner (warmed up with `warmed`, the old runner's arguments)."""
+        self.model = model
+        self._build_pool()
+        self.scheduler.blocks, self.scheduler.max_model_len = self.blocks, self.max_model_len
+        if warmed:
+            self.runner.warmup(*warmed)
+
     # -- tokens and stops ---------------------------------------------------------------------------
     def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
         token = int(out.tokens[at])
@@ -289,8 +377,11 @@ class Engine:
                 seq.text = seq.text[:at_]
                 return self._finish(seq, "stop")
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.text += seq.detokenizer.flush()
-            self._finish(seq, "length")
+            self._finish_at_length(seq)
+
+    def _finish_at_length(self, seq: Sequence) -> None:
+        seq.text += seq.detokenizer.flush()
+        self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

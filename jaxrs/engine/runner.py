@@ -110,6 +110,14 @@ class ModelRunner:
         self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
         self.shapes: set[tuple] = set()
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
+        self.warmed: tuple[tuple[int, ...], tuple[SamplingParams, ...]] | None = None  # warmup()'s arguments
+
+    def release(self) -> None:
+        """Free the KV pool now and let go of the parameters, so new weights can take their memory; the
+        runner cannot step afterwards."""
+        for pages in self.kv or ():
+            pages.delete()
+        self.kv, self.params = None, None  # type: ignore[assignment]
 
     # -- shapes ---------------------------------------------------------------------------------------
     def width(self, num_blocks: int) -> int:
@@ -250,6 +258,7 @@ class ModelRunner:
         """
         from tqdm.auto import tqdm
 
+        self.warmed = (tuple(decode_steps), tuple(profiles))
         widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
         batches = sorted({min(bucket(b), bucket(self.max_num_seqs)) for b in range(1, self.max_num_seqs + 1)})
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})

@@ -138,6 +138,21 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         log.info("preempting %s (%d tokens) for lack of KV blocks", seq.request_id, seq.num_tokens)
         self.num_preemptions += 1
+        self._requeue(seq)
+
+    def release_all(self) -> int:
+        """Take every block back so the pool can be rebuilt (new weights): running sequences return to
+        the front of the queue in their order, and every sequence recomputes its tokens when admitted
+        again. Returns how many were running."""
+        running = list(self.running)
+        for seq in reversed(running):
+            self._requeue(seq)
+        for seq in self.waiting:  # forked samples wait holding their parent's prompt blocks
+            self.blocks.free(seq.table)
+            seq.num_computed = 0
+        return len(running)
+
+    def _requeue(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.table)
         seq.num_computed = 0

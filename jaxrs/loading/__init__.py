@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.registry import family
+from jaxrs.quant.tensor import tree_nbytes
 
 if TYPE_CHECKING:
     from jaxrs.tokenizer import Tokenizer
@@ -124,12 +125,13 @@ def load_model(
         _with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype
     )
     log.info(
-        "loaded %s (%s, %d layers) from %s in %.1f s",
+        "loaded %s (%s, %d layers) from %s in %.1f s, weights %.1f MiB",
         cfg.name or path.name,
         cfg.architecture,
         cfg.num_layers,
         path,
         time.perf_counter() - start,
+        tree_nbytes(params) / 2**20,
     )
     return LoadedModel(cfg, params, tok, generation_config, str(path))
 

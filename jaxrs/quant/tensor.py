@@ -117,3 +117,9 @@ def stack(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
     lib = np if all(isinstance(a, np.ndarray) for t in tensors for a in t.arrays.values()) else jax.numpy
     arrays = {n: lib.stack([t.arrays[n] for t in tensors]) for n in first.spec.field_names}
     return QuantizedTensor(first.fmt, first.out_in, arrays)
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by a pytree's arrays (a `QuantizedTensor` counts its packed fields): what a parameter
+    tree occupies on the device, to compare formats and file sizes."""
+    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
