@@ -78,3 +78,25 @@ def test_isq_flag_and_unknown_type(demo_gguf):
     )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_gemma3_270m_base_model_completes_the_prompt():
+    """The real Gemma 3 270M GGUF: a base model with no chat template, so `run --prompt` completes the
+    text as written (in Gemma's chat turns it answers with noise, in transformers too), and answers."""
+    from tests.gemma3_gguf import fetch_gemma3_270m
+
+    done = jaxrs(
+        "run",
+        "--model",
+        str(fetch_gemma3_270m()),
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--kv-cache-tokens",
+        "256",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "The capital of France is Paris." in done.stdout

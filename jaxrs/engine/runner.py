@@ -166,7 +166,7 @@ class ModelRunner:
         t, w = self.chunk_len(n), self.width(len(seq.table.blocks))
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = ids
-        meta = self._metadata(seq.table.blocks, start, n, t, w)
+        meta = self._metadata(seq.table.blocks, start, n, t, w, rope_len=seq.num_tokens)
         batch, flags = self._sampling([seq], 1, prefill=True)
         began = time.perf_counter()
         out, self.kv = _prefill(
@@ -235,7 +235,10 @@ class ModelRunner:
         self._note("score", (t, w), began)
         return np.asarray(logprobs)[0, :n]
 
-    def _metadata(self, blocks: list[int], start: int, n: int, t: int, w: int) -> AttentionMetadata:
+    def _metadata(
+        self, blocks: list[int], start: int, n: int, t: int, w: int, rope_len: int | None = None
+    ) -> AttentionMetadata:
+        """One sequence's tokens [start, start + n), padded to t; `rope_len`: see AttentionMetadata."""
         positions = np.zeros((1, t), np.int32)
         slots = np.full((1, t), -1, np.int32)
         tables = np.zeros((1, w), np.int32)
@@ -244,7 +247,9 @@ class ModelRunner:
         positions[0, :n] = pos
         slots[0, :n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
         tables[0, : len(table)] = table
-        return AttentionMetadata(positions, slots, tables, np.array([start + n], np.int32))
+        context = np.array([start + n], np.int32)
+        rope = context if rope_len is None else np.array([rope_len], np.int32)
+        return AttentionMetadata(positions, slots, tables, context, rope)
 
     # -- warm-up --------------------------------------------------------------------------------------
     def _profile_flags(self, params: SamplingParams) -> SamplingFlags:
@@ -309,6 +314,7 @@ class ModelRunner:
                     np.full((1, a), -1, np.int32),
                     np.zeros((1, w), np.int32),
                     np.zeros(1, np.int32),
+                    np.zeros(1, np.int32),  # rope_lens, as `prefill` passes them
                 )
                 _, self.kv = _prefill(
                     self.params,

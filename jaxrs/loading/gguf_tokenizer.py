@@ -11,18 +11,24 @@ rebuild the tokenizer so it splits text the way llama.cpp does for that name:
   spaces become `▁` with an optional prefix space (built as transformers' LlamaTokenizer does).
 
 CONTROL tokens become special added tokens and USER_DEFINED tokens plain added tokens, so both are matched
-whole in the text, as llama.cpp does.
+whole in the text. User-defined tokens are matched after normalization, as SentencePiece matches them (in
+a SentencePiece vocabulary, after spaces became `▁`: Gemma's whitespace-run tokens).
+
+A file without a chat template gets its architecture's built-in one (`jaxrs.default_chat_templates`) if
+its name marks it instruction-tuned.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from jaxrs.default_chat_templates import default_chat_format
 from jaxrs.errors import ModelLoadError
 from jaxrs.tokenizer import Tokenizer
 
@@ -159,6 +165,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | Path) -> Tokenizer
             token_id("unknown_token_id", 0),
         )
         add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        tokens = _sentencepiece_spelling(tokens, types)
         backend = _sentencepiece_bpe(tokens, types, metadata, unk, add_space_prefix, path)
         add_bos_default = True
     else:
@@ -167,6 +174,8 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | Path) -> Tokenizer
         add_bos_default = pre in _IGNORE_MERGES_NAMES
     pad = token_id("padding_token_id")
     eos_ids = [i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+    chat_template, turn_end = _chat_template(metadata, tokens, path)
+    eos_ids += turn_end
 
     _add_special_tokens(backend, tokens, types, {i for i in (bos, eos, unk, pad, *eos_ids) if i is not None})
     return Tokenizer(
@@ -177,8 +186,48 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | Path) -> Tokenizer
         unk_token_id=unk,
         add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=metadata.get("tokenizer.chat_template") or None,
+        chat_template=chat_template,
     )
+
+
+def _chat_template(
+    metadata: dict[str, Any], tokens: list[str], path: str | Path
+) -> tuple[str | None, list[int]]:
+    """The file's chat template, else its architecture's built-in one if the file names an instruction-tuned
+    model; and the id of the built-in format's end-of-turn token, which ends generation whichever template
+    renders the chat (as llama.cpp stops at it).
+
+    A base model gets no built-in template: it was not tuned on the turn format (Gemma 3 270M base answers
+    a turn-formatted question with noise, transformers' tokens identical), while it completes plain text
+    well; without a template, callers complete prompts as text.
+    """
+    template = metadata.get("tokenizer.chat_template") or None
+    chat_format = default_chat_format(metadata.get("general.architecture"))
+    if chat_format is None:
+        return template, []
+    if template is None and _instruction_tuned(metadata):
+        log.warning(
+            "%s: no chat template in the file; using the built-in %s turn format", path, chat_format.name
+        )
+        template = chat_format.template
+    elif template is None:
+        log.info(
+            "%s: no chat template in the file, and neither general.finetune nor general.name marks it "
+            "instruction-tuned: no built-in %s turn format for a base model",
+            path,
+            chat_format.name,
+        )
+    turn_end = [i for i, token in enumerate(tokens) if token == chat_format.end_of_turn][:1]
+    return template, turn_end
+
+
+_TUNED_WORDS = {"it", "instruct", "chat"}
+
+
+def _instruction_tuned(metadata: dict[str, Any]) -> bool:
+    """llama.cpp's converter takes `general.finetune` from the model's name ("gemma-3-1b-it" -> "it")."""
+    names = f"{metadata.get('general.finetune') or ''} {metadata.get('general.name') or ''}"
+    return bool(_TUNED_WORDS & set(re.split(r"[^a-z0-9]+", names.lower())))
 
 
 # -- byte-level BPE ------------------------------------------------------------------------------------
@@ -304,7 +353,9 @@ def _sentencepiece_bpe(
             vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True, dropout=None
         )
     )
-    backend.normalizer = None
+    # Spaces become `▁` before user-defined tokens are matched (SentencePiece normalizes first); the
+    # pre-tokenizer then only adds the prefix `▁`.
+    backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
     )
@@ -313,6 +364,13 @@ def _sentencepiece_bpe(
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+def _sentencepiece_spelling(tokens: list[str], types: list[int]) -> list[str]:
+    """Tokens as SentencePiece spells them. llama.cpp's converter writes user-defined pieces with `▁` turned
+    into spaces (Gemma's "▁▁" as "  ", to match them in raw text); SentencePiece, and transformers, match
+    them after normalization, so "▁ x" gives "▁▁" there: restore the `▁`."""
+    return [t.replace(" ", "▁") if kind == USER_DEFINED else t for t, kind in zip(tokens, types, strict=True)]
 
 
 def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -342,9 +400,9 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 
 def _add_special_tokens(backend: Backend, tokens: list[str], types: list[int], named: set[int]) -> None:
     """CONTROL tokens and the named special tokens (bos/eos/unk/pad/eot) as special added tokens,
-    USER_DEFINED ones (e.g. `<think>`) as plain added tokens: both are then matched whole in raw text
-    (llama.cpp's special-token partition), and only the special ones are dropped by
-    `decode(skip_special_tokens=True)`."""
+    USER_DEFINED ones (e.g. `<think>`) as plain added tokens: both are then matched whole (special ones in
+    the raw text, as llama.cpp's special-token partition does; user-defined ones in the normalized text, as
+    SentencePiece does), and only the special ones are dropped by `decode(skip_special_tokens=True)`."""
     # Only a token whose text is its own id in the vocabulary can be added without growing the vocabulary
     # (a normal token respelled into the byte alphabet, or a duplicated string, cannot).
     addable = lambda i: bool(tokens[i]) and backend.token_to_id(tokens[i]) == i
@@ -353,4 +411,4 @@ def _add_special_tokens(backend: Backend, tokens: list[str], types: list[int], n
     if special:
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     if user:
-        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=True) for i in user])

@@ -351,17 +351,19 @@ def _rope(
 ) -> tuple[jax.Array, jax.Array]:
     """cos/sin `[B, T, rotary_dim]` for this step's positions.
 
-    LongRoPE does what transformers does: a sequence uses the long factors once its length (its
-    `context_lens`, i.e. last position + 1) passes `original_max_position_embeddings`, the short ones
-    before, chosen per sequence for the whole step. Keys already in the cache keep the rotation they were
-    written with; cos and sin are scaled by the attention factor either way.
+    LongRoPE does what transformers does: a sequence uses the long factors once its length passes
+    `original_max_position_embeddings`, the short ones before, chosen per sequence for the whole step.
+    The length is `rope_lens` when given (every chunk of a prefill uses the whole prefill's length, so
+    chunking does not change the result), else `context_lens`. Keys already in the cache keep the
+    rotation they were written with; cos and sin are scaled by the attention factor either way.
     """
     dim = cfg.rotary_dim or cfg.head_dim
     if scaling.kind != "longrope":
         return rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, theta, scaling, dim))
     short = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.short_factor))
     long = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.long_factor))
-    use_long = (jnp.asarray(meta.context_lens) > scaling.original_max_position_embeddings)[:, None, None]
+    length = meta.context_lens if meta.rope_lens is None else meta.rope_lens
+    use_long = (jnp.asarray(length) > scaling.original_max_position_embeddings)[:, None, None]
     factor = jnp.float32(scaling.attention_factor)
     return tuple(jnp.where(use_long, lg, sh) * factor for sh, lg in zip(short, long, strict=True))
 

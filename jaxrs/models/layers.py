@@ -28,13 +28,16 @@ class AttentionMetadata(NamedTuple):
 
     positions: absolute position of each token; slot_mapping: the slot its K/V goes to (-1 = padding);
     block_tables: `[B, NB]` physical blocks per sequence; context_lens: valid keys per sequence after
-    this step's tokens are written.
+    this step's tokens are written; rope_lens: the sequence length LongRoPE picks its factor set by
+    (a chunked prefill passes the length of the whole prefill, as if it ran at once; default
+    context_lens).
     """
 
     positions: jax.Array
     slot_mapping: jax.Array
     block_tables: jax.Array
     context_lens: jax.Array
+    rope_lens: jax.Array | None = None
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0) -> jax.Array:
