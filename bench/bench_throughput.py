@@ -16,17 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-TOPICS = [
-    "the sea",
-    "a mountain",
-    "the city at night",
-    "an old library",
-    "a robot",
-    "the first snow",
-    "a long journey",
-    "a small garden",
-]
+from common import RESULTS, request_text
 
 
 def main() -> None:
@@ -57,10 +47,7 @@ def main() -> None:
     )
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-    prompts = [
-        llm.tokenizer.encode(f"Request {i}: write a few lines about {TOPICS[i % len(TOPICS)]}.")
-        for i in range(most)
-    ]
+    prompts = [llm.tokenizer.encode(request_text(i)) for i in range(most)]
     rows = []
     for n in args.concurrency:
         rates, host = [], []

@@ -1,4 +1,4 @@
-"""`jaxrs` command line: run or serve a model, quantize one into a folder, fetch the demo model."""
+"""`jaxrs` command line: run or serve a model, quantize one into a folder or GGUF, fetch the demo model."""
 
 from __future__ import annotations
 
@@ -72,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(serve)
     _serve_args(serve)
     quantize = sub.add_parser(
-        "quantize", help="quantize a model once into a folder that run, serve and LLM() load directly"
+        "quantize", help="quantize a model once into a folder (or a GGUF file) that run, serve and LLM() load"
     )
     _source_args(quantize)
-    quantize.add_argument("--out", "-o", required=True, help="folder to write (new, or an earlier output)")
+    quantize.add_argument(
+        "--out", "-o", required=True, help="folder to write (new, or an earlier output), or a file X.gguf"
+    )
     return parser
 
 
@@ -197,6 +199,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     if not args.isq and not args.packed:
         raise JaxrsError("quantize needs --isq TYPE (or --packed to keep a GGUF's own quantized tensors)")
+    if args.out.endswith(".gguf"):
+        return _quantize_to_gguf(args)
     loaded = load_model(
         args.model,
         gguf_file=args.gguf_file,
@@ -208,6 +212,27 @@ def _quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_quantized(loaded, out)
     print(out)
+    return 0
+
+
+def _quantize_to_gguf(args: argparse.Namespace) -> int:
+    """`--out X.gguf`: a GGUF source re-quantized into a GGUF file that llama.cpp loads as well."""
+    from pathlib import Path
+
+    from jaxrs.loading import resolve_source
+    from jaxrs.loading.ggml_file import is_ggml
+    from jaxrs.loading.gguf_export import requantize_gguf
+
+    kind, path = resolve_source(args.model, args.gguf_file)
+    if kind != "gguf" or (path.is_file() and is_ggml(path)):
+        raise JaxrsError(f"--out {args.out} writes a GGUF file, which needs a GGUF model, not {path}")
+    if not args.isq or args.packed:
+        raise JaxrsError("--out X.gguf needs --isq TYPE (and no --packed): the type to write")
+    done = requantize_gguf(path, Path(args.out), args.isq)
+    logging.getLogger("jaxrs").info(
+        "re-quantized %d tensors to %s in %.1f s", done["requantized"], done["format"], done["seconds"]
+    )
+    print(args.out)
     return 0
 
 

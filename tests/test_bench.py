@@ -53,3 +53,65 @@ def test_throughput_script(tmp_path):
         str(tmp_path / "t.json"),
     )
     assert [r["concurrency"] for r in out["rows"]] == [1, 2]
+
+
+def test_isq_script(tmp_path):
+    from transformers import LlamaConfig
+
+    from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    save_tiny_hf_model(config, tmp_path)
+    save_tiny_tokenizer(tmp_path, config.vocab_size)
+    args = ["--model", str(tmp_path), "--formats", "Q8_0", "--passes", "1", "--new-tokens", "4"]
+    out = bench(
+        "bench_isq.py", *args, "--prompt-tokens", "8", "--no-llamacpp", "--out", str(tmp_path / "q.json")
+    )
+    f32, q8 = out["rows"]
+    assert (f32["format"], q8["format"], q8["measured_on"]) == ("f32", "Q8_0", "ISQ load")
+    assert q8["weight_mib"] < f32["weight_mib"] and q8["perplexity"] > 0 and q8["decode_tok_s"] > 0
+
+
+def test_peers_script(tmp_path):
+    """The peer harness end to end on a tiny random model, with the two engines of this environment."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    save_tiny_hf_model(config, model)
+    save_tiny_tokenizer(model, config.vocab_size)
+    sizes = ["--prompt-tokens", "16", "--new-tokens", "4", "--passes", "1", "--concurrency", "2"]
+    out = bench(
+        "bench_peers.py",
+        *("--model", str(model), "--engines", "jaxrs", "transformers", "--jaxrs-modes", "f32", *sizes),
+        *("--skip-cold", "--out", str(tmp_path / "p.json")),
+    )
+    rows = out["rows"]
+    assert set(rows) == {"jaxrs f32", "transformers"}
+    for row in rows.values():
+        m = row["medians"]
+        assert min(m["prefill_tok_s"], m["ttft_ms"], m["decode_tok_s"], m["agg_tok_s@2"], m["peak_mib"]) > 0
+        assert len(row["passes"]) == 1 and row["concurrent"]
+    assert rows["jaxrs f32"]["versions"]["jax"] and rows["transformers"]["versions"]["torch"]
+    assert out["machine"]["cores"] >= 1 and out["machine"]["cpu"]
+
+
+def test_gpu_script_tiny(tmp_path):
+    """bench/gpu.py on tiny shapes: synthetic packed weights through the engine with the Pallas kernels
+    (interpret mode on CPU), and the kernel-by-kernel Pallas vs XLA timings."""
+    out = bench(
+        "gpu.py", "--tiny", "--formats", "Q4_K", "--impls", "pallas", "--out", str(tmp_path / "g.json")
+    )
+    (row,) = out["models"]
+    assert "error" not in row, row.get("error")
+    assert row["format"] == "Q4_K" and row["decode_tok_s"] > 0 and row["batch_tok_s"] > 0
+    assert 0 < row["weight_gb"] and row["roofline_tok_s"] > 0 and out["copy_bandwidth_gb_s"] > 0
+    assert {k["op"] for k in out["kernels"]} == {"paged_attention", "qmatmul Q4_K"}
+    assert all(k["pallas_ms"] and k["xla_ms"] for k in out["kernels"])

@@ -24,6 +24,7 @@ def should_quantize(name: str, shape: Sequence[int], fmt: str = "Q4_K", *, embed
     lowered = name.lower()
     if len(shape) < 2 or lowered.endswith("bias") or any(s in lowered for s in SKIP_NAMES):
         return False
-    if not embeddings and any(s in lowered for s in EMBEDDING_NAMES):
+    # names match from a dot on: GGUF's `output.weight` is the head, `blk.0.attn_output.weight` is not
+    if not embeddings and any(f".{s}" in f".{lowered}" for s in EMBEDDING_NAMES):
         return False
     return shape[-1] % spec(fmt).block == 0

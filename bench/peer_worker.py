@@ -1,0 +1,321 @@
+"""One engine in its own process, for `bench_peers.py`: load a model, then answer measurement requests.
+
+    python bench/peer_worker.py ENGINE --model PATH [--threads 2] [--mode f32] [--max-seqs 32] [--ctx 1024]
+    python bench/peer_worker.py ENGINE --model PATH --cold '{"ids": [...], "text": "..."}'  # one token, exit
+
+ENGINE is jaxrs, llamacpp, mistralrs or transformers. A peer runs under the interpreter of its own
+virtual environment, so only the standard library is imported at the top; each engine imports its
+package inside its class.
+
+Protocol, JSON lines: after loading, the worker writes {"ready": true, ...}; then each line it reads is
+a request and gets one line back ({"error": ...} if it failed):
+
+- {"op": "single", "ids": [...], "text": "...", "new_tokens": N}: one greedy sequence, EOS ignored.
+  Returns ttft_s (prompt in, first token out), decode_s and decode_tokens (the tokens after the first),
+  prompt_tokens (what the engine computed: mistral.rs takes text and tokenizes it itself).
+- {"op": "batch", "prompts": [[...], ...], "texts": [...], "new_tokens": N}: every prompt, all at once
+  if the engine batches (`concurrent` in the ready line), else one after another. Returns wall_s and
+  new_tokens (the total generated).
+- {"op": "stats"}: max_rss_mib, this process's peak resident memory so far.
+End of input ends the worker. Protocol lines go to the original stdout; whatever a library prints to
+stdout is sent to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from common import versions
+
+# jaxrs modes: how the weights are held and the compute dtype.
+JAXRS_MODES = {
+    "f32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "packed": {"dtype": "float32", "packed": True},
+    "packed-bf16": {"dtype": "bfloat16", "packed": True},
+}
+
+
+# -- jaxrs: these two also serve bench_single_stream.py and gpu.py, on an engine built there -----------
+
+
+def jaxrs_single(engine, ids: list[int], new_tokens: int) -> dict:
+    """One greedy sequence on a jaxrs `Engine`: time to its first token, then to its last."""
+    from jaxrs import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    seq = engine.add_request(list(ids), params).seqs[0]
+    start = time.perf_counter()
+    while not seq.output_ids:  # a long prompt may take several chunks
+        engine.step()
+    first = time.perf_counter()
+    while not seq.finished:
+        engine.step()
+    end = time.perf_counter()
+    return {
+        "ttft_s": first - start,
+        "decode_s": end - first,
+        "decode_tokens": len(seq.output_ids) - 1,
+        "prompt_tokens": len(ids),
+    }
+
+
+def jaxrs_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """All prompts submitted at once to a jaxrs `Engine`, run to completion (continuous batching)."""
+    from jaxrs import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    requests = [engine.add_request(list(p), params) for p in prompts]
+    while not all(r.finished for r in requests) and engine.has_unfinished():
+        engine.step()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "new_tokens": sum(len(s.output_ids) for r in requests for s in r.seqs)}
+
+
+class Jaxrs:
+    """jaxrs's Python API (`LLM`), one engine serving every request."""
+
+    concurrent = True
+
+    def __init__(self, args: argparse.Namespace):
+        from jaxrs import LLM
+
+        self.llm = LLM(
+            args.model,
+            **JAXRS_MODES[args.mode],
+            max_num_seqs=args.max_seqs,
+            kv_cache_tokens=args.kv_tokens,
+            max_model_len=args.ctx,
+            prefix_caching=False,  # every pass computes its prompt, as in the peers
+        )
+
+    def versions(self) -> dict:
+        return versions(["jaxrs", "jax", "jaxlib"])
+
+    def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
+        return jaxrs_single(self.llm.engine, ids, new_tokens)
+
+    def batch(self, prompts: list[list[int]], texts: list[str], new_tokens: int) -> dict:
+        return jaxrs_batch(self.llm.engine, prompts, new_tokens)
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python: one `Llama` object serves one sequence at a time."""
+
+    concurrent = False
+
+    def __init__(self, args: argparse.Namespace):
+        import llama_cpp
+        from llama_cpp import llama_cpp as bindings
+
+        if args.no_extra_bufts:  # weights in plain CPU buffers: no AMX tiles, no repacked layouts
+            default = bindings.llama_model_default_params
+
+            def plain_buffers():
+                params = default()
+                params.use_extra_bufts = False
+                return params
+
+            bindings.llama_model_default_params = plain_buffers  # what `Llama` reads its defaults from
+        self.llm = llama_cpp.Llama(
+            model_path=args.model,
+            n_ctx=args.ctx,
+            n_batch=512,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            verbose=False,
+        )
+
+    def versions(self) -> dict:
+        return versions(["llama_cpp_python"])
+
+    def _generate(self, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
+        """Greedy tokens until `new_tokens`, whatever they are (the generator never stops on EOS);
+        returns (time to the first token, time after it, tokens)."""
+        self.llm.reset()  # no reuse of the previous pass's prompt in the KV cache
+        start = time.perf_counter()
+        first, count = start, 0
+        for _ in self.llm.generate(ids, top_k=1, temp=0.0):
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+            if count == new_tokens:
+                break
+        return first - start, time.perf_counter() - first, count
+
+    def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
+        ttft, rest, count = self._generate(ids, new_tokens)
+        return {"ttft_s": ttft, "decode_s": rest, "decode_tokens": count - 1, "prompt_tokens": len(ids)}
+
+    def batch(self, prompts: list[list[int]], texts: list[str], new_tokens: int) -> dict:
+        start = time.perf_counter()
+        total = sum(self._generate(ids, new_tokens)[2] for ids in prompts)
+        return {"wall_s": time.perf_counter() - start, "new_tokens": total}
+
+
+class MistralRs:
+    """mistral.rs through its Python package: text in (it tokenizes), timings from its usage report.
+
+    Its `Runner` cannot be entered from two threads at once, so requests run one after another."""
+
+    concurrent = False
+
+    def __init__(self, args: argparse.Namespace):
+        from mistralrs import Runner, Which
+
+        path = Path(args.model)
+        self.runner = Runner(
+            which=Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name),
+            prefix_cache_n=0,  # every pass computes its prompt
+        )
+
+    def versions(self) -> dict:
+        return versions(["mistralrs"])
+
+    def _complete(self, text: str, new_tokens: int):
+        from mistralrs import CompletionRequest
+
+        request = CompletionRequest(
+            prompt=text, model="default", max_tokens=new_tokens, temperature=0.0, ignore_eos=True
+        )
+        return self.runner.send_completion_request(request).usage
+
+    def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
+        usage = self._complete(text, new_tokens)
+        return {
+            "ttft_s": usage.total_prompt_time_sec,
+            "decode_s": usage.total_completion_time_sec,
+            "decode_tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+        }
+
+    def batch(self, prompts: list[list[int]], texts: list[str], new_tokens: int) -> dict:
+        start = time.perf_counter()
+        total = sum(self._complete(t, new_tokens).completion_tokens for t in texts)
+        return {"wall_s": time.perf_counter() - start, "new_tokens": total}
+
+
+class Transformers:
+    """transformers on CPU torch, weights dequantized to f32. Concurrent requests are one batched
+    `generate` call over left-padded prompts (static batching: the batch ends with its longest)."""
+
+    concurrent = True
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(args.threads)
+        path = Path(args.model)
+        gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        folder = path.parent if gguf else path
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).eval()
+        self.torch = torch
+
+    def versions(self) -> dict:
+        return versions(["transformers", "torch"])
+
+    def _generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            self.model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # EOS cannot end it early
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+    def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
+        # generate has no first-token hook: time one token, then the whole run, and subtract.
+        start = time.perf_counter()
+        self._generate([ids], 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        self._generate([ids], new_tokens)
+        whole = time.perf_counter() - start
+        return {
+            "ttft_s": first,
+            "decode_s": whole - first,
+            "decode_tokens": new_tokens - 1,
+            "prompt_tokens": len(ids),
+        }
+
+    def batch(self, prompts: list[list[int]], texts: list[str], new_tokens: int) -> dict:
+        start = time.perf_counter()
+        self._generate(prompts, new_tokens)
+        return {"wall_s": time.perf_counter() - start, "new_tokens": len(prompts) * new_tokens}
+
+
+ENGINES = {"jaxrs": Jaxrs, "llamacpp": LlamaCpp, "mistralrs": MistralRs, "transformers": Transformers}
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def serve(engine, out) -> None:
+    """Answer requests from stdin until it closes."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            if op == "single":
+                reply = engine.single(request["ids"], request.get("text", ""), request["new_tokens"])
+            elif op == "batch":
+                reply = engine.batch(request["prompts"], request.get("texts", []), request["new_tokens"])
+            elif op == "stats":
+                reply = {"max_rss_mib": max_rss_mib()}
+            else:
+                reply = {"error": f"unknown op {op!r}"}
+        except Exception as e:  # report and carry on: one failed measurement is not the whole run
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engine", choices=sorted(ENGINES))
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", default="f32", choices=sorted(JAXRS_MODES), help="jaxrs only")
+    ap.add_argument("--max-seqs", type=int, default=32, help="jaxrs: most sequences in a batch")
+    ap.add_argument("--ctx", type=int, default=1024, help="context length a sequence may reach")
+    ap.add_argument("--kv-tokens", type=int, default=8192, help="jaxrs: KV cache size in tokens")
+    ap.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp: plain CPU weight buffers")
+    ap.add_argument("--cold", metavar="JSON", help='load, one token for {"ids": [...], "text": ...}, exit')
+    args = ap.parse_args()
+
+    out = os.fdopen(os.dup(1), "w")  # the protocol channel
+    os.dup2(2, 1)  # library prints (C or Python) go to stderr
+    sys.stdout = sys.stderr
+    started = time.perf_counter()
+    engine = ENGINES[args.engine](args)
+    loaded = time.perf_counter() - started
+    if args.cold:
+        prompt = json.loads(args.cold)
+        engine.single(prompt["ids"], prompt["text"], 1)
+        out.write(json.dumps({"first_token": True, "load_s": loaded}) + "\n")
+    else:
+        ready = {"ready": True, "load_s": loaded, "concurrent": engine.concurrent}
+        out.write(json.dumps(ready | {"versions": engine.versions()}) + "\n")
+        out.flush()
+        serve(engine, out)
+    out.flush()
+    os._exit(0)  # an engine's native threads (mistral.rs) must not keep the process alive
+
+
+if __name__ == "__main__":
+    main()
