@@ -21,6 +21,22 @@ def demo_gguf():
     return fetch_demo_model(quiet=True)
 
 
+def tiny_llama_config():
+    """A 2-layer Llama whose `in` dimensions (256, 512) are multiples of every format's block, so ISQ
+    packs every matrix, K-quants included."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+
+
 def save_tiny_hf_model(config, path, seed: int = 0):
     """Build a random transformers model from `config`, save it (safetensors) and return it (eval, f32)."""
     import torch

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from transformers import LlamaConfig
 
 from jaxrs.cli import main
 from jaxrs.engine.sampling import SamplingParams
@@ -22,19 +21,11 @@ from jaxrs.loading.gguf_export import file_type_of, requantize_gguf
 from jaxrs.loading.gguf_reader import open_gguf
 from jaxrs.quant import QUANTIZED_FORMATS, QuantizedTensor, dequantize, should_quantize
 from jaxrs.quant.tensor import tree_nbytes
-from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer
+from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 from tests.paged import PagedRun
 from tests.test_ggml_file import llama_cpp_permute
 
-TINY = LlamaConfig(
-    vocab_size=256,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+TINY = tiny_llama_config()
 
 
 @pytest.fixture(scope="module")

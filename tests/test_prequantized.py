@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from transformers import LlamaConfig
 
 import jaxrs.loading.isq
 import jaxrs.quant
@@ -22,18 +21,10 @@ from jaxrs.loading.prequantized import save_quantized
 from jaxrs.loading.tokenizer_files import check_same_tokenizer, save_tokenizer
 from jaxrs.quant import QuantizedTensor
 from jaxrs.tokenizer import Tokenizer
-from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
+from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 from tests.paged import PagedRun
 
-TINY = LlamaConfig(
-    vocab_size=256,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+TINY = tiny_llama_config()
 IDS = list(range(3, 40))
 is_packed = lambda x: isinstance(x, QuantizedTensor)
 

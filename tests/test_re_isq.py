@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import uvicorn
 from litestar.testing import TestClient
-from transformers import LlamaConfig
 
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine.engine import Engine, EngineConfig
@@ -26,17 +25,9 @@ from jaxrs.errors import JaxrsError
 from jaxrs.llm import request_output
 from jaxrs.quant.tensor import tree_nbytes
 from server import create_app
-from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
+from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 
-TINY = LlamaConfig(  # `in` dimensions of 256 and 512, so K-quants (256-superblocks) pack every matrix
-    vocab_size=256,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+TINY = tiny_llama_config()
 # Blocks of 8 and one decode token per call keep prompts (and their recomputation) in one 16-token
 # prefill bucket and decode in one shape: few compilations, so the tests stay fast.
 CONFIG = EngineConfig(block_size=8, kv_cache_mb=4, max_num_seqs=8, max_model_len=512, max_decode_steps=1)
