@@ -8,10 +8,11 @@ the model re-quantized into a GGUF file (`jaxrs.loading.gguf_export`, cached und
 <cache>/models/requantized/) and loaded `packed=True`: the same weights as ISQ, in a file llama.cpp
 reads too. On that model: weight bytes on the device, the share of the weights in the format, perplexity
 on tests/data/english.txt, and single-stream decode tok/s (greedy, EOS ignored, prefix caching off,
-median of --passes after a warm-up pass). llama.cpp (`peer_worker.py` under the interpreter
-bench/setup_peers.sh installs) decodes the same file the same way, pass by pass in turn with jaxrs.
-Formats without a GGUF type (HQQ, Q8_K) are measured on the ISQ load, whose embedding stays f32. The
-f32 row is the model dequantized. Prints a table and writes JSON (--out).
+median of --passes after a warm-up pass). In turn with each of those passes, the f32 model (the
+source dequantized, the first row) and llama.cpp (`peer_worker.py` under the interpreter
+bench/setup_peers.sh installs, --threads threads) decode the same way, llama.cpp from the same file:
+the ratios compare passes run side by side. Formats without a GGUF type (HQQ, Q8_K) are measured on
+the ISQ load, whose embedding stays f32. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,21 +81,16 @@ def requantized_file(src: Path, fmt_name: str, fresh: bool) -> tuple[Path, float
     return dst, requantize_gguf(src, dst, fmt_name)["seconds"]
 
 
-def decode_rates(llm, ids: list[int], args: argparse.Namespace, peer: Worker | None) -> dict:
-    """Median decode tok/s of one greedy stream on jaxrs and, pass by pass in turn, on the peer (so the
-    drifts of a shared machine fall on both alike). The first pass warms up (jaxrs compiles)."""
-    ours, theirs = [], []
-    for p in range(args.passes + 1):
-        r = jaxrs_single(llm.engine, ids, args.new_tokens)
-        q = (
-            peer.ask(args.timeout, op="single", ids=ids, text="", new_tokens=args.new_tokens)
-            if peer
-            else None
-        )
-        if p:
-            ours.append(r["decode_tokens"] / r["decode_s"])
-            theirs.append(q["decode_tokens"] / q["decode_s"] if q else None)
-    return {"decode_tok_s": median(ours), "llamacpp_decode_tok_s": median(theirs)}
+def decode_rates(runs: dict[str, Callable[[], dict]], passes: int) -> dict:
+    """Median decode tok/s of each run (one greedy stream, `peer_worker`'s reply), the runs taking turns
+    pass by pass so the drifts of a shared machine fall on all alike. The first pass warms up."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for p in range(passes + 1):
+        for name, run in runs.items():
+            reply = run()
+            if p:
+                rates[name].append(reply["decode_tokens"] / reply["decode_s"])
+    return {f"{n}_tok_s": median(r) for n, r in rates.items()} | {f"{n}_passes": r for n, r in rates.items()}
 
 
 class LlamaCpp:
@@ -123,11 +119,10 @@ class LlamaCpp:
             worker.close()
 
 
-def measure_format(
-    src: Path, kind: str, fmt_name: str, args: argparse.Namespace, ids, text, llamacpp
-) -> dict:
+def measure_format(src: Path, kind: str, fmt_name: str, args: argparse.Namespace, f32, ids, text, llamacpp):
     """One row: ISQ time, then the model the speed is measured on (the re-quantized file, packed, when
-    there is one), its bytes, perplexity and decode speed, and llama.cpp on the same file."""
+    there is one), its bytes and perplexity, and its decode speed in turn with the f32 model's and
+    llama.cpp's on the same file."""
     from jaxrs.llm import LLM
     from jaxrs.quant import FORMATS
 
@@ -135,9 +130,8 @@ def measure_format(
     start = time.perf_counter()
     llm = LLM(str(src), isq=fmt_name, **engine_kwargs(args))
     row["isq_load_s"] = time.perf_counter() - start
-    gguf_type = FORMATS[fmt_name].ggml_type
     path = None
-    if kind == "gguf" and gguf_type is not None and fmt_name != "Q8_K":
+    if kind == "gguf" and FORMATS[fmt_name].ggml_type is not None and fmt_name != "Q8_K":
         del llm
         path, row["export_s"] = requantized_file(src, fmt_name, args.fresh)
         row["file_mib"] = path.stat().st_size / 2**20
@@ -145,15 +139,23 @@ def measure_format(
         row["measured_on"] = "GGUF, packed"
     else:
         row["measured_on"] = "ISQ load"
+    n = args.new_tokens
+    runs = {
+        "decode": lambda: jaxrs_single(llm.engine, ids, n),
+        "f32_decode": lambda: jaxrs_single(f32.engine, ids, n),
+    }
     use_peer = llamacpp is not None and path is not None
     with llamacpp.worker(path) if use_peer else contextlib.nullcontext() as peer:
-        row |= model_figures(llm, fmt_name, ids, text, args, peer)
-    del llm
+        if peer is not None:
+            runs["llamacpp_decode"] = lambda: peer.ask(
+                args.timeout, op="single", ids=ids, text="", new_tokens=n
+            )
+        row |= model_figures(llm, fmt_name, text, runs, args)
     return row
 
 
-def model_figures(llm, fmt_name: str | None, ids, text, args: argparse.Namespace, peer=None) -> dict:
-    """Bytes, share of the weights in `fmt_name`, perplexity and decode speed of a loaded model."""
+def model_figures(llm, fmt_name: str | None, text: str, runs: dict, args: argparse.Namespace) -> dict:
+    """Bytes, share of the weights in `fmt_name`, perplexity, and the decode speeds of `runs`."""
     from jaxrs.eval import perplexity
     from jaxrs.quant.tensor import tree_nbytes
 
@@ -162,7 +164,7 @@ def model_figures(llm, fmt_name: str | None, ids, text, args: argparse.Namespace
         "weight_mib": tree_nbytes(params) / 2**20,
         "share_in_format": format_share(params, fmt_name) if fmt_name else None,
         "perplexity": perplexity(llm, text),
-    } | decode_rates(llm, ids, args, peer)
+    } | decode_rates(runs, args.passes)
 
 
 def progress(row: dict) -> None:
@@ -204,7 +206,7 @@ def table(rows: list[dict]) -> str:
                 fmt(r["decode_tok_s"]),
                 fmt(peer),
                 "—" if not peer else f"{r['decode_tok_s'] / peer:.2f}x",
-                f"{r['decode_tok_s'] / f32['decode_tok_s']:.2f}x",
+                f"{r['decode_tok_s'] / r.get('f32_decode_tok_s', r['decode_tok_s']):.2f}x",
                 fmt(r.get("isq_load_s")),
             ]
         )
@@ -234,11 +236,11 @@ def main() -> None:
     formats = [parse_format(f) for f in args.formats] if args.formats else list(QUANTIZED_FORMATS)
     text = ENGLISH.read_text()
     start = time.perf_counter()
-    llm = LLM(str(src), **engine_kwargs(args))
+    f32_llm = LLM(str(src), **engine_kwargs(args))  # the reference, kept for every row's speed ratio
     f32 = {"format": "f32", "isq_load_s": time.perf_counter() - start, "measured_on": "f32 load"}
-    ids = llm.tokenizer.encode(text)[: args.prompt_tokens]
-    f32 |= model_figures(llm, None, ids, text, args)  # llama.cpp has no f32 file here
-    del llm
+    ids = f32_llm.tokenizer.encode(text)[: args.prompt_tokens]
+    runs = {"decode": lambda: jaxrs_single(f32_llm.engine, ids, args.new_tokens)}
+    f32 |= model_figures(f32_llm, None, text, runs, args)  # llama.cpp has no f32 file here
     rows = [f32]
     progress(f32)
     llamacpp = None
@@ -250,7 +252,7 @@ def main() -> None:
                 f"skipping llama.cpp: not installed at {peer_python('llamacpp')} (bash bench/setup_peers.sh)"
             )
     for name in formats:
-        row = measure_format(src, kind, name, args, ids, text, llamacpp)
+        row = measure_format(src, kind, name, args, f32_llm, ids, text, llamacpp)
         rows.append(row)
         progress(row)
     text_table = table(rows)

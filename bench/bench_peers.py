@@ -352,7 +352,7 @@ def main() -> None:
     env = thread_env(args.threads)
     logs = Path(tempfile.mkdtemp(prefix="jaxrs-peers-"))
     print(f"model {Path(args.model).name}; worker logs in {logs}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the workers are closed below
+    signal.signal(signal.SIGTERM, stopped)  # so the workers are closed below
     grace = 2  # seconds a worker gets to finish when the run is cut short
     try:
         for row in rows:
@@ -366,6 +366,11 @@ def main() -> None:
         for row in rows:
             if row.worker is not None:
                 row.worker.close(grace)
+
+
+def stopped(signum: int, frame: object) -> None:
+    print("stopped by SIGTERM", flush=True)
+    sys.exit(1)
 
 
 def log_path(logs: Path, row: Row, suffix: str = "") -> Path:

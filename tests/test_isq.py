@@ -3,6 +3,7 @@ files re-quantized to another type, and what each format costs in perplexity and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -19,7 +20,15 @@ from jaxrs.llm import LLM
 from jaxrs.loading import load_model
 from jaxrs.loading.gguf_export import file_type_of, requantize_gguf
 from jaxrs.loading.gguf_reader import open_gguf
-from jaxrs.quant import QUANTIZED_FORMATS, QuantizedTensor, dequantize, should_quantize
+from jaxrs.quant import (
+    FORMATS,
+    QUANTIZED_FORMATS,
+    QuantizedTensor,
+    dequantize,
+    quantize,
+    should_quantize,
+    to_gguf_bytes,
+)
 from jaxrs.quant.tensor import tree_nbytes
 from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 from tests.paged import PagedRun
@@ -89,7 +98,8 @@ def test_unknown_isq_type_is_rejected_with_the_valid_names(tiny):
 def test_packed_gguf_equals_dequantized_load(demo_gguf):
     plain = load_model(str(demo_gguf))
     packed = load_model(str(demo_gguf), packed=True)
-    assert packed.params["layers"]["q_proj"].fmt == "Q4_1" and packed.params["embed"].fmt == "Q8_0"
+    layout = "U8M" if jax.default_backend() == "cpu" else "Q4_1"  # see the bytes test below
+    assert packed.params["layers"]["q_proj"].fmt == layout and packed.params["embed"].fmt == "Q8_0"
     ids = list(range(100, 124))
     np.testing.assert_array_equal(logits(packed, ids), logits(plain, ids))
 
@@ -97,7 +107,9 @@ def test_packed_gguf_equals_dequantized_load(demo_gguf):
 # --- every format on the tiny model: ISQ load, greedy generation, perplexity ------------------------
 
 TINY_TEXT = " ".join(f"w{3 + (37 * i) % 251}" for i in range(160))  # 160 tokens of the word vocabulary
-# A random model predicts this text badly in any format; quantization must not make it much worse.
+# A random model predicts this text badly in any format (ppl about 640 over 256 tokens), and quantization
+# noise moves it either way (measured 0.79x for Q2_K to 1.02x for Q4_1): a loose bound that catches a
+# broken format, not a quality figure (those come from SmolLM2 below).
 TINY_PPL_RATIO_BOUND = 1.25
 
 
@@ -133,12 +145,17 @@ def test_every_format_generates_and_keeps_perplexity(tiny, tiny_float_ppl, fmt):
 
 # --- GGUF files re-quantized to another type -----------------------------------------------------
 
-GGUF_FORMATS = [f for f in QUANTIZED_FORMATS if f not in ("Q8_K", "HQQ4", "HQQ8")]
+GGUF_FORMATS = [f for f in QUANTIZED_FORMATS if FORMATS[f].ggml_type is not None and f != "Q8_K"]
 
 
-def write_tiny_gguf(model, path: Path) -> None:
-    """The tiny model as llama.cpp's converter writes a llama GGUF (q/k rows permuted), with the mixed
-    types of the demo file: matrices Q4_1, embedding and head Q8_0, norms F32. No vocabulary."""
+def demo_file_type(name: str) -> QT:
+    """The demo file's types: matrices Q4_1, embedding and head Q8_0."""
+    return QT.Q8_0 if "embed" in name or "lm_head" in name else QT.Q4_1
+
+
+def write_tiny_gguf(model, path: Path, matrix_type: Callable[[str], QT] = demo_file_type) -> None:
+    """The tiny model as llama.cpp's converter writes a llama GGUF (q/k rows permuted), norms F32 and
+    each matrix in `matrix_type(its HF name)`. No vocabulary."""
     hf = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(hf.num_hidden_layers)
@@ -158,8 +175,11 @@ def write_tiny_gguf(model, path: Path) -> None:
             data = llama_cpp_permute(data, hf.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             data = llama_cpp_permute(data, hf.num_key_value_heads)
-        qtype = QT.F32 if data.ndim == 1 else QT.Q8_0 if "embed" in name or "lm_head" in name else QT.Q4_1
-        data = data if qtype == QT.F32 else gguf.quants.quantize(data, qtype)
+        qtype = QT.F32 if data.ndim == 1 else matrix_type(name)
+        if qtype in (QT.Q4_K, QT.Q6_K):  # gguf-py has no K-quant quantizers
+            data = to_gguf_bytes(quantize(data, qtype.name))
+        elif qtype != QT.F32:
+            data = gguf.quants.quantize(data, qtype)
         w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -177,15 +197,15 @@ def tiny_gguf(tmp_path_factory):
 
 
 def assert_same_weights(packed: dict, isq: dict) -> None:
-    """Tensors packed in both trees hold the same arrays; every other tensor has the same values."""
+    """Tensors packed alike in both trees hold the same arrays; every other tensor has the same values."""
     is_qt = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
     ours = jax.tree_util.tree_leaves_with_path(packed, is_leaf=is_qt)
     theirs = jax.tree_util.tree_leaves_with_path(isq, is_leaf=is_qt)
     assert [k for k, _ in ours] == [k for k, _ in theirs]
     for (key, a), (_, b) in zip(ours, theirs, strict=True):
         where = jax.tree_util.keystr(key)
-        if is_qt(a) and is_qt(b):
-            assert (a.fmt, a.shape) == (b.fmt, b.shape), where
+        if is_qt(a) and is_qt(b) and a.fmt == b.fmt:  # (on CPU a packed load may be in U8M / Q8_0)
+            assert a.shape == b.shape, where
             for name in a.arrays:
                 np.testing.assert_array_equal(np.asarray(a.arrays[name]), np.asarray(b.arrays[name]), where)
         else:
@@ -214,6 +234,36 @@ def test_requantized_gguf_loads_packed_as_the_isq_weights(tiny_gguf, tmp_path, f
     assert_same_weights(packed.params, isq.params)
 
 
+def q4_k_m_like(name: str) -> QT:
+    """Layer 0 gets more bits in attn_v and ffn_down, as llama.cpp's Q4_K_M mix does on some layers."""
+    first = "layers.0." in name
+    if name.endswith("v_proj.weight"):
+        return QT.Q8_0 if first else QT.Q5_0
+    if name.endswith("down_proj.weight"):
+        return QT.Q6_K if first else QT.Q4_K
+    return demo_file_type(name)
+
+
+def test_layers_in_mixed_types_load_packed_in_the_richer_one(tmp_path):
+    model = save_tiny_hf_model(TINY, tmp_path)
+    save_tiny_tokenizer(tmp_path, TINY.vocab_size)
+    write_tiny_gguf(model, tmp_path / "mixed.gguf", q4_k_m_like)
+    packed = load_model(str(tmp_path / "mixed.gguf"), packed=True, tokenizer=str(tmp_path))
+    floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path))
+    layers, float_layers = packed.params["layers"], floats.params["layers"]
+    # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized.
+    down_format, exact, moved = ("U8M", 1, 0) if jax.default_backend() == "cpu" else ("Q6_K", 0, 1)
+    assert (layers["v_proj"].fmt, layers["down_proj"].fmt) == ("Q8_0", down_format)
+    np.testing.assert_array_equal(np.asarray(dequantize(layers["v_proj"])), float_layers["v_proj"])  # exact
+    down, float_down = np.asarray(dequantize(layers["down_proj"])), np.asarray(float_layers["down_proj"])
+    np.testing.assert_array_equal(down[exact], float_down[exact])
+    assert 0 < relative_error(down[moved], float_down[moved]) < 0.02
+    ours = logits(packed, IDS)
+    unpacked = PagedRun(packed.config, dequantized(packed.params), num_blocks=16).feed(IDS)
+    np.testing.assert_allclose(ours, unpacked, rtol=0, atol=1e-5 * np.abs(unpacked).max())
+    assert relative_error(ours, logits(floats, IDS)) < 0.02  # one matrix re-quantized: 0.011 on GPU's path
+
+
 @pytest.mark.parametrize("fmt", ["HQQ4", "Q8_K", "F16"])
 def test_formats_without_a_gguf_weight_type_are_refused(tiny_gguf, tmp_path, fmt):
     with pytest.raises(JaxrsError, match=fmt):
@@ -226,8 +276,10 @@ def test_cli_quantize_to_a_gguf_file(tiny_gguf, tmp_path, capsys):
     argv = ["--log-level", "WARNING", "quantize", "--model", str(tiny_gguf / "tiny.gguf"), "--isq", "q4_0"]
     assert main([*argv, "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
+    types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
+    assert (types["blk.0.attn_output.weight"], types["token_embd.weight"]) == ("Q4_0", "Q8_0")
     loaded = load_model(str(out), packed=True, tokenizer=str(tiny_gguf))
-    assert loaded.params["layers"]["o_proj"].fmt == "Q4_0" and loaded.params["embed"].fmt == "Q8_0"
+    assert loaded.params["layers"]["o_proj"].fmt in ("Q4_0", "Q8_0")  # Q8_0: CPU's exact layout
 
     assert main(["quantize", "--model", str(tiny_gguf), "--isq", "8", "--out", str(out)]) == 1  # HF folder
     assert "needs a GGUF model" in capsys.readouterr().err
@@ -278,10 +330,20 @@ def test_smollm2_perplexity_per_format(demo_gguf, smollm2_float_ppl, fmt):
 
 
 @pytest.mark.slow
-def test_packed_demo_weights_take_the_file_tensor_bytes_on_device(demo_gguf):
+def test_packed_demo_weights_are_the_file_values_in_few_bytes(demo_gguf):
+    """On GPU the packed tree takes the file's tensor bytes; on CPU the Q4_1 matrices move exactly into
+    U8M (one byte a weight, `quant.transcode`), still a third of f32's bytes."""
     packed = load_model(str(demo_gguf), packed=True)
     device = tree_nbytes(packed.params)
     in_file = sum(int(t.n_bytes) for t in open_gguf(demo_gguf).tensors)
     print(f"demo model packed: {device / 2**20:.2f} MiB on device, file tensors {in_file / 2**20:.2f} MiB")
-    assert abs(device - in_file) <= 0.02 * in_file
-    assert tree_nbytes(load_model(str(demo_gguf)).params) > 4 * device  # f32: 4 bytes a weight
+    is_qt = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    formats = {leaf.fmt for leaf in jax.tree.leaves(packed.params, is_leaf=is_qt) if is_qt(leaf)}
+    floats = load_model(str(demo_gguf)).params
+    if jax.default_backend() == "cpu":
+        assert formats == {"Q8_0", "U8M"}
+        assert tree_nbytes(floats) > 3 * device
+    else:
+        assert formats == {"Q8_0", "Q4_1"}
+        assert abs(device - in_file) <= 0.02 * in_file
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, dequantized(packed.params)), floats)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxrs.config import ModelConfig, read_json
@@ -86,6 +87,7 @@ def load_model(
 
     kind, path = resolve_source(model, gguf_file)
     start = time.perf_counter()
+    relaid: dict[str, int] = {}  # "Q4_1 -> U8M" -> tensors moved
     dtype = jnp.dtype(dtype)
     if kind == "quantized":
         from jaxrs.loading.prequantized import load_quantized
@@ -107,6 +109,8 @@ def load_model(
             meta = read_metadata(reader)
         cfg = gguf_config(reader, meta, path)
         get = open_gguf_tensors(reader, cfg, path, packed=packed)
+        if packed and jax.default_backend() == "cpu":
+            get = _in_cpu_layout(get, relaid)
         tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
         generation_config: dict[str, Any] = {}
     else:
@@ -133,7 +137,29 @@ def load_model(
         time.perf_counter() - start,
         tree_nbytes(params) / 2**20,
     )
+    if relaid:
+        log.info(
+            "packed weights in the exact layouts XLA:CPU reads fastest: %s",
+            ", ".join(f"{k} ({n} tensors)" for k, n in relaid.items()),
+        )
     return LoadedModel(cfg, params, tok, generation_config, str(path))
+
+
+def _in_cpu_layout(get, moved: dict[str, int]):
+    """Packed tensors moved exactly into the layouts XLA:CPU reads fastest (`quant.transcode`),
+    counted in `moved`."""
+    from jaxrs.quant import QuantizedTensor
+    from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout
+
+    def relaid(name: str):
+        value = get(name)
+        if isinstance(value, QuantizedTensor) and value.fmt in CPU_LAYOUT:
+            key = f"{value.fmt} -> {CPU_LAYOUT[value.fmt]}"
+            moved[key] = moved.get(key, 0) + 1
+            value = cpu_layout(value)
+        return value
+
+    return relaid
 
 
 def _with_progress(get, cfg: ModelConfig, desc: str):

@@ -48,6 +48,8 @@ from jaxrs.models.layers import (
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize
 from jaxrs.quant import stack as stack_quantized
+from jaxrs.quant.transcode import unify_formats
+from pallas_kernels.qmatmul import matmul_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +168,13 @@ def take(x: np.ndarray | QuantizedTensor, index: int | slice) -> np.ndarray | Qu
     return x[..., index, :] if x.ndim >= 2 else x[index]
 
 
-def stack(tensors: list) -> np.ndarray | QuantizedTensor:
-    """Stack per-layer (or per-expert) tensors on a new leading axis, packed ones staying packed."""
+def stack(tensors: list, name: str = "") -> np.ndarray | QuantizedTensor:
+    """Stack per-layer (or per-expert) tensors on a new leading axis, packed ones staying packed (in
+    one format: see `unify_formats`)."""
     if any(isinstance(t, QuantizedTensor) for t in tensors):
         if not all(isinstance(t, QuantizedTensor) for t in tensors):
             raise ValueError("a stacked parameter mixes packed and float tensors")
-        return stack_quantized(tensors)
+        return stack_quantized(unify_formats(tensors, name))
     return np.stack(tensors)
 
 
@@ -200,7 +203,7 @@ def params_from_hf(
     def read(i: int, spec: Spec) -> np.ndarray | QuantizedTensor:
         prefix = f"model.layers.{i}."
         if isinstance(spec, Experts):
-            return stack([get(prefix + spec.name.format(e=e)) for e in range(cfg.num_experts)])
+            return stack([get(prefix + spec.name.format(e=e)) for e in range(cfg.num_experts)], spec.name)
         if not isinstance(spec, Rows):
             return get(prefix + spec)
         name = prefix + spec.name
@@ -213,7 +216,8 @@ def params_from_hf(
         return part
 
     layers = {
-        key: put(stack([read(i, spec) for i in range(cfg.num_layers)])) for key, spec in per_layer.items()
+        key: put(stack([read(i, spec) for i in range(cfg.num_layers)], key))
+        for key, spec in per_layer.items()
     }
     params = {key: put(get(name)) for key, name in _top_table(cfg, top).items()}
     params["layers"] = layers
@@ -413,9 +417,7 @@ def compute_logits(
     if isinstance(head, QuantizedTensor):
         logits = kernels.get("qmatmul")(hidden, head).astype(jnp.float32)
     else:
-        logits = jnp.einsum(
-            "...h,vh->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
-        )
+        logits = matmul_t(hidden, head, jnp.float32)
     if "lm_head_bias" in params:
         logits = logits + params["lm_head_bias"].astype(jnp.float32)
     if cfg.final_logit_softcap is not None:

@@ -12,6 +12,7 @@ import numpy as np
 from jaxrs.config import ModelConfig, RopeScaling
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize
+from pallas_kernels.qmatmul import matmul_t
 
 Weight = jax.Array | QuantizedTensor
 
@@ -64,7 +65,7 @@ def dense(
     if isinstance(weight, QuantizedTensor):
         y = kernels.get("qmatmul")(x, weight)
     else:
-        y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+        y = matmul_t(x, weight)
     return y if bias is None else y + bias.astype(y.dtype)
 
 

@@ -52,6 +52,8 @@ def _legacy(qt: QuantizedTensor, a: dict[str, jax.Array]) -> jax.Array:
     d = _expand(a["d"])
     if fmt == "Q8_0":
         return _flat(_groups(a["qs"], 32).astype(f32) * d)
+    if fmt == "U8M":
+        return _flat(d * _groups(a["qs"], 32).astype(f32) + _expand(a["m"]))
     q = _nibble_halves(a["qs"], 32)  # [..., nb, 32]
     if fmt in ("Q5_0", "Q5_1"):
         high = (a["qh"][..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1

@@ -13,6 +13,8 @@ unpacked so a kernel reads them with plain indexing):
 - Q5_0: qs as Q4_0, qh u32 [I/32] (bit j = 5th bit of element j), d f16 [I/32].
 - Q5_1: Q5_0 plus m f16 [I/32].
 - Q8_0: qs i8 [I], d f16 [I/32].
+- U8M: qs u8 [I], d, m f32 [I/32]; w = d*q + m. No GGUF type: the layout XLA:CPU reads fastest (one
+  byte per weight, no bit fiddling), which Q4_1, Q5_1, Q4_K and Q5_K move into exactly (`transcode`).
 - Q2_K: qs u8 [I/4] (per 256: byte 32n+l, bits 2j = element 128n+32j+l), sc u8 [I/16] (GGUF's
   byte: low nibble scale, high nibble min), d, dmin f16 [I/256].
 - Q3_K: hmask u8 [I/8] (per 256: byte l bit b = high bit of element 32b+l), qs as Q2_K,
@@ -90,6 +92,7 @@ FORMATS: dict[str, FormatSpec] = {
         _spec("Q5_0", 32, "legacy", T.Q5_0, ("qs", u8, 2), ("qh", u32, 32), ("d", f16, 32)),
         _spec("Q5_1", 32, "legacy", T.Q5_1, ("qs", u8, 2), ("qh", u32, 32), ("d", f16, 32), ("m", f16, 32)),
         _spec("Q8_0", 32, "legacy", T.Q8_0, ("qs", i8, 1), ("d", f16, 32)),
+        _spec("U8M", 32, "legacy", None, ("qs", u8, 1), ("d", f32, 32), ("m", f32, 32)),
         _spec("Q2_K", 256, "k", T.Q2_K, ("qs", u8, 4), ("sc", u8, 16), ("d", f16, 256), ("dmin", f16, 256)),
         _spec("Q3_K", 256, "k", T.Q3_K, ("hmask", u8, 8), ("qs", u8, 4), ("sc", i8, 16), ("d", f16, 256)),
         _spec(

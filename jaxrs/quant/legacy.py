@@ -1,6 +1,7 @@
-"""Quantizers for the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+"""Quantizers for the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and U8M).
 
-Same arithmetic as ggml's `quantize_row_q*_ref` (and `gguf.quants`), in f32, so the bytes match.
+Same arithmetic as ggml's `quantize_row_q*_ref` (and `gguf.quants`), in f32, so the bytes match. U8M
+(no ggml counterpart) is Q4_1's scheme with 255 levels and f32 scale and min.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def quantize_legacy(w: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
         d = _signed_max(blocks) / F32(-half)
         q = np.trunc(blocks * _safe_inverse(d) + F32(half + 0.5)).astype(np.uint8).clip(0, 2 * half - 1)
         out = {"d": d[..., 0].astype(np.float16)}
-    else:  # Q4_1, Q5_1
-        levels = 15 if fmt == "Q4_1" else 31
+    else:  # Q4_1, Q5_1, U8M
+        levels = {"Q4_1": 15, "Q5_1": 31, "U8M": 255}[fmt]
         mx = blocks.max(axis=-1, keepdims=True)
         mn = blocks.min(axis=-1, keepdims=True)
         d = (mx - mn) / F32(levels)
-        q = np.trunc((blocks - mn) * _safe_inverse(d) + F32(0.5)).astype(np.uint8).clip(0, levels)
+        q = np.trunc((blocks - mn) * _safe_inverse(d) + F32(0.5)).clip(0, levels).astype(np.uint8)
+        if fmt == "U8M":
+            return {"qs": q.reshape(*lead, -1), "d": d[..., 0], "m": mn[..., 0]}
         out = {"d": d[..., 0].astype(np.float16), "m": mn[..., 0].astype(np.float16)}
     q = q.reshape(*lead, -1)
     out["qs"] = packing.pack_nibble_halves(q & 0xF, 32)
