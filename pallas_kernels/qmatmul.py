@@ -46,7 +46,6 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> 
     stack of 1728 x 1536 matrices at one row: f32 24 -> 14.6 ms, Q8_0 14.9 -> 7.7 ms
     (bench/RESULTS.md, "CPU decode").
     """
-    x = jax.lax.optimization_barrier(x)  # computed once, not fused into the GEMV loop per output row
     y = jnp.matmul(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 

@@ -115,3 +115,14 @@ def test_gpu_script_tiny(tmp_path):
     assert 0 < row["weight_gb"] and row["roofline_tok_s"] > 0 and out["copy_bandwidth_gb_s"] > 0
     assert {k["op"] for k in out["kernels"]} == {"paged_attention", "qmatmul Q4_K"}
     assert all(k["pallas_ms"] and k["xla_ms"] for k in out["kernels"])
+
+
+def test_cpu_matmul_script(tmp_path):
+    out = bench(
+        "bench_cpu_matmul.py",
+        *("--rows", "1", "--layers", "2", "--repeats", "1", "--formats", "F32", "U8M"),
+        *("--out", str(tmp_path / "m.json")),
+    )
+    assert set(out["ms"]) == {"F32", "U8M"}
+    assert out["ms"]["U8M"]["jaxrs @1"] > 0 and out["ms"]["U8M"]["fused @1"] is None  # float only
+    assert out["ms"]["F32"]["fused @1"] > 0

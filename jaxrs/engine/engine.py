@@ -25,7 +25,6 @@ from jaxrs.engine.scheduler import Scheduler
 from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
-from jaxrs.models.decoder import fuse_projections
 from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
@@ -133,8 +132,6 @@ class Engine:
         """Size the KV pool from the memory left beside the weights, then build the block manager (empty
         prefix cache) and the runner around it."""
         cfg, config = self.model.config, self.config
-        # one matmul per group of projections (the unfused arrays are freed with the old tree)
-        self.model = dataclasses.replace(self.model, params=fuse_projections(self.model.params))
         per_token = kv_bytes_per_token(cfg, self.dtype)
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         self.max_model_len = min(

@@ -299,54 +299,16 @@ def _moe(cfg: ModelConfig, x: jax.Array, lp: dict) -> jax.Array:
     return jnp.zeros_like(xf).at[token].add(out).reshape(shape)
 
 
-# Projections that read the same input, and the parameter holding them concatenated along `out`.
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def fuse_projections(params: dict) -> dict:
-    """The tree with each layer's float q/k/v and gate/up matrices (and biases) concatenated along
-    `out` (`FUSED`), so each group runs as one matmul; the forward pass takes either tree.
-
-    Float weights only: on XLA:CPU (30-layer stack, SmolLM2 shapes) fusing took an f32 step from 25.8
-    to 22.0 ms at one row and 84.7 to 64.8 ms at 32 rows, but a Q8_0 step from 14.8 to 19.5 ms at one
-    row. Packed groups stay apart (their formats may differ, too). Idempotent.
-    """
-    if "layers" not in params:
-        return params
-    layers = dict(params["layers"])
-    for fused, parts in FUSED.items():
-        if not all(k in layers and not isinstance(layers[k], QuantizedTensor) for k in parts):
-            continue
-        outs = [layers[k].shape[-2] for k in parts]
-        if any(f"{k}_bias" in layers for k in parts):
-            biases = [layers.pop(f"{k}_bias", None) for k in parts]
-            first = layers[parts[0]]
-            filled = [
-                jnp.zeros((*first.shape[:-2], n), first.dtype) if b is None else b
-                for b, n in zip(biases, outs, strict=True)
-            ]
-            layers[f"{fused}_bias"] = jnp.concatenate(filled, axis=-1)
-        layers[fused] = jnp.concatenate([layers.pop(k) for k in parts], axis=-2)
-    return {**params, "layers": layers}
-
-
-def _projections(x: jax.Array, lp: dict, fused: str, kernels: Kernels, splits: int | list[int]) -> list:
-    """`dense(x, lp[p])` for each projection `p` of `FUSED[fused]`, through the fused matrix when the
-    tree has it (its output cut at `splits`, as `jnp.split` takes them)."""
-    if fused not in lp:
-        return [dense(x, lp[k], lp.get(f"{k}_bias"), kernels) for k in FUSED[fused]]
-    return jnp.split(dense(x, lp[fused], lp.get(f"{fused}_bias"), kernels), splits, axis=-1)
-
-
 def _mlp(cfg: ModelConfig, kernels: Kernels, x: jax.Array, lp: dict) -> jax.Array:
     """Gated (`gate_proj` present: act(gate) * up), plain (act(up): Phi-2, Starcoder2) or MoE MLP."""
     if "router" in lp:
         return _moe(cfg, x, lp)
-    if "gate_proj" in lp or "gate_up_proj" in lp:
-        gate, up = _projections(x, lp, "gate_up_proj", kernels, 2)
+    up = dense(x, lp["up_proj"], lp.get("up_proj_bias"), kernels)
+    if "gate_proj" in lp:
+        gate = dense(x, lp["gate_proj"], lp.get("gate_proj_bias"), kernels)
         hidden = activation(gate, cfg.hidden_act) * up
     else:
-        hidden = activation(dense(x, lp["up_proj"], lp.get("up_proj_bias"), kernels), cfg.hidden_act)
+        hidden = activation(up, cfg.hidden_act)
     return dense(hidden, lp["down_proj"], lp.get("down_proj_bias"), kernels)
 
 
@@ -367,10 +329,15 @@ def _layer(
         return _norm(cfg, x, lp[key], lp.get(f"{key}_bias")) if key in lp else x
 
     x = norm(h, "input_norm")
-    q, k, v = _projections(x, lp, "qkv_proj", kernels, [cfg.q_size, cfg.q_size + cfg.kv_size])
-    q = q.reshape(batch, q_len, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
+    q = dense(x, lp["q_proj"], lp.get("q_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_heads, cfg.head_dim
+    )
+    k = dense(x, lp["k_proj"], lp.get("k_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_kv_heads, cfg.head_dim
+    )
+    v = dense(x, lp["v_proj"], lp.get("v_proj_bias"), kernels).reshape(
+        batch, q_len, cfg.num_kv_heads, cfg.head_dim
+    )
     q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
