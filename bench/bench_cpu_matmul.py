@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import fmt as fmt_ms
-from common import machine_facts, markdown_table, write_json
+from common import machine_facts, markdown_table, median_ms, write_json
 
 from jaxrs.models.layers import dense
 from jaxrs.quant import QuantizedTensor, dequantize, quantize, stack
@@ -86,16 +84,6 @@ def step(x: jax.Array, params: dict, matmul) -> jax.Array:
         return h + matmul(jax.nn.silu(gate) * up, lp["down_proj"]), None
 
     return jax.lax.scan(layer, x, params)[0]
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:

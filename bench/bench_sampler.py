@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from common import median_ms
 
 from jaxrs.engine.sampling import SamplingParams, build_sampling_batch, sample
 
@@ -23,16 +22,6 @@ PROFILES = {
     "temperature": SamplingParams(temperature=0.8),
     "top-k 50 + top-p 0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
 }
-
-
-def median_ms(fn, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -46,12 +35,12 @@ def main() -> None:
     table = {}
     for rows in args.rows:
         logits = jax.random.normal(jax.random.key(0), (rows, args.vocab)) * 4
-        table[rows] = {"full argsort (peer)": median_ms(argsort, logits)}
+        table[rows] = {"full argsort (peer)": median_ms(argsort, logits, repeats=7)}
         for name, params in PROFILES.items():
             batch, flags = build_sampling_batch(
                 [params] * rows, list(range(rows)), [0] * rows, [[1]] * rows, [[]] * rows, rows, args.vocab
             )
-            table[rows][name] = median_ms(run, logits, batch, flags)
+            table[rows][name] = median_ms(run, logits, batch, flags, repeats=7)
     columns = list(next(iter(table.values())))
     print(f"\nms per call (median of 7), vocabulary {args.vocab}, {jax.default_backend()}")
     print("| rows | " + " | ".join(columns) + " |")

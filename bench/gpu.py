@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import statistics
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import RESULTS, fmt, machine_facts, markdown_table, median, versions, write_json
+from common import RESULTS, fmt, machine_facts, markdown_table, median, median_ms, versions, write_json
 from peer_worker import jaxrs_batch, jaxrs_single
 
 from jaxrs.config import ModelConfig
@@ -145,21 +144,10 @@ def synthetic_tokenizer(vocab_size: int):
     return Tokenizer(backend=backend, bos_token_id=1, eos_token_ids=[2])
 
 
-def time_ms(fn, *args, repeats: int) -> float:
-    """Median ms per call of a jitted function, after one call that compiles."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
     """Bytes/s of a jitted elementwise pass (reads and writes every byte once) over an f32 array."""
     x = jnp.ones(nbytes // 4, jnp.float32)
-    ms = time_ms(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
+    ms = median_ms(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
     return 2 * nbytes / (ms / 1e3)
 
 
@@ -286,7 +274,7 @@ def kernel_rows(args, dtype) -> list[dict]:
 
 def safe_time(fn, *args, repeats: int) -> float | None:
     try:
-        return time_ms(fn, *args, repeats=repeats)
+        return median_ms(fn, *args, repeats=repeats)
     except Exception:  # a kernel that does not lower here: reported as missing
         traceback.print_exc()
         return None
