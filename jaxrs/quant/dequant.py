@@ -52,9 +52,8 @@ def _legacy(qt: QuantizedTensor, a: dict[str, jax.Array]) -> jax.Array:
     d = _expand(a["d"])
     if fmt == "Q8_0":
         return _flat(_groups(a["qs"], 32).astype(f32) * d)
-    if fmt == "U8M":
-        return _flat(d * _groups(a["qs"], 32).astype(f32) + _expand(a["m"]))
-    q = _nibble_halves(a["qs"], 32)  # [..., nb, 32]
+    # [..., nb, 32] codes: U8M stores one a byte, the others two
+    q = _groups(a["qs"], 32) if fmt == "U8M" else _nibble_halves(a["qs"], 32)
     if fmt in ("Q5_0", "Q5_1"):
         high = (a["qh"][..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
         q = q | (high.astype(jnp.uint8) << 4)
@@ -62,7 +61,7 @@ def _legacy(qt: QuantizedTensor, a: dict[str, jax.Array]) -> jax.Array:
         return _flat(d * (q.astype(f32) - 8))
     if fmt == "Q5_0":
         return _flat(d * (q.astype(f32) - 16))
-    return _flat(d * q.astype(f32) + _expand(a["m"]))  # Q4_1, Q5_1
+    return _flat(d * q.astype(f32) + _expand(a["m"]))  # Q4_1, Q5_1, U8M
 
 
 def _kquant(qt: QuantizedTensor, a: dict[str, jax.Array]) -> jax.Array:
