@@ -324,7 +324,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF file or model folder (default: the demo GGUF)")
     ap.add_argument("--engines", nargs="+", default=["jaxrs", "llamacpp", "mistralrs", "transformers"])
-    ap.add_argument("--jaxrs-modes", nargs="+", default=["f32", "packed"], help="f32 bf16 packed packed-bf16")
+    ap.add_argument(
+        "--jaxrs-modes",
+        nargs="+",
+        default=["f32", "packed"],
+        help="f32 bf16 packed packed-bf16 f32-kv16 packed-kv16",
+    )
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -33,12 +33,15 @@ from pathlib import Path
 
 from common import versions
 
-# jaxrs modes: how the weights are held and the compute dtype.
+# jaxrs modes: how the weights are held, the compute dtype and the KV cache's.
 JAXRS_MODES = {
     "f32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "packed": {"dtype": "float32", "packed": True},
     "packed-bf16": {"dtype": "bfloat16", "packed": True},
+    # float16 KV cache, as llama.cpp's default cache
+    "f32-kv16": {"dtype": "float32", "kv_cache_dtype": "float16"},
+    "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
 }
 
 

@@ -71,17 +71,7 @@ def paged_attention_xla(
     k = k_cache[layer, block_tables].reshape(batch, -1, num_kv_heads, head_dim)
     v = v_cache[layer, block_tables].reshape(batch, -1, num_kv_heads, head_dim)
     qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
-    # One query token of one sequence (B=1 decode): products and sums instead of dots. XLA:CPU then
-    # writes the output in the order o_proj reads, where the dots' output was transposed inside
-    # o_proj's GEMV (a 30-layer B=1 step at 640 keys, attention plus o_proj: 24.5 -> 15.9 ms). With
-    # more rows the dots are faster (demo model, 32 concurrent streams: 223 vs 191 tok/s).
-    as_sums = q_len == 1 and batch == 1
-    if as_sums:
-        f32 = jnp.float32
-        scores = jnp.sum(qg[:, :, None].astype(f32) * k[:, None, :, :, None].astype(f32), axis=-1)
-        scores = scores.transpose(0, 3, 4, 1, 2) * scale  # [b, t, s, k, g] -> [b, k, g, t, s]
-    else:
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     key_pos = jnp.arange(k.shape[1])[None, None, :]
@@ -92,10 +82,15 @@ def paged_attention_xla(
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)
-    if as_sums:
-        out = jnp.sum(probs.transpose(0, 3, 4, 1, 2)[..., None] * v[:, None, :, :, None].astype(f32), axis=2)
+    if q_len == 1:
+        # Decode: the weighted sum of values as products and sums, not a dot. XLA:CPU then writes the
+        # output in the order o_proj reads; the dot's output was transposed inside o_proj's GEMV.
+        # (The scores stay a dot: as products and sums they cost 8 ms of a 34 ms step at 1,024 keys.)
+        weights = probs.transpose(0, 3, 4, 1, 2)[..., None]  # [b, k, g, t, s] -> [b, t, s, k, g, 1]
+        out = jnp.sum(weights * v[:, None, :, :, None].astype(jnp.float32), axis=2)
     else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        dtype = jnp.promote_types(q.dtype, v.dtype)  # a float16 cache under float32 compute: float32
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 

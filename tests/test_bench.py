@@ -126,3 +126,13 @@ def test_cpu_matmul_script(tmp_path):
     assert set(out["ms"]) == {"F32", "U8M"}
     assert out["ms"]["U8M"]["jaxrs @1"] > 0 and out["ms"]["U8M"]["fused @1"] is None  # float only
     assert out["ms"]["F32"]["fused @1"] > 0
+
+
+def test_cpu_attention_script(tmp_path):
+    out = bench(
+        "bench_cpu_attention.py",
+        *("--cases", "2:20:2", "--layers", "2", "--repeats", "1", "--cache-dtypes", "float16"),
+        *("--out", str(tmp_path / "a.json")),
+    )
+    (row,) = out["ms"].values()
+    assert set(row) == {"jaxrs", "dots", "products"} and all(ms > 0 for ms in row.values())

@@ -102,6 +102,30 @@ def test_pallas_attention_equals_xla(llm, ids):
     assert [o.token_ids for o in pallas] == [o.token_ids for o in xla]
 
 
+def test_float16_kv_cache(llm, ids):
+    """`kv_cache_dtype="float16"` under float32 compute: half the bytes per token, and the same greedy
+    tokens with log-probabilities within float16's rounding of the float32 cache's."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    full = engine_with(llm, prefix_caching=False)
+    half = engine_with(llm, prefix_caching=False, kv_cache_dtype="float16")
+    assert half.runner.kv.k.dtype == jnp.float16 and full.runner.kv.k.dtype == jnp.float32
+    assert half.blocks.num_blocks == 2 * full.blocks.num_blocks  # same MiB, twice the tokens
+    ref, out = run(full, ids[6:9], params), run(half, ids[6:9], params)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    got = [lp.logprob for o in out for lp in o.outputs[0].logprobs]
+    want = [lp.logprob for o in ref for lp in o.outputs[0].logprobs]
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) > 0  # the cache really is float16
+
+
+def test_kv_cache_dtype_must_be_a_float(llm):
+    from jaxrs.errors import JaxrsError
+
+    for bad in ("int8", "fp8-ish"):
+        with pytest.raises(JaxrsError, match="kv_cache_dtype"):
+            engine_with(llm, kv_cache_dtype=bad)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(llm, ids):
     sampled = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
     engine = engine_with(llm)

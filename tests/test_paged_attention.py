@@ -95,6 +95,25 @@ def test_decode(block_size: int, group: int, dtype) -> None:
     check(inputs)
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_float16_cache_with_float32_queries(q_len: int) -> None:
+    """A float16 KV cache (`kv_cache_dtype`) under float32 compute: both kernels read the stored values
+    exactly, so they match the same float32 cache to float32 precision."""
+    inputs = make_inputs(
+        block_size=8, group=3, starts=[5, 17, 0], new_tokens=[q_len, q_len, 0], q_len=q_len, dtype=jnp.float32
+    )
+    half = dict(
+        inputs, k_cache=inputs["k_cache"].astype(jnp.float16), v_cache=inputs["v_cache"].astype(jnp.float16)
+    )
+    check(half)
+    widened = dict(
+        half, k_cache=half["k_cache"].astype(jnp.float32), v_cache=half["v_cache"].astype(jnp.float32)
+    )
+    out = paged_attention_xla(**half, scale=0.2)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, paged_attention_xla(**widened, scale=0.2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("block_size", "group"), [(16, 1), (8, 3), (16, 8)], ids=["bs16-g1", "bs8-g3", "bs16-g8"]

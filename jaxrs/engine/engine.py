@@ -47,6 +47,9 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_decode_steps: int = 8  # decode tokens per call when nothing waits
+    # KV cache element type; None: the compute dtype. float16 halves what a decode step reads on CPU
+    # (as llama.cpp's default cache does); XLA:CPU converts bfloat16 slowly, so float16 is the CPU choice.
+    kv_cache_dtype: str | None = None
     prefix_caching: bool = True
     seed: int = 0
 
@@ -66,6 +69,19 @@ class Request:
 
 def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
+    """The KV cache's element type: `name` (a float type), else the compute dtype."""
+    if name is None:
+        return compute
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise JaxrsError(f"kv_cache_dtype must be float32, bfloat16 or float16, not {name!r}")
+    return dtype
 
 
 def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
@@ -107,6 +123,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.kernels = kernels
         self.dtype = jnp.dtype(dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self._reload = reload or source_reloader(loaded.source, self.dtype)
         cfg = loaded.config
         self.prefix_caching = config.prefix_caching
@@ -132,7 +149,7 @@ class Engine:
         """Size the KV pool from the memory left beside the weights, then build the block manager (empty
         prefix cache) and the runner around it."""
         cfg, config = self.model.config, self.config
-        per_token = kv_bytes_per_token(cfg, self.dtype)
+        per_token = kv_bytes_per_token(cfg, self.kv_dtype)
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
@@ -144,7 +161,7 @@ class Engine:
             num_blocks=num_blocks,
             block_size=config.block_size,
             kernels=self.kernels,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
@@ -156,7 +173,7 @@ class Engine:
             num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / 2**20,
             per_token,
-            self.dtype.name,
+            self.kv_dtype.name,
             self.max_model_len,
         )
 
