@@ -29,9 +29,10 @@ from jaxrs.ops import Kernels
 log = logging.getLogger("jaxrs")
 
 # Fewest blocks in a block-table width bucket. The XLA attention reads every key of the bucket, so short
-# sequences pay for this many: 32 streams of ~80 tokens on CPU (demo model) make 248 tok/s at a
-# 16-block minimum, 301 at 4; each width below 16 is one more compiled shape per batch bucket.
-MIN_WIDTH = 4
+# sequences pay for this many, while each width below is one more compiled shape per batch bucket. 32
+# streams of 15-143 tokens (demo model, CPU, float16 cache): 248 tok/s at a 16-block minimum, 292 at 8,
+# 301 at 4 (one more width for 3%).
+MIN_WIDTH = 8
 
 
 def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:
