@@ -83,9 +83,10 @@ def paged_attention_xla(
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)
     if q_len == 1:
-        # Decode: the weighted sum of values as products and sums, not a dot. XLA:CPU then writes the
-        # output in the order o_proj reads; the dot's output was transposed inside o_proj's GEMV.
-        # (The scores stay a dot: as products and sums they cost 8 ms of a 34 ms step at 1,024 keys.)
+        # Decode: the weighted sum of values as products and sums, not a dot, so XLA:CPU writes the
+        # output in the order o_proj reads (a dot's output was transposed inside o_proj's GEMV); the
+        # scores stay a dot, whose reduction XLA:CPU runs far faster. bench/bench_cpu_attention.py, 30
+        # layers plus o_proj, one row at 1,024 keys: 9.4 ms this way, 22.4 as two dots, 18.6 as sums.
         weights = probs.transpose(0, 3, 4, 1, 2)[..., None]  # [b, k, g, t, s] -> [b, t, s, k, g, 1]
         out = jnp.sum(weights * v[:, None, :, :, None].astype(jnp.float32), axis=2)
     else:
