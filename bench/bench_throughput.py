@@ -63,7 +63,7 @@ def main() -> None:
             {"concurrency": n, "tok_s": statistics.median(rates), "host_share": statistics.median(host)}
         )
     shapes = len(engine.runner.shapes)
-    per_token = kv_bytes_per_token(llm.model.config, llm.dtype)
+    per_token = kv_bytes_per_token(llm.model.config, llm.engine.kv_dtype)
     print(
         f"\n{Path(llm.model.source).name}, {args.new_tokens} new tokens per request, greedy, median of "
         f"{args.passes} passes, {jax.default_backend()}, dtype {llm.dtype.name}"

@@ -121,7 +121,7 @@ def test_float16_kv_cache(llm, ids):
 def test_kv_cache_dtype_must_be_a_float(llm):
     from jaxrs.errors import JaxrsError
 
-    for bad in ("int8", "fp8-ish"):
+    for bad in ("int8", "float64", "fp8-ish"):
         with pytest.raises(JaxrsError, match="kv_cache_dtype"):
             engine_with(llm, kv_cache_dtype=bad)
 

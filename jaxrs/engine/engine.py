@@ -71,17 +71,16 @@ def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
-    """The KV cache's element type: `name` (a float type), else the compute dtype."""
+    """The KV cache's element type: `name` (one of KV_CACHE_DTYPES), else the compute dtype."""
     if name is None:
         return compute
-    try:
-        dtype = jnp.dtype(name)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise JaxrsError(f"kv_cache_dtype must be float32, bfloat16 or float16, not {name!r}")
-    return dtype
+    if str(name) not in KV_CACHE_DTYPES:
+        raise JaxrsError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+    return jnp.dtype(name)
 
 
 def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
