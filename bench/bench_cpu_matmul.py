@@ -1,6 +1,7 @@
 """The layer matmuls of a decode step on XLA:CPU: each weight format, and the formulations compared.
 
     JAX_PLATFORMS=cpu python bench/bench_cpu_matmul.py [--rows 1 32] [--layers 30] [--repeats 8]
+        [--xla-option NAME=VALUE ...]
 
 A stack of `--layers` SmolLM2-135M layers' projection matrices (q 576x576, k and v 192x576, o 576x576,
 gate and up 1536x576, down 576x1536; random values) runs under `lax.scan` as a decode step does, at
@@ -10,7 +11,8 @@ gate and up 1536x576, down 576x1536; random values) runs under `lax.scan` as a d
 - einsum: the same dequantize-then-dot written `einsum("...i,oi->...o")`, the previous formulation;
 - fused: `dense` over q/k/v and gate/up concatenated along `out` (one matmul per group), float only.
 
-Medians in ms per step (all layers). Prints a table and writes JSON (--out).
+Medians in ms per step (all layers). `--xla-option` compiles every variant with that XLA option (as
+`EngineConfig.xla_options` does the engine's steps). Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from common import fmt as fmt_ms
 from common import machine_facts, markdown_table, median_ms, write_json
 
+from jaxrs.cli import parse_pairs
 from jaxrs.models.layers import dense
 from jaxrs.quant import QuantizedTensor, dequantize, quantize, stack
 
@@ -92,8 +95,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_matmul.json")
     args = ap.parse_args()
+    options = parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None
     rng = np.random.default_rng(0)
     results: dict[str, dict] = {}
     for fmt in args.formats:
@@ -107,7 +112,7 @@ def main() -> None:
         for rows in args.rows:
             x = jnp.asarray(rng.standard_normal((rows, 1, 576)).astype(np.float32))
             for label, (tree, matmul) in variants.items():
-                fn = jax.jit(functools.partial(step, matmul=matmul))
+                fn = jax.jit(functools.partial(step, matmul=matmul), compiler_options=options)
                 ms = None if tree is None else median_ms(fn, x, tree, repeats=args.repeats)
                 results[fmt][f"{label} @{rows}"] = ms
         print(fmt, {k: v and round(v, 2) for k, v in results[fmt].items()}, flush=True)

@@ -5,7 +5,9 @@
 Each run submits N requests at once (short distinct prompts, greedy, EOS ignored so every request
 generates exactly --new-tokens) after a warm-up, and reports aggregate generated tokens/s (median of
 passes), KV bytes per token, the number of compiled step shapes, and the share of wall time spent on
-the host (outside the jitted step calls). Writes bench/results/throughput.json.
+the host (outside the jitted step calls). It also times the N prompts alone (one token each): with the
+short chunks prefilled several to a call, as the engine does, and one call per prompt (interleaved).
+Writes bench/results/throughput.json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default=None, help="e.g. float16 (default: the compute dtype)")
+    ap.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed")
     ap.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json", help="JSON results file")
     args = ap.parse_args()
@@ -33,14 +37,17 @@ def main() -> None:
     import jax
 
     from jaxrs import LLM, SamplingParams
-    from jaxrs.cli import parse_kernels
+    from jaxrs.cli import parse_pairs
+    from jaxrs.engine import runner
     from jaxrs.engine.engine import kv_bytes_per_token
 
     most = max(args.concurrency)
     llm = LLM(
         args.model,
         dtype=args.dtype,
-        kernels=parse_kernels(args.kernel),
+        kv_cache_dtype=args.kv_cache_dtype,
+        packed=args.packed,
+        kernels=parse_pairs(args.kernel),
         max_num_seqs=most,
         kv_cache_tokens=most * (args.new_tokens + 64),
         prefix_caching=False,
@@ -48,19 +55,39 @@ def main() -> None:
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [llm.tokenizer.encode(request_text(i)) for i in range(most)]
+    first_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    batched_chunk = runner.MAX_BATCHED_CHUNK
+
+    def prompts_alone(n: int, chunk: int) -> float:
+        """Seconds to prefill n prompts (one token each) with chunks up to `chunk` tokens batched."""
+        runner.MAX_BATCHED_CHUNK = chunk
+        start = time.perf_counter()
+        llm.generate([list(x) for x in prompts[:n]], first_token, use_tqdm=False)
+        runner.MAX_BATCHED_CHUNK = batched_chunk
+        return time.perf_counter() - start
+
     rows = []
     for n in args.concurrency:
-        rates, host = [], []
+        rates, host, batched, alone = [], [], [], []
         for p in range(args.passes + 1):  # the first pass compiles
             before = engine.runner.device_seconds
             start = time.perf_counter()
             llm.generate([list(x) for x in prompts[:n]], params, use_tqdm=False)
             wall = time.perf_counter() - start
+            prefill = (prompts_alone(n, batched_chunk), prompts_alone(n, 0))
             if p:
                 rates.append(n * args.new_tokens / wall)
                 host.append(1 - (engine.runner.device_seconds - before) / wall)
+                batched.append(prefill[0])
+                alone.append(prefill[1])
         rows.append(
-            {"concurrency": n, "tok_s": statistics.median(rates), "host_share": statistics.median(host)}
+            {
+                "concurrency": n,
+                "tok_s": statistics.median(rates),
+                "host_share": statistics.median(host),
+                "prompts_batched_s": statistics.median(batched),
+                "prompts_one_call_each_s": statistics.median(alone),
+            }
         )
     shapes = len(engine.runner.shapes)
     per_token = kv_bytes_per_token(llm.model.config, llm.engine.kv_dtype)
@@ -68,10 +95,16 @@ def main() -> None:
         f"\n{Path(llm.model.source).name}, {args.new_tokens} new tokens per request, greedy, median of "
         f"{args.passes} passes, {jax.default_backend()}, dtype {llm.dtype.name}"
     )
-    print("| concurrent sequences | aggregate tok/s | host share of wall time |")
-    print("|---|---|---|")
+    print(
+        "| concurrent sequences | aggregate tok/s | host share of wall time "
+        "| N prompts' first tokens, batched prefill s | the same, one call per prompt s |"
+    )
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {100 * r['host_share']:.1f}% |")
+        print(
+            f"| {r['concurrency']} | {r['tok_s']:.1f} | {100 * r['host_share']:.1f}% "
+            f"| {r['prompts_batched_s']:.2f} | {r['prompts_one_call_each_s']:.2f} |"
+        )
     print(f"\nKV cache: {per_token} bytes/token; compiled step shapes: {shapes}")
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,11 @@ JAXRS_MODES = {
     "f32-kv16": {"dtype": "float32", "kv_cache_dtype": "float16"},
     "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
 }
+# "<mode>-ynndot": the steps compiled with YNNPACK taking each dot alone on XLA:CPU (an A/B of that option)
+YNN_DOTS_ALONE = {
+    "xla_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+}
+JAXRS_MODES |= {f"{name}-ynndot": {**mode, **YNN_DOTS_ALONE} for name, mode in list(JAXRS_MODES.items())}
 
 
 # -- jaxrs: these two also serve bench_single_stream.py and gpu.py, on an engine built there -----------

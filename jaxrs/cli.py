@@ -49,6 +49,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="OP=IMPL",
         help="kernel choice, e.g. paged_attention=pallas (see jaxrs.ops)",
     )
+    p.add_argument(
+        "--xla-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="XLA compiler option for the model steps, over jaxrs's per-platform defaults (NAME= drops one)",
+    )
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
 
 
@@ -126,13 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def parse_kernels(pairs: list[str]) -> dict[str, str]:
+def parse_pairs(pairs: list[str], flag: str = "--kernel", form: str = "OP=IMPL") -> dict[str, str]:
+    """`KEY=VALUE` flag values as a dict."""
     out = {}
     for pair in pairs:
-        op, sep, impl = pair.partition("=")
+        key, sep, value = pair.partition("=")
         if not sep:
-            raise JaxrsError(f"--kernel takes OP=IMPL, not {pair!r}")
-        out[op] = impl
+            raise JaxrsError(f"{flag} takes {form}, not {pair!r}")
+        out[key] = value
     return out
 
 
@@ -145,7 +153,7 @@ def load_llm(args: argparse.Namespace):
         dtype=args.dtype,
         gguf_file=args.gguf_file,
         tokenizer=args.tokenizer,
-        kernels=parse_kernels(args.kernel),
+        kernels=parse_pairs(args.kernel),
         isq=args.isq,
         packed=args.packed,
         **engine_kwargs(args),
@@ -166,6 +174,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_decode_steps=args.max_decode_steps,
         prefix_caching=not args.no_prefix_cache,
         seed=args.seed,
+        xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
     )
 
 

@@ -53,6 +53,7 @@ def test_throughput_script(tmp_path):
         str(tmp_path / "t.json"),
     )
     assert [r["concurrency"] for r in out["rows"]] == [1, 2]
+    assert all(r["prompts_batched_s"] > 0 and r["prompts_one_call_each_s"] > 0 for r in out["rows"])
 
 
 def test_isq_script(tmp_path):
@@ -121,6 +122,7 @@ def test_cpu_matmul_script(tmp_path):
     out = bench(
         "bench_cpu_matmul.py",
         *("--rows", "1", "--layers", "2", "--repeats", "1", "--formats", "F32", "U8M"),
+        *("--xla-option", "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),
         *("--out", str(tmp_path / "m.json")),
     )
     assert set(out["ms"]) == {"F32", "U8M"}

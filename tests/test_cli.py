@@ -108,3 +108,15 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config():
     parse = build_parser().parse_args
     assert engine_kwargs(parse(["run", "--kv-cache-dtype", "float16"]))["kv_cache_dtype"] == "float16"
     assert engine_kwargs(parse(["run"]))["kv_cache_dtype"] is None  # auto: the compute dtype
+
+
+def test_xla_option_flags_reach_the_engine_config():
+    from jaxrs.cli import build_parser, engine_kwargs
+    from jaxrs.errors import JaxrsError
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "--xla-option", "xla_a=1", "--xla-option", "xla_b="])
+    assert engine_kwargs(args)["xla_options"] == {"xla_a": "1", "xla_b": ""}
+    assert engine_kwargs(parse(["run"]))["xla_options"] is None
+    with pytest.raises(JaxrsError, match="--xla-option takes NAME=VALUE"):
+        engine_kwargs(parse(["run", "--xla-option", "xla_a"]))

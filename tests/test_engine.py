@@ -51,8 +51,37 @@ def alone(llm, ids):
 
 
 def test_batched_equals_alone(llm, ids, alone):
-    together = run(engine_with(llm, prefix_caching=False), ids, GREEDY)
+    engine = engine_with(llm, prefix_caching=False)
+    together = run(engine, ids, GREEDY)
     assert [o.token_ids for o in together] == alone
+    # the short prompts were prefilled several to a call, grouped by padded length
+    rows = {(shape[1], shape[2]) for shape in engine.runner.shapes if shape[0] == "prefill"}
+    assert len(rows) >= 2 and all(b > 1 for b, _ in rows), rows
+
+
+def test_long_or_deep_chunks_prefill_alone(llm, ids):
+    engine = engine_with(llm, prefix_caching=False)
+    long_prompt = (ids[-1] * 4)[:130]  # a 256-token chunk; its blocks need more than the narrowest width
+    requests = [engine.add_request(p, GREEDY) for p in (long_prompt, ids[0], ids[1])]
+    plan = engine.scheduler.schedule()
+    calls = engine._prefill_calls(plan.prefill)
+    assert sorted(len(c) for c in calls) == [1, 2]
+    assert [c.seq.request_id for c in calls[0]] == [requests[0].request_id]
+    for r in requests:
+        engine.abort(r.request_id)
+
+
+def test_xla_options_reach_the_steps(llm, ids, alone):
+    from jaxrs.engine.runner import step_xla_options
+    from jaxrs.errors import JaxrsError
+
+    assert step_xla_options({"b": "1", "a": "2"}, "cpu") == (("a", "2"), ("b", "1"))
+    assert step_xla_options({"a": ""}, "cpu") == ()  # an empty value drops an option
+    ynn = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    out = run(engine_with(llm, prefix_caching=False, xla_options=ynn), ids[:3], GREEDY)
+    assert [o.token_ids for o in out] == alone[:3]
+    with pytest.raises(JaxrsError, match="xla_cpu_experimental_ynn_fusion_type"):
+        engine_with(llm, xla_options={"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
 
 
 def test_prefix_cache_on_equals_off_and_hits(llm, ids, alone):

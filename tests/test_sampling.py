@@ -14,6 +14,7 @@ from jaxrs.engine.sampling import (
     SamplingFlags,
     SamplingParams,
     build_sampling_batch,
+    first_argmax,
     process_logits,
     sample,
 )
@@ -194,6 +195,16 @@ def test_the_draws_follow_the_softmax(temperature, top_k):
     chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
     dof = support.sum() - 1
     assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_first_argmax_is_jnp_argmax():
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 3, (64, V)).astype(np.float32)  # many ties
+    x[1] = -np.inf
+    x[2, 7:] = np.inf
+    x[3, [4, 9]] = np.nan
+    x[4] = np.nan
+    np.testing.assert_array_equal(jax.jit(first_argmax)(x), np.argmax(x, axis=-1))
 
 
 def test_a_tiny_top_p_forces_the_argmax():

@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from jaxrs.engine.block_manager import BlockManager, BlockTable
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
-from jaxrs.engine.scheduler import Scheduler
+from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
@@ -52,6 +52,9 @@ class EngineConfig:
     kv_cache_dtype: str | None = None
     prefix_caching: bool = True
     seed: int = 0
+    # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
+    # an empty value drops a default.
+    xla_options: Mapping[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -164,6 +167,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            xla_options=config.xla_options,
         )
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
@@ -244,19 +248,35 @@ class Engine:
                     seq.num_computed = seq.num_tokens
                     self._append(seq, out, (s, i))
             touched += plan.decode
-        for chunk in plan.prefill:
-            seq = chunk.seq
-            out = self.runner.prefill(seq, chunk.start, chunk.end)
-            seq.num_computed = chunk.end
-            self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
-            if chunk.completes_prompt:
-                self._fork_samples(seq)  # before the first token, which may finish (and free) the parent
-                self._append(seq, out, (0,))
-                touched.append(seq)
+        for group in self._prefill_calls(plan.prefill):
+            out = self.runner.prefill([(c.seq, c.start, c.end) for c in group])
+            for row, chunk in enumerate(group):
+                seq = chunk.seq
+                seq.num_computed = chunk.end
+                self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
+                if chunk.completes_prompt:
+                    self._fork_samples(seq)  # before the first token, which may finish (and free) the parent
+                    self._append(seq, out, (row,))
+                    touched.append(seq)
         for seq in plan.decode:
             if not seq.finished:
                 self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
         return touched
+
+    def _prefill_calls(self, chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """The step's prefill chunks as calls: short ones that may share a call grouped by padded length
+        (at most `max_num_seqs` rows a call), the rest alone."""
+        shared: dict[int, list[PrefillChunk]] = {}
+        calls = []
+        for c in chunks:
+            if self.runner.batches_with_others(c.seq, c.start, c.end):
+                shared.setdefault(self.runner.chunk_len(c.end - c.start), []).append(c)
+            else:
+                calls.append([c])
+        most = self.config.max_num_seqs
+        for group in shared.values():
+            calls += [group[i : i + most] for i in range(0, len(group), most)]
+        return calls
 
     def _fork_samples(self, seq: Sequence) -> None:
         """After the first sample's prompt is computed, start the others on its blocks."""

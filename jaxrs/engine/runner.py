@@ -1,10 +1,13 @@
 """Runs jitted model steps over padded, bucketed batches, sampling on device.
 
-Three jitted functions: `prefill` (a chunk of one sequence's tokens, then a sample), `decode` (one or
+Three jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
+ones, then a sample each), `decode` (one or
 more tokens for every running sequence in one call: a `lax.scan` over steps feeds each sampled token
 back on device), and `score` (log-probabilities of given next tokens). Shapes are bucketed to powers of
 two (batch rows, chunk length, block-table width), so compilations are few, logged, and warmed up
-before serving. The KV cache is donated into every call and updated in place.
+before serving. The KV cache is donated into every call and updated in place. XLA compiler options
+for the steps (`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function,
+so they never touch the user's other computations.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,7 @@ import numpy as np
 from jaxrs.config import ModelConfig
 from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
 from jaxrs.engine.sequence import Sequence
+from jaxrs.errors import JaxrsError
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
@@ -33,6 +39,18 @@ log = logging.getLogger("jaxrs")
 # streams of 15-143 tokens (demo model, CPU, float16 cache): 248 tok/s at a 16-block minimum, 292 at 8,
 # 301 at 4 (one more width for 3%).
 MIN_WIDTH = 8
+
+# Prompt chunks up to this many tokens (padded), whose block tables fit the narrowest width, are prefilled
+# together, one row each, in a single call: 32 short prompts took 1.4 s one call at a time (demo model,
+# CPU), a tenth of a 32-request run. Longer chunks run alone, so the batched prefill shapes stay few.
+MAX_BATCHED_CHUNK = 64
+
+# XLA options the steps compile with, by platform (none yet: `EngineConfig.xla_options` and
+# `--xla-option` try others). Measured and left out: YNNPACK taking each dot alone on XLA:CPU
+# (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) ran 32 rows of the layer
+# projections 1.4x faster in isolation but the whole decode step 1.1-1.4x slower (bench/RESULTS.md,
+# "CPU decode, fourth round").
+STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {}
 
 
 def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:
@@ -57,13 +75,11 @@ def _logits_at(params, cfg, kernels, kv, tokens, meta, index):
     return fam.compute_logits(params, cfg, picked, kernels), kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "flags"), donate_argnames=("kv",))
 def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags):
     logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index)
     return sample(logits, batch, flags), kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "flags", "num_steps"), donate_argnames=("kv",))
 def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels, flags, num_steps):
     block_size = kv.k.shape[2]
     rows = jnp.arange(tokens.shape[0])
@@ -85,12 +101,49 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
     return outs, kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels"), donate_argnames=("kv",))
 def _score(params, kv, tokens, meta, targets, *, cfg, kernels):
     fam = family(cfg.architecture)
     hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
     logprobs = jax.nn.log_softmax(fam.compute_logits(params, cfg, hidden, kernels), axis=-1)
     return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
+
+
+class Steps(NamedTuple):
+    """The jitted step functions for one set of XLA compiler options."""
+
+    prefill: Callable
+    decode: Callable
+    score: Callable
+
+
+@functools.cache
+def jitted_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
+    """The steps compiled with `xla_options` (sorted `(name, value)` pairs), one jit cache per set."""
+    jit = functools.partial(jax.jit, donate_argnames=("kv",), compiler_options=dict(xla_options) or None)
+    return Steps(
+        prefill=jit(_prefill, static_argnames=("cfg", "kernels", "flags")),
+        decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "num_steps")),
+        score=jit(_score, static_argnames=("cfg", "kernels")),
+    )
+
+
+def step_xla_options(
+    options: Mapping[str, str] | None = None, platform: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The options the steps compile with: the platform's `STEP_XLA_OPTIONS` updated with `options`,
+    where an empty value drops an option (leaving XLA's own default)."""
+    merged = STEP_XLA_OPTIONS.get(platform or jax.default_backend(), {}) | dict(options or {})
+    return tuple(sorted((str(k), str(v)) for k, v in merged.items() if v not in ("", None)))
+
+
+def check_xla_options(options: tuple[tuple[str, str], ...]) -> None:
+    """Fail now, naming the option, rather than at the first step's compilation."""
+    if not options:
+        return
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+    except Exception as e:  # XLA's error text names the option or value it rejects
+        raise JaxrsError(f"bad XLA option in {dict(options)}: {str(e).splitlines()[0]}") from None
 
 
 class ModelRunner:
@@ -108,8 +161,12 @@ class ModelRunner:
         max_num_seqs: int,
         max_chunk: int,
         max_model_len: int,
+        xla_options: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
+        self.xla_options = step_xla_options(xla_options)
+        check_xla_options(self.xla_options)
+        self.steps = jitted_steps(self.xla_options)
         self.params = params
         self.kernels = kernels
         self.block_size = block_size
@@ -134,13 +191,16 @@ class ModelRunner:
         most = bucket(-(-self.max_model_len // self.block_size))
         return min(bucket(num_blocks, MIN_WIDTH), most)
 
+    def rows(self, n: int) -> int:
+        """Batch-rows bucket of a call serving n sequences."""
+        return min(bucket(n), bucket(self.max_num_seqs))
+
     def chunk_len(self, n: int) -> int:
         return min(bucket(n, 16), bucket(self.max_chunk))
 
-    @staticmethod
-    def compile_count() -> int:
+    def compile_count(self) -> int:
         """Entries in the jit caches of the step functions: grows only when something compiles."""
-        return sum(f._cache_size() for f in (_prefill, _decode, _score))
+        return sum(f._cache_size() for f in self.steps)
 
     def _note(self, kind: str, shape: tuple, start: float) -> None:
         self.device_seconds += time.perf_counter() - start
@@ -168,34 +228,38 @@ class ModelRunner:
         return arrays, step_flags(flags, prefill=prefill)
 
     # -- calls ----------------------------------------------------------------------------------------
-    def prefill(self, seq: Sequence, start: int, end: int) -> SampleOutput:
-        """Run tokens [start, end) of one sequence; the sample is its next token if end is its length."""
-        ids = seq.all_ids[start:end]
-        n = len(ids)
-        t, w = self.chunk_len(n), self.width(len(seq.table.blocks))
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, :n] = ids
-        meta = self._metadata(seq.table.blocks, start, n, t, w, rope_len=seq.num_tokens)
-        batch, flags = self._sampling([seq], 1, prefill=True)
-        began = time.perf_counter()
-        out, self.kv = _prefill(
-            self.params,
-            self.kv,
-            tokens,
-            meta,
-            np.array([n - 1], np.int32),
-            batch,
-            cfg=self.cfg,
-            kernels=self.kernels,
-            flags=flags,
+    def batches_with_others(self, seq: Sequence, start: int, end: int) -> bool:
+        """Whether this chunk may share a prefill call with other sequences' chunks."""
+        narrowest = self.width(len(seq.table.blocks)) == self.width(1)
+        return narrowest and self.chunk_len(end - start) <= MAX_BATCHED_CHUNK
+
+    def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> SampleOutput:
+        """Run tokens [start, end) of each (sequence, start, end), one row each, in one call; row i's
+        sample is its sequence's next token if end is its length. Several rows: chunks that
+        `batches_with_others`, padded to a batch bucket."""
+        rows, b = len(chunks), self.rows(len(chunks))
+        t = self.chunk_len(max(end - start for _, start, end in chunks))
+        w = self.width(max(len(seq.table.blocks) for seq, _, _ in chunks))
+        tokens = np.zeros((b, t), np.int32)
+        for i, (seq, start, end) in enumerate(chunks):
+            tokens[i, : end - start] = seq.all_ids[start:end]
+        meta = self._metadata(
+            [(seq.table.blocks, start, end - start, seq.num_tokens) for seq, start, end in chunks], b, t, w
         )
-        out = jax.tree.map(np.asarray, out)
-        self._note("prefill", (t, w, flags), began)
+        last = np.zeros(b, np.int32)
+        last[:rows] = [end - start - 1 for _, start, end in chunks]
+        batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
+        began = time.perf_counter()
+        out, self.kv = self.steps.prefill(
+            self.params, self.kv, tokens, meta, last, batch, cfg=self.cfg, kernels=self.kernels, flags=flags
+        )
+        out = jax.tree.map(lambda a: np.asarray(a)[:rows], out)
+        self._note("prefill", (b, t, w, flags), began)
         return out
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
         """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
-        b = min(bucket(len(seqs)), bucket(self.max_num_seqs))
+        b = self.rows(len(seqs))
         w = self.width(max(len(s.table.blocks) for s in seqs))
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
@@ -206,7 +270,7 @@ class ModelRunner:
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
         began = time.perf_counter()
-        out, self.kv = _decode(
+        out, self.kv = self.steps.decode(
             self.params,
             self.kv,
             tokens,
@@ -232,11 +296,11 @@ class ModelRunner:
         target = np.zeros((1, t), np.int32)
         target[0, :n] = targets
         began = time.perf_counter()
-        logprobs, self.kv = _score(
+        logprobs, self.kv = self.steps.score(
             self.params,
             self.kv,
             tokens,
-            self._metadata(blocks, start, n, t, w),
+            self._metadata([(blocks, start, n, None)], 1, t, w),
             target,
             cfg=self.cfg,
             kernels=self.kernels,
@@ -245,19 +309,23 @@ class ModelRunner:
         return np.asarray(logprobs)[0, :n]
 
     def _metadata(
-        self, blocks: list[int], start: int, n: int, t: int, w: int, rope_len: int | None = None
+        self, rows: Seq[tuple[list[int], int, int, int | None]], b: int, t: int, w: int
     ) -> AttentionMetadata:
-        """One sequence's tokens [start, start + n), padded to t; `rope_len`: see AttentionMetadata."""
-        positions = np.zeros((1, t), np.int32)
-        slots = np.full((1, t), -1, np.int32)
-        tables = np.zeros((1, w), np.int32)
-        table = np.asarray(blocks, np.int32)
-        pos = np.arange(start, start + n)
-        positions[0, :n] = pos
-        slots[0, :n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-        tables[0, : len(table)] = table
-        context = np.array([start + n], np.int32)
-        rope = context if rope_len is None else np.array([rope_len], np.int32)
+        """Rows of (blocks, start, n, rope_len): a sequence's tokens [start, start + n), padded to a
+        [b, t] batch; `rope_len`: see AttentionMetadata (None: its context length)."""
+        positions = np.zeros((b, t), np.int32)
+        slots = np.full((b, t), -1, np.int32)
+        tables = np.zeros((b, w), np.int32)
+        context = np.zeros(b, np.int32)
+        rope = np.zeros(b, np.int32)
+        for i, (blocks, start, n, rope_len) in enumerate(rows):
+            table = np.asarray(blocks, np.int32)
+            pos = np.arange(start, start + n)
+            positions[i, :n] = pos
+            slots[i, :n] = table[pos // self.block_size] * self.block_size + pos % self.block_size
+            tables[i, : len(table)] = table
+            context[i] = start + n
+            rope[i] = start + n if rope_len is None else rope_len
         return AttentionMetadata(positions, slots, tables, context, rope)
 
     # -- warm-up --------------------------------------------------------------------------------------
@@ -274,7 +342,7 @@ class ModelRunner:
 
         self.warmed = (tuple(decode_steps), tuple(profiles))
         widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
-        batches = sorted({min(bucket(b), bucket(self.max_num_seqs)) for b in range(1, self.max_num_seqs + 1)})
+        batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = {step_flags(self._profile_flags(p), prefill=False): p for p in profiles}
@@ -286,57 +354,34 @@ class ModelRunner:
             for b in batches
             for w in widths
         ]
-        work += [
-            ("prefill", t, w, 0, p)
+        work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
+            ("prefill", b, w, t, p)
             for p in prefill_profiles.values()
             for t in chunks
             for w in widths
+            for b in batches
             if w * self.block_size >= min(t, self.max_model_len)
+            and (b == 1 or (w == widths[0] and t <= MAX_BATCHED_CHUNK))
         ]
         before = self.compile_count()
         began = time.perf_counter()
-        for kind, a, w, s, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
-            rows = a if kind == "decode" else 1
-            batch, f = build_sampling_batch(
-                [p] * rows, [0] * rows, [0] * rows, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
-            )
+        for kind, b, w, n, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
+            vocab = self.cfg.vocab_size
+            batch, f = build_sampling_batch([p] * b, [0] * b, [0] * b, [[0]] * b, [[]] * b, b, vocab)
             f = step_flags(f, prefill=kind == "prefill")
+            call = dict(cfg=self.cfg, kernels=self.kernels, flags=f)
+            rows = np.zeros(b, np.int32)
             if kind == "decode":
-                zeros = np.zeros(a, np.int32)
-                _, self.kv = _decode(
-                    self.params,
-                    self.kv,
-                    zeros,
-                    zeros,
-                    np.zeros((a, w), np.int32),
-                    np.zeros(a, bool),
-                    batch,
-                    cfg=self.cfg,
-                    kernels=self.kernels,
-                    flags=f,
-                    num_steps=s,
+                tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
+                _, self.kv = self.steps.decode(
+                    self.params, self.kv, rows, rows, tables, valid, batch, num_steps=n, **call
                 )
-                self.shapes.add(("decode", a, w, s, f))
+                self.shapes.add(("decode", b, w, n, f))
             else:
-                meta = AttentionMetadata(
-                    np.zeros((1, a), np.int32),
-                    np.full((1, a), -1, np.int32),
-                    np.zeros((1, w), np.int32),
-                    np.zeros(1, np.int32),
-                    np.zeros(1, np.int32),  # rope_lens, as `prefill` passes them
-                )
-                _, self.kv = _prefill(
-                    self.params,
-                    self.kv,
-                    np.zeros((1, a), np.int32),
-                    meta,
-                    np.zeros(1, np.int32),
-                    batch,
-                    cfg=self.cfg,
-                    kernels=self.kernels,
-                    flags=f,
-                )
-                self.shapes.add(("prefill", a, w, f))
+                meta = self._metadata([], b, n, w)  # padding rows only: nothing is written
+                tokens = np.zeros((b, n), np.int32)
+                _, self.kv = self.steps.prefill(self.params, self.kv, tokens, meta, rows, batch, **call)
+                self.shapes.add(("prefill", b, n, w, f))
         jax.block_until_ready(self.kv)
         log.info(
             "warm-up: %d shapes (%d compiled now) in %.1f s",
