@@ -74,10 +74,11 @@ def main() -> None:
             start = time.perf_counter()
             llm.generate([list(x) for x in prompts[:n]], params, use_tqdm=False)
             wall = time.perf_counter() - start
+            device = engine.runner.device_seconds - before
             prefill = (prompts_alone(n, batched_chunk), prompts_alone(n, 0))
             if p:
                 rates.append(n * args.new_tokens / wall)
-                host.append(1 - (engine.runner.device_seconds - before) / wall)
+                host.append(1 - device / wall)
                 batched.append(prefill[0])
                 alone.append(prefill[1])
         rows.append(
