@@ -1,13 +1,12 @@
 """Runs jitted model steps over padded, bucketed batches, sampling on device.
 
 Three jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
-ones, then a sample each), `decode` (one or
-more tokens for every running sequence in one call: a `lax.scan` over steps feeds each sampled token
-back on device), and `score` (log-probabilities of given next tokens). Shapes are bucketed to powers of
-two (batch rows, chunk length, block-table width), so compilations are few, logged, and warmed up
-before serving. The KV cache is donated into every call and updated in place. XLA compiler options
-for the steps (`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function,
-so they never touch the user's other computations.
+ones, then a sample each), `decode` (one or more tokens for every running sequence in one call: a
+`lax.scan` over steps feeds each sampled token back on device), and `score` (log-probabilities of given
+next tokens). Shapes are bucketed to powers of two (batch rows, chunk length, block-table width), so
+compilations are few, logged, and warmed up before serving. The KV cache is donated into every call
+and updated in place. XLA compiler options for the steps (`STEP_XLA_OPTIONS` per platform, or the
+engine's own) are given per jitted function, so they never touch the user's other computations.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ MAX_BATCHED_CHUNK = 64
 # XLA options the steps compile with, by platform (none yet: `EngineConfig.xla_options` and
 # `--xla-option` try others). Measured and left out: YNNPACK taking each dot alone on XLA:CPU
 # (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) ran 32 rows of the layer
-# projections 1.4x faster in isolation but the whole decode step 1.1-1.4x slower (bench/RESULTS.md,
-# "CPU decode, fourth round").
+# projections 1.5-1.7x faster in isolation, but in the engine single-stream decode fell to 0.66-0.73x and
+# the 32-stream aggregate to 0.89-0.91x (bench/RESULTS.md, "CPU decode, fourth round").
 STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {}
 
 
@@ -228,10 +227,13 @@ class ModelRunner:
         return arrays, step_flags(flags, prefill=prefill)
 
     # -- calls ----------------------------------------------------------------------------------------
+    def shares_prefill_calls(self, t: int, w: int) -> bool:
+        """Whether prefill chunks padded to t tokens, with tables w blocks wide, run several rows a call."""
+        return w == self.width(1) and t <= MAX_BATCHED_CHUNK
+
     def batches_with_others(self, seq: Sequence, start: int, end: int) -> bool:
         """Whether this chunk may share a prefill call with other sequences' chunks."""
-        narrowest = self.width(len(seq.table.blocks)) == self.width(1)
-        return narrowest and self.chunk_len(end - start) <= MAX_BATCHED_CHUNK
+        return self.shares_prefill_calls(self.chunk_len(end - start), self.width(len(seq.table.blocks)))
 
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> SampleOutput:
         """Run tokens [start, end) of each (sequence, start, end), one row each, in one call; row i's
@@ -361,7 +363,7 @@ class ModelRunner:
             for w in widths
             for b in batches
             if w * self.block_size >= min(t, self.max_model_len)
-            and (b == 1 or (w == widths[0] and t <= MAX_BATCHED_CHUNK))
+            and (b == 1 or self.shares_prefill_calls(t, w))
         ]
         before = self.compile_count()
         began = time.perf_counter()
@@ -370,17 +372,17 @@ class ModelRunner:
             batch, f = build_sampling_batch([p] * b, [0] * b, [0] * b, [[0]] * b, [[]] * b, b, vocab)
             f = step_flags(f, prefill=kind == "prefill")
             call = dict(cfg=self.cfg, kernels=self.kernels, flags=f)
-            rows = np.zeros(b, np.int32)
+            zeros = np.zeros(b, np.int32)
             if kind == "decode":
                 tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
                 _, self.kv = self.steps.decode(
-                    self.params, self.kv, rows, rows, tables, valid, batch, num_steps=n, **call
+                    self.params, self.kv, zeros, zeros, tables, valid, batch, num_steps=n, **call
                 )
                 self.shapes.add(("decode", b, w, n, f))
             else:
                 meta = self._metadata([], b, n, w)  # padding rows only: nothing is written
                 tokens = np.zeros((b, n), np.int32)
-                _, self.kv = self.steps.prefill(self.params, self.kv, tokens, meta, rows, batch, **call)
+                _, self.kv = self.steps.prefill(self.params, self.kv, tokens, meta, zeros, batch, **call)
                 self.shapes.add(("prefill", b, n, w, f))
         jax.block_until_ready(self.kv)
         log.info(
