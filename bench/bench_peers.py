@@ -328,7 +328,8 @@ def main() -> None:
         "--jaxrs-modes",
         nargs="+",
         default=["f32", "packed"],
-        help="f32 bf16 packed packed-bf16 f32-kv16 packed-kv16, each also with -ynndot (an XLA option A/B)",
+        help="f32 bf16 packed packed-bf16 f32-kv16 packed-kv16, each also with -ynndot (an XLA option A/B) "
+        "or -unrolled (layers unrolled)",
     )
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=512)

@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default=None, help="e.g. float16 (default: the compute dtype)")
     ap.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed")
     ap.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL")
+    ap.add_argument("--layer-loop", default="scan", choices=["scan", "unrolled"])
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -51,6 +52,7 @@ def main() -> None:
         max_num_seqs=most,
         kv_cache_tokens=most * (args.new_tokens + 64),
         prefix_caching=False,
+        layer_loop=args.layer_loop,
     )
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

@@ -47,7 +47,10 @@ JAXRS_MODES = {
 YNN_DOTS_ALONE = {
     "xla_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 }
-JAXRS_MODES |= {f"{name}-ynndot": {**mode, **YNN_DOTS_ALONE} for name, mode in list(JAXRS_MODES.items())}
+# "<mode>-unrolled": the layers unrolled, weights split per layer (EngineConfig.layer_loop)
+JAXRS_MODES |= {f"{name}-ynndot": {**mode, **YNN_DOTS_ALONE} for name, mode in list(JAXRS_MODES.items())} | {
+    f"{name}-unrolled": {**mode, "layer_loop": "unrolled"} for name, mode in list(JAXRS_MODES.items())
+}
 
 
 # -- jaxrs: these two also serve bench_single_stream.py and gpu.py, on an engine built there -----------

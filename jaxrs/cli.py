@@ -56,6 +56,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="XLA compiler option for the model steps, over jaxrs's per-platform defaults (NAME= drops one)",
     )
+    p.add_argument(
+        "--layer-loop",
+        choices=["scan", "unrolled"],
+        default="scan",
+        help="run the layers under lax.scan or unrolled (CPU: more 32-stream throughput, slower compiles)",
+    )
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
 
 
@@ -175,6 +181,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         prefix_caching=not args.no_prefix_cache,
         seed=args.seed,
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
+        layer_loop=args.layer_loop,
     )
 
 

@@ -102,12 +102,14 @@ def test_gemma3_270m_base_model_completes_the_prompt():
     assert "The capital of France is Paris." in done.stdout
 
 
-def test_kv_cache_dtype_flag_reaches_the_engine_config():
+def test_kv_cache_dtype_and_layer_loop_flags_reach_the_engine_config():
     from jaxrs.cli import build_parser, engine_kwargs
 
     parse = build_parser().parse_args
     assert engine_kwargs(parse(["run", "--kv-cache-dtype", "float16"]))["kv_cache_dtype"] == "float16"
     assert engine_kwargs(parse(["run"]))["kv_cache_dtype"] is None  # auto: the compute dtype
+    assert engine_kwargs(parse(["serve", "--layer-loop", "unrolled"]))["layer_loop"] == "unrolled"
+    assert engine_kwargs(parse(["run"]))["layer_loop"] == "scan"
 
 
 def test_xla_option_flags_reach_the_engine_config():

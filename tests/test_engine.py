@@ -84,6 +84,23 @@ def test_xla_options_reach_the_steps(llm, ids, alone):
         engine_with(llm, xla_options={"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
 
 
+def test_unrolled_layers_give_the_same_tokens(llm, ids, alone):
+    """Layers unrolled over per-layer weights give the scanned engine's tokens (`alone`); the engine
+    splits, then stacks again, the shared tree in place."""
+    from jaxrs.errors import JaxrsError
+
+    params = llm.model.params
+    try:
+        out = run(engine_with(llm, prefix_caching=False, layer_loop="unrolled"), ids[:3], GREEDY)
+        assert isinstance(params["layers"], tuple) and len(params["layers"]) == llm.model.config.num_layers
+        assert [o.token_ids for o in out] == alone[:3]
+    finally:
+        engine_with(llm)  # stacked again, for the other tests
+    assert params["layers"]["q_proj"].shape[0] == llm.model.config.num_layers
+    with pytest.raises(JaxrsError, match="layer_loop must be one of scan, unrolled, not 'unroll'"):
+        engine_with(llm, layer_loop="unroll")
+
+
 def test_prefix_cache_on_equals_off_and_hits(llm, ids, alone):
     engine = engine_with(llm, prefix_caching=True)
     shared = [ids[-1] + p for p in ids[:4]]  # a 28-token common prefix; 31..37 tokens each

@@ -25,6 +25,7 @@ from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
+from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
@@ -55,6 +56,13 @@ class EngineConfig:
     # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
     # an empty value drops a default.
     xla_options: Mapping[str, str] | None = None
+    # How the layers run: "scan" (`lax.scan` over the stacked weights: one layer to compile) or "unrolled"
+    # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
+    # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
+    # weights and float16 cache (bench/RESULTS.md, "CPU decode, fifth round"): unrolled raised the 32-stream
+    # aggregate 7%, but single-stream decode fell 10%, peak memory rose 35% and the cold start without a
+    # compilation cache went from 6.5 to 9.7 s; so scan is the default, unrolled a batch-throughput choice.
+    layer_loop: str = "scan"
 
 
 @dataclasses.dataclass
@@ -75,6 +83,7 @@ def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+LAYER_LOOPS = ("scan", "unrolled")
 
 
 def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
@@ -116,7 +125,8 @@ class Engine:
         reload: Reloader | None = None,
     ):
         """`reload` reads the weights again quantized to a format (for `requantize`); by default from
-        `loaded.source`, with that source's own tokenizer."""
+        `loaded.source`, with that source's own tokenizer. `loaded.params`' layers are stacked or split
+        in place for `config.layer_loop`."""
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
@@ -134,6 +144,7 @@ class Engine:
             # written; a cached block does not record which, so reusing it could mix the two sets.
             log.warning("prefix caching is off for this LongRoPE model")
             self.prefix_caching = False
+        self._arrange_layers()
         self._build_pool()
         self.scheduler = Scheduler(
             self.blocks,
@@ -146,6 +157,14 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+
+    def _arrange_layers(self) -> None:
+        """Stack or split the model's layer weights, in place, for the configured layer loop."""
+        loop = self.config.layer_loop
+        if loop not in LAYER_LOOPS:
+            raise JaxrsError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {loop!r}")
+        (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
+        log.info("layers: %s (%d)", loop, self.model.config.num_layers)
 
     def _build_pool(self) -> None:
         """Size the KV pool from the memory left beside the weights, then build the block manager (empty
@@ -385,6 +404,7 @@ class Engine:
     def _install(self, model: LoadedModel, warmed: tuple | None) -> None:
         """Serve `model`: a new pool and runner (warmed up with `warmed`, the old runner's arguments)."""
         self.model = model
+        self._arrange_layers()
         self._build_pool()
         self.scheduler.blocks, self.scheduler.max_model_len = self.blocks, self.max_model_len
         if warmed:

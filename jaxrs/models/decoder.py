@@ -14,8 +14,9 @@ tensor (Phi-3's `qkv_proj` / `gate_up_proj`, split at load so the tree is the sa
 tensors), or to `Experts` (one checkpoint tensor per expert, stacked to `[E, out, in]`).
 
 Parameters are a pytree; per-layer weights are stacked on a leading layer axis so the layers run under
-`lax.scan` and compile once whatever the depth. Weights keep the checkpoint layout `[out, in]`. Layer
-keys name roles: `post_attn_norm` is always the norm in front of the MLP (HF Llama's
+`lax.scan` and compile once whatever the depth, or, split by `unstack_layers` into a tuple of per-layer
+trees, run unrolled (see `EngineConfig.layer_loop`). Weights keep the checkpoint layout `[out, in]`.
+Layer keys name roles: `post_attn_norm` is always the norm in front of the MLP (HF Llama's
 `post_attention_layernorm`, Gemma 2's `pre_feedforward_layernorm`); `attn_out_norm` / `ffn_out_norm`
 normalize the attention / MLP output before the residual add (Gemma 2/3); `<norm>_bias` is a LayerNorm's
 bias; `router` and `experts_gate` / `experts_up` / `experts_down` (`[L, E, out, in]`) make the MLP a
@@ -230,11 +231,12 @@ def _attention(
     meta: AttentionMetadata,
     q: jax.Array,
     kv: KVCache,
-    layer: jax.Array,
-    sliding: jax.Array,
+    layer: jax.Array | int,
+    sliding: jax.Array | bool,
 ) -> jax.Array:
     """Paged attention; the window is a static kernel option, so a model mixing sliding and global
-    layers picks one of two calls per layer with `lax.cond` on the layer's (traced) kind."""
+    layers picks one of two calls per layer: with `lax.cond` on a scanned layer's (traced) kind, in
+    Python for an unrolled layer's."""
 
     def call(window: int | None) -> Callable[[], jax.Array]:
         return lambda: kernels.get("paged_attention")(
@@ -251,6 +253,8 @@ def _attention(
         )
 
     kinds = set(cfg.sliding_layers)
+    if isinstance(sliding, bool):  # an unrolled layer: its kind is known when tracing
+        return call(cfg.sliding_window if sliding else None)()
     if len(kinds) == 2:
         return jax.lax.cond(sliding, call(cfg.sliding_window), call(None))
     return call(cfg.sliding_window if True in kinds else None)()
@@ -320,8 +324,8 @@ def _layer(
     h: jax.Array,
     lp: dict,
     kv: KVCache,
-    layer: jax.Array,
-    sliding: jax.Array,
+    layer: jax.Array | int,
+    sliding: jax.Array | bool,
 ) -> tuple[jax.Array, KVCache]:
     batch, q_len, _ = h.shape
 
@@ -402,11 +406,45 @@ def forward(
             )
         return _layer(cfg, kernels, meta, layer_rope, h, lp, kv, layer, sliding), None
 
-    # The cache rides in the carry (not xs/ys) so the donated buffer is updated in place.
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    xs = (params["layers"], layers, jnp.asarray(sliding_layers, dtype=bool))
-    (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
+    if isinstance(params["layers"], tuple):  # split per layer (`unstack_layers`): unrolled
+        for i, lp in enumerate(params["layers"]):
+            sliding = bool(sliding_layers[i])
+            h, kv = _layer(cfg, kernels, meta, rope_local if sliding else rope, h, lp, kv, i, sliding)
+    else:  # the cache rides in the carry (not xs/ys) so the donated buffer is updated in place
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        xs = (params["layers"], layers, jnp.asarray(sliding_layers, dtype=bool))
+        (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
     return _norm(cfg, h, params["final_norm"], params.get("final_norm_bias")), kv
+
+
+def unstack_layers(params: dict) -> None:
+    """Split `params["layers"]` into a tuple of per-layer trees, each leaf its own buffer, so `forward`
+    runs the layers unrolled and a dot reads its weight where it lies: XLA:CPU copies a `lax.scan`
+    layer's slice out of the stack before YNNPACK's dot reads it. In place: each stacked leaf leaves the
+    tree as soon as it is split, so memory grows by one stacked leaf at most."""
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return
+    split: list[dict] = []
+    for key in list(stacked):
+        leaf = stacked.pop(key)
+        layers = jax.tree.leaves(leaf)[0].shape[0]
+        split = split or [{} for _ in range(layers)]
+        for i, lp in enumerate(split):
+            lp[key] = jax.tree.map(lambda a, i=i: a[i], leaf)
+        del leaf
+    params["layers"] = tuple(split)
+
+
+def stack_layers(params: dict) -> None:
+    """`unstack_layers` undone, in place: one stacked tree, whose layers `forward` runs under `lax.scan`."""
+    split = params["layers"]
+    if not isinstance(split, tuple):
+        return
+    stacked: dict = {}
+    params["layers"] = stacked
+    for key in list(split[0]):
+        stacked[key] = jax.tree.map(lambda *xs: jnp.stack(xs), *(lp.pop(key) for lp in split))
 
 
 def compute_logits(
