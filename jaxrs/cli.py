@@ -60,7 +60,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--layer-loop",
         choices=["scan", "unrolled"],
         default="scan",
-        help="run the layers under lax.scan or unrolled (CPU: more 32-stream throughput, slower compiles)",
+        help="layers under lax.scan or unrolled (CPU: more 32-stream throughput, bigger and slower compiles)",
     )
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
 

@@ -60,9 +60,10 @@ class EngineConfig:
     # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
     # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
     # weights and float16 cache, two peers runs (bench/RESULTS.md, "CPU decode, fifth round"): unrolled
-    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%, peak memory rose 29-35% and
-    # the cold start without a compilation cache went from 6.5 to 9.7 s; so scan is the default, unrolled
-    # a batch-throughput choice.
+    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%, each compiled shape held about
+    # 50 MiB more (peak memory +29-35% in those runs; a server warming ~200 shapes would hold gigabytes)
+    # and the cold start without a compilation cache went from 6.5 to 9.7 s; so scan is the default,
+    # unrolled a batch-throughput choice for few shapes.
     layer_loop: str = "scan"
 
 
