@@ -56,6 +56,24 @@ def test_throughput_script(tmp_path):
     assert all(r["prompts_batched_s"] > 0 and r["prompts_one_call_each_s"] > 0 for r in out["rows"])
 
 
+def test_decode_step_script(tmp_path):
+    out = bench(
+        "bench_decode_step.py",
+        "--rows",
+        "2",
+        "--keys",
+        "16",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path / "d.json"),
+    )
+    assert [(r["rows"], r["keys"], r["loop"]) for r in out["rows"]] == [(2, 16, "scan"), (2, 16, "unrolled")]
+    assert all(r["ms_per_step"] > 0 and r["compile_s"] > 0 for r in out["rows"])
+
+
 def test_isq_script(tmp_path):
     from transformers import LlamaConfig
 

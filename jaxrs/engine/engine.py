@@ -60,10 +60,9 @@ class EngineConfig:
     # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
     # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
     # weights and float16 cache, two peers runs (bench/RESULTS.md, "CPU decode, fifth round"): unrolled
-    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%, each compiled shape held about
-    # 50 MiB more (peak memory +29-35% in those runs; a server warming ~200 shapes would hold gigabytes)
-    # and the cold start without a compilation cache went from 6.5 to 9.7 s; so scan is the default,
-    # unrolled a batch-throughput choice for few shapes.
+    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%; and each compiled shape takes
+    # longer and holds more: a server's warm-up (104 shapes at a 512-token context) took 324 s and 4.6 GiB
+    # unrolled against 97 s and 1.0 GiB scanned. So scan is the default, unrolled a batch-throughput choice.
     layer_loop: str = "scan"
 
 

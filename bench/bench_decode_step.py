@@ -1,0 +1,175 @@
+"""The engine's own jitted decode step, timed directly for each layer loop, interleaved in one process.
+
+    python bench/bench_decode_step.py [--model PATH] [--rows 1 8 32] [--keys 128 512]
+        [--loops scan unrolled] [--kv-cache-dtype float16] [--packed] [--repeats 9]
+
+On XLA:CPU an isolated kernel benchmark does not predict the engine's step (YNNPACK fuses across op
+boundaries differently there), so A/Bs of the model code are made on the step itself: one engine per
+layer loop (`EngineConfig.layer_loop`), each step compiled ahead of time on synthetic block tables
+(a shuffled pool, every row `--keys` long), then called in turn, `--steps` decode tokens a call. Reports
+ms a decode step (median), tokens/s over the rows, the ratio to the first loop, the compile seconds, the
+resident memory the compiled step added, and XLA's count of its temporary buffers.
+Writes bench/results/decode_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS, markdown_table
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--keys", type=int, nargs="+", default=[128, 512], help="context length of every row")
+    ap.add_argument("--loops", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"])
+    ap.add_argument("--steps", type=int, default=8, help="decode tokens per call")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default=None, help="e.g. float16 (default: the compute dtype)")
+    ap.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed")
+    ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from jaxrs import LLM, SamplingParams
+    from jaxrs.engine.runner import step_flags
+    from jaxrs.engine.sampling import build_sampling_batch
+
+    most_rows, most_keys = max(args.rows), max(args.keys) + args.steps
+    llms = {
+        loop: LLM(
+            args.model,
+            dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype,
+            packed=args.packed,
+            max_num_seqs=most_rows,
+            kv_cache_tokens=most_rows * (most_keys + 16),
+            max_model_len=most_keys,
+            prefix_caching=False,
+            layer_loop=loop,
+        )
+        for loop in args.loops
+    }
+    runners = {loop: llm.engine.runner for loop, llm in llms.items()}
+    first = runners[args.loops[0]]
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))  # compiler set-up, charged to no loop
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in args.rows:
+        greedy, zeros = [SamplingParams(temperature=0)] * b, [0] * b
+        batch, flags = build_sampling_batch(
+            greedy, zeros, zeros, [[0]] * b, [[]] * b, b, first.cfg.vocab_size
+        )
+        flags = step_flags(flags, prefill=False)
+        for keys in args.keys:
+            blocks = -(-(keys + args.steps) // first.block_size)
+            tables = np.zeros((b, first.width(blocks)), np.int32)
+            tables[:, :blocks] = rng.permutation(b * blocks).reshape(b, blocks)
+            inputs = (
+                rng.integers(0, first.cfg.vocab_size, b).astype(np.int32),
+                np.full(b, keys - 1, np.int32),
+                tables,
+                np.ones(b, bool),
+                batch,
+            )
+            calls, found = {}, {}
+            for loop, runner in runners.items():
+                before, began = resident_mib(), time.perf_counter()
+                compiled = runner.steps.decode.lower(
+                    runner.params,
+                    runner.kv,
+                    *inputs,
+                    cfg=runner.cfg,
+                    kernels=runner.kernels,
+                    flags=flags,
+                    num_steps=args.steps,
+                ).compile()
+                runner.kv = compiled(runner.params, runner.kv, *inputs)[1]  # first run: page in
+                jax.block_until_ready(runner.kv)
+                calls[loop] = compiled
+                found[loop] = {
+                    "compile_s": time.perf_counter() - began,
+                    "resident_mib": resident_mib() - before,
+                    "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                    "times": [],
+                }
+            for _ in range(args.repeats):
+                for loop, runner in runners.items():
+                    began = time.perf_counter()
+                    out, runner.kv = calls[loop](runner.params, runner.kv, *inputs)
+                    jax.block_until_ready(out)
+                    found[loop]["times"].append(time.perf_counter() - began)
+            base = statistics.median(found[args.loops[0]]["times"])
+            for loop, f in found.items():
+                call_s = statistics.median(f.pop("times"))
+                rows.append(
+                    {
+                        "rows": b,
+                        "keys": keys,
+                        "loop": loop,
+                        "ms_per_step": 1000 * call_s / args.steps,
+                        "tok_s": b * args.steps / call_s,
+                        "ratio": base / call_s,
+                        **f,
+                    }
+                )
+                print(f"{b} rows, {keys} keys, {loop}: {rows[-1]['ms_per_step']:.1f} ms a step", flush=True)
+
+    source = llms[args.loops[0]].model.source
+    print(
+        f"\n{Path(source).name}, {args.steps} decode steps a call, median of {args.repeats} calls, "
+        f"{jax.default_backend()}, dtype {args.dtype}, KV cache {args.kv_cache_dtype or 'the compute dtype'}"
+        f"{', packed' if args.packed else ''}"
+    )
+    print(
+        markdown_table(
+            ["rows", "keys", "loop", "ms a step", "tok/s", "ratio", "compile s", "resident MiB added"]
+            + ["temp MiB"],
+            [
+                [
+                    r["rows"],
+                    r["keys"],
+                    r["loop"],
+                    f"{r['ms_per_step']:.1f}",
+                    f"{r['tok_s']:.1f}",
+                    f"{r['ratio']:.2f}x",
+                    f"{r['compile_s']:.1f}",
+                    f"{r['resident_mib']:.0f}",
+                    f"{r['temp_mib']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": source,
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "backend": jax.default_backend(),
+                "rows": rows,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
