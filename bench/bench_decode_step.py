@@ -15,12 +15,11 @@ Writes bench/results/decode_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, markdown_table
+from common import RESULTS, markdown_table, write_json
 
 
 def resident_mib() -> float:
@@ -155,20 +154,10 @@ def main() -> None:
             ],
         )
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "model": source,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "backend": jax.default_backend(),
-                "rows": rows,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
-            indent=2,
-        )
+    write_json(
+        args.out,
+        {"model": source, "args": vars(args), "backend": jax.default_backend(), "rows": rows},
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
