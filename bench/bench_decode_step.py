@@ -45,8 +45,6 @@ def main() -> None:
     import numpy as np
 
     from jaxrs import LLM, SamplingParams
-    from jaxrs.engine.runner import step_flags
-    from jaxrs.engine.sampling import build_sampling_batch
 
     most_rows, most_keys = max(args.rows), max(args.keys) + args.steps
     llms = {
@@ -69,11 +67,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.rows:
-        greedy, zeros = [SamplingParams(temperature=0)] * b, [0] * b
-        batch, flags = build_sampling_batch(
-            greedy, zeros, zeros, [[0]] * b, [[]] * b, b, first.cfg.vocab_size
-        )
-        flags = step_flags(flags, prefill=False)
+        batch, flags = first.profile_batch(SamplingParams(temperature=0), b, prefill=False)
         for keys in args.keys:
             blocks = -(-(keys + args.steps) // first.block_size)
             tables = np.zeros((b, first.width(blocks)), np.int32)

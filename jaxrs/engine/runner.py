@@ -332,8 +332,16 @@ class ModelRunner:
         return AttentionMetadata(positions, slots, tables, context, rope)
 
     # -- warm-up --------------------------------------------------------------------------------------
-    def _profile_flags(self, params: SamplingParams) -> SamplingFlags:
-        return build_sampling_batch([params], [0], [0], [[0]], [[]], 1, self.cfg.vocab_size)[1]
+    def profile_batch(
+        self, params: SamplingParams, rows: int, *, prefill: bool
+    ) -> tuple[dict, SamplingFlags]:
+        """Sampling arrays and step flags for `rows` placeholder rows sampled with `params`: what warm-up
+        (and a benchmark of the bare steps) passes where sequences would be."""
+        zeros = [0] * rows
+        arrays, flags = build_sampling_batch(
+            [params] * rows, zeros, zeros, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
+        )
+        return arrays, step_flags(flags, prefill=prefill)
 
     def warmup(self, decode_steps: tuple[int, ...], profiles: Seq[SamplingParams]) -> None:
         """Compile every decode and prefill bucket for each sampling profile (e.g. greedy, sampled).
@@ -348,8 +356,8 @@ class ModelRunner:
         batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
-        decode_profiles = {step_flags(self._profile_flags(p), prefill=False): p for p in profiles}
-        prefill_profiles = {step_flags(self._profile_flags(p), prefill=True): p for p in profiles}
+        decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
+        prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
         work = [
             ("decode", b, w, s, p)
             for p in decode_profiles.values()
@@ -369,9 +377,7 @@ class ModelRunner:
         before = self.compile_count()
         began = time.perf_counter()
         for kind, b, w, n, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
-            vocab = self.cfg.vocab_size
-            batch, f = build_sampling_batch([p] * b, [0] * b, [0] * b, [[0]] * b, [[]] * b, b, vocab)
-            f = step_flags(f, prefill=kind == "prefill")
+            batch, f = self.profile_batch(p, b, prefill=kind == "prefill")
             call = dict(cfg=self.cfg, kernels=self.kernels, flags=f)
             zeros = np.zeros(b, np.int32)
             if kind == "decode":

@@ -425,15 +425,12 @@ def unstack_layers(params: dict) -> None:
     stacked = params["layers"]
     if isinstance(stacked, tuple):
         return
-    split: list[dict] = []
+    split = tuple({} for _ in range(jax.tree.leaves(stacked)[0].shape[0]))
     for key in list(stacked):
         leaf = stacked.pop(key)
-        layers = jax.tree.leaves(leaf)[0].shape[0]
-        split = split or [{} for _ in range(layers)]
         for i, lp in enumerate(split):
             lp[key] = jax.tree.map(lambda a, i=i: a[i], leaf)
-        del leaf
-    params["layers"] = tuple(split)
+    params["layers"] = split
 
 
 def stack_layers(params: dict) -> None:
