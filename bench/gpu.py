@@ -16,7 +16,8 @@ a warm-up):
 
 Also, once: the copy bandwidth (a jitted elementwise pass over a large array: bytes read + written /
 time), and Pallas against XLA for each op at decode and prefill shapes (ms per call, median).
-Prints tables, writes JSON (--out, default bench/results/gpu.json).
+Prints tables, writes JSON (--out, default bench/results/gpu.json) after every row, with "complete": false
+until the end, so a run cut short by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -186,8 +188,8 @@ def engine_row(cfg, params, tokenizer, impl: str, dtype, args) -> dict:
     return {k: median(p[k] for p in passes) for k in passes[0]} | {"passes": passes}
 
 
-def model_rows(args, dtype, bandwidth: float) -> list[dict]:
-    rows = []
+def model_rows(args, dtype, bandwidth: float, rows: list[dict], save: Callable[[], None]) -> None:
+    """Appends a row per model x format x implementation to `rows`, calling `save` after each."""
     for name in args.models:
         cfg = model_config(name)
         tokenizer = synthetic_tokenizer(cfg.vocab_size)
@@ -196,6 +198,7 @@ def model_rows(args, dtype, bandwidth: float) -> list[dict]:
                 params = synthetic_params(cfg, weight_format, dtype)
             except Exception as e:  # out of memory, most likely: the other rows still run
                 rows.append({"model": name, "format": weight_format, "error": f"{type(e).__name__}: {e}"})
+                save()
                 continue
             weight_bytes = decode_bytes(params, cfg)
             for impl in args.impls:
@@ -211,10 +214,10 @@ def model_rows(args, dtype, bandwidth: float) -> list[dict]:
                 row["seconds"] = time.perf_counter() - start
                 print(f"{name} {weight_format} {impl}: {row['seconds']:.0f} s", flush=True)
                 rows.append(row)
+                save()
                 gc.collect()
             del params
             gc.collect()
-    return rows
 
 
 # -- kernels alone ------------------------------------------------------------------------------------
@@ -344,29 +347,35 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     device = jax.devices()[0]
     print(f"{device.device_kind} ({jax.default_backend()}), compute dtype {dtype.name}", flush=True)
+    report = {
+        "device": device.device_kind,
+        "backend": jax.default_backend(),
+        "dtype": dtype.name,
+        "machine": machine_facts(),
+        "versions": versions(["jaxrs", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin"]),
+        "args": vars(args),
+        "complete": False,
+        "models": [],
+        "kernels": [],
+    }
+
+    def save() -> None:
+        write_json(args.out, report)
+
     bandwidth = copy_bandwidth(args.copy_bytes, args.repeats)
+    report["copy_bandwidth_gb_s"] = bandwidth / 1e9
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
-    kernels = kernel_rows(args, dtype)
-    models = [] if args.skip_models else model_rows(args, dtype, bandwidth)
+    report["kernels"] = kernel_rows(args, dtype)
+    save()
+    if not args.skip_models:
+        model_rows(args, dtype, bandwidth, report["models"], save)
 
     print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s; {device.device_kind}; compute {dtype.name}")
-    print(model_table(models, args.batch))
+    print(model_table(report["models"], args.batch))
     print()
-    print(kernel_table(kernels))
-    write_json(
-        args.out,
-        {
-            "device": device.device_kind,
-            "backend": jax.default_backend(),
-            "dtype": dtype.name,
-            "machine": machine_facts(),
-            "versions": versions(["jaxrs", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin"]),
-            "args": vars(args),
-            "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "models": models,
-            "kernels": kernels,
-        },
-    )
+    print(kernel_table(report["kernels"]))
+    report["complete"] = True
+    save()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""The Pallas paged-attention kernel (interpret mode) against the XLA reference.
+"""The Pallas paged-attention kernel against the XLA reference: interpreted on CPU, compiled with Triton
+on a GPU (the kernels decide from the backend, so `JAX_PLATFORMS=cuda pytest` checks the compiled kernel).
 
 Interpret mode fills a kernel's outputs with NaN before running it, so "no NaN anywhere" also checks
 that every output element was written.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +66,7 @@ def make_inputs(
 
 def check(inputs: dict, *, scale: float = 0.2, sliding_window=None, soft_cap=None, **tuning) -> None:
     options = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    out = paged_attention_pallas(**inputs, **options, interpret=True, **tuning)
+    out = paged_attention_pallas(**inputs, **options, **tuning)
     ref = paged_attention_xla(**inputs, **options)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -195,12 +198,28 @@ def test_under_jit_with_traced_layer() -> None:
     inputs = make_inputs(
         block_size=16, group=3, starts=[20, 5], new_tokens=[1, 1], q_len=1, dtype=jnp.float32
     )
-    fn = jax.jit(lambda layer, **kw: paged_attention_pallas(layer=layer, **kw, scale=0.3, interpret=True))
+    fn = jax.jit(lambda layer, **kw: paged_attention_pallas(layer=layer, **kw, scale=0.3))
     for layer in range(NUM_LAYERS):
         inputs["layer"] = jnp.int32(layer)
         out = fn(**inputs)
         ref = paged_attention_xla(**inputs, scale=0.3)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("q_len", "num_splits"), [(1, 1), (1, 2), (5, 1)], ids=["decode", "splits", "prefill"]
+)
+def test_lowers_to_triton(q_len: int, num_splits: int, dtype) -> None:
+    """Every op of the kernel has a Triton lowering, with all options on (jaxpr -> Triton IR here;
+    compiling it needs a GPU)."""
+    inputs = make_inputs(
+        block_size=16, group=3, starts=[5, 40], new_tokens=[q_len, q_len], q_len=q_len, dtype=dtype
+    )
+    options = dict(scale=0.2, sliding_window=8, soft_cap=30.0, num_splits=num_splits, interpret=False)
+    fn = jax.jit(functools.partial(paged_attention_pallas, **options))
+    text = fn.trace(**inputs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()
 
 
 def test_registered() -> None:

@@ -1,5 +1,5 @@
-"""Quantized matmul: the Pallas kernels (interpret mode) against the XLA reference, which is checked
-against a plain dot with the dequantized weight.
+"""Quantized matmul: the Pallas kernels against the XLA reference, which is checked against a plain dot
+with the dequantized weight. The kernels are interpreted on CPU and compiled with Triton on a GPU.
 
 Interpret mode fills a kernel's outputs with NaN before running it, so "no NaN" also checks that
 every output element was written. Shapes are small: interpret mode is slow.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxrs import ops
-from jaxrs.quant import FORMATS, dequantize, quantize
+from jaxrs.quant import FORMATS, QuantizedTensor, dequantize, quantize
 from pallas_kernels.qmatmul import plane_permutation, qmatmul_pallas, qmatmul_xla
 
 OUT = 40  # not a multiple of BLOCK_N
@@ -55,7 +55,7 @@ def test_xla_reference_is_a_dot_with_the_dequantized_weight(fmt):
 def test_pallas_equals_xla(fmt, rows):
     qt, x = packed(fmt), inputs(fmt, rows)
     _, step = IN_AND_STEP[qt.spec.family]
-    ours = qmatmul_pallas(x, qt, interpret=True, block_n=BLOCK_N, block_k=step)
+    ours = qmatmul_pallas(x, qt, block_n=BLOCK_N, block_k=step)
     close(ours, qmatmul_xla(x, qt), 1e-5)
 
 
@@ -64,7 +64,7 @@ def test_pallas_bf16_batched_decode(fmt):
     """bf16 activations with leading batch axes: 4 decode rows as [2, 2, in]."""
     qt = packed(fmt)
     x = inputs(fmt, 4, jnp.bfloat16).reshape(2, 2, -1)
-    ours = qmatmul_pallas(x, qt, interpret=True, block_n=BLOCK_N)
+    ours = qmatmul_pallas(x, qt, block_n=BLOCK_N)
     assert ours.shape == (2, 2, OUT) and ours.dtype == jnp.bfloat16
     close(ours, qmatmul_xla(x, qt), 2e-2)
 
@@ -83,6 +83,23 @@ def test_pallas_lowers_to_triton(fmt):
     fn = jax.jit(functools.partial(qmatmul_pallas, interpret=False))
     text = fn.trace(x, qt).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0", "BF16"])
+@pytest.mark.parametrize("rows", [1, 512], ids=["decode", "prefill"])
+def test_pallas_lowers_at_8b_shapes(fmt, rows):
+    """Llama-3-8B's MLP shapes (abstract arrays: nothing is allocated), where the default tiles meet
+    the real `in`/`out` sizes."""
+    spec = FORMATS[fmt]
+    fn = jax.jit(functools.partial(qmatmul_pallas, interpret=False))
+    for out_in in [(14336, 4096), (4096, 14336)]:
+        arrays = {
+            f.name: jax.ShapeDtypeStruct((out_in[0], out_in[1] // f.per), jnp.dtype(f.dtype))
+            for f in spec.fields
+        }
+        x = jax.ShapeDtypeStruct((rows, out_in[1]), jnp.bfloat16)
+        lowered = fn.trace(x, QuantizedTensor(fmt, out_in, arrays)).lower(lowering_platforms=("cuda",))
+        assert "triton" in lowered.as_text().lower()
 
 
 def test_registered_as_an_op():
