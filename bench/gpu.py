@@ -317,7 +317,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and sizes (a smoke run, any machine)")
     ap.add_argument("--models", nargs="+", choices=sorted(SHAPES))
-    ap.add_argument("--formats", nargs="+", default=["BF16", "Q8_0", "Q4_K"])
+    ap.add_argument("--formats", nargs="+", default=["BF16", "Q4_K", "Q8_0"])  # the targets first
     ap.add_argument("--impls", nargs="+", default=["pallas", "xla"], help="kernel implementations to compare")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bfloat16 on accelerators)")
     ap.add_argument("--prompt-tokens", type=int)
