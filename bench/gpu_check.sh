@@ -31,8 +31,8 @@ fi
     "$python" -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())'
 } 2>&1 | tee "$out/env.log"
 
-tests=(tests/test_paged_attention.py tests/test_qmatmul.py tests/test_model_families.py
-    tests/test_model_families_2.py tests/test_decoder.py)
+tests=(tests/test_paged_attention.py tests/test_qmatmul.py tests/test_llama.py tests/test_model_families.py
+    tests/test_model_families_2.py tests/test_decoder.py tests/test_model_families_batching.py)
 timeout "${JAXRS_TEST_S:-240}" "$python" -m pytest -q -p no:cacheprovider -rfE "${tests[@]}" 2>&1 |
     tee "$out/tests.log"
 echo "tests exit: $?" | tee -a "$out/tests.log"
