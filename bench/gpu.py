@@ -15,7 +15,8 @@ a warm-up):
 - aggregate tok/s at --batch concurrent requests (short prompts, --new-tokens each, submitted at once).
 
 Also, once: the copy bandwidth (a jitted elementwise pass over a large array: bytes read + written /
-time), and Pallas against XLA for each op at decode and prefill shapes (ms per call, median).
+time), and Pallas against XLA for each op at decode and prefill shapes (ms per call, median), with the
+Pallas kernels' default split of small grids (pallas_kernels/occupancy.py) against no split.
 Prints tables, writes JSON (--out, default bench/results/gpu.json) after every row, with "complete": false
 until the end, so a run cut short by a time limit keeps what it measured.
 """
@@ -257,6 +258,8 @@ def kernel_rows(args, dtype) -> list[dict]:
         for impl in ("pallas", "xla"):
             fn = jax.jit(functools.partial(resolve("paged_attention", impl), scale=scale))
             row[f"{impl}_ms"] = safe_time(fn, *case, repeats=args.repeats)
+        unsplit = jax.jit(functools.partial(resolve("paged_attention", "pallas"), scale=scale, num_splits=1))
+        row["pallas_unsplit_ms"] = safe_time(unsplit, *case, repeats=args.repeats)
         rows.append(finish_kernel_row(row))
     out_in = (cfg.intermediate_size, cfg.hidden_size)
     for weight_format in args.formats:
@@ -269,6 +272,8 @@ def kernel_rows(args, dtype) -> list[dict]:
             }
             for impl in ("pallas", "xla"):
                 row[f"{impl}_ms"] = safe_time(jax.jit(resolve("qmatmul", impl)), x, w, repeats=args.repeats)
+            unsplit = jax.jit(functools.partial(resolve("qmatmul", "pallas"), split_k=1))
+            row["pallas_unsplit_ms"] = safe_time(unsplit, x, w, repeats=args.repeats)
             best = min((t for t in (row["pallas_ms"], row["xla_ms"]) if t), default=None)
             row["weight_gb_s"] = w.nbytes / 1e6 / best if best else None  # W read once per call
             rows.append(finish_kernel_row(row))
@@ -284,9 +289,13 @@ def safe_time(fn, *args, repeats: int) -> float | None:
 
 
 def finish_kernel_row(row: dict) -> dict:
-    pallas, xla = row["pallas_ms"], row["xla_ms"]
+    pallas, xla, unsplit = row["pallas_ms"], row["xla_ms"], row["pallas_unsplit_ms"]
     row["xla_over_pallas"] = xla / pallas if pallas and xla else None
-    print(f"{row['op']}, {row['shape']}: pallas {fmt(pallas, 3)} ms, xla {fmt(xla, 3)} ms", flush=True)
+    print(
+        f"{row['op']}, {row['shape']}: pallas {fmt(pallas, 3)} ms (unsplit {fmt(unsplit, 3)}), "
+        f"xla {fmt(xla, 3)} ms",
+        flush=True,
+    )
     return row
 
 
@@ -303,11 +312,10 @@ def model_table(rows: list[dict], batch: int) -> str:
 
 
 def kernel_table(rows: list[dict]) -> str:
-    cells = [
-        [r["op"], r["shape"], fmt(r["pallas_ms"], 3), fmt(r["xla_ms"], 3), fmt(r["xla_over_pallas"], 2)]
-        for r in rows
-    ]
-    return markdown_table(["op", "shape", "Pallas ms", "XLA ms", "XLA / Pallas"], cells)
+    keys = ("pallas_ms", "pallas_unsplit_ms", "xla_ms")
+    cells = [[r["op"], r["shape"], *(fmt(r[k], 3) for k in keys), fmt(r["xla_over_pallas"], 2)] for r in rows]
+    header = ["op", "shape", "Pallas ms", "Pallas unsplit ms", "XLA ms", "XLA / Pallas"]
+    return markdown_table(header, cells)
 
 
 # -- main ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.occupancy import auto_splits
+
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives zeros instead of NaN
 
 
@@ -239,7 +241,7 @@ def paged_attention_pallas(
     interpret: bool | None = None,
     rows_per_block: int = 64,
     keys_per_step: int = 64,
-    num_splits: int = 1,
+    num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
 ) -> jax.Array:
@@ -253,8 +255,9 @@ def paged_attention_pallas(
     Tuning (keyword-only): `rows_per_block` query rows per program (rounded to a power of two, >= 16,
     at most the padded row count); `keys_per_step` keys per loop step (whole pages, >= 16);
     `num_splits` splits each program's KV range over that many programs (flash-decoding; partials
-    combined in XLA), for long contexts with few query rows; `num_warps` (default 4, 8 for big tiles) and
-    `num_stages` for Triton.
+    combined in XLA), for long contexts with few query rows; None: as many as fill a GPU when the grid is
+    small (`occupancy.auto_splits` over the table's width, a decode of few sequences), none when
+    interpreted; `num_warps` (default 4, 8 for big tiles) and `num_stages` for Triton.
     `interpret=None` interprets on CPU and compiles (Triton) elsewhere.
 
     Padding done here: group size and head dim to powers of two (head dim >= 16), query rows to a
@@ -269,7 +272,7 @@ def paged_attention_pallas(
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if num_splits < 1:
+    if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
     group_p = _next_power_of_2(group)
@@ -291,6 +294,10 @@ def paged_attention_pallas(
     row_positions = jnp.repeat(positions.astype(jnp.int32), group_p, axis=1)
     row_positions = jnp.pad(row_positions, ((0, 0), (0, padded_rows - num_rows)), mode="edge")
     max_context = block_tables.shape[1] * block_size
+    if num_splits is None:
+        programs = batch * num_kv_heads * (padded_rows // rows_per_block)
+        steps = pl.cdiv(max_context, pages_per_step * block_size)
+        num_splits = 1 if interpret else auto_splits(programs, steps)
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1)
     tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % pages_per_step)))
     if dim_p != head_dim:

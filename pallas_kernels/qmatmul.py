@@ -32,6 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxrs.quant.dequant import dequantize
 from jaxrs.quant.tensor import QuantizedTensor
+from pallas_kernels.occupancy import auto_splits, even_splits
 
 _MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
 
@@ -210,8 +211,10 @@ def _qmatmul_kernel(
     block_m: int,
     block_n: int,
     block_c: int,
+    steps_per_split: int,
 ):
-    """One program: output rows [block_m] x columns [block_n]; loops over the packed columns."""
+    """One program: output rows [block_m] x columns [block_n] of one split of the packed columns (grid
+    axis 2), written as that split's f32 partial sum."""
     *w_refs, o_ref = refs
     arrays = dict(zip(names, w_refs, strict=True))
     planes, element_of, _ = _PLANES[fmt]
@@ -243,9 +246,11 @@ def _qmatmul_kernel(
             )
         return acc
 
-    steps = x_ref.shape[2] // block_c
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-    o_ref[pl.ds(m0, block_m), pl.ds(n0, block_n)] = acc
+    split = pl.program_id(2)
+    first = split * steps_per_split
+    last = jnp.minimum(first + steps_per_split, x_ref.shape[2] // block_c)
+    acc = lax.fori_loop(first, last, step, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[split, pl.ds(m0, block_m), pl.ds(n0, block_n)] = acc
 
 
 def _pow2_at_least(n: int, floor: int = _MIN_DOT_DIM) -> int:
@@ -260,6 +265,7 @@ def qmatmul_pallas(
     block_m: int = 64,
     block_n: int = 64,
     block_k: int = 256,
+    split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
@@ -268,8 +274,11 @@ def qmatmul_pallas(
     steps of `block_k` elements (`block_k / planes` packed columns).
 
     Tuning: `block_m` rows of x per program (shrunk to the padded row count, >= 16), `block_n` output
-    features, `block_k` input features per step (powers of two); `num_warps`, `num_stages` for
-    Triton. `interpret=None` interprets on CPU and compiles (Triton) elsewhere.
+    features, `block_k` input features per step (powers of two); `split_k` splits the steps over that
+    many programs (grid axis 2; their f32 partial sums are added outside), None: as many as fill a GPU
+    when the grid is small (`occupancy.auto_splits`, a batch-1 decode), none when interpreted;
+    `num_warps`, `num_stages` for Triton. `interpret=None` interprets on CPU and compiles (Triton)
+    elsewhere.
 
     Only activations are padded (rows to `block_m`, planes to whole steps); the packed arrays are
     read in place, with masked loads at the edges, so `out` and `in` need not divide the tiles.
@@ -292,6 +301,10 @@ def qmatmul_pallas(
     padded_m = pl.cdiv(m, block_m) * block_m
     padded_c = pl.cdiv(columns, block_c) * block_c
     grid_n = pl.cdiv(out_features, block_n)
+    steps = padded_c // block_c
+    if split_k is None:
+        split_k = 1 if interpret else auto_splits(padded_m // block_m * grid_n, steps)
+    split_k, steps_per_split = even_splits(split_k, steps)
 
     perm = plane_permutation(fmt, in_features)
     x_planes = jnp.transpose(x2[:, perm], (1, 0, 2))  # [P, M, C]
@@ -311,13 +324,15 @@ def qmatmul_pallas(
         block_m=block_m,
         block_n=block_n,
         block_c=block_c,
+        steps_per_split=steps_per_split,
     )
-    out = pl.pallas_call(
+    partials = pl.pallas_call(
         kernel,
-        grid=(padded_m // block_m, grid_n),
-        out_shape=jax.ShapeDtypeStruct((padded_m, grid_n * block_n), jnp.float32),
+        grid=(padded_m // block_m, grid_n, split_k),
+        out_shape=jax.ShapeDtypeStruct((split_k, padded_m, grid_n * block_n), jnp.float32),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name=f"qmatmul_{fmt.lower()}_m{block_m}_n{block_n}_c{block_c}",
+        name=f"qmatmul_{fmt.lower()}_m{block_m}_n{block_n}_c{block_c}_s{split_k}",
     )(x_planes.astype(compute), *arrays)
-    return out[:m, :out_features].astype(compute).reshape(*lead, out_features)
+    out = jnp.sum(partials[:, :m, :out_features], axis=0)
+    return out.astype(compute).reshape(*lead, out_features)

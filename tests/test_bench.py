@@ -133,7 +133,7 @@ def test_gpu_script_tiny(tmp_path):
     assert row["format"] == "Q4_K" and row["decode_tok_s"] > 0 and row["batch_tok_s"] > 0
     assert 0 < row["weight_gb"] and row["roofline_tok_s"] > 0 and out["copy_bandwidth_gb_s"] > 0
     assert {k["op"] for k in out["kernels"]} == {"paged_attention", "qmatmul Q4_K"}
-    assert all(k["pallas_ms"] and k["xla_ms"] for k in out["kernels"])
+    assert all(k["pallas_ms"] and k["pallas_unsplit_ms"] and k["xla_ms"] for k in out["kernels"])
     assert out["complete"]
 
 

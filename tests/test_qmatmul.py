@@ -8,6 +8,7 @@ every output element was written. Shapes are small: interpret mode is slow.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,14 @@ def test_pallas_equals_xla(fmt, rows):
     close(ours, qmatmul_xla(x, qt), 1e-5)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 40])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q6_K"])
+def test_pallas_split_k(fmt, split_k):
+    """Steps shared over programs, unevenly (3) and asked for more splits than steps (40)."""
+    qt, x = packed(fmt), inputs(fmt, 2)
+    close(qmatmul_pallas(x, qt, block_n=BLOCK_N, block_k=64, split_k=split_k), qmatmul_xla(x, qt), 1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q5_K", "HQQ4"])
 def test_pallas_bf16_batched_decode(fmt):
     """bf16 activations with leading batch axes: 4 decode rows as [2, 2, in]."""
@@ -89,7 +98,7 @@ def test_pallas_lowers_to_triton(fmt):
 @pytest.mark.parametrize("rows", [1, 512], ids=["decode", "prefill"])
 def test_pallas_lowers_at_8b_shapes(fmt, rows):
     """Llama-3-8B's MLP shapes (abstract arrays: nothing is allocated), where the default tiles meet
-    the real `in`/`out` sizes."""
+    the real `in`/`out` sizes; a decode row's small grid is split over `in`, a prefill's is not."""
     spec = FORMATS[fmt]
     fn = jax.jit(functools.partial(qmatmul_pallas, interpret=False))
     for out_in in [(14336, 4096), (4096, 14336)]:
@@ -99,7 +108,10 @@ def test_pallas_lowers_at_8b_shapes(fmt, rows):
         }
         x = jax.ShapeDtypeStruct((rows, out_in[1]), jnp.bfloat16)
         lowered = fn.trace(x, QuantizedTensor(fmt, out_in, arrays)).lower(lowering_platforms=("cuda",))
-        assert "triton" in lowered.as_text().lower()
+        text = lowered.as_text()
+        assert "triton" in text.lower()
+        (splits,) = set(re.findall(r"qmatmul_\w+_s(\d+)", text))
+        assert (int(splits) > 1) == (rows == 1)
 
 
 def test_registered_as_an_op():
