@@ -1,13 +1,15 @@
 """Accelerator benchmark on synthetic weights: Llama-3-8B and Mistral-7B shapes in BF16, Q8_0 and Q4_K.
 
-    python bench/gpu.py [--models llama3-8b mistral-7b] [--formats BF16 Q8_0 Q4_K] [--impls pallas xla]
+    python bench/gpu.py [--models llama3-8b mistral-7b] [--formats BF16 Q4_K Q8_0] [--impls pallas xla]
+                        [--layer-loops scan unrolled]
     python bench/gpu.py --tiny     # tiny shapes: runs anywhere (Pallas in interpret mode off GPU)
 
 Weights are random (timing only: the text is noise), built in the parameter tree the Llama family
 uses, matrices as packed `QuantizedTensor`s of random bytes in the format's layout, on the device.
 For each model x format x kernel implementation (`--impls`: the `paged_attention` and `qmatmul` ops
-both set to it), through the engine (greedy, EOS ignored, prefix caching off, medians of --passes after
-a warm-up):
+both set to it) x layer loop (`--layer-loops`: under `lax.scan` a kernel may be handed a copy of each
+layer's weights sliced out of the stack, which unrolled layers avoid), through the engine (greedy, EOS
+ignored, prefix caching off, medians of --passes after a warm-up):
 
 - prefill tok/s: a --prompt-tokens prompt / its time to first token;
 - decode tok/s at batch 1: the other --new-tokens - 1 tokens of that sequence / their time, against
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import time
 import traceback
 from collections.abc import Callable
@@ -38,7 +41,7 @@ from common import RESULTS, fmt, machine_facts, markdown_table, median, median_m
 from peer_worker import jaxrs_batch, jaxrs_single
 
 from jaxrs.config import ModelConfig
-from jaxrs.engine.engine import Engine, EngineConfig
+from jaxrs.engine.engine import LAYER_LOOPS, Engine, EngineConfig
 from jaxrs.llm import resolve_dtype
 from jaxrs.loading import LoadedModel
 from jaxrs.models.registry import family
@@ -157,7 +160,7 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
 # -- the engine ---------------------------------------------------------------------------------------
 
 
-def engine_row(cfg, params, tokenizer, impl: str, dtype, args) -> dict:
+def engine_row(cfg, params, tokenizer, impl: str, layer_loop: str, dtype, args) -> dict:
     """Prefill, batch-1 decode and batched decode through the engine, with both ops set to `impl`."""
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, cfg.vocab_size, args.prompt_tokens).tolist()
@@ -170,6 +173,7 @@ def engine_row(cfg, params, tokenizer, impl: str, dtype, args) -> dict:
         max_model_len=args.prompt_tokens + args.new_tokens + BLOCK,
         max_num_batched_tokens=max(2048, args.prompt_tokens),
         prefix_caching=False,
+        layer_loop=layer_loop,
     )
     loaded = LoadedModel(cfg, params, tokenizer, {}, f"synthetic {cfg.name}")
     kernels = Kernels.from_mapping({"paged_attention": impl, "qmatmul": impl})
@@ -190,7 +194,8 @@ def engine_row(cfg, params, tokenizer, impl: str, dtype, args) -> dict:
 
 
 def model_rows(args, dtype, bandwidth: float, rows: list[dict], save: Callable[[], None]) -> None:
-    """Appends a row per model x format x implementation to `rows`, calling `save` after each."""
+    """Appends a row per model x format x implementation x layer loop to `rows`, calling `save` after
+    each."""
     for name in args.models:
         cfg = model_config(name)
         tokenizer = synthetic_tokenizer(cfg.vocab_size)
@@ -202,18 +207,19 @@ def model_rows(args, dtype, bandwidth: float, rows: list[dict], save: Callable[[
                 save()
                 continue
             weight_bytes = decode_bytes(params, cfg)
-            for impl in args.impls:
-                row = {"model": name, "format": weight_format, "impl": impl, "weight_gb": weight_bytes / 1e9}
+            for impl, loop in itertools.product(args.impls, args.layer_loops):
+                row = {"model": name, "format": weight_format, "impl": impl, "loop": loop}
+                row["weight_gb"] = weight_bytes / 1e9
                 row["roofline_tok_s"] = bandwidth / weight_bytes
                 start = time.perf_counter()
                 try:
-                    row |= engine_row(cfg, params, tokenizer, impl, dtype, args)
+                    row |= engine_row(cfg, params, tokenizer, impl, loop, dtype, args)
                     row["pct_roofline"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"
                     traceback.print_exc()
                 row["seconds"] = time.perf_counter() - start
-                print(f"{name} {weight_format} {impl}: {row['seconds']:.0f} s", flush=True)
+                print(f"{name} {weight_format} {impl} {loop}: {row['seconds']:.0f} s", flush=True)
                 rows.append(row)
                 save()
                 gc.collect()
@@ -300,11 +306,11 @@ def finish_kernel_row(row: dict) -> dict:
 
 
 def model_table(rows: list[dict], batch: int) -> str:
-    header = ["model", "format", "kernels", "weights GB", "prefill tok/s", "decode tok/s (b=1)"]
+    header = ["model", "format", "kernels", "layers", "weights GB", "prefill tok/s", "decode tok/s (b=1)"]
     header += ["roofline tok/s", "% of roofline", f"aggregate tok/s (b={batch})"]
     lines = []
     for r in rows:
-        cells = [r["model"], r["format"], r.get("impl", "—"), fmt(r.get("weight_gb"), 2)]
+        cells = [r["model"], r["format"], r.get("impl", "—"), r.get("loop", "—"), fmt(r.get("weight_gb"), 2)]
         cells += [fmt(r.get(k)) for k in ("prefill_tok_s", "decode_tok_s", "roofline_tok_s", "pct_roofline")]
         cells.append(fmt(r.get("batch_tok_s")) if "error" not in r else "error: " + r["error"][:80])
         lines.append(cells)
@@ -327,6 +333,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", choices=sorted(SHAPES))
     ap.add_argument("--formats", nargs="+", default=["BF16", "Q4_K", "Q8_0"])  # the targets first
     ap.add_argument("--impls", nargs="+", default=["pallas", "xla"], help="kernel implementations to compare")
+    ap.add_argument("--layer-loops", nargs="+", default=["scan"], choices=LAYER_LOOPS)
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bfloat16 on accelerators)")
     ap.add_argument("--prompt-tokens", type=int)
     ap.add_argument("--new-tokens", type=int)

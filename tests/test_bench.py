@@ -126,12 +126,14 @@ def test_gpu_script_tiny(tmp_path):
     """bench/gpu.py on tiny shapes: synthetic packed weights through the engine with the Pallas kernels
     (interpret mode on CPU), and the kernel-by-kernel Pallas vs XLA timings."""
     out = bench(
-        "gpu.py", "--tiny", "--formats", "Q4_K", "--impls", "pallas", "--out", str(tmp_path / "g.json")
-    )
-    (row,) = out["models"]
-    assert "error" not in row, row.get("error")
-    assert row["format"] == "Q4_K" and row["decode_tok_s"] > 0 and row["batch_tok_s"] > 0
-    assert 0 < row["weight_gb"] and row["roofline_tok_s"] > 0 and out["copy_bandwidth_gb_s"] > 0
+        "gpu.py", "--tiny", "--formats", "Q4_K", "--impls", "pallas", "--layer-loops", "scan", "unrolled",
+        "--out", str(tmp_path / "g.json"),
+    )  # fmt: skip
+    assert [row["loop"] for row in out["models"]] == ["scan", "unrolled"]
+    for row in out["models"]:
+        assert "error" not in row, row.get("error")
+        assert row["format"] == "Q4_K" and row["decode_tok_s"] > 0 and row["batch_tok_s"] > 0
+        assert 0 < row["weight_gb"] and row["roofline_tok_s"] > 0 and out["copy_bandwidth_gb_s"] > 0
     assert {k["op"] for k in out["kernels"]} == {"paged_attention", "qmatmul Q4_K"}
     assert all(k["pallas_ms"] and k["pallas_unsplit_ms"] and k["xla_ms"] for k in out["kernels"])
     assert out["complete"]
