@@ -126,10 +126,10 @@ def test_gpu_script_tiny(tmp_path):
     """bench/gpu.py on tiny shapes: synthetic packed weights through the engine with the Pallas kernels
     (interpret mode on CPU), and the kernel-by-kernel Pallas vs XLA timings."""
     out = bench(
-        "gpu.py", "--tiny", "--formats", "Q4_K", "--impls", "pallas", "--layer-loops", "scan", "unrolled",
+        "gpu.py", "--tiny", "--formats", "Q4_K", "--impls", "pallas", "--layer-loops", "unrolled",
         "--out", str(tmp_path / "g.json"),
     )  # fmt: skip
-    assert [row["loop"] for row in out["models"]] == ["scan", "unrolled"]
+    assert [row["loop"] for row in out["models"]] == ["unrolled"]  # scan: every other engine test
     for row in out["models"]:
         assert "error" not in row, row.get("error")
         assert row["format"] == "Q4_K" and row["decode_tok_s"] > 0 and row["batch_tok_s"] > 0

