@@ -261,11 +261,7 @@ def kernel_rows(args, dtype) -> list[dict]:
     for batch, q_len, context in args.attention_cases:
         case = attention_case(cfg, batch, q_len, context, dtype)
         row = {"op": "paged_attention", "shape": f"batch {batch}, q_len {q_len}, context {context}"}
-        for impl in ("pallas", "xla"):
-            fn = jax.jit(functools.partial(resolve("paged_attention", impl), scale=scale))
-            row[f"{impl}_ms"] = safe_time(fn, *case, repeats=args.repeats)
-        unsplit = jax.jit(functools.partial(resolve("paged_attention", "pallas"), scale=scale, num_splits=1))
-        row["pallas_unsplit_ms"] = safe_time(unsplit, *case, repeats=args.repeats)
+        row |= time_kernels("paged_attention", case, args.repeats, {"num_splits": 1}, scale=scale)
         rows.append(finish_kernel_row(row))
     out_in = (cfg.intermediate_size, cfg.hidden_size)
     for weight_format in args.formats:
@@ -276,14 +272,25 @@ def kernel_rows(args, dtype) -> list[dict]:
                 "op": f"qmatmul {weight_format}",
                 "shape": f"x [{m}, {out_in[1]}], W [{out_in[0]}, {out_in[1]}]",
             }
-            for impl in ("pallas", "xla"):
-                row[f"{impl}_ms"] = safe_time(jax.jit(resolve("qmatmul", impl)), x, w, repeats=args.repeats)
-            unsplit = jax.jit(functools.partial(resolve("qmatmul", "pallas"), split_k=1))
-            row["pallas_unsplit_ms"] = safe_time(unsplit, x, w, repeats=args.repeats)
+            row |= time_kernels("qmatmul", (x, w), args.repeats, {"split_k": 1})
             best = min((t for t in (row["pallas_ms"], row["xla_ms"]) if t), default=None)
             row["weight_gb_s"] = w.nbytes / 1e6 / best if best else None  # W read once per call
             rows.append(finish_kernel_row(row))
     return rows
+
+
+def time_kernels(op: str, call_args: tuple, repeats: int, unsplit: dict, **options) -> dict:
+    """ms per call of `op`'s Pallas kernel (its default split, then with the `unsplit` options) and of its
+    XLA reference, on `call_args`."""
+    variants = {
+        "pallas_ms": ("pallas", options),
+        "pallas_unsplit_ms": ("pallas", options | unsplit),
+        "xla_ms": ("xla", options),
+    }
+    return {
+        key: safe_time(jax.jit(functools.partial(resolve(op, impl), **kw)), *call_args, repeats=repeats)
+        for key, (impl, kw) in variants.items()
+    }
 
 
 def safe_time(fn, *args, repeats: int) -> float | None:
