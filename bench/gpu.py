@@ -44,7 +44,7 @@ from jaxrs.config import ModelConfig
 from jaxrs.engine.engine import LAYER_LOOPS, Engine, EngineConfig
 from jaxrs.llm import resolve_dtype
 from jaxrs.loading import LoadedModel
-from jaxrs.models.registry import family
+from jaxrs.models.decoder import model_graph
 from jaxrs.ops import Kernels, resolve
 from jaxrs.quant import FORMATS, QuantizedTensor, parse_format
 
@@ -69,27 +69,6 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig(architecture="llama", name=name, **SHAPES[name])
 
 
-def hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """The shape of an HF checkpoint tensor of the Llama layout."""
-    if name.endswith("norm.weight"):
-        return (cfg.hidden_size,)
-    table = {
-        "q_proj": (cfg.q_size, cfg.hidden_size),
-        "k_proj": (cfg.kv_size, cfg.hidden_size),
-        "v_proj": (cfg.kv_size, cfg.hidden_size),
-        "o_proj": (cfg.hidden_size, cfg.q_size),
-        "gate_proj": (cfg.intermediate_size, cfg.hidden_size),
-        "up_proj": (cfg.intermediate_size, cfg.hidden_size),
-        "down_proj": (cfg.hidden_size, cfg.intermediate_size),
-        "embed_tokens": (cfg.vocab_size, cfg.hidden_size),
-        "lm_head": (cfg.vocab_size, cfg.hidden_size),
-    }
-    for key, shape in table.items():
-        if key in name:
-            return shape
-    raise ValueError(f"no synthetic shape for {name}")
-
-
 def random_packed(key: jax.Array, fmt_name: str, out_in: tuple[int, int], lead: tuple[int, ...]):
     """A `QuantizedTensor` of random bytes in `fmt_name`'s layout (small positive scales), on the device."""
     spec = FORMATS[fmt_name]
@@ -106,37 +85,28 @@ def random_packed(key: jax.Array, fmt_name: str, out_in: tuple[int, int], lead: 
 
 
 def synthetic_params(cfg: ModelConfig, weight_format: str, dtype: jnp.dtype, seed: int = 0) -> dict:
-    """The Llama family's parameter tree (its weight tables, layers stacked) filled with random values;
-    matrices in `weight_format` (a float format: plain arrays), norms in `dtype`."""
-    fam = family(cfg.architecture)
+    """The model's parameter tree (the shapes of its module tree, layers stacked) filled with random
+    values; matrices in `weight_format` (a float format: plain arrays), norms and biases in `dtype`."""
+    _, abstract = model_graph(cfg)
     keys = iter(jax.random.split(jax.random.key(seed), 64))
     spec = FORMATS[weight_format]
 
-    def weight(name: str, lead: tuple[int, ...] = ()) -> jax.Array | QuantizedTensor:
-        shape = hf_shape(cfg, name)
-        if len(shape) == 1:
-            return jnp.ones((*lead, *shape), dtype)
+    def weight(shape: tuple[int, ...]) -> jax.Array | QuantizedTensor:
         if spec.family != "float":
-            return random_packed(next(keys), weight_format, shape, lead)
-        w = jax.random.normal(next(keys), (*lead, *shape), jnp.float32) * 0.02
+            return random_packed(next(keys), weight_format, shape[-2:], shape[:-2])
+        w = jax.random.normal(next(keys), shape, jnp.float32) * 0.02
         return w.astype(spec.fields[0].dtype)
 
-    top = dict(fam.top_weights)
-    if cfg.tie_word_embeddings:
-        top.pop("lm_head", None)
-    params = {key: weight(name) for key, name in top.items()}
-    params["layers"] = {
-        key: weight(f"model.layers.0.{name}", (cfg.num_layers,))
-        for key, name in fam.layer_weights(cfg).items()
-    }
-    return jax.block_until_ready(params)
+    flat, tree = jax.tree_util.tree_flatten_with_path(abstract)
+    vectors = {path for path, _ in flat if path[-1].key == "bias" or "norm" in jax.tree_util.keystr(path)}
+    leaves = [jnp.ones(a.shape, dtype) if path in vectors else weight(a.shape) for path, a in flat]
+    return jax.block_until_ready(jax.tree.unflatten(tree, leaves))
 
 
 def decode_bytes(params: dict, cfg: ModelConfig) -> int:
     """Bytes of weights one decode step reads: everything but the embedding table (one row of it)."""
-    skip = None if cfg.tie_word_embeddings else params["embed"]
-    leaves = [leaf for key, leaf in params.items() if leaf is not skip]
-    return sum(int(x.nbytes) for x in jax.tree.leaves(leaves))
+    read = {key: tree for key, tree in params.items() if key != "embed" or cfg.tie_word_embeddings}
+    return sum(int(x.nbytes) for x in jax.tree.leaves(read))
 
 
 def synthetic_tokenizer(vocab_size: int):

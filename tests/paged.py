@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig
+from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, allocate_kv_cache
-from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
 
 
@@ -37,12 +37,10 @@ class PagedRun:
         meta = AttentionMetadata(
             pos[None], slots[None].astype(np.int32), self.table[None], np.array([self.length + n], np.int32)
         )
-        fam = family(self.cfg.architecture)
-        hidden, self.kv = fam.forward(
-            self.params, self.cfg, self.kernels, jnp.asarray([token_ids], jnp.int32), meta, self.kv
-        )
+        model = merge(self.params, self.cfg)
+        hidden, self.kv = model(jnp.asarray([token_ids], jnp.int32), meta, self.kv, self.kernels)
         self.length += n
-        return np.asarray(fam.compute_logits(self.params, self.cfg, hidden))[0]
+        return np.asarray(model.logits(hidden, Kernels()))[0]
 
 
 def assert_matches_transformers(

@@ -5,12 +5,18 @@ Python instead (mixed sliding windows, a local RoPE base, LongRoPE) and a sparse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxrs.loading import load_model
-from jaxrs.models.decoder import stack_layers, unstack_layers
+from jaxrs.loading.model_config import config_from_hf
+from jaxrs.models.decoder import DecoderModel, model_graph, stack_layers, unstack_layers
+from jaxrs.models.registry import FAMILIES
 from jaxrs.quant import QuantizedTensor
 from tests import test_model_families, test_model_families_2
 from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
@@ -47,14 +53,61 @@ def test_packed_layers_split_and_stack_again_exactly(tmp_path):
     scanned = PagedRun(model.config, params, num_blocks=8).feed(ids)
 
     unstack_layers(params)
-    assert isinstance(params["layers"][1]["q_proj"], QuantizedTensor)
+    assert isinstance(params["layers"][1]["attn"]["q_proj"]["weight"], QuantizedTensor)
     for i, lp in enumerate(params["layers"]):
-        for key, leaf in lp.items():
-            row = jax.tree.map(lambda a, i=i: a[i], original["layers"][key])
-            jax.tree.map(np.testing.assert_array_equal, leaf, row)
+        row = jax.tree.map(lambda a, i=i: a[i], original["layers"])
+        jax.tree.map(np.testing.assert_array_equal, lp, row)
     unrolled = PagedRun(model.config, params, num_blocks=8).feed(ids)
     np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-5 * np.abs(scanned).max())
 
     stack_layers(params)
     assert jax.tree.structure(params) == jax.tree.structure(original)
     jax.tree.map(np.testing.assert_array_equal, params, original)
+
+
+ALL_CONFIGS = test_model_families.CONFIGS | test_model_families_2.CONFIGS
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["stacked", "unrolled"])
+def test_every_family_is_an_nnx_module_tree_that_round_trips(unrolled):
+    """Each family's model is a `flax.nnx` module tree (one config per family); its state splits and
+    merges back to the same graph and arrays, and the merged module computes what `forward` computes."""
+    by_family = {}
+    for raw in ALL_CONFIGS.values():
+        cfg = config_from_hf(raw.to_dict(), Path("config.json"))
+        by_family.setdefault(cfg.architecture, cfg)
+    assert set(by_family) == set(FAMILIES)
+    for arch, cfg in by_family.items():
+        graph, abstract = model_graph(cfg, unrolled)
+        rng = np.random.default_rng(0)
+        state = jax.tree.map(
+            lambda a, rng=rng: jnp.asarray(rng.normal(size=a.shape) * 0.1, jnp.float32), abstract
+        )
+        model = nnx.merge(graph, state)
+        assert isinstance(model, DecoderModel) and isinstance(model.layers, nnx.List) == unrolled, arch
+        graph2, state2 = nnx.split(model)
+        assert graph2 == graph, arch
+        assert jax.tree.structure(state2.to_pure_dict()) == jax.tree.structure(state), arch
+        jax.tree.map(np.testing.assert_array_equal, state2.to_pure_dict(), state)
+        params = dict(state)
+        if unrolled:
+            params["layers"] = tuple(state["layers"][i] for i in range(cfg.num_layers))
+        run = PagedRun(cfg, params, num_blocks=8)
+        logits = run.feed([1, 2, 3])
+        assert logits.shape == (3, cfg.vocab_size) and np.isfinite(logits).all(), arch
+
+
+def test_optional_pieces_follow_the_config_not_the_checkpoint():
+    """Biases, q/k norms, sandwich norms and the head exist exactly where the family and config say."""
+    cfgs = {name: config_from_hf(raw.to_dict(), Path("config.json")) for name, raw in ALL_CONFIGS.items()}
+    layer = lambda name: model_graph(cfgs[name])[1]["layers"]  # noqa: E731
+    assert (
+        "bias" in layer("qwen2-tied")["attn"]["q_proj"]
+        and "bias" not in layer("qwen2-tied")["attn"]["o_proj"]
+    )
+    assert "q_norm" in layer("gemma3")["attn"] and "q_norm" not in layer("gemma2")["attn"]
+    assert "ffn_out_norm" in layer("gemma2") and "ffn_out_norm" not in layer("gemma")
+    assert "gate_proj" not in layer("phi")["mlp"] and "post_attn_norm" not in layer("phi")
+    assert "router" in layer("mixtral")["mlp"]
+    assert "lm_head" not in model_graph(cfgs["qwen2-tied"])[1]
+    assert "bias" in model_graph(cfgs["phi"])[1]["lm_head"]

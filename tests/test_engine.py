@@ -96,7 +96,7 @@ def test_unrolled_layers_give_the_same_tokens(llm, ids, alone):
         assert [o.token_ids for o in out] == alone[:3]
     finally:
         engine_with(llm)  # stacked again, for the other tests
-    assert params["layers"]["q_proj"].shape[0] == llm.model.config.num_layers
+    assert params["layers"]["attn"]["q_proj"]["weight"].shape[0] == llm.model.config.num_layers
     with pytest.raises(JaxrsError, match="layer_loop must be one of scan, unrolled, not 'unroll'"):
         engine_with(llm, layer_loop="unroll")
 

@@ -17,11 +17,10 @@ import torch
 from jaxrs.config import FULL
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.engine.sampling import SamplingParams
-from jaxrs.loading import LoadedModel
+from jaxrs.loading import LoadedModel, checkpoint
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
-from jaxrs.models.registry import family
 from tests.conftest import relative_error
 from tests.gemma3_gguf import GEMMA3_FILE, copy_without_vocabulary, fetch_gemma3_270m
 from tests.paged import PagedRun
@@ -43,7 +42,7 @@ def model(source) -> LoadedModel:
     """Ours, dequantized to f32 as transformers loads it."""
     path, reader, meta = source
     cfg = gguf_config(reader, meta, path)
-    params = family(cfg.architecture).params_from_hf(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
     return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from jaxrs.errors import ModelLoadError
+from jaxrs.loading import checkpoint
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors, unpermute_rope
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.models.registry import family
 from tests.conftest import relative_error
 from tests.paged import PagedRun
 
@@ -22,7 +22,7 @@ PROMPT = [{"role": "user", "content": "Write a short story about a robot who lea
 def load_gguf_params(path):
     reader = open_gguf(path)
     cfg = gguf_config(reader, read_metadata(reader), path)
-    return cfg, family("llama").params_from_hf(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    return cfg, checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_hf_folder_copy_gives_same_logits(ours, reference, tmp_path):
     model, ids = reference
     write_sharded_hf_folder(model, tmp_path)
     hf_cfg = load_hf_config(tmp_path)
-    hf_params = family("llama").params_from_hf(
-        open_hf_tensors(tmp_path, family("llama").hf_weight_names(hf_cfg)), hf_cfg, np.float32
+    hf_params = checkpoint.load_params(
+        open_hf_tensors(tmp_path, checkpoint.hf_weight_names(hf_cfg)), hf_cfg, np.float32
     )
     a = PagedRun(cfg, params, num_blocks=64).feed(ids[:20])
     b = PagedRun(hf_cfg, hf_params, num_blocks=64).feed(ids[:20])

@@ -71,9 +71,12 @@ ERRORS = {}
 def test_isq_packs_matrices_and_matmuls_read_them_exactly(tiny, reference_logits, fmt):
     packed = load_model(str(tiny), isq=fmt)
     layers = packed.params["layers"]
-    assert all(isinstance(layers[k], QuantizedTensor) for k in ("q_proj", "k_proj", "o_proj", "down_proj"))
-    assert not isinstance(layers["input_norm"], QuantizedTensor)  # norms stay float
-    assert not isinstance(packed.params["embed"], QuantizedTensor)  # embeddings stay float by default
+    matrices = [layers["attn"][k]["weight"] for k in ("q_proj", "k_proj", "o_proj")]
+    assert all(isinstance(w, QuantizedTensor) for w in [*matrices, layers["mlp"]["down_proj"]["weight"]])
+    assert not isinstance(layers["input_norm"]["weight"], QuantizedTensor)  # norms stay float
+    assert not isinstance(
+        packed.params["embed"]["weight"], QuantizedTensor
+    )  # embeddings stay float by default
     ours = logits(packed, IDS)
     unpacked = PagedRun(packed.config, dequantized(packed.params), num_blocks=16).feed(IDS)
     np.testing.assert_allclose(ours, unpacked, rtol=0, atol=1e-5 * np.abs(unpacked).max())
@@ -99,7 +102,10 @@ def test_packed_gguf_equals_dequantized_load(demo_gguf):
     plain = load_model(str(demo_gguf))
     packed = load_model(str(demo_gguf), packed=True)
     layout = "U8M" if jax.default_backend() == "cpu" else "Q4_1"  # see the bytes test below
-    assert packed.params["layers"]["q_proj"].fmt == layout and packed.params["embed"].fmt == "Q8_0"
+    assert (
+        packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == layout
+        and packed.params["embed"]["weight"].fmt == "Q8_0"
+    )
     ids = list(range(100, 124))
     np.testing.assert_array_equal(logits(packed, ids), logits(plain, ids))
 
@@ -135,7 +141,7 @@ def test_perplexity_is_the_mean_likelihood_of_each_window(tiny):
 @pytest.mark.parametrize("fmt", QUANTIZED_FORMATS)
 def test_every_format_generates_and_keeps_perplexity(tiny, tiny_float_ppl, fmt):
     llm = LLM(str(tiny), isq=fmt, kv_cache_mb=4, max_num_seqs=2)
-    assert llm.model.params["layers"]["gate_proj"].fmt == fmt
+    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == fmt
     out = llm.generate([[3, 4, 5, 6]], SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].token_ids) == 4
     ratio = perplexity(llm, TINY_TEXT) / tiny_float_ppl
@@ -253,9 +259,17 @@ def test_layers_in_mixed_types_load_packed_in_the_richer_one(tmp_path):
     layers, float_layers = packed.params["layers"], floats.params["layers"]
     # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized.
     down_format, exact, moved = ("U8M", 1, 0) if jax.default_backend() == "cpu" else ("Q6_K", 0, 1)
-    assert (layers["v_proj"].fmt, layers["down_proj"].fmt) == ("Q8_0", down_format)
-    np.testing.assert_array_equal(np.asarray(dequantize(layers["v_proj"])), float_layers["v_proj"])  # exact
-    down, float_down = np.asarray(dequantize(layers["down_proj"])), np.asarray(float_layers["down_proj"])
+    assert (layers["attn"]["v_proj"]["weight"].fmt, layers["mlp"]["down_proj"]["weight"].fmt) == (
+        "Q8_0",
+        down_format,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(dequantize(layers["attn"]["v_proj"]["weight"])), float_layers["attn"]["v_proj"]["weight"]
+    )  # exact
+    down, float_down = (
+        np.asarray(dequantize(layers["mlp"]["down_proj"]["weight"])),
+        np.asarray(float_layers["mlp"]["down_proj"]["weight"]),
+    )
     np.testing.assert_array_equal(down[exact], float_down[exact])
     assert 0 < relative_error(down[moved], float_down[moved]) < 0.02
     ours = logits(packed, IDS)
@@ -279,7 +293,10 @@ def test_cli_quantize_to_a_gguf_file(tiny_gguf, tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
     assert (types["blk.0.attn_output.weight"], types["token_embd.weight"]) == ("Q4_0", "Q8_0")
     loaded = load_model(str(out), packed=True, tokenizer=str(tiny_gguf))
-    assert loaded.params["layers"]["o_proj"].fmt in ("Q4_0", "Q8_0")  # Q8_0: CPU's exact layout
+    assert loaded.params["layers"]["attn"]["o_proj"]["weight"].fmt in (
+        "Q4_0",
+        "Q8_0",
+    )  # Q8_0: CPU's exact layout
 
     assert main(["quantize", "--model", str(tiny_gguf), "--isq", "8", "--out", str(out)]) == 1  # HF folder
     assert "needs a GGUF model" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import LlamaConfig, MistralConfig
 
+from jaxrs.loading import checkpoint
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.models.registry import family
 from tests.conftest import relative_error, save_tiny_hf_model
 from tests.paged import PagedRun, assert_matches_transformers
 
@@ -50,8 +50,8 @@ PROMPT_LEN, DECODE_STEPS = 32, 8
 
 def load_params(path, dtype=np.float32):
     cfg = load_hf_config(path)
-    get = open_hf_tensors(path, family("llama").hf_weight_names(cfg))
-    return cfg, family("llama").params_from_hf(get, cfg, dtype)
+    get = open_hf_tensors(path, checkpoint.hf_weight_names(cfg))
+    return cfg, checkpoint.load_params(get, cfg, dtype)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

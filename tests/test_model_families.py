@@ -15,12 +15,13 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config
 
-from jaxrs.config import FULL, SLIDING, config_from_hf
+from jaxrs.config import FULL, SLIDING
+from jaxrs.loading import checkpoint
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
+from jaxrs.loading.model_config import config_from_hf
 from jaxrs.models.layers import activation
-from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
 from tests.conftest import relative_error, save_tiny_hf_model
 from tests.paged import PagedRun, assert_matches_transformers
@@ -106,8 +107,7 @@ def tiny(tmp_path_factory):
 
 def load_params(path, dtype=np.float32):
     cfg = load_hf_config(path)
-    fam = family(cfg.architecture)
-    return cfg, fam.params_from_hf(open_hf_tensors(path, fam.hf_weight_names(cfg)), cfg, dtype)
+    return cfg, checkpoint.load_params(open_hf_tensors(path, checkpoint.hf_weight_names(cfg)), cfg, dtype)
 
 
 def hf_config(raw: dict):
@@ -223,7 +223,7 @@ def test_gguf_gives_the_hf_parameter_tree(name, tiny, tmp_path):
     write_llama_cpp_gguf(model, path, GGUF_ARCH[hf_cfg.architecture])
     reader = open_gguf(path)
     cfg = gguf_config(reader, read_metadata(reader), path)
-    params = family(cfg.architecture).params_from_hf(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
 
     # llama.cpp's Gemma 2/3 query scale is head_dim (hidden / heads for the 27B models): not in the file
     expected = dataclasses.replace(

@@ -15,13 +15,13 @@ import torch
 from safetensors.numpy import load_file
 from transformers import MixtralConfig, Phi3Config, PhiConfig, Starcoder2Config
 
-from jaxrs.config import SLIDING, config_from_hf
-from jaxrs.loading import load_model
+from jaxrs.config import SLIDING
+from jaxrs.loading import checkpoint, load_model
+from jaxrs.loading.checkpoint import take
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.models.decoder import take
-from jaxrs.models.registry import family
+from jaxrs.loading.model_config import config_from_hf
 from jaxrs.quant import QuantizedTensor, dequantize, quantize
 from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer
 from tests.paged import PagedRun
@@ -128,8 +128,7 @@ def tiny(tmp_path_factory):
 
 def load_params(path, dtype=np.float32):
     cfg = load_hf_config(path)
-    fam = family(cfg.architecture)
-    return cfg, fam.params_from_hf(open_hf_tensors(path, fam.hf_weight_names(cfg)), cfg, dtype)
+    return cfg, checkpoint.load_params(open_hf_tensors(path, checkpoint.hf_weight_names(cfg)), cfg, dtype)
 
 
 def test_configs_normalize():
@@ -325,7 +324,7 @@ def test_gguf_gives_the_hf_parameter_tree(case, tiny, tmp_path):
     write_llama_cpp_gguf(model, folder, path, arch, variant=variant)
     reader = open_gguf(path)
     cfg = gguf_config(reader, read_metadata(reader), path)
-    params = family(cfg.architecture).params_from_hf(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
 
     f32 = np.float32
     expected = dataclasses.replace(
@@ -367,13 +366,13 @@ def test_gguf_packed_3d_experts_split_exactly(tiny, tmp_path):
     write_llama_cpp_gguf(model, folder, path, "mixtral", variant="q8-experts")
     reader = open_gguf(path)
     cfg = gguf_config(reader, read_metadata(reader), path)
-    fam = family(cfg.architecture)
-    packed = fam.params_from_hf(open_gguf_tensors(reader, cfg, path, packed=True), cfg, np.float32)
-    floats = fam.params_from_hf(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
-    for key in ("experts_gate", "experts_up", "experts_down"):
-        qt = packed["layers"][key]
+    packed = checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=True), cfg, np.float32)
+    floats = checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    for key in ("gate_proj", "up_proj", "down_proj"):
+        qt = packed["layers"]["mlp"][key]["weight"]
         assert isinstance(qt, QuantizedTensor) and qt.fmt == "Q8_0" and qt.lead_shape == (2, 4)
-        np.testing.assert_allclose(np.asarray(dequantize(qt)), np.asarray(floats["layers"][key]), atol=1e-6)
+        want = floats["layers"]["mlp"][key]["weight"]
+        np.testing.assert_allclose(np.asarray(dequantize(qt)), np.asarray(want), atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
@@ -396,15 +395,19 @@ def test_isq_packed_experts_and_fused_splits(name, tiny, tmp_path_factory):
     packed = load_model(str(folder), isq="8")
     layers = packed.params["layers"]
     if name == "mixtral":
-        assert isinstance(layers["experts_gate"], QuantizedTensor) and layers["experts_gate"].shape == (
+        assert isinstance(layers["mlp"]["gate_proj"]["weight"], QuantizedTensor) and layers["mlp"][
+            "gate_proj"
+        ]["weight"].shape == (
             2,
             4,
             128,
             64,
         )
-        assert not isinstance(layers["router"], QuantizedTensor)
+        assert not isinstance(layers["mlp"]["router"]["weight"], QuantizedTensor)
     else:
-        assert isinstance(layers["k_proj"], QuantizedTensor) and layers["k_proj"].shape == (2, 32, 64)
+        assert isinstance(layers["attn"]["k_proj"]["weight"], QuantizedTensor) and layers["attn"]["k_proj"][
+            "weight"
+        ].shape == (2, 32, 64)
     unpacked = jax.tree.map(
         lambda x: dequantize(x) if isinstance(x, QuantizedTensor) else x,
         packed.params,

@@ -81,7 +81,7 @@ def test_saved_model_reloads_bit_identical_without_quantizing(tiny, tmp_path, fm
     forbid_quantizing(monkeypatch)
     loaded = load_model(str(tmp_path / fmt))
     assert loaded.config == in_memory.config and hash(loaded.config) == hash(in_memory.config)
-    assert is_packed(loaded.params["layers"]["q_proj"])
+    assert is_packed(loaded.params["layers"]["attn"]["q_proj"]["weight"])
     assert_same_params(loaded.params, in_memory.params)
     np.testing.assert_array_equal(logits(loaded), logits(in_memory))
 
@@ -91,9 +91,12 @@ def test_folder_is_recognized_and_dtype_casts_only_float_arrays(saved_q4k, monke
     forbid_quantizing(monkeypatch)
     assert resolve_source(str(out)) == ("quantized", out)
     half = load_model(str(out), dtype="bfloat16")
-    assert half.params["embed"].dtype == jnp.bfloat16
-    assert half.params["layers"]["input_norm"].dtype == jnp.bfloat16
-    packed, ref = half.params["layers"]["down_proj"], in_memory.params["layers"]["down_proj"]
+    assert half.params["embed"]["weight"].dtype == jnp.bfloat16
+    assert half.params["layers"]["input_norm"]["weight"].dtype == jnp.bfloat16
+    packed, ref = (
+        half.params["layers"]["mlp"]["down_proj"]["weight"],
+        in_memory.params["layers"]["mlp"]["down_proj"]["weight"],
+    )
     for name, array in packed.arrays.items():  # packed fields keep their own dtypes and bytes
         np.testing.assert_array_equal(np.asarray(array), np.asarray(ref.arrays[name]))
     assert half.generation_config == in_memory.generation_config
@@ -149,7 +152,7 @@ def test_cli_quantize_then_llm_generates(tiny, tmp_path, capsys, monkeypatch):
     assert {p.name for p in out.iterdir()} >= {"jaxrs_config.json", "model.safetensors", "tokenizer.json"}
     forbid_quantizing(monkeypatch)
     llm = LLM(str(out), kv_cache_mb=4, max_num_seqs=2)
-    assert llm.model.params["layers"]["gate_proj"].fmt == "Q8_0"
+    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == "Q8_0"
     result = llm.generate([[3, 4, 5, 6]], SamplingParams(temperature=0, max_tokens=5))
     assert len(result[0].token_ids) == 5
 
@@ -184,9 +187,11 @@ def test_missing_field_names_the_file_and_tensor(saved_q4k, tmp_path):
     file = folder / "model.safetensors"
     with safe_open(file, framework="np") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "layers.q_proj.sc"}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "layers.attn.q_proj.weight.sc"}
     save_file(tensors, file, metadata=meta)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensor 'layers\.q_proj\.sc' is missing"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors: tensor 'layers\.attn\.q_proj\.weight\.sc' is missing"
+    ):
         load_model(str(folder))
 
 
@@ -221,3 +226,67 @@ def test_demo_model_q8_saved_and_reloaded_generates_the_same_tokens(demo_gguf, t
     ref = in_memory.generate([in_memory.chat_prompt_ids(prompt)], greedy)[0]
     assert ours.token_ids == ref.token_ids
     assert "Paris" in ours.text
+
+
+def rewrite_tree(file, rename, version: str | None = None) -> dict:
+    """Rewrite a parameter file's tensor names and metadata paths with `rename(path) -> path | None`
+    (None drops the parameter), keeping everything else; returns the old metadata."""
+    from jaxrs.loading.param_file import TREE_KEY
+
+    with safe_open(file, framework="np") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    leaves, out = json.loads(meta[TREE_KEY]), {}
+    new_leaves = {}
+    for name, entry in leaves.items():
+        path = rename(entry["path"])
+        if path is None:
+            continue
+        new = ".".join(path)
+        new_leaves[new] = entry | {"path": path}
+        fields = (
+            [f".{field}" for field in jaxrs.quant.FORMATS[entry["format"]].field_names]
+            if "format" in entry
+            else [""]
+        )
+        for field in fields:
+            out[new + field] = tensors[name + field]
+    save_file(
+        out,
+        file,
+        metadata=meta | {TREE_KEY: json.dumps(new_leaves), "jaxrs.version": version or meta["jaxrs.version"]},
+    )
+    return meta
+
+
+def test_version_1_folders_still_load(saved_q4k, tmp_path):
+    """Folders written before the module tree (flat keys: `layers.q_proj`, `layers.q_proj_bias`, `embed`)
+    load into the same tree, bit for bit."""
+    from jaxrs.loading.param_file import _V1_MODULES
+
+    back = {module: key for key, module in _V1_MODULES.items() if not key.startswith("experts_")}
+
+    def to_v1(path: list[str]) -> list[str]:
+        *prefix, leaf = path
+        suffix = "_bias" if leaf == "bias" else ""
+        if tuple(prefix[-2:]) in back:
+            return [*prefix[:-2], back[tuple(prefix[-2:])] + suffix]
+        return [*prefix[:-1], prefix[-1] + suffix]
+
+    folder = broken_copy(saved_q4k[1], tmp_path)
+    file = folder / "model.safetensors"
+    assert rewrite_tree(file, to_v1, version="1")["jaxrs.version"] == "2"
+    with safe_open(file, framework="np") as f:
+        assert {"layers.q_proj.sc", "layers.input_norm", "embed"} <= set(f.keys())
+    assert_same_params(load_model(str(folder)).params, saved_q4k[0].params)
+
+
+def test_missing_parameter_names_it(saved_q4k, tmp_path):
+    folder = broken_copy(saved_q4k[1], tmp_path)
+    rewrite_tree(
+        folder / "model.safetensors", lambda p: None if p[-2:] == ["post_attn_norm", "weight"] else p
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors: parameter layers\.post_attn_norm\.weight is missing"
+    ):
+        load_model(str(folder))

@@ -27,8 +27,8 @@ from jaxrs.config import ModelConfig
 from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
 from jaxrs.engine.sequence import Sequence
 from jaxrs.errors import JaxrsError
+from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
-from jaxrs.models.registry import family
 from jaxrs.ops import Kernels
 
 log = logging.getLogger("jaxrs")
@@ -55,7 +55,8 @@ STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {}
 
 def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:
     """Fewer sampler variants, so fewer compiled steps: a sampled batch always takes the filter path
-    (exact with top-k/top-p/min-p off, ~1 ms a row dearer on CPU), and a prefill step, whose one sample
+    (exact with top-k/top-p/min-p off, a little dearer on CPU: bench/RESULTS.md, "Sampler cost on CPU"),
+    and a prefill step, whose one sample
     is cheap next to the prompt, always takes the sampled path (greedy rows still take the argmax)."""
     if prefill:
         return dataclasses.replace(flags, all_greedy=False, filters=True)
@@ -69,10 +70,10 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 def _logits_at(params, cfg, kernels, kv, tokens, meta, index):
-    fam = family(cfg.architecture)
-    hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
+    model = merge(params, cfg)  # the nnx module over this trace's parameter arrays
+    hidden, kv = model(tokens, meta, kv, kernels)
     picked = hidden[jnp.arange(hidden.shape[0]), index]
-    return fam.compute_logits(params, cfg, picked, kernels), kv
+    return model.logits(picked, kernels), kv
 
 
 def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags):
@@ -86,8 +87,8 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
 
     def one(carry, i):
         # Tie the weights to the step's carry, so XLA cannot hoist work on them out of the step loop:
-        # it would dequantize a packed head once into f32 and read that every step (demo Q8_0 head:
-        # 30 ms a step instead of 2.2 for the fused one-row GEMV).
+        # it would dequantize a packed head once into f32 and read that every step, many times slower
+        # than the fused one-row GEMV (bench/RESULTS.md, "CPU decode, second round").
         step_params, (kv, tok, pos) = jax.lax.optimization_barrier((params, carry))
         slot = tables[rows, pos // block_size] * block_size + pos % block_size
         meta = AttentionMetadata(
@@ -102,9 +103,9 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
 
 
 def _score(params, kv, tokens, meta, targets, *, cfg, kernels):
-    fam = family(cfg.architecture)
-    hidden, kv = fam.forward(params, cfg, kernels, tokens, meta, kv)
-    logprobs = jax.nn.log_softmax(fam.compute_logits(params, cfg, hidden, kernels), axis=-1)
+    model = merge(params, cfg)
+    hidden, kv = model(tokens, meta, kv, kernels)
+    logprobs = jax.nn.log_softmax(model.logits(hidden, kernels), axis=-1)
     return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
 
 

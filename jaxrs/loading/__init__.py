@@ -2,7 +2,8 @@
 
 A source is a GGUF file, a Hugging Face model folder, a folder holding one GGUF, a folder written by
 `jaxrs quantize` (`prequantized`), a Hub repo id, or nothing (the embedded demo model). Every format
-ends in the same parameter tree, so one model implementation serves them all.
+ends in the same parameter tree (the state of the model's module tree, `loading.checkpoint`), so one
+model implementation serves them all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 
 from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
-from jaxrs.models.registry import family
 from jaxrs.quant.tensor import tree_nbytes
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ log = logging.getLogger("jaxrs")
 
 @dataclasses.dataclass
 class LoadedModel:
+    """A loaded model: `params` is the state of its `flax.nnx` module tree as nested dicts by parameter
+    path (`params["layers"]["attn"]["q_proj"]["weight"]`), which `models.decoder.merge` turns back into
+    the module inside a jitted step."""
+
     config: ModelConfig
     params: dict
     tokenizer: Tokenizer
@@ -83,6 +87,7 @@ def load_model(
     `packed`: a GGUF's quantized tensors stay in their format on the device (matmuls read them
     packed). `isq`: quantize float weights into this format while loading (see `jaxrs.quant`).
     """
+    from jaxrs.loading.checkpoint import hf_weight_names, load_params
     from jaxrs.tokenizer import Tokenizer
 
     kind, path = resolve_source(model, gguf_file)
@@ -117,7 +122,7 @@ def load_model(
         from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
 
         cfg = load_hf_config(path)
-        get = open_hf_tensors(path, family(cfg.architecture).hf_weight_names(cfg))
+        get = open_hf_tensors(path, hf_weight_names(cfg))
         tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)
         gen_path = path / "generation_config.json"
         generation_config = read_json(gen_path) if gen_path.is_file() else {}
@@ -125,9 +130,7 @@ def load_model(
         from jaxrs.loading.isq import quantizing_getter
 
         get = quantizing_getter(get, isq)
-    params = family(cfg.architecture).params_from_hf(
-        _with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype
-    )
+    params = load_params(_with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype)
     log.info(
         "loaded %s (%s, %d layers) from %s in %.1f s, weights %.1f MiB",
         cfg.name or path.name,
@@ -166,7 +169,9 @@ def _with_progress(get, cfg: ModelConfig, desc: str):
     """Wrap a tensor getter with a progress bar over the tensors the family will ask for."""
     from tqdm.auto import tqdm
 
-    total = len(family(cfg.architecture).hf_weight_names(cfg))
+    from jaxrs.loading.checkpoint import hf_weight_names
+
+    total = len(hf_weight_names(cfg))
     bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, delay=1.0)
 
     def counted(name: str):

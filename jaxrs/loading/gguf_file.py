@@ -17,9 +17,10 @@ import jax
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from jaxrs.config import ModelConfig, config_from_gguf
+from jaxrs.config import ModelConfig
 from jaxrs.errors import ModelLoadError
-from jaxrs.models.decoder import take
+from jaxrs.loading.checkpoint import hf_weight_names, take
+from jaxrs.loading.model_config import config_from_gguf
 from jaxrs.models.registry import family
 from jaxrs.quant import QuantizedTensor, from_gguf_bytes
 
@@ -96,15 +97,15 @@ def open_gguf_tensors(
     """A getter of HF-named tensors backed by the GGUF file: f32 arrays, or with `packed`, quantized
     tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s.
 
-    A family's `gguf_split(cfg)` names llama.cpp tensors that hold several HF tensors (Phi-2's fused
+    A family's `names.gguf_split(cfg)` names llama.cpp tensors that hold several HF tensors (Phi-2's fused
     `attn_qkv`, Mixtral's 3-D `ffn_*_exps`): each part is a row range or a leading index of it (see
-    `decoder.take`); the whole tensor is read once and kept until its last part has been asked for.
+    `checkpoint.take`); the whole tensor is read once and kept until its last part has been asked for.
     """
-    fam = family(cfg.architecture)
-    patterns = _name_patterns(fam.GGUF_NAMES)
-    permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(fam.GGUF_ROPE_PERMUTED)}
-    fix = getattr(fam, "from_gguf_tensor", None)  # e.g. Gemma: norms were stored as weight + 1
-    split = fam.gguf_split(cfg) if hasattr(fam, "gguf_split") else {}
+    names = family(cfg.architecture).names
+    patterns = _name_patterns(names.gguf)
+    permuted = {p: getattr(cfg, attr) for p, attr in _name_patterns(names.gguf_rope_permuted)}
+    fix = names.from_gguf_tensor  # e.g. Gemma: norms were stored as weight + 1
+    split = names.gguf_split(cfg) if names.gguf_split else {}
     split_patterns = [(_template(k), parts) for k, parts in split.items()]
     by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None, int | slice | None]] = {}
     parts_left: dict[str, int] = {}  # split GGUF tensor -> parts not yet asked for
@@ -119,9 +120,9 @@ def open_gguf_tensors(
                     by_hf_name[target.replace("{i}", m.group("i"))] = (tensor, None, index)
                 parts_left[tensor.name] = len(parts)
                 break
-    missing = [n for n in fam.hf_weight_names(cfg) if n not in by_hf_name]
+    missing = [n for n in hf_weight_names(cfg) if n not in by_hf_name]
     if missing:
-        to_gguf = _name_patterns({v: k for k, v in fam.GGUF_NAMES.items()})
+        to_gguf = _name_patterns({v: k for k, v in names.gguf.items()})
         shown = [_translate(n, to_gguf) or n for n in missing[:3]]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelLoadError(path, f"missing tensor(s) {', '.join(shown)}{more}")

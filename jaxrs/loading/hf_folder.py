@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrs.config import ModelConfig, config_from_hf, read_json
+from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import ModelLoadError
+from jaxrs.loading.model_config import config_from_hf
 from jaxrs.loading.safetensors_file import SafetensorsFile
 
 

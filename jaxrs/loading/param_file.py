@@ -24,7 +24,24 @@ from jaxrs.quant import FORMATS, QuantizedTensor
 from jaxrs.quant.tensor import make
 
 TREE_KEY = "jaxrs.params"  # __metadata__ entry: JSON {name: {"path": [...], "format"/"dtype": ...}}
-VERSION = 1
+VERSION = 2  # 2: paths of the nnx module tree (`layers.attn.q_proj.weight`); 1: flat keys (`layers.q_proj`)
+
+# Version 1's keys -> the module paths they became: `<key>_bias` is the `bias` beside `<key>`'s `weight`.
+_V1_MODULES = {
+    **{f"{p}_proj": ("attn", f"{p}_proj") for p in "qkvo"},
+    "q_norm": ("attn", "q_norm"),
+    "k_norm": ("attn", "k_norm"),
+    **{f"{p}_proj": ("mlp", f"{p}_proj") for p in ("gate", "up", "down")},
+    "router": ("mlp", "router"),
+    **{f"experts_{p}": ("mlp", f"{p}_proj") for p in ("gate", "up", "down")},
+}
+
+
+def v1_path(path: list[str]) -> list[str]:
+    """A version-1 key path (`["layers", "q_proj_bias"]`, `["embed"]`) as a module path."""
+    *prefix, key = path
+    base, leaf = (key[: -len("_bias")], "bias") if key.endswith("_bias") else (key, "weight")
+    return [*prefix, *_V1_MODULES.get(base, (base,)), leaf]
 
 
 def save_params(params: dict, file: Path) -> None:
@@ -91,8 +108,8 @@ def _tree_metadata(meta: dict[str, str] | None, file: Path) -> dict[str, dict[st
             file, f"no {TREE_KEY!r} metadata: not a parameter file written by jaxrs quantize"
         )
     version = (meta or {}).get("jaxrs.version")
-    if version != str(VERSION):
-        raise ModelLoadError(file, f"parameter file version {version}, this jaxrs reads version {VERSION}")
+    if version not in ("1", str(VERSION)):
+        raise ModelLoadError(file, f"parameter file version {version}, this jaxrs reads versions 1-{VERSION}")
     try:
         leaves = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -101,6 +118,8 @@ def _tree_metadata(meta: dict[str, str] | None, file: Path) -> dict[str, dict[st
         isinstance(e, dict) and isinstance(e.get("path"), list) and e["path"] for e in leaves.values()
     ):
         raise ModelLoadError(file, f"malformed {TREE_KEY!r} metadata")
+    if version == "1":
+        leaves = {name: entry | {"path": v1_path(entry["path"])} for name, entry in leaves.items()}
     return leaves
 
 

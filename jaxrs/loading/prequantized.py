@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.loading import LoadedModel
+from jaxrs.loading.checkpoint import check_params
 from jaxrs.loading.config_dict import config_from_dict, config_to_dict
 from jaxrs.loading.param_file import load_params, save_params
 from jaxrs.loading.tokenizer_files import check_same_tokenizer, save_tokenizer
@@ -90,6 +91,10 @@ def load_quantized(path: Path, *, dtype: jnp.dtype, tokenizer: str | None = None
     except ValueError as e:
         raise ModelLoadError(config_file, f"invalid model config ({e})") from None
     params = load_params(path / WEIGHTS_FILE, jnp.dtype(dtype))
+    try:
+        check_params(params, cfg)
+    except JaxrsError as e:
+        raise ModelLoadError(path / WEIGHTS_FILE, f"{e} (model {cfg.architecture})") from None
     tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)
     gen_file = path / GENERATION_FILE
     generation_config = read_json(gen_file) if gen_file.is_file() else {}

@@ -1,1 +1,2 @@
-"""Model families: one file each, pure functions over a parameter pytree; `registry` maps names to them."""
+"""Model families as `flax.nnx` modules: the shared decoder (`decoder.py`) built from a family's `SPEC`
+(one file each); `registry` maps architecture names to them."""

@@ -13,13 +13,8 @@ import dataclasses
 import numpy as np
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder
-
-HF_ARCHITECTURES = ("GemmaForCausalLM",)
-HF_MODEL_TYPES = ("gemma",)
-GGUF_ARCHITECTURES = ("gemma",)
-GGUF_NAMES = decoder.GGUF_NAMES
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
+from jaxrs.loading.names import CheckpointNames
+from jaxrs.models.spec import FamilySpec
 
 
 def from_gguf_tensor(name: str, data: np.ndarray) -> np.ndarray:
@@ -48,3 +43,14 @@ def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
 
 def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return gemma_config(cfg, None, hidden_act="gelu_tanh")
+
+
+SPEC = FamilySpec(
+    name="gemma",
+    hf_architectures=("GemmaForCausalLM",),
+    hf_model_types=("gemma",),
+    gguf_architectures=("gemma",),
+    finish_hf_config=finish_hf_config,
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(from_gguf_tensor=from_gguf_tensor),
+)

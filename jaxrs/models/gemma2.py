@@ -6,18 +6,15 @@ soft-capping, sliding-window layers alternating with global ones, query scale fr
 from __future__ import annotations
 
 from jaxrs.config import ACTIVATIONS, ModelConfig, pattern_layer_types
-from jaxrs.models import decoder
-from jaxrs.models.gemma import from_gguf_tensor, gemma_config, llama_cpp_query_scalar  # noqa: F401
+from jaxrs.loading.names import LLAMA_GGUF, SANDWICH_NORMS_HF, CheckpointNames, hf_table
+from jaxrs.models.gemma import from_gguf_tensor, gemma_config, llama_cpp_query_scalar
+from jaxrs.models.spec import FamilySpec
 
-HF_ARCHITECTURES = ("Gemma2ForCausalLM",)
-HF_MODEL_TYPES = ("gemma2",)
-GGUF_ARCHITECTURES = ("gemma2",)
-GGUF_NAMES = decoder.GGUF_NAMES | {
+GGUF_NAMES = LLAMA_GGUF | {
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
 
 
 def finish_hf_config(cfg: ModelConfig, raw: dict, *, pattern: int = 2, **defaults) -> ModelConfig:
@@ -61,5 +58,13 @@ def finish_gguf_config(
     )
 
 
-def layer_weights(cfg: ModelConfig) -> dict[str, str]:
-    return decoder.layer_weights(cfg, decoder.SANDWICH_NORMS)
+SPEC = FamilySpec(
+    name="gemma2",
+    hf_architectures=("Gemma2ForCausalLM",),
+    hf_model_types=("gemma2",),
+    gguf_architectures=("gemma2",),
+    sandwich_norms=True,
+    finish_hf_config=finish_hf_config,
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(hf=hf_table(SANDWICH_NORMS_HF), gguf=GGUF_NAMES, from_gguf_tensor=from_gguf_tensor),
+)

@@ -8,17 +8,11 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder, gemma2
-from jaxrs.models.gemma import from_gguf_tensor  # noqa: F401
+from jaxrs.loading.names import SANDWICH_NORMS_HF, CheckpointNames, hf_table
+from jaxrs.models import gemma2
+from jaxrs.models.gemma import from_gguf_tensor
+from jaxrs.models.spec import FamilySpec
 
-HF_ARCHITECTURES = ("Gemma3ForCausalLM",)
-HF_MODEL_TYPES = ("gemma3_text",)
-GGUF_ARCHITECTURES = ("gemma3",)
-GGUF_NAMES = gemma2.GGUF_NAMES | {
-    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
-    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
-}
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
 LOCAL_ROPE_THETA = 10000.0
 
 
@@ -46,5 +40,22 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     )
 
 
-def layer_weights(cfg: ModelConfig) -> dict[str, str]:
-    return decoder.layer_weights(cfg, decoder.SANDWICH_NORMS, decoder.QK_NORMS)
+SPEC = FamilySpec(
+    name="gemma3",
+    hf_architectures=("Gemma3ForCausalLM",),
+    hf_model_types=("gemma3_text",),
+    gguf_architectures=("gemma3",),
+    qk_norm=True,
+    sandwich_norms=True,
+    finish_hf_config=finish_hf_config,
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(
+        hf=hf_table(SANDWICH_NORMS_HF),
+        gguf=gemma2.GGUF_NAMES
+        | {
+            "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+            "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+        },
+        from_gguf_tensor=from_gguf_tensor,
+    ),
+)

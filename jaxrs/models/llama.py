@@ -1,6 +1,6 @@
 """Llama family (Llama 2/3/3.1, SmolLM, Mistral with or without a sliding window): GQA, RoPE, SwiGLU,
-RMSNorm. The layer itself is the shared decoder (`jaxrs.models.decoder`); this file says which
-checkpoints it reads and how.
+RMSNorm: the shared decoder with no extra pieces, read with Llama's checkpoint names (llama.cpp's q/k row
+permutation undone at load).
 """
 
 from __future__ import annotations
@@ -8,14 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrs.config import ModelConfig
-from jaxrs.models.decoder import ATTENTION_BIASES, GGUF_NAMES, LAYER_WEIGHTS, MLP_BIASES  # noqa: F401
-
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-HF_MODEL_TYPES = ("llama", "mistral")  # config.json `model_type`, when `architectures` is absent
-GGUF_ARCHITECTURES = ("llama",)
-
-# llama.cpp permutes q/k rows for its interleaved RoPE; the loader undoes it (value: heads to use).
-GGUF_ROPE_PERMUTED = {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"}
+from jaxrs.loading.names import LLAMA_ROPE_PERMUTED, CheckpointNames
+from jaxrs.models.spec import FamilySpec
 
 
 def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
@@ -23,3 +17,13 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     if not cfg.num_experts:
         return cfg
     return dataclasses.replace(cfg, architecture="mixtral", num_experts_per_tok=cfg.num_experts_per_tok or 2)
+
+
+SPEC = FamilySpec(
+    name="llama",
+    hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    hf_model_types=("llama", "mistral"),
+    gguf_architectures=("llama",),
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(gguf_rope_permuted=LLAMA_ROPE_PERMUTED),
+)

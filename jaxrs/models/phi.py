@@ -12,33 +12,19 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrs.config import ModelConfig
+from jaxrs.loading.names import CheckpointNames, GgufSplit, hf_table
+from jaxrs.models.spec import FamilySpec
 
-HF_ARCHITECTURES = ("PhiForCausalLM",)
-HF_MODEL_TYPES = ("phi",)
-GGUF_ARCHITECTURES = ("phi2",)
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
-
-TOP_WEIGHTS = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.final_layernorm.weight",
-    "final_norm_bias": "model.final_layernorm.bias",
-    "lm_head": "lm_head.weight",
-    "lm_head_bias": "lm_head.bias",
-}
-LAYER_WEIGHTS = {
-    "input_norm": "input_layernorm.weight",
-    "input_norm_bias": "input_layernorm.bias",
-    **{f"{p}_proj": f"self_attn.{p}_proj.weight" for p in "qkv"},
-    **{f"{p}_proj_bias": f"self_attn.{p}_proj.bias" for p in "qkv"},
-    "o_proj": "self_attn.dense.weight",
-    "o_proj_bias": "self_attn.dense.bias",
-    "up_proj": "mlp.fc1.weight",
-    "up_proj_bias": "mlp.fc1.bias",
-    "down_proj": "mlp.fc2.weight",
-    "down_proj_bias": "mlp.fc2.bias",
-}
 _LAYER = "model.layers.{i}."
-GGUF_NAMES = {
+_HF_NAMES = {
+    "final_norm.weight": "model.final_layernorm.weight",
+    "final_norm.bias": "model.final_layernorm.bias",
+    "layers.attn.o_proj.weight": "self_attn.dense.weight",
+    "layers.attn.o_proj.bias": "self_attn.dense.bias",
+    **{f"layers.mlp.up_proj.{kind}": f"mlp.fc1.{kind}" for kind in ("weight", "bias")},
+    **{f"layers.mlp.down_proj.{kind}": f"mlp.fc2.{kind}" for kind in ("weight", "bias")},
+}
+_GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.final_layernorm.weight",
     "output_norm.bias": "model.final_layernorm.bias",
@@ -60,7 +46,7 @@ GGUF_NAMES = {
 }
 
 
-def gguf_split(cfg: ModelConfig) -> dict[str, list[tuple[str, int | slice]]]:
+def gguf_split(cfg: ModelConfig) -> GgufSplit:
     """The fused `attn_qkv` weight and bias: q, k, v stacked by rows."""
     q, kv = cfg.q_size, cfg.kv_size
     rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
@@ -88,5 +74,14 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return phi_config(cfg, hidden_act="gelu_tanh")
 
 
-def layer_weights(cfg: ModelConfig) -> dict:
-    return LAYER_WEIGHTS
+SPEC = FamilySpec(
+    name="phi",
+    hf_architectures=("PhiForCausalLM",),
+    hf_model_types=("phi",),
+    gguf_architectures=("phi2",),
+    gated_mlp=False,
+    head_bias=True,
+    finish_hf_config=finish_hf_config,
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(hf=hf_table(_HF_NAMES), gguf=_GGUF_NAMES, gguf_split=gguf_split),
+)

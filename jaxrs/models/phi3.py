@@ -11,16 +11,12 @@ permutation (NeoX-style RoPE).
 from __future__ import annotations
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder
-from jaxrs.models.decoder import Rows
+from jaxrs.loading.names import LLAMA_GGUF, LLAMA_HF, CheckpointNames, HfTable, Rows
+from jaxrs.models.spec import FamilySpec
 
-HF_ARCHITECTURES = ("Phi3ForCausalLM",)
-HF_MODEL_TYPES = ("phi3",)
-GGUF_ARCHITECTURES = ("phi3",)
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
-GGUF_NAMES = {
+_GGUF_NAMES = {
     k: v
-    for k, v in decoder.GGUF_NAMES.items()
+    for k, v in LLAMA_GGUF.items()
     if not k.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.", "blk.{i}.attn_v.", "blk.{i}.ffn_"))
 } | {
     "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
@@ -30,14 +26,23 @@ GGUF_NAMES = {
 }
 
 
-def layer_weights(cfg: ModelConfig) -> dict[str, str | Rows]:
+def hf_names(cfg: ModelConfig) -> HfTable:
     """The Llama layer with q/k/v and gate/up as row ranges of the fused checkpoint tensors."""
     q, kv, ff = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
-    return decoder.layer_weights(cfg) | {
-        "q_proj": Rows(qkv, 0, q),
-        "k_proj": Rows(qkv, q, q + kv),
-        "v_proj": Rows(qkv, q + kv, q + 2 * kv),
-        "gate_proj": Rows(gate_up, 0, ff),
-        "up_proj": Rows(gate_up, ff, 2 * ff),
+    return LLAMA_HF | {
+        "layers.attn.q_proj.weight": Rows(qkv, 0, q),
+        "layers.attn.k_proj.weight": Rows(qkv, q, q + kv),
+        "layers.attn.v_proj.weight": Rows(qkv, q + kv, q + 2 * kv),
+        "layers.mlp.gate_proj.weight": Rows(gate_up, 0, ff),
+        "layers.mlp.up_proj.weight": Rows(gate_up, ff, 2 * ff),
     }
+
+
+SPEC = FamilySpec(
+    name="phi3",
+    hf_architectures=("Phi3ForCausalLM",),
+    hf_model_types=("phi3",),
+    gguf_architectures=("phi3",),
+    names=CheckpointNames(hf=hf_names, gguf=_GGUF_NAMES),
+)

@@ -9,19 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrs.config import FULL, SLIDING, ModelConfig
-from jaxrs.models import decoder
-
-HF_ARCHITECTURES = ("Qwen2ForCausalLM",)
-HF_MODEL_TYPES = ("qwen2",)
-GGUF_ARCHITECTURES = ("qwen2",)
-GGUF_NAMES = decoder.GGUF_NAMES | {
-    f"blk.{{i}}.attn_{p}.bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"
-}
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
-
-
-def layer_weights(cfg: ModelConfig) -> dict[str, str]:
-    return decoder.layer_weights(cfg, decoder.QKV_BIASES)
+from jaxrs.loading.names import LLAMA_GGUF, CheckpointNames
+from jaxrs.models.spec import FamilySpec
 
 
 def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
@@ -31,3 +20,17 @@ def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
         types = tuple(SLIDING if i >= first else FULL for i in range(cfg.num_layers))
         cfg = dataclasses.replace(cfg, layer_types=types)
     return cfg
+
+
+SPEC = FamilySpec(
+    name="qwen2",
+    hf_architectures=("Qwen2ForCausalLM",),
+    hf_model_types=("qwen2",),
+    gguf_architectures=("qwen2",),
+    qkv_bias=True,
+    finish_hf_config=finish_hf_config,
+    names=CheckpointNames(
+        gguf=LLAMA_GGUF
+        | {f"blk.{{i}}.attn_{p}.bias": f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"}
+    ),
+)

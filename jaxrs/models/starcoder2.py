@@ -11,19 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrs.config import ModelConfig
-from jaxrs.models import decoder
+from jaxrs.loading.names import LLAMA_GGUF, CheckpointNames, hf_table
+from jaxrs.models.spec import FamilySpec
 
-HF_ARCHITECTURES = ("Starcoder2ForCausalLM",)
-HF_MODEL_TYPES = ("starcoder2",)
-GGUF_ARCHITECTURES = ("starcoder2",)
-GGUF_ROPE_PERMUTED: dict[str, str] = {}
-
-TOP_WEIGHTS = decoder.TOP_WEIGHTS | {"final_norm_bias": "model.norm.bias"}
-NORM_BIASES = {
-    "input_norm_bias": "input_layernorm.bias",
-    "post_attn_norm_bias": "post_attention_layernorm.bias",
+_HF_NAMES = {
+    **{f"layers.mlp.up_proj.{kind}": f"mlp.c_fc.{kind}" for kind in ("weight", "bias")},
+    **{f"layers.mlp.down_proj.{kind}": f"mlp.c_proj.{kind}" for kind in ("weight", "bias")},
 }
-GGUF_NAMES = {k: v for k, v in decoder.GGUF_NAMES.items() if ".ffn_" not in k} | {
+_GGUF_NAMES = {k: v for k, v in LLAMA_GGUF.items() if ".ffn_" not in k} | {
     "output_norm.bias": "model.norm.bias",
     **{
         f"blk.{{i}}.{g}.{kind}": f"model.layers.{{i}}.{h}.{kind}"
@@ -42,19 +37,6 @@ GGUF_NAMES = {k: v for k, v in decoder.GGUF_NAMES.items() if ".ffn_" not in k} |
 }
 
 
-def layer_weights(cfg: ModelConfig) -> dict[str, str]:
-    """The Llama layer (attention biases with `use_bias`) with LayerNorm biases and the plain MLP."""
-    table = {
-        key: name
-        for key, name in decoder.layer_weights(cfg).items()
-        if not key.startswith(("gate_proj", "up_proj", "down_proj"))
-    }
-    table |= NORM_BIASES | {"up_proj": "mlp.c_fc.weight", "down_proj": "mlp.c_proj.weight"}
-    if cfg.mlp_bias:
-        table |= {"up_proj_bias": "mlp.c_fc.bias", "down_proj_bias": "mlp.c_proj.bias"}
-    return table
-
-
 def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
     bias = bool(raw.get("use_bias", True))
     eps = float(raw.get("norm_epsilon", 1e-5))
@@ -65,3 +47,15 @@ def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
     return dataclasses.replace(
         cfg, layer_norm=True, hidden_act="gelu_tanh", attention_bias=True, mlp_bias=True
     )
+
+
+SPEC = FamilySpec(
+    name="starcoder2",
+    hf_architectures=("Starcoder2ForCausalLM",),
+    hf_model_types=("starcoder2",),
+    gguf_architectures=("starcoder2",),
+    gated_mlp=False,
+    finish_hf_config=finish_hf_config,
+    finish_gguf_config=finish_gguf_config,
+    names=CheckpointNames(hf=hf_table(_HF_NAMES), gguf=_GGUF_NAMES),
+)
