@@ -37,8 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.dequant import dequantize_packed
 from pallas_kernels.formats import LAYOUTS
 from pallas_kernels.occupancy import auto_splits, even_splits
-
-_MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
+from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 
 
 def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
@@ -261,10 +260,6 @@ def _qmatmul_kernel(
     o_ref[split, pl.ds(m0, block_m), pl.ds(n0, block_n)] = acc
 
 
-def _pow2_at_least(n: int, floor: int = _MIN_DOT_DIM) -> int:
-    return max(floor, 1 << max(0, n - 1).bit_length())
-
-
 def qmatmul_pallas(
     x: jax.Array,
     arrays: Mapping[str, jax.Array],
@@ -305,9 +300,9 @@ def qmatmul_pallas(
     m = x2.shape[0]
     compute = x.dtype
 
-    block_m = min(_pow2_at_least(block_m), _pow2_at_least(m))
-    block_n = min(_pow2_at_least(block_n), _pow2_at_least(out_features))
-    block_c = min(_pow2_at_least(max(1, block_k // planes)), _pow2_at_least(columns))
+    block_m = min(next_power_of_2(block_m, MIN_DOT_DIM), next_power_of_2(m, MIN_DOT_DIM))
+    block_n = min(next_power_of_2(block_n, MIN_DOT_DIM), next_power_of_2(out_features, MIN_DOT_DIM))
+    block_c = min(next_power_of_2(block_k // planes, MIN_DOT_DIM), next_power_of_2(columns, MIN_DOT_DIM))
     padded_m = pl.cdiv(m, block_m) * block_m
     padded_c = pl.cdiv(columns, block_c) * block_c
     grid_n = pl.cdiv(out_features, block_n)
