@@ -11,7 +11,10 @@ A researcher plugs in a new implementation with::
 
     LLM(model, kernels={"paged_attention": "mine"})
 
-An implementation must have the signature of the XLA reference in `pallas_kernels/` for its op.
+An implementation must have the signature of the XLA reference in `pallas_kernels/` for its op, except
+`qmatmul`, whose implementations take the packed weight whole: `fn(x, qt: QuantizedTensor) -> y`
+(`pallas_kernels` knows nothing of jaxrs, so its qmatmul kernels take the tensor's arrays, format and
+shape; `qmatmul_xla` and `qmatmul_pallas` here adapt them).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from collections.abc import Callable, Mapping
 import jax
 
 from jaxrs.errors import JaxrsError
+from jaxrs.quant.tensor import QuantizedTensor
+from pallas_kernels import qmatmul
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
-from pallas_kernels.qmatmul import qmatmul_pallas, qmatmul_xla
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
 # Implementation used when nothing is chosen, by platform ("cpu", "gpu", "tpu"); "*" for any.
@@ -81,6 +85,20 @@ class Kernels:
     def get(self, op: str) -> Callable:
         return resolve(op, dict(self.choice).get(op))
 
+
+def _taking_quantized_tensor(kernel: Callable) -> Callable:
+    """`kernel(x, arrays, *, fmt, out_in, **options)` as the op's `fn(x, qt, **options)`."""
+
+    def op(x: jax.Array, qt: QuantizedTensor, **options) -> jax.Array:
+        return kernel(x, qt.arrays, fmt=qt.fmt, out_in=qt.out_in, **options)
+
+    op.__name__ = op.__qualname__ = kernel.__name__
+    op.__doc__ = f"`pallas_kernels.qmatmul.{kernel.__name__}` on a `QuantizedTensor`."
+    return op
+
+
+qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla)
+qmatmul_pallas = _taking_quantized_tensor(qmatmul.qmatmul_pallas)
 
 register("paged_attention", "xla", default_on=("*",))(paged_attention_xla)
 register("paged_attention", "pallas", default_on=("gpu",))(paged_attention_pallas)

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.occupancy import auto_splits
+from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives zeros instead of NaN
 
@@ -100,12 +101,6 @@ def paged_attention_xla(
 # --------------------------------------------------------------------------------------------------------
 # Pallas kernel (GPU Triton lowering; interpret mode on CPU)
 # --------------------------------------------------------------------------------------------------------
-
-_MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _cdiv(a: jax.Array, b: int) -> jax.Array:
@@ -275,11 +270,11 @@ def paged_attention_pallas(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    group_p = _next_power_of_2(group)
-    dim_p = max(_MIN_DOT_DIM, _next_power_of_2(head_dim))
-    pages_per_step = _next_power_of_2(max(keys_per_step // block_size, _MIN_DOT_DIM // block_size, 1))
+    group_p = next_power_of_2(group)
+    dim_p = next_power_of_2(head_dim, MIN_DOT_DIM)
+    pages_per_step = next_power_of_2(keys_per_step // block_size, MIN_DOT_DIM // block_size)
     num_rows = q_len * group_p
-    rows_per_block = max(_MIN_DOT_DIM, min(_next_power_of_2(rows_per_block), _next_power_of_2(num_rows)))
+    rows_per_block = min(next_power_of_2(rows_per_block, MIN_DOT_DIM), next_power_of_2(num_rows, MIN_DOT_DIM))
     padded_rows = pl.cdiv(num_rows, rows_per_block) * rows_per_block
     dtype = jnp.promote_types(q.dtype, k_cache.dtype)
     if num_warps is None:

@@ -1,5 +1,9 @@
 """Matmul against packed quantized weights: `x [..., in] @ W.T -> [..., out]`, W `[out, in]` packed.
 
+W comes as the arrays of its format's layout (`formats`: field name -> `[out, in // per]`) with the
+format name and the logical `(out, in)` as static keyword arguments; `jaxrs.ops` adapts the engine's
+`QuantizedTensor` to that.
+
 `qmatmul_xla` dequantizes and lets XLA fuse the dequantization into the dot (the reference and the
 default off GPU). `qmatmul_pallas` never materializes W: each program owns a tile of output rows x
 columns and walks `in`, loading tiles of the packed arrays and dequantizing them in registers right
@@ -21,7 +25,7 @@ take the same path with one plane.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxrs.quant.dequant import dequantize
-from jaxrs.quant.tensor import QuantizedTensor
+from pallas_kernels.dequant import dequantize_packed
+from pallas_kernels.formats import LAYOUTS
 from pallas_kernels.occupancy import auto_splits, even_splits
-
-_MIN_DOT_DIM = 16  # tl.dot wants every matmul dimension >= 16
+from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 
 
 def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
@@ -51,18 +54,22 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> 
     return y.astype(out_dtype or x.dtype)
 
 
-def qmatmul_xla(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    """`x @ dequantize(qt).T`: W is dequantized in f32, cast to x's dtype, dotted with f32
-    accumulation; XLA fuses the dequantization into the dot. qt: `[out, in]` (no stacked axes)."""
-    _check(x, qt)
-    return matmul_t(x, dequantize(qt, x.dtype))
+def qmatmul_xla(
+    x: jax.Array, arrays: Mapping[str, jax.Array], *, fmt: str, out_in: tuple[int, int]
+) -> jax.Array:
+    """`x @ W.T` for the `[out, in]` weight W (no stacked axes) that `arrays`, the fields of `fmt`'s
+    layout, pack: W is dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses
+    the dequantization into the dot."""
+    _check(x, arrays, fmt, out_in)
+    return matmul_t(x, dequantize_packed(arrays, fmt=fmt, out_in=out_in, dtype=x.dtype))
 
 
-def _check(x: jax.Array, qt: QuantizedTensor) -> None:
-    if qt.lead_shape:
-        raise ValueError(f"qmatmul takes one [out, in] weight; index the stacked axes of {qt!r} first")
-    if x.shape[-1] != qt.out_in[1]:
-        raise ValueError(f"x has {x.shape[-1]} features, {qt!r} expects {qt.out_in[1]}")
+def _check(x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]) -> None:
+    weight = f"the {fmt} weight of shape {tuple(out_in)}"
+    if lead := LAYOUTS[fmt].lead_shape(arrays):
+        raise ValueError(f"qmatmul takes one [out, in] weight; index the stacked axes {lead} of {weight}")
+    if x.shape[-1] != out_in[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, {weight} expects {out_in[1]}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,14 +260,12 @@ def _qmatmul_kernel(
     o_ref[split, pl.ds(m0, block_m), pl.ds(n0, block_n)] = acc
 
 
-def _pow2_at_least(n: int, floor: int = _MIN_DOT_DIM) -> int:
-    return max(floor, 1 << max(0, n - 1).bit_length())
-
-
 def qmatmul_pallas(
     x: jax.Array,
-    qt: QuantizedTensor,
+    arrays: Mapping[str, jax.Array],
     *,
+    fmt: str,
+    out_in: tuple[int, int],
     interpret: bool | None = None,
     block_m: int = 64,
     block_n: int = 64,
@@ -283,11 +288,11 @@ def qmatmul_pallas(
     Only activations are padded (rows to `block_m`, planes to whole steps); the packed arrays are
     read in place, with masked loads at the edges, so `out` and `in` need not divide the tiles.
     """
-    _check(x, qt)
+    _check(x, arrays, fmt, out_in)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    fmt, spec = qt.fmt, qt.spec
-    out_features, in_features = qt.out_in
+    layout = LAYOUTS[fmt]
+    out_features, in_features = out_in
     planes, _, main_name = _PLANES[fmt]
     columns = in_features // planes
     lead = x.shape[:-1]
@@ -295,9 +300,9 @@ def qmatmul_pallas(
     m = x2.shape[0]
     compute = x.dtype
 
-    block_m = min(_pow2_at_least(block_m), _pow2_at_least(m))
-    block_n = min(_pow2_at_least(block_n), _pow2_at_least(out_features))
-    block_c = min(_pow2_at_least(max(1, block_k // planes)), _pow2_at_least(columns))
+    block_m = min(next_power_of_2(block_m, MIN_DOT_DIM), next_power_of_2(m, MIN_DOT_DIM))
+    block_n = min(next_power_of_2(block_n, MIN_DOT_DIM), next_power_of_2(out_features, MIN_DOT_DIM))
+    block_c = min(next_power_of_2(block_k // planes, MIN_DOT_DIM), next_power_of_2(columns, MIN_DOT_DIM))
     padded_m = pl.cdiv(m, block_m) * block_m
     padded_c = pl.cdiv(columns, block_c) * block_c
     grid_n = pl.cdiv(out_features, block_n)
@@ -310,13 +315,13 @@ def qmatmul_pallas(
     x_planes = jnp.transpose(x2[:, perm], (1, 0, 2))  # [P, M, C]
     x_planes = jnp.pad(x_planes, ((0, 0), (0, padded_m - m), (0, padded_c - columns)))
 
-    names = spec.field_names
-    arrays = [jnp.asarray(qt.arrays[n]) for n in names]
-    arrays = [a.reshape(a.shape[-2], -1) for a in arrays]
+    names = layout.field_names
+    packed = [jnp.asarray(arrays[n]) for n in names]
+    packed = [a.reshape(a.shape[-2], -1) for a in packed]
     kernel = functools.partial(
         _qmatmul_kernel,
         fmt=fmt,
-        family=spec.family,
+        family=layout.family,
         names=names,
         main_name=main_name,
         out_features=out_features,
@@ -333,6 +338,6 @@ def qmatmul_pallas(
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name=f"qmatmul_{fmt.lower()}_m{block_m}_n{block_n}_c{block_c}_s{split_k}",
-    )(x_planes.astype(compute), *arrays)
+    )(x_planes.astype(compute), *packed)
     out = jnp.sum(partials[:, :m, :out_features], axis=0)
     return out.astype(compute).reshape(*lead, out_features)

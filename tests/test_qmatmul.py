@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from jaxrs import ops
+from jaxrs.ops import qmatmul_pallas, qmatmul_xla
 from jaxrs.quant import FORMATS, QuantizedTensor, dequantize, quantize
-from pallas_kernels.qmatmul import plane_permutation, qmatmul_pallas, qmatmul_xla
+from pallas_kernels.qmatmul import plane_permutation
 
 OUT = 40  # not a multiple of BLOCK_N
 BLOCK_N = 32

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from jaxrs import LLM, SamplingParams, ops
+from jaxrs.ops import qmatmul_pallas
 from pallas_kernels.paged_attention import paged_attention_pallas
-from pallas_kernels.qmatmul import qmatmul_pallas
 from tests import test_model_families, test_model_families_2
 from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 

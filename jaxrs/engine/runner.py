@@ -30,6 +30,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
+from pallas_kernels.shapes import next_power_of_2
 
 log = logging.getLogger("jaxrs")
 
@@ -65,8 +66,7 @@ def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:
 
 def bucket(n: int, minimum: int = 1) -> int:
     """The next power of two >= max(n, minimum)."""
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
+    return next_power_of_2(n, minimum)
 
 
 def _logits_at(params, cfg, kernels, kv, tokens, meta, index):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.errors import JaxrsError
+from pallas_kernels.shapes import next_power_of_2
 
 MAX_LOGPROBS = 20
 # Sizes the top-logprobs output is rounded up to, so few values of the static flag ever compile.
@@ -142,19 +143,14 @@ class SampleOutput(NamedTuple):
     top_logprobs: jax.Array  # [B, K] f32
 
 
-def _bucket(n: int, minimum: int) -> int:
-    """The next power of two >= max(n, minimum): padded widths that compile a handful of times."""
-    n = max(n, minimum)
-    return 1 << (n - 1).bit_length()
-
-
 def _round_top_logprobs(k: int) -> int:
     return next(size for size in TOP_LOGPROB_SIZES if size >= k)
 
 
 def _pad_rows(rows: list[np.ndarray], batch: int, minimum: int, fill: float, dtype: type) -> np.ndarray:
-    """Stack ragged 1-D rows into [batch, L] (L a power of two), padded with `fill`."""
-    out = np.full((batch, _bucket(max((len(r) for r in rows), default=0), minimum)), fill, dtype)
+    """Stack ragged 1-D rows into [batch, L] (L a power of two >= `minimum`, so the widths compile a
+    handful of times), padded with `fill`."""
+    out = np.full((batch, next_power_of_2(max((len(r) for r in rows), default=0), minimum)), fill, dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out

@@ -1,6 +1,7 @@
 """Quantized weights that stay packed on the device.
 
-- `formats`: the format names and each one's structure-of-arrays layout; `parse_format`.
+- `formats`: the format names, GGUF types and structure-of-arrays layouts (the layouts and the jittable
+  dequantization are `pallas_kernels`', which the kernels read without jaxrs); `parse_format`.
 - `QuantizedTensor` (a pytree), `stack`.
 - `from_gguf_bytes` / `to_gguf_bytes`: GGUF blocks <-> our layout (NumPy).
 - `dequantize` (jnp, jittable), `quantize` (NumPy, every format), `should_quantize` (ISQ rule).

@@ -56,8 +56,7 @@ class QuantizedTensor:
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
-        first = self.arrays[self.spec.fields[0].name]
-        return tuple(first.shape[:-2])
+        return self.spec.lead_shape(self.arrays)
 
     @property
     def shape(self) -> tuple[int, ...]:
