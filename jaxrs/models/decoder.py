@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,15 @@ from jaxrs.quant import QuantizedTensor, dequantize
 Rope = tuple[jax.Array, jax.Array]
 
 
+class StepInputs(NamedTuple):
+    """What a layer reads besides its hidden states and the cache: the RoPE tables for its kind, where
+    the step's tokens sit in the paged cache, and the kernels the ops resolve to."""
+
+    rope: Rope
+    meta: AttentionMetadata
+    kernels: Kernels
+
+
 class Attention(nnx.Module):
     """Paged GQA attention: projections, optional q/k norms, RoPE, the cache write, the attention op."""
 
@@ -62,16 +72,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self,
-        x: jax.Array,
-        rope: Rope,
-        meta: AttentionMetadata,
-        kv: KVCache,
-        layer: jax.Array | int,
-        sliding: jax.Array | bool,
-        kernels: Kernels,
+        self, x: jax.Array, step: StepInputs, kv: KVCache, layer: jax.Array | int, sliding: jax.Array | bool
     ) -> tuple[jax.Array, KVCache]:
-        cfg = self.cfg
+        cfg, (rope, meta, kernels) = self.cfg, step
         batch, q_len, _ = x.shape
         q = self.q_proj(x, kernels).reshape(batch, q_len, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x, kernels).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
@@ -200,17 +203,11 @@ class DecoderLayer(nnx.Module):
         self.ffn_out_norm = make_norm(cfg, hidden) if spec.sandwich_norms else None
 
     def __call__(
-        self,
-        h: jax.Array,
-        rope: Rope,
-        meta: AttentionMetadata,
-        kv: KVCache,
-        layer: jax.Array | int,
-        sliding: jax.Array | bool,
-        kernels: Kernels,
+        self, h: jax.Array, step: StepInputs, kv: KVCache, layer: jax.Array | int, sliding: jax.Array | bool
     ) -> tuple[jax.Array, KVCache]:
+        kernels = step.kernels
         x = self.input_norm(h)
-        attn, kv = self.attn(x, rope, meta, kv, layer, sliding, kernels)
+        attn, kv = self.attn(x, step, kv, layer, sliding)
         if self.post_attn_norm is None:  # the parallel block
             return h + attn + self.mlp(x, kernels), kv
         h = h + _maybe(self.attn_out_norm, attn)
@@ -271,7 +268,8 @@ class DecoderModel(nnx.Module):
         if isinstance(self.layers, nnx.List):  # unrolled: each layer's kind is known here
             for i, layer in enumerate(self.layers):
                 sliding = bool(sliding_layers[i])
-                h, kv = layer(h, rope_local if sliding else rope, meta, kv, i, sliding, kernels)
+                step = StepInputs(rope_local if sliding else rope, meta, kernels)
+                h, kv = layer(h, step, kv, i, sliding)
             return self.final_norm(h), kv
 
         graph, stacked = nnx.split(self.layers)
@@ -287,7 +285,7 @@ class DecoderModel(nnx.Module):
                     jnp.where(sliding, loc, glob) for loc, glob in zip(rope_local, rope, strict=True)
                 )
             layer = nnx.merge(graph, state)
-            return layer(h, layer_rope, meta, kv, index, sliding, kernels), None
+            return layer(h, StepInputs(layer_rope, meta, kernels), kv, index, sliding), None
 
         # the cache rides in the carry (not xs/ys) so the donated buffer is updated in place
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
