@@ -12,12 +12,13 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.options import CPU_KV_CACHE_MB, KV_CACHE_DTYPES, LAYER_LOOPS, EngineConfig
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
@@ -35,37 +36,6 @@ from jaxrs.tokenizer import IncrementalDetokenizer
 log = logging.getLogger("jaxrs")
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Serving knobs. KV memory: `kv_cache_tokens`, else `kv_cache_mb`, else `kv_cache_fraction` of the
-    device memory left after the weights (accelerators), else 512 MiB (CPU)."""
-
-    block_size: int = 16
-    kv_cache_mb: float | None = None
-    kv_cache_fraction: float | None = None
-    kv_cache_tokens: int | None = None
-    max_model_len: int | None = None  # default: the model's context length, capped by the pool
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_decode_steps: int = 8  # decode tokens per call when nothing waits
-    # KV cache element type; None: the compute dtype. float16 halves what a decode step reads on CPU
-    # (as llama.cpp's default cache does); XLA:CPU converts bfloat16 slowly, so float16 is the CPU choice.
-    kv_cache_dtype: str | None = None
-    prefix_caching: bool = True
-    seed: int = 0
-    # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
-    # an empty value drops a default.
-    xla_options: Mapping[str, str] | None = None
-    # How the layers run: "scan" (`lax.scan` over the stacked weights: one layer to compile) or "unrolled"
-    # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
-    # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
-    # weights and float16 cache, two peers runs (bench/RESULTS.md, "CPU decode, fifth round"): unrolled
-    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%; and each compiled shape takes
-    # longer and holds more: a server's warm-up (104 shapes at a 512-token context) took 324 s and 4.6 GiB
-    # unrolled against 97 s and 1.0 GiB scanned. So scan is the default, unrolled a batch-throughput choice.
-    layer_loop: str = "scan"
-
-
 @dataclasses.dataclass
 class Request:
     """One request's n sequences (`n` > 1 forks after the prompt is computed, sharing its blocks)."""
@@ -81,10 +51,6 @@ class Request:
 
 def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
-KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
-LAYER_LOOPS = ("scan", "unrolled")
 
 
 def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
@@ -107,7 +73,7 @@ def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
         return int(free * (config.kv_cache_fraction or 0.9))
     if config.kv_cache_fraction:
         raise JaxrsError("kv_cache_fraction needs a device that reports its memory; give kv_cache_mb instead")
-    return 512 * 2**20
+    return CPU_KV_CACHE_MB * 2**20
 
 
 def derive_seed(seed: int, index: int) -> int:
