@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 
 from jaxrs.engine.engine import Engine, Request
+from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import Sequence, TokenLogprob
@@ -250,8 +251,7 @@ class AsyncEngine:
                 self.stats.inter_token.append((now - last) / len(new_tokens))
             self._last_token_time[key] = now
             self.stats.generation_tokens += len(new_tokens)
-        hold = 0 if seq.finished else max((len(s) for s in seq.params.stop), default=1) - 1
-        safe = max(stream.text_sent, len(seq.text) - hold)
+        safe = stream_end(seq, stream.text_sent)
         text = seq.text[stream.text_sent : safe]
         logprobs = seq.logprobs[stream.tokens_sent :] if seq.params.logprobs is not None else []
         stream.text_sent, stream.tokens_sent = safe, len(seq.output_ids)

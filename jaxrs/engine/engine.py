@@ -19,11 +19,12 @@ import jax.numpy as jnp
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable
 from jaxrs.engine.options import CPU_KV_CACHE_MB, KV_CACHE_DTYPES, LAYER_LOOPS, EngineConfig
+from jaxrs.engine.output_processor import OutputProcessor
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
-from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
+from jaxrs.engine.sequence import Sequence, Status
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
@@ -31,7 +32,6 @@ from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
 from jaxrs.quant.tensor import tree_nbytes
-from jaxrs.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jaxrs")
 
@@ -111,6 +111,7 @@ class Engine:
             # written; a cached block does not record which, so reusing it could mix the two sets.
             log.warning("prefix caching is off for this LongRoPE model")
             self.prefix_caching = False
+        self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._arrange_layers()
         self._build_pool()
         self.scheduler = Scheduler(
@@ -120,7 +121,6 @@ class Engine:
             max_decode_steps=config.max_decode_steps,
             max_model_len=self.max_model_len,
         )
-        self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -135,7 +135,7 @@ class Engine:
 
     def _build_pool(self) -> None:
         """Size the KV pool from the memory left beside the weights, then build the block manager (empty
-        prefix cache) and the runner around it."""
+        prefix cache), the runner and the output processor around it."""
         cfg, config = self.model.config, self.config
         per_token = kv_bytes_per_token(cfg, self.kv_dtype)
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
@@ -155,6 +155,7 @@ class Engine:
             max_model_len=self.max_model_len,
             xla_options=config.xla_options,
         )
+        self.output = OutputProcessor(self.tokenizer, self._eos, self.max_model_len)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
@@ -203,9 +204,7 @@ class Engine:
             raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
 
     def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key) -> Sequence:
-        detok = IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
-        )
+        detok = self.output.detokenizer(prompt_ids, params)
         return Sequence(
             request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key
         )
@@ -379,31 +378,12 @@ class Engine:
 
     # -- tokens and stops ---------------------------------------------------------------------------
     def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
-        token = int(out.tokens[at])
-        p = seq.params
-        seq.output_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        if p.logprobs is not None:
-            top = tuple(zip(out.top_ids[at].tolist(), out.top_logprobs[at].tolist(), strict=True))[
-                : p.logprobs
-            ]
-            seq.logprobs.append(TokenLogprob(token, float(out.logprobs[at]), top))
-        if token in p.stop_token_ids or (token in self._eos and not p.ignore_eos):
-            seq.text += seq.detokenizer.flush()
-            return self._finish(seq, "stop")
-        before = len(seq.text)
-        seq.text += seq.detokenizer.push(token)
-        for stop in p.stop:
-            at_ = seq.text.find(stop, max(0, before - len(stop) + 1))
-            if at_ >= 0:
-                seq.text = seq.text[:at_]
-                return self._finish(seq, "stop")
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish_at_length(seq)
+        reason = self.output.append(seq, out, at)
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish_at_length(self, seq: Sequence) -> None:
-        seq.text += seq.detokenizer.flush()
+        self.output.flush(seq)
         self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
