@@ -1,8 +1,10 @@
-"""The engine: requests in, tokens out. It owns the scheduler, the block manager and the runner.
+"""The engine: requests in, tokens out. It owns the scheduler, the block manager, the runner and the
+output processor, and is the only one to change them.
 
 `step()` asks the scheduler for a batch, runs it (one decode call for all running sequences, one
-prefill call per prompt chunk), then appends the sampled tokens and applies stops on the host.
-`requantize()` swaps the weights for another format between steps (runtime ISQ).
+prefill call per prompt chunk), then hands the sampled tokens to the output processor (text, stops) and
+frees what finished. `requantize()` swaps the weights for another format between steps (runtime ISQ),
+rebuilding the parts sized by the weights (`_serve`) as `__init__` builds them.
 """
 
 from __future__ import annotations
@@ -97,7 +99,6 @@ class Engine:
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
-        self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.kernels = kernels
@@ -112,50 +113,45 @@ class Engine:
             log.warning("prefix caching is off for this LongRoPE model")
             self.prefix_caching = False
         self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
-        self._arrange_layers()
-        self._build_pool()
-        self.scheduler = Scheduler(
-            self.blocks,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_decode_steps=config.max_decode_steps,
-            max_model_len=self.max_model_len,
-        )
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        self._serve(loaded)
 
-    def _arrange_layers(self) -> None:
-        """Stack or split the model's layer weights, in place, for the configured layer loop."""
-        loop = self.config.layer_loop
-        if loop not in LAYER_LOOPS:
-            raise JaxrsError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {loop!r}")
-        (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
-        log.info("layers: %s (%d)", loop, self.model.config.num_layers)
-
-    def _build_pool(self) -> None:
-        """Size the KV pool from the memory left beside the weights, then build the block manager (empty
-        prefix cache), the runner and the output processor around it."""
-        cfg, config = self.model.config, self.config
+    # -- the model served ---------------------------------------------------------------------------
+    def _serve(self, model: LoadedModel, warmed: tuple | None = None) -> None:
+        """Serve `model`'s weights: arrange their layers, size the KV pool from the memory left beside
+        them, and build what that pool sizes: the block manager, the runner, the scheduler and the output
+        processor. `__init__` and `requantize` (its failure path too) build through here. The scheduler
+        takes over the queue of the one before, if any (after `release_all`), and the block manager its
+        counters; `warmed` (the old runner's `warmup` arguments) warms the new runner up the same way."""
+        previous = getattr(self, "scheduler", None)  # None when called from __init__
+        self.model = model
+        self._arrange_layers()
+        cfg, config = model.config, self.config
         per_token = kv_bytes_per_token(cfg, self.kv_dtype)
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
-        self.max_model_len = min(
+        max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=self.prefix_caching)
+        self.blocks = BlockManager(
+            num_blocks,
+            config.block_size,
+            prefix_caching=self.prefix_caching,
+            stats=previous.blocks.stats if previous is not None else None,
+        )
         self.runner = ModelRunner(
             cfg,
-            self.model.params,
+            model.params,
             num_blocks=num_blocks,
             block_size=config.block_size,
             kernels=self.kernels,
             dtype=self.kv_dtype,
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
+            max_model_len=max_model_len,
             xla_options=config.xla_options,
         )
-        self.output = OutputProcessor(self.tokenizer, self._eos, self.max_model_len)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
@@ -164,8 +160,29 @@ class Engine:
             num_blocks * config.block_size * per_token / 2**20,
             per_token,
             self.kv_dtype.name,
-            self.max_model_len,
+            max_model_len,
         )
+        if warmed:
+            self.runner.warmup(*warmed)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_decode_steps=config.max_decode_steps,
+            max_model_len=max_model_len,
+        )
+        if previous is not None:
+            self.scheduler.take_over(previous)
+        self.output = OutputProcessor(self.tokenizer, self._eos, max_model_len)
+        self.max_model_len = max_model_len
+
+    def _arrange_layers(self) -> None:
+        """Stack or split the model's layer weights, in place, for the configured layer loop."""
+        loop = self.config.layer_loop
+        if loop not in LAYER_LOOPS:
+            raise JaxrsError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {loop!r}")
+        (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
+        log.info("layers: %s (%d)", loop, self.model.config.num_layers)
 
     # -- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -323,13 +340,13 @@ class Engine:
         shell = self.model = dataclasses.replace(self.model, params={})  # config stays readable meanwhile
         failure = None
         try:
-            self._install(self._load(fmt), warmed)
+            self._serve(self._load(fmt), warmed)
         except Exception as error:  # any failure puts the old weights back
             log.exception("re-ISQ to %s failed; putting the old weights back", fmt)
             failure = f"{type(error).__name__}: {error}"
         if failure is not None:  # past the except block, so its traceback no longer pins new arrays
             self.runner.release()  # a new runner, if it was built
-            self._install(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
+            self._serve(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
             raise RequantizeError(f"re-ISQ to {fmt} failed; the model is unchanged ({failure})")
         cut = [seq for seq in self.scheduler.waiting if seq.num_tokens >= self.max_model_len]
         for seq in cut:  # a smaller pool no longer holds them
@@ -366,15 +383,6 @@ class Engine:
         if fresh.config != self.model.config:
             raise JaxrsError(f"{self.model.source} no longer holds the model that was loaded from it")
         return dataclasses.replace(self.model, params=fresh.params)
-
-    def _install(self, model: LoadedModel, warmed: tuple | None) -> None:
-        """Serve `model`: a new pool and runner (warmed up with `warmed`, the old runner's arguments)."""
-        self.model = model
-        self._arrange_layers()
-        self._build_pool()
-        self.scheduler.blocks, self.scheduler.max_model_len = self.blocks, self.max_model_len
-        if warmed:
-            self.runner.warmup(*warmed)
 
     # -- tokens and stops ---------------------------------------------------------------------------
     def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
