@@ -135,8 +135,7 @@ class LLM:
 
     def warmup(self) -> None:
         """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`)."""
-        steps = tuple(sorted({1, self.engine.config.max_decode_steps}))
-        self.engine.runner.warmup(steps, WARMUP_PROFILES)
+        self.engine.warmup(WARMUP_PROFILES)
 
     def generate(
         self,

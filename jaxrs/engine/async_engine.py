@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 
 from jaxrs.engine.engine import Engine, Request
+from jaxrs.engine.options import MAX_WAITING
 from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized
 from jaxrs.engine.sampling import SamplingParams
@@ -76,7 +77,11 @@ class EngineStats:
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, *, max_waiting: int = 256, on_finish: Callable[[Request], None] | None = None
+        self,
+        engine: Engine,
+        *,
+        max_waiting: int = MAX_WAITING,
+        on_finish: Callable[[Request], None] | None = None,
     ):
         self.engine = engine
         self.max_waiting = max_waiting
@@ -96,11 +101,11 @@ class AsyncEngine:
     # -- caller side (event loop) -------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._commands.qsize()
+        return self.engine.stats().num_waiting + self._commands.qsize()
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.stats().num_running
 
     async def generate(
         self,

@@ -15,6 +15,8 @@ import logging
 import random
 import time
 from collections.abc import Hashable
+from collections.abc import Sequence as Seq
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status
+from jaxrs.engine.stats import EngineSnapshot
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
@@ -84,6 +87,10 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 class Engine:
+    """Requests in, tokens out. Readers outside the engine use its public surface: `add_request`,
+    `step`, `abort`, `validate`, `score`, `requantize`, `warmup`, `stats()`, and the model facts
+    `max_model_len`, `vocab_size`, `tokenizer`, `source`, `model_name`, `kv_bytes_per_token`."""
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -129,7 +136,7 @@ class Engine:
         self.model = model
         self._arrange_layers()
         cfg, config = model.config, self.config
-        per_token = kv_bytes_per_token(cfg, self.kv_dtype)
+        per_token = self.kv_bytes_per_token
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
@@ -184,6 +191,47 @@ class Engine:
         (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
         log.info("layers: %s (%d)", loop, self.model.config.num_layers)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def source(self) -> str:
+        """Where the weights were loaded from (a local path)."""
+        return self.model.source
+
+    @property
+    def model_name(self) -> str:
+        """The model's file or folder name."""
+        return Path(self.model.source).name
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token takes (every layer's keys and values)."""
+        return kv_bytes_per_token(self.model.config, self.kv_dtype)
+
+    def stats(self) -> EngineSnapshot:
+        """The engine's gauges and counters now (safe to call from another thread: it only reads)."""
+        blocks, scheduler, runner = self.blocks, self.scheduler, self.runner
+        return EngineSnapshot(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
+            block_size=blocks.block_size,
+            prefix_cache_lookups=blocks.stats.queries,
+            prefix_cache_hits=blocks.stats.hits,
+            prefix_cache_evictions=blocks.stats.evictions,
+            num_preemptions=scheduler.num_preemptions,
+            compiled_shapes=len(runner.shapes),
+            device_seconds=runner.device_seconds,
+        )
+
+    def warmup(self, profiles: Seq[SamplingParams]) -> None:
+        """Compile every step shape (one-token and multi-step decode, every prefill bucket) for each
+        sampling profile, so serving never waits on a compile for them."""
+        self.runner.warmup(tuple(sorted({1, self.config.max_decode_steps})), profiles)
+
     # -- requests -----------------------------------------------------------------------------------
     def add_request(
         self,
@@ -207,7 +255,7 @@ class Engine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise JaxrsError("the prompt is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise JaxrsError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
