@@ -39,13 +39,12 @@ class EngineConfig:
     # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
     # an empty value drops a default.
     xla_options: Mapping[str, str] | None = None
-    # How the layers run: "scan" (`lax.scan` over the stacked weights: one layer to compile) or "unrolled"
-    # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
-    # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
-    # weights and float16 cache, two peers runs (bench/RESULTS.md, "CPU decode, fifth round"): unrolled
-    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%; and each compiled shape takes
-    # longer and holds more: a server's warm-up (104 shapes at a 512-token context) took 324 s and 4.6 GiB
-    # unrolled against 97 s and 1.0 GiB scanned. So scan is the default, unrolled a batch-throughput choice.
+    # How the layers run (one of LAYER_LOOPS): "scan" (`lax.scan` over the stacked weights: one layer to
+    # compile) or "unrolled" (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned
+    # layer's weights out of the stack before YNNPACK's dots read them; unrolled dots read them in place.
+    # On CPU unrolled raised the 32-stream aggregate a little but slowed single-stream decode, and each
+    # compiled shape takes several times longer and holds more memory (bench/RESULTS.md, "CPU decode, fifth
+    # round: the layer loop"). So scan is the default, unrolled a batch-throughput choice.
     layer_loop: str = "scan"
 
 
