@@ -28,11 +28,13 @@ def resident_mib() -> float:
 
 
 def main() -> None:
+    from jaxrs.engine.options import LAYER_LOOPS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--keys", type=int, nargs="+", default=[128, 512], help="context length of every row")
-    ap.add_argument("--loops", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"])
+    ap.add_argument("--loops", nargs="+", default=list(LAYER_LOOPS), choices=LAYER_LOOPS)
     ap.add_argument("--steps", type=int, default=8, help="decode tokens per call")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--dtype", default="auto")
@@ -61,7 +63,7 @@ def main() -> None:
         )
         for loop in args.loops
     }
-    runners = {loop: llm.engine.runner for loop, llm in llms.items()}
+    runners = {loop: llm.engine.runner for loop, llm in llms.items()}  # the runner's step is the subject
     first = runners[args.loops[0]]
     jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))  # compiler set-up, charged to no loop
     rng = np.random.default_rng(0)
@@ -122,9 +124,9 @@ def main() -> None:
                 )
                 print(f"{b} rows, {keys} keys, {loop}: {rows[-1]['ms_per_step']:.1f} ms a step", flush=True)
 
-    source = llms[args.loops[0]].model.source
+    engine = llms[args.loops[0]].engine
     print(
-        f"\n{Path(source).name}, {args.steps} decode steps a call, median of {args.repeats} calls, "
+        f"\n{engine.model_name}, {args.steps} decode steps a call, median of {args.repeats} calls, "
         f"{jax.default_backend()}, dtype {args.dtype}, KV cache {args.kv_cache_dtype or 'the compute dtype'}"
         f"{', packed' if args.packed else ''}"
     )
@@ -150,7 +152,7 @@ def main() -> None:
     )
     write_json(
         args.out,
-        {"model": source, "args": vars(args), "backend": jax.default_backend(), "rows": rows},
+        {"model": engine.source, "args": vars(args), "backend": jax.default_backend(), "rows": rows},
     )
 
 

@@ -36,7 +36,7 @@ def bench_jaxrs(model: str | None, n_prompt: int, n_new: int, passes: int, dtype
     llm = LLM(model, dtype=dtype, kv_cache_mb=256, prefix_caching=False)  # every pass computes the prompt
     ids = prompt_ids(llm.tokenizer, n_prompt)
     result = rates(lambda: jaxrs_single(llm.engine, ids, n_new), passes)
-    return result | {"compiled_shapes": len(llm.engine.runner.shapes), "dtype": str(llm.dtype)}, ids
+    return result | {"compiled_shapes": llm.engine.stats().compiled_shapes, "dtype": str(llm.dtype)}, ids
 
 
 def bench_transformers(model_path: Path, ids: list[int], n_new: int, passes: int, threads: int) -> dict:

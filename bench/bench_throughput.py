@@ -40,7 +40,6 @@ def main() -> None:
     from jaxrs import LLM, SamplingParams
     from jaxrs.cli import parse_pairs
     from jaxrs.engine import runner
-    from jaxrs.engine.engine import kv_bytes_per_token
 
     most = max(args.concurrency)
     llm = LLM(
@@ -72,11 +71,11 @@ def main() -> None:
     for n in args.concurrency:
         rates, host, batched, alone = [], [], [], []
         for p in range(args.passes + 1):  # the first pass compiles
-            before = engine.runner.device_seconds
+            before = engine.stats().device_seconds
             start = time.perf_counter()
             llm.generate([list(x) for x in prompts[:n]], params, use_tqdm=False)
             wall = time.perf_counter() - start
-            device = engine.runner.device_seconds - before
+            device = engine.stats().device_seconds - before
             prefill = (prompts_alone(n, batched_chunk), prompts_alone(n, 0))
             if p:
                 rates.append(n * args.new_tokens / wall)
@@ -92,10 +91,10 @@ def main() -> None:
                 "prompts_one_call_each_s": statistics.median(alone),
             }
         )
-    shapes = len(engine.runner.shapes)
-    per_token = kv_bytes_per_token(llm.model.config, llm.engine.kv_dtype)
+    shapes = engine.stats().compiled_shapes
+    per_token = engine.kv_bytes_per_token
     print(
-        f"\n{Path(llm.model.source).name}, {args.new_tokens} new tokens per request, greedy, median of "
+        f"\n{engine.model_name}, {args.new_tokens} new tokens per request, greedy, median of "
         f"{args.passes} passes, {jax.default_backend()}, dtype {llm.dtype.name}"
     )
     print(
@@ -114,7 +113,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
-                "model": llm.model.source,
+                "model": engine.source,
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "backend": jax.default_backend(),
                 "rows": rows,

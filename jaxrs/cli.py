@@ -7,7 +7,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from jaxrs.engine.options import (
+    BLOCK_SIZES,
+    CPU_KV_CACHE_MB,
+    FLOAT_DTYPES,
+    KV_CACHE_DTYPES,
+    LAYER_LOOPS,
+    MAX_WAITING,
+    config_defaults,
+)
 from jaxrs.errors import JaxrsError
+
+ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -17,7 +28,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *FLOAT_DTYPES])
     p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
     p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
 
@@ -25,21 +36,41 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     _source_args(p)
     kv = p.add_mutually_exclusive_group()
-    kv.add_argument("--kv-cache-mb", type=float, help="memory for the paged KV cache, MiB (CPU default: 512)")
+    kv.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        help=f"memory for the paged KV cache, MiB (CPU default: {CPU_KV_CACHE_MB})",
+    )
     kv.add_argument("--kv-cache-fraction", type=float, help="share of free device memory for the KV cache")
     kv.add_argument("--kv-cache-tokens", type=int, help="size the KV cache to hold this many tokens")
     p.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
+        choices=["auto", *KV_CACHE_DTYPES],
+        default=ENGINE["kv_cache_dtype"] or "auto",
         help="KV cache element type (auto: the compute dtype; float16 halves a CPU decode step's reads)",
     )
-    p.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32], help="tokens per KV block")
-    p.add_argument("--max-model-len", type=int, help="longest sequence served (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk)")
     p.add_argument(
-        "--max-decode-steps", type=int, default=8, help="decode tokens per call when nothing waits"
+        "--block-size",
+        type=int,
+        default=ENGINE["block_size"],
+        choices=BLOCK_SIZES,
+        help="tokens per KV block",
+    )
+    p.add_argument("--max-model-len", type=int, help="longest sequence served (default: the model's)")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=ENGINE["max_num_seqs"], help="sequences decoded together"
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=ENGINE["max_num_batched_tokens"],
+        help="tokens per step (prefill chunk)",
+    )
+    p.add_argument(
+        "--max-decode-steps",
+        type=int,
+        default=ENGINE["max_decode_steps"],
+        help="decode tokens per call when nothing waits",
     )
     p.add_argument("--no-prefix-cache", action="store_true", help="turn prefix caching off")
     p.add_argument(
@@ -58,11 +89,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--layer-loop",
-        choices=["scan", "unrolled"],
-        default="scan",
+        choices=LAYER_LOOPS,
+        default=ENGINE["layer_loop"],
         help="layers under lax.scan or unrolled (CPU: more 32-stream throughput, bigger and slower compiles)",
     )
-    p.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
+    p.add_argument(
+        "--seed", type=int, default=ENGINE["seed"], help="engine seed (requests without a seed draw from it)"
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +140,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model name clients use (default: the file or repo name)")
     p.add_argument("--log", metavar="FILE", help="append one JSON line per request to FILE")
     p.add_argument("--log-full-text", action="store_true", help="include prompts and responses in --log")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument(
+        "--max-waiting", type=int, default=MAX_WAITING, help="queued requests before answering 429"
+    )
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (413 above)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the model's")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling every step shape before serving")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxrs.engine.engine import Engine, EngineConfig, Request
+from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import TokenLogprob
@@ -134,8 +135,7 @@ class LLM:
 
     def warmup(self) -> None:
         """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`)."""
-        steps = tuple(sorted({1, self.engine.config.max_decode_steps}))
-        self.engine.runner.warmup(steps, WARMUP_PROFILES)
+        self.engine.warmup(WARMUP_PROFILES)
 
     def generate(
         self,
@@ -206,12 +206,11 @@ class LLM:
         """
         request = self.engine.add_request(prompt_ids, sampling_params or SamplingParams())
         seq = request.seqs[0]
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
         sent = 0
         try:
             while not seq.finished:
                 self.engine.step()
-                safe = len(seq.text) if seq.finished else max(sent, len(seq.text) - hold)
+                safe = stream_end(seq, sent)
                 if safe > sent:
                     yield seq.text[sent:safe]
                     sent = safe

@@ -16,6 +16,7 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 
 from jaxrs.engine.async_engine import AsyncEngine
+from jaxrs.engine.options import MAX_WAITING
 from jaxrs.llm import LLM
 from server.auth import api_key_guard
 from server.context import ServerContext
@@ -38,7 +39,7 @@ def create_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_waiting: int = 256,
+    max_waiting: int = MAX_WAITING,
     request_log: str | Path | None = None,
     log_full_text: bool = False,
     chat_template: str | None = None,

@@ -20,7 +20,7 @@ from server.request_log import RequestLog, RequestRecord
 def model_names(llm: LLM, served_model_name: str | None) -> list[str]:
     """The served name first, then aliases clients may also use: the file (or folder) stem and name,
     and its path."""
-    source = Path(llm.model.source)
+    source = Path(llm.engine.source)
     names = [served_model_name or source.stem, source.stem, source.name, str(source)]
     return [n for n in dict.fromkeys(names) if n]
 

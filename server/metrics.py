@@ -57,28 +57,29 @@ class _EngineCollector:
         yield completed
         done = stats.requantizations if stats else 0
         yield CounterMetricFamily("re_isq", "Weight re-quantizations done (POST /v1/re_isq)", value=done)
-        cache = engine.blocks.stats
+        now = engine.stats()
         yield CounterMetricFamily(
-            "prefix_cache_lookups", "Prompt tokens looked up in the prefix cache", value=cache.queries
+            "prefix_cache_lookups",
+            "Prompt tokens looked up in the prefix cache",
+            value=now.prefix_cache_lookups,
         )
         yield CounterMetricFamily(
-            "prefix_cache_hits", "Prompt tokens found in the prefix cache", value=cache.hits
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache", value=now.prefix_cache_hits
         )
         yield CounterMetricFamily(
-            "prefix_cache_evictions", "Cached KV blocks reclaimed for new content", value=cache.evictions
+            "prefix_cache_evictions",
+            "Cached KV blocks reclaimed for new content",
+            value=now.prefix_cache_evictions,
         )
         yield CounterMetricFamily(
-            "paged_preemptions",
-            "Sequences preempted for lack of KV blocks",
-            value=engine.scheduler.num_preemptions,
+            "paged_preemptions", "Sequences preempted for lack of KV blocks", value=now.num_preemptions
         )
-        running = driver.num_running if driver else len(engine.scheduler.running)
-        waiting = driver.num_waiting if driver else len(engine.scheduler.waiting)
+        running = driver.num_running if driver else now.num_running
+        waiting = driver.num_waiting if driver else now.num_waiting
         yield GaugeMetricFamily("sequences_running", "Sequences being generated", value=running)
         yield GaugeMetricFamily("sequences_waiting", "Sequences waiting to start", value=waiting)
-        blocks = engine.blocks
-        yield GaugeMetricFamily("kv_cache_blocks_used", "KV blocks in use", value=blocks.num_used)
-        yield GaugeMetricFamily("kv_cache_blocks_total", "KV blocks in the pool", value=blocks.num_blocks)
+        yield GaugeMetricFamily("kv_cache_blocks_used", "KV blocks in use", value=now.kv_blocks_used)
+        yield GaugeMetricFamily("kv_cache_blocks_total", "KV blocks in the pool", value=now.kv_blocks_total)
 
 
 class Metrics:

@@ -44,7 +44,7 @@ def prompts(ctx: ServerContext, prompt: str | list) -> list[tuple[str, list[int]
 
 def _token_ids(ctx: ServerContext, ids: list[int]) -> list[int]:
     """Token ids checked before they are decoded (the tokenizer overflows on negative or huge ones)."""
-    vocab = ctx.llm.model.config.vocab_size
+    vocab = ctx.llm.engine.vocab_size
     if not all(0 <= t < vocab for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return ids

@@ -97,3 +97,25 @@ def test_fork_shares_full_blocks_with_reference_counts():
     assert bm.num_free == 8
     with pytest.raises(RuntimeError, match="freed twice"):
         bm.free(BlockTable([0]))
+
+
+def test_a_hash_collision_is_a_miss(monkeypatch):
+    """Every block hashes alike here: a block found by its hash is reused only if it holds the same
+    tokens (after the same prefix, under the same extra key)."""
+    monkeypatch.setattr("jaxrs.engine.block_manager.chain_hash", lambda parent, tokens, extra=None: 7)
+    bm = BlockManager(8, 8)
+    filled(bm, list(range(17)))  # 2 full blocks registered under the one hash
+    other = BlockTable()
+    assert bm.match_prefix(other, list(range(100, 117))) == 0  # same hash, other tokens: not reused
+    bm.free(other)
+    same = BlockTable()
+    assert bm.match_prefix(same, list(range(17))) == 8  # the first block's own tokens still hit
+    assert bm.stats.hits == 8
+
+
+def test_prefix_cache_counters_carry_over_to_a_new_pool():
+    old = BlockManager(4, 8)
+    filled(old, list(range(16)))
+    new = BlockManager(8, 8, stats=old.stats)
+    filled(new, list(range(16)))
+    assert new.stats is old.stats and new.stats.queries == 32

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 
 from jaxrs.engine.engine import Engine, Request
+from jaxrs.engine.options import MAX_WAITING
+from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import Sequence, TokenLogprob
@@ -75,7 +77,11 @@ class EngineStats:
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, *, max_waiting: int = 256, on_finish: Callable[[Request], None] | None = None
+        self,
+        engine: Engine,
+        *,
+        max_waiting: int = MAX_WAITING,
+        on_finish: Callable[[Request], None] | None = None,
     ):
         self.engine = engine
         self.max_waiting = max_waiting
@@ -95,11 +101,11 @@ class AsyncEngine:
     # -- caller side (event loop) -------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._commands.qsize()
+        return self.engine.stats().num_waiting + self._commands.qsize()
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.stats().num_running
 
     async def generate(
         self,
@@ -250,8 +256,7 @@ class AsyncEngine:
                 self.stats.inter_token.append((now - last) / len(new_tokens))
             self._last_token_time[key] = now
             self.stats.generation_tokens += len(new_tokens)
-        hold = 0 if seq.finished else max((len(s) for s in seq.params.stop), default=1) - 1
-        safe = max(stream.text_sent, len(seq.text) - hold)
+        safe = stream_end(seq, stream.text_sent)
         text = seq.text[stream.text_sent : safe]
         logprobs = seq.logprobs[stream.tokens_sent :] if seq.params.logprobs is not None else []
         stream.text_sent, stream.tokens_sent = safe, len(seq.output_ids)

@@ -2,8 +2,10 @@
 
 Prefix caching: once a block is full, its content is named by a chain hash of (the previous block's
 hash, the block's token ids, extra keys such as an adapter or image id). A later sequence whose prompt
-starts with the same blocks reuses them instead of recomputing their K/V. Blocks nobody references
-stay cached until their space is needed; they are evicted least recently used first.
+starts with the same blocks reuses them instead of recomputing their K/V. A hash is not proof of equal
+content, so a block found by its hash is reused only if the key it was registered with (parent hash,
+token ids, extra key) equals the lookup's; a collision is a miss. Blocks nobody references stay cached
+until their space is needed; they are evicted least recently used first.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+
+from jaxrs.engine.options import BLOCK_SIZES
 
 
 @dataclasses.dataclass
@@ -28,6 +32,9 @@ class PrefixCacheStats:
     evictions: int = 0  # cached blocks reclaimed for new content
 
 
+BlockKey = tuple[int | None, tuple[int, ...], Hashable]  # (parent hash, token ids, extra key)
+
+
 def chain_hash(parent: int | None, tokens: Sequence[int], extra: Hashable = None) -> int:
     return hash((parent, tuple(tokens), extra))
 
@@ -35,15 +42,25 @@ def chain_hash(parent: int | None, tokens: Sequence[int], extra: Hashable = None
 class BlockManager:
     """Allocates blocks to block tables; shares and caches full blocks when prefix caching is on."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True):
-        if block_size not in (8, 16, 32):
-            raise ValueError(f"block size must be 8, 16 or 32, not {block_size}")
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        prefix_caching: bool = True,
+        stats: PrefixCacheStats | None = None,
+    ):
+        """`stats`: counters to go on counting into (a pool rebuilt for new weights keeps the old one's)."""
+        if block_size not in BLOCK_SIZES:
+            sizes = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"
+            raise ValueError(f"block size must be {sizes}, not {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self.stats = PrefixCacheStats()
+        self.stats = stats if stats is not None else PrefixCacheStats()
         self._refs = [0] * num_blocks
         self._hash_of: list[int | None] = [None] * num_blocks
+        self._key_of: list[BlockKey | None] = [None] * num_blocks  # what a cached block's hash names
         self._cached: dict[int, int] = {}  # chain hash -> block
         # Unreferenced blocks, eviction order first: never-cached blocks are taken before cached ones.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -75,9 +92,10 @@ class BlockManager:
         self.stats.queries += len(token_ids)
         parent = None
         for i in range(full):
-            h = chain_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra)
+            h = chain_hash(*key)
             block = self._cached.get(h)
-            if block is None:
+            if block is None or self._key_of[block] != key:  # absent, or a hash collision
                 break
             self._take(block)
             table.blocks.append(block)
@@ -96,12 +114,14 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(table.hashes), num_computed // bs):
             parent = table.hashes[-1] if table.hashes else None
-            h = chain_hash(parent, token_ids[i * bs : (i + 1) * bs], extra)
+            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra)
+            h = chain_hash(*key)
             table.hashes.append(h)
             block = table.blocks[i]
             if h not in self._cached and self._hash_of[block] is None:
                 self._cached[h] = block
                 self._hash_of[block] = h
+                self._key_of[block] = key
 
     # -- allocation ---------------------------------------------------------------------------------
     def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
@@ -116,7 +136,7 @@ class BlockManager:
             block = next(iter(self._free))
             if self._hash_of[block] is not None:  # reclaim a cached block
                 del self._cached[self._hash_of[block]]
-                self._hash_of[block] = None
+                self._hash_of[block] = self._key_of[block] = None
                 self.stats.evictions += 1
             self._take(block)
             table.blocks.append(block)

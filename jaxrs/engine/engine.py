@@ -1,8 +1,10 @@
-"""The engine: requests in, tokens out. It owns the scheduler, the block manager and the runner.
+"""The engine: requests in, tokens out. It owns the scheduler, the block manager, the runner and the
+output processor, and is the only one to change them.
 
 `step()` asks the scheduler for a batch, runs it (one decode call for all running sequences, one
-prefill call per prompt chunk), then appends the sampled tokens and applies stops on the host.
-`requantize()` swaps the weights for another format between steps (runtime ISQ).
+prefill call per prompt chunk), then hands the sampled tokens to the output processor (text, stops) and
+frees what finished. `requantize()` swaps the weights for another format between steps (runtime ISQ),
+rebuilding the parts sized by the weights (`_serve`) as `__init__` builds them.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
+from collections.abc import Sequence as Seq
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.options import CPU_KV_CACHE_MB, KV_CACHE_DTYPES, LAYER_LOOPS, EngineConfig
+from jaxrs.engine.output_processor import OutputProcessor
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
-from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
+from jaxrs.engine.sequence import Sequence, Status
+from jaxrs.engine.stats import EngineSnapshot
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
@@ -30,40 +37,8 @@ from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
 from jaxrs.quant.tensor import tree_nbytes
-from jaxrs.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jaxrs")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Serving knobs. KV memory: `kv_cache_tokens`, else `kv_cache_mb`, else `kv_cache_fraction` of the
-    device memory left after the weights (accelerators), else 512 MiB (CPU)."""
-
-    block_size: int = 16
-    kv_cache_mb: float | None = None
-    kv_cache_fraction: float | None = None
-    kv_cache_tokens: int | None = None
-    max_model_len: int | None = None  # default: the model's context length, capped by the pool
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    max_decode_steps: int = 8  # decode tokens per call when nothing waits
-    # KV cache element type; None: the compute dtype. float16 halves what a decode step reads on CPU
-    # (as llama.cpp's default cache does); XLA:CPU converts bfloat16 slowly, so float16 is the CPU choice.
-    kv_cache_dtype: str | None = None
-    prefix_caching: bool = True
-    seed: int = 0
-    # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
-    # an empty value drops a default.
-    xla_options: Mapping[str, str] | None = None
-    # How the layers run: "scan" (`lax.scan` over the stacked weights: one layer to compile) or "unrolled"
-    # (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned layer's weights out of the
-    # stack before YNNPACK's dots read them; unrolled dots read them in place. Demo model, CPU, float
-    # weights and float16 cache, two peers runs (bench/RESULTS.md, "CPU decode, fifth round"): unrolled
-    # raised the 32-stream aggregate 3-7%, but single-stream decode fell 10%; and each compiled shape takes
-    # longer and holds more: a server's warm-up (104 shapes at a 512-token context) took 324 s and 4.6 GiB
-    # unrolled against 97 s and 1.0 GiB scanned. So scan is the default, unrolled a batch-throughput choice.
-    layer_loop: str = "scan"
 
 
 @dataclasses.dataclass
@@ -81,10 +56,6 @@ class Request:
 
 def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
-KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
-LAYER_LOOPS = ("scan", "unrolled")
 
 
 def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
@@ -107,7 +78,7 @@ def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
         return int(free * (config.kv_cache_fraction or 0.9))
     if config.kv_cache_fraction:
         raise JaxrsError("kv_cache_fraction needs a device that reports its memory; give kv_cache_mb instead")
-    return 512 * 2**20
+    return CPU_KV_CACHE_MB * 2**20
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -116,6 +87,10 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 class Engine:
+    """Requests in, tokens out. Readers outside the engine use its public surface: `add_request`,
+    `step`, `abort`, `validate`, `score`, `requantize`, `warmup`, `stats()`, and the model facts
+    `max_model_len`, `vocab_size`, `tokenizer`, `source`, `model_name`, `kv_bytes_per_token`."""
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -131,7 +106,6 @@ class Engine:
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
-        self.model = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.kernels = kernels
@@ -145,48 +119,44 @@ class Engine:
             # written; a cached block does not record which, so reusing it could mix the two sets.
             log.warning("prefix caching is off for this LongRoPE model")
             self.prefix_caching = False
-        self._arrange_layers()
-        self._build_pool()
-        self.scheduler = Scheduler(
-            self.blocks,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_decode_steps=config.max_decode_steps,
-            max_model_len=self.max_model_len,
-        )
         self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        self._serve(loaded)
 
-    def _arrange_layers(self) -> None:
-        """Stack or split the model's layer weights, in place, for the configured layer loop."""
-        loop = self.config.layer_loop
-        if loop not in LAYER_LOOPS:
-            raise JaxrsError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {loop!r}")
-        (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
-        log.info("layers: %s (%d)", loop, self.model.config.num_layers)
-
-    def _build_pool(self) -> None:
-        """Size the KV pool from the memory left beside the weights, then build the block manager (empty
-        prefix cache) and the runner around it."""
-        cfg, config = self.model.config, self.config
-        per_token = kv_bytes_per_token(cfg, self.kv_dtype)
+    # -- the model served ---------------------------------------------------------------------------
+    def _serve(self, model: LoadedModel, warmed: tuple | None = None) -> None:
+        """Serve `model`'s weights: arrange their layers, size the KV pool from the memory left beside
+        them, and build what that pool sizes: the block manager, the runner, the scheduler and the output
+        processor. `__init__` and `requantize` (its failure path too) build through here. The scheduler
+        takes over the queue of the one before, if any (after `release_all`), and the block manager its
+        counters; `warmed` (the old runner's `warmup` arguments) warms the new runner up the same way."""
+        previous = getattr(self, "scheduler", None)  # None when called from __init__
+        self.model = model
+        self._arrange_layers()
+        cfg, config = model.config, self.config
+        per_token = self.kv_bytes_per_token
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
-        self.max_model_len = min(
+        max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=self.prefix_caching)
+        self.blocks = BlockManager(
+            num_blocks,
+            config.block_size,
+            prefix_caching=self.prefix_caching,
+            stats=previous.blocks.stats if previous is not None else None,
+        )
         self.runner = ModelRunner(
             cfg,
-            self.model.params,
+            model.params,
             num_blocks=num_blocks,
             block_size=config.block_size,
             kernels=self.kernels,
             dtype=self.kv_dtype,
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
+            max_model_len=max_model_len,
             xla_options=config.xla_options,
         )
         log.info(
@@ -197,8 +167,70 @@ class Engine:
             num_blocks * config.block_size * per_token / 2**20,
             per_token,
             self.kv_dtype.name,
-            self.max_model_len,
+            max_model_len,
         )
+        if warmed:
+            self.runner.warmup(*warmed)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_decode_steps=config.max_decode_steps,
+            max_model_len=max_model_len,
+        )
+        if previous is not None:
+            self.scheduler.take_over(previous)
+        self.output = OutputProcessor(self.tokenizer, self._eos, max_model_len)
+        self.max_model_len = max_model_len
+
+    def _arrange_layers(self) -> None:
+        """Stack or split the model's layer weights, in place, for the configured layer loop."""
+        loop = self.config.layer_loop
+        if loop not in LAYER_LOOPS:
+            raise JaxrsError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {loop!r}")
+        (unstack_layers if loop == "unrolled" else stack_layers)(self.model.params)
+        log.info("layers: %s (%d)", loop, self.model.config.num_layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def source(self) -> str:
+        """Where the weights were loaded from (a local path)."""
+        return self.model.source
+
+    @property
+    def model_name(self) -> str:
+        """The model's file or folder name."""
+        return Path(self.model.source).name
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token takes (every layer's keys and values)."""
+        return kv_bytes_per_token(self.model.config, self.kv_dtype)
+
+    def stats(self) -> EngineSnapshot:
+        """The engine's gauges and counters now (safe to call from another thread: it only reads)."""
+        blocks, scheduler, runner = self.blocks, self.scheduler, self.runner
+        return EngineSnapshot(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
+            block_size=blocks.block_size,
+            prefix_cache_lookups=blocks.stats.queries,
+            prefix_cache_hits=blocks.stats.hits,
+            prefix_cache_evictions=blocks.stats.evictions,
+            num_preemptions=scheduler.num_preemptions,
+            compiled_shapes=len(runner.shapes),
+            device_seconds=runner.device_seconds,
+        )
+
+    def warmup(self, profiles: Seq[SamplingParams]) -> None:
+        """Compile every step shape (one-token and multi-step decode, every prefill bucket) for each
+        sampling profile, so serving never waits on a compile for them."""
+        self.runner.warmup(tuple(sorted({1, self.config.max_decode_steps})), profiles)
 
     # -- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -223,7 +255,7 @@ class Engine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise JaxrsError("the prompt is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise JaxrsError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
@@ -237,9 +269,7 @@ class Engine:
             raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
 
     def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key) -> Sequence:
-        detok = IncrementalDetokenizer(
-            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens
-        )
+        detok = self.output.detokenizer(prompt_ids, params)
         return Sequence(
             request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key
         )
@@ -358,13 +388,13 @@ class Engine:
         shell = self.model = dataclasses.replace(self.model, params={})  # config stays readable meanwhile
         failure = None
         try:
-            self._install(self._load(fmt), warmed)
+            self._serve(self._load(fmt), warmed)
         except Exception as error:  # any failure puts the old weights back
             log.exception("re-ISQ to %s failed; putting the old weights back", fmt)
             failure = f"{type(error).__name__}: {error}"
         if failure is not None:  # past the except block, so its traceback no longer pins new arrays
             self.runner.release()  # a new runner, if it was built
-            self._install(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
+            self._serve(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
             raise RequantizeError(f"re-ISQ to {fmt} failed; the model is unchanged ({failure})")
         cut = [seq for seq in self.scheduler.waiting if seq.num_tokens >= self.max_model_len]
         for seq in cut:  # a smaller pool no longer holds them
@@ -402,42 +432,14 @@ class Engine:
             raise JaxrsError(f"{self.model.source} no longer holds the model that was loaded from it")
         return dataclasses.replace(self.model, params=fresh.params)
 
-    def _install(self, model: LoadedModel, warmed: tuple | None) -> None:
-        """Serve `model`: a new pool and runner (warmed up with `warmed`, the old runner's arguments)."""
-        self.model = model
-        self._arrange_layers()
-        self._build_pool()
-        self.scheduler.blocks, self.scheduler.max_model_len = self.blocks, self.max_model_len
-        if warmed:
-            self.runner.warmup(*warmed)
-
     # -- tokens and stops ---------------------------------------------------------------------------
     def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
-        token = int(out.tokens[at])
-        p = seq.params
-        seq.output_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        if p.logprobs is not None:
-            top = tuple(zip(out.top_ids[at].tolist(), out.top_logprobs[at].tolist(), strict=True))[
-                : p.logprobs
-            ]
-            seq.logprobs.append(TokenLogprob(token, float(out.logprobs[at]), top))
-        if token in p.stop_token_ids or (token in self._eos and not p.ignore_eos):
-            seq.text += seq.detokenizer.flush()
-            return self._finish(seq, "stop")
-        before = len(seq.text)
-        seq.text += seq.detokenizer.push(token)
-        for stop in p.stop:
-            at_ = seq.text.find(stop, max(0, before - len(stop) + 1))
-            if at_ >= 0:
-                seq.text = seq.text[:at_]
-                return self._finish(seq, "stop")
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish_at_length(seq)
+        reason = self.output.append(seq, out, at)
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish_at_length(self, seq: Sequence) -> None:
-        seq.text += seq.detokenizer.flush()
+        self.output.flush(seq)
         self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

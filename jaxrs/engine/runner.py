@@ -35,22 +35,22 @@ from pallas_kernels.shapes import next_power_of_2
 log = logging.getLogger("jaxrs")
 
 # Fewest blocks in a block-table width bucket. The XLA attention reads every key of the bucket, so short
-# sequences pay for this many, while each width below is one more compiled shape per batch bucket. 32
-# streams of 15-143 tokens (demo model, CPU, float16 cache): 248 tok/s at a 16-block minimum, 292 at 8,
-# 301 at 4 (one more width for 3%).
+# sequences pay for this many, while each width below is one more compiled shape per batch bucket. 8 gave
+# 32 short streams most of what 4 gives, at one width fewer (bench/RESULTS.md, "CPU decode, third round:
+# attention").
 MIN_WIDTH = 8
 
 # Prompt chunks up to this many tokens (padded), whose block tables fit the narrowest width, are prefilled
-# together, one row each, in a single call: 32 short prompts reach their first tokens in 0.45 s instead of
-# 1.51 s one call each (demo model, CPU; bench/bench_throughput.py). Longer chunks run alone, so the
-# batched prefill shapes stay few.
+# together, one row each, in a single call, so many short prompts reach their first tokens sooner than one
+# call each would bring them (bench/RESULTS.md, "Aggregate throughput at 1, 8 and 32 concurrent
+# sequences"). Longer chunks run alone, so the batched prefill shapes stay few.
 MAX_BATCHED_CHUNK = 64
 
 # XLA options the steps compile with, by platform (none yet: `EngineConfig.xla_options` and
 # `--xla-option` try others). Measured and left out: YNNPACK taking each dot alone on XLA:CPU
-# (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) ran 32 rows of the layer
-# projections 1.5-1.7x faster in isolation, but in the engine single-stream decode fell to 0.66-0.73x and
-# the 32-stream aggregate to 0.89-0.91x (bench/RESULTS.md, "CPU decode, fourth round").
+# (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) sped up the layer
+# projections in isolation but slowed the engine's decode, single-stream and 32 streams alike
+# (bench/RESULTS.md, "CPU decode, fourth round: 32 streams").
 STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {}
 
 

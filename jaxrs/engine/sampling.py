@@ -281,8 +281,8 @@ def _order_keys(x: jax.Array) -> jax.Array:
 def _lowest_key(keys: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Per row, the smallest key t such that `enough(t)` holds (monotone in t), by bisection over int32.
 
-    Sorting a 50k vocabulary costs ~15 ms per row on a CPU; 32 passes of compare-and-sum cost far less
-    and give the same threshold exactly.
+    On a CPU, 32 passes of compare-and-sum cost far less than sorting the vocabulary, and give the same
+    threshold exactly (bench/RESULTS.md, "Sampler cost on CPU").
     """
     lo = jnp.min(keys, axis=-1) - 1  # enough(lo) is False for every filter used here
     hi = jnp.max(keys, axis=-1)  # enough(hi) is True
@@ -299,7 +299,8 @@ def _lowest_key(keys: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> ja
 def _cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Per row, the lowest logit kept by top-k then top-p, found exactly over the whole vocabulary.
 
-    A full sort costs ~15 ms per row on a CPU; two 32-step bisections over the bit patterns cost ~1 ms.
+    Two 32-step bisections over the bit patterns instead of a full sort, which costs several times as
+    much on a CPU (bench/RESULTS.md, "Sampler cost on CPU").
     """
     keys = _order_keys(scaled)
     k_cut = _lowest_key(keys, lambda t: jnp.sum(keys > t[:, None], axis=-1) < top_k)
@@ -338,8 +339,8 @@ def process_logits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> jax.
 
 def first_argmax(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` (the first maximum; the first NaN if there is one) from two plain
-    reductions: XLA:CPU runs argmax's (value, index) pair reduction one element at a time, 3.6 ms of
-    a 32-row decode step over a 49,152-token vocabulary (bench/bench_sampler.py)."""
+    reductions: XLA:CPU runs argmax's (value, index) pair reduction one element at a time, a visible
+    share of a 32-row decode step (bench/RESULTS.md, "Sampler cost on CPU")."""
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     hit = (x == top) | jnp.isnan(x)

@@ -152,6 +152,13 @@ class Scheduler:
             seq.num_computed = 0
         return len(running)
 
+    def take_over(self, old: Scheduler) -> None:
+        """Carry on `old`'s work on this scheduler's pool (new weights): its queue, whose sequences hold
+        no blocks after `old.release_all()`, and its counters."""
+        if old.running:
+            raise RuntimeError("release_all() the old scheduler before handing its queue over")
+        self.waiting, self.num_preemptions = old.waiting, old.num_preemptions
+
     def _requeue(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.table)

@@ -1,0 +1,53 @@
+"""The engine's knobs and their allowed values, without importing JAX (the CLI reads its defaults here).
+
+`EngineConfig`'s field defaults are the defaults of the matching `jaxrs run` / `jaxrs serve` flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = FLOAT_DTYPES
+LAYER_LOOPS = ("scan", "unrolled")
+BLOCK_SIZES = (8, 16, 32)
+CPU_KV_CACHE_MB = 512  # the KV pool on a device that reports no memory (CPU), unless sized otherwise
+MAX_WAITING = 256  # queued requests a server takes before answering 429
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. KV memory: `kv_cache_tokens`, else `kv_cache_mb`, else `kv_cache_fraction` of the
+    device memory left after the weights (accelerators), else `CPU_KV_CACHE_MB` (CPU)."""
+
+    block_size: int = 16  # one of BLOCK_SIZES
+    kv_cache_mb: float | None = None
+    kv_cache_fraction: float | None = None
+    kv_cache_tokens: int | None = None
+    max_model_len: int | None = None  # default: the model's context length, capped by the pool
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_decode_steps: int = 8  # decode tokens per call when nothing waits
+    # KV cache element type (one of KV_CACHE_DTYPES); None: the compute dtype. float16 halves what a decode
+    # step reads on CPU (as llama.cpp's default cache does); XLA:CPU converts bfloat16 slowly, so float16 is
+    # the CPU choice.
+    kv_cache_dtype: str | None = None
+    prefix_caching: bool = True
+    seed: int = 0
+    # XLA compiler options for the model steps, over the platform's defaults (runner.STEP_XLA_OPTIONS);
+    # an empty value drops a default.
+    xla_options: Mapping[str, str] | None = None
+    # How the layers run (one of LAYER_LOOPS): "scan" (`lax.scan` over the stacked weights: one layer to
+    # compile) or "unrolled" (weights split per layer, see `unstack_layers`). XLA:CPU copies a scanned
+    # layer's weights out of the stack before YNNPACK's dots read them; unrolled dots read them in place.
+    # On CPU unrolled raised the 32-stream aggregate a little but slowed single-stream decode, and each
+    # compiled shape takes several times longer and holds more memory (bench/RESULTS.md, "CPU decode, fifth
+    # round: the layer loop"). So scan is the default, unrolled a batch-throughput choice.
+    layer_loop: str = "scan"
+
+
+def config_defaults() -> dict[str, Any]:
+    """Each `EngineConfig` field's default, by name."""
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}
