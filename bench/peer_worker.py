@@ -2,13 +2,18 @@
 
     python bench/peer_worker.py ENGINE --model PATH [--threads 2] [--mode f32] [--max-seqs 32] [--ctx 1024]
     python bench/peer_worker.py ENGINE --model PATH --cold '{"ids": [...], "text": "..."}'  # one token, exit
+    python bench/peer_worker.py jaxrs --model PATH --warmup  # time the engine's warm-up, exit
 
 ENGINE is jaxrs, llamacpp, mistralrs or transformers. A peer runs under the interpreter of its own
 virtual environment, so only the standard library is imported at the top; each engine imports its
-package inside its class.
+package inside its class. jaxrs is whichever `import jaxrs` finds: `bench_peers.py --jaxrs-checkout`
+puts another checkout first on PYTHONPATH, and this worker drives that checkout's jaxrs through the
+API it uses below (`LLM`, `Engine.add_request`/`step`, `ModelRunner.device_seconds`, `LLM.warmup`);
+it stays compatible with jaxrs as of commit 5f520ec.
 
-Protocol, JSON lines: after loading, the worker writes {"ready": true, ...}; then each line it reads is
-a request and gets one line back ({"error": ...} if it failed):
+Protocol (version `PROTOCOL` below), JSON lines: after loading, the worker writes {"ready": true,
+"protocol": N, ...}; then each line it reads is a request and gets one line back ({"error": ...} if it
+failed):
 
 - {"op": "single", "ids": [...], "text": "...", "new_tokens": N}: one greedy sequence, EOS ignored.
   Returns ttft_s (prompt in, first token out), decode_s and decode_tokens (the tokens after the first),
@@ -17,6 +22,14 @@ a request and gets one line back ({"error": ...} if it failed):
   if the engine batches (`concurrent` in the ready line), else one after another. Returns wall_s and
   new_tokens (the total generated).
 - {"op": "stats"}: max_rss_mib, this process's peak resident memory so far.
+jaxrs's replies also carry the wall time spent inside the runner's step calls (`device_seconds`: dispatch,
+device and the transfer back), from which the host share is 1 - device / wall: `decode_device_s` and
+`decode_calls` (engine steps) for the decode part of "single", `device_s` and `steps` for "batch".
+With --warmup, a jaxrs worker loads, runs `LLM.warmup()` (every step shape of this configuration for the
+greedy and sampled profiles) and writes {"warmup_s": ..., "shapes": N, "compiled": M, "load_s": ...}: the
+figures of the engine's "warm-up: N shapes (M compiled now) in S s" log line.
+Protocol 2 added `protocol`, `jaxrs_path` in the versions, the device times and --warmup; a worker
+without PROTOCOL is version 1.
 End of input ends the worker. Protocol lines go to the original stdout; whatever a library prints to
 stdout is sent to stderr.
 """
@@ -32,6 +45,8 @@ import time
 from pathlib import Path
 
 from common import versions
+
+PROTOCOL = 2  # bench_peers.py runs another checkout's own worker only if it speaks at least this version
 
 # jaxrs modes: how the weights are held, the compute dtype and the KV cache's.
 JAXRS_MODES = {
@@ -56,8 +71,15 @@ JAXRS_MODES |= {f"{name}-ynndot": {**mode, **YNN_DOTS_ALONE} for name, mode in l
 # -- jaxrs: these two also serve bench_single_stream.py and gpu.py, on an engine built there -----------
 
 
+def device_seconds(engine) -> float | None:
+    """Wall seconds the engine's runner has spent inside its step calls so far (None if it does not
+    count them)."""
+    return getattr(engine.runner, "device_seconds", None)
+
+
 def jaxrs_single(engine, ids: list[int], new_tokens: int) -> dict:
-    """One greedy sequence on a jaxrs `Engine`: time to its first token, then to its last."""
+    """One greedy sequence on a jaxrs `Engine`: time to its first token, then to its last; and the part
+    of the decode time spent inside the step calls, over how many engine steps."""
     from jaxrs import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -66,15 +88,21 @@ def jaxrs_single(engine, ids: list[int], new_tokens: int) -> dict:
     while not seq.output_ids:  # a long prompt may take several chunks
         engine.step()
     first = time.perf_counter()
+    device, calls = device_seconds(engine), 0
     while not seq.finished:
         engine.step()
+        calls += 1
     end = time.perf_counter()
-    return {
+    result = {
         "ttft_s": first - start,
         "decode_s": end - first,
         "decode_tokens": len(seq.output_ids) - 1,
         "prompt_tokens": len(ids),
+        "decode_calls": calls,
     }
+    if device is not None:
+        result["decode_device_s"] = device_seconds(engine) - device
+    return result
 
 
 def jaxrs_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -82,12 +110,21 @@ def jaxrs_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     from jaxrs import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    device, steps = device_seconds(engine), 0
     start = time.perf_counter()
     requests = [engine.add_request(list(p), params) for p in prompts]
     while not all(r.finished for r in requests) and engine.has_unfinished():
         engine.step()
+        steps += 1
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "new_tokens": sum(len(s.output_ids) for r in requests for s in r.seqs)}
+    result = {
+        "wall_s": wall,
+        "new_tokens": sum(len(s.output_ids) for r in requests for s in r.seqs),
+        "steps": steps,
+    }
+    if device is not None:
+        result["device_s"] = device_seconds(engine) - device
+    return result
 
 
 class Jaxrs:
@@ -108,7 +145,37 @@ class Jaxrs:
         )
 
     def versions(self) -> dict:
-        return versions(["jaxrs", "jax", "jaxlib"])
+        import jaxrs
+
+        # where the package came from: a --jaxrs-checkout row checks it is the checkout asked for
+        return versions(["jaxrs", "jax", "jaxlib"]) | {"jaxrs_path": str(Path(jaxrs.__file__).parent.parent)}
+
+    def warmup(self) -> dict:
+        """Time `LLM.warmup()` in this fresh process; the shape counts from the engine's log line."""
+        import logging
+
+        counts: list[tuple] = []
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if str(record.msg).startswith("warm-up:"):
+                    counts.append(record.args)
+
+        log = logging.getLogger("jaxrs")
+        level = log.level
+        log.addHandler(catch := Catch())
+        log.setLevel(logging.INFO)
+        try:
+            start = time.perf_counter()
+            self.llm.warmup()
+            seconds = time.perf_counter() - start
+        finally:
+            log.removeHandler(catch)
+            log.setLevel(level)
+        result = {"warmup_s": seconds, "shapes": None, "compiled": None}
+        if counts and len(counts[-1]) == 3:
+            result |= {"shapes": counts[-1][0], "compiled": counts[-1][1]}
+        return result
 
     def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
         return jaxrs_single(self.llm.engine, ids, new_tokens)
@@ -307,6 +374,7 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=8192, help="jaxrs: KV cache size in tokens")
     ap.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp: plain CPU weight buffers")
     ap.add_argument("--cold", metavar="JSON", help='load, one token for {"ids": [...], "text": ...}, exit')
+    ap.add_argument("--warmup", action="store_true", help="jaxrs: load, time the engine's warm-up, exit")
     args = ap.parse_args()
 
     out = os.fdopen(os.dup(1), "w")  # the protocol channel
@@ -319,8 +387,12 @@ def main() -> None:
         prompt = json.loads(args.cold)
         engine.single(prompt["ids"], prompt["text"], 1)
         out.write(json.dumps({"first_token": True, "load_s": loaded}) + "\n")
+    elif args.warmup:
+        if not hasattr(engine, "warmup"):
+            raise SystemExit(f"--warmup: {args.engine} has no warm-up to time")
+        out.write(json.dumps(engine.warmup() | {"load_s": loaded}) + "\n")
     else:
-        ready = {"ready": True, "load_s": loaded, "concurrent": engine.concurrent}
+        ready = {"ready": True, "protocol": PROTOCOL, "load_s": loaded, "concurrent": engine.concurrent}
         out.write(json.dumps(ready | {"versions": engine.versions()}) + "\n")
         out.flush()
         serve(engine, out)

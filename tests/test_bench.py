@@ -93,8 +93,8 @@ def test_isq_script(tmp_path):
     assert q8["weight_mib"] < f32["weight_mib"] and q8["perplexity"] > 0 and q8["decode_tok_s"] > 0
 
 
-def test_peers_script(tmp_path):
-    """The peer harness end to end on a tiny random model, with the two engines of this environment."""
+def tiny_model(folder: Path) -> Path:
+    """A tiny random Llama with a tokenizer, in `folder`/model."""
     from transformers import LlamaConfig
 
     from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
@@ -102,10 +102,16 @@ def test_peers_script(tmp_path):
     config = LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
     )
-    model = tmp_path / "model"
+    model = folder / "model"
     model.mkdir()
     save_tiny_hf_model(config, model)
     save_tiny_tokenizer(model, config.vocab_size)
+    return model
+
+
+def test_peers_script(tmp_path):
+    """The peer harness end to end on a tiny random model, with the two engines of this environment."""
+    model = tiny_model(tmp_path)
     # 16 new tokens: transformers' decode time is a whole run less a one-token run, which a loaded machine
     # can make negative over a few tokens (the harness then drops the figure)
     sizes = ["--prompt-tokens", "16", "--new-tokens", "16", "--passes", "1", "--concurrency", "2"]
@@ -123,6 +129,39 @@ def test_peers_script(tmp_path):
         assert len(row["passes"]) == 1 and row["concurrent"]
     assert rows["jaxrs f32"]["versions"]["jax"] and rows["transformers"]["versions"]["torch"]
     assert out["machine"]["cores"] >= 1 and out["machine"]["cpu"]
+
+
+def test_peers_script_checkouts(tmp_path):
+    """An A/B of two jaxrs checkouts (--jaxrs-checkout) on a tiny model: "new" is this tree, running its own
+    worker; "base" is a folder whose jaxrs is a link to this tree's and whose bench/peer_worker.py predates
+    the protocol version, so this tree's worker drives it. Warm-up compile time and host shares included."""
+    model = tiny_model(tmp_path)
+    base = tmp_path / "base"
+    (base / "bench").mkdir(parents=True)
+    (base / "jaxrs").symlink_to(BENCH.parent / "jaxrs")
+    (base / "bench" / "peer_worker.py").write_text("raise SystemExit('an old worker: not to be run')\n")
+    # one sequence at a time: the fewest step shapes for the two warm-ups to compile
+    sizes = ["--prompt-tokens", "16", "--new-tokens", "4", "--passes", "1", "--concurrency", "1"]
+    checkouts = ["--jaxrs-checkout", f"base={base}", "--jaxrs-checkout", f"new={BENCH.parent}"]
+    out = bench(
+        "bench_peers.py",
+        *("--model", str(model), *checkouts, "--engines", "jaxrs@base", "jaxrs@new", "--jaxrs-modes", "f32"),
+        *sizes,
+        *("--skip-cold", "--out", str(tmp_path / "p.json")),
+    )
+    rows = out["rows"]
+    assert list(rows) == ["jaxrs@base", "jaxrs@new"]
+    for label, folder in (("jaxrs@base", base), ("jaxrs@new", BENCH.parent)):
+        row = rows[label]
+        assert Path(row["versions"]["jaxrs_path"]) == folder, row["notes"]
+        assert row["checkout"]["worker"] == str(BENCH / "peer_worker.py") and row["protocol"] >= 2
+        m = row["medians"]
+        keys = ("prefill_tok_s", "decode_tok_s", "agg_tok_s@1", "warmup_s", "warmup_shapes")
+        figures = [m[k] for k in keys]
+        assert None not in figures and min(figures) > 0, (figures, row["notes"])
+        assert 0 <= m["decode_host_share"] < 1 and 0 <= m["host_share@1"] < 1, row["notes"]
+    assert "speaks protocol 1" in " ".join(rows["jaxrs@base"]["notes"])
+    assert "A/B ratios against jaxrs@base" in out["table"] and "| jaxrs@new vs jaxrs@base |" in out["table"]
 
 
 def test_gpu_script_tiny(tmp_path):
