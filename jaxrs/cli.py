@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import logging.handlers
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from jaxrs.engine.options import (
     BLOCK_SIZES,
@@ -220,6 +222,38 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+@contextlib.contextmanager
+def logs_after_answer() -> Iterator[None]:
+    """Hold the log records raised while an answer streams (a step shape compiling on first use) until
+    the answer's line has ended, so streamed text and log lines never interleave on a terminal."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    held = [
+        logging.handlers.MemoryHandler(2**20, flushLevel=logging.CRITICAL + 1, target=h) for h in handlers
+    ]
+    for handler, buffer in zip(handlers, held, strict=True):
+        root.removeHandler(handler)
+        root.addHandler(buffer)
+    try:
+        yield
+    finally:
+        for handler, buffer in zip(handlers, held, strict=True):
+            root.removeHandler(buffer)
+            buffer.flush()
+            root.addHandler(handler)
+
+
+def _print_stream(pieces: Iterable[str]) -> str:
+    """Print an answer as it streams, then its newline; logs raised meanwhile follow it. Returns it."""
+    answer = []
+    with logs_after_answer():
+        for piece in pieces:
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+    return "".join(answer)
+
+
 def _run(args: argparse.Namespace) -> int:
     from jaxrs.engine.sampling import SamplingParams
 
@@ -240,9 +274,7 @@ def _run(args: argparse.Namespace) -> int:
             stream = llm.stream(
                 llm.chat_prompt_ids(system + [{"role": "user", "content": args.prompt}]), params
             )
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
+        _print_stream(stream)
         return 0
     return _chat(llm, params, system)
 
@@ -347,12 +379,8 @@ def _chat(llm, params, history: list[dict]) -> int:
         if not line.strip():
             return 0
         history.append({"role": "user", "content": line})
-        reply = []
-        for piece in llm.stream(llm.chat_prompt_ids(history), params):
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        reply = _print_stream(llm.stream(llm.chat_prompt_ids(history), params))
+        history.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

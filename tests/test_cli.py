@@ -122,3 +122,31 @@ def test_xla_option_flags_reach_the_engine_config():
     assert engine_kwargs(parse(["run"]))["xla_options"] is None
     with pytest.raises(JaxrsError, match="--xla-option takes NAME=VALUE"):
         engine_kwargs(parse(["run", "--xla-option", "xla_a"]))
+
+
+def test_logs_raised_while_an_answer_streams_follow_its_line():
+    """A step shape compiling mid-answer logs after the answer's newline, not inside the text."""
+    import io
+    import logging
+
+    from jaxrs.cli import _print_stream
+
+    terminal = io.StringIO()  # stdout and stderr share a terminal
+    root = logging.getLogger()
+    handler = logging.StreamHandler(terminal)
+    root.addHandler(handler)
+    old_stdout, sys.stdout = sys.stdout, terminal
+    try:
+
+        def pieces():
+            yield "The"
+            logging.getLogger("jaxrs").warning("compiled decode (1, 8, 8) in 3.1 s")
+            yield " capital of France is Paris."
+
+        assert _print_stream(pieces()) == "The capital of France is Paris."
+        assert terminal.getvalue() == "The capital of France is Paris.\ncompiled decode (1, 8, 8) in 3.1 s\n"
+        logging.getLogger("jaxrs").warning("after")  # the real handler is back: logs go straight out
+        assert terminal.getvalue().endswith("in 3.1 s\nafter\n")
+    finally:
+        sys.stdout = old_stdout
+        root.removeHandler(handler)
