@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 from jaxrs.errors import ModelLoadError
 from jaxrs.loading import load_model
-from tests.conftest import save_tiny_hf_model
+from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
 
 TINY = LlamaConfig(
     vocab_size=128,
@@ -91,6 +91,23 @@ def test_missing_tensor(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(
         ModelLoadError, match=r"model\.safetensors: missing tensor\(s\) model\.layers\.1\.mlp\.down_proj"
+    ):
+        load_model(str(tmp_path))
+
+
+def test_tensor_of_the_wrong_shape(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    save_tiny_hf_model(TINY, tmp_path)
+    save_tiny_tokenizer(tmp_path, TINY.vocab_size)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = tensors[name][:-1]
+    save_file(tensors, weights)
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"{tmp_path}: parameter layers\.attn\.k_proj\.weight \(layer 0: .*checkpoint shape",
     ):
         load_model(str(tmp_path))
 

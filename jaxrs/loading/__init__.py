@@ -130,7 +130,12 @@ def load_model(
         from jaxrs.loading.isq import quantizing_getter
 
         get = quantizing_getter(get, isq)
-    params = load_params(_with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype)
+    try:
+        params = load_params(_with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype)
+    except ModelLoadError:
+        raise
+    except JaxrsError as e:  # the checkpoint does not fit the model its config describes
+        raise ModelLoadError(path, str(e)) from None
     log.info(
         "loaded %s (%s, %d layers) from %s in %.1f s, weights %.1f MiB",
         cfg.name or path.name,

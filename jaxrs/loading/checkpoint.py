@@ -128,20 +128,25 @@ def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
             del fused[name]
         return part
 
-    def put(path: str, x: np.ndarray | QuantizedTensor) -> jax.Array | QuantizedTensor:
-        if tuple(x.shape) != shapes[path]:
+    def checked(x: np.ndarray | QuantizedTensor, want: tuple[int, ...], path: str, name: str):
+        if tuple(x.shape) != want:
             raise JaxrsError(
-                f"parameter {path} ({sources[path]}): checkpoint shape {tuple(x.shape)}, "
-                f"the config needs {shapes[path]}"
+                f"parameter {path} ({name}): checkpoint shape {tuple(x.shape)}, the config needs {want}"
             )
+        return x
+
+    def layer(i: int, path: str, source: Source) -> np.ndarray | QuantizedTensor:
+        return checked(read(i, source), shapes[path][1:], path, f"layer {i}: {source}")
+
+    def put(x: np.ndarray | QuantizedTensor) -> jax.Array | QuantizedTensor:
         return jax.device_put(x) if isinstance(x, QuantizedTensor) else jnp.asarray(x, dtype=dtype)
 
     params: dict = {}
     for path, source in sources.items():  # layers first, as the getters' progress bars expect
         if path.startswith(LAYER_PREFIX):
-            value = stack([read(i, source) for i in range(cfg.num_layers)], path)
-            _insert(params, path.split("."), put(path, value))
+            value = stack([layer(i, path, source) for i in range(cfg.num_layers)], path)
+            _insert(params, path.split("."), put(value))
     for path, source in sources.items():
         if not path.startswith(LAYER_PREFIX):
-            _insert(params, path.split("."), put(path, get(source)))
+            _insert(params, path.split("."), put(checked(get(source), shapes[path], path, source)))
     return params
