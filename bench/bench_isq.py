@@ -12,7 +12,7 @@ median of --passes after a warm-up pass). In turn with each of those passes, the
 source dequantized, the first row) and llama.cpp (`peer_worker.py` under the interpreter
 bench/setup_peers.sh installs, --threads threads) decode the same way, llama.cpp from the same file:
 the ratios compare passes run side by side. Formats without a GGUF type (HQQ, Q8_K) are measured on
-the ISQ load, whose embedding stays f32. Prints a table and writes JSON (--out).
+the ISQ load (its embedding in Q8_0, as in the GGUF). Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations

@@ -16,16 +16,20 @@ from gguf.constants import GGMLQuantizationType as T
 from jaxrs.errors import JaxrsError
 from jaxrs.quant import (
     FORMATS,
+    QUANTIZED_FORMATS,
+    IsqChoice,
     QuantizedTensor,
     dequantize,
     from_gguf_bytes,
+    isq_choice,
+    isq_format,
     parse_format,
     quantize,
-    should_quantize,
     stack,
     to_gguf_bytes,
 )
 from jaxrs.quant.hqq import rtn_params
+from jaxrs.quant.policy import FALLBACK
 
 GGUF_FORMATS = [name for name, s in FORMATS.items() if s.ggml_type is not None]
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -186,20 +190,82 @@ def test_bad_inputs_are_jaxrs_errors():
         from_gguf_bytes(np.zeros(66, np.uint8), T.IQ2_XXS, (1, 256))
 
 
-def test_should_quantize():
-    assert should_quantize("model.layers.0.self_attn.q_proj.weight", (576, 576), "Q8_0")
-    assert should_quantize("model.layers.0.mlp.gate_proj.weight", (1536, 576), "Q4_0")
-    assert not should_quantize("model.layers.0.self_attn.o_proj.weight", (576, 576), "Q4_K")  # 576 % 256
-    assert should_quantize("model.layers.0.self_attn.o_proj.weight", (576, 576), "HQQ4")
-    assert not should_quantize("model.layers.0.self_attn.o_proj.weight", (576, 560), "HQQ4")  # 560 % 64
-    assert not should_quantize("model.layers.0.input_layernorm.weight", (576,), "Q4_0")
-    assert not should_quantize("model.norm.weight", (1, 576), "Q4_0")
-    assert not should_quantize("model.layers.0.self_attn.q_proj.bias", (576,), "Q4_0")
-    assert not should_quantize("model.layers.0.block_sparse_moe.gate.weight", (8, 4096), "Q4_K")
-    assert not should_quantize("model.embed_tokens.weight", (49152, 576), "Q8_0")
-    assert should_quantize("model.embed_tokens.weight", (49152, 576), "Q8_0", embeddings=True)
-    assert not should_quantize("lm_head.weight", (49152, 576), "Q8_0")
-    assert should_quantize("model.layers.experts.w1", (8, 1024, 512), "Q4_K")  # stacked experts
+# The format ISQ gives a matrix of row length 512 (a multiple of every block), 576 (of 64 and 32: the
+# demo model's hidden size), 96 (of 32 only) and 40 (of none): llama.cpp's fallback table (Q4_K -> Q5_0,
+# Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> a 4-bit 32-block format), HQQ's 64-groups -> the 32-block
+# format of the same bits, float (None) when no 32-block fits.
+ISQ_TABLE = {
+    "Q4_0": ("Q4_0", "Q4_0", "Q4_0", None),
+    "Q4_1": ("Q4_1", "Q4_1", "Q4_1", None),
+    "Q5_0": ("Q5_0", "Q5_0", "Q5_0", None),
+    "Q5_1": ("Q5_1", "Q5_1", "Q5_1", None),
+    "Q8_0": ("Q8_0", "Q8_0", "Q8_0", None),
+    "U8M": ("U8M", "U8M", "U8M", None),
+    "Q2_K": ("Q2_K", "Q4_0", "Q4_0", None),
+    "Q3_K": ("Q3_K", "Q4_0", "Q4_0", None),
+    "Q4_K": ("Q4_K", "Q5_0", "Q5_0", None),
+    "Q5_K": ("Q5_K", "Q5_1", "Q5_1", None),
+    "Q6_K": ("Q6_K", "Q8_0", "Q8_0", None),
+    "Q8_K": ("Q8_K", "Q8_0", "Q8_0", None),
+    "HQQ4": ("HQQ4", "HQQ4", "Q4_0", None),
+    "HQQ8": ("HQQ8", "HQQ8", "Q8_0", None),
+    "F16": ("F16", "F16", "F16", "F16"),
+}
+
+
+@pytest.mark.parametrize("fmt", list(ISQ_TABLE))
+def test_isq_format_falls_back_per_tensor(fmt):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    got = tuple(isq_format(name, (64, n), fmt) for n in (512, 576, 96, 40))
+    assert got == ISQ_TABLE[fmt]
+    assert isq_choice(name, (64, 512), fmt).reason == ""
+    if got[1] != fmt:
+        assert isq_choice(name, (64, 576), fmt).reason == f"row length not a multiple of {FORMATS[fmt].block}"
+    if got[3] is None:
+        assert isq_choice(name, (64, 40), fmt).reason == "row length not a multiple of 32"
+
+
+def test_every_wide_block_falls_back_to_a_32_block_of_about_its_bits():
+    assert set(ISQ_TABLE) >= set(QUANTIZED_FORMATS)
+    for fmt in QUANTIZED_FORMATS:
+        if FORMATS[fmt].block > 32:
+            fallback = FORMATS[FALLBACK[fmt]]
+            assert fallback.block == 32
+            # never fewer bits (Q2_K, Q3_K: 4.5, as llama.cpp's IQ4_NL), at most two more (Q6_K: 8.5)
+            assert 0 <= fallback.bits_per_weight() - FORMATS[fmt].bits_per_weight() <= 2
+    assert FALLBACK["Q4_K"] == "Q5_0" and FALLBACK["Q6_K"] == "Q8_0"
+
+
+def test_isq_leaves_norms_biases_and_routers_float():
+    assert isq_format("model.layers.0.self_attn.q_proj.weight", (576, 576), "Q8_0") == "Q8_0"
+    assert isq_format("model.layers.0.mlp.gate_proj.weight", (1536, 576), "Q4_0") == "Q4_0"
+    assert isq_format("model.layers.experts.w1", (8, 1024, 512), "Q4_K") == "Q4_K"  # stacked experts
+    for name, shape in [
+        ("model.layers.0.input_layernorm.weight", (576,)),
+        ("model.norm.weight", (1, 576)),
+        ("model.layers.0.self_attn.q_proj.bias", (576,)),
+    ]:
+        assert isq_choice(name, shape, "Q4_0") == IsqChoice(None, "norms, biases")
+    router = isq_choice("model.layers.0.block_sparse_moe.gate.weight", (8, 4096), "Q4_K")
+    assert router == IsqChoice(None, "routers")
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight", "output.weight"])
+def test_isq_packs_embedding_and_head_compactly(name):
+    assert isq_format(name, (49152, 576), "Q4_K") == "Q8_0"  # the default: Q8_0 whatever the format
+    assert isq_format(name, (49152, 576), "Q2_K") == "Q8_0"
+    assert isq_format(name, (49152, 576), "Q4_K", embeddings="float") is None
+    # asked for the ISQ format: the matrix rule's, when smaller than Q8_0
+    assert isq_format(name, (49152, 576), "Q4_K", embeddings="isq") == "Q5_0"
+    assert isq_format(name, (49152, 512), "Q4_K", embeddings="isq") == "Q4_K"
+    assert isq_format(name, (49152, 576), "Q6_K", embeddings="isq") == "Q8_0"
+    assert isq_format(name, (49152, 576), "HQQ8", embeddings="isq") == "Q8_0"
+    assert isq_format(name, (49152, 40), "Q4_K") is None  # no 32-block fits
+    assert isq_format(name, (49152, 40), "F16") == "F16"  # a float ISQ format: never fewer bits
+    assert isq_choice(name, (49152, 576), "Q8_0").reason == "embedding, head"
+    assert isq_format("blk.0.attn_output.weight", (576, 576), "Q4_K") == "Q5_0"  # not GGUF's head
+    with pytest.raises(JaxrsError, match="q8_0, isq, float"):
+        isq_format(name, (49152, 576), "Q4_K", embeddings="int8")
 
 
 def test_pytree_jit_scan_and_stack():

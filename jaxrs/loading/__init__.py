@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.quant.tensor import tree_nbytes
 
 if TYPE_CHECKING:
+    from jaxrs.quant.policy import IsqChoice
     from jaxrs.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxrs")
@@ -81,11 +83,14 @@ def load_model(
     tokenizer: str | None = None,
     packed: bool = False,
     isq: str | None = None,
+    isq_embeddings: str = "q8_0",
 ) -> LoadedModel:
     """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source.
 
     `packed`: a GGUF's quantized tensors stay in their format on the device (matmuls read them
-    packed). `isq`: quantize float weights into this format while loading (see `jaxrs.quant`).
+    packed). `isq`: quantize float weights into this format while loading (`jaxrs.quant.isq_format`
+    says which format each tensor takes; one line logs the tally). `isq_embeddings`: how ISQ stores
+    the embedding and output head (`"q8_0"`, `"isq"` or `"float"`, see `jaxrs.quant.policy`).
     """
     from jaxrs.loading.checkpoint import hf_weight_names, load_params
     from jaxrs.tokenizer import Tokenizer
@@ -93,6 +98,7 @@ def load_model(
     kind, path = resolve_source(model, gguf_file)
     start = time.perf_counter()
     relaid: dict[str, int] = {}  # "Q4_1 -> U8M" -> tensors moved
+    tally: Counter[IsqChoice] = Counter()  # ISQ: tensors per (format, reason)
     dtype = jnp.dtype(dtype)
     if kind == "quantized":
         from jaxrs.loading.prequantized import load_quantized
@@ -127,9 +133,9 @@ def load_model(
         gen_path = path / "generation_config.json"
         generation_config = read_json(gen_path) if gen_path.is_file() else {}
     if isq:
-        from jaxrs.loading.isq import quantizing_getter
+        from jaxrs.loading.isq import isq_summary, quantizing_getter
 
-        get = quantizing_getter(get, isq)
+        get = quantizing_getter(get, isq, embeddings=isq_embeddings, tally=tally)
     try:
         params = load_params(_with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype)
     except ModelLoadError:
@@ -145,6 +151,8 @@ def load_model(
         time.perf_counter() - start,
         tree_nbytes(params) / 2**20,
     )
+    if isq:
+        log.info("%s", isq_summary(isq, tally))
     if relaid:
         log.info(
             "packed weights in the exact layouts XLA:CPU reads fastest: %s",

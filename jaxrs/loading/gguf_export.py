@@ -1,10 +1,11 @@
 """Re-quantize a GGUF file into another GGUF type with jaxrs's own quantizers.
 
-The tensors in-situ quantization would pack (`jaxrs.quant.should_quantize`) are dequantized and
-quantized again into the new type; everything else (norms, and by default the embedding and output
-head) is copied byte for byte, as is the metadata. ISQ quantizes each row on its own and llama.cpp's
-q/k permutation only reorders rows, so the file loaded `packed=True` holds exactly the weights that
-`load_model(src, isq=fmt)` builds, in a form llama.cpp (and any GGUF reader) loads too.
+The tensors in-situ quantization would pack are dequantized and quantized again into the format
+`jaxrs.quant.isq_format` gives each (the new type, its 32-block fallback for rows it does not divide,
+Q8_0 for the embedding and output head); everything else (norms) is copied byte for byte, as is the
+metadata. ISQ quantizes each row on its own and llama.cpp's q/k permutation only reorders rows, so the
+file loaded `packed=True` holds exactly the weights that `load_model(src, isq=fmt)` builds, in a form
+llama.cpp (and any GGUF reader) loads too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from jaxrs.errors import JaxrsError
 from jaxrs.loading.gguf_file import SUPPORTED_TYPES
 from jaxrs.loading.gguf_reader import open_gguf
-from jaxrs.quant import FORMATS, QUANTIZED_FORMATS, parse_format, quantize, should_quantize, to_gguf_bytes
+from jaxrs.quant import FORMATS, QUANTIZED_FORMATS, isq_format, parse_format, quantize, to_gguf_bytes
 
 
 def gguf_type_of(fmt: str) -> gguf.GGMLQuantizationType:
@@ -42,15 +43,15 @@ def file_type_of(fmt: str) -> int | None:
     return int(found) if found is not None else None
 
 
-def requantize_gguf(src: Path, dst: Path, fmt: str, *, embeddings: bool = False) -> dict[str, Any]:
-    """Write `dst`: the GGUF `src` with every tensor ISQ packs re-quantized into `fmt`.
+def requantize_gguf(src: Path, dst: Path, fmt: str, *, embeddings: str = "q8_0") -> dict[str, Any]:
+    """Write `dst`: the GGUF `src` with every tensor ISQ packs re-quantized as ISQ to `fmt` packs it.
 
-    `embeddings`: also re-quantize the token embedding and output head (as ISQ does when asked).
+    `embeddings`: how the token embedding and output head are stored, as for ISQ (`quant.policy`).
     The file is written beside `dst` and renamed into place, so `dst` is never a partial file.
     Returns what was done: tensors re-quantized and copied, tensor bytes, seconds.
     """
     fmt = parse_format(fmt)
-    ggml_type = gguf_type_of(fmt)
+    gguf_type_of(fmt)  # a format GGUF cannot store is refused before anything is read
     start = time.perf_counter()
     reader = open_gguf(src)
     arch = str(reader.fields["general.architecture"].contents())
@@ -60,13 +61,13 @@ def requantize_gguf(src: Path, dst: Path, fmt: str, *, embeddings: bool = False)
     requantized = 0
     for tensor in reader.tensors:
         shape = tuple(reversed([int(d) for d in tensor.shape]))
-        if not should_quantize(tensor.name, shape, fmt, embeddings=embeddings):
+        target = isq_format(tensor.name, shape, fmt, embeddings=embeddings)
+        if target is None:
             writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
             continue
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        writer.add_tensor(
-            tensor.name, to_gguf_bytes(quantize(values.reshape(shape), fmt)), raw_dtype=ggml_type
-        )
+        packed = to_gguf_bytes(quantize(values.reshape(shape), target))
+        writer.add_tensor(tensor.name, packed, raw_dtype=gguf_type_of(target))
         requantized += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
