@@ -17,7 +17,7 @@ import numpy as np
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
 from jaxrs.loading.names import LAYER_PREFIX, Experts, Rows, Source, source_names
-from jaxrs.models.decoder import model_graph
+from jaxrs.models.decoder import model_graph, set_path
 from jaxrs.models.registry import family
 from jaxrs.quant import QuantizedTensor
 from jaxrs.quant import stack as stack_quantized
@@ -26,19 +26,21 @@ from jaxrs.quant.transcode import unify_formats
 Getter = Callable[[str], np.ndarray | QuantizedTensor]
 
 
+def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every leaf of a parameter tree (a packed tensor is one leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    return {".".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Dotted parameter path -> shape, for every parameter of the model (layers stacked)."""
-    _, abstract = model_graph(cfg)
-    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
-    return {".".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return _shapes(model_graph(cfg)[1])
 
 
 def check_params(params: dict, cfg: ModelConfig) -> None:
     """Raise `JaxrsError` naming the first parameter `params` lacks, has too many, or has in another
     shape than the config's model (for trees read back whole, such as a pre-quantized folder)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
-    have = {".".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
-    want = parameter_shapes(cfg)
+    have, want = _shapes(params), parameter_shapes(cfg)
     for path, shape in want.items():
         if path not in have:
             raise JaxrsError(f"parameter {path} is missing")
@@ -51,11 +53,11 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
 
 def _sources(cfg: ModelConfig) -> dict[str, Source]:
     """Parameter path -> checkpoint source, for the parameters this config's model has."""
-    table = family(cfg.architecture).names.hf(cfg)
-    missing = [path for path in parameter_shapes(cfg) if path not in table]
+    table, paths = family(cfg.architecture).names.hf(cfg), parameter_shapes(cfg)
+    missing = [path for path in paths if path not in table]
     if missing:
         raise JaxrsError(f"{cfg.architecture}: no checkpoint name for parameter(s) {', '.join(missing)}")
-    return {path: table[path] for path in parameter_shapes(cfg)}
+    return {path: table[path] for path in paths}
 
 
 def hf_weight_names(cfg: ModelConfig) -> list[str]:
@@ -91,12 +93,6 @@ def stack(tensors: list, name: str = "") -> np.ndarray | QuantizedTensor:
             raise ValueError("a stacked parameter mixes packed and float tensors")
         return stack_quantized(unify_formats(tensors, name))
     return np.stack(tensors)
-
-
-def _insert(tree: dict, path: list[str], value: object) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
@@ -145,8 +141,8 @@ def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
     for path, source in sources.items():  # layers first, as the getters' progress bars expect
         if path.startswith(LAYER_PREFIX):
             value = stack([layer(i, path, source) for i in range(cfg.num_layers)], path)
-            _insert(params, path.split("."), put(value))
+            set_path(params, path.split("."), put(value))
     for path, source in sources.items():
         if not path.startswith(LAYER_PREFIX):
-            _insert(params, path.split("."), put(checked(get(source), shapes[path], path, source)))
+            set_path(params, path.split("."), put(checked(get(source), shapes[path], path, source)))
     return params

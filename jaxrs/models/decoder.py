@@ -11,7 +11,7 @@ LongRoPE, parallel attention + MLP, experts) and a few structural flags of the f
 The modules are used functionally (the pattern of vLLM's JAX backend): `model_graph(cfg)` builds the
 model abstractly and keeps its graph definition; the loader fills the matching state (a nested dict of
 arrays and `QuantizedTensor`s: `LoadedModel.params`); the jitted steps take that state as their parameter
-pytree and `nnx.merge` it with the graph inside the trace (`forward`, `compute_logits`). The KV cache is
+pytree and `nnx.merge` it with the graph inside the trace (`merge`). The KV cache is
 an argument, never module state, so it can be donated.
 
 Stacked parameters have a leading layer axis and run under `lax.scan`, so compile time does not grow
@@ -23,7 +23,7 @@ the MLP; `attn_out_norm` / `ffn_out_norm` normalize the attention / MLP output b
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -325,20 +325,6 @@ def merge(params: dict, cfg: ModelConfig) -> DecoderModel:
     return nnx.merge(model_graph(cfg, unrolled)[0], params)
 
 
-def forward(
-    params: dict, cfg: ModelConfig, kernels: Kernels, tokens: jax.Array, meta: AttentionMetadata, kv: KVCache
-) -> tuple[jax.Array, KVCache]:
-    """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written."""
-    return merge(params, cfg)(tokens, meta, kv, kernels)
-
-
-def compute_logits(
-    params: dict, cfg: ModelConfig, hidden: jax.Array, kernels: Kernels = Kernels()
-) -> jax.Array:
-    """Logits in f32 for `hidden` (see `DecoderModel.logits`)."""
-    return merge(params, cfg).logits(hidden, kernels)
-
-
 # -- layer loops ------------------------------------------------------------------------------------------
 
 
@@ -354,14 +340,15 @@ def _pop_leaves(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, object]]:
     return out
 
 
-def _insert(tree: dict, path: tuple, leaf: object) -> None:
+def set_path(tree: dict, path: Sequence, leaf: object) -> None:
+    """Put `leaf` at `path` in a nested dict, making the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = leaf
 
 
 def unstack_layers(params: dict) -> None:
-    """Split `params["layers"]` into a tuple of per-layer trees, each leaf its own buffer, so `forward`
+    """Split `params["layers"]` into a tuple of per-layer trees, each leaf its own buffer, so the model
     runs the layers unrolled and a dot reads its weight where it lies: XLA:CPU copies a `lax.scan`
     layer's slice out of the stack before YNNPACK's dot reads it. In place: each stacked leaf leaves the
     tree as soon as it is split, so memory grows by one stacked leaf at most."""
@@ -372,12 +359,12 @@ def unstack_layers(params: dict) -> None:
     split: tuple[dict, ...] = tuple({} for _ in range(num_layers))
     for path, leaf in _pop_leaves(stacked):
         for i, layer in enumerate(split):
-            _insert(layer, path, jax.tree.map(lambda a, i=i: a[i], leaf))
+            set_path(layer, path, jax.tree.map(lambda a, i=i: a[i], leaf))
     params["layers"] = split
 
 
 def stack_layers(params: dict) -> None:
-    """`unstack_layers` undone, in place: one stacked tree, whose layers `forward` runs under `lax.scan`."""
+    """`unstack_layers` undone, in place: one stacked tree, whose layers the model runs under `lax.scan`."""
     split = params["layers"]
     if not isinstance(split, tuple):
         return
@@ -388,4 +375,4 @@ def stack_layers(params: dict) -> None:
         leaves = [layer[n][1] for layer in per_layer]
         for layer in per_layer:
             layer[n] = (path, None)  # drop the per-layer buffer as soon as it is stacked
-        _insert(stacked, path, jax.tree.map(lambda *xs: jnp.stack(xs), *leaves))
+        set_path(stacked, path, jax.tree.map(lambda *xs: jnp.stack(xs), *leaves))
