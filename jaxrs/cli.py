@@ -1,4 +1,4 @@
-"""`jaxrs` command line: run or serve a model, quantize one into a folder or GGUF, fetch the demo model."""
+"""`jaxrs` command line: run or serve a model, quantize one into a folder or GGUF, fetch catalog models."""
 
 from __future__ import annotations
 
@@ -26,13 +26,34 @@ ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
 def _source_args(p: argparse.ArgumentParser) -> None:
     """Which model, and how its weights are loaded."""
     p.add_argument(
-        "--model", "-m", help="GGUF file, HF model folder or Hub repo id (default: the demo model)"
+        "--model",
+        "-m",
+        help="GGUF file, HF model folder, Hub repo id or catalog name (`jaxrs fetch` lists them; default: "
+        "the demo model)",
     )
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
     p.add_argument("--dtype", default="auto", choices=["auto", *FLOAT_DTYPES])
     p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
+    p.add_argument(
+        "--isq-embeddings",
+        type=_isq_embeddings,
+        default="q8_0",
+        metavar="HOW",
+        help="how ISQ stores the embedding and output head: q8_0 (default), isq (the --isq type, if "
+        "smaller) or float",
+    )
     p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
+
+
+def _isq_embeddings(value: str) -> str:
+    """`--isq-embeddings` checked by the ISQ policy (imported here: `jaxrs --help` needs no JAX)."""
+    from jaxrs.quant.policy import check_embeddings
+
+    try:
+        return check_embeddings(value.lower())
+    except JaxrsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -122,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="complete the prompt as is, without the chat template"
     )
     sub.add_parser("fetch-demo", help="download the demo model (SmolLM2-135M-Instruct) into the local cache")
+    fetch = sub.add_parser(
+        "fetch", help="download catalog models into the local cache; without a name, list the catalog"
+    )
+    fetch.add_argument("names", nargs="*", metavar="NAME", help="catalog model names")
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _model_args(serve)
     _serve_args(serve)
@@ -164,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(fetch_demo_model())
             return 0
+        if args.command == "fetch":
+            return _fetch(args.names)
         if args.command == "serve":
             return _serve(args)
         if args.command == "quantize":
@@ -198,6 +225,7 @@ def load_llm(args: argparse.Namespace):
         tokenizer=args.tokenizer,
         kernels=parse_pairs(args.kernel),
         isq=args.isq,
+        isq_embeddings=args.isq_embeddings,
         packed=args.packed,
         **engine_kwargs(args),
     )
@@ -298,6 +326,7 @@ def _quantize(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         packed=args.packed,
         isq=args.isq,
+        isq_embeddings=args.isq_embeddings,
     )
     out = Path(args.out)
     save_quantized(loaded, out)
@@ -318,11 +347,26 @@ def _quantize_to_gguf(args: argparse.Namespace) -> int:
         raise JaxrsError(f"--out {args.out} writes a GGUF file, which needs a GGUF model, not {path}")
     if not args.isq or args.packed:
         raise JaxrsError("--out X.gguf needs --isq TYPE (and no --packed): the type to write")
-    done = requantize_gguf(path, Path(args.out), args.isq)
+    done = requantize_gguf(path, Path(args.out), args.isq, embeddings=args.isq_embeddings)
     logging.getLogger("jaxrs").info(
         "re-quantized %d tensors to %s in %.1f s", done["requantized"], done["format"], done["seconds"]
     )
     print(args.out)
+    return 0
+
+
+def _fetch(names: list[str]) -> int:
+    """Fetch each named catalog model and print its path; without names, list the catalog."""
+    from jaxrs.loading.catalog import CATALOG, catalog_model, fetch_model
+
+    if names:
+        for model in [catalog_model(n) for n in names]:  # every name checked before any download
+            print(fetch_model(model))
+        return 0
+    width = max(len(m.name) for m in CATALOG)
+    for m in CATALOG:
+        where = str(m.path()) if m.is_cached() else "not fetched"
+        print(f"{m.name:<{width}}  {m.size / 1e6:6.0f} MB  {m.about}  [{where}]")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Model sources -> (ModelConfig, parameter pytree, tokenizer).
 
 A source is a GGUF file, a Hugging Face model folder, a folder holding one GGUF, a folder written by
-`jaxrs quantize` (`prequantized`), a Hub repo id, or nothing (the embedded demo model). Every format
-ends in the same parameter tree (the state of the model's module tree, `loading.checkpoint`), so one
-model implementation serves them all.
+`jaxrs quantize` (`prequantized`), a Hub repo id, a model catalog name (`catalog`: a GGUF fetched from
+the package registry), or nothing (the embedded demo model). Every format ends in the same parameter
+tree (the state of the model's module tree, `loading.checkpoint`), so one model implementation serves
+them all.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LoadedModel:
 
 def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str, Path]:
     """("gguf" | "hf" | "quantized", local path) for a user-given model string."""
+    from jaxrs.loading.catalog import fetch_model, find_model
     from jaxrs.loading.demo import fetch_demo_model
     from jaxrs.loading.hub import download_repo, looks_like_repo_id
     from jaxrs.loading.prequantized import is_quantized_folder
@@ -69,10 +71,14 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str
                 f"several GGUF files here; choose one with --gguf-file: {', '.join(g.name for g in ggufs)}",
             )
         raise ModelLoadError(path, "neither config.json nor a GGUF file in this folder")
+    if entry := find_model(model):  # a local file of that name came first
+        return "gguf", fetch_model(entry)
     if looks_like_repo_id(model):
         local = download_repo(model, gguf_file)
         return ("hf" if local.is_dir() else "gguf"), local
-    raise ModelLoadError(path, "no such file or directory")
+    raise ModelLoadError(
+        path, "no such file or directory, nor a model catalog name (`jaxrs fetch` lists them)"
+    )
 
 
 def load_model(
