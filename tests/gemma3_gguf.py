@@ -30,8 +30,8 @@ def fetch_gemma3_270m() -> Path:
 
 
 def copy_without_vocabulary(reader: GGUFReader, dst: Path) -> None:
-    """The model `reader` opened, without its token list: gguf's reader parses those string by string
-    (~10 s per open for Gemma's 262k entries), and transformers opens the file twice."""
+    """The model `reader` opened, without its token list (and BPE merges): gguf's reader parses those
+    string by string (~10 s per open for Gemma's 262k entries), and transformers opens the file twice."""
     arch = str(reader.fields["general.architecture"].contents())
     w = gguf.GGUFWriter(dst, arch)
     skip = {
@@ -39,6 +39,7 @@ def copy_without_vocabulary(reader: GGUFReader, dst: Path) -> None:
         "tokenizer.ggml.tokens",
         "tokenizer.ggml.scores",
         "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
     }
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:

@@ -153,7 +153,7 @@ def test_a_catalog_name_resolves_to_its_cached_file(cache, monkeypatch):
     cache.mkdir()
     with open(qwen.path(), "wb") as f:  # sparse: the right size, no bytes written
         f.truncate(qwen.size)
-    monkeypatch.setattr(catalog.subprocess, "run", None)  # nothing is downloaded
+    monkeypatch.setattr(catalog.subprocess, "run", FakePip({}))  # any download would fail
     assert resolve_source("qwen2.5-coder-0.5b-instruct") == ("gguf", qwen.path())
     monkeypatch.chdir(cache)  # a local file of that name wins
     assert resolve_source(qwen.file) == ("gguf", Path(qwen.file))
