@@ -4,6 +4,7 @@ files re-quantized to another type, and what each format costs in perplexity and
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from jaxrs.llm import LLM
 from jaxrs.loading import load_model
 from jaxrs.loading.gguf_export import file_type_of, requantize_gguf
 from jaxrs.loading.gguf_reader import open_gguf
+from jaxrs.loading.isq import isq_summary, quantizing_getter
 from jaxrs.quant import (
     FORMATS,
     QUANTIZED_FORMATS,
@@ -32,6 +34,7 @@ from jaxrs.quant import (
 )
 from jaxrs.quant.tensor import tree_nbytes
 from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
+from tests.gemma3_gguf import fetch_or_skip
 from tests.paged import PagedRun
 from tests.test_ggml_file import llama_cpp_permute
 
@@ -319,6 +322,31 @@ def test_cli_quantize_to_a_gguf_file(tiny_gguf, tmp_path, capsys):
     assert "no GGUF encoding" in capsys.readouterr().err
 
 
+def test_cli_isq_embeddings_flag(tiny, tiny_gguf, tmp_path, capsys, caplog):
+    """`--isq-embeddings` reaches every ISQ path: `quantize` to a folder or a GGUF, and `run` (whose
+    loading `serve` shares)."""
+    quiet = ["--log-level", "WARNING"]
+    folder = tmp_path / "float-embeddings"
+    argv = [*quiet, "quantize", "--model", str(tiny), "--isq", "Q4K", "--isq-embeddings", "float"]
+    assert main([*argv, "--out", str(folder)]) == 0
+    params = load_model(str(folder)).params
+    assert not isinstance(params["embed"]["weight"], QuantizedTensor)
+    assert params["layers"]["attn"]["q_proj"]["weight"].fmt == "Q4_K"
+    out = tmp_path / "isq-embeddings.gguf"
+    argv = [*quiet, "quantize", "--model", str(tiny_gguf / "tiny.gguf"), "--isq", "q4_0"]
+    assert main([*argv, "--isq-embeddings", "isq", "--out", str(out)]) == 0
+    types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == "Q4_0"  # not Q8_0
+    run = ["run", "--model", str(tiny), "--isq", "Q4K", "--prompt", "w3 w4", "--raw", "--max-tokens", "2"]
+    with caplog.at_level(logging.INFO, logger="jaxrs"):
+        assert main([*run, "--kv-cache-mb", "4", "--isq-embeddings", "FLOAT"]) == 0
+    assert "ISQ Q4_K: 14 tensors Q4_K, 5 float (norms, biases), 2 float (embedding, head)" in caplog.messages
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["serve", "--isq-embeddings", "q4"])
+    assert "ISQ embeddings must be one of q8_0, isq, float, got 'q4'" in capsys.readouterr().err
+
+
 # --- the demo model (SmolLM2-135M): perplexity per format, device bytes ---------------------------
 
 ENGLISH = Path(__file__).parent / "data" / "english.txt"
@@ -443,3 +471,64 @@ def test_demo_isq_packs_every_matrix_in_the_bytes_promised(demo_gguf, demo_float
     error = relative_error(logits(loaded, DEMO_IDS), demo_float_logits)
     print(f"demo ISQ {fmt}: max relative logit error against the float model {error:.3g}")
     assert error < DEMO_LOGIT_ERROR[fmt]
+
+
+# --- real models' shapes under ISQ: Gemma-3-270M and Qwen2.5-Coder-0.5B -----------------------------
+
+# A full ISQ load per format costs minutes of CPU on these models (K-quants and HQQ4 quantize about
+# 2 M weights a second on one core; Qwen2.5-0.5B has 630 M), so the bytes are checked on a subset with
+# their real shapes: the first layer whole, and the first rows of the embedding and head (at their real
+# row length: Q8_0's bytes per row do not depend on the row count). Rows of 640 (Gemma) and 896 (Qwen)
+# do not divide by 256, so K-quants take their 32-block fallback there; Gemma's attn_output (rows of
+# 1024) and both models' ffn_down take the K-quant itself.
+REAL_EMBEDDING_ROWS = 4096
+REAL_ISQ = {
+    "gemma-3-270m": {
+        "Q4_K": "ISQ Q4_K: 2 tensors Q4_K, 1 Q8_0 (embedding, head), 5 Q5_0 (row length not a multiple of "
+        "256), 6 float (norms, biases)",
+        "Q8_0": "ISQ Q8_0: 7 tensors Q8_0, 1 Q8_0 (embedding, head), 6 float (norms, biases)",
+        "Q4_0": "ISQ Q4_0: 7 tensors Q4_0, 1 Q8_0 (embedding, head), 6 float (norms, biases)",
+        "Q6_K": "ISQ Q6_K: 2 tensors Q6_K, 1 Q8_0 (embedding, head), 5 Q8_0 (row length not a multiple of "
+        "256), 6 float (norms, biases)",
+        "HQQ4": "ISQ HQQ4: 7 tensors HQQ4, 1 Q8_0 (embedding, head), 6 float (norms, biases)",
+    },
+    "Qwen2.5-Coder-0.5B-Instruct": {
+        "Q4_K": "ISQ Q4_K: 1 tensors Q4_K, 2 Q8_0 (embedding, head), 6 Q5_0 (row length not a multiple of "
+        "256), 5 float (norms, biases)",
+        "Q8_0": "ISQ Q8_0: 7 tensors Q8_0, 2 Q8_0 (embedding, head), 5 float (norms, biases)",
+        "Q4_0": "ISQ Q4_0: 7 tensors Q4_0, 2 Q8_0 (embedding, head), 5 float (norms, biases)",
+        "Q6_K": "ISQ Q6_K: 1 tensors Q6_K, 2 Q8_0 (embedding, head), 6 Q8_0 (row length not a multiple of "
+        "256), 5 float (norms, biases)",
+        "HQQ4": "ISQ HQQ4: 7 tensors HQQ4, 2 Q8_0 (embedding, head), 5 float (norms, biases)",
+    },
+}
+assert all(set(rows) == set(DEMO_ISQ) for rows in REAL_ISQ.values())
+
+
+@pytest.fixture(scope="module", params=list(REAL_ISQ))
+def real_tensors(request) -> tuple[str, dict[str, np.ndarray]]:
+    """(model name, its GGUF-named tensors dequantized to f32): the first layer, and the first
+    `REAL_EMBEDDING_ROWS` rows of the embedding and head."""
+    reader = open_gguf(fetch_or_skip(request.param))
+    tensors = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.0."):
+            tensors[t.name] = gguf.quants.dequantize(t.data, t.tensor_type)
+        elif t.name in ("token_embd.weight", "output.weight"):
+            tensors[t.name] = gguf.quants.dequantize(t.data[:REAL_EMBEDDING_ROWS], t.tensor_type)
+    return request.param, tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(DEMO_ISQ))
+def test_real_model_tensors_take_the_bytes_promised(real_tensors, fmt):
+    """The loader's ISQ getter on real shapes: the summary line (every matrix packed, the fallbacks where
+    rows do not divide) and the bytes within 10% of what the formats promise."""
+    name, tensors = real_tensors
+    tally: Counter = Counter()
+    get = quantizing_getter(tensors.__getitem__, fmt, tally=tally)
+    packed = {n: get(n) for n in tensors}
+    assert isq_summary(fmt, tally) == REAL_ISQ[name][fmt]
+    device, promised = tree_nbytes(packed), promised_bytes(packed)
+    print(f"{name} ISQ {fmt}: {device / 2**20:.2f} MiB, the formats promise {promised / 2**20:.2f}")
+    assert abs(device - promised) <= 0.1 * promised
