@@ -34,7 +34,6 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="which GGUF file of a folder or Hub repo")
     p.add_argument("--tokenizer", help="HF tokenizer folder to use instead of the model's own")
     p.add_argument("--dtype", default="auto", choices=["auto", *FLOAT_DTYPES])
-    p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
     p.add_argument(
         "--isq-embeddings",
         type=_isq_embeddings,
@@ -43,6 +42,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         help="how ISQ stores the embedding and output head: q8_0 (default), isq (the --isq type, if "
         "smaller) or float",
     )
+    p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
     p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
 
 
@@ -224,8 +224,8 @@ def load_llm(args: argparse.Namespace):
         gguf_file=args.gguf_file,
         tokenizer=args.tokenizer,
         kernels=parse_pairs(args.kernel),
-        isq=args.isq,
         isq_embeddings=args.isq_embeddings,
+        isq=args.isq,
         packed=args.packed,
         **engine_kwargs(args),
     )

@@ -88,13 +88,13 @@ def request_output(request: Request, prompt: str | None) -> RequestOutput:
 class LLM:
     """Load a model once, then generate for lists of prompts or chat conversations.
 
-    `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, a model catalog name
-    (`jaxrs.loading.catalog`), or None for the demo model.
+    `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, or None for the demo model.
     `packed=True` keeps a GGUF's quantized tensors packed on the device; `isq="Q4K"` (any
-    `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading
-    (`isq_embeddings`: how the embedding and head are stored, see `load_model`), and
+    `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading, and
     `requantize("Q8_0")` quantizes them again later, without a restart.
     Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
+    `model` may also name a model of the catalog (`jaxrs.loading.catalog`: fetched on first use), and
+    `isq_embeddings` says how ISQ stores the embedding and head (see `load_model`).
     """
 
     def __init__(
@@ -106,9 +106,9 @@ class LLM:
         tokenizer: str | None = None,
         kernels: Mapping[str, str] | None = None,
         isq: str | None = None,
-        isq_embeddings: str = "q8_0",
         packed: bool = False,
         warmup: bool = False,
+        isq_embeddings: str = "q8_0",
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
