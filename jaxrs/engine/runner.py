@@ -15,17 +15,19 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig
+from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
 from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
 from jaxrs.engine.sequence import Sequence
+from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
@@ -175,13 +177,15 @@ class ModelRunner:
         self.max_chunk = max_chunk
         self.max_model_len = max_model_len
         self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
-        self.shapes: set[tuple] = set()
+        self.compiled = CompiledSteps(self.steps, params, self.kv)
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
-        self.warmed: tuple[tuple[int, ...], tuple[SamplingParams, ...]] | None = None  # warmup()'s arguments
+        self.warmed: dict | None = None  # warmup()'s arguments
+        self.warming: Warmup | None = None
 
     def release(self) -> None:
         """Free the KV pool now and let go of the parameters, so new weights can take their memory; the
         runner cannot step afterwards."""
+        self.stop_warmup()
         for pages in self.kv or ():
             pages.delete()
         self.kv, self.params = None, None  # type: ignore[assignment]
@@ -200,21 +204,23 @@ class ModelRunner:
         return min(bucket(n, 16), bucket(self.max_chunk))
 
     def compile_count(self) -> int:
-        """Entries in the jit caches of the step functions: grows only when something compiles."""
-        return sum(f._cache_size() for f in self.steps)
+        """Step executables compiled so far (by any thread): grows only when something compiles."""
+        return len(self.compiled)
 
-    def _note(self, kind: str, shape: tuple, start: float) -> None:
-        self.device_seconds += time.perf_counter() - start
-        key = (kind, *shape)
-        if key not in self.shapes:
-            self.shapes.add(key)
-            log.info(
-                "compiled %s %s in %.2f s (%d shapes)",
-                kind,
-                shape,
-                time.perf_counter() - start,
-                len(self.shapes),
-            )
+    @property
+    def shapes(self) -> set[tuple]:
+        """The compiled step shapes: `(kind, *label)`, see `StepCall`."""
+        return set(self.compiled.labels)
+
+    def _run(self, call: StepCall, fetch: Callable) -> Any:
+        """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
+        `fetch` brings the outputs back to the host."""
+        run = self.compiled.get(call)
+        began = time.perf_counter()
+        out, self.kv = run(self.params, self.kv, *call.args)
+        out = fetch(out)
+        self.device_seconds += time.perf_counter() - began
+        return out
 
     def _sampling(self, seqs: Seq[Sequence], batch: int, *, prefill: bool) -> tuple[dict, SamplingFlags]:
         arrays, flags = build_sampling_batch(
@@ -253,13 +259,8 @@ class ModelRunner:
         last = np.zeros(b, np.int32)
         last[:rows] = [end - start - 1 for _, start, end in chunks]
         batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
-        began = time.perf_counter()
-        out, self.kv = self.steps.prefill(
-            self.params, self.kv, tokens, meta, last, batch, cfg=self.cfg, kernels=self.kernels, flags=flags
-        )
-        out = jax.tree.map(lambda a: np.asarray(a)[:rows], out)
-        self._note("prefill", (b, t, w, flags), began)
-        return out
+        call = self.prefill_call(tokens, meta, last, batch, flags)
+        return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:rows], out))
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
         """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
@@ -273,23 +274,8 @@ class ModelRunner:
             tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
-        began = time.perf_counter()
-        out, self.kv = self.steps.decode(
-            self.params,
-            self.kv,
-            tokens,
-            positions,
-            tables,
-            valid,
-            batch,
-            cfg=self.cfg,
-            kernels=self.kernels,
-            flags=flags,
-            num_steps=num_steps,
-        )
-        out = jax.tree.map(lambda a: np.asarray(a)[:, : len(seqs)], out)
-        self._note("decode", (b, w, num_steps, flags), began)
-        return out
+        call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps)
+        return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:, : len(seqs)], out))
 
     def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
         """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now."""
@@ -299,18 +285,30 @@ class ModelRunner:
         tokens[0, :n] = token_ids
         target = np.zeros((1, t), np.int32)
         target[0, :n] = targets
-        began = time.perf_counter()
-        logprobs, self.kv = self.steps.score(
-            self.params,
-            self.kv,
-            tokens,
-            self._metadata([(blocks, start, n, None)], 1, t, w),
-            target,
-            cfg=self.cfg,
-            kernels=self.kernels,
+        meta = self._metadata([(blocks, start, n, None)], 1, t, w)
+        call = StepCall("score", (tokens, meta, target), self._statics(), (t, w))
+        return self._run(call, lambda logprobs: np.asarray(logprobs)[0, :n])
+
+    # -- step signatures ------------------------------------------------------------------------------
+    def _statics(self, **more: Hashable) -> dict[str, Hashable]:
+        return dict(cfg=self.cfg, kernels=self.kernels, **more)
+
+    def prefill_call(self, tokens, meta, last, batch: dict, flags: SamplingFlags) -> StepCall:
+        """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile)."""
+        (b, t), w = tokens.shape, meta.block_tables.shape[1]
+        return StepCall(
+            "prefill", (tokens, meta, last, batch), self._statics(flags=flags), (b, t, w, profile(flags))
         )
-        self._note("score", (t, w), began)
-        return np.asarray(logprobs)[0, :n]
+
+    def decode_call(
+        self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int
+    ) -> StepCall:
+        """The decode step of `num_steps` tokens over b rows with w-block tables; labelled
+        (b, w, num_steps, profile)."""
+        (b, w), statics = tables.shape, self._statics(flags=flags, num_steps=num_steps)
+        return StepCall(
+            "decode", (tokens, positions, tables, valid, batch), statics, (b, w, num_steps, profile(flags))
+        )
 
     def _metadata(
         self, rows: Seq[tuple[list[int], int, int, int | None]], b: int, t: int, w: int
@@ -344,15 +342,17 @@ class ModelRunner:
         )
         return arrays, step_flags(flags, prefill=prefill)
 
-    def warmup(self, decode_steps: tuple[int, ...], profiles: Seq[SamplingParams]) -> None:
-        """Compile every decode and prefill bucket for each sampling profile (e.g. greedy, sampled).
+    def warmup_calls(
+        self, decode_steps: Seq[int], profiles: Seq[SamplingParams]
+    ) -> tuple[list[StepCall], int]:
+        """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
+        first, and how many of them a server compiles before it answers: one row at the narrowest width
+        (decode at every step count and profile, prefill at the chunks short prompts take). The rest
+        follow by width, rows and chunk, the small (common, quick to compile) shapes first.
 
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
         """
-        from tqdm.auto import tqdm
-
-        self.warmed = (tuple(decode_steps), tuple(profiles))
         widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
         batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
@@ -360,14 +360,14 @@ class ModelRunner:
         decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
         work = [
-            ("decode", b, w, s, p)
+            (w, b, 1, s, p, "decode")
             for p in decode_profiles.values()
             for s in decode_steps
             for b in batches
             for w in widths
         ]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
-            ("prefill", b, w, t, p)
+            (w, b, t, 0, p, "prefill")
             for p in prefill_profiles.values()
             for t in chunks
             for w in widths
@@ -375,27 +375,47 @@ class ModelRunner:
             if w * self.block_size >= min(t, self.max_model_len)
             and (b == 1 or self.shares_prefill_calls(t, w))
         ]
-        before = self.compile_count()
-        began = time.perf_counter()
-        for kind, b, w, n, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
-            batch, f = self.profile_batch(p, b, prefill=kind == "prefill")
-            call = dict(cfg=self.cfg, kernels=self.kernels, flags=f)
-            zeros = np.zeros(b, np.int32)
-            if kind == "decode":
-                tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
-                _, self.kv = self.steps.decode(
-                    self.params, self.kv, zeros, zeros, tables, valid, batch, num_steps=n, **call
-                )
-                self.shapes.add(("decode", b, w, n, f))
-            else:
-                meta = self._metadata([], b, n, w)  # padding rows only: nothing is written
-                tokens = np.zeros((b, n), np.int32)
-                _, self.kv = self.steps.prefill(self.params, self.kv, tokens, meta, zeros, batch, **call)
-                self.shapes.add(("prefill", b, n, w, f))
-        jax.block_until_ready(self.kv)
-        log.info(
-            "warm-up: %d shapes (%d compiled now) in %.1f s",
-            len(work),
-            self.compile_count() - before,
-            time.perf_counter() - began,
-        )
+
+        def first(shape: tuple) -> bool:
+            w, b, t = shape[:3]
+            return w == widths[0] and b == 1 and t <= MAX_BATCHED_CHUNK
+
+        work.sort(key=lambda shape: (not first(shape), shape[:3]))  # stable: profiles keep their order
+        return [self._warmup_call(*shape) for shape in work], sum(map(first, work))
+
+    def _warmup_call(self, w: int, b: int, t: int, steps: int, params: SamplingParams, kind: str) -> StepCall:
+        batch, flags = self.profile_batch(params, b, prefill=kind == "prefill")
+        zeros = np.zeros(b, np.int32)
+        if kind == "decode":
+            return self.decode_call(
+                zeros, zeros, np.zeros((b, w), np.int32), np.zeros(b, bool), batch, flags, steps
+            )
+        meta = self._metadata([], b, t, w)  # padding rows only: nothing is written
+        return self.prefill_call(np.zeros((b, t), np.int32), meta, zeros, batch, flags)
+
+    def warmup(
+        self, decode_steps: Seq[int], profiles: Seq[SamplingParams], *, background: bool = False
+    ) -> Warmup:
+        """Compile every decode and prefill bucket for each sampling profile (see `warmup_calls`): all
+        of them now, or (`background`) the first ones now and the rest in a background thread while the
+        engine serves; a shape needed before the background reaches it compiles on first use."""
+        self.stop_warmup()
+        self.warmed = dict(decode_steps=tuple(decode_steps), profiles=tuple(profiles), background=background)
+        calls, first = self.warmup_calls(decode_steps, profiles)
+        self.warming = Warmup(self.compiled, calls, first)
+        self.warming.run(background=background)
+        return self.warming
+
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up after the compile in progress (if any)."""
+        if self.warming is not None:
+            self.warming.stop()
+
+
+def profile(flags: SamplingFlags) -> str:
+    """A short name for the sampler variant a step compiles, for logs: greedy or sampled, then the
+    optional stages (`+filters`, `+penalties`, `+bias`, `+topN` logprobs)."""
+    name = "greedy" if flags.all_greedy else "sampled"
+    extras = [("filters", flags.filters), ("penalties", flags.penalties), ("bias", flags.logit_bias)]
+    name += "".join(f"+{stage}" for stage, on in extras if on)
+    return name + (f"+top{flags.top_logprobs}" if flags.top_logprobs else "")
