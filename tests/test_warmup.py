@@ -84,10 +84,10 @@ def test_engine_serves_while_the_background_compiles(tiny):
         max_model_len=16,
         max_num_seqs=2,
         max_num_batched_tokens=16,
-        max_decode_steps=1,
+        max_decode_steps=4,
     )
     runner = llm.engine.runner
-    calls, first = runner.warmup_calls((1,), [SamplingParams(temperature=0), SamplingParams(temperature=1)])
+    calls, first = runner.warmup_calls([SamplingParams(temperature=0), SamplingParams(temperature=1)])
     assert [c.label[:1] for c in calls[:first]] == [(1,)] * first  # one row first
     assert {c.kind for c in calls[:first]} == {"decode", "prefill"}
     warmup = llm.warmup(background=True)

@@ -158,6 +158,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
             max_model_len=max_model_len,
+            max_decode_steps=config.max_decode_steps,
             xla_options=config.xla_options,
         )
         log.info(
@@ -230,12 +231,10 @@ class Engine:
         )
 
     def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
-        """Compile every step shape (one-token and multi-step decode, every prefill bucket) for each
-        sampling profile, so serving never waits on a compile for them; with `background`, only the
-        likeliest few now and the rest in a background thread while the engine steps (see
-        `ModelRunner.warmup`)."""
-        steps = tuple(sorted({1, self.config.max_decode_steps}))
-        return self.runner.warmup(steps, profiles, background=background)
+        """Compile every step shape (every decode and prefill bucket) for each sampling profile, so
+        serving never waits on a compile for them; with `background`, only the likeliest few now and the
+        rest in a background thread while the engine steps (see `ModelRunner.warmup`)."""
+        return self.runner.warmup(profiles, background=background)
 
     def stop_warmup(self) -> None:
         """Stop a background warm-up (after the compile in progress): the engine is shutting down."""

@@ -2,11 +2,13 @@
 
 Three jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
 ones, then a sample each), `decode` (one or more tokens for every running sequence in one call: a
-`lax.scan` over steps feeds each sampled token back on device), and `score` (log-probabilities of given
-next tokens). Shapes are bucketed to powers of two (batch rows, chunk length, block-table width), so
-compilations are few, logged, and warmed up before serving. The KV cache is donated into every call
-and updated in place. XLA compiler options for the steps (`STEP_XLA_OPTIONS` per platform, or the
-engine's own) are given per jitted function, so they never touch the user's other computations.
+`lax.while_loop` over a dynamic step count feeds each sampled token back on device), and `score`
+(log-probabilities of given next tokens). Shapes are bucketed to powers of two (batch rows, chunk
+length, block-table width), so compilations are few and logged; each compiles once, ahead of use
+(`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The KV cache
+is donated into every call and updated in place. XLA compiler options for the steps
+(`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function, so they never
+touch the user's other computations.
 """
 
 from __future__ import annotations
@@ -83,11 +85,19 @@ def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags
     return sample(logits, batch, flags), kv
 
 
-def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels, flags, num_steps):
+def _decode(
+    params, kv, tokens, positions, tables, valid, batch, num_steps, *, cfg, kernels, flags, max_steps
+):
+    """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
+    count, so a one-token and a multi-token call share one compiled step. Outputs are
+    [max_steps, B, ...]; rows past `num_steps` are zeros."""
     block_size = kv.k.shape[2]
     rows = jnp.arange(tokens.shape[0])
+    shapes = jax.eval_shape(lambda: sample(jnp.zeros((rows.shape[0], cfg.vocab_size)), batch, flags))
+    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), shapes)
 
-    def one(carry, i):
+    def one(state):
+        i, carry, outs = state
         # Tie the weights to the step's carry, so XLA cannot hoist work on them out of the step loop:
         # it would dequantize a packed head once into f32 and read that every step, many times slower
         # than the fused one-row GEMV (bench/RESULTS.md, "CPU decode, second round").
@@ -98,9 +108,11 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
         )
         logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows))
         out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
-        return (kv, out.tokens, pos + 1), out
+        outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
+        return i + 1, (kv, out.tokens, pos + 1), outs
 
-    (kv, _, _), outs = jax.lax.scan(one, (kv, tokens, positions), jnp.arange(num_steps))
+    state = (jnp.int32(0), (kv, tokens, positions), outs)
+    _, (kv, _, _), outs = jax.lax.while_loop(lambda state: state[0] < num_steps, one, state)
     return outs, kv
 
 
@@ -125,7 +137,7 @@ def jitted_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
     jit = functools.partial(jax.jit, donate_argnames=("kv",), compiler_options=dict(xla_options) or None)
     return Steps(
         prefill=jit(_prefill, static_argnames=("cfg", "kernels", "flags")),
-        decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "num_steps")),
+        decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "max_steps")),
         score=jit(_score, static_argnames=("cfg", "kernels")),
     )
 
@@ -164,6 +176,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_chunk: int,
         max_model_len: int,
+        max_decode_steps: int = 1,
         xla_options: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
@@ -176,6 +189,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_chunk = max_chunk
         self.max_model_len = max_model_len
+        self.max_decode_steps = max_decode_steps
         self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
         self.compiled = CompiledSteps(self.steps, params, self.kv)
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
@@ -275,7 +289,9 @@ class ModelRunner:
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
         call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps)
-        return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:, : len(seqs)], out))
+        return self._run(
+            call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
+        )
 
     def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
         """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now."""
@@ -303,12 +319,13 @@ class ModelRunner:
     def decode_call(
         self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int
     ) -> StepCall:
-        """The decode step of `num_steps` tokens over b rows with w-block tables; labelled
-        (b, w, num_steps, profile)."""
-        (b, w), statics = tables.shape, self._statics(flags=flags, num_steps=num_steps)
-        return StepCall(
-            "decode", (tokens, positions, tables, valid, batch), statics, (b, w, num_steps, profile(flags))
-        )
+        """The decode step of `num_steps` tokens (one compiled step for any count up to
+        `max_decode_steps`) over b rows with w-block tables; labelled (b, w, profile)."""
+        if not 1 <= num_steps <= self.max_decode_steps:
+            raise ValueError(f"{num_steps} decode steps; this runner runs 1 to {self.max_decode_steps}")
+        args = (tokens, positions, tables, valid, batch, np.int32(num_steps))
+        statics = self._statics(flags=flags, max_steps=self.max_decode_steps)
+        return StepCall("decode", args, statics, (*tables.shape, profile(flags)))
 
     def _metadata(
         self, rows: Seq[tuple[list[int], int, int, int | None]], b: int, t: int, w: int
@@ -342,13 +359,12 @@ class ModelRunner:
         )
         return arrays, step_flags(flags, prefill=prefill)
 
-    def warmup_calls(
-        self, decode_steps: Seq[int], profiles: Seq[SamplingParams]
-    ) -> tuple[list[StepCall], int]:
+    def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
         """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
         first, and how many of them a server compiles before it answers: one row at the narrowest width
-        (decode at every step count and profile, prefill at the chunks short prompts take). The rest
-        follow by width, rows and chunk, the small (common, quick to compile) shapes first.
+        (decode for each profile, prefill at the chunks short prompts take). The rest follow by their
+        distance from those, one doubling of rows, width or chunk per step, so a growing sequence and a
+        second user both find their shapes early, and the large rare ones come last.
 
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
@@ -359,15 +375,9 @@ class ModelRunner:
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [
-            (w, b, 1, s, p, "decode")
-            for p in decode_profiles.values()
-            for s in decode_steps
-            for b in batches
-            for w in widths
-        ]
+        work = [(w, b, 0, p) for p in decode_profiles.values() for b in batches for w in widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
-            (w, b, t, 0, p, "prefill")
+            (w, b, t, p)
             for p in prefill_profiles.values()
             for t in chunks
             for w in widths
@@ -376,32 +386,35 @@ class ModelRunner:
             and (b == 1 or self.shares_prefill_calls(t, w))
         ]
 
-        def first(shape: tuple) -> bool:
-            w, b, t = shape[:3]
-            return w == widths[0] and b == 1 and t <= MAX_BATCHED_CHUNK
-
-        work.sort(key=lambda shape: (not first(shape), shape[:3]))  # stable: profiles keep their order
-        return [self._warmup_call(*shape) for shape in work], sum(map(first, work))
-
-    def _warmup_call(self, w: int, b: int, t: int, steps: int, params: SamplingParams, kind: str) -> StepCall:
-        batch, flags = self.profile_batch(params, b, prefill=kind == "prefill")
-        zeros = np.zeros(b, np.int32)
-        if kind == "decode":
-            return self.decode_call(
-                zeros, zeros, np.zeros((b, w), np.int32), np.zeros(b, bool), batch, flags, steps
+        def distance(shape: tuple) -> int:  # doublings away from one row, narrowest width, short chunk
+            w, b, t, _ = shape
+            return (
+                (w // widths[0]).bit_length()
+                + b.bit_length()
+                + (max(t, MAX_BATCHED_CHUNK) // MAX_BATCHED_CHUNK).bit_length()
+                - 3
             )
+
+        work.sort(key=lambda shape: (distance(shape), *shape[:3]))  # stable: profiles keep their order
+        return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
+
+    def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
+        """Decode (t = 0) or prefill of t tokens, b padding rows with w-block tables, sampled as `params`."""
+        batch, flags = self.profile_batch(params, b, prefill=t > 0)
+        zeros = np.zeros(b, np.int32)
+        if not t:
+            tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
+            return self.decode_call(zeros, zeros, tables, valid, batch, flags, self.max_decode_steps)
         meta = self._metadata([], b, t, w)  # padding rows only: nothing is written
         return self.prefill_call(np.zeros((b, t), np.int32), meta, zeros, batch, flags)
 
-    def warmup(
-        self, decode_steps: Seq[int], profiles: Seq[SamplingParams], *, background: bool = False
-    ) -> Warmup:
+    def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
         """Compile every decode and prefill bucket for each sampling profile (see `warmup_calls`): all
         of them now, or (`background`) the first ones now and the rest in a background thread while the
         engine serves; a shape needed before the background reaches it compiles on first use."""
         self.stop_warmup()
-        self.warmed = dict(decode_steps=tuple(decode_steps), profiles=tuple(profiles), background=background)
-        calls, first = self.warmup_calls(decode_steps, profiles)
+        self.warmed = dict(profiles=tuple(profiles), background=background)
+        calls, first = self.warmup_calls(profiles)
         self.warming = Warmup(self.compiled, calls, first)
         self.warming.run(background=background)
         return self.warming
