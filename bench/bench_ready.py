@@ -1,13 +1,17 @@
 """How soon `jaxrs serve` answers: process start to /health 200, to the first chat answer, and to the
-end of the background warm-up (the "warm-up complete" log line).
+end of the background warm-up (the "warm-up complete" log line); or (--run) how soon `jaxrs run`
+prints its first token.
 
     python bench/bench_ready.py [--cache off|DIR] [--max-wait 900] [--label NAME] [-- SERVE ARGS...]
+    python bench/bench_ready.py --run [--cache off|DIR] [-- RUN ARGS...]
 
 Starts `jaxrs serve` (its default limits, the demo model unless the serve arguments say otherwise) on a
 free loopback port with `JAXRS_COMPILATION_CACHE` set to --cache, polls /health every 0.2 s, sends one
 short greedy chat request once it is 200 (the time to its answer is "first answer"), then waits for the
 "warm-up complete" line or --max-wait, reading the server's /metrics for the shapes still pending.
-Prints one JSON line with the seconds (null: not reached) and the load average at the start.
+Prints one JSON line with the seconds (null: not reached) and the load average at the start. With
+--run: `jaxrs run -p "Hi!" --max-tokens 8 --temperature 0`, process start to the first byte of the
+answer on stdout ("first_token") and to its exit.
 """
 
 from __future__ import annotations
@@ -43,14 +47,31 @@ def watch(stream, began: float, marks: dict, lines: list) -> None:
                 marks[name] = time.perf_counter() - began
 
 
+def first_token(args: argparse.Namespace, extra: list[str]) -> dict:
+    """`jaxrs run`'s process start to its first printed byte, and to its exit."""
+    cmd = [sys.executable, "-m", "jaxrs.cli", "run", "-p", "Hi!", "--max-tokens", "8", "--temperature", "0"]
+    env = dict(os.environ, JAXRS_COMPILATION_CACHE=args.cache, TQDM_DISABLE="1")
+    began = time.perf_counter()
+    proc = subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.read(1)
+    first = time.perf_counter() - began
+    proc.wait(600)
+    return {"first_token": round(first, 1), "exit": round(time.perf_counter() - began, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="off", help="JAXRS_COMPILATION_CACHE for the server")
     ap.add_argument("--max-wait", type=float, default=900.0, help="seconds before giving up")
     ap.add_argument("--label", default="")
     ap.add_argument("--log", help="write the server's output here")
+    ap.add_argument("--run", action="store_true", help="time `jaxrs run` to its first token instead")
     args, serve = ap.parse_known_args()
     serve = [a for a in serve if a != "--"]
+    if args.run:
+        load = os.getloadavg()[0]
+        print(json.dumps({"label": args.label, **first_token(args, serve), "load1": load}))
+        return
     port = free_port()
     cmd = [sys.executable, "-m", "jaxrs.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve]
     env = dict(os.environ, JAXRS_COMPILATION_CACHE=args.cache, TQDM_DISABLE="1")

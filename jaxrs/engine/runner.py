@@ -395,7 +395,9 @@ class ModelRunner:
                 - 3
             )
 
-        work.sort(key=lambda shape: (distance(shape), *shape[:3]))  # stable: profiles keep their order
+        # At one distance: decode before prefill, a longer sequence before more rows. Stable: profiles
+        # keep their order.
+        work.sort(key=lambda shape: (distance(shape), shape[2] > 0, shape[1], shape[0], shape[2]))
         return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
 
     def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
