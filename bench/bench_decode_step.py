@@ -80,6 +80,7 @@ def main() -> None:
                 tables,
                 np.ones(b, bool),
                 batch,
+                np.int32(args.steps),
             )
             calls, found = {}, {}
             for loop, runner in runners.items():
@@ -91,7 +92,7 @@ def main() -> None:
                     cfg=runner.cfg,
                     kernels=runner.kernels,
                     flags=flags,
-                    num_steps=args.steps,
+                    max_steps=args.steps,
                 ).compile()
                 runner.kv = compiled(runner.params, runner.kv, *inputs)[1]  # first run: page in
                 jax.block_until_ready(runner.kv)

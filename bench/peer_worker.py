@@ -173,8 +173,10 @@ class Jaxrs:
             log.removeHandler(catch)
             log.setLevel(level)
         result = {"warmup_s": seconds, "shapes": None, "compiled": None}
-        if counts and len(counts[-1]) == 3:
+        if counts and len(counts[-1]) == 3:  # checkouts before 2026-12-06: (shapes, compiled, seconds)
             result |= {"shapes": counts[-1][0], "compiled": counts[-1][1]}
+        elif counts and len(counts[-1]) == 4:  # (shapes, seconds, compiled, what is left to the background)
+            result |= {"shapes": counts[-1][0], "compiled": counts[-1][2]}
         return result
 
     def single(self, ids: list[int], text: str, new_tokens: int) -> dict:

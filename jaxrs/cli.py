@@ -172,7 +172,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (413 above)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the model's")
-    p.add_argument("--no-warmup", action="store_true", help="skip compiling every step shape before serving")
+    p.add_argument("--no-warmup", action="store_true", help="compile step shapes only on first use")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,7 +371,8 @@ def _fetch(names: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Load (progress shown), warm up every step shape, then serve until interrupted."""
+    """Load (progress shown), compile the likeliest step shapes, then serve until interrupted while the
+    rest compile in the background."""
     import os
     from pathlib import Path
 
@@ -389,8 +390,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("loading %s", args.model or "the demo model")
     llm = load_llm(args)
     if not args.no_warmup:
-        log.info("warming up: compiling every step shape (--no-warmup skips this)")
-        llm.warmup()
+        log.info("warming up: the likeliest step shapes now, the rest while serving (--no-warmup skips this)")
+        llm.warmup(background=True)
     # A Hub repo id is what clients will call the model; a local file goes by its stem.
     served = args.served_model_name or (
         args.model if args.model and not Path(args.model).expanduser().exists() else None

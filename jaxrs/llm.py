@@ -18,6 +18,7 @@ from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import TokenLogprob
+from jaxrs.engine.warmup import Warmup
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.ops import Kernels
 
@@ -142,9 +143,10 @@ class LLM:
         requests carry on afterwards. While a server drives this LLM, use its `POST /v1/re_isq`."""
         return self.engine.requantize(fmt)
 
-    def warmup(self) -> None:
-        """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`)."""
-        self.engine.warmup(WARMUP_PROFILES)
+    def warmup(self, *, background: bool = False) -> Warmup:
+        """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`);
+        with `background`, the likeliest few now and the rest in a background thread."""
+        return self.engine.warmup(WARMUP_PROFILES, background=background)
 
     def generate(
         self,

@@ -67,6 +67,7 @@ def create_app(
             yield
         finally:
             ctx.driver = None
+            llm.engine.stop_warmup()
             await asyncio.to_thread(driver.shutdown)  # aborts and fails what is still in flight
 
     guards = [api_key_guard(api_key)] if api_key else None

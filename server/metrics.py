@@ -80,6 +80,11 @@ class _EngineCollector:
         yield GaugeMetricFamily("sequences_waiting", "Sequences waiting to start", value=waiting)
         yield GaugeMetricFamily("kv_cache_blocks_used", "KV blocks in use", value=now.kv_blocks_used)
         yield GaugeMetricFamily("kv_cache_blocks_total", "KV blocks in the pool", value=now.kv_blocks_total)
+        compiled = now.compiled_shapes
+        yield GaugeMetricFamily("step_shapes_compiled", "Model step shapes compiled", value=compiled)
+        yield GaugeMetricFamily(
+            "step_shapes_pending", "Step shapes the warm-up has yet to compile", value=now.pending_shapes
+        )
 
 
 class Metrics:

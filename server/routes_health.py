@@ -1,4 +1,7 @@
-"""GET /health (503 until the engine runs) and GET /metrics (Prometheus text); both need no API key."""
+"""GET /health (503 until the engine runs) and GET /metrics (Prometheus text); both need no API key.
+
+The engine runs, and /health answers 200, once the warm-up's first step shapes have compiled; while the
+rest compile in the background, /health says how many are left (`compiling`)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ from server.metrics import CONTENT_TYPE
 
 
 @get("/health")
-async def health(ctx: ServerContext) -> dict[str, str]:
+async def health(ctx: ServerContext) -> dict[str, str | int]:
     ctx.ready_driver()  # 503 before startup finished
-    return {"status": "ok"}
+    pending = ctx.llm.engine.stats().pending_shapes
+    return {"status": "ok", "compiling": pending} if pending else {"status": "ok"}
 
 
 @get("/metrics", media_type=CONTENT_TYPE)

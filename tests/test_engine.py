@@ -217,7 +217,7 @@ def test_no_compilation_in_steady_state(llm, ids):
         ),
         dtype=jnp.float32,
     )
-    engine.runner.warmup((1, 4), WARMUP_PROFILES)
+    engine.runner.warmup(WARMUP_PROFILES)
     before = engine.runner.compile_count()
     mixed = [
         GREEDY,

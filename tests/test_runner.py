@@ -55,7 +55,8 @@ def test_steps_lower_for_cuda_with_compiled_kernels(name, tmp_path, monkeypatch)
     call = dict(cfg=runner.cfg, kernels=runner.kernels, flags=flags)
     zeros = np.zeros(rows, np.int32)
     decode = runner.steps.decode.trace(
-        params, kv, zeros, zeros, np.zeros((rows, width), np.int32), np.ones(rows, bool), batch, num_steps=2,
+        params, kv, zeros, zeros, np.zeros((rows, width), np.int32), np.ones(rows, bool), batch, np.int32(2),
+        max_steps=2,
         **call,
     )  # fmt: skip
     batch, call["flags"] = runner.profile_batch(SamplingParams(temperature=0), rows, prefill=True)

@@ -17,7 +17,9 @@ from litestar.testing import AsyncTestClient, TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxrs import LLM, SamplingParams
+from jaxrs.engine.warmup import Warmup
 from server import create_app
+from tests.test_compiled_steps import FakeStep, call, compiled_with
 
 pytestmark = pytest.mark.slow
 
@@ -357,6 +359,30 @@ def test_auth_and_health_before_ready(llm):
         )
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+def test_health_is_ok_while_the_background_compiles(llm):
+    """Ready once the engine runs: /health is 200 and says how many shapes are left; requests are
+    answered meanwhile; `compiling` goes once the warm-up is complete."""
+    gate = threading.Event()
+    step = FakeStep(gate, held=lambda rows: rows > 1)  # the background's compiles wait for the gate
+    warmup = Warmup(compiled_with(step), [call(rows) for rows in (1, 2, 4)], first=1)
+    warmup.run(background=True)
+    for _ in range(2):  # row 1 compiled, row 2 compiling in the background, row 4 waiting
+        assert step.started.acquire(timeout=10)
+    llm.engine.runner.warming = warmup
+    try:
+        with TestClient(create_app(llm)) as client:
+            assert client.get("/health").json() == {"status": "ok", "compiling": 1}
+            assert metric_total(client.get("/metrics").text, "step_shapes_pending") == 1
+            answer = client.post("/v1/chat/completions", json={"messages": CAPITAL, **GREEDY})
+            assert answer.status_code == 200
+            gate.set()
+            assert warmup.wait(10)
+            assert client.get("/health").json() == {"status": "ok"}
+    finally:
+        llm.engine.runner.warming = None
+        gate.set()
 
 
 # -- load, disconnects, metrics, the request log -------------------------------------------------

@@ -30,6 +30,7 @@ from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status
 from jaxrs.engine.stats import EngineSnapshot
+from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
@@ -126,7 +127,7 @@ class Engine:
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
-    def _serve(self, model: LoadedModel, warmed: tuple | None = None) -> None:
+    def _serve(self, model: LoadedModel, warmed: dict | None = None) -> None:
         """Serve `model`'s weights: arrange their layers, size the KV pool from the memory left beside
         them, and build what that pool sizes: the block manager, the runner, the scheduler and the output
         processor. `__init__` and `requantize` (its failure path too) build through here. The scheduler
@@ -157,6 +158,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_chunk=config.max_num_batched_tokens,
             max_model_len=max_model_len,
+            max_decode_steps=config.max_decode_steps,
             xla_options=config.xla_options,
         )
         log.info(
@@ -170,7 +172,7 @@ class Engine:
             max_model_len,
         )
         if warmed:
-            self.runner.warmup(*warmed)
+            self.runner.warmup(**warmed)
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
@@ -223,14 +225,20 @@ class Engine:
             prefix_cache_hits=blocks.stats.hits,
             prefix_cache_evictions=blocks.stats.evictions,
             num_preemptions=scheduler.num_preemptions,
-            compiled_shapes=len(runner.shapes),
+            compiled_shapes=runner.compile_count(),
+            pending_shapes=runner.warming.pending if runner.warming else 0,
             device_seconds=runner.device_seconds,
         )
 
-    def warmup(self, profiles: Seq[SamplingParams]) -> None:
-        """Compile every step shape (one-token and multi-step decode, every prefill bucket) for each
-        sampling profile, so serving never waits on a compile for them."""
-        self.runner.warmup(tuple(sorted({1, self.config.max_decode_steps})), profiles)
+    def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
+        """Compile every step shape (every decode and prefill bucket) for each sampling profile, so
+        serving never waits on a compile for them; with `background`, only the likeliest few now and the
+        rest in a background thread while the engine steps (see `ModelRunner.warmup`)."""
+        return self.runner.warmup(profiles, background=background)
+
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up (after the compile in progress): the engine is shutting down."""
+        self.runner.stop_warmup()
 
     # -- requests -----------------------------------------------------------------------------------
     def add_request(

@@ -2,11 +2,13 @@
 
 Three jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
 ones, then a sample each), `decode` (one or more tokens for every running sequence in one call: a
-`lax.scan` over steps feeds each sampled token back on device), and `score` (log-probabilities of given
-next tokens). Shapes are bucketed to powers of two (batch rows, chunk length, block-table width), so
-compilations are few, logged, and warmed up before serving. The KV cache is donated into every call
-and updated in place. XLA compiler options for the steps (`STEP_XLA_OPTIONS` per platform, or the
-engine's own) are given per jitted function, so they never touch the user's other computations.
+`lax.while_loop` over a dynamic step count feeds each sampled token back on device), and `score`
+(log-probabilities of given next tokens). Shapes are bucketed to powers of two (batch rows, chunk
+length, block-table width), so compilations are few and logged; each compiles once, ahead of use
+(`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The KV cache
+is donated into every call and updated in place. XLA compiler options for the steps
+(`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function, so they never
+touch the user's other computations.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from collections.abc import Sequence as Seq
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig
+from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
 from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
 from jaxrs.engine.sequence import Sequence
+from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
@@ -81,11 +85,19 @@ def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags
     return sample(logits, batch, flags), kv
 
 
-def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels, flags, num_steps):
+def _decode(
+    params, kv, tokens, positions, tables, valid, batch, num_steps, *, cfg, kernels, flags, max_steps
+):
+    """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
+    count, so a one-token and a multi-token call share one compiled step. Outputs are
+    [max_steps, B, ...]; rows past `num_steps` are zeros."""
     block_size = kv.k.shape[2]
     rows = jnp.arange(tokens.shape[0])
+    shapes = jax.eval_shape(lambda: sample(jnp.zeros((rows.shape[0], cfg.vocab_size)), batch, flags))
+    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), shapes)
 
-    def one(carry, i):
+    def one(state):
+        i, carry, outs = state
         # Tie the weights to the step's carry, so XLA cannot hoist work on them out of the step loop:
         # it would dequantize a packed head once into f32 and read that every step, many times slower
         # than the fused one-row GEMV (bench/RESULTS.md, "CPU decode, second round").
@@ -96,9 +108,11 @@ def _decode(params, kv, tokens, positions, tables, valid, batch, *, cfg, kernels
         )
         logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows))
         out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
-        return (kv, out.tokens, pos + 1), out
+        outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
+        return i + 1, (kv, out.tokens, pos + 1), outs
 
-    (kv, _, _), outs = jax.lax.scan(one, (kv, tokens, positions), jnp.arange(num_steps))
+    state = (jnp.int32(0), (kv, tokens, positions), outs)
+    _, (kv, _, _), outs = jax.lax.while_loop(lambda state: state[0] < num_steps, one, state)
     return outs, kv
 
 
@@ -123,7 +137,7 @@ def jitted_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
     jit = functools.partial(jax.jit, donate_argnames=("kv",), compiler_options=dict(xla_options) or None)
     return Steps(
         prefill=jit(_prefill, static_argnames=("cfg", "kernels", "flags")),
-        decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "num_steps")),
+        decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "max_steps")),
         score=jit(_score, static_argnames=("cfg", "kernels")),
     )
 
@@ -162,6 +176,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_chunk: int,
         max_model_len: int,
+        max_decode_steps: int = 1,
         xla_options: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
@@ -174,14 +189,17 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_chunk = max_chunk
         self.max_model_len = max_model_len
+        self.max_decode_steps = max_decode_steps
         self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
-        self.shapes: set[tuple] = set()
+        self.compiled = CompiledSteps(self.steps, params, self.kv)
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
-        self.warmed: tuple[tuple[int, ...], tuple[SamplingParams, ...]] | None = None  # warmup()'s arguments
+        self.warmed: dict | None = None  # warmup()'s arguments
+        self.warming: Warmup | None = None
 
     def release(self) -> None:
         """Free the KV pool now and let go of the parameters, so new weights can take their memory; the
         runner cannot step afterwards."""
+        self.stop_warmup()
         for pages in self.kv or ():
             pages.delete()
         self.kv, self.params = None, None  # type: ignore[assignment]
@@ -200,21 +218,23 @@ class ModelRunner:
         return min(bucket(n, 16), bucket(self.max_chunk))
 
     def compile_count(self) -> int:
-        """Entries in the jit caches of the step functions: grows only when something compiles."""
-        return sum(f._cache_size() for f in self.steps)
+        """Step executables compiled so far (by any thread): grows only when something compiles."""
+        return len(self.compiled)
 
-    def _note(self, kind: str, shape: tuple, start: float) -> None:
-        self.device_seconds += time.perf_counter() - start
-        key = (kind, *shape)
-        if key not in self.shapes:
-            self.shapes.add(key)
-            log.info(
-                "compiled %s %s in %.2f s (%d shapes)",
-                kind,
-                shape,
-                time.perf_counter() - start,
-                len(self.shapes),
-            )
+    @property
+    def shapes(self) -> set[tuple]:
+        """The compiled step shapes: `(kind, *label)`, see `StepCall`."""
+        return set(self.compiled.labels)
+
+    def _run(self, call: StepCall, fetch: Callable) -> Any:
+        """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
+        `fetch` brings the outputs back to the host."""
+        run = self.compiled.get(call)
+        began = time.perf_counter()
+        out, self.kv = run(self.params, self.kv, *call.args)
+        out = fetch(out)
+        self.device_seconds += time.perf_counter() - began
+        return out
 
     def _sampling(self, seqs: Seq[Sequence], batch: int, *, prefill: bool) -> tuple[dict, SamplingFlags]:
         arrays, flags = build_sampling_batch(
@@ -253,13 +273,8 @@ class ModelRunner:
         last = np.zeros(b, np.int32)
         last[:rows] = [end - start - 1 for _, start, end in chunks]
         batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
-        began = time.perf_counter()
-        out, self.kv = self.steps.prefill(
-            self.params, self.kv, tokens, meta, last, batch, cfg=self.cfg, kernels=self.kernels, flags=flags
-        )
-        out = jax.tree.map(lambda a: np.asarray(a)[:rows], out)
-        self._note("prefill", (b, t, w, flags), began)
-        return out
+        call = self.prefill_call(tokens, meta, last, batch, flags)
+        return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:rows], out))
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
         """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
@@ -273,23 +288,10 @@ class ModelRunner:
             tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
-        began = time.perf_counter()
-        out, self.kv = self.steps.decode(
-            self.params,
-            self.kv,
-            tokens,
-            positions,
-            tables,
-            valid,
-            batch,
-            cfg=self.cfg,
-            kernels=self.kernels,
-            flags=flags,
-            num_steps=num_steps,
+        call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps)
+        return self._run(
+            call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
         )
-        out = jax.tree.map(lambda a: np.asarray(a)[:, : len(seqs)], out)
-        self._note("decode", (b, w, num_steps, flags), began)
-        return out
 
     def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
         """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now."""
@@ -299,18 +301,31 @@ class ModelRunner:
         tokens[0, :n] = token_ids
         target = np.zeros((1, t), np.int32)
         target[0, :n] = targets
-        began = time.perf_counter()
-        logprobs, self.kv = self.steps.score(
-            self.params,
-            self.kv,
-            tokens,
-            self._metadata([(blocks, start, n, None)], 1, t, w),
-            target,
-            cfg=self.cfg,
-            kernels=self.kernels,
+        meta = self._metadata([(blocks, start, n, None)], 1, t, w)
+        call = StepCall("score", (tokens, meta, target), self._statics(), (t, w))
+        return self._run(call, lambda logprobs: np.asarray(logprobs)[0, :n])
+
+    # -- step signatures ------------------------------------------------------------------------------
+    def _statics(self, **more: Hashable) -> dict[str, Hashable]:
+        return dict(cfg=self.cfg, kernels=self.kernels, **more)
+
+    def prefill_call(self, tokens, meta, last, batch: dict, flags: SamplingFlags) -> StepCall:
+        """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile)."""
+        (b, t), w = tokens.shape, meta.block_tables.shape[1]
+        return StepCall(
+            "prefill", (tokens, meta, last, batch), self._statics(flags=flags), (b, t, w, profile(flags))
         )
-        self._note("score", (t, w), began)
-        return np.asarray(logprobs)[0, :n]
+
+    def decode_call(
+        self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int
+    ) -> StepCall:
+        """The decode step of `num_steps` tokens (one compiled step for any count up to
+        `max_decode_steps`) over b rows with w-block tables; labelled (b, w, profile)."""
+        if not 1 <= num_steps <= self.max_decode_steps:
+            raise ValueError(f"{num_steps} decode steps; this runner runs 1 to {self.max_decode_steps}")
+        args = (tokens, positions, tables, valid, batch, np.int32(num_steps))
+        statics = self._statics(flags=flags, max_steps=self.max_decode_steps)
+        return StepCall("decode", args, statics, (*tables.shape, profile(flags)))
 
     def _metadata(
         self, rows: Seq[tuple[list[int], int, int, int | None]], b: int, t: int, w: int
@@ -344,30 +359,25 @@ class ModelRunner:
         )
         return arrays, step_flags(flags, prefill=prefill)
 
-    def warmup(self, decode_steps: tuple[int, ...], profiles: Seq[SamplingParams]) -> None:
-        """Compile every decode and prefill bucket for each sampling profile (e.g. greedy, sampled).
+    def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
+        """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
+        first, and how many of them a server compiles before it answers: one row at the narrowest width
+        (decode for each profile, prefill at the chunks short prompts take). The rest follow by their
+        distance from those, one doubling of rows, width or chunk per step, so a growing sequence and a
+        second user both find their shapes early, and the large rare ones come last.
 
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
         """
-        from tqdm.auto import tqdm
-
-        self.warmed = (tuple(decode_steps), tuple(profiles))
         widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
         batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [
-            ("decode", b, w, s, p)
-            for p in decode_profiles.values()
-            for s in decode_steps
-            for b in batches
-            for w in widths
-        ]
+        work = [(w, b, 0, p) for p in decode_profiles.values() for b in batches for w in widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
-            ("prefill", b, w, t, p)
+            (w, b, t, p)
             for p in prefill_profiles.values()
             for t in chunks
             for w in widths
@@ -375,27 +385,52 @@ class ModelRunner:
             if w * self.block_size >= min(t, self.max_model_len)
             and (b == 1 or self.shares_prefill_calls(t, w))
         ]
-        before = self.compile_count()
-        began = time.perf_counter()
-        for kind, b, w, n, p in tqdm(work, desc="Compiling", unit="shape", leave=False):
-            batch, f = self.profile_batch(p, b, prefill=kind == "prefill")
-            call = dict(cfg=self.cfg, kernels=self.kernels, flags=f)
-            zeros = np.zeros(b, np.int32)
-            if kind == "decode":
-                tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
-                _, self.kv = self.steps.decode(
-                    self.params, self.kv, zeros, zeros, tables, valid, batch, num_steps=n, **call
-                )
-                self.shapes.add(("decode", b, w, n, f))
-            else:
-                meta = self._metadata([], b, n, w)  # padding rows only: nothing is written
-                tokens = np.zeros((b, n), np.int32)
-                _, self.kv = self.steps.prefill(self.params, self.kv, tokens, meta, zeros, batch, **call)
-                self.shapes.add(("prefill", b, n, w, f))
-        jax.block_until_ready(self.kv)
-        log.info(
-            "warm-up: %d shapes (%d compiled now) in %.1f s",
-            len(work),
-            self.compile_count() - before,
-            time.perf_counter() - began,
-        )
+
+        def distance(shape: tuple) -> int:  # doublings away from one row, narrowest width, short chunk
+            w, b, t, _ = shape
+            return (
+                (w // widths[0]).bit_length()
+                + b.bit_length()
+                + (max(t, MAX_BATCHED_CHUNK) // MAX_BATCHED_CHUNK).bit_length()
+                - 3
+            )
+
+        # At one distance: decode before prefill, a longer sequence before more rows. Stable: profiles
+        # keep their order.
+        work.sort(key=lambda shape: (distance(shape), shape[2] > 0, shape[1], shape[0], shape[2]))
+        return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
+
+    def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
+        """Decode (t = 0) or prefill of t tokens, b padding rows with w-block tables, sampled as `params`."""
+        batch, flags = self.profile_batch(params, b, prefill=t > 0)
+        zeros = np.zeros(b, np.int32)
+        if not t:
+            tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
+            return self.decode_call(zeros, zeros, tables, valid, batch, flags, self.max_decode_steps)
+        meta = self._metadata([], b, t, w)  # padding rows only: nothing is written
+        return self.prefill_call(np.zeros((b, t), np.int32), meta, zeros, batch, flags)
+
+    def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
+        """Compile every decode and prefill bucket for each sampling profile (see `warmup_calls`): all
+        of them now, or (`background`) the first ones now and the rest in a background thread while the
+        engine serves; a shape needed before the background reaches it compiles on first use."""
+        self.stop_warmup()
+        self.warmed = dict(profiles=tuple(profiles), background=background)
+        calls, first = self.warmup_calls(profiles)
+        self.warming = Warmup(self.compiled, calls, first)
+        self.warming.run(background=background)
+        return self.warming
+
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up after the compile in progress (if any)."""
+        if self.warming is not None:
+            self.warming.stop()
+
+
+def profile(flags: SamplingFlags) -> str:
+    """A short name for the sampler variant a step compiles, for logs: greedy or sampled, then the
+    optional stages (`+filters`, `+penalties`, `+bias`, `+topN` logprobs)."""
+    name = "greedy" if flags.all_greedy else "sampled"
+    extras = [("filters", flags.filters), ("penalties", flags.penalties), ("bias", flags.logit_bias)]
+    name += "".join(f"+{stage}" for stage, on in extras if on)
+    return name + (f"+top{flags.top_logprobs}" if flags.top_logprobs else "")

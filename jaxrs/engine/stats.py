@@ -20,4 +20,5 @@ class EngineSnapshot:
     prefix_cache_evictions: int  # cached blocks reclaimed for new content
     num_preemptions: int  # sequences preempted for lack of KV blocks
     compiled_shapes: int  # step shapes the current runner has compiled
+    pending_shapes: int  # step shapes its warm-up has yet to compile (in the background)
     device_seconds: float  # wall time inside the current runner's step calls

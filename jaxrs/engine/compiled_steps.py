@@ -1,0 +1,112 @@
+"""Step executables, each compiled once per call signature by whichever thread needs it first.
+
+A step compiles from `jit(...).lower(...).compile()` on the shapes of the parameters and of the KV pool,
+never on the arrays themselves: a compile runs nothing and never touches the live (donated) KV cache, so
+the warm-up may compile in a background thread while the engine steps. A shape the engine needs while
+another thread compiles it waits for that compile rather than starting its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future
+from typing import Any, NamedTuple
+
+import jax
+
+log = logging.getLogger("jaxrs")
+
+
+class StepCall(NamedTuple):
+    """One step call's signature: the step (`prefill`, `decode`, `score`), its arguments after the
+    parameters and the KV pool (arrays or their shapes), its static arguments, and a short label for logs."""
+
+    kind: str
+    args: tuple
+    statics: Mapping[str, Hashable]
+    label: tuple
+
+
+def abstract(tree: Any) -> Any:
+    """Shapes, dtypes and placements of a tree of arrays, for lowering without the arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def signature(call: StepCall) -> tuple:
+    """What the executable of `call` depends on: the step, its static arguments, its arguments' shapes."""
+    leaves, tree = jax.tree.flatten(call.args)
+    shapes = tuple((a.shape, str(a.dtype)) for a in leaves)
+    return call.kind, tuple(sorted(call.statics.items())), tree, shapes
+
+
+class CompiledSteps:
+    """The executables compiled for one runner (its parameters' and KV pool's shapes)."""
+
+    def __init__(self, steps: Any, params: Any, kv: Any):
+        self._steps = steps  # runner.Steps: the jitted functions
+        self._params, self._kv = abstract(params), abstract(kv)
+        self._lock = threading.Lock()
+        self._entries: dict[tuple, Future] = {}
+        self._labels: list[tuple] = []  # compiled shapes, in order
+        self.seconds = 0.0  # compile time, all threads
+
+    @property
+    def labels(self) -> list[tuple]:
+        """`(kind, *label)` of each shape compiled so far."""
+        with self._lock:
+            return list(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def has(self, call: StepCall) -> bool:
+        """Whether `call`'s executable is compiled (or compiling)."""
+        return self.missing([signature(call)]) == 0
+
+    def missing(self, keys: list[tuple]) -> int:
+        """How many of these signatures no thread has compiled or started compiling."""
+        with self._lock:
+            return sum(key not in self._entries for key in keys)
+
+    def get(self, call: StepCall, why: str = "on first use") -> Callable:
+        """`call`'s executable: compiled now on this thread, unless another compiled it or is compiling it
+        (then this waits for that one). A failed compile is raised to every waiter and tried again on the
+        next `get`."""
+        key = signature(call)
+        with self._lock:
+            entry = self._entries.get(key)
+            mine = entry is None
+            if mine:
+                entry = self._entries[key] = Future()
+        if mine:
+            self._compile(call, key, entry, why)
+        return entry.result()
+
+    def _compile(self, call: StepCall, key: tuple, entry: Future, why: str) -> None:
+        began = time.perf_counter()
+        try:
+            step = getattr(self._steps, call.kind)
+            executable = step.lower(self._params, self._kv, *call.args, **call.statics).compile()
+        except BaseException as error:
+            with self._lock:
+                del self._entries[key]
+            entry.set_exception(error)
+            return
+        seconds = time.perf_counter() - began
+        with self._lock:
+            self._labels.append((call.kind, *call.label))
+            self.seconds += seconds
+            count = len(self._labels)
+        entry.set_result(executable)
+        log.log(
+            logging.INFO if why == "on first use" else logging.DEBUG,
+            "compiled %s %s in %.2f s %s (%d shapes)",
+            call.kind,
+            call.label,
+            seconds,
+            why,
+            count,
+        )

@@ -1,0 +1,92 @@
+"""Step executables compile once per signature, whichever threads ask: checked with a stand-in for the
+jitted steps whose compiles can be held open, so the races are forced rather than hoped for."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
+
+
+class FakeStep:
+    """A jitted step's `lower(...).compile()`: counts compiles per argument shapes; a compile waits for
+    `gate` (if `held(rows)`) and raises while `failures` lasts."""
+
+    def __init__(self, gate: threading.Event | None = None, failures: int = 0, held=lambda rows: True):
+        self.gate, self.failures, self.held = gate, failures, held
+        self.compiles: list[tuple] = []
+        self.started = threading.Semaphore(0)
+
+    def lower(self, params, kv, *args, **statics):
+        assert params["w"].shape == (2, 3) and kv.shape == (4,)  # shapes only
+        assert not hasattr(kv, "delete"), "lowered from the live arrays"
+        shapes = tuple(np.shape(a) for a in args)
+        return types.SimpleNamespace(compile=lambda: self._compile(shapes, statics))
+
+    def _compile(self, shapes, statics):
+        self.started.release()
+        if self.gate is not None and self.held(shapes[0][0]):
+            assert self.gate.wait(300)  # long: a test may hold it while the real engine compiles
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("XLA said no")
+        self.compiles.append((shapes, dict(statics)))
+        return lambda params, kv, *args: ("ran", shapes)
+
+
+def compiled_with(step: FakeStep) -> CompiledSteps:
+    steps = types.SimpleNamespace(decode=step, prefill=step, score=step)
+    return CompiledSteps(steps, {"w": jnp.zeros((2, 3))}, jnp.zeros(4))
+
+
+def call(rows: int, value: int = 0, flags: str = "greedy") -> StepCall:
+    args = (np.full(rows, value, np.int32), {"temperature": np.zeros(rows, np.float32)})
+    return StepCall("decode", args, {"flags": flags}, (rows,))
+
+
+def test_one_compile_per_signature_however_many_threads_ask():
+    gate = threading.Event()
+    step = FakeStep(gate)
+    compiled = compiled_with(step)
+    with ThreadPoolExecutor(8) as pool:
+        waiting = [pool.submit(compiled.get, call(4, value=i)) for i in range(8)]
+        assert step.started.acquire(timeout=10)  # one compile under way, the others wait for it
+        assert compiled.has(call(4)) and not any(w.done() for w in waiting)
+        gate.set()
+        executables = {id(w.result()) for w in waiting}
+    assert len(executables) == 1 and len(step.compiles) == 1
+    assert compiled.labels == [("decode", 4)] and len(compiled) == 1
+
+
+def test_shapes_and_statics_make_the_signature_values_do_not():
+    step = FakeStep()
+    compiled = compiled_with(step)
+    for c in (call(1), call(1, value=7), call(2), call(1, flags="sampled"), call(2, value=3)):
+        assert compiled.get(c)(None, None)[0] == "ran"
+    assert len(step.compiles) == 3
+    assert compiled.missing([]) == 0
+
+
+def test_a_failed_compile_reaches_every_waiter_and_is_tried_again():
+    gate = threading.Event()
+    step = FakeStep(gate, failures=1)
+    compiled = compiled_with(step)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(compiled.get, call(1))
+        assert step.started.acquire(timeout=10)
+        second = pool.submit(compiled.get, call(1))
+        time.sleep(0.5)  # the second caller is waiting on the first's compile
+        gate.set()
+        for waiter in (first, second):
+            with pytest.raises(RuntimeError, match="XLA said no"):
+                waiter.result()
+    assert not compiled.has(call(1)) and len(compiled) == 0
+    compiled.get(call(1))  # compiles again, and succeeds
+    assert len(step.compiles) == 1 and compiled.has(call(1))

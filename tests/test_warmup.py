@@ -1,0 +1,102 @@
+"""The warm-up: the first shapes before serving, the rest in a background thread, none compiled twice
+when the engine needs one first; then the same with a tiny real model."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from jaxrs import LLM, SamplingParams
+from jaxrs.engine.warmup import Warmup
+from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
+from tests.test_compiled_steps import FakeStep, call, compiled_with
+
+ROWS = [1, 2, 4, 8, 16]
+
+
+def compiled_rows(step: FakeStep) -> list[int]:
+    return sorted(shapes[0][0] for shapes, _ in step.compiles)
+
+
+def test_first_shapes_now_the_rest_in_the_background_each_once(caplog):
+    gate = threading.Event()
+    step = FakeStep(gate, held=lambda rows: rows >= 4)  # the background's compiles wait for the gate
+    compiled = compiled_with(step)
+    warmup = Warmup(compiled, [call(r) for r in ROWS], first=2)
+    with caplog.at_level(logging.INFO, "jaxrs"):
+        warmup.run(background=True)  # returns once rows 1 and 2 are compiled
+        assert compiled_rows(step) == [1, 2] and warmup.thread is not None
+        for _ in range(3):  # rows 1, 2, then the background's first
+            assert step.started.acquire(timeout=10)
+        assert warmup.pending == 2  # 8 and 16: not started; 4 is compiling
+        engine_side = [threading.Thread(target=compiled.get, args=(call(r, value=9),)) for r in (4, 16)]
+        for t in engine_side:  # the engine needs 4 (compiling in the background) and 16 (not yet)
+            t.start()
+        assert step.started.acquire(timeout=10)  # 16 compiles on the engine's side, 4 is waited for
+        assert not warmup.wait(0.2)
+        gate.set()
+        for t in engine_side:
+            t.join(10)
+        assert warmup.wait(10)
+    assert compiled_rows(step) == ROWS  # every shape once, none twice
+    assert warmup.pending == 0
+    text = caplog.text
+    assert "2 step shapes ready" in text and "compiling 3 more in the background" in text
+    assert "warm-up complete: 2 step shapes" in text and "1 more were compiled on first use" in text
+
+
+def test_stop_ends_the_background_after_its_compile():
+    gate = threading.Event()
+    step = FakeStep(gate, held=lambda rows: rows >= 4)
+    warmup = Warmup(compiled_with(step), [call(r) for r in ROWS], first=2)
+    warmup.run(background=True)
+    for _ in range(3):
+        assert step.started.acquire(timeout=10)
+    warmup.stop()
+    gate.set()
+    assert warmup.wait(10)
+    assert compiled_rows(step) == [1, 2, 4] and warmup.pending == 2
+
+
+def test_without_background_everything_compiles_now():
+    step = FakeStep()
+    warmup = Warmup(compiled_with(step), [call(r) for r in ROWS], first=2)
+    warmup.run(background=False)
+    assert warmup.thread is None and warmup.wait(0) and compiled_rows(step) == ROWS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    config = tiny_llama_config()
+    save_tiny_hf_model(config, path)
+    save_tiny_tokenizer(path, config.vocab_size)
+    return path
+
+
+def test_engine_serves_while_the_background_compiles(tiny):
+    llm = LLM(
+        str(tiny),
+        kv_cache_tokens=64,
+        block_size=8,
+        max_model_len=16,
+        max_num_seqs=2,
+        max_num_batched_tokens=16,
+        max_decode_steps=4,
+    )
+    runner = llm.engine.runner
+    calls, first = runner.warmup_calls([SamplingParams(temperature=0), SamplingParams(temperature=1)])
+    assert [c.label[:1] for c in calls[:first]] == [(1,)] * first  # one row first
+    assert {c.kind for c in calls[:first]} == {"decode", "prefill"}
+    warmup = llm.warmup(background=True)
+    assert runner.compile_count() >= warmup.first
+    assert llm.engine.stats().pending_shapes == warmup.pending
+    out = llm.generate(["w3 w4 w5"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out[0].token_ids) == 4
+    assert warmup.wait(300)
+    assert llm.engine.stats().pending_shapes == 0
+    assert runner.compile_count() == len(warmup.calls) == len(runner.shapes)  # each shape once
+    again = llm.generate(["w3 w4 w5"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert again[0].token_ids == out[0].token_ids and runner.compile_count() == len(warmup.calls)
