@@ -1,4 +1,4 @@
-"""GET /health (503 until the engine runs) and GET /metrics (Prometheus text); both need no API key."""
+"""GET /health (503 until the generation engine runs) and GET /metrics (Prometheus); no API key needed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from server.metrics import CONTENT_TYPE
 
 @get("/health")
 async def health(ctx: ServerContext) -> dict[str, str]:
-    ctx.ready_driver()  # 503 before startup finished
+    if ctx.llm.generates:  # an embedding model is ready once loaded
+        ctx.ready_driver()  # 503 before startup finished
     return {"status": "ok"}
 
 
