@@ -12,7 +12,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     # list's items are checked by `server.routes_embeddings.embedding_inputs`.
     input: str | list[str | int | list[int]]
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: str = "float"  # "float" | "base64" (checked by the route, to name both)
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # cut longer inputs to this many tokens (-1: the model's limit)

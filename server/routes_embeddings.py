@@ -48,6 +48,12 @@ async def embeddings(request: Request, ctx: ServerContext) -> Response[Embedding
         req = await read_json(request, EmbeddingRequest)
         record.model = ctx.check_model(req.model)
         embedder = ctx.embedder()
+        if req.encoding_format not in ("float", "base64"):
+            raise APIError(
+                400,
+                f"encoding_format must be 'float' or 'base64', not {req.encoding_format!r}",
+                param="encoding_format",
+            )
         inputs = embedding_inputs(req.input)
         record.prompt = req.input
         try:
