@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ log = logging.getLogger("jaxrs")
 MAX_INPUTS = 2048  # inputs per request, as OpenAI's limit
 MAX_BATCH_ROWS = 64
 MAX_BATCH_TOKENS = 8192  # padded tokens per jitted call
-MIN_LENGTH = 16  # shortest padded length (also the scratch KV cache's block size for decoders)
+MIN_LENGTH = 16  # shortest padded length (and the largest block size of a decoder's scratch KV cache)
 
 Input = str | Sequence[int]
 
@@ -64,11 +65,12 @@ class Embeddings:
 
 
 def length_bucket(n: int) -> int:
-    """Padded length for `n` tokens: powers of two up to 64, then multiples of 64 (finer where long
-    inputs would waste most)."""
-    if n <= 64:
-        return next_power_of_2(n, MIN_LENGTH)
-    return -(-n // 64) * 64
+    """Padded length for `n` tokens: 16, 24, 32, 48, 64, 96, 128, 192... (powers of two and the
+    midpoints between them), so a batch pads at most a third of its longest input."""
+    bucket = MIN_LENGTH
+    while bucket < n:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return bucket
 
 
 def bidirectional_kernels(kernels: Kernels) -> Kernels:
@@ -100,7 +102,7 @@ def _decoder_states(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: Mo
     """Final normed hidden states of a decoder over right-padded rows, through a scratch paged cache
     (row b's token t in slot b * T + t)."""
     batch, length = tokens.shape
-    block = min(length, MIN_LENGTH)
+    block = math.gcd(length, MIN_LENGTH)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     slots = jnp.where(positions < lengths[:, None], jnp.arange(batch)[:, None] * length + positions, -1)
     tables = jnp.arange(batch * length // block, dtype=jnp.int32).reshape(batch, -1)
@@ -288,7 +290,7 @@ class Embedder:
         """Padded lengths stop at the position table (and, for a decoder, a whole number of blocks)."""
         if isinstance(self.cfg, bert.EncoderConfig):
             return self.cfg.max_tokens
-        return -(-self.max_tokens // MIN_LENGTH) * MIN_LENGTH
+        return -(-self.max_tokens // 8) * 8
 
     def warmup(self) -> None:
         """Compile the batch shapes serving meets most: one row, and full batches at short lengths."""

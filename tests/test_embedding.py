@@ -148,13 +148,6 @@ def test_bad_inputs_name_the_problem(llama, inputs, message):
 
 
 def test_length_buckets():
-    assert [length_bucket(n) for n in (1, 16, 17, 33, 64, 65, 128, 129)] == [
-        16,
-        16,
-        32,
-        64,
-        64,
-        128,
-        128,
-        192,
-    ]
+    assert [length_bucket(n) for n in (1, 16, 17, 25, 33, 49, 64, 65, 97, 129, 200)] == [
+        16, 16, 24, 32, 48, 64, 64, 96, 128, 192, 256,
+    ]  # fmt: skip
