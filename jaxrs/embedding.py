@@ -122,10 +122,24 @@ def _embed_step(params, tokens, lengths, *, cfg, kernels, pooling, normalize):
     return l2_normalize(vectors) if normalize else vectors
 
 
+class _Job:
+    """One `embed_ids` call waiting for (or holding) its vectors."""
+
+    def __init__(self, ids: list[list[int]]):
+        self.ids, self.done = ids, threading.Event()
+        self.vectors: np.ndarray | None = None
+        self.error: Exception | None = None
+
+    def result(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        return self.vectors
+
+
 class Embedder:
-    """Embeds texts or token-id lists with one model; safe to call from several threads (one batch
-    runs at a time). `params` is read at every call, so a decoder shared with a generation engine
-    embeds with whatever weights the engine serves now (after a re-quantization too)."""
+    """Embeds texts or token-id lists with one model; safe to call from several threads (one thread runs
+    the batches, merging the calls that arrive meanwhile). `params` is read at every round, so a decoder
+    shared with a generation engine embeds with the weights it serves now (after a re-quantization too)."""
 
     def __init__(
         self,
@@ -147,7 +161,9 @@ class Embedder:
         positions = cfg.max_tokens if isinstance(cfg, bert.EncoderConfig) else cfg.max_position_embeddings
         self.max_tokens = min(spec.max_tokens or positions, positions)
         self.dimensions = cfg.hidden_size * len(spec.pooling)
-        self._lock = threading.Lock()
+        self._queue: list[_Job] = []
+        self._queue_changed = threading.Condition()
+        self._running = False  # a thread is running batches
         self._shapes: set[tuple[int, int]] = set()
 
     # -- inputs ---------------------------------------------------------------------------------------
@@ -238,16 +254,49 @@ class Embedder:
         return Embeddings(vectors, [len(i) for i in ids])
 
     def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
-        """Vectors `[len(ids), dimensions]` for checked token-id lists, in their order."""
+        """Vectors `[len(ids), dimensions]` for checked token-id lists, in their order.
+
+        Calls that arrive while a batch runs are merged: the thread running batches takes every call
+        queued meanwhile into its next round, so concurrent small requests share jitted calls."""
+        job = _Job(ids)
+        with self._queue_changed:
+            self._queue.append(job)
+            while self._running and not job.done.is_set():
+                self._queue_changed.wait()
+            if job.done.is_set():
+                return job.result()
+            self._running = True
+        try:
+            while True:
+                with self._queue_changed:
+                    jobs, self._queue = self._queue, []
+                    if not jobs:
+                        break
+                try:
+                    vectors = self._embed_all([row for j in jobs for row in j.ids])
+                    at = 0
+                    for j in jobs:
+                        j.vectors, at = vectors[at : at + len(j.ids)], at + len(j.ids)
+                except Exception as e:  # every caller of the round learns of it
+                    for j in jobs:
+                        j.error = e
+                with self._queue_changed:
+                    for j in jobs:
+                        j.done.set()
+                    self._queue_changed.notify_all()
+        finally:
+            with self._queue_changed:
+                self._running = False
+                self._queue_changed.notify_all()
+        return job.result()
+
+    def _embed_all(self, ids: list[list[int]]) -> np.ndarray:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.empty((len(ids), self.dimensions), np.float32)
-        with self._lock:
-            params = self.params()
-            pending = [
-                (rows, self._run(params, [ids[i] for i in rows])) for rows in self._batches(order, ids)
-            ]
-            for rows, result in pending:  # dispatched ahead: the device runs while the host pads
-                out[rows] = np.asarray(result)[: len(rows)]
+        params = self.params()
+        pending = [(rows, self._run(params, [ids[i] for i in rows])) for rows in self._batches(order, ids)]
+        for rows, result in pending:  # dispatched ahead: the device runs while the host pads
+            out[rows] = np.asarray(result)[: len(rows)]
         return out
 
     def _batches(self, order: list[int], ids: list[list[int]]) -> list[list[int]]:

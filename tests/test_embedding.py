@@ -151,3 +151,19 @@ def test_length_buckets():
     assert [length_bucket(n) for n in (1, 16, 17, 25, 33, 49, 64, 65, 97, 129, 200)] == [
         16, 16, 24, 32, 48, 64, 64, 96, 128, 192, 256,
     ]  # fmt: skip
+
+
+def test_concurrent_calls_are_merged_and_each_gets_its_own_vectors(llama):
+    import threading
+
+    _, llm = llama
+    batches = [texts(10 + i, 1 + i % 3, 20) for i in range(8)]
+    alone = [llm.embed(b) for b in batches]
+    got: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update({i: llm.embed(batches[i])})) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        np.testing.assert_allclose(got[i], alone[i], atol=1e-6)

@@ -157,5 +157,3 @@ def test_a_generation_model_embeds_when_enabled(tmp_path):
     for name, oai, _ in client_for(llm, enable_embeddings=True):
         got = oai.embeddings.create(model=name, input=["w5 w6", "w7"], encoding_format="float")
         np.testing.assert_allclose([d.embedding for d in got.data], llm.embed(["w5 w6", "w7"]), atol=1e-6)
-        answer = oai.completions.create(model=name, prompt="w5 w6", max_tokens=2, temperature=0)
-        assert answer.usage.completion_tokens == 2  # it still generates
