@@ -5,7 +5,8 @@ does: sorted by length, 32 a batch, padded to the batch's longest), in the same 
     python bench/bench_embeddings.py [--batches 1 32 256] [--rounds 7] [--threads 2]
 
 Both sides embed the same texts end to end (tokenizing included). The two engines alternate, batch size
-by batch size, round after round, so load from other jobs falls on both; the table quotes medians.
+by batch size, round after round, so load from other jobs falls on both; the table quotes medians, and
+the median of each round's ratio (the two runs of a round met about the same load).
 Prints a table and writes bench/results/embeddings.json.
 """
 
@@ -101,13 +102,23 @@ def main() -> None:
     rows, results = [], []
     for size in args.batches:
         a, b = median(rates["jaxrs"][size]), median(rates["transformers"][size])
-        rows.append([size, fmt(a), fmt(b), f"{a / b:.2f}x"])
+        paired = median(x / y for x, y in zip(rates["jaxrs"][size], rates["transformers"][size], strict=True))
+        rows.append([size, fmt(a), fmt(b), f"{a / b:.2f}x", f"{paired:.2f}x"])
         each = {name: by_size[size] for name, by_size in rates.items()}
-        results.append({"batch": size, "jaxrs_sent_s": a, "transformers_sent_s": b, "rounds": each})
+        results.append(
+            {
+                "batch": size,
+                "jaxrs_sent_s": a,
+                "transformers_sent_s": b,
+                "paired_ratio": paired,
+                "rounds": each,
+            }
+        )
     print(
         f"all-MiniLM-L6-v2, sentences/s, median of {args.rounds}; lowest cosine to the peer {agreement:.6f}"
     )
-    print(markdown_table(["batch", "jaxrs", f"transformers ({args.threads} threads)", "ratio"], rows))
+    header = ["batch", "jaxrs", f"transformers ({args.threads} threads)", "ratio", "median per-round ratio"]
+    print(markdown_table(header, rows))
     write_json(
         args.out,
         {
