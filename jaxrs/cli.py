@@ -173,6 +173,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (413 above)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the model's")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes only on first use")
+    p.add_argument(
+        "--enable-embeddings",
+        action="store_true",
+        help="also serve /v1/embeddings from a generation model (last-token pooling; an embedding model "
+        "always serves it)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,6 +411,7 @@ def _serve(args: argparse.Namespace) -> int:
         request_log=args.log,
         log_full_text=args.log_full_text,
         chat_template=template,
+        enable_embeddings=args.enable_embeddings,
     )
     log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)

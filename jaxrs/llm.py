@@ -8,18 +8,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrs.embedding import Embedder, embedding_source, load_embedder
 from jaxrs.engine.engine import Engine, EngineConfig, Request
 from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.engine.warmup import Warmup
+from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
+from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.ops import Kernels
 
 log = logging.getLogger("jaxrs")
@@ -113,6 +118,19 @@ class LLM:
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
+        self._engine: Engine | None = None
+        self._embedder: Embedder | None = None
+        if embedding_source(model):  # a sentence-embedding model: no engine, `embed` only
+            self._embedder = load_embedder(
+                Path(model).expanduser(),
+                dtype=self.dtype,
+                kernels=Kernels.from_mapping(kernels),
+                tokenizer=tokenizer,
+            )
+            self.tokenizer = self._embedder.tokenizer
+            if warmup:
+                self._embedder.warmup()
+            return
         loaded = load_model(
             model,
             gguf_file=gguf_file,
@@ -123,7 +141,7 @@ class LLM:
             isq_embeddings=isq_embeddings,
         )
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(
+        self._engine = Engine(
             loaded,
             EngineConfig(**engine_config),
             kernels=Kernels.from_mapping(kernels),
@@ -132,6 +150,54 @@ class LLM:
         )
         if warmup:
             self.warmup()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise JaxrsError(
+                f"{self.source} is an embedding model: it embeds (LLM.embed), it does not generate"
+            )
+        return self._engine
+
+    @property
+    def generates(self) -> bool:
+        """False for a sentence-embedding model, which only embeds."""
+        return self._engine is not None
+
+    @property
+    def source(self) -> str:
+        return self._engine.source if self._engine is not None else self.embedder.source
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedding runner: the embedding model's, or for a generation model one pooling the last
+        token of its final hidden states (unit length), built on first use over the engine's weights."""
+        if self._embedder is None:
+            engine = self.engine
+            spec = EmbeddingSpec(pooling=("lasttoken",), normalize=True)
+            cfg = engine.model.config
+            params = lambda: engine.model.params  # noqa: E731 (the served weights, after requantize too)
+            self._embedder = Embedder(
+                cfg, params, self.tokenizer, spec, source=engine.source, kernels=engine.kernels
+            )
+        return self._embedder
+
+    def embed(
+        self,
+        texts: str | Sequence[str | list[int]],
+        *,
+        dimensions: int | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> np.ndarray:
+        """Sentence embeddings `[len(texts), dim]` (one text: `[dim]`), batched by length and jitted.
+        Too-long inputs are an error unless `truncate_prompt_tokens` (-1: the model's limit) cuts them;
+        `dimensions` shortens a Matryoshka model's vectors (re-normalized)."""
+        one = isinstance(texts, str)
+        inputs = [texts] if one else list(texts)
+        out = self.embedder.embed(
+            inputs, dimensions=dimensions, truncate_prompt_tokens=truncate_prompt_tokens
+        )
+        return out.vectors[0] if one else out.vectors
 
     @property
     def model(self) -> LoadedModel:
@@ -143,9 +209,13 @@ class LLM:
         requests carry on afterwards. While a server drives this LLM, use its `POST /v1/re_isq`."""
         return self.engine.requantize(fmt)
 
-    def warmup(self, *, background: bool = False) -> Warmup:
+    def warmup(self, *, background: bool = False) -> Warmup | None:
         """Compile every step shape for the sampling profiles serving meets (see `WARMUP_PROFILES`);
-        with `background`, the likeliest few now and the rest in a background thread."""
+        with `background`, the likeliest few now and the rest in a background thread. An embedding model
+        compiles its common batch shapes (no background)."""
+        if not self.generates:
+            self.embedder.warmup()
+            return None
         return self.engine.warmup(WARMUP_PROFILES, background=background)
 
     def generate(

@@ -160,6 +160,10 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust side raises a plain Exception with the serde message
             raise ModelLoadError(tok_file, f"cannot parse tokenizer.json ({e})") from None
+        # Padding and truncation set in the file (all-MiniLM pads every input to 128) would change the
+        # ids; lengths are the engine's business.
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
 

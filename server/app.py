@@ -25,6 +25,7 @@ from server.request_log import RequestLog
 from server.routes_admin import re_isq
 from server.routes_chat import chat_completions
 from server.routes_completions import completions
+from server.routes_embeddings import embeddings, generation_refused
 from server.routes_health import health, metrics
 from server.routes_models import get_model, list_models
 
@@ -43,9 +44,12 @@ def create_app(
     request_log: str | Path | None = None,
     log_full_text: bool = False,
     chat_template: str | None = None,
+    enable_embeddings: bool = False,
 ) -> Litestar:
     """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
-    `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per generation request.
+    `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per request.
+    `enable_embeddings` serves /v1/embeddings from a generation model too (an embedding model always does,
+    and refuses the generation routes).
 
     Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
     """
@@ -55,10 +59,15 @@ def create_app(
         max_waiting=max_waiting,
         request_log=RequestLog(request_log, full_text=log_full_text) if request_log else None,
         chat_template=chat_template,
+        embeddings=enable_embeddings,
     )
 
     @contextlib.asynccontextmanager
     async def engine_lifespan(_: Litestar) -> AsyncIterator[None]:
+        if not llm.generates:  # an embedding model: no engine to drive
+            log.info("serving embeddings from %s", ctx.served_name)
+            yield
+            return
         driver = AsyncEngine(llm.engine, max_waiting=max_waiting)
         ctx.metrics.attach(llm.engine, driver)
         ctx.driver = driver
@@ -71,12 +80,11 @@ def create_app(
             await asyncio.to_thread(driver.shutdown)  # aborts and fails what is still in flight
 
     guards = [api_key_guard(api_key)] if api_key else None
-    v1 = Router(
-        "/v1", route_handlers=[chat_completions, completions, list_models, get_model, re_isq], guards=guards
-    )
-    admin = Router("/", route_handlers=[re_isq], guards=guards)  # /re_isq, mistral.rs's path
+    generation = [chat_completions, completions, re_isq] if llm.generates else [generation_refused]
+    v1 = Router("/v1", route_handlers=[*generation, embeddings, list_models, get_model], guards=guards)
+    admin = [Router("/", route_handlers=[re_isq], guards=guards)] if llm.generates else []  # /re_isq
     app = Litestar(
-        route_handlers=[v1, admin, health, metrics],
+        route_handlers=[v1, *admin, health, metrics],
         dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[engine_lifespan],

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+from jaxrs.embedding import Embedder
 from jaxrs.engine.async_engine import AsyncEngine
 from jaxrs.llm import LLM
 from jaxrs.tokenizer import Tokenizer
@@ -20,7 +21,7 @@ from server.request_log import RequestLog, RequestRecord
 def model_names(llm: LLM, served_model_name: str | None) -> list[str]:
     """The served name first, then aliases clients may also use: the file (or folder) stem and name,
     and its path."""
-    source = Path(llm.engine.source)
+    source = Path(llm.source)
     names = [served_model_name or source.stem, source.stem, source.name, str(source)]
     return [n for n in dict.fromkeys(names) if n]
 
@@ -33,6 +34,7 @@ class ServerContext:
     chat_tokenizer: Tokenizer  # the model's tokenizer, or a copy with the --chat-template override
     max_waiting: int
     request_log: RequestLog | None = None
+    embeddings: bool = False  # /v1/embeddings served (always for an embedding model)
     driver: AsyncEngine | None = None  # set while the app is running (between startup and shutdown)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -45,6 +47,7 @@ class ServerContext:
         max_waiting: int,
         request_log: RequestLog | None,
         chat_template: str | None,
+        embeddings: bool = False,
     ) -> ServerContext:
         tokenizer = llm.tokenizer
         if chat_template is not None:  # a copy, so other users of the LLM keep the model's template
@@ -57,6 +60,7 @@ class ServerContext:
             tokenizer,
             max_waiting,
             request_log,
+            embeddings or not llm.generates,
         )
 
     @property
@@ -68,6 +72,17 @@ class ServerContext:
         if self.driver is None:
             raise APIError(503, "the engine is not ready yet")
         return self.driver
+
+    def embedder(self) -> Embedder:
+        """The model's embedding runner; 400 when this server does not serve embeddings."""
+        if not self.embeddings:
+            raise APIError(
+                400,
+                f"this server does not serve embeddings for {self.served_name}; "
+                "start it with --enable-embeddings",
+                code="model_not_supported",
+            )
+        return self.llm.embedder
 
     def check_model(self, name: str | None) -> str:
         """The served name for a request's `model` (absent means the served model; aliases accepted)."""

@@ -1,7 +1,8 @@
-"""GET /health (503 until the engine runs) and GET /metrics (Prometheus text); both need no API key.
+"""GET /health (503 until the generation engine runs) and GET /metrics (Prometheus); no API key needed.
 
 The engine runs, and /health answers 200, once the warm-up's first step shapes have compiled; while the
-rest compile in the background, /health says how many are left (`compiling`)."""
+rest compile in the background, /health says how many are left (`compiling`). An embedding model is ready
+once loaded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from server.metrics import CONTENT_TYPE
 
 @get("/health")
 async def health(ctx: ServerContext) -> dict[str, str | int]:
+    if not ctx.llm.generates:  # an embedding model is ready once loaded
+        return {"status": "ok"}
     ctx.ready_driver()  # 503 before startup finished
     pending = ctx.llm.engine.stats().pending_shapes
     return {"status": "ok", "compiling": pending} if pending else {"status": "ok"}

@@ -150,3 +150,24 @@ def test_logs_raised_while_an_answer_streams_follow_its_line():
     finally:
         sys.stdout = old_stdout
         root.removeHandler(handler)
+
+
+def test_serve_enable_embeddings_reaches_the_app(monkeypatch):
+    from jaxrs.cli import main
+
+    seen: dict = {}
+    monkeypatch.setattr("jaxrs.cli.load_llm", lambda args: None)
+    monkeypatch.setattr("server.app.create_app", lambda llm, **options: seen.update(options))
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    assert main(["serve", "--no-warmup", "--enable-embeddings"]) == 0
+    assert seen["enable_embeddings"] is True
+    assert main(["serve", "--no-warmup"]) == 0
+    assert seen["enable_embeddings"] is False
+
+
+def test_run_on_an_embedding_model_is_a_clean_error():
+    from jaxrs.loading.embedding_models import fetch_minilm
+
+    done = jaxrs("run", "--model", str(fetch_minilm(quiet=True)), "--prompt", "hi", "--raw")
+    assert done.returncode == 1
+    assert "is an embedding model" in done.stderr and "Traceback" not in done.stderr

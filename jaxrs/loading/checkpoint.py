@@ -26,7 +26,7 @@ from jaxrs.quant.transcode import unify_formats
 Getter = Callable[[str], np.ndarray | QuantizedTensor]
 
 
-def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every leaf of a parameter tree (a packed tensor is one leaf)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
     return {".".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
@@ -34,13 +34,13 @@ def _shapes(tree: dict) -> dict[str, tuple[int, ...]]:
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Dotted parameter path -> shape, for every parameter of the model (layers stacked)."""
-    return _shapes(model_graph(cfg)[1])
+    return tree_shapes(model_graph(cfg)[1])
 
 
 def check_params(params: dict, cfg: ModelConfig) -> None:
     """Raise `JaxrsError` naming the first parameter `params` lacks, has too many, or has in another
     shape than the config's model (for trees read back whole, such as a pre-quantized folder)."""
-    have, want = _shapes(params), parameter_shapes(cfg)
+    have, want = tree_shapes(params), parameter_shapes(cfg)
     for path, shape in want.items():
         if path not in have:
             raise JaxrsError(f"parameter {path} is missing")
@@ -96,12 +96,33 @@ def stack(tensors: list, name: str = "") -> np.ndarray | QuantizedTensor:
 
 
 def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
-    """The model's state (nested dicts by parameter path) from a getter of HF-named tensors: float
-    arrays cast to `dtype` on the device, packed `QuantizedTensor`s kept packed. A tensor whose shape is
-    not the parameter's is an error naming both. A fused tensor that `Rows` entries split is read once and
-    kept until its last part has been taken."""
-    shapes = parameter_shapes(cfg)
-    sources = _sources(cfg)
+    """The decoder's state (nested dicts by parameter path) from a getter of HF-named tensors (see
+    `fill_params`)."""
+    return fill_params(
+        get,
+        parameter_shapes(cfg),
+        _sources(cfg),
+        dtype,
+        num_layers=cfg.num_layers,
+        expert_names=lambda source: source_names(source, cfg),
+    )
+
+
+def fill_params(
+    get: Getter,
+    shapes: dict[str, tuple[int, ...]],
+    sources: dict[str, Source],
+    dtype: jnp.dtype,
+    *,
+    num_layers: int,
+    layer_prefix: str = "model.layers.{i}.",
+    expert_names: Callable[[Experts], list[str]] | None = None,
+) -> dict:
+    """A model's state from a getter of HF-named tensors, for any module tree: `shapes` and `sources`
+    give each parameter path its shape and checkpoint source; stacked (`layers.`) sources are relative
+    to `layer_prefix`. Float arrays are cast to `dtype` on the device, packed `QuantizedTensor`s kept
+    packed. A tensor whose shape is not the parameter's is an error naming both. A fused tensor that
+    `Rows` entries split is read once and kept until its last part has been taken."""
     parts_left: dict[str, int] = {}  # fused suffix -> Rows entries reading it (per layer)
     for path, source in sources.items():
         if isinstance(source, Rows) and path.startswith(LAYER_PREFIX):
@@ -109,9 +130,9 @@ def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
     fused: dict[str, list] = {}  # full name -> [tensor, parts still to take]
 
     def read(i: int, source: Source) -> np.ndarray | QuantizedTensor:
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix.format(i=i)
         if isinstance(source, Experts):
-            names = [prefix + n for n in source_names(source, cfg)]
+            names = [prefix + n for n in expert_names(source)]
             return stack([get(n) for n in names], source.name)
         if not isinstance(source, Rows):
             return get(prefix + source)
@@ -140,7 +161,7 @@ def load_params(get: Getter, cfg: ModelConfig, dtype: jnp.dtype) -> dict:
     params: dict = {}
     for path, source in sources.items():  # layers first, as the getters' progress bars expect
         if path.startswith(LAYER_PREFIX):
-            value = stack([layer(i, path, source) for i in range(cfg.num_layers)], path)
+            value = stack([layer(i, path, source) for i in range(num_layers)], path)
             set_path(params, path.split("."), put(value))
     for path, source in sources.items():
         if not path.startswith(LAYER_PREFIX):
