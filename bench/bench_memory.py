@@ -28,15 +28,15 @@ from common import RESULTS, fmt, machine_facts, markdown_table, write_json
 
 MODELS = Path.home() / ".cache" / "jaxrs" / "models"
 PEERS = Path(os.environ.get("JAXRS_PEERS", Path.home() / ".cache" / "jaxrs" / "peers"))
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The primary colors are"]
 MODES = {"default": {}, "dequantized": {"packed": False, "kv_cache_dtype": "float32"}}  # the old defaults
 
 BARE = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()"
 JAXRS = """
 import json, sys
 from jaxrs import LLM, SamplingParams
-model, tokens, requests, new, knobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
-prompts = json.loads(sys.argv[6])[:requests]
+model, tokens, requests, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+knobs, prompts = json.loads(sys.argv[5]), json.loads(sys.argv[6])[:requests]
 llm = LLM(model, kv_cache_tokens=tokens, max_model_len=tokens, max_num_seqs=len(prompts), **knobs)
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
 m = llm.engine.memory()
@@ -46,7 +46,8 @@ LLAMACPP = """
 import json, sys
 import llama_cpp
 model, tokens, requests, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = llama_cpp.Llama(model_path=model, n_ctx=tokens, n_batch=512, n_threads=2, n_threads_batch=2, verbose=False)
+llm = llama_cpp.Llama(model_path=model, n_ctx=tokens, n_batch=512, n_threads=2, n_threads_batch=2,
+                      verbose=False)
 for prompt in json.loads(sys.argv[6])[:requests]:
     llm.reset()
     llm(prompt, max_tokens=new, temperature=0.0)
@@ -70,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_models = [MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", MODELS / "gemma-3-270m-q4_k_m.gguf"]
     ap.add_argument("--models", nargs="+", type=Path, default=default_models)
-    ap.add_argument("--kv-tokens", type=int, default=1024, help="KV capacity: jaxrs's pool, llama.cpp's n_ctx")
+    ap.add_argument("--kv-tokens", type=int, default=1024, help="jaxrs's KV pool, llama.cpp's n_ctx")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
