@@ -2,14 +2,15 @@
 the same KV capacity.
 
     python bench/bench_memory.py [--models PATH ...] [--kv-tokens 1024] [--modes default dequantized]
-        [--requests 4] [--new-tokens 32] [--out bench/results/memory.json]
+        [--engines jaxrs llamacpp] [--requests 4] [--new-tokens 32] [--out bench/results/memory.json]
 
-Every measurement is a fresh process, and its figure that process's peak resident memory (`ru_maxrss` from
-`wait4`): the bare JAX runtime (import jax and run one jitted op: what any JAX program costs), jaxrs per
---modes (`LLM(model, kv_cache_tokens=N, max_model_len=N)`, then --requests greedy requests of --new-tokens
-each, in one batch), and llama.cpp (llama-cpp-python from `bench/setup_peers.sh`, `n_ctx=N`, the same
-requests one after another). jaxrs's process also reports `Engine.memory()` after serving: the weights, the
-KV pool, the compiled steps (resident memory grown since the engine was ready) and the rest.
+Every measurement is a fresh process, and its figure that process's peak resident memory (`ru_maxrss`
+from `wait4`): the bare JAX runtime (import jax and run one jitted op: what any JAX program costs); jaxrs
+per --modes (`LLM(model, kv_cache_tokens=N, max_model_len=N)`, then --requests greedy requests of
+--new-tokens each, in one batch), whichever `import jaxrs` finds (PYTHONPATH=CHECKOUT measures another
+checkout); llama.cpp (llama-cpp-python from `bench/setup_peers.sh`, `n_ctx=N`, the same requests one
+after another). jaxrs's process also reports `Engine.memory()` after serving: the weights, the KV pool,
+the compiled steps (resident memory grown since the engine was ready) and the rest.
 
 The target ratio is (jaxrs peak - bare JAX peak) / llama.cpp peak: what jaxrs adds to the runtime against
 all that llama.cpp takes. Prints a table, writes JSON (--out).
@@ -29,6 +30,7 @@ from common import RESULTS, fmt, machine_facts, markdown_table, write_json
 MODELS = Path.home() / ".cache" / "jaxrs" / "models"
 PEERS = Path(os.environ.get("JAXRS_PEERS", Path.home() / ".cache" / "jaxrs" / "peers"))
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The primary colors are"]
+PARTS = ("weights", "kv_pool", "compiled", "rest")
 MODES = {"default": {}, "dequantized": {"packed": False, "kv_cache_dtype": "float32"}}  # the old defaults
 
 BARE = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()"
@@ -39,8 +41,8 @@ model, tokens, requests, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 knobs, prompts = json.loads(sys.argv[5]), json.loads(sys.argv[6])[:requests]
 llm = LLM(model, kv_cache_tokens=tokens, max_model_len=tokens, max_num_seqs=len(prompts), **knobs)
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
-m = llm.engine.memory()
-print(json.dumps({"weights": m.weights, "kv_pool": m.kv_pool, "compiled": m.compiled, "rest": m.rest}))
+m = llm.engine.memory() if hasattr(llm.engine, "memory") else None  # (a checkout before the report)
+print(json.dumps({} if m is None else {k: getattr(m, k) for k in ("weights", "kv_pool", "compiled", "rest")}))
 """
 LLAMACPP = """
 import json, sys
@@ -72,7 +74,8 @@ def main() -> None:
     default_models = [MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", MODELS / "gemma-3-270m-q4_k_m.gguf"]
     ap.add_argument("--models", nargs="+", type=Path, default=default_models)
     ap.add_argument("--kv-tokens", type=int, default=1024, help="jaxrs's KV pool, llama.cpp's n_ctx")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="jaxrs's")
+    ap.add_argument("--engines", nargs="+", default=["jaxrs", "llamacpp"], choices=["jaxrs", "llamacpp"])
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS / "memory.json")
@@ -86,16 +89,16 @@ def main() -> None:
     for model in args.models:
         common = [str(model), str(args.kv_tokens), str(args.requests), str(args.new_tokens)]
         llama = None
-        if llama_python.is_file():
+        if "llamacpp" in args.engines and llama_python.is_file():
             llama, _ = peak_mib([str(llama_python), "-c", LLAMACPP, *common, "{}", json.dumps(PROMPTS)])
             print(f"{model.name} llama.cpp: {llama:.0f} MiB", flush=True)
         entry = {"llamacpp_mib": llama, "jaxrs": {}}
-        for mode in args.modes:
+        for mode in args.modes if "jaxrs" in args.engines else []:
             knobs = json.dumps(MODES[mode])
             peak, parts = peak_mib([sys.executable, "-c", JAXRS, *common, knobs, json.dumps(PROMPTS)], env)
             ratio = (peak - bare) / llama if llama else None
             entry["jaxrs"][mode] = {"peak_mib": peak, "above_bare_mib": peak - bare, "ratio": ratio} | parts
-            mib = {k: (v or 0) / 2**20 for k, v in parts.items()}
+            mib = {k: parts[k] / 2**20 if parts.get(k) is not None else None for k in PARTS}
             print(f"{model.name} jaxrs {mode}: {peak:.0f} MiB, {json.dumps(mib)}", flush=True)
             rows.append(
                 [
