@@ -245,7 +245,9 @@ class Engine:
         )
 
     def memory(self) -> MemoryUse:
-        """Where the memory goes now: weights, KV pool, compiled steps, the rest (see `MemoryUse`)."""
+        """Where the memory goes now: weights, KV pool, compiled steps, the rest (see `MemoryUse`). Hands
+        the heap's free pages back first, so a compile's spent working memory does not count as code."""
+        release_freed()
         weights, kv = tree_nbytes(self.model.params), tree_nbytes(self.runner.kv)
         ready, now = self._ready_resident, resident_bytes()
         on_host = weights + kv if jax.default_backend() == "cpu" else 0
