@@ -187,7 +187,8 @@ def test_memory_report_splits_weights_kv_and_the_rest(llm, ids):
     run(engine, ids[:3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     after = engine.memory()
     assert after.compiled >= 0 and after.peak_resident >= after.resident
-    assert after.summary().startswith("memory: weights ") and f"KV pool {pool / 2**20:.1f} MiB" in after.summary()
+    line = after.summary()
+    assert line.startswith("memory: weights ") and f"KV pool {pool / 2**20:.1f} MiB" in line
 
 
 def test_kv_cache_dtype_must_be_a_float(llm):
