@@ -273,7 +273,7 @@ def test_layers_in_mixed_types_load_packed_in_the_richer_one(tmp_path):
     save_tiny_tokenizer(tmp_path, TINY.vocab_size)
     write_tiny_gguf(model, tmp_path / "mixed.gguf", q4_k_m_like)
     packed = load_model(str(tmp_path / "mixed.gguf"), packed=True, tokenizer=str(tmp_path))
-    floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path))
+    floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path), packed=False)
     layers, float_layers = packed.params["layers"], floats.params["layers"]
     # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized.
     down_format, exact, moved = ("U8M", 1, 0) if jax.default_backend() == "cpu" else ("Q6_K", 0, 1)
