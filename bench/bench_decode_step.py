@@ -128,7 +128,7 @@ def main() -> None:
     engine = llms[args.loops[0]].engine
     print(
         f"\n{engine.model_name}, {args.steps} decode steps a call, median of {args.repeats} calls, "
-        f"{jax.default_backend()}, dtype {args.dtype}, KV cache {args.kv_cache_dtype or 'the compute dtype'}"
+        f"{jax.default_backend()}, dtype {args.dtype}, KV cache {args.kv_cache_dtype or 'the default'}"
         f"{', packed' if args.packed else ''}"
     )
     print(

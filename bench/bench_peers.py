@@ -511,8 +511,8 @@ def main() -> None:
         "--jaxrs-modes",
         nargs="+",
         default=["f32", "packed"],
-        help="f32 bf16 packed packed-bf16 f32-kv16 packed-kv16, each also with -ynndot (an XLA option A/B) "
-        "or -unrolled (layers unrolled)",
+        help="default f32 bf16 packed packed-bf16 f32-kv16 packed-kv16, each also with -ynndot (an XLA "
+        "option A/B) or -unrolled (layers unrolled)",
     )
     ap.add_argument(
         "--jaxrs-checkout",

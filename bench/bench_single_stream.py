@@ -33,7 +33,8 @@ def rates(run: Callable[[], dict], passes: int) -> dict:
 def bench_jaxrs(model: str | None, n_prompt: int, n_new: int, passes: int, dtype: str) -> tuple[dict, list]:
     from jaxrs import LLM
 
-    llm = LLM(model, dtype=dtype, kv_cache_mb=256, prefix_caching=False)  # every pass computes the prompt
+    # weights and cache in `dtype` (not the packed, float16-cache defaults); every pass computes the prompt
+    llm = LLM(model, dtype=dtype, packed=False, kv_cache_dtype=dtype, kv_cache_mb=256, prefix_caching=False)
     ids = prompt_ids(llm.tokenizer, n_prompt)
     result = rates(lambda: jaxrs_single(llm.engine, ids, n_new), passes)
     return result | {"compiled_shapes": llm.engine.stats().compiled_shapes, "dtype": str(llm.dtype)}, ids

@@ -48,16 +48,30 @@ from common import versions
 
 PROTOCOL = 2  # bench_peers.py runs another checkout's own worker only if it speaks at least this version
 
-# jaxrs modes: how the weights are held, the compute dtype and the KV cache's.
+# jaxrs modes: how the weights are held, the compute dtype and the KV cache's, each pinned (a checkout whose
+# EngineConfig has no `kv_cache_dtype` gets none: its cache was in the compute dtype, as pinned).
 JAXRS_MODES = {
-    "f32": {"dtype": "float32"},
-    "bf16": {"dtype": "bfloat16"},
-    "packed": {"dtype": "float32", "packed": True},
-    "packed-bf16": {"dtype": "bfloat16", "packed": True},
+    "default": {},  # the checkout's own defaults (packed, float16 cache on CPU, since they changed)
+    "f32": {"dtype": "float32", "packed": False, "kv_cache_dtype": "float32"},
+    "bf16": {"dtype": "bfloat16", "packed": False, "kv_cache_dtype": "bfloat16"},
+    "packed": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float32"},
+    "packed-bf16": {"dtype": "bfloat16", "packed": True, "kv_cache_dtype": "bfloat16"},
     # float16 KV cache, as llama.cpp's default cache
-    "f32-kv16": {"dtype": "float32", "kv_cache_dtype": "float16"},
+    "f32-kv16": {"dtype": "float32", "packed": False, "kv_cache_dtype": "float16"},
     "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
 }
+
+
+def jaxrs_mode(name: str) -> dict:
+    """A mode's `LLM` arguments that this checkout's jaxrs knows."""
+    import dataclasses
+
+    from jaxrs.engine.engine import EngineConfig
+
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    return {k: v for k, v in JAXRS_MODES[name].items() if k != "kv_cache_dtype" or k in known}
+
+
 # "<mode>-ynndot": the steps compiled with YNNPACK taking each dot alone on XLA:CPU (an A/B of that option)
 YNN_DOTS_ALONE = {
     "xla_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -137,7 +151,7 @@ class Jaxrs:
 
         self.llm = LLM(
             args.model,
-            **JAXRS_MODES[args.mode],
+            **jaxrs_mode(args.mode),
             max_num_seqs=args.max_seqs,
             kv_cache_tokens=args.kv_tokens,
             max_model_len=args.ctx,

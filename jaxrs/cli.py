@@ -43,7 +43,19 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "smaller) or float",
     )
     p.add_argument("--isq", metavar="TYPE", help="quantize weights at load (Q4K, Q8_0, HQQ4...; 4 = Q4K)")
-    p.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed on device")
+    packing = p.add_mutually_exclusive_group()
+    packing.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="dequantize a GGUF's quantized tensors to --dtype at load (default: kept packed on the device)",
+    )
+    packing.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)  # the default now
+
+
+def packed_flag(args: argparse.Namespace) -> bool | None:
+    """`load_model`'s `packed` from the flags: False with --dequantize, True with --packed, else unset
+    (packed, unless --isq quantizes)."""
+    return False if args.dequantize else (True if args.packed else None)
 
 
 def _isq_embeddings(value: str) -> str:
@@ -70,7 +82,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         choices=["auto", *KV_CACHE_DTYPES],
         default=ENGINE["kv_cache_dtype"] or "auto",
-        help="KV cache element type (auto: the compute dtype; float16 halves a CPU decode step's reads)",
+        help="KV cache element type (auto: float16 on CPU, the compute dtype on accelerators)",
     )
     p.add_argument(
         "--block-size",
@@ -232,7 +244,7 @@ def load_llm(args: argparse.Namespace):
         kernels=parse_pairs(args.kernel),
         isq_embeddings=args.isq_embeddings,
         isq=args.isq,
-        packed=args.packed,
+        packed=packed_flag(args),
         **engine_kwargs(args),
     )
 
@@ -318,11 +330,11 @@ def _quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jaxrs.llm import resolve_dtype
-    from jaxrs.loading import load_model
+    from jaxrs.loading import load_model, resolve_source
     from jaxrs.loading.prequantized import save_quantized
 
-    if not args.isq and not args.packed:
-        raise JaxrsError("quantize needs --isq TYPE (or --packed to keep a GGUF's own quantized tensors)")
+    if not args.isq and (args.dequantize or resolve_source(args.model, args.gguf_file)[0] != "gguf"):
+        raise JaxrsError("quantize needs --isq TYPE (without it, a GGUF's own quantized tensors are kept)")
     if args.out.endswith(".gguf"):
         return _quantize_to_gguf(args)
     loaded = load_model(
@@ -330,7 +342,7 @@ def _quantize(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
         dtype=resolve_dtype(args.dtype),
         tokenizer=args.tokenizer,
-        packed=args.packed,
+        packed=packed_flag(args),
         isq=args.isq,
         isq_embeddings=args.isq_embeddings,
     )
@@ -351,8 +363,8 @@ def _quantize_to_gguf(args: argparse.Namespace) -> int:
     kind, path = resolve_source(args.model, args.gguf_file)
     if kind != "gguf" or (path.is_file() and is_ggml(path)):
         raise JaxrsError(f"--out {args.out} writes a GGUF file, which needs a GGUF model, not {path}")
-    if not args.isq or args.packed:
-        raise JaxrsError("--out X.gguf needs --isq TYPE (and no --packed): the type to write")
+    if not args.isq:
+        raise JaxrsError("--out X.gguf needs --isq TYPE: the type to write")
     done = requantize_gguf(path, Path(args.out), args.isq, embeddings=args.isq_embeddings)
     logging.getLogger("jaxrs").info(
         "re-quantized %d tensors to %s in %.1f s", done["requantized"], done["format"], done["seconds"]

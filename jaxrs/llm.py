@@ -95,7 +95,8 @@ class LLM:
     """Load a model once, then generate for lists of prompts or chat conversations.
 
     `model` is a GGUF file, a Hugging Face model folder, a Hub repo id, or None for the demo model.
-    `packed=True` keeps a GGUF's quantized tensors packed on the device; `isq="Q4K"` (any
+    A GGUF's quantized tensors stay packed on the device (`packed=False` dequantizes them to `dtype`
+    instead); `isq="Q4K"` (any
     `jaxrs.quant` format name, `4` = Q4K, `8` = Q8_0) quantizes float weights while loading, and
     `requantize("Q8_0")` quantizes them again later, without a restart.
     Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
@@ -112,7 +113,7 @@ class LLM:
         tokenizer: str | None = None,
         kernels: Mapping[str, str] | None = None,
         isq: str | None = None,
-        packed: bool = False,
+        packed: bool | None = None,
         warmup: bool = False,
         isq_embeddings: str = "q8_0",
         **engine_config,

@@ -107,9 +107,22 @@ def test_kv_cache_dtype_and_layer_loop_flags_reach_the_engine_config():
 
     parse = build_parser().parse_args
     assert engine_kwargs(parse(["run", "--kv-cache-dtype", "float16"]))["kv_cache_dtype"] == "float16"
-    assert engine_kwargs(parse(["run"]))["kv_cache_dtype"] is None  # auto: the compute dtype
+    assert engine_kwargs(parse(["run"]))["kv_cache_dtype"] is None  # auto: float16 on CPU
     assert engine_kwargs(parse(["serve", "--layer-loop", "unrolled"]))["layer_loop"] == "unrolled"
     assert engine_kwargs(parse(["run"]))["layer_loop"] == "scan"
+
+
+def test_dequantize_flag_opts_out_of_packed_loading():
+    """Packed is the default (unset: `load_model` packs unless --isq); --dequantize opts out; the old
+    --packed still parses, and the two together are an argparse error."""
+    from jaxrs.cli import build_parser, packed_flag
+
+    parse = build_parser().parse_args
+    assert packed_flag(parse(["run"])) is None
+    assert packed_flag(parse(["serve", "--dequantize"])) is False
+    assert packed_flag(parse(["quantize", "--packed", "--out", "x"])) is True
+    with pytest.raises(SystemExit):
+        parse(["run", "--packed", "--dequantize"])
 
 
 def test_xla_option_flags_reach_the_engine_config():

@@ -3,6 +3,7 @@ prefill and multi-step decode must not change a single token."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.llm import WARMUP_PROFILES, request_output
+from jaxrs.quant import QuantizedTensor
+from jaxrs.quant.tensor import tree_nbytes
 
 pytestmark = pytest.mark.slow
 
@@ -152,8 +155,8 @@ def test_float16_kv_cache(llm, ids):
     """`kv_cache_dtype="float16"` under float32 compute: half the bytes per token, and the same greedy
     tokens with log-probabilities within float16's rounding of the float32 cache's."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    full = engine_with(llm, prefix_caching=False)
-    half = engine_with(llm, prefix_caching=False, kv_cache_dtype="float16")
+    full = engine_with(llm, prefix_caching=False, kv_cache_dtype="float32")
+    half = engine_with(llm, prefix_caching=False)  # the CPU default
     assert half.runner.kv.k.dtype == jnp.float16 and full.runner.kv.k.dtype == jnp.float32
     assert half.blocks.num_blocks == 2 * full.blocks.num_blocks  # same MiB, twice the tokens
     ref, out = run(full, ids[6:9], params), run(half, ids[6:9], params)
@@ -162,6 +165,30 @@ def test_float16_kv_cache(llm, ids):
     want = [lp.logprob for o in ref for lp in o.outputs[0].logprobs]
     np.testing.assert_allclose(got, want, atol=2e-2)
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) > 0  # the cache really is float16
+
+
+def test_default_load_is_packed_with_a_float16_cache_on_cpu(llm):
+    """The defaults: a GGUF's own quantized bits on the device, a float16 KV cache on CPU."""
+    is_qt = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    formats = {leaf.fmt for leaf in jax.tree.leaves(llm.model.params, is_leaf=is_qt) if is_qt(leaf)}
+    assert formats == ({"Q8_0", "U8M"} if jax.default_backend() == "cpu" else {"Q8_0", "Q4_1"})
+    want = jnp.float16 if jax.default_backend() == "cpu" else llm.dtype
+    assert llm.engine.kv_dtype == want and llm.engine.runner.kv.k.dtype == want
+
+
+def test_memory_report_splits_weights_kv_and_the_rest(llm, ids):
+    """`Engine.memory()`: the weights' and the pool's own bytes, what was resident beside them, and the
+    growth since (step shapes compiling)."""
+    engine = engine_with(llm, prefix_caching=False)
+    before = engine.memory()
+    pool = engine.blocks.num_blocks * engine.blocks.block_size * engine.kv_bytes_per_token
+    assert before.weights == tree_nbytes(llm.model.params) and before.kv_pool == pool
+    assert before.rest > 0 and before.resident > before.weights + before.kv_pool
+    run(engine, ids[:3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    after = engine.memory()
+    assert after.compiled >= 0 and after.peak_resident >= after.resident
+    line = after.summary()
+    assert line.startswith("memory: weights ") and f"KV pool {pool / 2**20:.1f} MiB" in line
 
 
 def test_kv_cache_dtype_must_be_a_float(llm):
@@ -228,10 +255,12 @@ def test_no_compilation_in_steady_state(llm, ids):
     assert engine.runner.compile_count() == before
 
 
-def test_score_matches_transformers(llm, demo_gguf):
+def test_score_matches_transformers(demo_gguf):
     import torch
     from transformers import AutoModelForCausalLM
 
+    # transformers dequantizes the file to f32: the same weights, and an f32 cache, to compare closely
+    llm = LLM(str(demo_gguf), packed=False, kv_cache_dtype="float32", kv_cache_mb=48)
     prompt, continuation = "The capital of France is", " Paris, a city on the Seine."
     ours = llm.score([prompt], [continuation])[0]
     p_ids = llm.tokenizer.encode(prompt)

@@ -42,7 +42,7 @@ def model(source) -> LoadedModel:
     """Ours, dequantized to f32 as transformers loads it."""
     path, reader, meta = source
     cfg = gguf_config(reader, meta, path)
-    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=False), cfg, np.float32)
     return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
 
 
@@ -91,7 +91,9 @@ def test_logits_match_transformers(model, reference, story):
 def test_32_greedy_tokens_match_transformers(model, story):
     """Through the engine (bucketed prefill, multi-step decode, on-device sampling) vs `generate`."""
     prompt, theirs = story
-    config = EngineConfig(kv_cache_tokens=128, max_model_len=128, max_num_seqs=1, prefix_caching=False)
+    config = EngineConfig(
+        kv_cache_tokens=128, max_model_len=128, max_num_seqs=1, prefix_caching=False, kv_cache_dtype="float32"
+    )
     engine = Engine(model, config, dtype=jnp.float32)
     request = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     while engine.has_unfinished():

@@ -22,7 +22,7 @@ PROMPT = [{"role": "user", "content": "Write a short story about a robot who lea
 def load_gguf_params(path):
     reader = open_gguf(path)
     cfg = gguf_config(reader, read_metadata(reader), path)
-    return cfg, checkpoint.load_params(open_gguf_tensors(reader, cfg, path), cfg, np.float32)
+    return cfg, checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=False), cfg, np.float32)
 
 
 @pytest.fixture(scope="module")

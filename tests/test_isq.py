@@ -115,8 +115,8 @@ def test_unknown_isq_type_is_rejected_with_the_valid_names(tiny):
 
 @pytest.mark.slow
 def test_packed_gguf_equals_dequantized_load(demo_gguf):
-    plain = load_model(str(demo_gguf))
-    packed = load_model(str(demo_gguf), packed=True)
+    plain = load_model(str(demo_gguf), packed=False)
+    packed = load_model(str(demo_gguf))  # the default
     layout = "U8M" if jax.default_backend() == "cpu" else "Q4_1"  # see the bytes test below
     assert (
         packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == layout
@@ -273,7 +273,7 @@ def test_layers_in_mixed_types_load_packed_in_the_richer_one(tmp_path):
     save_tiny_tokenizer(tmp_path, TINY.vocab_size)
     write_tiny_gguf(model, tmp_path / "mixed.gguf", q4_k_m_like)
     packed = load_model(str(tmp_path / "mixed.gguf"), packed=True, tokenizer=str(tmp_path))
-    floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path))
+    floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path), packed=False)
     layers, float_layers = packed.params["layers"], floats.params["layers"]
     # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized.
     down_format, exact, moved = ("U8M", 1, 0) if jax.default_backend() == "cpu" else ("Q6_K", 0, 1)
@@ -377,13 +377,15 @@ SMOLLM2_TESTED = ("Q8_0", "Q5_1", "Q4_0", "Q8_K", "Q6_K")  # quick to quantize; 
 
 @pytest.fixture(scope="module")
 def smollm2_float_ppl(demo_gguf):
-    return perplexity(LLM(str(demo_gguf), kv_cache_mb=64, max_num_seqs=1), ENGLISH.read_text())
+    # the file's values in float and an exact cache: the reference the bounds below were measured against
+    exact = LLM(str(demo_gguf), packed=False, kv_cache_dtype="float32", kv_cache_mb=64, max_num_seqs=1)
+    return perplexity(exact, ENGLISH.read_text())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", SMOLLM2_TESTED)
 def test_smollm2_perplexity_per_format(demo_gguf, smollm2_float_ppl, fmt):
-    llm = LLM(str(demo_gguf), isq=fmt, kv_cache_mb=64, max_num_seqs=1)
+    llm = LLM(str(demo_gguf), isq=fmt, kv_cache_dtype="float32", kv_cache_mb=64, max_num_seqs=1)
     ppl = perplexity(llm, ENGLISH.read_text())
     print(f"SmolLM2 {fmt}: perplexity {ppl:.3f}, float {smollm2_float_ppl:.3f}")
     assert ppl / smollm2_float_ppl <= SMOLLM2_PPL_BOUNDS[fmt]
@@ -395,13 +397,13 @@ def test_smollm2_perplexity_per_format(demo_gguf, smollm2_float_ppl, fmt):
 def test_packed_demo_weights_are_the_file_values_in_few_bytes(demo_gguf):
     """On GPU the packed tree takes the file's tensor bytes; on CPU the Q4_1 matrices move exactly into
     U8M (one byte a weight, `quant.transcode`), still a third of f32's bytes."""
-    packed = load_model(str(demo_gguf), packed=True)
+    packed = load_model(str(demo_gguf))  # the default
     device = tree_nbytes(packed.params)
     in_file = sum(int(t.n_bytes) for t in open_gguf(demo_gguf).tensors)
     print(f"demo model packed: {device / 2**20:.2f} MiB on device, file tensors {in_file / 2**20:.2f} MiB")
     is_qt = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
     formats = {leaf.fmt for leaf in jax.tree.leaves(packed.params, is_leaf=is_qt) if is_qt(leaf)}
-    floats = load_model(str(demo_gguf)).params
+    floats = load_model(str(demo_gguf), packed=False).params
     if jax.default_backend() == "cpu":
         assert formats == {"Q8_0", "U8M"}
         assert tree_nbytes(floats) > 3 * device
@@ -452,7 +454,7 @@ def promised_bytes(params: dict) -> int:
 
 @pytest.fixture(scope="module")
 def demo_float_logits(demo_gguf):
-    return logits(load_model(str(demo_gguf)), DEMO_IDS)
+    return logits(load_model(str(demo_gguf), packed=False), DEMO_IDS)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrs.quant import dequantize, quantize
-from jaxrs.quant.transcode import to_format, unify_formats
+from jaxrs.quant.transcode import CPU_LAYOUT, to_format, unify_formats
 from tests.conftest import relative_error
 
 RNG = np.random.default_rng(7)
@@ -23,6 +23,16 @@ def test_symmetric_blocks_move_to_q8_0_exactly(fmt):
     qt = quantize(weights(), fmt)
     moved = to_format(qt, "Q8_0")
     assert moved.fmt == "Q8_0"
+    np.testing.assert_array_equal(np.asarray(dequantize(moved)), np.asarray(dequantize(qt)))
+
+
+@pytest.mark.parametrize("fmt", sorted(CPU_LAYOUT))
+def test_cpu_layouts_hold_the_same_values(fmt):
+    """Each format XLA:CPU reads slowly moves into its byte-per-weight layout (host NumPy work) with every
+    value kept, stacked layers included."""
+    qt = quantize(weights().reshape(2, 4, 512), fmt)
+    moved = to_format(qt, CPU_LAYOUT[fmt])
+    assert moved.fmt == CPU_LAYOUT[fmt] and moved.shape == qt.shape
     np.testing.assert_array_equal(np.asarray(dequantize(moved)), np.asarray(dequantize(qt)))
 
 

@@ -22,16 +22,24 @@ import jax
 import jax.numpy as jnp
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable
-from jaxrs.engine.options import CPU_KV_CACHE_MB, KV_CACHE_DTYPES, LAYER_LOOPS, EngineConfig
+from jaxrs.engine.options import (
+    CPU_KV_CACHE_DTYPE,
+    CPU_KV_CACHE_FREE_SHARE,
+    CPU_KV_CACHE_MB,
+    KV_CACHE_DTYPES,
+    LAYER_LOOPS,
+    EngineConfig,
+)
 from jaxrs.engine.output_processor import OutputProcessor
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status
-from jaxrs.engine.stats import EngineSnapshot
+from jaxrs.engine.stats import EngineSnapshot, MemoryUse
 from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
+from jaxrs.host_memory import available_bytes, peak_resident_bytes, release_freed, resident_bytes
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
@@ -60,9 +68,10 @@ def kv_bytes_per_token(cfg, dtype: jnp.dtype) -> int:
 
 
 def kv_cache_dtype(name: str | None, compute: jnp.dtype) -> jnp.dtype:
-    """The KV cache's element type: `name` (one of KV_CACHE_DTYPES), else the compute dtype."""
+    """The KV cache's element type: `name` (one of KV_CACHE_DTYPES), else `CPU_KV_CACHE_DTYPE` on CPU and
+    the compute dtype on accelerators."""
     if name is None:
-        return compute
+        return jnp.dtype(CPU_KV_CACHE_DTYPE) if jax.default_backend() == "cpu" else compute
     if str(name) not in KV_CACHE_DTYPES:
         raise JaxrsError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
     return jnp.dtype(name)
@@ -77,9 +86,14 @@ def kv_pool_bytes(config: EngineConfig, per_token: int) -> int:
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         return int(free * (config.kv_cache_fraction or 0.9))
+    # A device that reports no memory (CPU) takes host memory: a share of what the system has free now.
+    free = available_bytes()
     if config.kv_cache_fraction:
-        raise JaxrsError("kv_cache_fraction needs a device that reports its memory; give kv_cache_mb instead")
-    return CPU_KV_CACHE_MB * 2**20
+        if free is None:
+            raise JaxrsError("kv_cache_fraction needs a system that reports free memory; give kv_cache_mb")
+        return int(free * config.kv_cache_fraction)
+    default = CPU_KV_CACHE_MB * 2**20
+    return default if free is None else min(default, int(free * CPU_KV_CACHE_FREE_SHARE))
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -171,8 +185,11 @@ class Engine:
             self.kv_dtype.name,
             max_model_len,
         )
+        release_freed()  # what loading freed, so the figures below (and the process's) leave it out
+        self._ready_resident = resident_bytes()
         if warmed:
             self.runner.warmup(**warmed)
+        log.info("%s", self.memory().summary())
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
@@ -230,11 +247,30 @@ class Engine:
             device_seconds=runner.device_seconds,
         )
 
+    def memory(self) -> MemoryUse:
+        """Where the memory goes now: weights, KV pool, compiled steps, the rest (see `MemoryUse`). Hands
+        the heap's free pages back first, so a compile's spent working memory does not count as code."""
+        release_freed()
+        weights, kv = tree_nbytes(self.model.params), tree_nbytes(self.runner.kv)
+        ready, now = self._ready_resident, resident_bytes()
+        on_host = weights + kv if jax.default_backend() == "cpu" else 0
+        return MemoryUse(
+            weights=weights,
+            kv_pool=kv,
+            compiled=None if ready is None or now is None else max(0, now - ready),
+            rest=None if ready is None else max(0, ready - on_host),
+            resident=now,
+            peak_resident=peak_resident_bytes(),
+        )
+
     def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
         """Compile every step shape (every decode and prefill bucket) for each sampling profile, so
         serving never waits on a compile for them; with `background`, only the likeliest few now and the
         rest in a background thread while the engine steps (see `ModelRunner.warmup`)."""
-        return self.runner.warmup(profiles, background=background)
+        warm = self.runner.warmup(profiles, background=background)
+        release_freed()  # the compilers' working memory
+        log.info("%s", self.memory().summary())
+        return warm
 
     def stop_warmup(self) -> None:
         """Stop a background warm-up (after the compile in progress): the engine is shutting down."""

@@ -13,14 +13,23 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = FLOAT_DTYPES
 LAYER_LOOPS = ("scan", "unrolled")
 BLOCK_SIZES = (8, 16, 32)
-CPU_KV_CACHE_MB = 512  # the KV pool on a device that reports no memory (CPU), unless sized otherwise
+CPU_KV_CACHE_MB = 512  # the KV pool on a device that reports no memory (CPU), unless sized otherwise...
+CPU_KV_CACHE_FREE_SHARE = 0.5  # ...or this share of the host's free memory, if less
+# The KV cache's element type on CPU when `kv_cache_dtype` is unset: half of f32's bytes for every key a
+# decode step reads, as llama.cpp's default cache (XLA:CPU converts bfloat16 slowly, so float16).
+# Accelerators keep the compute dtype (bfloat16 by default). Its cost in perplexity: README, "Defaults".
+CPU_KV_CACHE_DTYPE = "float16"
+# A GGUF (or GGML) file's quantized tensors stay packed on the device unless asked otherwise (`packed=False`,
+# `--dequantize`): its own bits, a fraction of the float weights' memory, and the faster CPU decode.
+LOAD_PACKED = True
 MAX_WAITING = 256  # queued requests a server takes before answering 429
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Serving knobs. KV memory: `kv_cache_tokens`, else `kv_cache_mb`, else `kv_cache_fraction` of the
-    device memory left after the weights (accelerators), else `CPU_KV_CACHE_MB` (CPU)."""
+    device memory left after the weights (accelerators; on CPU of the host's free memory), else 90% of it
+    (accelerators) or `CPU_KV_CACHE_MB`, at most `CPU_KV_CACHE_FREE_SHARE` of the free memory (CPU)."""
 
     block_size: int = 16  # one of BLOCK_SIZES
     kv_cache_mb: float | None = None
@@ -30,9 +39,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_decode_steps: int = 8  # decode tokens per call when nothing waits
-    # KV cache element type (one of KV_CACHE_DTYPES); None: the compute dtype. float16 halves what a decode
-    # step reads on CPU (as llama.cpp's default cache does); XLA:CPU converts bfloat16 slowly, so float16 is
-    # the CPU choice.
+    # KV cache element type (one of KV_CACHE_DTYPES); None: CPU_KV_CACHE_DTYPE on CPU, the compute dtype on
+    # accelerators. float32 keeps a CPU cache exact.
     kv_cache_dtype: str | None = None
     prefix_caching: bool = True
     seed: int = 0

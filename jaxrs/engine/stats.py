@@ -22,3 +22,33 @@ class EngineSnapshot:
     compiled_shapes: int  # step shapes the current runner has compiled
     pending_shapes: int  # step shapes its warm-up has yet to compile (in the background)
     device_seconds: float  # wall time inside the current runner's step calls
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryUse:
+    """Where the engine's memory goes (`Engine.memory()`), in bytes.
+
+    `weights` and `kv_pool` are the arrays' own sizes (on CPU they live in the process's resident memory,
+    elsewhere in the device's). `compiled` is the resident memory grown since the engine was ready to serve:
+    the compiled step shapes, chiefly. `rest` is what else was resident then beside the host's share of the
+    weights and the pool: the runtime, the tokenizer, Python. Resident figures are None where the system does
+    not report them."""
+
+    weights: int
+    kv_pool: int
+    compiled: int | None
+    rest: int | None
+    resident: int | None
+    peak_resident: int | None
+
+    def summary(self) -> str:
+        """One line, in MiB."""
+
+        def mib(n: int | None) -> str:
+            return "?" if n is None else f"{n / 2**20:.1f}"
+
+        return (
+            f"memory: weights {mib(self.weights)} MiB, KV pool {mib(self.kv_pool)} MiB, compiled steps "
+            f"{mib(self.compiled)} MiB, rest {mib(self.rest)} MiB; resident {mib(self.resident)} MiB "
+            f"(peak {mib(self.peak_resident)} MiB)"
+        )

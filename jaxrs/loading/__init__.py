@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
+from jaxrs.host_memory import release_freed
 from jaxrs.quant.tensor import tree_nbytes
 
 if TYPE_CHECKING:
@@ -87,20 +88,25 @@ def load_model(
     gguf_file: str | None = None,
     dtype: str | jnp.dtype = "float32",
     tokenizer: str | None = None,
-    packed: bool = False,
+    packed: bool | None = None,
     isq: str | None = None,
     isq_embeddings: str = "q8_0",
 ) -> LoadedModel:
     """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source.
 
     `packed`: a GGUF's quantized tensors stay in their format on the device (matmuls read them
-    packed). `isq`: quantize float weights into this format while loading (`jaxrs.quant.isq_format`
-    says which format each tensor takes; one line logs the tally). `isq_embeddings`: how ISQ stores
+    packed); False dequantizes them to `dtype`. Unset: packed (`options.LOAD_PACKED`) unless `isq`
+    asks for another format, which then quantizes every tensor from its float values. `isq`: quantize
+    float weights into this format while loading (`jaxrs.quant.isq_format` says which format each
+    tensor takes; one line logs the tally). `isq_embeddings`: how ISQ stores
     the embedding and output head (`"q8_0"`, `"isq"` or `"float"`, see `jaxrs.quant.policy`).
     """
+    from jaxrs.engine.options import LOAD_PACKED
     from jaxrs.loading.checkpoint import hf_weight_names, load_params
     from jaxrs.tokenizer import Tokenizer
 
+    if packed is None:
+        packed = LOAD_PACKED and not isq
     kind, path = resolve_source(model, gguf_file)
     start = time.perf_counter()
     relaid: dict[str, int] = {}  # "Q4_1 -> U8M" -> tensors moved
@@ -125,10 +131,15 @@ def load_model(
             reader = open_gguf(path)
             meta = read_metadata(reader)
         cfg = gguf_config(reader, meta, path)
+        tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
+        # The key/value fields (the vocabulary as a small array per token: over 100 MB for a 50k vocabulary)
+        # are read: free them before the weights arrive.
+        del meta
+        if hasattr(reader, "fields"):
+            reader.fields.clear()
         get = open_gguf_tensors(reader, cfg, path, packed=packed)
         if packed and jax.default_backend() == "cpu":
             get = _in_cpu_layout(get, relaid)
-        tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
         generation_config: dict[str, Any] = {}
     else:
         from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
@@ -148,6 +159,7 @@ def load_model(
         raise
     except JaxrsError as e:  # the checkpoint does not fit the model its config describes
         raise ModelLoadError(path, str(e)) from None
+    release_freed()  # the host buffers the tensors passed through
     log.info(
         "loaded %s (%s, %d layers) from %s in %.1f s, weights %.1f MiB",
         cfg.name or path.name,

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
+from jaxrs.host_memory import release_freed
 from jaxrs.loading.names import LAYER_PREFIX, Experts, Rows, Source, source_names
 from jaxrs.models.decoder import model_graph, set_path
 from jaxrs.models.registry import family
@@ -163,7 +164,10 @@ def fill_params(
         if path.startswith(LAYER_PREFIX):
             value = stack([layer(i, path, source) for i in range(num_layers)], path)
             set_path(params, path.split("."), put(value))
+            del value
+            release_freed()  # the layers' host copies, before the next parameter's arrive
     for path, source in sources.items():
         if not path.startswith(LAYER_PREFIX):
             set_path(params, path.split("."), put(checked(get(source), shapes[path], path, source)))
+            release_freed()
     return params

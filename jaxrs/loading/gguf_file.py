@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from jaxrs.config import ModelConfig
 from jaxrs.errors import ModelLoadError
 from jaxrs.loading.checkpoint import hf_weight_names, take
+from jaxrs.loading.gguf_reader import tensor_data
 from jaxrs.loading.model_config import config_from_gguf
 from jaxrs.models.registry import family
 from jaxrs.quant import QuantizedTensor, from_gguf_bytes
@@ -150,11 +151,12 @@ def open_gguf_tensors(
                 f"load (supported: {', '.join(t.name for t in sorted(SUPPORTED_TYPES))})",
             )
         shape = tuple(reversed([int(d) for d in tensor.shape]))
+        raw = tensor_data(tensor, path)
         if packed and tensor.tensor_type not in FLOAT_TYPES:
-            qt = from_gguf_bytes(np.asarray(tensor.data), tensor.tensor_type, shape)
+            qt = from_gguf_bytes(raw, tensor.tensor_type, shape)
             # Rows are independent in every format, so the q/k row permutation applies to each array.
             return jax.tree.map(lambda a: unpermute_rope(a, heads), qt) if heads else qt
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        data = gguf.quants.dequantize(raw, tensor.tensor_type).astype(np.float32, copy=False)
         return unpermute_rope(data.reshape(shape), heads) if heads else data.reshape(shape)
 
     return get

@@ -36,6 +36,20 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     return reader
 
 
+def tensor_data(tensor: Any, path: Path) -> np.ndarray:
+    """A copy of one tensor's data (`tensor.data`'s dtype and shape), read from `path` with a plain file
+    read when the tensor says where it lies (`gguf.ReaderTensor`), else copied out of its memory map.
+
+    Reading through the map would leave each page read resident in this process (counted in its RSS
+    until the map closes), and an array aliasing the map would keep the whole file mapped."""
+    view = tensor.data
+    offset = getattr(tensor, "data_offset", None)
+    if offset is None:
+        return np.array(view)
+    raw = np.fromfile(path, dtype=np.uint8, count=view.nbytes, offset=offset)
+    return raw.view(view.dtype).reshape(view.shape)
+
+
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     """All key/value fields as plain Python values (strings, numbers, lists)."""
     out: dict[str, Any] = {}

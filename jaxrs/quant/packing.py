@@ -15,10 +15,22 @@ def pack_nibble_halves(q: np.ndarray, unit: int) -> np.ndarray:
     return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*q.shape[:-3], -1)
 
 
+def unpack_nibble_halves(qs: np.ndarray, unit: int) -> np.ndarray:
+    """Inverse of `pack_nibble_halves`: bytes `[..., I/2]` -> 4-bit codes `[..., I]` (u8)."""
+    qs = qs.reshape(*qs.shape[:-1], -1, unit // 2)
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(*qs.shape[:-2], -1)
+
+
 def pack_bits_u32(bits: np.ndarray) -> np.ndarray:
     """Bits `[..., I]` -> u32 `[..., I/32]` with bit j of word b = element 32b + j (Q5_0/Q5_1 qh)."""
     bits = bits.astype(np.uint32).reshape(*bits.shape[:-1], -1, 32)
     return np.bitwise_or.reduce(bits << np.arange(32, dtype=np.uint32), axis=-1)
+
+
+def unpack_bits_u32(words: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_bits_u32`: u32 `[..., I/32]` -> bits `[..., I]` (u8)."""
+    bits = (words[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    return bits.astype(np.uint8).reshape(*words.shape[:-1], -1)
 
 
 def pack_bit_planes(bits: np.ndarray) -> np.ndarray:
@@ -26,6 +38,12 @@ def pack_bit_planes(bits: np.ndarray) -> np.ndarray:
     bits = bits.astype(np.uint8).reshape(*bits.shape[:-1], -1, 8, 32)
     out = np.bitwise_or.reduce(bits << np.arange(8, dtype=np.uint8)[:, None], axis=-2)
     return out.reshape(*bits.shape[:-3], -1)
+
+
+def unpack_bit_planes(packed: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_bit_planes`: bytes `[..., I/8]` -> bits `[..., I]` (u8)."""
+    planes = packed.reshape(*packed.shape[:-1], -1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]
+    return (planes & 1).reshape(*packed.shape[:-1], -1)
 
 
 def pack_crumbs(q: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrs.quant import packing
 from jaxrs.quant.dequant import dequantize
 from jaxrs.quant.formats import FORMATS
 from jaxrs.quant.quantize import quantize
@@ -44,25 +45,23 @@ def cpu_layout(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 def to_format(qt: QuantizedTensor, fmt: str) -> QuantizedTensor:
-    """`qt` re-encoded in `fmt` (host arrays): exactly into Q8_0 / U8M from the formats above, else by
-    re-quantizing its values."""
+    """`qt` re-encoded in `fmt` (host arrays): exactly into Q8_0 / U8M from the formats above (in NumPy,
+    no device work or compiled code), else by re-quantizing its values."""
     if qt.fmt == fmt:
         return qt
     a = {n: np.asarray(x) for n, x in qt.arrays.items()}
     if fmt == "Q8_0" and qt.fmt in EXACT_IN_Q8_0:
-        codes = _codes(qt, {"d": np.ones_like(a["d"])})  # q - 8 or q - 16
-        return QuantizedTensor("Q8_0", qt.out_in, {"qs": codes.astype(np.int8), "d": a["d"]})
+        offset = 8 if qt.fmt == "Q4_0" else 16
+        codes = (_codes(qt.fmt, a).astype(np.int16) - offset).astype(np.int8)
+        return QuantizedTensor("Q8_0", qt.out_in, {"qs": codes, "d": a["d"]})
     if fmt == "U8M" and qt.fmt in EXACT_IN_U8M:
         f32 = np.float32
         if qt.spec.family == "legacy":
-            codes = _codes(qt, {"d": np.ones_like(a["d"]), "m": np.zeros_like(a["m"])})
             d, m = a["d"].astype(f32), a["m"].astype(f32)
         else:  # 8 sub-blocks of 32 per superblock, each with a 6-bit scale and min
-            unit = {"d": np.ones_like(a["d"]), "sc": np.ones_like(a["sc"]), "dmin": np.zeros_like(a["dmin"])}
-            codes = _codes(qt, unit)
             d = np.repeat(a["d"].astype(f32), 8, axis=-1) * a["sc"].astype(f32)
             m = -(np.repeat(a["dmin"].astype(f32), 8, axis=-1) * a["m"].astype(f32))
-        return QuantizedTensor("U8M", qt.out_in, {"qs": codes.astype(np.uint8), "d": d, "m": m})
+        return QuantizedTensor("U8M", qt.out_in, {"qs": _codes(qt.fmt, a), "d": d, "m": m})
     return quantize(_values(qt), fmt)
 
 
@@ -71,9 +70,14 @@ def _values(qt: QuantizedTensor) -> np.ndarray:
         return np.asarray(dequantize(qt, jnp.float32))
 
 
-def _codes(qt: QuantizedTensor, unit_scales: dict[str, np.ndarray]) -> np.ndarray:
-    """The integer codes of `qt` (offset included): its dequantization with scales 1 and mins 0."""
-    return np.rint(_values(QuantizedTensor(qt.fmt, qt.out_in, {**qt.arrays, **unit_scales})))
+def _codes(fmt: str, a: dict[str, np.ndarray]) -> np.ndarray:
+    """The unsigned integer codes `[..., in]` (u8, before any offset) of a tensor in one of the formats
+    that move exactly (`CPU_LAYOUT`), from its fields `a`."""
+    if fmt in ("Q4_K", "Q5_K"):  # nibbles per 64 elements, the fifth bits in bit planes per 256
+        q = packing.unpack_nibble_halves(a["qs"], 64)
+        return q | (packing.unpack_bit_planes(a["qh"]) << 4) if fmt == "Q5_K" else q
+    q = packing.unpack_nibble_halves(a["qs"], 32)  # Q4_0, Q4_1, Q5_0, Q5_1
+    return q | (packing.unpack_bits_u32(a["qh"]) << 4) if fmt in ("Q5_0", "Q5_1") else q
 
 
 def unify_formats(tensors: Sequence[QuantizedTensor], name: str = "") -> list[QuantizedTensor]:
