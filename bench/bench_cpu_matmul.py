@@ -41,7 +41,7 @@ SHAPES = {  # out, in
     "down_proj": (576, 1536),
 }
 # K-quants need `in` % 256 == 0, which these shapes (576) are not
-FORMATS = ["F32", "F16", "Q8_0", "U8M", "Q4_0", "Q4_1", "Q5_0"]
+FORMATS = ["F32", "F16", "Q8_0", "Q8F", "U8M", "Q4_0", "Q4_1", "Q5_0"]
 
 
 def layers(fmt: str, count: int, rng: np.random.Generator) -> dict:

@@ -52,7 +52,7 @@ def _bit_planes(bits: jax.Array) -> jax.Array:
 
 def _legacy(fmt: str, a: dict[str, jax.Array]) -> jax.Array:
     d = _expand(a["d"])
-    if fmt == "Q8_0":
+    if fmt in ("Q8_0", "Q8F"):
         return _flat(_groups(a["qs"], 32).astype(f32) * d)
     # [..., nb, 32] codes: U8M stores one a byte, the others two
     q = _groups(a["qs"], 32) if fmt == "U8M" else _nibble_halves(a["qs"], 32)

@@ -16,6 +16,8 @@ unpacked so a kernel reads them with plain indexing):
 - U8M: qs u8 [I], d, m f32 [I/32]; w = d*q + m. No GGUF type: the layout XLA:CPU reads fastest (one
   byte per weight, no bit fiddling), which Q4_1, Q5_1, Q4_K and Q5_K move into exactly
   (`jaxrs.quant.transcode`).
+- Q8F: qs i8 [I], d f32 [I/32]; w = d*q. No GGUF type: Q8_0 with f32 scales, which Q4_0, Q5_0 and Q8_0
+  move into exactly on CPU (XLA:CPU converts a half scale once per weight inside a fused GEMV).
 - Q2_K: qs u8 [I/4] (per 256: byte 32n+l, bits 2j = element 128n+32j+l), sc u8 [I/16] (GGUF's
   byte: low nibble scale, high nibble min), d, dmin f16 [I/256].
 - Q3_K: hmask u8 [I/8] (per 256: byte l bit b = high bit of element 32b+l), qs as Q2_K,
@@ -95,6 +97,7 @@ LAYOUTS: dict[str, Layout] = {
         _layout("Q5_1", 32, "legacy", ("qs", u8, 2), ("qh", u32, 32), ("d", f16, 32), ("m", f16, 32)),
         _layout("Q8_0", 32, "legacy", ("qs", i8, 1), ("d", f16, 32)),
         _layout("U8M", 32, "legacy", ("qs", u8, 1), ("d", f32, 32), ("m", f32, 32)),
+        _layout("Q8F", 32, "legacy", ("qs", i8, 1), ("d", f32, 32)),
         _layout("Q2_K", 256, "k", ("qs", u8, 4), ("sc", u8, 16), ("d", f16, 256), ("dmin", f16, 256)),
         _layout("Q3_K", 256, "k", ("hmask", u8, 8), ("qs", u8, 4), ("sc", i8, 16), ("d", f16, 256)),
         _layout(

@@ -17,14 +17,15 @@ The kernel then dequantizes plane p of a packed tile with shifts and masks only 
 dot per plane. Scales (and Q5/Q3_K/Q6_K high bits) are gathered per element from their arrays at
 `element >> log2(group)`: tiny arrays, cached.
 
-Families: legacy 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, U8M), K-quant 256-superblocks (Q2_K..Q6_K, Q8_K)
-and HQQ (HQQ4, HQQ8) differ only in the plane map and the per-tile dequantization below; F32/F16/BF16
-take the same path with one plane.
+Families: legacy 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, U8M, Q8F), K-quant 256-superblocks
+(Q2_K..Q6_K, Q8_K) and HQQ (HQQ4, HQQ8) differ only in the plane map and the per-tile dequantization
+below; F32/F16/BF16 take the same path with one plane.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -39,6 +40,46 @@ from pallas_kernels.formats import LAYOUTS
 from pallas_kernels.occupancy import auto_splits, even_splits
 from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 
+# XLA:CPU fuses a weight's producer (a packed weight's dequantization, a `lax.scan` layer's slice) into a
+# one-row product only while the row is under this many bytes (`kFusionThresholdBytes` in XLA's
+# cpu_instruction_fusion.cc); past it, it writes the whole weight out transposed in f32 and then reads
+# it back (Qwen2.5-0.5B's `down_proj`, 4,864 inputs: most of a decode step).
+CPU_GEMV_FUSION_BYTES = 16 * 1024
+
+
+def _input_spans(x: jax.Array, in_features: int, block: int) -> list[tuple[int, int]]:
+    """`[(start, end)]` along `in`: one span, except for a one-row product on CPU whose row is too long
+    for XLA:CPU to fuse the weight into it; then spans of whole `block`s, each row piece short enough."""
+    row_bytes = in_features * x.dtype.itemsize
+    if math.prod(x.shape[:-1]) != 1 or row_bytes < CPU_GEMV_FUSION_BYTES or jax.default_backend() != "cpu":
+        return [(0, in_features)]
+    pieces = -(-row_bytes // CPU_GEMV_FUSION_BYTES)
+    while True:
+        size = -(-in_features // pieces // block) * block  # whole blocks
+        if size * x.dtype.itemsize < CPU_GEMV_FUSION_BYTES:
+            return [(a, min(a + size, in_features)) for a in range(0, in_features, size)]
+        pieces += 1
+
+
+def _product_t(
+    x: jax.Array, weight: Callable[[int, int], jax.Array], in_features: int, block: int, out_dtype
+) -> jax.Array:
+    """`x @ W.T` with W's columns `a:b` given by `weight(a, b)`, in pieces along `in` where XLA:CPU needs
+    them to fuse W into the product (`_input_spans`). The pieces' products pass an optimization barrier
+    before they are summed: XLA:CPU would otherwise fuse a one-row product into the add that takes it,
+    which keeps W's dequantization out of that product."""
+    spans = _input_spans(x, in_features, block)
+    parts = [
+        jnp.matmul(
+            x if len(spans) == 1 else x[..., a:b],
+            weight(a, b).astype(x.dtype).T,
+            preferred_element_type=jnp.float32,
+        )
+        for a, b in spans
+    ]
+    y = parts[0] if len(parts) == 1 else sum(lax.optimization_barrier(parts))
+    return y.astype(out_dtype or x.dtype)
+
 
 def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """`x [..., in] @ w.T` (w `[out, in]`, cast to x's dtype) with f32 accumulation, in `out_dtype`
@@ -48,10 +89,12 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> 
     compiles to one fused GEMV loop that converts (or dequantizes) each weight as it reads it, and
     reads a `lax.scan` layer's slice in place instead of copying it first. `bench/bench_cpu_matmul.py`
     (30 SmolLM2 layers, one row): f32 35.4 -> 25.7 ms, Q8_0 23.4 -> 16.4 ms against the einsum
-    (bench/RESULTS.md, "CPU decode, second round").
+    (bench/RESULTS.md, "CPU decode, second round"). Rows of 4,096 f32 inputs or more are split
+    (`_input_spans`) so that the fusion still happens.
     """
-    y = jnp.matmul(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    in_features = w.shape[-1]
+    whole = (0, in_features)
+    return _product_t(x, lambda a, b: w if (a, b) == whole else w[..., a:b], in_features, 1, out_dtype)
 
 
 def qmatmul_xla(
@@ -59,9 +102,19 @@ def qmatmul_xla(
 ) -> jax.Array:
     """`x @ W.T` for the `[out, in]` weight W (no stacked axes) that `arrays`, the fields of `fmt`'s
     layout, pack: W is dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses
-    the dequantization into the dot."""
+    the dequantization into the dot (a long one-row product in pieces of whole blocks, `matmul_t`)."""
     _check(x, arrays, fmt, out_in)
-    return matmul_t(x, dequantize_packed(arrays, fmt=fmt, out_in=out_in, dtype=x.dtype))
+    layout = LAYOUTS[fmt]
+    pers = {f.name: f.per for f in layout.fields}
+
+    def weight(a: int, b: int) -> jax.Array:
+        if (a, b) != (0, out_in[1]):
+            arrays_ab = {n: v[..., a // pers[n] : b // pers[n]] for n, v in arrays.items()}
+        else:
+            arrays_ab = arrays
+        return dequantize_packed(arrays_ab, fmt=fmt, out_in=(out_in[0], b - a), dtype=x.dtype)
+
+    return _product_t(x, weight, out_in[1], layout.block, None)
 
 
 def _check(x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]) -> None:
@@ -108,6 +161,7 @@ _PLANES: dict[str, tuple[int, Callable, str]] = {
     "Q5_1": (2, _nibble_halves(32), "qs"),
     "Q8_0": (1, _identity, "qs"),
     "U8M": (1, _identity, "qs"),
+    "Q8F": (1, _identity, "qs"),
     "Q2_K": (4, _crumbs, "qs"),
     "Q3_K": (4, _crumbs, "qs"),
     "Q4_K": (2, _nibble_halves(64), "qs"),
@@ -149,7 +203,7 @@ def _bits_at(gather, name: str, elem, layout: str):
 def _legacy_tile(fmt: str, main, p: int, elem, gather):
     f32 = jnp.float32
     d = gather("d", elem >> 5).astype(f32)
-    if fmt == "Q8_0":
+    if fmt in ("Q8_0", "Q8F"):
         return main.astype(f32) * d
     if fmt == "U8M":
         return main.astype(f32) * d + gather("m", elem >> 5).astype(f32)

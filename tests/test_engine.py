@@ -78,8 +78,10 @@ def test_xla_options_reach_the_steps(llm, ids, alone):
     from jaxrs.engine.runner import step_xla_options
     from jaxrs.errors import JaxrsError
 
-    assert step_xla_options({"b": "1", "a": "2"}, "cpu") == (("a", "2"), ("b", "1"))
-    assert step_xla_options({"a": ""}, "cpu") == ()  # an empty value drops an option
+    assert step_xla_options({"b": "1", "a": "2"}, "gpu") == (("a", "2"), ("b", "1"))
+    assert step_xla_options({"a": ""}, "gpu") == ()  # an empty value drops an option
+    assert step_xla_options(None, "cpu") == (("xla_cpu_prefer_vector_width", "512"),)  # the CPU default
+    assert step_xla_options({"xla_cpu_prefer_vector_width": ""}, "cpu") == ()
     ynn = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     out = run(engine_with(llm, prefix_caching=False, xla_options=ynn), ids[:3], GREEDY)
     assert [o.token_ids for o in out] == alone[:3]

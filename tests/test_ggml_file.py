@@ -153,8 +153,8 @@ def test_f32_ggml_equals_the_hf_folder(files):
 def test_ggml_packed_equals_dequantized(files):
     plain = load_model(str(files / "tiny.ggjt.bin"), tokenizer=str(files), packed=False)
     packed = load_model(str(files / "tiny.ggjt.bin"), tokenizer=str(files))  # the default
-    on_cpu = jax.default_backend() == "cpu"  # where Q4_0 moves exactly into Q8_0 (quant.transcode)
-    assert packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == ("Q8_0" if on_cpu else "Q4_0")
+    on_cpu = jax.default_backend() == "cpu"  # where Q4_0 moves exactly into Q8F (quant.transcode)
+    assert packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == ("Q8F" if on_cpu else "Q4_0")
     ids = list(range(3, 20))
     np.testing.assert_array_equal(
         PagedRun(packed.config, packed.params).feed(ids), PagedRun(plain.config, plain.params).feed(ids)

@@ -117,11 +117,10 @@ def test_unknown_isq_type_is_rejected_with_the_valid_names(tiny):
 def test_packed_gguf_equals_dequantized_load(demo_gguf):
     plain = load_model(str(demo_gguf), packed=False)
     packed = load_model(str(demo_gguf))  # the default
-    layout = "U8M" if jax.default_backend() == "cpu" else "Q4_1"  # see the bytes test below
-    assert (
-        packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == layout
-        and packed.params["embed"]["weight"].fmt == "Q8_0"
-    )
+    on_cpu = jax.default_backend() == "cpu"  # see the bytes test below
+    assert packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == (
+        "U8M" if on_cpu else "Q4_1"
+    ) and packed.params["embed"]["weight"].fmt == ("Q8F" if on_cpu else "Q8_0")
     ids = list(range(100, 124))
     np.testing.assert_array_equal(logits(packed, ids), logits(plain, ids))
 
@@ -275,10 +274,12 @@ def test_layers_in_mixed_types_load_packed_in_the_richer_one(tmp_path):
     packed = load_model(str(tmp_path / "mixed.gguf"), packed=True, tokenizer=str(tmp_path))
     floats = load_model(str(tmp_path / "mixed.gguf"), tokenizer=str(tmp_path), packed=False)
     layers, float_layers = packed.params["layers"], floats.params["layers"]
-    # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized.
-    down_format, exact, moved = ("U8M", 1, 0) if jax.default_backend() == "cpu" else ("Q6_K", 0, 1)
+    # On CPU, Q4_K first moves exactly into U8M, which then holds the Q6_K layer re-quantized; Q5_0 and
+    # Q8_0 both move exactly into Q8F.
+    on_cpu = jax.default_backend() == "cpu"
+    down_format, exact, moved = ("U8M", 1, 0) if on_cpu else ("Q6_K", 0, 1)
     assert (layers["attn"]["v_proj"]["weight"].fmt, layers["mlp"]["down_proj"]["weight"].fmt) == (
-        "Q8_0",
+        "Q8F" if on_cpu else "Q8_0",
         down_format,
     )
     np.testing.assert_array_equal(
@@ -311,10 +312,7 @@ def test_cli_quantize_to_a_gguf_file(tiny_gguf, tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
     assert (types["blk.0.attn_output.weight"], types["token_embd.weight"]) == ("Q4_0", "Q8_0")
     loaded = load_model(str(out), packed=True, tokenizer=str(tiny_gguf))
-    assert loaded.params["layers"]["attn"]["o_proj"]["weight"].fmt in (
-        "Q4_0",
-        "Q8_0",
-    )  # Q8_0: CPU's exact layout
+    assert loaded.params["layers"]["attn"]["o_proj"]["weight"].fmt in ("Q4_0", "Q8F")  # Q8F: on CPU
 
     assert main(["quantize", "--model", str(tiny_gguf), "--isq", "8", "--out", str(out)]) == 1  # HF folder
     assert "needs a GGUF model" in capsys.readouterr().err
@@ -396,7 +394,8 @@ def test_smollm2_perplexity_per_format(demo_gguf, smollm2_float_ppl, fmt):
 @pytest.mark.slow
 def test_packed_demo_weights_are_the_file_values_in_few_bytes(demo_gguf):
     """On GPU the packed tree takes the file's tensor bytes; on CPU the Q4_1 matrices move exactly into
-    U8M (one byte a weight, `quant.transcode`), still a third of f32's bytes."""
+    U8M (one byte a weight, `quant.transcode`) and the Q8_0 embedding into Q8F (its scales in f32),
+    still a third of f32's bytes."""
     packed = load_model(str(demo_gguf))  # the default
     device = tree_nbytes(packed.params)
     in_file = sum(int(t.n_bytes) for t in open_gguf(demo_gguf).tensors)
@@ -405,7 +404,7 @@ def test_packed_demo_weights_are_the_file_values_in_few_bytes(demo_gguf):
     formats = {leaf.fmt for leaf in jax.tree.leaves(packed.params, is_leaf=is_qt) if is_qt(leaf)}
     floats = load_model(str(demo_gguf), packed=False).params
     if jax.default_backend() == "cpu":
-        assert formats == {"Q8_0", "U8M"}
+        assert formats == {"Q8F", "U8M"}
         assert tree_nbytes(floats) > 3 * device
     else:
         assert formats == {"Q8_0", "Q4_1"}

@@ -129,3 +129,23 @@ def test_rejects_stacked_or_mismatched_weights():
     stacked = jax.tree.map(lambda a: a[None], qt)
     with pytest.raises(ValueError, match="stacked"):
         qmatmul_pallas(jnp.ones((1, qt.out_in[1])), stacked)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "U8M", "Q8F", "Q6_K"])
+def test_one_long_row_is_split_so_xla_cpu_fuses_the_weight_into_each_piece(fmt):
+    """A row of 4,864 f32 inputs (Qwen2.5-0.5B's down_proj) is past XLA:CPU's 16 KiB limit for fusing a
+    weight's producer into a one-row product: unsplit, the compiled step writes the whole weight out
+    in f32 first. Split, every product is a fusion reading the packed arrays, and the result is the
+    dot with the dequantized weight."""
+    rng = np.random.default_rng(3)
+    qt = jax.device_put(quantize(rng.standard_normal((48, 4864)).astype(np.float32), fmt))
+    x = jnp.asarray(rng.standard_normal((1, 4864)), jnp.float32)
+    compiled = jax.jit(qmatmul_xla).lower(x, qt).compile()
+    close(compiled(x, qt), x @ dequantize(qt).T, 1e-5)
+    if jax.default_backend() == "cpu":
+        lines = compiled.as_text().split("ENTRY", 1)[1].splitlines()
+        weight_sized = re.compile(r"= f32\[\d\d+,\d+\].* (fusion|copy|transpose)\(")
+        written = [line for line in lines if weight_sized.search(line)]
+        assert not written, f"the weight is written out before the product: {written}"
+        products = [line for line in lines if "kind=kLoop" in line and "dot_general" in line]
+        assert len(products) >= 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrs.quant import dequantize, quantize
-from jaxrs.quant.transcode import CPU_LAYOUT, to_format, unify_formats
+from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout, to_format, unify_formats
 from tests.conftest import relative_error
 
 RNG = np.random.default_rng(7)
@@ -34,6 +34,22 @@ def test_cpu_layouts_hold_the_same_values(fmt):
     moved = to_format(qt, CPU_LAYOUT[fmt])
     assert moved.fmt == CPU_LAYOUT[fmt] and moved.shape == qt.shape
     np.testing.assert_array_equal(np.asarray(dequantize(moved)), np.asarray(dequantize(qt)))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q5_0", "Q8_0"])
+def test_symmetric_blocks_move_to_q8f_exactly_with_f32_scales(fmt):
+    qt = quantize(weights(), fmt)
+    moved = cpu_layout(qt)
+    assert CPU_LAYOUT[fmt] == "Q8F" and moved.fmt == "Q8F"
+    assert moved.arrays["d"].dtype == np.float32 and moved.arrays["qs"].dtype == np.int8
+    np.testing.assert_array_equal(np.asarray(dequantize(moved)), np.asarray(dequantize(qt)))
+
+
+def test_q8f_quantizes_to_q8_0s_values():
+    w = weights()
+    np.testing.assert_array_equal(
+        np.asarray(dequantize(quantize(w, "Q8F"))), np.asarray(dequantize(quantize(w, "Q8_0")))
+    )
 
 
 @pytest.mark.parametrize(("src", "dst", "bound"), [("Q4_K", "Q6_K", 0.02), ("Q4_1", "Q8_0", 0.01)])

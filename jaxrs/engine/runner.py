@@ -50,12 +50,15 @@ MIN_WIDTH = 8
 # sequences"). Longer chunks run alone, so the batched prefill shapes stay few.
 MAX_BATCHED_CHUNK = 64
 
-# XLA options the steps compile with, by platform (none yet: `EngineConfig.xla_options` and
-# `--xla-option` try others). Measured and left out: YNNPACK taking each dot alone on XLA:CPU
+# XLA options the steps compile with, by platform (`EngineConfig.xla_options` and `--xla-option` try
+# others). On CPU, LLVM may use 512-bit vectors where the CPU has them (XLA's default prefers 256): the
+# fused one-row products of a decode step, which dominate it, run on twice the lanes (bench/RESULTS.md,
+# "CPU decode, sixth round"); a CPU without AVX-512 keeps its widest vectors. Measured and left out:
+# YNNPACK taking each dot alone on XLA:CPU
 # (`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) sped up the layer
 # projections in isolation but slowed the engine's decode, single-stream and 32 streams alike
 # (bench/RESULTS.md, "CPU decode, fourth round: 32 streams").
-STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {}
+STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {"cpu": {"xla_cpu_prefer_vector_width": "512"}}
 
 
 def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:

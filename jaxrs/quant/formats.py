@@ -16,10 +16,10 @@ from pallas_kernels.formats import LAYOUTS, Layout
 
 @dataclasses.dataclass(frozen=True)
 class FormatSpec(Layout):
-    ggml_type: GGMLQuantizationType | None = None  # None: no GGUF encoding (U8M, HQQ)
+    ggml_type: GGMLQuantizationType | None = None  # None: no GGUF encoding (U8M, Q8F, HQQ)
 
 
-_NO_GGUF_TYPE = ("U8M", "HQQ4", "HQQ8")  # layouts of our own; every other is the GGUF type of its name
+_NO_GGUF_TYPE = ("U8M", "Q8F", "HQQ4", "HQQ8")  # layouts of our own; every other is the GGUF type of its name
 
 FORMATS: dict[str, FormatSpec] = {
     name: FormatSpec(

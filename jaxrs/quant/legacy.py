@@ -1,7 +1,8 @@
-"""Quantizers for the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and U8M).
+"""Quantizers for the 32-element block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, U8M and Q8F).
 
 Same arithmetic as ggml's `quantize_row_q*_ref` (and `gguf.quants`), in f32, so the bytes match. U8M
-(no ggml counterpart) is Q4_1's scheme with 255 levels and f32 scale and min.
+(no ggml counterpart) is Q4_1's scheme with 255 levels and f32 scale and min; Q8F is Q8_0 (same codes,
+same half-precision scale) with the scale held in f32.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def quantize_legacy(w: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     """`w` f32 `[..., in]` -> the arrays of `fmt` (see `formats`)."""
     lead = w.shape[:-1]
     blocks = w.astype(F32).reshape(*lead, -1, 32)
-    if fmt == "Q8_0":
+    if fmt in ("Q8_0", "Q8F"):
         d = np.abs(blocks).max(axis=-1, keepdims=True) / F32(127)
         qs = _round_away(blocks * _safe_inverse(d)).astype(np.int8)
-        return {"qs": qs.reshape(*lead, -1), "d": d[..., 0].astype(np.float16)}
+        half = d[..., 0].astype(np.float16)
+        return {"qs": qs.reshape(*lead, -1), "d": half if fmt == "Q8_0" else half.astype(F32)}
     if fmt in ("Q4_0", "Q5_0"):
         half = 8 if fmt == "Q4_0" else 16
         d = _signed_max(blocks) / F32(-half)

@@ -2,8 +2,10 @@
 
 Two uses. `cpu_layout`: on XLA:CPU, formats with nibbles and bit planes dequantize several times
 slower than one byte per weight (a 30-layer stack at one row: Q4_1 41 ms, Q4_K 86 ms, Q8_0 7.7 ms, f32
-14.6 ms), so packed weights are moved, exactly, into Q8_0 (Q4_0, Q5_0: same scale, codes recentred) or
-U8M (Q4_1, Q5_1, Q4_K, Q5_K: byte codes with the f32 scale and min each 32-block already has).
+14.6 ms), so packed weights are moved, exactly, into Q8F (Q4_0, Q5_0, Q8_0: same scale in f32, codes
+recentred) or U8M (Q4_1, Q5_1, Q4_K, Q5_K: byte codes with the f32 scale and min each 32-block already
+has). Scales in f32 because a fused one-row GEMV converts a half scale once per weight, not per block:
+Q8_0's f16 scales made a 262,144 x 640 head about twice as slow as the same codes with f32 scales.
 
 `unify_formats`: mixed per-layer formats -> one format, so a stacked parameter stays packed.
 
@@ -32,11 +34,14 @@ from jaxrs.quant.tensor import QuantizedTensor
 
 log = logging.getLogger("jaxrs")
 
-EXACT_IN_Q8_0 = ("Q4_0", "Q5_0")  # w = d * (q - 8 or 16): the same scale with int8 codes holds it
-
-
-EXACT_IN_U8M = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # w = d*q + m per 32 (K: d*sc and -dmin*m, in f32)
-CPU_LAYOUT = dict.fromkeys(EXACT_IN_Q8_0, "Q8_0") | dict.fromkeys(EXACT_IN_U8M, "U8M")
+# Formats whose values another holds exactly, by target: w = d * (q - 8 or 16) (Q8_0 keeps the half
+# scale, Q8F the same scale in f32); w = d*q + m per 32 (K: d*sc and -dmin*m, in f32).
+EXACT_INTO = {
+    "Q8_0": ("Q4_0", "Q5_0"),
+    "Q8F": ("Q4_0", "Q5_0", "Q8_0"),
+    "U8M": ("Q4_1", "Q5_1", "Q4_K", "Q5_K"),
+}
+CPU_LAYOUT = {fmt: target for target in ("Q8F", "U8M") for fmt in EXACT_INTO[target]}
 
 
 def cpu_layout(qt: QuantizedTensor) -> QuantizedTensor:
@@ -45,24 +50,27 @@ def cpu_layout(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 def to_format(qt: QuantizedTensor, fmt: str) -> QuantizedTensor:
-    """`qt` re-encoded in `fmt` (host arrays): exactly into Q8_0 / U8M from the formats above (in NumPy,
-    no device work or compiled code), else by re-quantizing its values."""
+    """`qt` re-encoded in `fmt` (host arrays): exactly into Q8_0 / Q8F / U8M from the formats above (in
+    NumPy, no device work or compiled code), else by re-quantizing its values."""
     if qt.fmt == fmt:
         return qt
+    if qt.fmt not in EXACT_INTO.get(fmt, ()):
+        return quantize(_values(qt), fmt)
     a = {n: np.asarray(x) for n, x in qt.arrays.items()}
-    if fmt == "Q8_0" and qt.fmt in EXACT_IN_Q8_0:
+    if fmt in ("Q8_0", "Q8F"):
+        scale = a["d"] if fmt == "Q8_0" else a["d"].astype(np.float32)
+        if qt.fmt == "Q8_0":
+            return QuantizedTensor(fmt, qt.out_in, {"qs": a["qs"], "d": scale})
         offset = 8 if qt.fmt == "Q4_0" else 16
         codes = (_codes(qt.fmt, a).astype(np.int16) - offset).astype(np.int8)
-        return QuantizedTensor("Q8_0", qt.out_in, {"qs": codes, "d": a["d"]})
-    if fmt == "U8M" and qt.fmt in EXACT_IN_U8M:
-        f32 = np.float32
-        if qt.spec.family == "legacy":
-            d, m = a["d"].astype(f32), a["m"].astype(f32)
-        else:  # 8 sub-blocks of 32 per superblock, each with a 6-bit scale and min
-            d = np.repeat(a["d"].astype(f32), 8, axis=-1) * a["sc"].astype(f32)
-            m = -(np.repeat(a["dmin"].astype(f32), 8, axis=-1) * a["m"].astype(f32))
-        return QuantizedTensor("U8M", qt.out_in, {"qs": _codes(qt.fmt, a), "d": d, "m": m})
-    return quantize(_values(qt), fmt)
+        return QuantizedTensor(fmt, qt.out_in, {"qs": codes, "d": scale})
+    f32 = np.float32
+    if qt.spec.family == "legacy":
+        d, m = a["d"].astype(f32), a["m"].astype(f32)
+    else:  # 8 sub-blocks of 32 per superblock, each with a 6-bit scale and min
+        d = np.repeat(a["d"].astype(f32), 8, axis=-1) * a["sc"].astype(f32)
+        m = -(np.repeat(a["dmin"].astype(f32), 8, axis=-1) * a["m"].astype(f32))
+    return QuantizedTensor("U8M", qt.out_in, {"qs": _codes(qt.fmt, a), "d": d, "m": m})
 
 
 def _values(qt: QuantizedTensor) -> np.ndarray:
@@ -87,7 +95,7 @@ def unify_formats(tensors: Sequence[QuantizedTensor], name: str = "") -> list[Qu
         return list(tensors)
     target = max(set(formats), key=lambda f: FORMATS[f].bits_per_weight())
     moved = sorted({f for f in formats if f != target})
-    exact = all(CPU_LAYOUT.get(f) == target for f in moved)
+    exact = all(f in EXACT_INTO.get(target, ()) for f in moved)
     log.info(
         "%s: layers in %s stored as %s to stack with the others (%s)",
         name or "a stacked weight",
