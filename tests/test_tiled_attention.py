@@ -60,7 +60,7 @@ def test_tile_sizes(query_tile: int, key_tile: int) -> None:
     check(inputs, query_tile=query_tile, key_tile=key_tile)
 
 
-@pytest.mark.parametrize("window", [5, 8, 19])
+@pytest.mark.parametrize("window", [5, 8, 19, 40])  # 40: whole key tiles inside the window
 def test_sliding_window_and_soft_cap(window: int) -> None:
     inputs = make_inputs(
         block_size=8, group=3, starts=[40, 7, 0], new_tokens=[12, 12, 12], q_len=12, dtype=jnp.float32
