@@ -203,3 +203,13 @@ def test_cpu_attention_script(tmp_path):
     )
     (row,) = out["ms"].values()
     assert set(row) == {"jaxrs", "dots", "products"} and all(ms > 0 for ms in row.values())
+
+
+def test_prefill_attention_script(tmp_path):
+    out = bench(
+        "bench_prefill_attention.py",
+        *("--cases", "40:20:8", "--variants", "dense", "tiled", "16:32", "--layers", "2", "--repeats", "1"),
+        *("--out", str(tmp_path / "p.json")),
+    )
+    assert [r["variant"] for r in out["results"]] == ["dense", "tiled", "16:32"]
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in out["results"])
