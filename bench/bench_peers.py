@@ -381,7 +381,7 @@ def prepare_work(args: argparse.Namespace) -> dict:
     """Token ids (and text, for mistral.rs) of the long prompt, the short prompts and the cold prompt,
     from jaxrs's reading of the model's tokenizer."""
     tok = load_tokenizer(args.model)
-    longest = max(args.prompt_tokens, *args.prompt_lengths)
+    longest = max([args.prompt_tokens, *args.prompt_lengths])
     long_ids = prompt_ids(tok, longest)
     if len(long_ids) < longest:
         raise SystemExit(f"the prompt text gives only {len(long_ids)} tokens")
