@@ -2,8 +2,8 @@
 
     python bench/bench_peers.py [--model PATH] [--engines jaxrs llamacpp mistralrs transformers]
         [--jaxrs-modes f32 packed] [--jaxrs-checkout LABEL=PATH ...] [--passes 3] [--prompt-tokens 512]
-        [--new-tokens 128] [--concurrency 8 32] [--threads 2] [--skip-cold] [--skip-warmup]
-        [--out bench/results/peers.json]
+        [--prompt-lengths 2048 6000] [--new-tokens 128] [--concurrency 8 32] [--threads 2] [--skip-cold]
+        [--skip-warmup] [--out bench/results/peers.json]
 
 Each engine runs in its own process (`peer_worker.py`; llama.cpp and mistral.rs under the interpreters
 of the virtual environments `bench/setup_peers.sh` makes, skipped with a note when absent), loaded once
@@ -31,6 +31,8 @@ of the in-tree `jaxrs` rows. The first checkout given is the base: every other o
 against it, mode by mode.
 
 - prefill tok/s: prompt tokens / time to the first token, for a --prompt-tokens prompt; TTFT: that time;
+- prefill tok/s @N (--prompt-lengths N ...): the same for the first N tokens of the prompt text, one
+  token generated: long prompts, whose attention grows with the square of their length;
 - decode tok/s: the remaining --new-tokens - 1 tokens of that sequence / their time;
 - aggregate tok/s at N: N short distinct prompts, --new-tokens each, submitted at once; generated tokens /
   wall time. llama.cpp (one sequence per `Llama` object) and mistral.rs (its `Runner` takes one caller
@@ -320,6 +322,11 @@ def measure(row: Row, args: argparse.Namespace, work: dict, warmup: bool) -> dic
     result["prefill_tok_s"] = single["prompt_tokens"] / single["ttft_s"]
     result["ttft_ms"] = 1e3 * single["ttft_s"]
     result["prompt_tokens"] = single["prompt_tokens"]
+    for n in args.prompt_lengths:
+        long = row.worker.ask(
+            timeout, op="single", ids=work["long_ids"][:n], text=work["long_texts"][n], new_tokens=1
+        )
+        result[f"prefill_tok_s@{n}"] = long["prompt_tokens"] / long["ttft_s"]
     if single["decode_tokens"] > 0 and single["decode_s"] > 0:
         result["decode_tok_s"] = single["decode_tokens"] / single["decode_s"]
         if "decode_device_s" in single:  # jaxrs: the host's part of the decode time
@@ -374,14 +381,18 @@ def prepare_work(args: argparse.Namespace) -> dict:
     """Token ids (and text, for mistral.rs) of the long prompt, the short prompts and the cold prompt,
     from jaxrs's reading of the model's tokenizer."""
     tok = load_tokenizer(args.model)
-    ids = prompt_ids(tok, args.prompt_tokens)
-    if len(ids) < args.prompt_tokens:
-        raise SystemExit(f"the prompt text gives only {len(ids)} tokens")
+    longest = max([args.prompt_tokens, *args.prompt_lengths])
+    long_ids = prompt_ids(tok, longest)
+    if len(long_ids) < longest:
+        raise SystemExit(f"the prompt text gives only {len(long_ids)} tokens")
+    ids = long_ids[: args.prompt_tokens]
     n = max(args.concurrency)
     texts = [request_text(i) for i in range(n)]
     return {
         "ids": ids,
         "text": tok.decode(ids),
+        "long_ids": long_ids,
+        "long_texts": {n: tok.decode(long_ids[:n]) for n in args.prompt_lengths},
         "prompts": [tok.encode(t) for t in texts],
         "texts": texts,
         "cold": {"ids": ids[:COLD_PROMPT], "text": tok.decode(ids[:COLD_PROMPT])},
@@ -403,6 +414,7 @@ def load_tokenizer(model: str):
 
 def summarize(rows: list[Row], args: argparse.Namespace) -> dict[str, dict]:
     keys = ["prefill_tok_s", "ttft_ms", "decode_tok_s", "decode_host_share", "decode_host_ms_per_call"]
+    keys += [f"prefill_tok_s@{n}" for n in args.prompt_lengths]
     keys += [f"{k}@{c}" for c in args.concurrency for k in ("agg_tok_s", "host_share")]
     keys += ["cold_s", "cold_cached_s", "warmup_s", "warmup_shapes", "warmup_compiled", "load1"]
     table = {}
@@ -431,7 +443,15 @@ HOST_SHARE_TARGET = 0.01
 def columns(args: argparse.Namespace) -> list[tuple[str, str, int, bool]]:
     agg = [(f"agg_tok_s@{c}", f"aggregate tok/s @{c}", 1, True) for c in args.concurrency]
     most = max(args.concurrency)
-    return COLUMNS + agg + [(f"host_share@{most}", f"host % @{most}", 2, False)] + TAIL
+    lengths = [(f"prefill_tok_s@{n}", f"prefill tok/s @{n}", 1, True) for n in args.prompt_lengths]
+    return (
+        COLUMNS[:2]
+        + lengths
+        + COLUMNS[2:]
+        + agg
+        + [(f"host_share@{most}", f"host % @{most}", 2, False)]
+        + TAIL
+    )
 
 
 def cell_text(row: Row, medians: dict, key: str, digits: int) -> str:
@@ -525,6 +545,13 @@ def main() -> None:
     )
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument(
+        "--prompt-lengths",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the prefill rate of prompts of these many tokens (e.g. 2048 6000)",
+    )
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--sequential-requests", type=int, default=4, help="requests a sequential engine runs")
@@ -542,7 +569,7 @@ def main() -> None:
     args.model = str(resolve_source(args.model)[1])
     work = prepare_work(args)
     short = max(len(p) for p in work["prompts"])
-    args.ctx = max(args.prompt_tokens, short) + args.new_tokens + BLOCK
+    args.ctx = max(args.prompt_tokens, *args.prompt_lengths, short) + args.new_tokens + BLOCK
     blocks = -(-(short + args.new_tokens) // BLOCK)
     args.kv_tokens = max(args.ctx, max(args.concurrency) * blocks * BLOCK) + BLOCK * max(args.concurrency)
     skipped: dict[str, str] = {}
@@ -735,7 +762,9 @@ def print_host_shares(rows: list[Row], table: dict, args: argparse.Namespace) ->
 def print_ab_passes(rows: list[Row], args: argparse.Namespace) -> None:
     """Pass by pass figures of the checkout rows (the medians hide how far apart the passes were)."""
     keys = [("decode_tok_s", "decode tok/s"), (f"agg_tok_s@{max(args.concurrency)}", "aggregate tok/s")]
-    keys += [("prefill_tok_s", "prefill tok/s"), ("cold_s", "cold s"), ("warmup_s", "warm-up s")]
+    keys += [("prefill_tok_s", "prefill tok/s")]
+    keys += [(f"prefill_tok_s@{n}", f"prefill tok/s @{n}") for n in args.prompt_lengths]
+    keys += [("cold_s", "cold s"), ("warmup_s", "warm-up s")]
     for key, name in keys:
         parts = [
             f"{r.label} " + " / ".join(fmt(p.get(key)) for p in r.passes)

@@ -114,7 +114,8 @@ def test_peers_script(tmp_path):
     model = tiny_model(tmp_path)
     # 16 new tokens: transformers' decode time is a whole run less a one-token run, which a loaded machine
     # can make negative over a few tokens (the harness then drops the figure)
-    sizes = ["--prompt-tokens", "16", "--new-tokens", "16", "--passes", "1", "--concurrency", "2"]
+    sizes = ["--prompt-tokens", "16", "--prompt-lengths", "40", "--new-tokens", "16", "--passes", "1"]
+    sizes += ["--concurrency", "2"]
     out = bench(
         "bench_peers.py",
         *("--model", str(model), "--engines", "jaxrs", "transformers", "--jaxrs-modes", "f32", *sizes),
@@ -124,7 +125,8 @@ def test_peers_script(tmp_path):
     assert set(rows) == {"jaxrs f32", "transformers"}
     for row in rows.values():
         m = row["medians"]
-        figures = [m[k] for k in ("prefill_tok_s", "ttft_ms", "decode_tok_s", "agg_tok_s@2", "peak_mib")]
+        keys = ("prefill_tok_s", "prefill_tok_s@40", "ttft_ms", "decode_tok_s", "agg_tok_s@2", "peak_mib")
+        figures = [m[k] for k in keys]
         assert None not in figures and min(figures) > 0, (figures, row["notes"])
         assert len(row["passes"]) == 1 and row["concurrent"]
     assert rows["jaxrs f32"]["versions"]["jax"] and rows["transformers"]["versions"]["torch"]
@@ -201,3 +203,13 @@ def test_cpu_attention_script(tmp_path):
     )
     (row,) = out["ms"].values()
     assert set(row) == {"jaxrs", "dots", "products"} and all(ms > 0 for ms in row.values())
+
+
+def test_prefill_attention_script(tmp_path):
+    out = bench(
+        "bench_prefill_attention.py",
+        *("--cases", "40:20:8", "--variants", "dense", "tiled", "16:32", "--layers", "2", "--repeats", "1"),
+        *("--out", str(tmp_path / "p.json")),
+    )
+    assert [r["variant"] for r in out["results"]] == ["dense", "tiled", "16:32"]
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in out["results"])
