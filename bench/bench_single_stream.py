@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-peer", action="store_true", help="skip the transformers measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--out", type=Path, default=RESULTS / "single_stream.json", help="JSON results file")

@@ -31,7 +31,7 @@ import numpy as np
 from jaxrs import ops
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
-from jaxrs.loading.sentence_transformers import EmbeddingSpec, is_embedding_folder
+from jaxrs.loading.sentence_transformers import EmbeddingSpec, is_embedding_folder, load_dense
 from jaxrs.models import bert, decoder
 from jaxrs.models.layers import AttentionMetadata, allocate_kv_cache
 from jaxrs.models.nn import value
@@ -112,13 +112,26 @@ def _decoder_states(params: dict, tokens: jax.Array, lengths: jax.Array, cfg: Mo
     return hidden
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "pooling", "normalize"))
-def _embed_step(params, tokens, lengths, *, cfg, kernels, pooling, normalize):
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "identity": lambda x: x,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU's default
+    "sigmoid": jax.nn.sigmoid,
+    "silu": jax.nn.silu,
+}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kernels", "pooling", "activations", "normalize"))
+def _embed_step(params, dense, tokens, lengths, *, cfg, kernels, pooling, activations, normalize):
     if isinstance(cfg, bert.EncoderConfig):
         hidden = bert.merge(params, cfg)(tokens, lengths, kernels)
     else:
         hidden = _decoder_states(params, tokens, lengths, cfg, kernels)
-    vectors = pool(hidden, lengths, pooling)
+    vectors = pool(hidden, lengths, pooling).astype(jnp.float32)
+    for layer, activation in zip(dense, activations, strict=True):  # sentence-transformers' Dense modules
+        vectors = vectors @ layer["weight"].T
+        vectors = ACTIVATIONS[activation](vectors + layer["bias"] if "bias" in layer else vectors)
     return l2_normalize(vectors) if normalize else vectors
 
 
@@ -161,6 +174,14 @@ class Embedder:
         positions = cfg.max_tokens if isinstance(cfg, bert.EncoderConfig) else cfg.max_position_embeddings
         self.max_tokens = min(spec.max_tokens or positions, positions)
         self.dimensions = cfg.hidden_size * len(spec.pooling)
+        if spec.dense:
+            if spec.dense[0].in_features != self.dimensions:
+                raise JaxrsError(
+                    f"{spec.dense[0].folder}: a Dense module taking {spec.dense[0].in_features} features "
+                    f"after pooling that gives {self.dimensions}"
+                )
+            self.dimensions = spec.dense[-1].out_features
+        self._dense = tuple(load_dense(layer, jnp.float32) for layer in spec.dense)
         self._queue: list[_Job] = []
         self._queue_changed = threading.Condition()
         self._running = False  # a thread is running batches
@@ -323,11 +344,13 @@ class Embedder:
         start = time.perf_counter()
         result = _embed_step(
             params,
+            self._dense,
             jnp.asarray(tokens),
             jnp.asarray(lengths),
             cfg=self.cfg,
             kernels=self.kernels,
             pooling=self.spec.pooling,
+            activations=tuple(layer.activation for layer in self.spec.dense),
             normalize=self.spec.normalize,
         )
         if shape not in self._shapes:

@@ -147,7 +147,7 @@ class LLM:
             EngineConfig(**engine_config),
             kernels=Kernels.from_mapping(kernels),
             dtype=self.dtype,
-            reload=source_reloader(loaded.source, self.dtype, tokenizer),
+            reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
         )
         if warmup:
             self.warmup()

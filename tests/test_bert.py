@@ -110,6 +110,50 @@ def test_a_plain_encoder_folder_pools_like_sentence_transformers_would(tiny_bert
         llm.generate("w4")
 
 
+def test_dense_modules_after_pooling_match_torch(tiny_bert, tmp_path):
+    """Pooling -> Dense (tanh, bias) -> Dense (identity, no bias) -> Normalize, as EmbeddingGemma's
+    folder chains them; a bad Dense config is a load error naming the file."""
+    from safetensors.numpy import save_file
+
+    path, model = tiny_bert
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    write_sentence_transformers(tmp_path, ("mean",), normalize=False)
+    rng = np.random.default_rng(3)
+    layers = [(64, 32, True, "Tanh"), (32, 16, False, "Identity")]
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    weights = []
+    for i, (fan_in, fan_out, bias, act) in enumerate(layers):
+        folder = tmp_path / f"{i + 2}_Dense"
+        folder.mkdir()
+        config = {"in_features": fan_in, "out_features": fan_out, "bias": bias}
+        (folder / "config.json").write_text(
+            json.dumps(config | {"activation_function": f"torch.nn.modules.activation.{act}"})
+        )
+        w = {"linear.weight": rng.normal(0, 0.3, (fan_out, fan_in)).astype(np.float32)}
+        if bias:
+            w["linear.bias"] = rng.normal(0, 0.3, fan_out).astype(np.float32)
+        save_file(w, str(folder / "model.safetensors"))
+        weights.append(w)
+        modules.append({"idx": i + 2, "path": folder.name, "type": "sentence_transformers.models.Dense"})
+    modules.append({"idx": 4, "path": "4_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    llm = LLM(str(tmp_path), dtype="float32")
+    texts = random_sentences(np.random.default_rng(4), 5, 30)
+    ref = reference(model, llm.embedder.token_ids(texts), ("mean",), False)
+    ref = np.tanh(ref @ weights[0]["linear.weight"].T + weights[0]["linear.bias"])
+    ref = ref @ weights[1]["linear.weight"].T
+    ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+    ours = llm.embed(texts)
+    assert ours.shape == (5, 16)
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-4)
+    (tmp_path / "3_Dense" / "config.json").write_text(
+        json.dumps({"in_features": 32, "out_features": 16, "activation_function": "torch.nn.Softplus"})
+    )
+    with pytest.raises(ModelLoadError, match=r"3_Dense.*Softplus"):
+        LLM(str(tmp_path), dtype="float32")
+
+
 def test_an_encoder_option_we_do_not_run_is_a_load_error(tiny_bert, tmp_path):
     path, _ = tiny_bert
     config = json.loads((path / "config.json").read_text())

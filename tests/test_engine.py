@@ -173,7 +173,7 @@ def test_default_load_is_packed_with_a_float16_cache_on_cpu(llm):
     """The defaults: a GGUF's own quantized bits on the device, a float16 KV cache on CPU."""
     is_qt = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
     formats = {leaf.fmt for leaf in jax.tree.leaves(llm.model.params, is_leaf=is_qt) if is_qt(leaf)}
-    assert formats == ({"Q8_0", "U8M"} if jax.default_backend() == "cpu" else {"Q8_0", "Q4_1"})
+    assert formats == ({"Q8F", "U8M"} if jax.default_backend() == "cpu" else {"Q8_0", "Q4_1"})
     want = jnp.float16 if jax.default_backend() == "cpu" else llm.dtype
     assert llm.engine.kv_dtype == want and llm.engine.runner.kv.k.dtype == want
 
@@ -287,4 +287,5 @@ def test_generated_logprobs_equal_score(llm, ids):
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the top alternative
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
     scored = llm.score([ids[4]], [out.token_ids])[0]
-    np.testing.assert_allclose([lp.logprob for lp in out.logprobs], scored, atol=1e-4)
+    # decode's one-row matmuls sum split rows in another order than scoring's whole-prompt ones
+    np.testing.assert_allclose([lp.logprob for lp in out.logprobs], scored, atol=5e-4)

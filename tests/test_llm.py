@@ -74,7 +74,7 @@ def test_preemption_loses_nothing(demo_gguf, llm):
     prompts = ["Tell me about the moon.", "Tell me about the sun.", "Tell me about the stars."]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     roomy = llm.generate(prompts, params, use_tqdm=False)
-    tight = LLM(str(demo_gguf), kv_cache_mb=5.7)  # 8 blocks of 16 tokens: not enough for all three
+    tight = LLM(str(demo_gguf), kv_cache_tokens=128)  # 8 blocks of 16 tokens: not enough for all three
     assert tight.engine.blocks.num_blocks == 8
     squeezed = tight.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]

@@ -289,3 +289,21 @@ def test_route_alias_auth_and_bad_bodies(tiny):
         r = client.post("/re_isq", json={"ggml_type": "8"}, headers=key)
         assert r.status_code == 200 and r.json()["ggml_type"] == "Q8_0"
     assert llm.model.params is not params
+
+
+def test_reloading_keeps_how_the_embeddings_were_loaded(monkeypatch):
+    """A runtime re-ISQ reads the source again with the load's `isq_embeddings` choice, not the default."""
+    import jax.numpy as jnp
+
+    from jaxrs.engine import requantize
+
+    seen = {}
+    monkeypatch.setattr(requantize, "load_model", lambda source, **kw: seen.update(kw, source=source))
+    requantize.source_reloader("model.gguf", jnp.float32, isq_embeddings="float")("Q4_0")
+    assert seen == {
+        "source": "model.gguf",
+        "dtype": jnp.float32,
+        "tokenizer": None,
+        "isq": "Q4_0",
+        "isq_embeddings": "float",
+    }

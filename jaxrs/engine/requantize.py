@@ -24,15 +24,18 @@ class RequantizeError(JaxrsError):
     """Reading the weights in the new format failed; the engine serves the old ones again."""
 
 
-def source_reloader(source: str, dtype: jnp.dtype, tokenizer: str | None = None) -> Reloader:
+def source_reloader(
+    source: str, dtype: jnp.dtype, tokenizer: str | None = None, isq_embeddings: str = "q8_0"
+) -> Reloader:
     """Load `source` (a local path, as `LoadedModel.source` records it) again with ISQ to a format.
 
     Always unpacked: packed GGUF tensors would pass through ISQ untouched, in their old format.
-    `tokenizer` is the folder the model was loaded with, if not its own (so loading it again works).
+    `tokenizer` is the folder the model was loaded with, if not its own (so loading it again works);
+    `isq_embeddings` keeps the embedding and head as the model was loaded (see `load_model`).
     """
 
     def reload(fmt: str) -> LoadedModel:
-        return load_model(source, dtype=dtype, tokenizer=tokenizer, isq=fmt)
+        return load_model(source, dtype=dtype, tokenizer=tokenizer, isq=fmt, isq_embeddings=isq_embeddings)
 
     return reload
 

@@ -34,10 +34,33 @@ class EmbeddingSpec:
     normalize: bool = False
     max_tokens: int | None = None
     matryoshka_dims: tuple[int, ...] | None = None
+    dense: tuple[Dense, ...] = ()
 
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A `Dense` module after pooling (EmbeddingGemma has two): `activation(x @ W.T + b)`; its weights
+    are in `folder`'s model.safetensors (`linear.weight`, `linear.bias`)."""
+
+    folder: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # one of DENSE_ACTIVATIONS
+
+
+# the last part of a Dense module's `activation_function` -> the name `embedding.activate` knows
+DENSE_ACTIVATIONS = {
+    "Identity": "identity",
+    "Tanh": "tanh",
+    "ReLU": "relu",
+    "GELU": "gelu",
+    "Sigmoid": "sigmoid",
+    "SiLU": "silu",
+}
 
 # the last part of modules.json's `type` -> what it is
-_TRANSFORMER, _POOLING, _NORMALIZE = "Transformer", "Pooling", "Normalize"
+_TRANSFORMER, _POOLING, _DENSE, _NORMALIZE = "Transformer", "Pooling", "Dense", "Normalize"
 
 
 def is_embedding_folder(path: Path) -> bool:
@@ -59,7 +82,7 @@ def read_embedding_folder(path: Path, *, default_pooling: tuple[str, ...]) -> tu
     modules = read_json(modules_file)
     if not isinstance(modules, list):
         raise ModelLoadError(modules_file, "expected a list of modules")
-    transformer, pooling, normalize = None, default_pooling, False
+    transformer, pooling, normalize, dense = None, default_pooling, False, []
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         where = path / module.get("path", "")
@@ -67,6 +90,8 @@ def read_embedding_folder(path: Path, *, default_pooling: tuple[str, ...]) -> tu
             transformer = where
         elif kind == _POOLING:
             pooling = _pooling_modes(where / "config.json")
+        elif kind == _DENSE and not normalize:
+            dense.append(_read_dense(where))
         elif kind == _NORMALIZE:
             normalize = True
         else:
@@ -75,8 +100,46 @@ def read_embedding_folder(path: Path, *, default_pooling: tuple[str, ...]) -> tu
             )
     if transformer is None:
         raise ModelLoadError(modules_file, "no Transformer module")
-    spec = dataclasses.replace(_read_limits(path, transformer), pooling=pooling, normalize=normalize)
+    spec = dataclasses.replace(
+        _read_limits(path, transformer), pooling=pooling, normalize=normalize, dense=tuple(dense)
+    )
     return transformer, spec
+
+
+def _read_dense(folder: Path) -> Dense:
+    config_file = folder / "config.json"
+    raw = read_json(config_file)
+    activation = str(raw.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
+    if activation not in DENSE_ACTIVATIONS:
+        raise ModelLoadError(
+            config_file,
+            f"unsupported Dense activation {activation!r} (supported: {', '.join(DENSE_ACTIVATIONS)})",
+        )
+    try:
+        in_features, out_features = int(raw["in_features"]), int(raw["out_features"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(config_file, "a Dense module needs integer in_features, out_features") from None
+    bias = bool(raw.get("bias", True))
+    return Dense(folder, in_features, out_features, bias, DENSE_ACTIVATIONS[activation])
+
+
+def load_dense(dense: Dense, dtype: jnp.dtype) -> dict[str, jnp.ndarray]:
+    """A Dense module's weight `[out, in]` (and bias), checked against its config."""
+    from safetensors.numpy import load_file
+
+    file = dense.folder / "model.safetensors"
+    if not file.is_file():
+        raise ModelLoadError(dense.folder, "a Dense module without model.safetensors (only safetensors load)")
+    tensors = load_file(file)
+    want = {"linear.weight": (dense.out_features, dense.in_features)}
+    if dense.bias:
+        want["linear.bias"] = (dense.out_features,)
+    for name, shape in want.items():
+        if name not in tensors:
+            raise ModelLoadError(file, f"missing tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise ModelLoadError(file, f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    return {n.removeprefix("linear."): jnp.asarray(tensors[n], dtype) for n in want}
 
 
 def _pooling_modes(config_file: Path) -> tuple[str, ...]:
