@@ -29,6 +29,39 @@ def fetch_gemma3_270m() -> Path:
     return fetch_or_skip(GEMMA3.name)
 
 
+def open_source(path: Path) -> tuple[Path, GGUFReader, dict]:
+    """(path, reader, metadata) of a GGUF: a test module parses its vocabulary once for all its tests."""
+    from jaxrs.loading.gguf_reader import open_gguf, read_metadata
+
+    reader = open_gguf(path)
+    return path, reader, read_metadata(reader)
+
+
+def dequantized_model(source: tuple[Path, GGUFReader, dict]):
+    """Our `LoadedModel` of `open_source`'s file with the weights dequantized to f32 (`packed=False`), as
+    transformers loads them."""
+    import numpy as np
+
+    from jaxrs.loading import LoadedModel, checkpoint
+    from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
+    from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
+
+    path, reader, meta = source
+    cfg = gguf_config(reader, meta, path)
+    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=False), cfg, np.float32)
+    return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
+
+
+def transformers_model(reader: GGUFReader, folder: Path, name: str):
+    """transformers' f32 model from the same tensors, read from a copy without the vocabulary (see
+    `copy_without_vocabulary`) written into `folder` as `name`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    copy_without_vocabulary(reader, folder / name)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
 def copy_without_vocabulary(reader: GGUFReader, dst: Path) -> None:
     """The model `reader` opened, without its token list (and BPE merges): gguf's reader parses those
     string by string (~10 s per open for Gemma's 262k entries), and transformers opens the file twice."""

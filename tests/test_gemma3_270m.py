@@ -17,12 +17,16 @@ import torch
 from jaxrs.config import FULL
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.engine.sampling import SamplingParams
-from jaxrs.loading import LoadedModel, checkpoint
-from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
-from jaxrs.loading.gguf_reader import open_gguf, read_metadata
+from jaxrs.loading import LoadedModel
 from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
 from tests.conftest import relative_error
-from tests.gemma3_gguf import GEMMA3_FILE, copy_without_vocabulary, fetch_gemma3_270m
+from tests.gemma3_gguf import (
+    GEMMA3_FILE,
+    dequantized_model,
+    fetch_gemma3_270m,
+    open_source,
+    transformers_model,
+)
 from tests.paged import PagedRun
 from tests.test_gguf_tokenizer import reference_tokenizer
 
@@ -31,29 +35,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def source():
-    """(path, reader, metadata): the vocabulary is parsed once for every test here."""
-    path = fetch_gemma3_270m()
-    reader = open_gguf(path)
-    return path, reader, read_metadata(reader)
+    return open_source(fetch_gemma3_270m())
 
 
 @pytest.fixture(scope="module")
 def model(source) -> LoadedModel:
-    """Ours, dequantized to f32 as transformers loads it."""
-    path, reader, meta = source
-    cfg = gguf_config(reader, meta, path)
-    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=False), cfg, np.float32)
-    return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
+    return dequantized_model(source)
 
 
 @pytest.fixture(scope="module")
 def reference(source, tmp_path_factory):
-    """transformers' model from the same tensors (a copy without the token list it would parse twice)."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("gemma3")
-    copy_without_vocabulary(source[1], folder / GEMMA3_FILE)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=GEMMA3_FILE, dtype=torch.float32).eval()
+    return transformers_model(source[1], tmp_path_factory.mktemp("gemma3"), GEMMA3_FILE)
 
 
 @pytest.fixture(scope="module")

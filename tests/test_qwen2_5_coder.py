@@ -15,12 +15,9 @@ import torch
 
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.engine.sampling import SamplingParams
-from jaxrs.loading import LoadedModel, checkpoint
-from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
-from jaxrs.loading.gguf_reader import open_gguf, read_metadata
-from jaxrs.loading.gguf_tokenizer import tokenizer_from_gguf
+from jaxrs.loading import LoadedModel
 from tests.conftest import relative_error
-from tests.gemma3_gguf import copy_without_vocabulary, fetch_or_skip
+from tests.gemma3_gguf import dequantized_model, fetch_or_skip, open_source, transformers_model
 from tests.paged import PagedRun
 from tests.test_gguf_tokenizer import reference_tokenizer
 
@@ -32,30 +29,17 @@ CHAT = [{"role": "user", "content": "Write a Python function that checks whether
 
 @pytest.fixture(scope="module")
 def source():
-    """(path, reader, metadata): the file's vocabulary is parsed once for every test here."""
-    path = fetch_or_skip(QWEN)
-    reader = open_gguf(path)
-    return path, reader, read_metadata(reader)
+    return open_source(fetch_or_skip(QWEN))
 
 
 @pytest.fixture(scope="module")
 def model(source) -> LoadedModel:
-    """Ours, the weights dequantized to f32 (`packed=False`) as transformers loads them."""
-    path, reader, meta = source
-    cfg = gguf_config(reader, meta, path)
-    params = checkpoint.load_params(open_gguf_tensors(reader, cfg, path, packed=False), cfg, jnp.float32)
-    return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
+    return dequantized_model(source)
 
 
 @pytest.fixture(scope="module")
 def reference(source, tmp_path_factory):
-    """transformers' model from the same tensors (a copy without the token list and merges, which its
-    GGUF reader would parse string by string)."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("qwen2")
-    copy_without_vocabulary(source[1], folder / "model.gguf")
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32).eval()
+    return transformers_model(source[1], tmp_path_factory.mktemp("qwen2"), "model.gguf")
 
 
 @pytest.fixture(scope="module")
