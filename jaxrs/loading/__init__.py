@@ -42,6 +42,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     generation_config: dict[str, Any]  # default sampling values (generation_config.json)
     source: str
+    vision: Any = None  # jaxrs.vision.encoder.VisionModel of a vision-language model
 
 
 def resolve_source(model: str | None, gguf_file: str | None = None) -> tuple[str, Path]:
@@ -143,7 +144,16 @@ def load_model(
         generation_config: dict[str, Any] = {}
     else:
         from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
+        from jaxrs.vision.loading import load_vision_model, vision_family
 
+        if family := vision_family(path):  # a vision-language folder: the text model beside a tower
+            return load_vision_model(
+                path,
+                family,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                load_text=lambda get, cfg: load_params(get, cfg, dtype),
+            )
         cfg = load_hf_config(path)
         get = open_hf_tensors(path, hf_weight_names(cfg))
         tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)

@@ -1,0 +1,30 @@
+"""What one preprocessed image hands the engine: the tower's input and the prompt tokens in its place."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One preprocessed image: what the tower eats and what the prompt gets in its place."""
+
+    pixel_values: np.ndarray  # float32, [tiles, 3, H, W] (tiles=1 when not tiled)
+    prompt_tokens: tuple[int, ...]  # token ids inserted into the prompt where the image's marker was
+    feature_mask: np.ndarray  # bool, len(prompt_tokens): True where a tower feature row replaces the embedding
+    content_hash: bytes  # sha256 over the decoded pixels (RGB bytes) and the (width, height)
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # family-specific arrays (masks, sizes, ...)
+
+
+def content_hash(rgb: Image.Image) -> bytes:
+    """sha256 of the decoded RGB pixels and the size: the same picture in another file format hashes the
+    same, any changed pixel or shape does not."""
+    digest = hashlib.sha256()
+    digest.update(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.digest()
