@@ -55,27 +55,49 @@ def tiny_llava(path: Path, *, seed: int = 0, strategy: str = "default", feature_
 
     path.mkdir(parents=True, exist_ok=True)
     vc = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
     )
     tc = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     cfg = LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=feature_layer,
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy,
     )
     model = LlavaForConditionalGeneration(cfg).to(torch.float32).eval()
     _widen(model, seed)
     model.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(path)
-    processor = {"patch_size": 7, "vision_feature_select_strategy": strategy, "num_additional_image_tokens": 1}
-    (path / "processor_config.json").write_text(json.dumps({**processor, "processor_class": "LlavaProcessor"}))
+    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
+        path
+    )
+    processor = {
+        "patch_size": 7,
+        "vision_feature_select_strategy": strategy,
+        "num_additional_image_tokens": 1,
+    }
+    (path / "processor_config.json").write_text(
+        json.dumps({**processor, "processor_class": "LlavaProcessor"})
+    )
     save_image_tokenizer(path)
     return model
 
 
-def test_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A random image (smooth plus noise, so resampling matters)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]

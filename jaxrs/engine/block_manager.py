@@ -35,6 +35,12 @@ class PrefixCacheStats:
 BlockKey = tuple[int | None, tuple[int, ...], Hashable]  # (parent hash, token ids, extra key)
 
 
+def block_extra(extra: Hashable, start: int, end: int) -> Hashable:
+    """The extra key of the block holding tokens [start, end): a key with a `block_key` (images) names
+    only what overlaps that block."""
+    return extra.block_key(start, end) if hasattr(extra, "block_key") else extra
+
+
 def chain_hash(parent: int | None, tokens: Sequence[int], extra: Hashable = None) -> int:
     return hash((parent, tuple(tokens), extra))
 
@@ -92,7 +98,7 @@ class BlockManager:
         self.stats.queries += len(token_ids)
         parent = None
         for i in range(full):
-            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra)
+            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), block_extra(extra, i * bs, (i + 1) * bs))
             h = chain_hash(*key)
             block = self._cached.get(h)
             if block is None or self._key_of[block] != key:  # absent, or a hash collision
@@ -114,7 +120,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(table.hashes), num_computed // bs):
             parent = table.hashes[-1] if table.hashes else None
-            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), extra)
+            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]), block_extra(extra, i * bs, (i + 1) * bs))
             h = chain_hash(*key)
             table.hashes.append(h)
             block = table.blocks[i]

@@ -46,6 +46,8 @@ from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
 from jaxrs.quant.tensor import tree_nbytes
+from jaxrs.vision.loading import require_vision
+from jaxrs.vision.prompt import ImagePrompt, encode_chunks
 
 log = logging.getLogger("jaxrs")
 
@@ -283,15 +285,19 @@ class Engine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_key: Hashable = None,
+        images: ImagePrompt | None = None,
     ) -> Request:
-        """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served."""
+        """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served. `images`: the
+        prompt's images (`jaxrs.vision.prompt.place_images`), which key its prefix-cache blocks."""
         self.validate(prompt_ids, params)
+        if images is not None:
+            require_vision(self.model.vision, self.source)
+            cache_key = images.cache_key(cache_key)
         params = params.with_defaults(self.model.generation_config)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        request = Request(
-            request_id, [self._new_sequence(request_id, 0, prompt_ids, params, seed, cache_key)], params.n
-        )
+        first = self._new_sequence(request_id, 0, prompt_ids, params, seed, cache_key, images)
+        request = Request(request_id, [first], params.n)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         return request
@@ -312,10 +318,10 @@ class Engine:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
 
-    def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key) -> Sequence:
+    def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key, images=None) -> Sequence:
         detok = self.output.detokenizer(prompt_ids, params)
         return Sequence(
-            request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key
+            request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key, images
         )
 
     def abort(self, request_id: str) -> None:
@@ -342,6 +348,7 @@ class Engine:
                     seq.num_computed = seq.num_tokens
                     self._append(seq, out, (s, i))
             touched += plan.decode
+        encode_chunks(plan.prefill, self.model.vision)  # image features, once per request
         for group in self._prefill_calls(plan.prefill):
             out = self.runner.prefill([(c.seq, c.start, c.end) for c in group])
             for row, chunk in enumerate(group):
@@ -380,7 +387,7 @@ class Engine:
         prompt_len = len(seq.prompt_ids)
         for index in range(1, request.n):
             child = self._new_sequence(
-                seq.request_id, index, seq.prompt_ids, seq.params, seq.seed, seq.cache_key
+                seq.request_id, index, seq.prompt_ids, seq.params, seq.seed, seq.cache_key, seq.images
             )
             child.table = self.blocks.fork(seq.table, prompt_len)
             child.num_computed = len(child.table.blocks) * self.blocks.block_size

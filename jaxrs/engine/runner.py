@@ -34,6 +34,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
+from jaxrs.vision.prompt import chunk_embeds
 from pallas_kernels.shapes import next_power_of_2
 
 log = logging.getLogger("jaxrs")
@@ -76,15 +77,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return next_power_of_2(n, minimum)
 
 
-def _logits_at(params, cfg, kernels, kv, tokens, meta, index):
+def _logits_at(params, cfg, kernels, kv, tokens, meta, index, embeds=None):
     model = merge(params, cfg)  # the nnx module over this trace's parameter arrays
-    hidden, kv = model(tokens, meta, kv, kernels)
+    hidden, kv = model(tokens, meta, kv, kernels, embeds)
     picked = hidden[jnp.arange(hidden.shape[0]), index]
     return model.logits(picked, kernels), kv
 
 
-def _prefill(params, kv, tokens, meta, last_index, batch, *, cfg, kernels, flags):
-    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index)
+def _prefill(params, kv, tokens, meta, last_index, batch, embeds=None, *, cfg, kernels, flags):
+    """`embeds`: image feature rows (mask, rows) for a chunk reaching an image; a call without them
+    compiles (and stays) the text-only step."""
+    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index, embeds)
     return sample(logits, batch, flags), kv
 
 
@@ -258,6 +261,8 @@ class ModelRunner:
 
     def batches_with_others(self, seq: Sequence, start: int, end: int) -> bool:
         """Whether this chunk may share a prefill call with other sequences' chunks."""
+        if seq.images is not None and seq.images.overlaps(start, end):
+            return False  # image chunks run alone, so text-only calls never carry feature rows
         return self.shares_prefill_calls(self.chunk_len(end - start), self.width(len(seq.table.blocks)))
 
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> SampleOutput:
@@ -276,7 +281,8 @@ class ModelRunner:
         last = np.zeros(b, np.int32)
         last[:rows] = [end - start - 1 for _, start, end in chunks]
         batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
-        call = self.prefill_call(tokens, meta, last, batch, flags)
+        embeds = chunk_embeds(chunks, b, t, self.cfg.hidden_size)
+        call = self.prefill_call(tokens, meta, last, batch, flags, embeds)
         return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:rows], out))
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
@@ -312,12 +318,14 @@ class ModelRunner:
     def _statics(self, **more: Hashable) -> dict[str, Hashable]:
         return dict(cfg=self.cfg, kernels=self.kernels, **more)
 
-    def prefill_call(self, tokens, meta, last, batch: dict, flags: SamplingFlags) -> StepCall:
-        """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile)."""
+    def prefill_call(self, tokens, meta, last, batch: dict, flags: SamplingFlags, embeds=None) -> StepCall:
+        """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile), plus
+        "images" when image feature rows ride along (`embeds`)."""
         (b, t), w = tokens.shape, meta.block_tables.shape[1]
-        return StepCall(
-            "prefill", (tokens, meta, last, batch), self._statics(flags=flags), (b, t, w, profile(flags))
-        )
+        args, label = (tokens, meta, last, batch), (b, t, w, profile(flags))
+        if embeds is not None:
+            args, label = (*args, embeds), (*label, "images")
+        return StepCall("prefill", args, self._statics(flags=flags), label)
 
     def decode_call(
         self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 from collections.abc import Hashable
+from typing import Any
 
 from jaxrs.engine.block_manager import BlockTable
 from jaxrs.engine.sampling import SamplingParams
@@ -34,6 +35,7 @@ class Sequence:
     seed: int
     detokenizer: IncrementalDetokenizer
     cache_key: Hashable = None  # extra prefix-cache key (adapter, images)
+    images: Any = None  # jaxrs.vision.prompt.ImagePrompt: the prompt's images and their features
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     table: BlockTable = dataclasses.field(default_factory=BlockTable)

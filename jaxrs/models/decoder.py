@@ -252,13 +252,23 @@ class DecoderModel(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, tokens: jax.Array, meta: AttentionMetadata, kv: KVCache, kernels: Kernels
+        self,
+        tokens: jax.Array,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        kernels: Kernels,
+        inputs_embeds: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written."""
+        """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written.
+        `inputs_embeds`: (mask `[B, T]`, rows `[B, T, hidden]`), rows that replace the token embeddings
+        where the mask is set (image features)."""
         cfg = self.cfg
         h = self.embed(tokens, value(self.final_norm.weight).dtype)
         if cfg.embedding_scale is not None:
             h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
+        if inputs_embeds is not None:
+            mask, rows = inputs_embeds
+            h = jnp.where(mask[..., None], rows.astype(h.dtype), h)
         rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling, meta)
         rope_local = rope
         if cfg.rope_local_theta is not None:

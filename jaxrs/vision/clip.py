@@ -38,7 +38,9 @@ class VisionConfig:
     drop_cls: bool = True  # `vision_feature_select_strategy == "default"`: the class token's row goes
 
     @classmethod
-    def from_hf(cls, raw: Mapping, feature_layer: int | list[int] = -2, strategy: str = "default") -> VisionConfig:
+    def from_hf(
+        cls, raw: Mapping, feature_layer: int | list[int] = -2, strategy: str = "default"
+    ) -> VisionConfig:
         layers = (feature_layer,) if isinstance(feature_layer, int) else tuple(feature_layer)
         if strategy not in ("default", "full"):
             raise JaxrsError(f"unsupported vision_feature_select_strategy {strategy!r} (default, full)")
@@ -126,7 +128,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         hd = d // self.heads
-        q, k, v = (proj(x, _KERNELS).reshape(b, n, self.heads, hd) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x, _KERNELS).reshape(b, n, self.heads, hd)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         scores = jnp.einsum("bqhd,bkhd->bhqk", q * hd**-0.5, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d), _KERNELS)

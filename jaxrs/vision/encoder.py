@@ -30,7 +30,9 @@ def _tower(graph: nnx.GraphDef, params: dict, pixel_values: jax.Array, extras: d
 class VisionModel:
     """A loaded tower (graph + parameters), its processor, and the encode calls over them."""
 
-    def __init__(self, family: VisionFamily, processor: Processor, graph: nnx.GraphDef, params: dict, dtype: jnp.dtype):
+    def __init__(
+        self, family: VisionFamily, processor: Processor, graph: nnx.GraphDef, params: dict, dtype: jnp.dtype
+    ):
         self.family, self.processor, self.graph, self.params = family, processor, graph, params
         self.dtype = jnp.dtype(dtype)
         self.shapes: set[tuple] = set()  # (tiles, extras shapes) compiled
@@ -48,12 +50,22 @@ class VisionModel:
     def _call(self, pixels: np.ndarray, extras: dict) -> np.ndarray:
         key = (pixels.shape, tuple(sorted((k, v.shape) for k, v in extras.items())))
         began = time.perf_counter()
-        out = _tower(self.graph, self.params, jnp.asarray(pixels, self.dtype), {k: jnp.asarray(v) for k, v in extras.items()})
+        out = _tower(
+            self.graph,
+            self.params,
+            jnp.asarray(pixels, self.dtype),
+            {k: jnp.asarray(v) for k, v in extras.items()},
+        )
         out = np.asarray(out.astype(jnp.float32))
         with self._lock:
             if key not in self.shapes:
                 self.shapes.add(key)
-                log.info("compiled vision tower %s in %.2f s (%d shapes)", key, time.perf_counter() - began, len(self.shapes))
+                log.info(
+                    "compiled vision tower %s in %.2f s (%d shapes)",
+                    key,
+                    time.perf_counter() - began,
+                    len(self.shapes),
+                )
             else:
                 self.seconds += time.perf_counter() - began
         return out

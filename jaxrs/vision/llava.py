@@ -78,7 +78,10 @@ class LlavaTower(nnx.Module):
         hidden = text_config(raw)["hidden_size"]
         self.vision_tower = CLIPVision(vcfg)
         self.multi_modal_projector = Projector(
-            vcfg.feature_size, hidden, raw.get("projector_hidden_act", "gelu"), raw.get("multimodal_projector_bias", True)
+            vcfg.feature_size,
+            hidden,
+            raw.get("projector_hidden_act", "gelu"),
+            raw.get("multimodal_projector_bias", True),
         )
 
     def __call__(self, pixel_values: jax.Array, **extras: jax.Array) -> jax.Array:
@@ -165,7 +168,9 @@ class LlavaProcessor:
         self.images, self.token_id, self.marker, self.num_tokens = images, token_id, marker, num_tokens
 
     @classmethod
-    def from_folder(cls, folder: str | Path, raw: Mapping[str, Any] | None = None, tokenizer: Any = None) -> LlavaProcessor:
+    def from_folder(
+        cls, folder: str | Path, raw: Mapping[str, Any] | None = None, tokenizer: Any = None
+    ) -> LlavaProcessor:
         folder = Path(folder)
         raw = raw if raw is not None else read_json(folder / "config.json")
         pre, proc = processor_settings(folder)
@@ -173,12 +178,22 @@ class LlavaProcessor:
         vcfg = vision_config(raw)
         marker = proc.get("image_token", "<image>")
         patch = proc.get("patch_size") or vcfg.patch_size
-        strategy = proc.get("vision_feature_select_strategy") or raw.get("vision_feature_select_strategy", "default")
+        strategy = proc.get("vision_feature_select_strategy") or raw.get(
+            "vision_feature_select_strategy", "default"
+        )
         h, w = images.output_hw
-        count = (h // patch) * (w // patch) + proc.get("num_additional_image_tokens", 0) - (strategy == "default")
+        count = (
+            (h // patch) * (w // patch) + proc.get("num_additional_image_tokens", 0) - (strategy == "default")
+        )
         rows = vcfg.grid**2 + (0 if vcfg.drop_cls else 1)
         if count != rows:  # transformers fails at run time on such a folder; the tower's count is right
-            log.warning("%s: the processor's %d image tokens differ from the tower's %d rows; using %d", folder, count, rows, rows)
+            log.warning(
+                "%s: the processor's %d image tokens differ from the tower's %d rows; using %d",
+                folder,
+                count,
+                rows,
+                rows,
+            )
         return cls(images, image_token_id(raw, tokenizer, marker), marker, rows)
 
     def __call__(self, image: Image.Image) -> ImageInput:
@@ -193,7 +208,8 @@ class LlavaProcessor:
 
 
 def tower_names(path: str) -> list[str]:
-    """transformers has saved the tower as `vision_tower.vision_model.*`, `vision_tower.*` and under `model.`."""
+    """transformers has saved the tower as `vision_tower.vision_model.*` and `vision_tower.*`, with or
+    without `model.` in front."""
     names = [path]
     if path.startswith("vision_tower."):
         names.append("vision_tower.vision_model." + path[len("vision_tower.") :])

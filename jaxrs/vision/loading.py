@@ -47,7 +47,9 @@ def _leaves(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     return out
 
 
-def load_tower(family: VisionFamily, raw: Mapping, get: Callable[[str], Any], dtype: jnp.dtype, where: Path) -> tuple[nnx.GraphDef, dict]:
+def load_tower(
+    family: VisionFamily, raw: Mapping, get: Callable[[str], Any], dtype: jnp.dtype, where: Path
+) -> tuple[nnx.GraphDef, dict]:
     """The tower's graph and its parameters read from the checkpoint, each checked against its shape."""
     graph, state = nnx.split(nnx.eval_shape(lambda: family.tower(raw)))
     params: dict = {}
@@ -55,7 +57,9 @@ def load_tower(family: VisionFamily, raw: Mapping, get: Callable[[str], Any], dt
         name = ".".join(str(p) for p in path)
         array = np.asarray(first_found(get, family.tower_names(name), name, where))
         if array.shape != abstract.shape:
-            raise ModelLoadError(where, f"tensor {name} has shape {array.shape}, the config says {abstract.shape}")
+            raise ModelLoadError(
+                where, f"tensor {name} has shape {array.shape}, the config says {abstract.shape}"
+            )
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -63,7 +67,9 @@ def load_tower(family: VisionFamily, raw: Mapping, get: Callable[[str], Any], dt
     return graph, params
 
 
-def load_vision_model(folder: Path, family: VisionFamily, *, dtype: jnp.dtype, tokenizer: str | None, load_text: Callable) -> Any:
+def load_vision_model(
+    folder: Path, family: VisionFamily, *, dtype: jnp.dtype, tokenizer: str | None, load_text: Callable
+) -> Any:
     """A `LoadedModel` whose `vision` is the tower and processor. `load_text(config, getter)` loads the
     text model's parameters (the text loader's own path, with names mapped through the family)."""
     from jaxrs.loading import LoadedModel
@@ -89,7 +95,14 @@ def load_vision_model(folder: Path, family: VisionFamily, *, dtype: jnp.dtype, t
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.is_file() else {}
     vision = VisionModel(family, processor, graph, tower, dtype)
-    log.info("loaded %s vision-language model (%s text, %d layers) from %s in %.1f s", family.name, cfg.architecture, cfg.num_layers, folder, time.perf_counter() - start)
+    log.info(
+        "loaded %s vision-language model (%s text, %d layers) from %s in %.1f s",
+        family.name,
+        cfg.architecture,
+        cfg.num_layers,
+        folder,
+        time.perf_counter() - start,
+    )
     return LoadedModel(cfg, params, tok, generation_config, str(folder), vision=vision)
 
 
