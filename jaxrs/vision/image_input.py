@@ -16,13 +16,11 @@ class ImageInput:
 
     pixel_values: np.ndarray  # float32, [tiles, 3, H, W] (tiles=1 when not tiled)
     prompt_tokens: tuple[int, ...]  # token ids inserted into the prompt where the image's marker was
-    feature_mask: (
-        np.ndarray
-    )  # bool, len(prompt_tokens): True where a tower feature row replaces the embedding
+    # bool, len(prompt_tokens): True where a tower feature row replaces the embedding
+    feature_mask: np.ndarray
     content_hash: bytes  # sha256 over the decoded pixels (RGB bytes) and the (width, height)
-    extras: Mapping[str, np.ndarray] = field(
-        default_factory=dict
-    )  # family-specific arrays (masks, sizes, ...)
+    # family-specific arrays (masks, sizes, ...)
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def content_hash(rgb: Image.Image) -> bytes:
