@@ -19,6 +19,7 @@ from jaxrs.engine.options import (
     config_defaults,
 )
 from jaxrs.errors import JaxrsError
+from jaxrs.vision.cli_args import add_media_args, media_policy
 
 ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="complete one prompt, or chat interactively without --prompt")
     _model_args(run)
     _sampling_args(run)
+    add_media_args(run)
     run.add_argument("--prompt", "-p", help="the prompt; without it, an interactive chat")
     run.add_argument("--system", help="system message for chat")
     run.add_argument(
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    add_media_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXRS_API_KEY)")
@@ -245,6 +248,7 @@ def load_llm(args: argparse.Namespace):
         isq_embeddings=args.isq_embeddings,
         isq=args.isq,
         packed=packed_flag(args),
+        media=media_policy(args),
         **engine_kwargs(args),
     )
 
@@ -430,10 +434,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_part(path: str, media) -> list[dict]:
+    """`/image PATH` in the interactive chat: the image as a content part (none, with a message, if it
+    cannot be read)."""
+    from pathlib import Path
+
+    from jaxrs.vision.media import load_image
+
+    try:
+        image = load_image(Path(path).expanduser().read_bytes(), media, path)
+    except (OSError, JaxrsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return []
+    print(f"[image {path}: {image.width}x{image.height}]", file=sys.stderr)
+    return [{"type": "image", "image": image}]
+
+
 def _chat(llm, params, history: list[dict]) -> int:
     if llm.tokenizer.chat_template is None:
         raise JaxrsError("this model has no chat template; pass --prompt (or a --tokenizer with a template)")
-    print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    print("Chat with the model; an empty line or Ctrl-D ends it; /image PATH adds an image.", file=sys.stderr)
+    from jaxrs.vision.chat import chat_inputs
+
+    images: list[dict] = []  # images for the next message
     while True:
         try:
             line = input("> ")
@@ -442,8 +465,19 @@ def _chat(llm, params, history: list[dict]) -> int:
             return 0
         if not line.strip():
             return 0
-        history.append({"role": "user", "content": line})
-        reply = _print_stream(llm.stream(llm.chat_prompt_ids(history), params))
+        if line.startswith("/image"):
+            images += _image_part(line.removeprefix("/image").strip(), llm.media)
+            continue
+        content = [*images, {"type": "text", "text": line}] if images else line
+        history.append({"role": "user", "content": content})
+        images = []
+        try:
+            ids, placed = chat_inputs(llm.tokenizer, llm.engine.model.vision, history, llm.media)
+        except JaxrsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        reply = _print_stream(llm.stream(ids, params, images=placed))
         history.append({"role": "assistant", "content": reply})
 
 

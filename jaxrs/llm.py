@@ -26,6 +26,9 @@ from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.ops import Kernels
+from jaxrs.vision.chat import chat_inputs
+from jaxrs.vision.media import MediaPolicy
+from jaxrs.vision.prompt import ImagePrompt
 
 log = logging.getLogger("jaxrs")
 
@@ -101,7 +104,9 @@ class LLM:
     `requantize("Q8_0")` quantizes them again later, without a restart.
     Engine knobs (`kv_cache_mb`, `max_num_seqs`, `prefix_caching`...) are `EngineConfig` fields.
     `model` may also name a model of the catalog (`jaxrs.loading.catalog`: fetched on first use), and
-    `isq_embeddings` says how ISQ stores the embedding and head (see `load_model`).
+    `isq_embeddings` says how ISQ stores the embedding and head (see `load_model`). A vision-language
+    model's `chat` takes image content parts; `media` (`jaxrs.vision.media.MediaPolicy`) says which
+    image URLs it may read.
     """
 
     def __init__(
@@ -116,9 +121,11 @@ class LLM:
         packed: bool | None = None,
         warmup: bool = False,
         isq_embeddings: str = "q8_0",
+        media: MediaPolicy | None = None,
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
+        self.media = media or MediaPolicy()  # what image URLs in `chat` may read
         self._engine: Engine | None = None
         self._embedder: Embedder | None = None
         if embedding_source(model):  # a sentence-embedding model: no engine, `embed` only
@@ -225,8 +232,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        images: Sequence[ImagePrompt | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results come back in prompt order."""
+        """Generate for each prompt (text or token ids); results come back in prompt order. `images`:
+        each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
@@ -235,9 +244,9 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         requests = []
         try:
-            for prompt, p in zip(prompts, params_list, strict=True):
+            for k, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                requests.append(self.engine.add_request(ids, p))
+                requests.append(self.engine.add_request(ids, p, images=images[k] if images else None))
             self._run(requests, use_tqdm)
         finally:
             for r in requests:
@@ -267,12 +276,18 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate. A
+        message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
+        (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
+        "image", "image": PIL.Image}`, or a PIL image itself)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [
-            self.chat_prompt_ids(c, add_generation_prompt=add_generation_prompt) for c in conversations
+        vision = self.engine.model.vision
+        inputs = [
+            chat_inputs(self.tokenizer, vision, c, self.media, add_generation_prompt=add_generation_prompt)
+            for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        prompts = [ids for ids, _ in inputs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, images=[im for _, im in inputs])
 
     def chat_prompt_ids(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
@@ -281,12 +296,18 @@ class LLM:
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def stream(self, prompt_ids: list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        images: ImagePrompt | None = None,
+    ) -> Iterator[str]:
         """Yield the text of one request (its first sample) as it is generated.
 
         Text that could be the start of a stop string is held back until it is known not to be one.
         """
-        request = self.engine.add_request(prompt_ids, sampling_params or SamplingParams())
+        request = self.engine.add_request(prompt_ids, sampling_params or SamplingParams(), images=images)
         seq = request.seqs[0]
         sent = 0
         try:

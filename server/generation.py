@@ -55,15 +55,20 @@ def check_capacity(driver: AsyncEngine, num_requests: int) -> None:
 
 
 async def generate_all(
-    driver: AsyncEngine, prompts: list[list[int]], params: SamplingParams, request_id: str
+    driver: AsyncEngine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    request_id: str,
+    images: object = None,
 ) -> AsyncGenerator[tuple[int, RequestUpdate], None]:
-    """Yield (prompt index, update) for every prompt's engine request until all have finished."""
+    """Yield (prompt index, update) for every prompt's engine request until all have finished.
+    `images`: the placed images of a single prompt (`jaxrs.vision.prompt.ImagePrompt`)."""
     queue: asyncio.Queue[tuple[int, RequestUpdate | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, ids: list[int]) -> None:
         rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            async for update in driver.generate(ids, params, request_id=rid):
+            async for update in driver.generate(ids, params, request_id=rid, images=images):
                 queue.put_nowait((i, update))
         except Exception as e:
             queue.put_nowait((i, e))

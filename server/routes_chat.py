@@ -15,6 +15,7 @@ from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
 from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.images import image_marker, load_request_images, place_request_images
 from server.logprobs import chat_logprobs
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
@@ -27,6 +28,7 @@ from server.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     Delta,
+    ImageURL,
     Usage,
 )
 from server.streaming import DONE, event_stream, sse
@@ -36,11 +38,14 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template expects them; content parts joined, images refused (for now)."""
+def conversation(
+    messages: list[ChatMessage], marker: str | None = None
+) -> tuple[list[dict[str, str]], list[object]]:
+    """Messages as the chat template expects them (content parts joined, each image part as `marker`),
+    and the image URLs in order; a text-only model (`marker` None) refuses image parts."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
         if role is None:
@@ -56,13 +61,24 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
         else:
             texts = []
             for j, part in enumerate(m.content):
-                if part.type in _IMAGE_PARTS:
+                if part.type in _IMAGE_PARTS and marker is None:
                     raise APIError(
                         400,
-                        f"messages[{i}].content[{j}] is an image; this server accepts text only for now",
+                        f"messages[{i}].content[{j}] is an image; this model is text-only",
                         param=f"messages[{i}].content[{j}]",
                         code="unsupported_content",
                     )
+                if part.type in _IMAGE_PARTS:
+                    url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                    if not url:
+                        raise APIError(
+                            400,
+                            f"messages[{i}].content[{j}] has no image_url.url",
+                            param=f"messages[{i}].content[{j}]",
+                        )
+                    texts.append(marker)
+                    images.append(url)
+                    continue
                 if part.type != "text":
                     raise APIError(
                         400,
@@ -72,7 +88,7 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 texts.append(part.text or "")
             text = "\n".join(texts)
         out.append({"role": role, "content": text})
-    return out
+    return out, images
 
 
 def prompt_ids(ctx: ServerContext, messages: list[dict[str, str]]) -> list[int]:
@@ -109,14 +125,15 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
     try:
         req = await read_json(request, ChatCompletionRequest)
         record.model, record.stream = ctx.check_model(req.model), req.stream
-        messages = conversation(req.messages)
+        messages, sources = conversation(req.messages, image_marker(ctx))
         record.prompt = messages
-        ids = prompt_ids(ctx, messages)
+        images = await load_request_images(ctx, sources)
+        ids, placed = place_request_images(ctx, prompt_ids(ctx, messages), images)
         record.prompt_tokens = len(ids)
         params = chat_params(ctx, req, ids)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
-        updates = generate_all(driver, [ids], params, record.id)
+        updates = generate_all(driver, [ids], params, record.id, images=placed)
         if req.stream:
             return event_stream(_stream(ctx, req, record, updates))
         choices = Choices(1, req.n)

@@ -14,11 +14,17 @@ from msgspec import UNSET, UnsetType
 # -- requests -------------------------------------------------------------------------------------
 
 
+class ImageURL(msgspec.Struct):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(msgspec.Struct):
-    """One part of a message's content; only "text" parts are served (images are rejected)."""
+    """One part of a message's content: text, or an image (`image_url`) for a vision-language model."""
 
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None
 
 
 class ChatMessage(msgspec.Struct):

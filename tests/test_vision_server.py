@@ -1,0 +1,170 @@
+"""Images through the OpenAI-compatible server with the official openai client, and through `LLM.chat`:
+data URLs, http(s) and file URLs under the media policy, streaming, and each bad input a 400 that leaves
+the engine clean (no request left, no KV block held)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.server
+import io
+import threading
+
+import openai
+import pytest
+from litestar.testing import TestClient
+from PIL import Image
+
+from jaxrs import LLM, SamplingParams
+from jaxrs.vision.media import ImageError
+from server import create_app
+from tests.vision_models import random_image, tiny_llava
+
+GREEDY = dict(temperature=0, max_tokens=6)
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def ask(url: str, text: str = "w5 w6") -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+        }
+    ]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava")
+    tiny_llava(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return LLM(str(folder), dtype="float32", block_size=8, kv_cache_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return random_image(45, 31, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(llm, picture):
+    """The greedy answer through `LLM.chat` with a PIL image, before a server owns the engine."""
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "w5 w6"}]}
+    ]
+    return llm.chat(messages, SamplingParams(**GREEDY), use_tqdm=False)[0]
+
+
+@pytest.fixture
+def oai(llm, reference):
+    with TestClient(create_app(llm, served_model_name="x")) as client:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.blocks.num_used == 0
+
+
+def test_chat_takes_urls_and_pil_images_alike(llm, picture, reference, tmp_path):
+    assert reference.token_ids and len(reference.prompt_token_ids) > 16
+    same = llm.chat(ask(data_url(png(picture))), SamplingParams(**GREEDY), use_tqdm=False)[0]
+    assert same.token_ids == reference.token_ids
+    (tmp_path / "p.png").write_bytes(png(picture))
+    llm.media = dataclasses.replace(llm.media, allowed_local_media_path=tmp_path)
+    try:
+        local = llm.chat(ask((tmp_path / "p.png").as_uri()), SamplingParams(**GREEDY), use_tqdm=False)[0]
+    finally:
+        llm.media = dataclasses.replace(llm.media, allowed_local_media_path=None)
+    assert local.token_ids == reference.token_ids
+    with pytest.raises(ImageError, match="allowed-local-media-path"):
+        llm.chat(ask((tmp_path / "p.png").as_uri()), SamplingParams(**GREEDY), use_tqdm=False)
+
+
+def test_data_url_and_streaming_through_the_server(oai, picture, reference):
+    messages = ask(data_url(png(picture)))
+    out = oai.chat.completions.create(model="x", messages=messages, **GREEDY)
+    assert out.choices[0].message.content == reference.text
+    assert out.usage.prompt_tokens == len(reference.prompt_token_ids)
+    stream = oai.chat.completions.create(model="x", messages=messages, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference.text
+
+
+def test_http_url_from_an_allowed_private_host(llm, oai, picture, reference):
+    body = png(picture)
+
+    class One(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), One)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/p.png"
+    try:
+        with pytest.raises(openai.BadRequestError, match="loopback or private"):
+            oai.chat.completions.create(model="x", messages=ask(url), **GREEDY)
+        llm.media = dataclasses.replace(llm.media, allow_private=True)
+        out = oai.chat.completions.create(model="x", messages=ask(url), **GREEDY)
+        assert out.choices[0].message.content == reference.text
+    finally:
+        llm.media = dataclasses.replace(llm.media, allow_private=False)
+        httpd.shutdown()
+
+
+def bomb() -> bytes:
+    """A small PNG whose header claims 6000 x 6000 pixels."""
+    return png(Image.new("1", (6000, 6000)))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (data_url(b"not an image at all"), "not an image"),
+        (data_url(bomb()), "pixels"),
+        ("data:image/png;base64,@@@", "base64"),
+        ("http://host.invalid/p.png", "cannot resolve"),
+        ("http://127.0.0.1:9/p.png", "loopback or private"),
+        ("file:///etc/passwd", "allowed-local-media-path"),
+        ("ftp://example.com/p.png", "scheme"),
+    ],
+)
+def test_bad_images_are_400s(oai, content, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        oai.chat.completions.create(model="x", messages=ask(content), **GREEDY)
+
+
+def test_too_large_and_too_many(llm, oai, picture):
+    noise = png(random_image(300, 300, seed=9))
+    llm.media = dataclasses.replace(llm.media, max_bytes=len(noise) - 1, limit_images=2)
+    try:
+        with pytest.raises(openai.BadRequestError, match="limit is"):
+            oai.chat.completions.create(model="x", messages=ask(data_url(noise)), **GREEDY)
+        three = [{"type": "image_url", "image_url": {"url": data_url(png(picture))}}] * 3
+        with pytest.raises(openai.BadRequestError, match="3 images in one prompt; the limit is 2"):
+            oai.chat.completions.create(model="x", messages=[{"role": "user", "content": three}], **GREEDY)
+        out = oai.chat.completions.create(model="x", messages=ask(data_url(png(picture))), **GREEDY)
+        assert out.choices[0].finish_reason in ("stop", "length")  # a good request still runs
+    finally:
+        llm.media = dataclasses.replace(llm.media, max_bytes=20 * 2**20, limit_images=8)
+
+
+def test_text_only_model_refuses_images():
+    from jaxrs.vision.chat import split_images
+
+    with pytest.raises(ImageError, match="text-only"):
+        split_images(ask("data:,"), None)
