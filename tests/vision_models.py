@@ -104,3 +104,59 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     base = np.stack([(x * 255 // max(width, 1)), (y * 255 // max(height, 1)), ((x + y) * 7) % 256], -1)
     noisy = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(noisy, "RGB").convert(mode)
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
+
+
+def tiny_llava_next(path: Path, *, seed: int = 0):
+    """LLaVA-NeXT over the same tiny CLIP and Llama, with small pinpoints (1x2, 2x1, 2x2, 1x3 tiles of 28)."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+    )
+
+    path.mkdir(parents=True, exist_ok=True)
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+    )
+    tc = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=PINPOINTS
+    )
+    model = LlavaNextForConditionalGeneration(cfg).to(torch.float32).eval()
+    _widen(model, seed)
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS
+    ).save_pretrained(path)
+    processor = {
+        "patch_size": 7,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+    }
+    (path / "processor_config.json").write_text(
+        json.dumps({**processor, "processor_class": "LlavaNextProcessor"})
+    )
+    save_image_tokenizer(path)
+    return model
