@@ -170,3 +170,34 @@ def test_marker_count_must_match_images(llm):
 def test_processor_reads_the_folder(llava):
     proc = LlavaProcessor.from_folder(llava[0])
     assert proc.marker == "<image>" and proc.num_tokens == 16 and proc.token_id == IMAGE_TOKEN_ID
+
+
+def test_preempted_image_requests_recompute_the_same_tokens(llava):
+    path, _ = llava
+    small = LLM(
+        str(path), dtype="float32", kv_cache_dtype="float32", packed=False, block_size=8, kv_cache_tokens=96
+    )
+    proc = small.model.vision.processor
+    prompts = [
+        place_images(
+            [1, 70 + i, IMAGE_TOKEN_ID, 80 + i],
+            [IMAGE_TOKEN_ID],
+            [proc(random_image(20 + i, 30, seed=90 + i))],
+        )
+        for i in range(4)
+    ]
+    small.engine.blocks.prefix_caching = False
+    alone = [run(small, [p], max_tokens=10)[0].output_ids for p in prompts]
+    together = [s.output_ids for s in run(small, prompts, max_tokens=10)]
+    assert small.engine.scheduler.num_preemptions > 0
+    assert together == alone
+    assert small.engine.blocks.num_used == 0
+
+
+def test_warmup_compiles_the_tower_once_per_bucket(llm):
+    vision = llm.model.vision
+    vision.warmup()
+    shapes = vision.compile_count()
+    assert shapes >= 2  # one image, two images
+    vision.encode([vision.processor(random_image(90, 20))])
+    assert vision.compile_count() == shapes

@@ -270,6 +270,8 @@ class Engine:
         serving never waits on a compile for them; with `background`, only the likeliest few now and the
         rest in a background thread while the engine steps (see `ModelRunner.warmup`)."""
         warm = self.runner.warmup(profiles, background=background)
+        if self.model.vision is not None:
+            log.info("vision tower: %d shapes compiled", self.model.vision.warmup())
         release_freed()  # the compilers' working memory
         log.info("%s", self.memory().summary())
         return warm

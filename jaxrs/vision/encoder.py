@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from jaxrs.vision.image_input import ImageInput
 from jaxrs.vision.registry import Processor, VisionFamily, feature_rows
@@ -91,7 +92,15 @@ class VisionModel:
         self.images_encoded += len(images)
         return out  # type: ignore[return-value]
 
-    def warmup(self, example: ImageInput, counts: Sequence[int] = (1,)) -> None:
-        """Compile the tower for `counts` images shaped like `example` (padded buckets)."""
-        for n in counts:
-            self.encode([example] * n)
+    def warmup(self, counts: Sequence[int] = (1, 2)) -> int:
+        """Compile the tower for the shapes requests will bring: each of the processor's `warmup_sizes`
+        (a tile for plain towers, each pinpoint for tiled ones) alone, and `counts` images at once where
+        images share calls. Returns how many shapes compiled."""
+        before = self.compile_count()
+        sizes = getattr(self.processor, "warmup_sizes", [(224, 224)])
+        for w, h in sizes:
+            example = self.processor(Image.new("RGB", (w, h)))
+            for n in counts if self.family.batchable and not example.extras else (1,):
+                self.encode([example] * n)
+        self.images_encoded = 0
+        return self.compile_count() - before

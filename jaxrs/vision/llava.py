@@ -196,6 +196,12 @@ class LlavaProcessor:
             )
         return cls(images, image_token_id(raw, tokenizer, marker), marker, rows)
 
+    @property
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of images whose shapes cover every request: one, all tiles are equal."""
+        h, w = self.images.output_hw
+        return [(w, h)]
+
     def __call__(self, image: Image.Image) -> ImageInput:
         rgb = image_ops.to_rgb(image)
         pixels = self.images.pixels(rgb)[None]

@@ -141,6 +141,11 @@ class LlavaNextProcessor:
             ClipImageProcessing(pre), pinpoints, image_token_id(raw, tokenizer, marker), marker, vcfg.grid
         )
 
+    @property
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of one image per pinpoint: each gives its tile count (index buckets aside)."""
+        return [(w, h) for h, w in self.pinpoints]
+
     def tiles(self, chw: np.ndarray) -> np.ndarray:
         """The base view then the grid tiles, each resized, cropped and normalized: `[1 + n, 3, S, S]`."""
         h, w = chw.shape[1:]
