@@ -68,7 +68,8 @@ async def generate_all(
     async def pump(i: int, ids: list[int]) -> None:
         rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            async for update in driver.generate(ids, params, request_id=rid, images=images):
+            extra = {"images": images} if images is not None else {}  # text-only calls keep the old shape
+            async for update in driver.generate(ids, params, request_id=rid, **extra):
                 queue.put_nowait((i, update))
         except Exception as e:
             queue.put_nowait((i, e))
