@@ -249,6 +249,7 @@ def load_llm(args: argparse.Namespace):
         isq=args.isq,
         packed=packed_flag(args),
         media=media_policy(args),
+        mmproj=getattr(args, "mmproj", None),
         **engine_kwargs(args),
     )
 

@@ -106,7 +106,7 @@ class LLM:
     `model` may also name a model of the catalog (`jaxrs.loading.catalog`: fetched on first use), and
     `isq_embeddings` says how ISQ stores the embedding and head (see `load_model`). A vision-language
     model's `chat` takes image content parts; `media` (`jaxrs.vision.media.MediaPolicy`) says which
-    image URLs it may read.
+    image URLs it may read; `mmproj` adds a llama.cpp mmproj GGUF's tower to a GGUF text model.
     """
 
     def __init__(
@@ -122,6 +122,7 @@ class LLM:
         warmup: bool = False,
         isq_embeddings: str = "q8_0",
         media: MediaPolicy | None = None,
+        mmproj: str | None = None,
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
@@ -147,6 +148,7 @@ class LLM:
             packed=packed,
             isq=isq,
             isq_embeddings=isq_embeddings,
+            mmproj=mmproj,
         )
         self.tokenizer = loaded.tokenizer
         self._engine = Engine(

@@ -92,6 +92,7 @@ def load_model(
     packed: bool | None = None,
     isq: str | None = None,
     isq_embeddings: str = "q8_0",
+    mmproj: str | None = None,
 ) -> LoadedModel:
     """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source.
 
@@ -100,7 +101,8 @@ def load_model(
     asks for another format, which then quantizes every tensor from its float values. `isq`: quantize
     float weights into this format while loading (`jaxrs.quant.isq_format` says which format each
     tensor takes; one line logs the tally). `isq_embeddings`: how ISQ stores
-    the embedding and output head (`"q8_0"`, `"isq"` or `"float"`, see `jaxrs.quant.policy`).
+    the embedding and output head (`"q8_0"`, `"isq"` or `"float"`, see `jaxrs.quant.policy`). `mmproj`:
+    a llama.cpp mmproj GGUF (CLIP tower + LLaVA projector) to serve images with a GGUF text model.
     """
     from jaxrs.engine.options import LOAD_PACKED
     from jaxrs.loading.checkpoint import hf_weight_names, load_params
@@ -119,6 +121,19 @@ def load_model(
         if isq:
             raise JaxrsError(f"{path} is already quantized; drop --isq (or quantize the original model)")
         return load_quantized(path, dtype=dtype, tokenizer=tokenizer)
+    if mmproj:
+        from jaxrs.vision.mmproj import load_mmproj
+
+        loaded = load_model(
+            model,
+            gguf_file=gguf_file,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            packed=packed,
+            isq=isq,
+            isq_embeddings=isq_embeddings,
+        )
+        return dataclasses.replace(loaded, vision=load_mmproj(mmproj, loaded.tokenizer, dtype))
     if kind == "gguf":
         from jaxrs.loading.ggml_file import is_ggml, read_ggml
         from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors

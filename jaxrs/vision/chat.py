@@ -82,5 +82,19 @@ def chat_inputs(
     marker_ids = tokenizer.encode(vision.marker, add_special_tokens=False)
     try:
         return place_images(ids, marker_ids, images)
-    except JaxrsError as e:
-        raise ImageError(f"{e} (does the chat template render the image marker {vision.marker!r}?)") from None
+    except JaxrsError:  # the marker is no token of this vocabulary (a GGUF text model): cut the text at it
+        pass
+    parts = text.split(vision.marker)
+    if len(parts) - 1 != len(images):
+        raise ImageError(
+            f"the rendered prompt holds {len(parts) - 1} image markers {vision.marker!r} for {len(images)} "
+            "images (does the chat template render them?)"
+        )
+    out: list[int] = []
+    spans = []
+    for k, part in enumerate(parts):
+        out += tokenizer.encode(part, add_special_tokens=False)
+        if k < len(images):
+            spans.append((len(out), images[k]))
+            out += images[k].prompt_tokens
+    return out, ImagePrompt(spans)

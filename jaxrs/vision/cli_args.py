@@ -10,6 +10,9 @@ from jaxrs.vision.media import MediaPolicy
 
 def add_media_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images (vision-language models)")
+    g.add_argument(
+        "--mmproj", metavar="FILE", help="llama.cpp mmproj GGUF (CLIP + projector) for a GGUF model"
+    )
     g.add_argument("--allowed-local-media-path", metavar="DIR", help="file:// image URLs may read under DIR")
     g.add_argument("--limit-images-per-prompt", type=int, default=MediaPolicy.limit_images)
     g.add_argument(
