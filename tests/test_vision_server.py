@@ -168,3 +168,15 @@ def test_text_only_model_refuses_images():
 
     with pytest.raises(ImageError, match="text-only"):
         split_images(ask("data:,"), None)
+
+
+def test_interactive_chat_image_command(llm, picture, reference, tmp_path, monkeypatch, capsys):
+    from jaxrs.cli import _chat
+
+    (tmp_path / "p.png").write_bytes(png(picture))
+    lines = iter([f"/image {tmp_path / 'missing.png'}", f"/image {tmp_path / 'p.png'}", "w5 w6", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert _chat(llm, SamplingParams(**GREEDY), []) == 0
+    out = capsys.readouterr()
+    assert reference.text in out.out
+    assert "missing.png" in out.err and "[image" in out.err
