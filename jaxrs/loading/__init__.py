@@ -168,6 +168,8 @@ def load_model(
                 dtype=dtype,
                 tokenizer=tokenizer,
                 load_text=lambda get, cfg: load_params(get, cfg, dtype),
+                isq=isq,
+                isq_embeddings=isq_embeddings,
             )
         cfg = load_hf_config(path)
         get = open_hf_tensors(path, hf_weight_names(cfg))

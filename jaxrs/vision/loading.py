@@ -68,7 +68,14 @@ def load_tower(
 
 
 def load_vision_model(
-    folder: Path, family: VisionFamily, *, dtype: jnp.dtype, tokenizer: str | None, load_text: Callable
+    folder: Path,
+    family: VisionFamily,
+    *,
+    dtype: jnp.dtype,
+    tokenizer: str | None,
+    load_text: Callable,
+    isq: str | None = None,
+    isq_embeddings: str = "q8_0",
 ) -> Any:
     """A `LoadedModel` whose `vision` is the tower and processor. `load_text(config, getter)` loads the
     text model's parameters (the text loader's own path, with names mapped through the family)."""
@@ -86,7 +93,16 @@ def load_vision_model(
     def text_get(name: str) -> Any:
         return first_found(get, family.text_names(name), name, folder)
 
-    params = load_text(text_get, cfg)
+    if isq:  # the text model only: the tower stays in the compute dtype
+        from collections import Counter
+
+        from jaxrs.loading.isq import isq_summary, quantizing_getter
+
+        tally: Counter = Counter()
+        params = load_text(quantizing_getter(text_get, isq, embeddings=isq_embeddings, tally=tally), cfg)
+        log.info("%s", isq_summary(isq, tally))
+    else:
+        params = load_text(text_get, cfg)
     try:
         processor = family.processor(folder, raw, tok)
     except (KeyError, ValueError, TypeError) as e:
