@@ -252,11 +252,20 @@ class DecoderModel(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, tokens: jax.Array, meta: AttentionMetadata, kv: KVCache, kernels: Kernels
+        self,
+        tokens: jax.Array,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        kernels: Kernels,
+        *,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written."""
+        """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written.
+        `inputs_embeds` `[B, T, hidden]` replaces the token embeddings (image features placed at their
+        positions); the embedding scale applies to it as transformers applies it."""
         cfg = self.cfg
-        h = self.embed(tokens, value(self.final_norm.weight).dtype)
+        dtype = value(self.final_norm.weight).dtype
+        h = self.embed(tokens, dtype) if inputs_embeds is None else inputs_embeds.astype(dtype)
         if cfg.embedding_scale is not None:
             h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
         rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling, meta)
