@@ -1,0 +1,201 @@
+"""Idefics 2 against transformers: a tiny random Idefics2ForConditionalGeneration (tiny SigLIP and
+perceiver, Mistral text model) with its processor saved beside it. Pixel values, pixel masks and prompt
+ids equal the transformers processor's for odd sizes and extreme aspect ratios, with and without image
+splitting; the tower's rows equal `get_image_features`; a prompt with an image gives transformers'
+logits through jaxrs's Mistral fed the merged embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jaxrs.errors import JaxrsError, ModelLoadError
+from jaxrs.loading import checkpoint
+from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
+from jaxrs.vision.idefics2 import Idefics2Processor, load_idefics2_tower, resized_size
+from tests.conftest import relative_error, save_tiny_tokenizer
+from tests.paged import PagedRun
+
+transformers = pytest.importorskip("transformers")
+
+# (width, height): odd sizes, below shortest_edge, above longest_edge, extreme ratios both ways
+SIZES = [(37, 53), (64, 64), (97, 31), (300, 7), (5, 211), (1, 1), (129, 130)]
+VOCAB = 256  # the word-level tokenizer; the processor adds 3 special tokens after it
+
+
+def _image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny model, its processor (splitting on) and its text model alone as a Mistral folder."""
+    from transformers import (
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        MistralForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+    from transformers import Idefics2Processor as HFProcessor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    path = tmp_path_factory.mktemp("idefics2")
+    save_tiny_tokenizer(path, VOCAB)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    images = Idefics2ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64, "shortest_edge": 24}
+    )
+    processor = HFProcessor(images, tok, image_seq_len=4)
+    cfg = Idefics2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+            patch_size=8,
+        ),
+        perceiver_config=dict(
+            hidden_size=48, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
+            resampler_head_dim=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+        ),
+        text_config=dict(
+            model_type="mistral", vocab_size=264, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Idefics2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.08)
+        model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    text = MistralForCausalLM(cfg.text_config).eval()
+    text.model.load_state_dict(model.model.text_model.state_dict())
+    text.lm_head.load_state_dict(model.lm_head.state_dict())
+    text.save_pretrained(path / "text")
+    return path, model, processor
+
+
+def _ours(path, processor):
+    return Idefics2Processor.from_folder(path, processor.tokenizer.get_vocab())
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_processor_matches_transformers(folder, split):
+    path, _, processor = folder
+    ours = _ours(path, processor)
+    ours = dataclasses.replace(ours, do_image_splitting=split)
+    processor.image_processor.do_image_splitting = split
+    try:
+        for seed, (w, h) in enumerate(SIZES):
+            image = _image(w, h, seed)
+            if split and min(w, h) < 2:  # transformers divides by zero here; we refuse it by name
+                with pytest.raises(JaxrsError, match="too small to split"):
+                    ours(image)
+                continue
+            ref = processor(text="<image>", images=image, return_tensors="np")
+            got = ours(image)
+            assert got.pixel_values.shape == ref["pixel_values"][0].shape, (w, h)
+            np.testing.assert_array_equal(got.pixel_values, ref["pixel_values"][0])
+            np.testing.assert_array_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0])
+            assert list(got.prompt_tokens) == ref["input_ids"][0].tolist(), (w, h)
+            assert got.feature_mask.sum() == (5 if split else 1) * 4
+            np.testing.assert_array_equal(got.feature_mask, ref["input_ids"][0] == ours.image_token_id)
+    finally:
+        processor.image_processor.do_image_splitting = True
+
+
+def test_processor_modes_and_hash(folder):
+    """RGBA and grayscale images come out as the transformers processor gives them (alpha dropped, as its
+    `load_image` does); the hash follows the pixels."""
+    path, _, processor = folder
+    ours = _ours(path, processor)
+    rgba = _image(41, 29, 7, "RGBA")
+    ref = processor(text="<image>", images=rgba, return_tensors="np")
+    np.testing.assert_array_equal(ours(rgba).pixel_values, ref["pixel_values"][0])
+    gray = _image(30, 50, 8, "L")
+    ref = processor(text="<image>", images=gray, return_tensors="np")
+    np.testing.assert_array_equal(ours(gray).pixel_values, ref["pixel_values"][0])
+    a, b = _image(20, 20, 1), _image(20, 20, 2)
+    assert ours(a).content_hash == ours(a.copy()).content_hash != ours(b).content_hash
+    assert len(ours(a).content_hash) == 32
+
+
+def test_resized_size_edges():
+    assert resized_size(100, 200, 64, 24) == (32, 64)  # width capped, height truncated
+    assert resized_size(200, 7, 64, 24) == (64, 24)  # the narrow side raised to shortest_edge
+    assert resized_size(10, 10, 64, 24) == (24, 24)
+
+
+def test_from_folder_errors(folder, tmp_path):
+    path, _, processor = folder
+    with pytest.raises(ModelLoadError, match="<fake_token_around_image>"):
+        Idefics2Processor.from_folder(path, {"<image>": 3})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ModelLoadError, match="not idefics2"):
+        load_idefics2_tower(tmp_path)
+
+
+def test_tower_matches_get_image_features(folder):
+    path, model, processor = folder
+    tower, cfg = load_idefics2_tower(path)
+    ours = _ours(path, processor)
+    for seed, (w, h) in enumerate([(37, 53), (300, 7), (129, 130)]):
+        image = ours(_image(w, h, seed))
+        rows = np.asarray(
+            tower(
+                jnp.asarray(image.pixel_values),
+                pixel_attention_mask=jnp.asarray(image.extras["pixel_attention_mask"]),
+            )
+        )
+        with torch.no_grad():
+            ref = model.model.get_image_features(
+                torch.from_numpy(image.pixel_values)[None],
+                torch.from_numpy(image.extras["pixel_attention_mask"]).long()[None],
+            ).pooler_output[0]
+        assert rows.shape == (int(image.feature_mask.sum()), cfg.text_hidden_size)
+        err = relative_error(rows, ref.numpy())
+        assert err <= 1e-5, (w, h, err)
+
+
+def test_prompt_logits_match_transformers(folder):
+    """Text, an image, text: jaxrs's Mistral over the merged embeddings gives transformers' logits."""
+    path, model, processor = folder
+    tower, _ = load_idefics2_tower(path)
+    ours = _ours(path, processor)
+    picture = _image(97, 31, 3)
+    ref_inputs = processor(text="w5 w9 <image> w7 w3", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**ref_inputs).logits[0].numpy()
+
+    image = ours(picture)
+    tokens = [5, 9, *image.prompt_tokens, 7, 3]
+    assert tokens == ref_inputs["input_ids"][0].tolist()
+    mask = np.zeros(len(tokens), bool)
+    mask[2 : 2 + len(image.prompt_tokens)] = image.feature_mask
+    rows = tower(
+        jnp.asarray(image.pixel_values),
+        pixel_attention_mask=jnp.asarray(image.extras["pixel_attention_mask"]),
+    )
+    cfg = load_hf_config(path / "text")
+    params = checkpoint.load_params(
+        open_hf_tensors(path / "text", checkpoint.hf_weight_names(cfg)), cfg, np.float32
+    )
+    embeds = np.asarray(params["embed"]["weight"])[tokens]
+    embeds[mask] = np.asarray(rows)
+    logits = PagedRun(cfg, params, block_size=8, num_blocks=32, seed=3).feed(tokens, embeds)
+    assert logits.shape == ref.shape
+    err = relative_error(logits, ref)
+    print(f"idefics2 prompt logits: max relative error {err:.2e}")
+    assert err <= 1e-4
+    assert (logits.argmax(-1) == ref.argmax(-1)).all()
