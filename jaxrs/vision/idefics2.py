@@ -13,7 +13,6 @@ closed by one, exactly the ids transformers' processor gives for the text "<imag
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Linear, RMSNorm, value
@@ -45,13 +45,8 @@ IMAGE_TOKEN, FAKE_TOKEN = "<image>", "<fake_token_around_image>"
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(path, f"unreadable: {err}") from None
+def _optional_json(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
 
 
 # -- processor --------------------------------------------------------------------------------------------
@@ -99,9 +94,9 @@ class Idefics2Processor:
         """From `preprocessor_config.json` (or its copy inside `processor_config.json`); `vocab` maps
         token text -> id and must hold `<image>` and `<fake_token_around_image>`."""
         folder = Path(path)
-        proc = _read_json(folder / "processor_config.json")
+        proc = _optional_json(folder / "processor_config.json")
         # transformers 5 nests the image processor's settings in processor_config.json
-        pre = _read_json(folder / "preprocessor_config.json") or proc.get("image_processor") or {}
+        pre = _optional_json(folder / "preprocessor_config.json") or proc.get("image_processor") or {}
         missing = [t for t in (IMAGE_TOKEN, FAKE_TOKEN) if t not in vocab]
         if missing:
             raise ModelLoadError(folder, f"the tokenizer has no {' or '.join(missing)} token")
@@ -324,7 +319,7 @@ def idefics2_checkpoint_name(path: str) -> str:
 def load_idefics2_tower(folder: str | Path) -> tuple[Idefics2VisionTower, Idefics2Config]:
     """The tower with its weights (f32) from an Idefics 2 folder (config.json + safetensors)."""
     folder = Path(folder)
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     if raw.get("model_type") != "idefics2":
         raise ModelLoadError(folder / "config.json", f"model_type {raw.get('model_type')!r} is not idefics2")
     cfg = Idefics2Config.from_hf(raw)

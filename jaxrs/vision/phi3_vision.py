@@ -30,7 +30,6 @@ the image's.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.nn import Linear, value
 from jaxrs.ops import Kernels
@@ -143,11 +143,7 @@ class Phi3VisionProcessor:
     def from_folder(cls, path: str | Path, vocab: Mapping[str, int]) -> Phi3VisionProcessor:
         """From `preprocessor_config.json`; the placeholder id is `<|image|>`'s (0 when the vocabulary
         has none: any id serves, its embedding is replaced)."""
-        file = Path(path) / "preprocessor_config.json"
-        try:
-            pre = json.loads(file.read_text())
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(file, f"unreadable: {err}") from None
+        pre = read_json(Path(path) / "preprocessor_config.json")
         return cls(
             image_token_id=int(vocab.get("<|image|>", 0)),
             num_crops=int(pre.get("num_crops", 1)),
@@ -293,11 +289,7 @@ def load_phi3_vision_projector(folder: str | Path) -> tuple[Phi3VisionProjector,
     """The projector with its weights (f32) from a Phi-3 Vision folder (config.json + safetensors)."""
     folder = Path(folder)
     file = folder / "config.json"
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(file, f"unreadable: {err}") from None
-    cfg = Phi3VisionConfig.from_hf(raw, file)
+    cfg = Phi3VisionConfig.from_hf(read_json(file), file)
     abstract = nnx.eval_shape(lambda: Phi3VisionProjector(cfg))
     params = load_tower_params(folder, abstract, projector_checkpoint_name)
     return nnx.merge(nnx.split(abstract)[0], params), cfg

@@ -95,7 +95,9 @@ def _fractional_buckets(real: jax.Array, length: int, boundaries: np.ndarray) ->
     step = jnp.float32(1.0) / real.astype(jnp.float32)
     coords = jnp.arange(length, dtype=jnp.float32)[None, :] * step[:, None]
     coords = jnp.minimum(coords, jnp.float32(1.0 - 1e-6))
-    return jnp.searchsorted(jnp.asarray(boundaries), coords, side="right", method="compare_all").astype(jnp.int32)
+    return jnp.searchsorted(jnp.asarray(boundaries), coords, side="right", method="compare_all").astype(
+        jnp.int32
+    )
 
 
 def position_ids(mask: jax.Array, per_side: int) -> jax.Array:
