@@ -2,7 +2,7 @@
 perceiver, Mistral text model) with its processor saved beside it. Pixel values, pixel masks and prompt
 ids equal the transformers processor's for odd sizes and extreme aspect ratios, with and without image
 splitting; the tower's rows equal `get_image_features`; a prompt with an image gives transformers'
-logits through jaxrs's Mistral fed the merged embeddings."""
+logits through jaxrs's Mistral (read from the same folder) fed the merged embeddings."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ from PIL import Image
 
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.loading import checkpoint
-from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.vision.idefics2 import Idefics2Processor, load_idefics2_tower, resized_size
+from jaxrs.loading.hf_folder import open_hf_tensors
+from jaxrs.vision.idefics2 import (
+    Idefics2Processor,
+    idefics2_text_config,
+    idefics2_text_tensor,
+    load_idefics2_tower,
+    resized_size,
+)
 from tests.conftest import relative_error, save_tiny_tokenizer
 from tests.paged import PagedRun
 
@@ -38,11 +44,10 @@ def _image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """The tiny model, its processor (splitting on) and its text model alone as a Mistral folder."""
+    """The tiny model and its processor (splitting on), saved as transformers saves them."""
     from transformers import (
         Idefics2Config,
         Idefics2ForConditionalGeneration,
-        MistralForCausalLM,
         PreTrainedTokenizerFast,
     )
     from transformers import Idefics2Processor as HFProcessor
@@ -81,10 +86,6 @@ def folder(tmp_path_factory):
         model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    text = MistralForCausalLM(cfg.text_config).eval()
-    text.model.load_state_dict(model.model.text_model.state_dict())
-    text.lm_head.load_state_dict(model.lm_head.state_dict())
-    text.save_pretrained(path / "text")
     return path, model, processor
 
 
@@ -159,6 +160,15 @@ def test_from_folder_errors(folder, tmp_path):
         load_idefics2_tower(tmp_path)
 
 
+def test_sparse_text_config_gets_mistral_defaults(tmp_path):
+    """The published config lists only what differs from MistralConfig; Idefics2Config's overrides apply."""
+    text = {"model_type": "mistral", "vocab_size": 32003, "sliding_window": None}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics2", "text_config": text}))
+    cfg = idefics2_text_config(tmp_path)
+    assert (cfg.architecture, cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == ("llama", 32003, 4096, 32)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.sliding_window) == (32, 8, 1e-5, None)
+
+
 def test_tower_matches_get_image_features(folder, encode):
     path, model, processor = folder
     encode, cfg = encode
@@ -192,10 +202,10 @@ def test_prompt_logits_match_transformers(folder, encode):
     mask = np.zeros(len(tokens), bool)
     mask[2 : 2 + len(image.prompt_tokens)] = image.feature_mask
     rows = encode(image)
-    cfg = load_hf_config(path / "text")
-    params = checkpoint.load_params(
-        open_hf_tensors(path / "text", checkpoint.hf_weight_names(cfg)), cfg, np.float32
-    )
+    cfg = idefics2_text_config(path)  # the Mistral family, read from the Idefics 2 folder itself
+    names = checkpoint.hf_weight_names(cfg)
+    get = open_hf_tensors(path, [idefics2_text_tensor(n) for n in names])
+    params = checkpoint.load_params(lambda name: get(idefics2_text_tensor(name)), cfg, np.float32)
     embeds = np.asarray(params["embed"]["weight"])[tokens]
     embeds[mask] = np.asarray(rows)
     logits = PagedRun(cfg, params, block_size=8, num_blocks=32, seed=3).feed(tokens, embeds)

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from jaxrs.config import read_json
+from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
+from jaxrs.loading.model_config import config_from_hf
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Linear, RMSNorm, value
 from jaxrs.ops import Kernels
@@ -314,6 +315,40 @@ def idefics2_checkpoint_name(path: str) -> str:
     if path.startswith(layers):
         return f"model.{layers}{{i}}.{path.removeprefix(layers)}"
     return "model." + path
+
+
+# transformers' MistralConfig defaults with Idefics2Config's overrides: a text_config may list only
+# what differs from them
+MISTRAL_TEXT_DEFAULTS = {
+    "model_type": "mistral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096 * 8,
+    "rms_norm_eps": 1e-5,
+}
+
+
+def idefics2_text_config(folder: str | Path) -> ModelConfig:
+    """The text model's config (the Mistral family) from an Idefics 2 config.json's `text_config`."""
+    file = Path(folder) / "config.json"
+    text = read_json(file).get("text_config") or {}
+    return config_from_hf(
+        MISTRAL_TEXT_DEFAULTS | {k: v for k, v in text.items() if k != "architectures"}, file
+    )
+
+
+def idefics2_text_tensor(name: str) -> str:
+    """A text-model tensor name (`model.layers.0...`, `lm_head.weight`) -> its name in an Idefics 2
+    checkpoint (`model.text_model.layers.0...`)."""
+    return "model.text_model." + name.removeprefix("model.") if name.startswith("model.") else name
 
 
 def load_idefics2_tower(folder: str | Path) -> tuple[Idefics2VisionTower, Idefics2Config]:
