@@ -187,7 +187,8 @@ def test_tower_matches_get_image_features(folder, encode):
 
 
 def test_prompt_logits_match_transformers(folder, encode):
-    """Text, an image, text: jaxrs's Mistral over the merged embeddings gives transformers' logits."""
+    """Text, an image, text: jaxrs's Mistral over the merged embeddings gives transformers' logits, and
+    the same greedy tokens for a few steps after it."""
     path, model, processor = folder
     encode, _ = encode
     ours = _ours(path, processor)
@@ -208,9 +209,28 @@ def test_prompt_logits_match_transformers(folder, encode):
     params = checkpoint.load_params(lambda name: get(idefics2_text_tensor(name)), cfg, np.float32)
     embeds = np.asarray(params["embed"]["weight"])[tokens]
     embeds[mask] = np.asarray(rows)
-    logits = PagedRun(cfg, params, block_size=8, num_blocks=32, seed=3).feed(tokens, embeds)
+    run = PagedRun(cfg, params, block_size=8, num_blocks=32, seed=3)
+    logits = run.feed(tokens, embeds)
     assert logits.shape == ref.shape
     err = relative_error(logits, ref)
     print(f"idefics2 prompt logits: max relative error {err:.2e}")
     assert err <= 1e-4
     assert (logits.argmax(-1) == ref.argmax(-1)).all()
+
+    ids, ours_next = ref_inputs["input_ids"], int(logits[-1].argmax())  # then greedy steps, each side its own
+    for _ in range(3):
+        ids = torch.cat([ids, torch.tensor([[ours_next]])], dim=1)
+        with torch.no_grad():
+            theirs = (
+                model(
+                    input_ids=ids,
+                    pixel_values=ref_inputs["pixel_values"],
+                    pixel_attention_mask=ref_inputs["pixel_attention_mask"],
+                )
+                .logits[0, -1]
+                .numpy()
+            )
+        step = run.feed([ours_next])[-1]
+        assert relative_error(step, theirs) <= 1e-4
+        ours_next = int(step.argmax())
+        assert ours_next == int(theirs.argmax())

@@ -8,7 +8,9 @@ each tile is resized so its longest edge is at most `longest_edge` and both edge
 `shortest_edge` (Pillow, the configured resampling), rescaled, normalized and zero-padded to the
 largest tile, with a pixel mask of the real pixels. The marker `<image>` becomes
 `<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined by one fake token and
-closed by one, exactly the ids transformers' processor gives for the text "<image>".
+closed by one, exactly the ids transformers' processor gives for the text "<image>". Two things of the
+prompt around it are the prompt assembly's: transformers merges the fake tokens of adjacent images into
+one, and puts a space after an image directly followed by a word.
 """
 
 from __future__ import annotations
