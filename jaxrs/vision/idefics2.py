@@ -3,14 +3,13 @@ compresses each tile to `resampler_n_latents` rows, 64 in the real model) and th
 
 The processor equals transformers' `Idefics2ImageProcessor` + `Idefics2Processor` for one image, made
 upright and RGB first as its `load_image` makes it: with `do_image_splitting` the image is cut into 4
-quarters (before resizing) followed by the whole image;
-each tile is resized so its longest edge is at most `longest_edge` and both edges at least
-`shortest_edge` (Pillow, the configured resampling), rescaled, normalized and zero-padded to the
-largest tile, with a pixel mask of the real pixels. The marker `<image>` becomes
-`<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined by one fake token and
-closed by one, exactly the ids transformers' processor gives for the text "<image>". Two things of the
-prompt around it are the prompt assembly's: transformers merges the fake tokens of adjacent images into
-one, and puts a space after an image directly followed by a word.
+quarters (before resizing) followed by the whole image; each tile is resized so its longest edge is at
+most `longest_edge` and both edges at least `shortest_edge` (Pillow, the configured resampling),
+rescaled, normalized and zero-padded to the largest tile, with a pixel mask of the real pixels. The
+marker `<image>` becomes `<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined
+by one fake token and closed by one, exactly the ids transformers' processor gives for the text
+"<image>". Two things of the prompt around it are the prompt assembly's: transformers merges the fake
+tokens of adjacent images into one, and puts a space after an image directly followed by a word.
 """
 
 from __future__ import annotations
