@@ -30,7 +30,7 @@ class PagedRun:
         self.table = np.random.default_rng(seed).permutation(num_blocks).astype(np.int32)
         self.length = 0
 
-    def feed(self, token_ids: list[int]) -> np.ndarray:
+    def feed(self, token_ids: list[int], inputs_embeds: np.ndarray | None = None) -> np.ndarray:
         n = len(token_ids)
         pos = np.arange(self.length, self.length + n, dtype=np.int32)
         slots = self.table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -38,7 +38,12 @@ class PagedRun:
             pos[None], slots[None].astype(np.int32), self.table[None], np.array([self.length + n], np.int32)
         )
         model = merge(self.params, self.cfg)
-        hidden, self.kv = model(jnp.asarray([token_ids], jnp.int32), meta, self.kv, self.kernels)
+        embeds = None
+        if inputs_embeds is not None:
+            rows = jnp.asarray(inputs_embeds)[None]
+            embeds = (jnp.ones(rows.shape[:2], bool), rows)
+        tokens = jnp.asarray([token_ids], jnp.int32)
+        hidden, self.kv = model(tokens, meta, self.kv, self.kernels, inputs_embeds=embeds)
         self.length += n
         return np.asarray(model.logits(hidden, Kernels()))[0]
 

@@ -261,14 +261,15 @@ class DecoderModel(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Hidden states `[B, T, hidden]` after the final norm, and the KV cache with this step written.
         `inputs_embeds`: (mask `[B, T]`, rows `[B, T, hidden]`), rows that replace the token embeddings
-        where the mask is set (image features)."""
+        where the mask is set (image features); the embedding scale applies to them as transformers does."""
         cfg = self.cfg
-        h = self.embed(tokens, value(self.final_norm.weight).dtype)
-        if cfg.embedding_scale is not None:
-            h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
+        dtype = value(self.final_norm.weight).dtype
+        h = self.embed(tokens, dtype)
         if inputs_embeds is not None:
             mask, rows = inputs_embeds
-            h = jnp.where(mask[..., None], rows.astype(h.dtype), h)
+            h = jnp.where(mask[..., None], rows.astype(dtype), h)
+        if cfg.embedding_scale is not None:
+            h = h * jnp.asarray(cfg.embedding_scale, h.dtype)
         rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling, meta)
         rope_local = rope
         if cfg.rope_local_theta is not None:

@@ -1,0 +1,236 @@
+"""Idefics 2 against transformers: a tiny random Idefics2ForConditionalGeneration (tiny SigLIP and
+perceiver, Mistral text model) with its processor saved beside it. Pixel values, pixel masks and prompt
+ids equal the transformers processor's for odd sizes and extreme aspect ratios, with and without image
+splitting; the tower's rows equal `get_image_features`; a prompt with an image gives transformers'
+logits through jaxrs's Mistral (read from the same folder) fed the merged embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+
+from jaxrs.errors import JaxrsError, ModelLoadError
+from jaxrs.loading import checkpoint
+from jaxrs.loading.hf_folder import open_hf_tensors
+from jaxrs.vision.idefics2 import (
+    Idefics2Processor,
+    idefics2_text_config,
+    idefics2_text_tensor,
+    load_idefics2_tower,
+    resized_size,
+)
+from tests.conftest import relative_error, save_tiny_tokenizer
+from tests.paged import PagedRun
+
+transformers = pytest.importorskip("transformers")
+
+# (width, height): odd sizes, below shortest_edge, above longest_edge, extreme ratios both ways
+SIZES = [(37, 53), (64, 64), (97, 31), (300, 7), (5, 211), (1, 1), (129, 130)]
+VOCAB = 256  # the word-level tokenizer; the processor adds 3 special tokens after it
+
+
+def _image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny model and its processor (splitting on), saved as transformers saves them."""
+    from transformers import (
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
+    from transformers import Idefics2Processor as HFProcessor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    path = tmp_path_factory.mktemp("idefics2")
+    save_tiny_tokenizer(path, VOCAB)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    images = Idefics2ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64, "shortest_edge": 24}
+    )
+    processor = HFProcessor(images, tok, image_seq_len=4)
+    cfg = Idefics2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+            patch_size=8,
+        ),
+        perceiver_config=dict(
+            hidden_size=48, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=4,
+            resampler_head_dim=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+        ),
+        text_config=dict(
+            model_type="mistral", vocab_size=264, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Idefics2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.08)
+        model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path, model, processor
+
+
+@pytest.fixture(scope="module")
+def encode(folder):
+    """The loaded tower as one jitted function of its state (as the engine runs it), and its config."""
+    tower, cfg = load_idefics2_tower(folder[0])
+    graph, state = nnx.split(tower)
+    run = jax.jit(lambda state, px, mask: nnx.merge(graph, state)(px, pixel_attention_mask=mask))
+    return lambda image: np.asarray(
+        run(state, jnp.asarray(image.pixel_values), jnp.asarray(image.extras["pixel_attention_mask"]))
+    ), cfg
+
+
+def _ours(path, processor):
+    return Idefics2Processor.from_folder(path, processor.tokenizer.get_vocab())
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_processor_matches_transformers(folder, split):
+    path, _, processor = folder
+    ours = _ours(path, processor)
+    ours = dataclasses.replace(ours, do_image_splitting=split)
+    processor.image_processor.do_image_splitting = split
+    try:
+        for seed, (w, h) in enumerate(SIZES):
+            image = _image(w, h, seed)
+            if split and min(w, h) < 2:  # transformers divides by zero here; we refuse it by name
+                with pytest.raises(JaxrsError, match="too small to split"):
+                    ours(image)
+                continue
+            ref = processor(text="<image>", images=image, return_tensors="np")
+            got = ours(image)
+            assert got.pixel_values.shape == ref["pixel_values"][0].shape, (w, h)
+            np.testing.assert_array_equal(got.pixel_values, ref["pixel_values"][0])
+            np.testing.assert_array_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0])
+            assert list(got.prompt_tokens) == ref["input_ids"][0].tolist(), (w, h)
+            assert got.feature_mask.sum() == (5 if split else 1) * 4
+            np.testing.assert_array_equal(got.feature_mask, ref["input_ids"][0] == ours.image_token_id)
+    finally:
+        processor.image_processor.do_image_splitting = True
+
+
+def test_processor_modes_and_hash(folder):
+    """RGBA and grayscale images come out as the transformers processor gives them (alpha dropped, as its
+    `load_image` does); the hash follows the pixels."""
+    path, _, processor = folder
+    ours = _ours(path, processor)
+    rgba = _image(41, 29, 7, "RGBA")
+    ref = processor(text="<image>", images=rgba, return_tensors="np")
+    np.testing.assert_array_equal(ours(rgba).pixel_values, ref["pixel_values"][0])
+    gray = _image(30, 50, 8, "L")
+    ref = processor(text="<image>", images=gray, return_tensors="np")
+    np.testing.assert_array_equal(ours(gray).pixel_values, ref["pixel_values"][0])
+    a, b = _image(20, 20, 1), _image(20, 20, 2)
+    assert ours(a).content_hash == ours(a.copy()).content_hash != ours(b).content_hash
+    assert len(ours(a).content_hash) == 32
+
+
+def test_resized_size_edges():
+    assert resized_size(100, 200, 64, 24) == (32, 64)  # width capped, height truncated
+    assert resized_size(200, 7, 64, 24) == (64, 24)  # the narrow side raised to shortest_edge
+    assert resized_size(10, 10, 64, 24) == (24, 24)
+
+
+def test_from_folder_errors(folder, tmp_path):
+    path, _, processor = folder
+    with pytest.raises(ModelLoadError, match="<fake_token_around_image>"):
+        Idefics2Processor.from_folder(path, {"<image>": 3})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ModelLoadError, match="not idefics2"):
+        load_idefics2_tower(tmp_path)
+
+
+def test_sparse_text_config_gets_mistral_defaults(tmp_path):
+    """The published config lists only what differs from MistralConfig; Idefics2Config's overrides apply."""
+    text = {"model_type": "mistral", "vocab_size": 32003, "sliding_window": None}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics2", "text_config": text}))
+    cfg = idefics2_text_config(tmp_path)
+    assert (cfg.architecture, cfg.vocab_size, cfg.hidden_size, cfg.num_layers) == ("llama", 32003, 4096, 32)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.sliding_window) == (32, 8, 1e-5, None)
+
+
+def test_tower_matches_get_image_features(folder, encode):
+    path, model, processor = folder
+    encode, cfg = encode
+    ours = _ours(path, processor)
+    for seed, (w, h) in enumerate([(37, 53), (300, 7)]):
+        image = ours(_image(w, h, seed))
+        rows = encode(image)
+        with torch.no_grad():
+            ref = model.model.get_image_features(
+                torch.from_numpy(image.pixel_values)[None],
+                torch.from_numpy(image.extras["pixel_attention_mask"]).long()[None],
+            ).pooler_output[0]
+        assert rows.shape == (int(image.feature_mask.sum()), cfg.text_hidden_size)
+        err = relative_error(rows, ref.numpy())
+        assert err <= 1e-5, (w, h, err)
+
+
+def test_prompt_logits_match_transformers(folder, encode):
+    """Text, an image, text: jaxrs's Mistral over the merged embeddings gives transformers' logits, and
+    the same greedy tokens for a few steps after it."""
+    path, model, processor = folder
+    encode, _ = encode
+    ours = _ours(path, processor)
+    picture = _image(37, 53, 3)  # the size the tower test compiled
+    ref_inputs = processor(text="w5 w9 <image> w7 w3", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**ref_inputs).logits[0].numpy()
+
+    image = ours(picture)
+    tokens = [5, 9, *image.prompt_tokens, 7, 3]
+    assert tokens == ref_inputs["input_ids"][0].tolist()
+    mask = np.zeros(len(tokens), bool)
+    mask[2 : 2 + len(image.prompt_tokens)] = image.feature_mask
+    rows = encode(image)
+    cfg = idefics2_text_config(path)  # the Mistral family, read from the Idefics 2 folder itself
+    names = checkpoint.hf_weight_names(cfg)
+    get = open_hf_tensors(path, [idefics2_text_tensor(n) for n in names])
+    params = checkpoint.load_params(lambda name: get(idefics2_text_tensor(name)), cfg, np.float32)
+    embeds = np.asarray(params["embed"]["weight"])[tokens]
+    embeds[mask] = np.asarray(rows)
+    run = PagedRun(cfg, params, block_size=8, num_blocks=32, seed=3)
+    logits = run.feed(tokens, embeds)
+    assert logits.shape == ref.shape
+    err = relative_error(logits, ref)
+    print(f"idefics2 prompt logits: max relative error {err:.2e}")
+    assert err <= 1e-4
+    assert (logits.argmax(-1) == ref.argmax(-1)).all()
+
+    ids, ours_next = ref_inputs["input_ids"], int(logits[-1].argmax())  # then greedy steps, each side its own
+    for _ in range(3):
+        ids = torch.cat([ids, torch.tensor([[ours_next]])], dim=1)
+        with torch.no_grad():
+            theirs = (
+                model(
+                    input_ids=ids,
+                    pixel_values=ref_inputs["pixel_values"],
+                    pixel_attention_mask=ref_inputs["pixel_attention_mask"],
+                )
+                .logits[0, -1]
+                .numpy()
+            )
+        step = run.feed([ours_next])[-1]
+        assert relative_error(step, theirs) <= 1e-4
+        ours_next = int(step.argmax())
+        assert ours_next == int(theirs.argmax())
