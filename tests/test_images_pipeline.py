@@ -78,7 +78,8 @@ def image_model(tmp_path_factory):
 
 def test_image_model_generate(image_model):
     steps = []
-    images = image_model.generate("a red cat", n=3, size="64x32", seed=11, on_step=lambda i, n: steps.append(i))
+    record = lambda step, total: steps.append(step)
+    images = image_model.generate("a red cat", n=3, size="64x32", seed=11, on_step=record)
     assert [im.size for im in images] == [(64, 32)] * 3
     assert steps == [1, 2, 3, 4]  # schnell: 4 steps
     again = image_model.generate("a red cat", n=1, size="64x32", seed=11)
