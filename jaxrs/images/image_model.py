@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from PIL import Image
 
@@ -85,6 +86,8 @@ class ImageModel:
         kernels: dict[str, str] | None = None,
     ):
         self.source = str(path)
+        if dtype == "auto":  # as the language models: f32 on CPU, bf16 on accelerators
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         started = time.perf_counter()
         self.pipeline = load_pipeline(
             path,
