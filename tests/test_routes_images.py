@@ -57,7 +57,7 @@ def test_b64_json_url_and_seed(oai, client):
     )
     images = [decode(d.b64_json) for d in one.data]
     assert [im.size for im in images] == [(64, 32), (64, 32)]
-    two = oai.images.generate(prompt="a red cat", size="64x32", response_format="url", extra_body={"seed": 3})
+    two = oai.images.generate(prompt="a red cat", size="64x32", n=2, extra_body={"seed": 3})  # url
     fetched = client.get(two.data[0].url.removeprefix("http://testserver"))
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(fetched.content))), np.asarray(images[0]))
@@ -93,7 +93,7 @@ def test_chat_is_served_while_an_image_generates(oai, image_model, monkeypatch):
     monkeypatch.setattr(image_model.pipeline, "denoise", held)
     result = {}
     worker = threading.Thread(
-        target=lambda: result.setdefault("image", oai.images.generate(prompt="a cat", size="32x32"))
+        target=lambda: result.setdefault("image", oai.images.generate(prompt="a cat", size="64x32", n=2))
     )
     worker.start()
     assert started.wait(60)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrs.config import ACTIVATIONS
 from jaxrs.models.dense_attention import attend
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Embedding, LayerNorm, Linear, value
@@ -51,7 +52,7 @@ def clip_activation(x: jax.Array, kind: str) -> jax.Array:
     """CLIP's quick_gelu (`x * sigmoid(1.702 x)`), or one of the shared activations."""
     if kind == "quick_gelu":
         return x * jax.nn.sigmoid(1.702 * x)
-    return activation(x, {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(kind, kind))
+    return activation(x, ACTIVATIONS.get(kind, kind))
 
 
 class ClipLayer(nnx.Module):

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrs.models.dense_attention import attend
+from jaxrs.models.layers import layer_norm
 from jaxrs.models.nn import Linear, RMSNorm
 from jaxrs.ops import Kernels
 
@@ -53,15 +54,10 @@ class FluxConfig:
         return cls(**kept)
 
 
-def layer_norm(x: jax.Array) -> jax.Array:
-    """LayerNorm without weights (eps 1e-6) in f32: adaptive LayerNorm supplies scale and shift."""
-    xf = x.astype(jnp.float32)
-    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
-
-
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    """Adaptive LayerNorm: LayerNorm without weights (eps 1e-6), then the conditioning's scale and shift."""
+    normed = layer_norm(x, jnp.ones(x.shape[-1], jnp.float32), None, EPS)
+    return normed * (1 + scale[:, None]) + shift[:, None]
 
 
 def timestep_features(t: jax.Array) -> jax.Array:

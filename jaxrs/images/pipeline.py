@@ -17,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrs.images.clip_text import ClipTextModel
 from jaxrs.images.flow_match import SchedulerConfig, euler_step, sigmas
-from jaxrs.images.flux_transformer import FluxConfig, FluxTransformer, rope_tables
-from jaxrs.images.t5_encoder import T5Encoder
-from jaxrs.images.vae_decoder import VaeConfig, VaeDecoder
+from jaxrs.images.flux_transformer import FluxConfig, rope_tables
+from jaxrs.images.vae_decoder import VaeConfig
 from jaxrs.ops import Kernels
 
 
@@ -151,20 +149,3 @@ class FluxPipeline:
     def decode(self, tokens: jax.Array, h: int, w: int) -> np.ndarray:
         """Packed latents of `h x w` -> uint8 images `[B, 8h, 8w, 3]`."""
         return np.asarray(_decode(self.vae.graph, self.vae.params, tokens, h, w, self.kernels))
-
-
-def build(make: Callable[[], nnx.Module]) -> Component:
-    """A component with zero parameters (filled later, or in tests from a reference's state)."""
-    graph, state = nnx.split(nnx.eval_shape(make))
-    return Component(graph, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state.to_pure_dict()))
-
-
-__all__ = [
-    "ClipTextModel",
-    "Component",
-    "FluxPipeline",
-    "FluxTransformer",
-    "T5Encoder",
-    "VaeDecoder",
-    "build",
-]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrs.config import ACTIVATIONS
 from jaxrs.models.dense_attention import attend
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Embedding, Linear, RMSNorm, value
@@ -51,7 +52,7 @@ class T5Config:
             max_distance=raw.get("relative_attention_max_distance", 128),
             eps=float(raw.get("layer_norm_epsilon", 1e-6)),
             gated=gated,
-            act={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+            act=ACTIVATIONS.get(act, act),
         )
 
 
