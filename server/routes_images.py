@@ -26,7 +26,13 @@ from server.image_schemas import ImageData, ImageList, ImageRequest
 
 FILES = "/images/files"
 _FILE_NAME = re.compile(r"[0-9a-f]{32}-\d+\.png")
-_FIELDS = {"prompt": "prompt", "n must": "n", "size": "size", "num_inference_steps": "num_inference_steps"}
+_FIELDS = {
+    "prompt": "prompt",
+    "n must": "n",
+    "size": "size",
+    "num_inference_steps": "num_inference_steps",
+    "seed": "seed",
+}
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -57,7 +63,7 @@ def image_routes(model: ImageModel, output_dir: str | Path) -> list[HTTPRouteHan
                 param="response_format",
             )
         try:
-            model.check(req.prompt, req.n, req.size, req.num_inference_steps)
+            model.check(req.prompt, req.n, req.size, req.num_inference_steps, req.seed)
             images = await asyncio.to_thread(
                 model.generate,
                 req.prompt,

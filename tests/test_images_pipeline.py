@@ -85,8 +85,6 @@ def test_image_model_generate(image_model):
     assert not np.array_equal(np.asarray(images[1]), np.asarray(images[0]))
     again = image_model.generate("a red cat", n=2, size="64x32", seed=11)  # the same compiled shapes
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(images[0]))
-    other = image_model.generate("a red cat", n=2, size="64x32", seed=12)
-    assert not np.array_equal(np.asarray(other[0]), np.asarray(images[0]))
 
 
 @pytest.mark.parametrize(
@@ -98,6 +96,8 @@ def test_image_model_generate(image_model):
         ({"n": 4}, "n must"),
         ({"n": 0}, "n must"),
         ({"prompt": "  "}, "prompt"),
+        ({"seed": -1}, "seed"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
     ],
 )
 def test_image_model_rejects(image_model, kwargs, field):

@@ -109,9 +109,16 @@ class ImageModel:
         return self.pipeline.guided
 
     def check(
-        self, prompt: str, n: int, size: str | tuple[int, int], num_inference_steps: int | None
+        self,
+        prompt: str,
+        n: int,
+        size: str | tuple[int, int],
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
     ) -> tuple[int, int]:
         """Validate a request; returns (width, height)."""
+        if seed is not None and not 0 <= seed < 2**32:
+            raise ImageRequestError(f"seed must be between 0 and {2**32 - 1}, got {seed}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ImageRequestError("prompt must be a non-empty string")
         if not 1 <= n <= self.limits.max_images:
@@ -134,7 +141,7 @@ class ImageModel:
         """`n` images for `prompt` (the same seed gives the same images). Steps default to 4 for a
         model without guidance (schnell) and 28 with (dev); `guidance_scale` (default 3.5) is ignored by
         a model without guidance."""
-        width, height = self.check(prompt, n, size, num_inference_steps)
+        width, height = self.check(prompt, n, size, num_inference_steps, seed)
         steps = num_inference_steps or (DEV_STEPS if self.guided else SCHNELL_STEPS)
         guidance = DEV_GUIDANCE if guidance_scale is None else float(guidance_scale)
         seed = secrets.randbits(31) if seed is None else int(seed)
