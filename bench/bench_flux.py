@@ -5,7 +5,8 @@ VAE, at reduced depth).
     python bench/bench_flux.py [--configs tiny mid] [--size 256x256] [--steps 4] [--text-len 128] [--passes 3]
 
 Per step: the median of the jitted transformer-plus-Euler step after the first (compiling) pass; per
-image: the median of encode + all steps + decode for one image. Writes bench/results/flux.json.
+image: the median of encode + all steps + decode for one image (encode and decode also apart).
+Writes bench/results/flux.json.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def bench(name: str, width: int, height: int, steps: int, text_len: int, passes:
     clip = np.ones((1, 77), np.int32)
     t5 = np.ones((1, text_len), np.int32)
     scale = pipe.vae_config.scale
-    per_step, per_image = [], []
+    per_step, per_image, encode, decode = [], [], [], []
     for i in range(passes + 1):
         started = time.perf_counter()
         txt, pooled = jax.block_until_ready(pipe.encode(clip, t5))
@@ -87,6 +88,8 @@ def bench(name: str, width: int, height: int, steps: int, text_len: int, passes:
         if i:  # the first pass compiles
             per_image.append(time.perf_counter() - started)
             per_step += list(np.diff(stamps))
+            encode.append(stamps[0] - started)
+            decode.append(per_image[-1] - (stamps[-1] - started))
     params = sum(x.size for x in jax.tree.leaves(pipe.transformer.params))
     return {
         "config": name,
@@ -97,6 +100,8 @@ def bench(name: str, width: int, height: int, steps: int, text_len: int, passes:
         "steps": steps,
         "s_per_step": median(per_step),
         "s_per_image": median(per_image),
+        "s_encode": median(encode),
+        "s_decode": median(decode),
     }
 
 
@@ -111,13 +116,16 @@ def main() -> None:
     width, height = map(int, args.size.split("x"))
     rows = [bench(c, width, height, args.steps, args.text_len, args.passes) for c in args.configs]
     print(f"device: {jax.devices()[0].device_kind}, load average {os.getloadavg()[0]:.1f}")
-    print("| config | transformer params | size | image+text tokens | s/step | s/image (steps) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| config | transformer params | size | image+text tokens | s/step | s/image (steps) "
+        "| encode s | decode s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['config']} | {r['transformer_params'] / 1e6:.1f} M | {r['size']} | "
             f"{r['image_tokens']}+{r['text_tokens']} | {r['s_per_step']:.3f} | "
-            f"{r['s_per_image']:.2f} ({r['steps']}) |"
+            f"{r['s_per_image']:.2f} ({r['steps']}) | {r['s_encode']:.2f} | {r['s_decode']:.2f} |"
         )
     write_json(RESULTS / "flux.json", {"rows": rows, "device": jax.devices()[0].device_kind})
 
