@@ -194,6 +194,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="also serve /v1/embeddings from a generation model (last-token pooling; an embedding model "
         "always serves it)",
     )
+    p.add_argument(
+        "--image-model", metavar="PATH", help="also serve /v1/images/generations from this FLUX folder"
+    )
+    p.add_argument(
+        "--image-output-dir", default="jaxrs-images", help="where url images are stored and served from"
+    )
+    p.add_argument("--image-transformer", metavar="FILE", help="the FLUX transformer from a BFL single file")
+    p.add_argument("--image-isq", metavar="TYPE", help="ISQ format for the FLUX transformer blocks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,6 +437,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_full_text=args.log_full_text,
         chat_template=template,
         enable_embeddings=args.enable_embeddings,
+        image_model=_image_model(args),
+        image_output_dir=args.image_output_dir,
     )
     log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
@@ -449,6 +459,17 @@ def _image_part(path: str, media) -> list[dict]:
         return []
     print(f"[image {path}: {image.width}x{image.height}]", file=sys.stderr)
     return [{"type": "image", "image": image}]
+
+
+def _image_model(args: argparse.Namespace):
+    """The `--image-model` pipeline, or None."""
+    if not args.image_model:
+        return None
+    from jaxrs.images import ImageModel
+
+    return ImageModel(
+        args.image_model, dtype=args.dtype, isq=args.image_isq, transformer_file=args.image_transformer
+    )
 
 
 def _chat(llm, params, history: list[dict]) -> int:

@@ -17,6 +17,7 @@ from litestar.di import Provide
 
 from jaxrs.engine.async_engine import AsyncEngine
 from jaxrs.engine.options import MAX_WAITING
+from jaxrs.images import ImageModel
 from jaxrs.llm import LLM
 from server.auth import api_key_guard
 from server.context import ServerContext
@@ -27,6 +28,7 @@ from server.routes_chat import chat_completions
 from server.routes_completions import completions
 from server.routes_embeddings import embeddings, generation_refused
 from server.routes_health import health, metrics
+from server.routes_images import image_routes
 from server.routes_models import get_model, list_models
 
 log = logging.getLogger("jaxrs.server")
@@ -45,11 +47,14 @@ def create_app(
     log_full_text: bool = False,
     chat_template: str | None = None,
     enable_embeddings: bool = False,
+    image_model: ImageModel | None = None,
+    image_output_dir: str | Path = "jaxrs-images",
 ) -> Litestar:
     """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
     `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per request.
     `enable_embeddings` serves /v1/embeddings from a generation model too (an embedding model always does,
-    and refuses the generation routes).
+    and refuses the generation routes). `image_model` adds /v1/images/generations, its `url` images stored
+    in `image_output_dir`.
 
     Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
     """
@@ -81,7 +86,9 @@ def create_app(
 
     guards = [api_key_guard(api_key)] if api_key else None
     generation = [chat_completions, completions, re_isq] if llm.generates else [generation_refused]
-    v1 = Router("/v1", route_handlers=[*generation, embeddings, list_models, get_model], guards=guards)
+    images = image_routes(image_model, image_output_dir) if image_model is not None else []
+    v1_routes = [*generation, embeddings, list_models, get_model, *images]
+    v1 = Router("/v1", route_handlers=v1_routes, guards=guards)
     admin = [Router("/", route_handlers=[re_isq], guards=guards)] if llm.generates else []  # /re_isq
     app = Litestar(
         route_handlers=[v1, *admin, health, metrics],

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxrs.config import ACTIVATIONS
 from jaxrs.errors import ModelLoadError
+from jaxrs.models.dense_attention import attend
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Embedding, LayerNorm, Linear, value
 from jaxrs.ops import Kernels
@@ -134,19 +135,15 @@ class EncoderAttention(nnx.Module):
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x: jax.Array, key_bias: jax.Array, kernels: Kernels) -> jax.Array:
-        """Heads-major `[B, H, T, D]` matmuls, normalizing after the product with the values: XLA:CPU
-        ran this 4.4x faster than the same math as `bqhd` einsums with a softmax (32 x 192 tokens)."""
         batch, length, hidden = x.shape
 
         def heads(proj: Linear) -> jax.Array:
             return proj(x, kernels).reshape(batch, length, self.heads, self.head_dim).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.q_proj) * self.head_dim**-0.5, heads(self.k_proj), heads(self.v_proj)
-        scores = jnp.matmul(q, k.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
-        scores = scores + key_bias[:, None, None, :]
-        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        out = (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(x.dtype)
+        bias = key_bias[:, None, None, :]
+        out = attend(
+            heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), scale=self.head_dim**-0.5, bias=bias
+        )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, hidden), kernels)
 
 
