@@ -19,6 +19,7 @@ from jaxrs.engine.options import (
     config_defaults,
 )
 from jaxrs.errors import JaxrsError
+from jaxrs.parallel.flags import add_serve_args
 
 ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
 
@@ -131,6 +132,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=ENGINE["seed"], help="engine seed (requests without a seed draw from it)"
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=ENGINE["tensor_parallel_size"],
+        metavar="N",
+        help="split the model over N devices (tensor parallelism)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -191,6 +199,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="also serve /v1/embeddings from a generation model (last-token pooling; an embedding model "
         "always serves it)",
     )
+    add_serve_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,6 +254,7 @@ def load_llm(args: argparse.Namespace):
         isq_embeddings=args.isq_embeddings,
         isq=args.isq,
         packed=packed_flag(args),
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
         **engine_kwargs(args),
     )
 
@@ -265,6 +275,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -26,6 +26,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.ops import Kernels
+from jaxrs.parallel.data_parallel import build_replicas, replica_meshes
 
 log = logging.getLogger("jaxrs")
 
@@ -116,10 +117,12 @@ class LLM:
         packed: bool | None = None,
         warmup: bool = False,
         isq_embeddings: str = "q8_0",
+        data_parallel_size: int = 1,
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
         self._engine: Engine | None = None
+        self.replicas: list[Engine] = []  # data-parallel engines a server drives (replicas[0] is `engine`)
         self._embedder: Embedder | None = None
         if embedding_source(model):  # a sentence-embedding model: no engine, `embed` only
             self._embedder = load_embedder(
@@ -142,13 +145,21 @@ class LLM:
             isq_embeddings=isq_embeddings,
         )
         self.tokenizer = loaded.tokenizer
-        self._engine = Engine(
+        config = EngineConfig(**engine_config)
+        meshes = replica_meshes(data_parallel_size, config.tensor_parallel_size)
+        self.replicas = build_replicas(
             loaded,
-            EngineConfig(**engine_config),
-            kernels=Kernels.from_mapping(kernels),
-            dtype=self.dtype,
-            reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
+            meshes,
+            lambda model, mesh: Engine(
+                model,
+                config,
+                kernels=Kernels.from_mapping(kernels),
+                dtype=self.dtype,
+                reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
+                mesh=mesh,
+            ),
         )
+        self._engine = self.replicas[0]
         if warmup:
             self.warmup()
 
@@ -217,7 +228,8 @@ class LLM:
         if not self.generates:
             self.embedder.warmup()
             return None
-        return self.engine.warmup(WARMUP_PROFILES, background=background)
+        warm = [engine.warmup(WARMUP_PROFILES, background=background) for engine in self.replicas]
+        return warm[0]
 
     def generate(
         self,
