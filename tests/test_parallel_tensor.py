@@ -7,36 +7,17 @@ The device count must be set before JAX starts, so the models run in a child pro
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SIMULATED = "--xla_force_host_platform_device_count=8"
-
-
-def simulated_env() -> dict[str, str]:
-    """This process's environment with 8 simulated CPU devices and the tree's packages first."""
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return os.environ | {"XLA_FLAGS": SIMULATED, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+from tests.simulated_devices import run_json
 
 
 def run_sweep(tmp_path: Path, runs: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.tensor_parallel", str(tmp_path), *runs],
-        cwd=ROOT,
-        env=simulated_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json("tests.tensor_parallel", [str(tmp_path), *runs], devices=8)
 
 
 def check(results: dict) -> None:
