@@ -228,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # out of memory, a CUDA backend that will not start: one clear line
+        from jaxrs.diagnostics import explain
+
+        if (message := explain(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 def parse_pairs(pairs: list[str], flag: str = "--kernel", form: str = "OP=IMPL") -> dict[str, str]:
@@ -407,6 +414,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from jaxrs.diagnostics import check_backend, check_port
+    from jaxrs.parallel import multihost
     from server.app import create_app
 
     log = logging.getLogger("jaxrs")
@@ -416,8 +425,15 @@ def _serve(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise JaxrsError(f"{path}: chat template file not found")
         template = path.read_text(encoding="utf-8")
+    if not args.process_id:  # the process that serves HTTP
+        check_port(args.host, args.port)  # before minutes of loading
+    process = multihost.join(args)  # None when serving alone
+    check_backend()
     log.info("loading %s", args.model or "the demo model")
     llm = load_llm(args)
+    if process:
+        return multihost.serve_as_follower(llm.engine)
+    leader = None if process is None else multihost.serve_as_leader(llm.engine)
     if not args.no_warmup:
         log.info("warming up: the likeliest step shapes now, the rest while serving (--no-warmup skips this)")
         llm.warmup(background=True)
@@ -438,6 +454,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    if leader is not None:
+        leader.stop()  # the followers return
     return 0
 
 

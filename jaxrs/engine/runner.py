@@ -168,6 +168,10 @@ def check_xla_options(options: tuple[tuple[str, str], ...]) -> None:
 class ModelRunner:
     """Owns the parameters and the preallocated KV pool; turns sequences into jitted calls."""
 
+    # Called with each step call before it runs: process 0 of several hands it to the others
+    # (`jaxrs.parallel.multihost`), which run it through `_run` too.
+    on_step: Callable[[StepCall], None] | None = None
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -237,6 +241,8 @@ class ModelRunner:
     def _run(self, call: StepCall, fetch: Callable) -> Any:
         """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
         `fetch` brings the outputs back to the host."""
+        if self.on_step is not None:
+            self.on_step(call)
         run = self.compiled.get(call)
         began = time.perf_counter()
         out, self.kv = run(self.params, self.kv, *call.args)

@@ -143,7 +143,10 @@ def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> ModelConfig:
         if heads != cfg.num_kv_heads and path[-2] in KV_PROJ:
             leaf = repeat_kv_rows(leaf, cfg, heads, -2 if path[-1] == "weight" else -1)
         plan.append((parent, key, leaf, leaf_spec(path, leaf, devices)))
+    host = mesh.is_multi_process  # a mesh over several processes takes each one's host copy
     for parent, key, leaf, spec in plan:
+        if host:
+            leaf = jax.tree.map(np.asarray, leaf)
         parent[key] = jax.device_put(leaf, NamedSharding(mesh, spec))
     return dataclasses.replace(cfg, num_kv_heads=heads)
 
