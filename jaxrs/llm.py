@@ -26,7 +26,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.ops import Kernels
-from jaxrs.parallel.data_parallel import build_replicas, replica_meshes
+from jaxrs.parallel.data_parallel import replicate, spare_trees
 
 log = logging.getLogger("jaxrs")
 
@@ -145,21 +145,15 @@ class LLM:
             isq_embeddings=isq_embeddings,
         )
         self.tokenizer = loaded.tokenizer
-        config = EngineConfig(**engine_config)
-        meshes = replica_meshes(data_parallel_size, config.tensor_parallel_size)
-        self.replicas = build_replicas(
+        spare = spare_trees(loaded, data_parallel_size)  # before the engine places its tree in place
+        self._engine = Engine(
             loaded,
-            meshes,
-            lambda model, mesh: Engine(
-                model,
-                config,
-                kernels=Kernels.from_mapping(kernels),
-                dtype=self.dtype,
-                reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
-                mesh=mesh,
-            ),
+            EngineConfig(**engine_config),
+            kernels=Kernels.from_mapping(kernels),
+            dtype=self.dtype,
+            reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
         )
-        self._engine = self.replicas[0]
+        self.replicas = [self._engine, *replicate(self._engine, spare)]
         if warmup:
             self.warmup()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -58,12 +58,31 @@ def _copy_structure(tree: Any) -> Any:
     return tree
 
 
-def build_replicas(
-    loaded: LoadedModel, meshes: Sequence[Mesh | None], make: Callable[[LoadedModel, Mesh | None], Engine]
-) -> list[Engine]:
-    """One engine per mesh, all from one loaded model (`make(model, mesh)` builds one)."""
-    trees = [loaded.params] + [_copy_structure(loaded.params) for _ in meshes[1:]]
-    return [make(dataclasses.replace(loaded, params=t), m) for t, m in zip(trees, meshes, strict=True)]
+def spare_trees(loaded: LoadedModel, data_parallel_size: int) -> list[dict]:
+    """A parameter tree for each replica after the first, taken before the first engine rearranges
+    and places its own in place. Checks there are devices for every replica."""
+    if data_parallel_size == 1:
+        return []
+    replica_meshes(data_parallel_size)  # enough devices for one each, at least
+    return [_copy_structure(loaded.params) for _ in range(data_parallel_size - 1)]
+
+
+def replicate(first: Engine, trees: Sequence[dict]) -> list[Engine]:
+    """Engines like `first` (its config, kernels, dtype and reloader), one per tree, replica i on the
+    devices after those of replica i - 1."""
+    tp = first.config.tensor_parallel_size
+    meshes = replica_meshes(len(trees) + 1, tp)[1:]
+    return [
+        Engine(
+            dataclasses.replace(first.model, params=tree),
+            first.config,
+            kernels=first.kernels,
+            dtype=first.dtype,
+            reload=first._reload,
+            mesh=mesh,
+        )
+        for tree, mesh in zip(trees, meshes, strict=True)
+    ]
 
 
 class ReplicaRouter:
