@@ -23,8 +23,10 @@ WHOLE = P()
 
 
 def under_mesh() -> bool:
-    """Whether the step being traced runs on a tensor-parallel mesh (`jax.set_mesh`)."""
-    return not jax.sharding.get_abstract_mesh().empty
+    """Whether the step being traced is split over several devices (`jax.set_mesh`; a data-parallel
+    replica of one device has a mesh of one, and keeps every kernel as chosen)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
 
 
 def _per_shard(fn: Callable, in_specs: tuple, out_specs, layer_at: int) -> Callable:
