@@ -19,6 +19,7 @@ from jaxrs.engine.options import (
     config_defaults,
 )
 from jaxrs.errors import JaxrsError
+from jaxrs.parallel.flags import add_serve_args
 from jaxrs.vision.cli_args import add_media_args, media_policy
 
 ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
@@ -132,6 +133,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=ENGINE["seed"], help="engine seed (requests without a seed draw from it)"
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=ENGINE["tensor_parallel_size"],
+        metavar="N",
+        help="split the model over N devices (tensor parallelism)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -203,6 +211,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-transformer", metavar="FILE", help="the FLUX transformer from a BFL single file")
     p.add_argument("--image-isq", metavar="TYPE", help="ISQ format for the FLUX transformer blocks")
 
+    add_serve_args(p)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -230,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # out of memory, a CUDA backend that will not start: one clear line
+        from jaxrs.diagnostics import explain
+
+        if (message := explain(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 def parse_pairs(pairs: list[str], flag: str = "--kernel", form: str = "OP=IMPL") -> dict[str, str]:
@@ -258,6 +275,7 @@ def load_llm(args: argparse.Namespace):
         packed=packed_flag(args),
         media=media_policy(args),
         mmproj=getattr(args, "mmproj", None),
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
         **engine_kwargs(args),
     )
 
@@ -278,6 +296,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -409,6 +428,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from jaxrs.diagnostics import check_backend, check_port
+    from jaxrs.parallel import multihost
     from server.app import create_app
 
     log = logging.getLogger("jaxrs")
@@ -418,8 +439,15 @@ def _serve(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise JaxrsError(f"{path}: chat template file not found")
         template = path.read_text(encoding="utf-8")
+    if not args.process_id:  # the process that serves HTTP
+        check_port(args.host, args.port)  # before minutes of loading
+    process = multihost.join(args)  # None when serving alone
+    check_backend()
     log.info("loading %s", args.model or "the demo model")
     llm = load_llm(args)
+    if process:
+        return multihost.serve_as_follower(llm.engine)
+    leader = None if process is None else multihost.serve_as_leader(llm.engine)
     if not args.no_warmup:
         log.info("warming up: the likeliest step shapes now, the rest while serving (--no-warmup skips this)")
         llm.warmup(background=True)
@@ -442,6 +470,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    if leader is not None:
+        leader.stop()  # the followers return
     return 0
 
 

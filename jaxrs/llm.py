@@ -26,6 +26,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.ops import Kernels
+from jaxrs.parallel.data_parallel import replicate, spare_trees
 from jaxrs.vision.chat import chat_inputs
 from jaxrs.vision.media import MediaPolicy
 from jaxrs.vision.prompt import ImagePrompt
@@ -123,11 +124,13 @@ class LLM:
         isq_embeddings: str = "q8_0",
         media: MediaPolicy | None = None,
         mmproj: str | None = None,
+        data_parallel_size: int = 1,
         **engine_config,
     ):
         self.dtype = resolve_dtype(dtype)
         self.media = media or MediaPolicy()  # what image URLs in `chat` may read
         self._engine: Engine | None = None
+        self.replicas: list[Engine] = []  # data-parallel engines a server drives (replicas[0] is `engine`)
         self._embedder: Embedder | None = None
         if embedding_source(model):  # a sentence-embedding model: no engine, `embed` only
             self._embedder = load_embedder(
@@ -151,6 +154,7 @@ class LLM:
             mmproj=mmproj,
         )
         self.tokenizer = loaded.tokenizer
+        spare = spare_trees(loaded, data_parallel_size)  # before the engine places its tree in place
         self._engine = Engine(
             loaded,
             EngineConfig(**engine_config),
@@ -158,6 +162,7 @@ class LLM:
             dtype=self.dtype,
             reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
         )
+        self.replicas = [self._engine, *replicate(self._engine, spare)]
         if warmup:
             self.warmup()
 
@@ -226,7 +231,8 @@ class LLM:
         if not self.generates:
             self.embedder.warmup()
             return None
-        return self.engine.warmup(WARMUP_PROFILES, background=background)
+        warm = [engine.warmup(WARMUP_PROFILES, background=background) for engine in self.replicas]
+        return warm[0]
 
     def generate(
         self,

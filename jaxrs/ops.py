@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import jax
 
 from jaxrs.errors import JaxrsError
+from jaxrs.parallel.sharded_kernels import for_mesh
 from jaxrs.quant.tensor import QuantizedTensor
 from pallas_kernels import qmatmul
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
@@ -83,7 +84,9 @@ class Kernels:
         return cls(tuple(sorted(mapping.items())))
 
     def get(self, op: str) -> Callable:
-        return resolve(op, dict(self.choice).get(op))
+        """The chosen implementation, as a step traced on a tensor-parallel mesh runs it (per shard;
+        see `jaxrs.parallel.sharded_kernels`)."""
+        return for_mesh(op, resolve(op, dict(self.choice).get(op)), lambda: resolve(op, "xla"))
 
 
 def _taking_quantized_tensor(kernel: Callable) -> Callable:

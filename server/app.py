@@ -15,10 +15,10 @@ from pathlib import Path
 from litestar import Litestar, Router
 from litestar.di import Provide
 
-from jaxrs.engine.async_engine import AsyncEngine
 from jaxrs.engine.options import MAX_WAITING
 from jaxrs.images import ImageModel
 from jaxrs.llm import LLM
+from jaxrs.parallel.data_parallel import drive
 from server.auth import api_key_guard
 from server.context import ServerContext
 from server.errors import EXCEPTION_HANDLERS
@@ -73,7 +73,7 @@ def create_app(
             log.info("serving embeddings from %s", ctx.served_name)
             yield
             return
-        driver = AsyncEngine(llm.engine, max_waiting=max_waiting)
+        driver = drive(llm.replicas, max_waiting=max_waiting)  # an AsyncEngine, or a router over replicas
         ctx.metrics.attach(llm.engine, driver)
         ctx.driver = driver
         log.info("serving %s (aliases: %s)", ctx.served_name, ", ".join(ctx.names[1:]) or "none")

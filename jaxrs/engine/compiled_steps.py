@@ -8,6 +8,7 @@ another thread compiles it waits for that compile rather than starting its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -45,8 +46,9 @@ def signature(call: StepCall) -> tuple:
 class CompiledSteps:
     """The executables compiled for one runner (its parameters' and KV pool's shapes)."""
 
-    def __init__(self, steps: Any, params: Any, kv: Any):
+    def __init__(self, steps: Any, params: Any, kv: Any, mesh: jax.sharding.Mesh | None = None):
         self._steps = steps  # runner.Steps: the jitted functions
+        self._mesh = mesh  # a tensor-parallel model's: the steps trace under it
         self._params, self._kv = abstract(params), abstract(kv)
         self._lock = threading.Lock()
         self._entries: dict[tuple, Future] = {}
@@ -89,7 +91,8 @@ class CompiledSteps:
         began = time.perf_counter()
         try:
             step = getattr(self._steps, call.kind)
-            executable = step.lower(self._params, self._kv, *call.args, **call.statics).compile()
+            with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+                executable = step.lower(self._params, self._kv, *call.args, **call.statics).compile()
         except BaseException as error:
             with self._lock:
                 del self._entries[key]

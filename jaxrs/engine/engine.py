@@ -43,6 +43,8 @@ from jaxrs.host_memory import available_bytes, peak_resident_bytes, release_free
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
+from jaxrs.parallel.mesh import tensor_mesh
+from jaxrs.parallel.shardings import shard_params
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
 from jaxrs.quant.tensor import tree_nbytes
@@ -116,10 +118,12 @@ class Engine:
         kernels: Kernels = Kernels(),
         dtype: jnp.dtype = jnp.float32,
         reload: Reloader | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         """`reload` reads the weights again quantized to a format (for `requantize`); by default from
         `loaded.source`, with that source's own tokenizer. `loaded.params`' layers are stacked or split
-        in place for `config.layer_loop`."""
+        in place for `config.layer_loop`. `mesh`: the devices the model is split over (default: the
+        first `tensor_parallel_size` devices when that is over 1, else one device)."""
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
@@ -140,6 +144,9 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        if mesh is None and config.tensor_parallel_size > 1:
+            mesh = tensor_mesh(config.tensor_parallel_size)
+        self.mesh = mesh
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
@@ -153,6 +160,7 @@ class Engine:
         self.model = model
         self._arrange_layers()
         cfg, config = model.config, self.config
+        step_cfg = cfg if self.mesh is None else shard_params(cfg, model.params, self.mesh)
         per_token = self.kv_bytes_per_token
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         max_model_len = min(
@@ -165,7 +173,7 @@ class Engine:
             stats=previous.blocks.stats if previous is not None else None,
         )
         self.runner = ModelRunner(
-            cfg,
+            step_cfg,
             model.params,
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -176,6 +184,7 @@ class Engine:
             max_model_len=max_model_len,
             max_decode_steps=config.max_decode_steps,
             xla_options=config.xla_options,
+            mesh=self.mesh,
         )
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",

@@ -54,6 +54,9 @@ class EngineConfig:
     # compiled shape takes several times longer and holds more memory (bench/RESULTS.md, "CPU decode, fifth
     # round: the layer loop"). So scan is the default, unrolled a batch-throughput choice.
     layer_loop: str = "scan"
+    # Devices one model is split over (tensor parallelism, `jaxrs.parallel.shardings`): this process's
+    # first N, unless the engine is handed its own mesh (data-parallel replicas, several hosts).
+    tensor_parallel_size: int = 1
 
 
 def config_defaults() -> dict[str, Any]:

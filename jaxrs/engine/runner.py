@@ -34,6 +34,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
+from jaxrs.parallel.shardings import kv_sharding, pin_step_outputs
 from jaxrs.vision.prompt import chunk_embeds
 from pallas_kernels.shapes import next_power_of_2
 
@@ -81,7 +82,7 @@ def _logits_at(params, cfg, kernels, kv, tokens, meta, index, embeds=None):
     model = merge(params, cfg)  # the nnx module over this trace's parameter arrays
     hidden, kv = model(tokens, meta, kv, kernels, embeds)
     picked = hidden[jnp.arange(hidden.shape[0]), index]
-    return model.logits(picked, kernels), kv
+    return pin_step_outputs(model.logits(picked, kernels), kv)
 
 
 def _prefill(params, kv, tokens, meta, last_index, batch, embeds=None, *, cfg, kernels, flags):
@@ -170,6 +171,10 @@ def check_xla_options(options: tuple[tuple[str, str], ...]) -> None:
 class ModelRunner:
     """Owns the parameters and the preallocated KV pool; turns sequences into jitted calls."""
 
+    # Called with each step call before it runs: process 0 of several hands it to the others
+    # (`jaxrs.parallel.multihost`), which run it through `_run` too.
+    on_step: Callable[[StepCall], None] | None = None
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -184,7 +189,10 @@ class ModelRunner:
         max_model_len: int,
         max_decode_steps: int = 1,
         xla_options: Mapping[str, str] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
+        """`mesh`: the devices a tensor-parallel model is split over (`params` already placed on it);
+        the KV pool is split by heads across it and the steps compile under it."""
         self.cfg = cfg
         self.xla_options = step_xla_options(xla_options)
         check_xla_options(self.xla_options)
@@ -196,8 +204,9 @@ class ModelRunner:
         self.max_chunk = max_chunk
         self.max_model_len = max_model_len
         self.max_decode_steps = max_decode_steps
-        self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype)
-        self.compiled = CompiledSteps(self.steps, params, self.kv)
+        sharding = None if mesh is None else kv_sharding(mesh)
+        self.kv: KVCache = allocate_kv_cache(cfg, num_blocks, block_size, dtype, sharding)
+        self.compiled = CompiledSteps(self.steps, params, self.kv, mesh)
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
         self.warmed: dict | None = None  # warmup()'s arguments
         self.warming: Warmup | None = None
@@ -235,6 +244,8 @@ class ModelRunner:
     def _run(self, call: StepCall, fetch: Callable) -> Any:
         """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
         `fetch` brings the outputs back to the host."""
+        if self.on_step is not None:
+            self.on_step(call)
         run = self.compiled.get(call)
         began = time.perf_counter()
         out, self.kv = run(self.params, self.kv, *call.args)

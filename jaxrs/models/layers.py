@@ -144,6 +144,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out if xpass.shape[-1] == 0 else jnp.concatenate([out, xpass], axis=-1)
 
 
-def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: jnp.dtype) -> KVCache:
+def allocate_kv_cache(
+    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: jnp.dtype, sharding=None
+) -> KVCache:
+    """The zeroed pool, placed by `sharding` if given (split by heads over a tensor-parallel mesh)."""
     shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return KVCache(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding))

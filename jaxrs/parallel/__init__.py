@@ -1,0 +1,3 @@
+"""Running one model over several devices: tensor parallelism over a `jax.sharding.Mesh` (`mesh`,
+`shardings`), Pallas kernels per shard (`sharded_kernels`), engine replicas behind one server
+(`data_parallel`), and one mesh across processes (`multihost`)."""
