@@ -250,7 +250,7 @@ def test_requantized_gguf_loads_packed_as_the_isq_weights(tiny_gguf, tmp_path, f
     # the matrices, embedding and head (Q8_0) re-quantized; the norms copied
     assert (done["requantized"], done["copied"]) == (7 * layers + 2, 2 * layers + 1)
     reader = open_gguf(dst)
-    assert reader.fields["general.file_type"].contents() == file_type_of(fmt)
+    assert reader.metadata["general.file_type"] == file_type_of(fmt)
     assert {t.tensor_type.name for t in reader.tensors} == {fmt, "Q8_0", "F32"}
     packed = load_model(str(dst), packed=True, tokenizer=str(tiny_gguf))
     isq = load_model(str(src), isq=fmt, tokenizer=str(tiny_gguf))
