@@ -122,7 +122,9 @@ def test_packed_gguf_equals_dequantized_load(demo_gguf):
         "U8M" if on_cpu else "Q4_1"
     ) and packed.params["embed"]["weight"].fmt == ("Q8F" if on_cpu else "Q8_0")
     ids = list(range(100, 124))
-    np.testing.assert_array_equal(logits(packed, ids), logits(plain, ids))
+    # the same weights; on CPU the packed head's product runs in vocabulary slices (`head_slices`), whose
+    # dots may sum in another order than one dense product: equal to float32 rounding
+    np.testing.assert_allclose(logits(packed, ids), logits(plain, ids), rtol=1e-5, atol=2e-4)
 
 
 # --- every format on the tiny model: ISQ load, greedy generation, perplexity ------------------------

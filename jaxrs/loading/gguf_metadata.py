@@ -186,7 +186,7 @@ class _Parser:
 def parse_gguf(path: str | Path) -> GGUFFile:
     """Parse `path`'s header, metadata and tensor index; a missing, foreign, truncated or corrupt file
     raises one `ModelLoadError` naming the file and what is wrong."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ModelLoadError(path, "no such file")
     with open(path, "rb") as f:
