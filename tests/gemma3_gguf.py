@@ -7,9 +7,9 @@ from pathlib import Path
 
 import gguf
 import pytest
-from gguf import GGUFReader
 
 from jaxrs.loading.catalog import FetchError, catalog_model, fetch_model
+from jaxrs.loading.gguf_metadata import GGUFFile
 
 GEMMA3 = catalog_model("gemma-3-270m")
 GEMMA3_FILE = GEMMA3.file
@@ -29,7 +29,7 @@ def fetch_gemma3_270m() -> Path:
     return fetch_or_skip(GEMMA3.name)
 
 
-def open_source(path: Path) -> tuple[Path, GGUFReader, dict]:
+def open_source(path: Path) -> tuple[Path, GGUFFile, dict]:
     """(path, reader, metadata) of a GGUF: a test module parses its vocabulary once for all its tests."""
     from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 
@@ -37,7 +37,7 @@ def open_source(path: Path) -> tuple[Path, GGUFReader, dict]:
     return path, reader, read_metadata(reader)
 
 
-def dequantized_model(source: tuple[Path, GGUFReader, dict]):
+def dequantized_model(source: tuple[Path, GGUFFile, dict]):
     """Our `LoadedModel` of `open_source`'s file with the weights dequantized to f32 (`packed=False`), as
     transformers loads them."""
     import numpy as np
@@ -52,7 +52,7 @@ def dequantized_model(source: tuple[Path, GGUFReader, dict]):
     return LoadedModel(cfg, params, tokenizer_from_gguf(meta, path), {}, str(path))
 
 
-def transformers_model(reader: GGUFReader, folder: Path, name: str):
+def transformers_model(reader: GGUFFile, folder: Path, name: str):
     """transformers' f32 model from the same tensors, read from a copy without the vocabulary (see
     `copy_without_vocabulary`) written into `folder` as `name`."""
     import torch
@@ -62,10 +62,10 @@ def transformers_model(reader: GGUFReader, folder: Path, name: str):
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
-def copy_without_vocabulary(reader: GGUFReader, dst: Path) -> None:
-    """The model `reader` opened, without its token list (and BPE merges): gguf's reader parses those
-    string by string (~10 s per open for Gemma's 262k entries), and transformers opens the file twice."""
-    arch = str(reader.fields["general.architecture"].contents())
+def copy_without_vocabulary(reader: GGUFFile, dst: Path) -> None:
+    """The model `reader` opened, without its token list (and BPE merges): transformers opens the file
+    twice with gguf's reader, which parses those string by string (~10 s per open for Gemma's 262k)."""
+    arch = str(reader.metadata["general.architecture"])
     w = gguf.GGUFWriter(dst, arch)
     skip = {
         "general.architecture",
@@ -74,13 +74,13 @@ def copy_without_vocabulary(reader: GGUFReader, dst: Path) -> None:
         "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges",
     }
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+    for key, value in reader.metadata.items():
+        if key in skip:
             continue
-        value = field.contents()
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, value, field.types[0], sub)
-    w.add_vocab_size(len(reader.fields["tokenizer.ggml.tokens"].data))
+        types = reader.value_types[key]
+        sub = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, value, types[0], sub)
+    w.add_vocab_size(len(reader.metadata["tokenizer.ggml.tokens"]))
     for t in reader.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()

@@ -122,7 +122,9 @@ def test_packed_gguf_equals_dequantized_load(demo_gguf):
         "U8M" if on_cpu else "Q4_1"
     ) and packed.params["embed"]["weight"].fmt == ("Q8F" if on_cpu else "Q8_0")
     ids = list(range(100, 124))
-    np.testing.assert_array_equal(logits(packed, ids), logits(plain, ids))
+    # the same weights; on CPU the packed head's product runs in vocabulary slices (`head_slices`), whose
+    # dots may sum in another order than one dense product: equal to float32 rounding
+    np.testing.assert_allclose(logits(packed, ids), logits(plain, ids), rtol=1e-5, atol=2e-4)
 
 
 # --- every format on the tiny model: ISQ load, greedy generation, perplexity ------------------------
@@ -250,7 +252,7 @@ def test_requantized_gguf_loads_packed_as_the_isq_weights(tiny_gguf, tmp_path, f
     # the matrices, embedding and head (Q8_0) re-quantized; the norms copied
     assert (done["requantized"], done["copied"]) == (7 * layers + 2, 2 * layers + 1)
     reader = open_gguf(dst)
-    assert reader.fields["general.file_type"].contents() == file_type_of(fmt)
+    assert reader.metadata["general.file_type"] == file_type_of(fmt)
     assert {t.tensor_type.name for t in reader.tensors} == {fmt, "Q8_0", "F32"}
     packed = load_model(str(dst), packed=True, tokenizer=str(tiny_gguf))
     isq = load_model(str(src), isq=fmt, tokenizer=str(tiny_gguf))

@@ -148,11 +148,10 @@ def load_model(
             meta = read_metadata(reader)
         cfg = gguf_config(reader, meta, path)
         tok = Tokenizer.from_hf_folder(Path(tokenizer)) if tokenizer else tokenizer_from_gguf(meta, path)
-        # The key/value fields (the vocabulary as a small array per token: over 100 MB for a 50k vocabulary)
-        # are read: free them before the weights arrive.
+        # The key/value fields (the vocabulary: tens of MB for a 262k vocabulary) are read: free them
+        # before the weights arrive.
         del meta
-        if hasattr(reader, "fields"):
-            reader.fields.clear()
+        reader.metadata.clear()
         get = open_gguf_tensors(reader, cfg, path, packed=packed)
         if packed and jax.default_backend() == "cpu":
             get = _in_cpu_layout(get, relaid)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxrs.errors import JaxrsError
 from jaxrs.loading.gguf_file import SUPPORTED_TYPES
+from jaxrs.loading.gguf_metadata import GGUFFile
 from jaxrs.loading.gguf_reader import open_gguf
 from jaxrs.quant import FORMATS, QUANTIZED_FORMATS, isq_format, parse_format, quantize, to_gguf_bytes
 
@@ -54,7 +55,7 @@ def requantize_gguf(src: Path, dst: Path, fmt: str, *, embeddings: str = "q8_0")
     gguf_type_of(fmt)  # a format GGUF cannot store is refused before anything is read
     start = time.perf_counter()
     reader = open_gguf(src)
-    arch = str(reader.fields["general.architecture"].contents())
+    arch = str(reader.metadata["general.architecture"])
     partial = dst.with_name(dst.name + ".partial")
     writer = gguf.GGUFWriter(partial, arch)
     _copy_metadata(reader, writer, file_type_of(fmt))
@@ -85,15 +86,16 @@ def requantize_gguf(src: Path, dst: Path, fmt: str, *, embeddings: str = "q8_0")
     }
 
 
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: int | None) -> None:
+def _copy_metadata(reader: GGUFFile, writer: gguf.GGUFWriter, file_type: int | None) -> None:
     """Every key/value field of `reader` into `writer`, with `general.file_type` set to `file_type`."""
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+    for key, value in reader.metadata.items():
+        if key in ("general.architecture", "general.file_type"):
             continue  # the writer adds the header fields and the architecture itself
         if key == "general.alignment":
-            writer.add_custom_alignment(int(field.contents()))
+            writer.add_custom_alignment(int(value))
             continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub)
+        types = reader.value_types[key]
+        sub = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, types[0], sub)
     if file_type is not None:
         writer.add_file_type(file_type)

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from jaxrs.config import ModelConfig
 from jaxrs.errors import ModelLoadError
 from jaxrs.loading.checkpoint import hf_weight_names, take
+from jaxrs.loading.gguf_metadata import GGUFFile, TensorInfo
 from jaxrs.loading.gguf_reader import tensor_data
 from jaxrs.loading.model_config import config_from_gguf
 from jaxrs.models.registry import family
@@ -43,7 +44,7 @@ SUPPORTED_TYPES = {
 }
 
 
-def gguf_config(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path) -> ModelConfig:
+def gguf_config(reader: GGUFFile, meta: dict[str, Any], path: Path) -> ModelConfig:
     by_name = {t.name: t for t in reader.tensors}
 
     def values(name: str) -> tuple[float, ...] | None:
@@ -93,7 +94,7 @@ FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
 
 
 def open_gguf_tensors(
-    reader: gguf.GGUFReader, cfg: ModelConfig, path: Path, *, packed: bool = False
+    reader: GGUFFile, cfg: ModelConfig, path: Path, *, packed: bool = False
 ) -> Callable[[str], np.ndarray | QuantizedTensor]:
     """A getter of HF-named tensors backed by the GGUF file: f32 arrays, or with `packed`, quantized
     tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s.
@@ -108,7 +109,7 @@ def open_gguf_tensors(
     fix = names.from_gguf_tensor  # e.g. Gemma: norms were stored as weight + 1
     split = names.gguf_split(cfg) if names.gguf_split else {}
     split_patterns = [(_template(k), parts) for k, parts in split.items()]
-    by_hf_name: dict[str, tuple[gguf.ReaderTensor, int | None, int | slice | None]] = {}
+    by_hf_name: dict[str, tuple[TensorInfo, int | None, int | slice | None]] = {}
     parts_left: dict[str, int] = {}  # split GGUF tensor -> parts not yet asked for
     for tensor in reader.tensors:
         if (hf := _translate(tensor.name, patterns)) is not None:
@@ -143,7 +144,7 @@ def open_gguf_tensors(
                 del whole[tensor.name]
         return fix(name, data) if fix and not isinstance(data, QuantizedTensor) else data
 
-    def read(tensor: gguf.ReaderTensor, heads: int | None) -> np.ndarray | QuantizedTensor:
+    def read(tensor: TensorInfo, heads: int | None) -> np.ndarray | QuantizedTensor:
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
                 path,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrs.config import ModelConfig
+from jaxrs.models.head_slices import head_in_slices
 from jaxrs.models.layers import Weight, dense, embed, layer_norm, rms_norm
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize
@@ -55,7 +56,7 @@ class Embedding(nnx.Module):
 def head_logits(head: Weight, hidden: jax.Array, kernels: Kernels) -> jax.Array:
     """`hidden @ head.T` in f32: a dense head accumulates in f32 directly, a packed one through qmatmul."""
     if isinstance(head, QuantizedTensor):
-        return kernels.get("qmatmul")(hidden, head).astype(jnp.float32)
+        return head_in_slices(kernels.get("qmatmul"), hidden, head)
     return matmul_t(hidden, head, jnp.float32)
 
 
