@@ -41,6 +41,7 @@ from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.host_memory import available_bytes, peak_resident_bytes, release_freed, resident_bytes
 from jaxrs.loading import LoadedModel
+from jaxrs.lora.slots import LoraSlots
 from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
 from jaxrs.paths import enable_compilation_cache
@@ -138,6 +139,7 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
+        self.loras = LoraSlots(config.lora, cfg, self.dtype) if config.lora else None
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
@@ -149,6 +151,8 @@ class Engine:
         counters; `warmed` (the old runner's `warmup` arguments) warms the new runner up the same way."""
         previous = getattr(self, "scheduler", None)  # None when called from __init__
         self.model = model
+        if self.loras is not None:
+            self.loras.attach(model.params)
         self._arrange_layers()
         cfg, config = model.config, self.config
         per_token = self.kv_bytes_per_token
@@ -175,6 +179,8 @@ class Engine:
             max_decode_steps=config.max_decode_steps,
             xla_options=config.xla_options,
         )
+        if self.loras is not None:
+            self.runner.lora_slot = lambda seq: self.loras.slot_of(seq.params.lora)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
@@ -286,6 +292,10 @@ class Engine:
     ) -> Request:
         """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served."""
         self.validate(prompt_ids, params)
+        if params.lora is not None:
+            if self.loras is None:
+                raise JaxrsError(f"no LoRA adapters are served (the request asks for {params.lora!r})")
+            cache_key = self.loras.cache_key(params.lora, cache_key)
         params = params.with_defaults(self.model.generation_config)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)

@@ -9,6 +9,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxrs.lora.config import LoraConfig
+
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = FLOAT_DTYPES
 LAYER_LOOPS = ("scan", "unrolled")
@@ -54,6 +56,7 @@ class EngineConfig:
     # compiled shape takes several times longer and holds more memory (bench/RESULTS.md, "CPU decode, fifth
     # round: the layer loop"). So scan is the default, unrolled a batch-throughput choice.
     layer_loop: str = "scan"
+    lora: LoraConfig | None = None  # LoRA adapters served per request
 
 
 def config_defaults() -> dict[str, Any]:
