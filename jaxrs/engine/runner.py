@@ -92,7 +92,20 @@ def _prefill(params, kv, tokens, meta, last_index, batch, lora=None, *, cfg, ker
 
 
 def _decode(
-    params, kv, tokens, positions, tables, valid, batch, num_steps, lora=None, *, cfg, kernels, flags, max_steps
+    params,
+    kv,
+    tokens,
+    positions,
+    tables,
+    valid,
+    batch,
+    num_steps,
+    lora=None,
+    *,
+    cfg,
+    kernels,
+    flags,
+    max_steps,
 ):
     """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
     count, so a one-token and a multi-token call share one compiled step. Outputs are
@@ -304,7 +317,9 @@ class ModelRunner:
             tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
-        call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps, self._lora_slots(seqs, b))
+        call = self.decode_call(
+            tokens, positions, tables, valid, batch, flags, num_steps, self._lora_slots(seqs, b)
+        )
         return self._run(
             call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
         )
@@ -329,7 +344,10 @@ class ModelRunner:
         """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile)."""
         (b, t), w = tokens.shape, meta.block_tables.shape[1]
         return StepCall(
-            "prefill", (tokens, meta, last, batch, lora), self._statics(flags=flags), (b, t, w, profile(flags))
+            "prefill",
+            (tokens, meta, last, batch, lora),
+            self._statics(flags=flags),
+            (b, t, w, profile(flags)),
         )
 
     def decode_call(
@@ -425,7 +443,9 @@ class ModelRunner:
             lora = self._lora_slots([], b)
             return self.decode_call(zeros, zeros, tables, valid, batch, flags, self.max_decode_steps, lora)
         meta = self._metadata([], b, t, w)  # padding rows only: nothing is written
-        return self.prefill_call(np.zeros((b, t), np.int32), meta, zeros, batch, flags, self._lora_slots([], b))
+        return self.prefill_call(
+            np.zeros((b, t), np.int32), meta, zeros, batch, flags, self._lora_slots([], b)
+        )
 
     def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
         """Compile every decode and prefill bucket for each sampling profile (see `warmup_calls`): all

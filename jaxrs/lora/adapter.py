@@ -119,10 +119,11 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
             raise JaxrsError(f"LoRA adapter {name!r} has {key} but no lora_B beside it")
         r = a.shape[0]
         if layer >= num_layers or a.shape[1] != in_features or b.shape != (out_features, r):
+            base_name = config.get("base_model_name_or_path")
+            theirs = f"{module} has A {list(a.shape)} and B {list(b.shape)}"
+            ours = f"the model's {suffix} is [{out_features}, {in_features}] in {num_layers} layers"
             raise JaxrsError(
-                f"LoRA adapter {name!r} does not fit this model (base {config.get('base_model_name_or_path')}):"
-                f" {module} has A {list(a.shape)} and B {list(b.shape)}, the model's {suffix} is"
-                f" [{out_features}, {in_features}] in {num_layers} layers"
+                f"LoRA adapter {name!r} (base {base_name}) does not fit this model: {theirs}; {ours}"
             )
         if r > max_rank:
             raise JaxrsError(f"LoRA adapter {name!r} has rank {r} at {module}; max_lora_rank is {max_rank}")
