@@ -55,12 +55,16 @@ def save_adapter(base_path: Path, out: Path, seed: int, **lora) -> Path:
     return out
 
 
-def peft_model(base_path: Path, adapters: dict[str, Path]):
-    """A `PeftModel` over a fresh copy of the base holding every adapter by name (eval, f32)."""
+def peft_model(base_path: Path, adapters: dict[str, Path], base_state: dict | None = None):
+    """A `PeftModel` over a fresh copy of the base (its weights replaced by `base_state` if given)
+    holding every adapter by name (eval, f32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if base_state is not None:
+        missing = base.load_state_dict(base_state, strict=False).missing_keys
+        assert not missing, missing
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:

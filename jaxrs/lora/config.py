@@ -38,3 +38,17 @@ def parse_lora_arg(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise JaxrsError(f"a LoRA adapter is given as NAME=PATH, not {text!r}")
     return name, path
+
+
+def lora_options(options: dict) -> dict:
+    """Engine options with the Python API's LoRA keywords (`lora_adapters={name: path}`, `max_loras`,
+    `max_lora_rank`, `enable_runtime_lora`) folded into one `lora` LoraConfig; unchanged without them."""
+    options = dict(options)
+    adapters = options.pop("lora_adapters", None) or {}
+    keys = {"max_loras": "max_loras", "max_lora_rank": "max_lora_rank", "enable_runtime_lora": "runtime"}
+    given = {field: options.pop(key) for key, field in keys.items() if options.get(key) is not None}
+    for key in keys:
+        options.pop(key, None)
+    if adapters or given:
+        options["lora"] = LoraConfig(tuple((str(n), str(p)) for n, p in dict(adapters).items()), **given)
+    return options
