@@ -19,6 +19,7 @@ from jaxrs.engine.options import (
     config_defaults,
 )
 from jaxrs.errors import JaxrsError
+from jaxrs.lora.cli_args import add_lora_args, lora_kwargs
 
 ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
 
@@ -131,6 +132,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=ENGINE["seed"], help="engine seed (requests without a seed draw from it)"
     )
+    add_lora_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -265,6 +267,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
+        **lora_kwargs(args),
     )
 
 

@@ -27,6 +27,7 @@ from server.routes_chat import chat_completions
 from server.routes_completions import completions
 from server.routes_embeddings import embeddings, generation_refused
 from server.routes_health import health, metrics
+from server.routes_lora import runtime_lora_routes
 from server.routes_models import get_model, list_models
 
 log = logging.getLogger("jaxrs.server")
@@ -81,7 +82,8 @@ def create_app(
 
     guards = [api_key_guard(api_key)] if api_key else None
     generation = [chat_completions, completions, re_isq] if llm.generates else [generation_refused]
-    v1 = Router("/v1", route_handlers=[*generation, embeddings, list_models, get_model], guards=guards)
+    handlers = [*generation, embeddings, list_models, get_model, *runtime_lora_routes(ctx)]
+    v1 = Router("/v1", route_handlers=handlers, guards=guards)
     admin = [Router("/", route_handlers=[re_isq], guards=guards)] if llm.generates else []  # /re_isq
     app = Litestar(
         route_handlers=[v1, *admin, health, metrics],

@@ -271,7 +271,7 @@ def test_error_shapes_and_statuses(client, oai, app, llm):
     assert_error(client.post("/v1/completions", json={"prompt": [[1], "x"]}), 400, "prompt")
     assert_error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     error = assert_error(
-        client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CAPITAL}), 400, "model"
+        client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CAPITAL}), 404, "model"
     )
     assert "gpt-4o" in error["message"] and error["code"] == "model_not_found"
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
