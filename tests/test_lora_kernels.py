@@ -48,3 +48,15 @@ def test_registered_in_the_switchboard():
     a, b = jax.numpy.ones((2, 4, 8)), jax.numpy.ones((2, 8, 4))
     y = ops.Kernels.from_mapping({"lora": "pallas"}).get("lora")(x, a, b, np.array([1, -1], np.int32))
     assert np.asarray(y)[0, 0, 0] == 32 and np.all(np.asarray(y)[1] == 0)
+
+
+def test_lowers_to_triton():
+    """Compiled for a GPU (lowered here on CPU): both kernels go through Triton."""
+    import functools
+
+    x = jax.ShapeDtypeStruct((4, 1, 576), np.float32)
+    a, b = jax.ShapeDtypeStruct((4, 16, 576), np.float32), jax.ShapeDtypeStruct((4, 1536, 16), np.float32)
+    slots = jax.ShapeDtypeStruct((4,), np.int32)
+    fn = jax.jit(functools.partial(lora_pallas, interpret=False))
+    text = fn.trace(x, a, b, slots).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower() and "lora_shrink" in text and "lora_expand" in text
