@@ -10,7 +10,8 @@ Two implementations with one signature:
 
 - `lora_xla` (reference): every row is shrunk by every slot's A (`[rows, slots * rank]`, small: the
   rank is small), the slots a row does not use are zeroed, and one matmul expands the result by all the
-  B stacked along their rank; no gather of per-row weight copies.
+  B stacked along their rank; no gather of per-row weight copies. It is `lora_weighted_xla` with one-hot
+  weights; X-LoRA passes its per-token scalings there.
 - `lora_pallas`: vLLM's Punica split into a shrink kernel (`h = A[s] @ x`, one program per token) and an
   expand kernel (`y = B[s] @ h`, one program per token and block of outputs), each reading only its
   token's slot of the stacks (the slot index is loaded inside the kernel; Triton has no scalar prefetch).
@@ -35,17 +36,24 @@ def _token_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
     return jnp.repeat(slots.astype(jnp.int32), per_row)
 
 
-def lora_xla(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.Array:
-    """Reference. x: `[rows, ..., in]`; a: `[S, R, in]`; b: `[S, out, R]`; slots: `[rows]` (-1: none).
-    Returns `[rows, ..., out]` in x's dtype, accumulated in f32."""
+def lora_weighted_xla(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+    """Every slot's term weighted per token: `y = sum_s weights[..., s] * B[s] @ A[s] @ x` (X-LoRA's
+    per-token scalings; a one-hot row is plain LoRA). weights: `[rows, ..., S]` like x without `in`."""
     num_slots, rank, _ = a.shape
     x2 = x.reshape(-1, x.shape[-1])
     h = jnp.einsum("ti,sri->tsr", x2, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    used = _token_slots(x, slots)[:, None] == jnp.arange(num_slots)[None, :]  # [T, S]; none: all False
-    h = jnp.where(used[:, :, None], h, 0.0).reshape(x2.shape[0], num_slots * rank)
+    h = h * weights.reshape(-1, num_slots, 1).astype(jnp.float32)
+    h = h.reshape(x2.shape[0], num_slots * rank)
     b_flat = jnp.transpose(b, (1, 0, 2)).reshape(b.shape[1], num_slots * rank)  # [out, S * R]
     y = jnp.einsum("tk,ok->to", h, b_flat.astype(jnp.float32), preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(*x.shape[:-1], b.shape[1])
+
+
+def lora_xla(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.Array:
+    """Reference. x: `[rows, ..., in]`; a: `[S, R, in]`; b: `[S, out, R]`; slots: `[rows]` (-1: none).
+    Returns `[rows, ..., out]` in x's dtype, accumulated in f32."""
+    used = _token_slots(x, slots)[:, None] == jnp.arange(a.shape[0])[None, :]  # [T, S]; none: all False
+    return lora_weighted_xla(x, a, b, used.reshape(*x.shape[:-1], a.shape[0]))
 
 
 def _shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, in_features: int, rank: int, block_k: int):

@@ -100,6 +100,8 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     weights: dict[Target, tuple[np.ndarray, np.ndarray]] = {}
     rank = 0
     for key in sorted(tensors):
+        if "xlora_classifier" in key:  # what peft writes beside an X-LoRA expert
+            continue
         if ".lora_A." not in key:
             if ".lora_B." not in key:
                 raise JaxrsError(f"LoRA adapter {name!r} holds {key}, which jaxrs does not serve")

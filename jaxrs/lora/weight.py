@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lora import lora_weighted_xla
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +30,12 @@ class LoraWeight:
     a: jax.Array
     b: jax.Array
     slots: jax.Array | None = None
+    mix: jax.Array | None = None  # X-LoRA: per-token weights of every slot, `[rows, tokens, slots]`
 
     def term(self, x: jax.Array, kernels: Any) -> jax.Array | None:
-        """The adapters' contribution for `x` `[rows, ..., in]`, or None when no slots are bound."""
+        """The adapters' contribution for `x` `[rows, ..., in]`, or None when nothing is bound."""
+        if self.mix is not None:
+            return lora_weighted_xla(x, self.a, self.b, self.mix)
         if self.slots is None:
             return None
         return kernels.get("lora")(x, self.a, self.b, self.slots)
@@ -57,3 +62,14 @@ def bind_slots(params: dict, slots: jax.Array) -> dict:
         return params
     stacked = jnp.broadcast_to(slots, (loras[0].a.shape[0], *slots.shape))
     return {**params, "layers": _bind(layers, stacked)}
+
+
+def bind_mix(params: dict, mix: dict[tuple[str, str], jax.Array]) -> dict:
+    """`params` with the `LoraWeight` of each (group, projection) in `mix` reading its per-token slot
+    weights `[layers, rows, tokens, slots]` (stacked layers only)."""
+    layers = dict(params["layers"])
+    for (group, proj), weights in mix.items():
+        node = dict(layers[group][proj])
+        node["weight"] = dataclasses.replace(node["weight"], mix=weights)
+        layers[group] = {**layers[group], proj: node}
+    return {**params, "layers": layers}
