@@ -102,6 +102,7 @@ def test_each_adapter_alone_and_mixed_equal_peft(models):
     llm.unload_lora("beta")
 
 
+@pytest.mark.slow
 def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
     from jaxrs.loading import load_model
     from jaxrs.models.registry import family

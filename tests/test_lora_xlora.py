@@ -20,6 +20,8 @@ from tests.lora_models import save_adapter, tiny_base
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

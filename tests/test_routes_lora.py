@@ -22,6 +22,8 @@ from tests.lora_models import build
 PROMPTS = [" ".join(f"w{(7 * i + 5 * j) % 250 + 3}" for j in range(12 + i)) for i in range(8)]
 MODELS = ["base", "alpha", "beta"]
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
