@@ -5,18 +5,15 @@ their parent; an unknown adapter is a 404 in OpenAI's error shape; runtime load 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.llm import LLM
 from server import create_app
+from tests.live_server import serve
 from tests.lora_models import build
 
 PROMPTS = [" ".join(f"w{(7 * i + 5 * j) % 250 + 3}" for j in range(12 + i)) for i in range(8)]
@@ -43,20 +40,8 @@ def served(tmp_path_factory):
         for m in MODELS
     }
     assert want["alpha"] != want["base"] and want["beta"] != want["base"]
-    app = create_app(llm, served_model_name="base")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", want, adapters
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve(create_app(llm, served_model_name="base")) as url:
+        yield url, want, adapters
 
 
 def test_adapters_and_base_in_24_concurrent_requests(served):
