@@ -19,6 +19,7 @@ from jaxrs.engine.options import (
     config_defaults,
 )
 from jaxrs.errors import JaxrsError
+from jaxrs.lora.cli_args import add_lora_args, lora_kwargs
 from jaxrs.parallel.flags import add_serve_args
 from jaxrs.vision.cli_args import add_media_args, media_policy
 
@@ -140,6 +141,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="split the model over N devices (tensor parallelism)",
     )
+
+    add_lora_args(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -297,6 +300,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
         tensor_parallel_size=args.tensor_parallel_size,
+        **lora_kwargs(args),
     )
 
 

@@ -25,6 +25,8 @@ from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
+from jaxrs.lora import serving as lora_serving
+from jaxrs.lora.config import lora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
 from jaxrs.vision.chat import chat_inputs
@@ -157,7 +159,7 @@ class LLM:
         spare = spare_trees(loaded, data_parallel_size)  # before the engine places its tree in place
         self._engine = Engine(
             loaded,
-            EngineConfig(**engine_config),
+            EngineConfig(**lora_options(engine_config)),
             kernels=Kernels.from_mapping(kernels),
             dtype=self.dtype,
             reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
@@ -219,6 +221,18 @@ class LLM:
         """The model served (the engine's: `requantize` replaces its weights)."""
         return self.engine.model
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Load the peft LoRA adapter at `path` as `name` (needs `enable_runtime_lora` or a free slot of
+        an engine started with adapters)."""
+        lora_serving.load_adapter(self.engine, name, path)
+
+    def unload_lora(self, name: str) -> None:
+        lora_serving.unload_adapter(self.engine, name)
+
+    def lora_adapters(self) -> list[str]:
+        """The names of the LoRA adapters loaded now."""
+        return lora_serving.adapter_names(self.engine)
+
     def requantize(self, fmt: str) -> Requantized:
         """Quantize the served weights to `fmt` now (runtime ISQ; see `Engine.requantize`): pending
         requests carry on afterwards. While a server drives this LLM, use its `POST /v1/re_isq`."""
@@ -241,15 +255,20 @@ class LLM:
         *,
         use_tqdm: bool = True,
         images: Sequence[ImagePrompt | None] | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids); results come back in prompt order. `images`:
-        each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them)."""
+        each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them). `lora`: the
+        adapter every prompt runs with, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        if lora is not None:
+            names = [lora] * len(prompts) if isinstance(lora, str) else list(lora)
+            params_list = [dataclasses.replace(p, lora=n) for p, n in zip(params_list, names, strict=True)]
         requests = []
         try:
             for k, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):

@@ -28,6 +28,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.parallel.sharded_kernels import for_mesh
 from jaxrs.quant.tensor import QuantizedTensor
 from pallas_kernels import qmatmul
+from pallas_kernels.lora import lora_pallas, lora_xla
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -108,3 +109,5 @@ register("paged_attention", "pallas", default_on=("gpu",))(paged_attention_palla
 register("write_kv", "xla", default_on=("*",))(write_kv_xla)
 register("qmatmul", "xla", default_on=("*",))(qmatmul_xla)
 register("qmatmul", "pallas", default_on=("gpu",))(qmatmul_pallas)
+register("lora", "xla", default_on=("*",))(lora_xla)
+register("lora", "pallas")(lora_pallas)

@@ -29,6 +29,7 @@ from server.routes_completions import completions
 from server.routes_embeddings import embeddings, generation_refused
 from server.routes_health import health, metrics
 from server.routes_images import image_routes
+from server.routes_lora import runtime_lora_routes
 from server.routes_models import get_model, list_models
 
 log = logging.getLogger("jaxrs.server")
@@ -87,8 +88,8 @@ def create_app(
     guards = [api_key_guard(api_key)] if api_key else None
     generation = [chat_completions, completions, re_isq] if llm.generates else [generation_refused]
     images = image_routes(image_model, image_output_dir) if image_model is not None else []
-    v1_routes = [*generation, embeddings, list_models, get_model, *images]
-    v1 = Router("/v1", route_handlers=v1_routes, guards=guards)
+    handlers = [*generation, embeddings, list_models, get_model, *images, *runtime_lora_routes(ctx)]
+    v1 = Router("/v1", route_handlers=handlers, guards=guards)
     admin = [Router("/", route_handlers=[re_isq], guards=guards)] if llm.generates else []  # /re_isq
     app = Litestar(
         route_handlers=[v1, *admin, health, metrics],

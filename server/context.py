@@ -10,6 +10,7 @@ from pathlib import Path
 
 from jaxrs.embedding import Embedder
 from jaxrs.engine.async_engine import AsyncEngine
+from jaxrs.engine.sampling import SamplingParams
 from jaxrs.llm import LLM
 from jaxrs.tokenizer import Tokenizer
 from server.errors import APIError
@@ -24,6 +25,11 @@ def model_names(llm: LLM, served_model_name: str | None) -> list[str]:
     source = Path(llm.source)
     names = [served_model_name or source.stem, source.stem, source.name, str(source)]
     return [n for n in dict.fromkeys(names) if n]
+
+
+def adapter_names(llm: LLM) -> list[str]:
+    """The LoRA adapters loaded now (requests name them as their `model`)."""
+    return llm.lora_adapters() if llm.generates else []
 
 
 @dataclasses.dataclass
@@ -85,15 +91,22 @@ class ServerContext:
         return self.llm.embedder
 
     def check_model(self, name: str | None) -> str:
-        """The served name for a request's `model` (absent means the served model; aliases accepted)."""
+        """The served name for a request's `model` (absent means the served model; aliases accepted), or
+        the LoRA adapter it names (404 for neither, as OpenAI and vLLM answer)."""
         if name is None or name in self.names:
             return self.served_name
+        if name in adapter_names(self.llm):
+            return name
         raise APIError(
-            400,
+            404,
             f"model {name!r} is not served here; this server serves {self.served_name!r}",
             param="model",
             code="model_not_found",
         )
+
+    def with_adapter(self, params: SamplingParams, model: str) -> SamplingParams:
+        """`params` running with the LoRA adapter `model` (a `check_model` answer) names, if it names one."""
+        return params if model == self.served_name else dataclasses.replace(params, lora=model)
 
     def log_request(self, record: RequestRecord, choices: Choices | None = None) -> None:
         """Write the request's log line (if logging) and fold the engine's latency samples into metrics."""

@@ -130,7 +130,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         images = await load_request_images(ctx, sources)
         ids, placed = place_request_images(ctx, prompt_ids(ctx, messages), images)
         record.prompt_tokens = len(ids)
-        params = chat_params(ctx, req, ids)
+        params = ctx.with_adapter(chat_params(ctx, req, ids), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
         updates = generate_all(driver, [ids], params, record.id, images=placed)

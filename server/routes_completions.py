@@ -74,7 +74,7 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         record.prompt = req.prompt
         texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
         record.prompt_tokens = sum(len(p) for p in ids)
-        params = completion_params(ctx, req, list(ids))
+        params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
         updates = generate_all(driver, list(ids), params, record.id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine.warmup import Warmup
 from server import create_app
+from tests.live_server import serve
 from tests.test_compiled_steps import FakeStep, call, compiled_with
 
 pytestmark = pytest.mark.slow
@@ -271,7 +271,7 @@ def test_error_shapes_and_statuses(client, oai, app, llm):
     assert_error(client.post("/v1/completions", json={"prompt": [[1], "x"]}), 400, "prompt")
     assert_error(client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")
     error = assert_error(
-        client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CAPITAL}), 400, "model"
+        client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CAPITAL}), 404, "model"
     )
     assert "gpt-4o" in error["message"] and error["code"] == "model_not_found"
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
@@ -393,20 +393,8 @@ def live(llm, tmp_path):
     """The app behind a real uvicorn socket on 127.0.0.1 (a free port), in a thread."""
     log_path = tmp_path / "requests.jsonl"
     app = create_app(llm, request_log=log_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app, log_path
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with serve(app) as url:
+        yield url, app, log_path
 
 
 def test_64_concurrent_streams_and_metrics(live, llm):

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 from jaxrs.engine.engine import Engine, Request
 from jaxrs.engine.options import MAX_WAITING
@@ -28,6 +28,7 @@ from jaxrs.engine.sequence import Sequence, TokenLogprob
 from jaxrs.errors import JaxrsError
 from jaxrs.quant import parse_format
 
+T = TypeVar("T")
 log = logging.getLogger("jaxrs")
 
 
@@ -152,6 +153,14 @@ class AsyncEngine:
         self._wake.set()
         return await done
 
+    async def run_on_engine(self, fn: Callable[[Engine], T]) -> T:
+        """`fn(engine)` on the engine thread, between steps (LoRA adapter loads and unloads)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._commands.put(("call", fn, loop, done))
+        self._wake.set()
+        return await done
+
     def shutdown(self) -> None:
         """Stop the engine thread; requests still in flight are aborted and their callers told."""
         self._stop.set()
@@ -159,7 +168,7 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         while not self._commands.empty():  # a re-ISQ the thread never reached
             command = self._commands.get_nowait()
-            if command[0] == "requantize":
+            if command[0] in ("requantize", "call"):
                 _settle(command[2], command[3], JaxrsError("the server is shutting down"))
         for request_id, request in list(self._requests.items()):
             self.engine.abort(request_id)
@@ -204,6 +213,12 @@ class AsyncEngine:
                     self._send(request_id, e)
             elif command[0] == "requantize":
                 self._requantize(*command[1:])
+            elif command[0] == "call":
+                _, fn, loop, done = command
+                try:
+                    _settle(loop, done, fn(self.engine))
+                except Exception as e:  # the caller reports it
+                    _settle(loop, done, e)
             else:
                 self._abort(command[1])
 

@@ -41,6 +41,7 @@ from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
 from jaxrs.host_memory import available_bytes, peak_resident_bytes, release_freed, resident_bytes
 from jaxrs.loading import LoadedModel
+from jaxrs.lora.slots import LoraSlots
 from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
 from jaxrs.parallel.mesh import tensor_mesh
@@ -147,6 +148,8 @@ class Engine:
         if mesh is None and config.tensor_parallel_size > 1:
             mesh = tensor_mesh(config.tensor_parallel_size)
         self.mesh = mesh
+
+        self.loras = LoraSlots(config.lora, cfg, self.dtype) if config.lora else None
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
@@ -158,6 +161,8 @@ class Engine:
         counters; `warmed` (the old runner's `warmup` arguments) warms the new runner up the same way."""
         previous = getattr(self, "scheduler", None)  # None when called from __init__
         self.model = model
+        if self.loras is not None:
+            self.loras.attach(model.params)
         self._arrange_layers()
         cfg, config = model.config, self.config
         step_cfg = cfg if self.mesh is None else shard_params(cfg, model.params, self.mesh)
@@ -186,6 +191,8 @@ class Engine:
             xla_options=config.xla_options,
             mesh=self.mesh,
         )
+        if self.loras is not None:
+            self.runner.lora_slot = lambda seq: self.loras.slot_of(seq.params.lora)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
@@ -304,6 +311,11 @@ class Engine:
         if images is not None:
             require_vision(self.model.vision, self.source)
             cache_key = images.cache_key(cache_key)
+
+        if params.lora is not None:
+            if self.loras is None:
+                raise JaxrsError(f"no LoRA adapters are served (the request asks for {params.lora!r})")
+            cache_key = self.loras.cache_key(params.lora, cache_key)
         params = params.with_defaults(self.model.generation_config)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)

@@ -9,6 +9,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxrs.lora.config import LoraConfig
+
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = FLOAT_DTYPES
 LAYER_LOOPS = ("scan", "unrolled")
@@ -57,6 +59,8 @@ class EngineConfig:
     # Devices one model is split over (tensor parallelism, `jaxrs.parallel.shardings`): this process's
     # first N, unless the engine is handed its own mesh (data-parallel replicas, several hosts).
     tensor_parallel_size: int = 1
+
+    lora: LoraConfig | None = None  # LoRA adapters served per request
 
 
 def config_defaults() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, b
 from jaxrs.engine.sequence import Sequence
 from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
+from jaxrs.lora.weight import bind_slots
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
@@ -78,22 +79,37 @@ def bucket(n: int, minimum: int = 1) -> int:
     return next_power_of_2(n, minimum)
 
 
-def _logits_at(params, cfg, kernels, kv, tokens, meta, index, embeds=None):
+def _logits_at(params, cfg, kernels, kv, tokens, meta, index, lora=None, embeds=None):
+    if lora is not None:  # each row's adapter slot (LoRA)
+        params = bind_slots(params, lora)
     model = merge(params, cfg)  # the nnx module over this trace's parameter arrays
     hidden, kv = model(tokens, meta, kv, kernels, embeds)
     picked = hidden[jnp.arange(hidden.shape[0]), index]
     return pin_step_outputs(model.logits(picked, kernels), kv)
 
 
-def _prefill(params, kv, tokens, meta, last_index, batch, embeds=None, *, cfg, kernels, flags):
+def _prefill(params, kv, tokens, meta, last_index, batch, lora=None, embeds=None, *, cfg, kernels, flags):
     """`embeds`: image feature rows (mask, rows) for a chunk reaching an image; a call without them
     compiles (and stays) the text-only step."""
-    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index, embeds)
+    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index, lora, embeds)
     return sample(logits, batch, flags), kv
 
 
 def _decode(
-    params, kv, tokens, positions, tables, valid, batch, num_steps, *, cfg, kernels, flags, max_steps
+    params,
+    kv,
+    tokens,
+    positions,
+    tables,
+    valid,
+    batch,
+    num_steps,
+    lora=None,
+    *,
+    cfg,
+    kernels,
+    flags,
+    max_steps,
 ):
     """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
     count, so a one-token and a multi-token call share one compiled step. Outputs are
@@ -113,7 +129,7 @@ def _decode(
         meta = AttentionMetadata(
             pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
         )
-        logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows))
+        logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows), lora)
         out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
         outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
         return i + 1, (kv, out.tokens, pos + 1), outs
@@ -209,6 +225,7 @@ class ModelRunner:
         self.compiled = CompiledSteps(self.steps, params, self.kv, mesh)
         self.device_seconds = 0.0  # wall time inside step calls (dispatch + device + transfer back)
         self.warmed: dict | None = None  # warmup()'s arguments
+        self.lora_slot: Callable[[Sequence], int] | None = None  # a sequence's adapter slot (LoRA served)
         self.warming: Warmup | None = None
 
     def release(self) -> None:
@@ -265,6 +282,14 @@ class ModelRunner:
         )
         return arrays, step_flags(flags, prefill=prefill)
 
+    def _lora_slots(self, seqs: Seq[Sequence], batch: int) -> np.ndarray | None:
+        """Each row's adapter slot (-1: none, and padding rows), when adapters are served."""
+        if self.lora_slot is None:
+            return None
+        slots = np.full(batch, -1, np.int32)
+        slots[: len(seqs)] = [self.lora_slot(s) for s in seqs]
+        return slots
+
     # -- calls ----------------------------------------------------------------------------------------
     def shares_prefill_calls(self, t: int, w: int) -> bool:
         """Whether prefill chunks padded to t tokens, with tables w blocks wide, run several rows a call."""
@@ -293,7 +318,8 @@ class ModelRunner:
         last[:rows] = [end - start - 1 for _, start, end in chunks]
         batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
         embeds = chunk_embeds(chunks, b, t, self.cfg.hidden_size)
-        call = self.prefill_call(tokens, meta, last, batch, flags, embeds)
+        lora = self._lora_slots([seq for seq, _, _ in chunks], b)
+        call = self.prefill_call(tokens, meta, last, batch, flags, lora, embeds)
         return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:rows], out))
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
@@ -308,7 +334,9 @@ class ModelRunner:
             tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
             tables[i, : len(s.table.blocks)] = s.table.blocks
         batch, flags = self._sampling(seqs, b, prefill=False)
-        call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps)
+        call = self.decode_call(
+            tokens, positions, tables, valid, batch, flags, num_steps, self._lora_slots(seqs, b)
+        )
         return self._run(
             call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
         )
@@ -329,23 +357,25 @@ class ModelRunner:
     def _statics(self, **more: Hashable) -> dict[str, Hashable]:
         return dict(cfg=self.cfg, kernels=self.kernels, **more)
 
-    def prefill_call(self, tokens, meta, last, batch: dict, flags: SamplingFlags, embeds=None) -> StepCall:
+    def prefill_call(
+        self, tokens, meta, last, batch: dict, flags: SamplingFlags, lora=None, embeds=None
+    ) -> StepCall:
         """The prefill step over [b, t] tokens with w-block tables; labelled (b, t, w, profile), plus
         "images" when image feature rows ride along (`embeds`)."""
         (b, t), w = tokens.shape, meta.block_tables.shape[1]
-        args, label = (tokens, meta, last, batch), (b, t, w, profile(flags))
+        args, label = (tokens, meta, last, batch, lora), (b, t, w, profile(flags))
         if embeds is not None:
             args, label = (*args, embeds), (*label, "images")
         return StepCall("prefill", args, self._statics(flags=flags), label)
 
     def decode_call(
-        self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int
+        self, tokens, positions, tables, valid, batch: dict, flags: SamplingFlags, num_steps: int, lora=None
     ) -> StepCall:
         """The decode step of `num_steps` tokens (one compiled step for any count up to
         `max_decode_steps`) over b rows with w-block tables; labelled (b, w, profile)."""
         if not 1 <= num_steps <= self.max_decode_steps:
             raise ValueError(f"{num_steps} decode steps; this runner runs 1 to {self.max_decode_steps}")
-        args = (tokens, positions, tables, valid, batch, np.int32(num_steps))
+        args = (tokens, positions, tables, valid, batch, np.int32(num_steps), lora)
         statics = self._statics(flags=flags, max_steps=self.max_decode_steps)
         return StepCall("decode", args, statics, (*tables.shape, profile(flags)))
 
@@ -428,9 +458,12 @@ class ModelRunner:
         zeros = np.zeros(b, np.int32)
         if not t:
             tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
-            return self.decode_call(zeros, zeros, tables, valid, batch, flags, self.max_decode_steps)
+            lora = self._lora_slots([], b)
+            return self.decode_call(zeros, zeros, tables, valid, batch, flags, self.max_decode_steps, lora)
         meta = self._metadata([], b, t, w)  # padding rows only: nothing is written
-        return self.prefill_call(np.zeros((b, t), np.int32), meta, zeros, batch, flags)
+        return self.prefill_call(
+            np.zeros((b, t), np.int32), meta, zeros, batch, flags, self._lora_slots([], b)
+        )
 
     def warmup(self, profiles: Seq[SamplingParams], *, background: bool = False) -> Warmup:
         """Compile every decode and prefill bucket for each sampling profile (see `warmup_calls`): all

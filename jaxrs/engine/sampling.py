@@ -58,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
+    lora: str | None = None  # the LoRA adapter (by name) the request runs with; None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

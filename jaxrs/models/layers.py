@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.config import ModelConfig, RopeScaling
+from jaxrs.lora.weight import LoraWeight
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize
 from pallas_kernels.qmatmul import matmul_t
@@ -61,7 +62,11 @@ def dense(
     x: jax.Array, weight: Weight, bias: jax.Array | None = None, kernels: Kernels = Kernels()
 ) -> jax.Array:
     """`x @ weight.T (+ bias)` with weight in the checkpoint layout `[out, in]`; packed weights go
-    through the `qmatmul` op, which reads them without unpacking them in memory first."""
+    through the `qmatmul` op, which reads them without unpacking them in memory first; a `LoraWeight`
+    adds its adapters' term (the `lora` op) to its base's."""
+    if isinstance(weight, LoraWeight):
+        y, term = dense(x, weight.base, bias, kernels), weight.term(x, kernels)
+        return y if term is None else y + term.astype(y.dtype)
     if isinstance(weight, QuantizedTensor):
         y = kernels.get("qmatmul")(x, weight)
     else:

@@ -1,0 +1,141 @@
+"""LoRA served by the engine against peft: greedy tokens and their log-probabilities for each adapter
+alone, for a batch mixing both adapters and the base, through the prefix cache (one prompt under two
+adapters), on an ISQ base (against peft over the dequantized base), and loading/unloading without
+recompiling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.errors import JaxrsError
+from jaxrs.llm import LLM
+from jaxrs.lora.serving import AdapterInUse
+from tests.lora_models import build, peft_model
+
+STEPS = 8
+GREEDY = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=5)
+PROMPTS = [np.random.default_rng(i).integers(3, 256, 20 + 3 * i).tolist() for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build("llama", tmp_path_factory.mktemp("lora-engine"))
+
+
+def peft_greedy(ref, prompt: list[int], name: str | None) -> tuple[list[int], list[np.ndarray]]:
+    """peft's greedy tokens and the log-softmax before each, with adapter `name` (None: disabled)."""
+    ids, logprobs = list(prompt), []
+    for _ in range(STEPS):
+        with torch.no_grad():
+            if name is None:
+                with ref.disable_adapter():
+                    logits = ref(torch.tensor([ids])).logits[0, -1]
+            else:
+                ref.set_adapter(name)
+                logits = ref(torch.tensor([ids])).logits[0, -1]
+        logprobs.append(torch.log_softmax(logits, -1).numpy())
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :], logprobs
+
+
+def assert_matches(out, want: tuple[list[int], list[np.ndarray]]) -> None:
+    tokens, logprobs = want
+    assert out.token_ids == tokens
+    for step, lp in zip(out.outputs[0].logprobs, logprobs, strict=True):
+        for token, value in step.top:
+            assert abs(value - lp[token]) <= 1e-4
+
+
+def test_each_adapter_alone_and_mixed_equal_peft(models):
+    base, adapters = models
+    ref = peft_model(base, adapters)
+    llm = LLM(
+        str(base),
+        lora_adapters=adapters,
+        max_loras=3,
+        max_lora_rank=8,
+        kv_cache_tokens=1024,
+        kv_cache_dtype="float32",
+    )
+    names = ["alpha", "beta", None]
+    want = {n: [peft_greedy(ref, p, n) for p in PROMPTS] for n in names}
+    for name in names:
+        for prompt, w in zip(PROMPTS, want[name], strict=True):
+            assert_matches(llm.generate(prompt, GREEDY, lora=name, use_tqdm=False)[0], w)
+    # one batch: every prompt under every adapter and the base, interleaved
+    pairs = [(p, n, w) for n in names for p, w in zip(PROMPTS, want[n], strict=True)][::-1]
+    outs = llm.generate([p for p, _, _ in pairs], GREEDY, lora=[n for _, n, _ in pairs], use_tqdm=False)
+    for out, (_, _, w) in zip(outs, pairs, strict=True):
+        assert_matches(out, w)
+    assert want["alpha"][0][0] != want["beta"][0][0] or want["alpha"][0][0] != want[None][0][0]
+
+    # the prefix cache never hands one adapter's KV blocks to another: a new prompt under each in turn,
+    # then again under the first, which finds its own blocks
+    long = np.random.default_rng(9).integers(3, 256, 40).tolist()
+    seen_alpha = False
+    for name in [*names, "alpha"]:
+        out = llm.generate(long, GREEDY, lora=name, use_tqdm=False)[0]
+        assert (out.num_cached_tokens > 0) == (name == "alpha" and seen_alpha), name
+        seen_alpha = seen_alpha or name == "alpha"
+        assert_matches(out, peft_greedy(ref, long, name))
+
+    # unloading and loading change values, not shapes: nothing compiles
+    shapes = llm.engine.runner.compile_count()
+    llm.unload_lora("alpha")
+    with pytest.raises(JaxrsError, match="no LoRA adapter named 'alpha'"):
+        llm.generate(PROMPTS[0], GREEDY, lora="alpha", use_tqdm=False)
+    llm.load_lora("alpha2", str(adapters["alpha"]))
+    assert sorted(llm.lora_adapters()) == ["alpha2", "beta"]
+    assert_matches(llm.generate(PROMPTS[0], GREEDY, lora="alpha2", use_tqdm=False)[0], want["alpha"][0])
+    assert llm.engine.runner.compile_count() == shapes
+
+    # an adapter some request still uses is not unloaded
+    request = llm.engine.add_request(PROMPTS[1], dataclasses.replace(GREEDY, lora="beta"))
+    with pytest.raises(AdapterInUse):
+        llm.unload_lora("beta")
+    llm.engine.abort(request.request_id)
+    llm.unload_lora("beta")
+
+
+@pytest.mark.slow
+def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
+    from jaxrs.loading import load_model
+    from jaxrs.models.registry import family
+    from jaxrs.quant import QuantizedTensor, dequantize
+
+    base, adapters = models
+    loaded = load_model(str(base), dtype="float32", isq="q8_0")
+    table = family(loaded.config.architecture).names.hf(loaded.config)
+    state, packed = {}, 0
+    for path, source in table.items():
+        node = loaded.params
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None or not isinstance(source, str):
+            continue
+        if isinstance(node, QuantizedTensor):
+            node, packed = dequantize(node), packed + 1
+        node = np.asarray(node)
+        if path.startswith("layers."):
+            state |= {f"model.layers.{i}.{source}": torch.tensor(node[i]) for i in range(node.shape[0])}
+        else:
+            state[source] = torch.tensor(node)
+    assert packed >= 7
+    ref = peft_model(base, adapters, base_state=state)
+    llm = LLM(
+        str(base),
+        isq="q8_0",
+        lora_adapters=adapters,
+        max_lora_rank=8,
+        kv_cache_tokens=512,
+        kv_cache_dtype="float32",
+    )
+    for name in ("alpha", "beta"):
+        assert_matches(
+            llm.generate(PROMPTS[0], GREEDY, lora=name, use_tqdm=False)[0], peft_greedy(ref, PROMPTS[0], name)
+        )
