@@ -190,7 +190,8 @@ def test_truncated_tensor_names_the_tensor(written, tmp_path):
                 s("toks") + struct.pack("<IIQ", VT.ARRAY, VT.STRING, 2) + s("a") + struct.pack("<Q", 10**9),
                 1,
             ),
-            r"truncated GGUF file: metadata key 'toks': string 1 of 2 runs past the end of the file \(\d+ bytes\)",
+            r"truncated GGUF file: metadata key 'toks': string 1 of 2 runs past the end of the file "
+            r"\(\d+ bytes\)",
         ),
         (
             raw_gguf(tensor_infos=s("w") + struct.pack("<IQIQ", 1, 4, 77, 0), n_tensors=1),
