@@ -34,6 +34,8 @@ from jaxrs.errors import JaxrsError
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
+from jaxrs.structured.mask import all_allowed
+from jaxrs.structured.state import token_masks
 from pallas_kernels.shapes import next_power_of_2
 
 log = logging.getLogger("jaxrs")
@@ -249,6 +251,7 @@ class ModelRunner:
             batch,
             self.cfg.vocab_size,
         )
+        arrays["token_mask"] = token_masks([s.grammar for s in seqs], batch, self.cfg.vocab_size)
         return arrays, step_flags(flags, prefill=prefill)
 
     # -- calls ----------------------------------------------------------------------------------------
@@ -360,6 +363,7 @@ class ModelRunner:
         arrays, flags = build_sampling_batch(
             [params] * rows, zeros, zeros, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
         )
+        arrays["token_mask"] = all_allowed(rows, self.cfg.vocab_size)
         return arrays, step_flags(flags, prefill=prefill)
 
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
