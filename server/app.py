@@ -45,11 +45,13 @@ def create_app(
     log_full_text: bool = False,
     chat_template: str | None = None,
     enable_embeddings: bool = False,
+    tool_call_parser: str | None = None,
 ) -> Litestar:
     """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
     `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per request.
     `enable_embeddings` serves /v1/embeddings from a generation model too (an embedding model always does,
-    and refuses the generation routes).
+    and refuses the generation routes). `tool_call_parser` (hermes, mistral, llama3_json) overrides the
+    tool-call format read from the chat template.
 
     Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
     """
@@ -60,6 +62,7 @@ def create_app(
         request_log=RequestLog(request_log, full_text=log_full_text) if request_log else None,
         chat_template=chat_template,
         embeddings=enable_embeddings,
+        tool_call_parser=tool_call_parser,
     )
 
     @contextlib.asynccontextmanager
