@@ -126,7 +126,10 @@ class HermesParser(ToolCallParser):
             body_start = at + len(self.OPEN)
             end = text.find(self.CLOSE, body_start)
             complete = end >= 0
-            call = _call_body(text[body_start : end if complete else len(text)], complete)
+            body = text[body_start : end if complete else len(text)]
+            if not complete:  # the closing tag may have begun
+                body = body[: len(body) - _partial_suffix(body, self.CLOSE)]
+            call = _call_body(body, complete)
             if call is None:  # not a well-formed call: leave the text as content
                 return Parsed(text, [])
             calls.append(call)
@@ -268,12 +271,15 @@ class ToolCallStream:
         return bool(self.ids)
 
 
-def _marker_prefix(text: str, parser: ToolCallParser) -> int:
-    """How many characters at the end of `text` may begin the parser's call marker (held back)."""
-    marker = {"hermes": HermesParser.OPEN, "mistral": MistralParser.MARKER}.get(parser.name)
-    if marker is None:
-        return 0
+def _partial_suffix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` may begin `marker`."""
     for n in range(min(len(marker), len(text)), 0, -1):
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+def _marker_prefix(text: str, parser: ToolCallParser) -> int:
+    """How many characters at the end of `text` may begin the parser's call marker (held back)."""
+    marker = {"hermes": HermesParser.OPEN, "mistral": MistralParser.MARKER}.get(parser.name)
+    return 0 if marker is None else _partial_suffix(text, marker)
