@@ -3,6 +3,7 @@ decode throughput at 32 streams with 0, 8 and 32 of them constrained by a JSON s
 
     JAX_PLATFORMS=cpu python bench/bench_structured.py [--streams 32] [--constrained 0 8 32]
         [--max-tokens 64] [--passes 2] [--out bench/results/structured.json]
+    JAX_PLATFORMS=cpu python bench/bench_structured.py --sampler-only   # the mask's cost in the sampler
 
 Every row samples (temperature 0.7, seeded) exactly `--max-tokens` tokens: free rows ignore EOS, and
 constrained rows follow a schema (an array of at least 200 integers) that cannot end sooner, so every
@@ -103,6 +104,36 @@ def one_pass(engine: Engine, streams: int, constrained: int, max_tokens: int, se
     return tokens / seconds
 
 
+def sampler_cost(rows: int, vocab: int, repeats: int = 20) -> dict[str, float]:
+    """Median ms of the jitted sampler (sampled, top-p 0.9) on [rows, vocab] logits without and with the
+    all-ones mask every step now carries: the mask's device cost to free rows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrs.engine.runner import step_flags
+    from jaxrs.engine.sampling import build_sampling_batch, sample
+    from jaxrs.structured.mask import all_allowed
+
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=i) for i in range(rows)]
+    batch, flags = build_sampling_batch(
+        params, list(range(rows)), [0] * rows, [[0]] * rows, [[]] * rows, rows, vocab
+    )
+    flags = step_flags(flags, prefill=False)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(rows, vocab)), jnp.float32)
+    run = jax.jit(sample, static_argnames="flags")
+    out = {}
+    for name, b in [("no mask", batch), ("all-ones mask", {**batch, "token_mask": all_allowed(rows, vocab)})]:
+        run(logits, b, flags=flags).tokens.block_until_ready()
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            run(logits, b, flags=flags).tokens.block_until_ready()
+            times.append((time.perf_counter() - began) * 1e3)
+        out[name] = median(times)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=32)
@@ -110,7 +141,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "structured.json")
+    ap.add_argument(
+        "--sampler-only", action="store_true", help="only the sampler's cost with and without mask"
+    )
     args = ap.parse_args()
+    if args.sampler_only:
+        print(sampler_cost(args.streams, 49152))  # the demo model's vocabulary
+        return
 
     llm = LLM(max_num_seqs=args.streams, kv_cache_mb=256)
     began = time.perf_counter()
@@ -121,13 +158,17 @@ def main() -> None:
     single = Engine(llm.model, EngineConfig(max_num_seqs=args.streams, kv_cache_mb=256, max_decode_steps=1))
     single._grammars = compiler
     configs = [(str(c), llm.engine, c) for c in args.constrained] + [("0 (1 step)", single, 0)]
-    for _, engine, c in configs:  # compile every shape first
-        one_pass(engine, args.streams, c, args.max_tokens, seed=0)
+    for name, engine, c in configs:  # compile every shape first
+        print(
+            f"warm-up {name}: {one_pass(engine, args.streams, c, args.max_tokens, seed=0):.1f} tok/s",
+            flush=True,
+        )
     timer.seconds, timer.rows = 0.0, 0
     rates: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     for p in range(args.passes):
         for name, engine, c in configs:
             rates[name].append(one_pass(engine, args.streams, c, args.max_tokens, seed=100 * (p + 1)))
+            print(f"pass {p} {name}: {rates[name][-1]:.1f} tok/s", flush=True)
     free = median(rates[str(args.constrained[0])])
     rows = [
         (name, fmt(median(r)), " / ".join(fmt(x) for x in r), f"{median(r) / free:.2f}x")

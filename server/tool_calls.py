@@ -136,8 +136,10 @@ class HermesParser(ToolCallParser):
             if not complete:
                 break
             at = text.find(self.OPEN, end + len(self.CLOSE))
-        if final and calls and not calls[-1].complete:
-            return Parsed(text, [])
+        if final and not calls[-1].complete:  # cut at max_tokens: the whole calls before it stand
+            calls.pop()
+            if not calls:
+                return Parsed(text, [])
         return Parsed(text[:start].rstrip(), calls)
 
     def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:

@@ -27,6 +27,7 @@ SCHEMAS = [
                 "age": {"type": "integer", "minimum": 0, "maximum": 120},
             },
             "required": ["name", "age"],
+            "additionalProperties": False,
         },
     ),
     (
@@ -43,6 +44,7 @@ SCHEMAS = [
                 },
             },
             "required": ["label", "keywords"],
+            "additionalProperties": False,
         },
     ),
     (
@@ -61,6 +63,7 @@ SCHEMAS = [
                 },
             },
             "required": ["city", "location"],
+            "additionalProperties": False,
         },
     ),
 ]
@@ -108,7 +111,13 @@ def test_qwen_schemas_and_tools():
         oai = openai_client(http)
         check_schemas(oai)
         kwargs = dict(
-            model="m", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+            model="m",
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=60,
+            temperature=0,
+            parallel_tool_calls=False,
         )
         whole = oai.chat.completions.create(**kwargs)
         [call] = whole.choices[0].message.tool_calls

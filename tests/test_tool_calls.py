@@ -37,6 +37,8 @@ def test_hermes_leaves_malformed_calls_as_text():
     assert HermesParser().parse(text, final=True).content == text
     unfinished = '<tool_call>\n{"name": "f", "arguments": {"a": 1'
     assert HermesParser().parse(unfinished, final=True).calls == []  # cut at max_tokens: text
+    cut = HERMES + '\n<tool_call>\n{"name": "f", "argu'
+    assert [c.name for c in HermesParser().parse(cut, final=True).calls] == ["weather", "time"]
 
 
 def test_mistral_and_llama3_json():
