@@ -198,6 +198,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (413 above)")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the model's")
+    p.add_argument(
+        "--tool-call-parser",
+        choices=("hermes", "mistral", "llama3_json"),
+        help="the format the model writes tool calls in (default: read from its chat template)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes only on first use")
     p.add_argument(
         "--enable-embeddings",
@@ -471,6 +476,7 @@ def _serve(args: argparse.Namespace) -> int:
         enable_embeddings=args.enable_embeddings,
         image_model=_image_model(args),
         image_output_dir=args.image_output_dir,
+        tool_call_parser=args.tool_call_parser,
     )
     log.info("serving on http://%s:%d (OpenAI API under /v1, /health, /metrics)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)

@@ -50,12 +50,14 @@ def create_app(
     enable_embeddings: bool = False,
     image_model: ImageModel | None = None,
     image_output_dir: str | Path = "jaxrs-images",
+    tool_call_parser: str | None = None,
 ) -> Litestar:
     """An OpenAI-compatible app serving `llm`. `chat_template` (template text) overrides the model's;
     `api_key` guards /v1 and /re_isq; `request_log` appends one JSON line per request.
     `enable_embeddings` serves /v1/embeddings from a generation model too (an embedding model always does,
     and refuses the generation routes). `image_model` adds /v1/images/generations, its `url` images stored
-    in `image_output_dir`.
+    in `image_output_dir`. `tool_call_parser` (hermes, mistral, llama3_json) overrides the tool-call format
+    read from the chat template.
 
     Only one started app may drive an LLM at a time, and not while `llm.generate` runs elsewhere.
     """
@@ -66,6 +68,7 @@ def create_app(
         request_log=RequestLog(request_log, full_text=log_full_text) if request_log else None,
         chat_template=chat_template,
         embeddings=enable_embeddings,
+        tool_call_parser=tool_call_parser,
     )
 
     @contextlib.asynccontextmanager

@@ -42,6 +42,7 @@ class ServerContext:
     request_log: RequestLog | None = None
     embeddings: bool = False  # /v1/embeddings served (always for an embedding model)
     driver: AsyncEngine | None = None  # set while the app is running (between startup and shutdown)
+    tool_call_parser: str | None = None  # the tool-call format; None: chosen from the chat template
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -54,6 +55,7 @@ class ServerContext:
         request_log: RequestLog | None,
         chat_template: str | None,
         embeddings: bool = False,
+        tool_call_parser: str | None = None,
     ) -> ServerContext:
         tokenizer = llm.tokenizer
         if chat_template is not None:  # a copy, so other users of the LLM keep the model's template
@@ -67,6 +69,7 @@ class ServerContext:
             max_waiting,
             request_log,
             embeddings or not llm.generates,
+            tool_call_parser=tool_call_parser,
         )
 
     @property

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from litestar import Request, Response, post
 from msgspec import UNSET
@@ -32,29 +34,64 @@ from server.schemas import (
     Usage,
 )
 from server.streaming import DONE, event_stream, sse
+from server.structured import request_grammar
+from server.tool_calls import ToolCallStream, new_call_id
+from server.tools import ToolPlan, template_message, tool_plan
 
 ROUTE = "/v1/chat/completions"
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
+
+
+def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
+    """An assistant's `tool_calls` (their ids remembered) or a tool result's `tool_call_id` (which must
+    answer one of them), as the template reads them."""
+    if m.role == "tool":
+        if m.tool_call_id is None or m.tool_call_id not in call_ids:
+            raise APIError(
+                400,
+                f"messages[{i}].tool_call_id {m.tool_call_id!r} answers no earlier assistant tool call",
+                param=f"messages[{i}].tool_call_id",
+            )
+        return {"tool_call_id": m.tool_call_id}
+    if m.tool_calls and m.role == "assistant":
+        for j, call in enumerate(m.tool_calls):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_calls[{j}] needs a function with a name",
+                    param=f"messages[{i}].tool_calls[{j}]",
+                )
+            if "id" in call:
+                call_ids.add(call["id"])
+        return template_message({"tool_calls": m.tool_calls})
+    return {}
 
 
 def conversation(
     messages: list[ChatMessage], marker: str | None = None
-) -> tuple[list[dict[str, str]], list[object]]:
-    """Messages as the chat template expects them (content parts joined, each image part as `marker`),
-    and the image URLs in order; a text-only model (`marker` None) refuses image parts."""
+) -> tuple[list[dict[str, Any]], list[object]]:
+    """Messages as the chat template expects them (content parts joined, each image part as `marker`;
+    assistant tool calls and tool results kept), and the image URLs in order; a text-only model
+    (`marker` None) refuses image parts."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out, images = [], []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
         if role is None:
             raise APIError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported (system, user, assistant)",
+                f"messages[{i}].role {m.role!r} is not supported (system, user, assistant, tool)",
                 param=f"messages[{i}].role",
             )
-        if m.content is None:  # tool calls (the one reason OpenAI allows none) are not served
+        extra = _tool_fields(i, m, call_ids)
+        if m.content is None and "tool_calls" in extra:
+            out.append({"role": role, "content": None, **extra})
+            continue
+        if m.content is None:
             raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
         if isinstance(m.content, str):
             text = m.content
@@ -87,22 +124,27 @@ def conversation(
                     )
                 texts.append(part.text or "")
             text = "\n".join(texts)
-        out.append({"role": role, "content": text})
+        out.append({"role": role, "content": text, **extra})
     return out, images
 
 
-def prompt_ids(ctx: ServerContext, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(
+    ctx: ServerContext, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Token ids of the rendered conversation (the template writes its own BOS)."""
     tokenizer = ctx.chat_tokenizer
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_params(ctx: ServerContext, req: ChatCompletionRequest, ids: list[int]) -> SamplingParams:
-    """max_completion_tokens wins over max_tokens; neither means "up to the context length"."""
+def chat_params(
+    ctx: ServerContext, req: ChatCompletionRequest, ids: list[int], plan: ToolPlan | None = None
+) -> SamplingParams:
+    """max_completion_tokens wins over max_tokens; neither means "up to the context length". A forced
+    tool call's grammar and an output constraint cannot both apply."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
@@ -113,7 +155,18 @@ def chat_params(ctx: ServerContext, req: ChatCompletionRequest, ids: list[int]) 
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
+    grammar = request_grammar(ctx.llm.engine, req)
+    if plan is not None and plan.grammar is not None:
+        if grammar is not None:
+            raise APIError(400, "tool_choice forces a tool call; drop response_format", param="tool_choice")
+        grammar = plan.grammar
+        try:
+            ctx.llm.engine.grammars.compile(grammar)
+        except JaxrsError as e:
+            raise APIError(400, f"tools: {e}", param="tools") from None
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
+    if plan is not None:  # call markers may be special tokens
+        params = dataclasses.replace(params, skip_special_tokens=False)
     check_prompt(ctx.llm.engine, ids, params, param=param, prompt_param="messages")
     return params
 
@@ -128,32 +181,56 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         messages, sources = conversation(req.messages, image_marker(ctx))
         record.prompt = messages
         images = await load_request_images(ctx, sources)
-        ids, placed = place_request_images(ctx, prompt_ids(ctx, messages), images)
+        plan = tool_plan(
+            ctx.chat_tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_call_parser
+        )
+        ids, placed = place_request_images(
+            ctx, prompt_ids(ctx, messages, plan.tools if plan else None), images
+        )
         record.prompt_tokens = len(ids)
-        params = ctx.with_adapter(chat_params(ctx, req, ids), record.model)
+        params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
         updates = generate_all(driver, [ids], params, record.id, images=placed)
         if req.stream:
-            return event_stream(_stream(ctx, req, record, updates))
+            return event_stream(_stream(ctx, req, record, updates, plan))
         choices = Choices(1, req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices))
+        return Response(_completion(ctx, req, record, choices, plan))
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise
 
 
+def _message(
+    text: str, finish_reason: str | None, plan: ToolPlan | None
+) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a whole choice: its tool calls parsed out when the request has tools
+    (finish_reason "tool_calls" then)."""
+    parsed = plan.parser.parse(text, final=True) if plan is not None else None
+    if not parsed or not parsed.calls:
+        return AssistantMessage(text), finish_reason
+    calls = [
+        {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in parsed.calls
+    ]
+    reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return AssistantMessage(parsed.content or None, tool_calls=calls), reason
+
+
 def _completion(
-    ctx: ServerContext, req: ChatCompletionRequest, record: RequestRecord, choices: Choices
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    record: RequestRecord,
+    choices: Choices,
+    plan: ToolPlan | None = None,
 ) -> ChatCompletion:
     tokenizer = ctx.llm.tokenizer
     out = [
         ChatChoice(
             i,
-            AssistantMessage("".join(s.text)),
-            s.finish_reason,
+            *_message("".join(s.text), s.finish_reason, plan),
             chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
         )
         for i, s in enumerate(choices.states)
@@ -168,12 +245,15 @@ async def _stream(
     req: ChatCompletionRequest,
     record: RequestRecord,
     updates: AsyncGenerator[tuple[int, RequestUpdate], None],
+    plan: ToolPlan | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """Role chunks, content chunks, a finish chunk per choice, the usage chunk if asked, [DONE]."""
+    """Role chunks, content (or tool-call) chunks, a finish chunk per choice, the usage chunk if asked,
+    [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     created, model = int(record.timestamp), record.model or ctx.served_name
     tokenizer = ctx.llm.tokenizer
     choices = Choices(1, req.n)
+    calls = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None else None
 
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return sse(
@@ -186,10 +266,17 @@ async def _stream(
             async for prompt_index, update in updates:
                 for index, u in choices.apply(prompt_index, update):
                     logprobs = chat_logprobs(tokenizer, u.logprobs) if req.logprobs and u.logprobs else None
-                    if u.text or logprobs:
-                        yield chunk([ChatChunkChoice(index, Delta(content=u.text), logprobs=logprobs)])
-                    if u.finish_reason:
-                        yield chunk([ChatChunkChoice(index, Delta(), finish_reason=u.finish_reason)])
+                    text, reason, tool_deltas = u.text, u.finish_reason, []
+                    if calls is not None:
+                        text, tool_deltas = calls[index].push(u.text, final=bool(u.finish_reason))
+                        if reason == "stop" and calls[index].called:
+                            reason = "tool_calls"
+                    if text or logprobs:
+                        yield chunk([ChatChunkChoice(index, Delta(content=text), logprobs=logprobs)])
+                    for d in tool_deltas:
+                        yield chunk([ChatChunkChoice(index, Delta(tool_calls=[_tool_delta(d)]))])
+                    if reason:
+                        yield chunk([ChatChunkChoice(index, Delta(), finish_reason=reason)])
         if include_usage:
             total = record.prompt_tokens + choices.completion_tokens
             yield chunk([], Usage(record.prompt_tokens, choices.completion_tokens, total))
@@ -199,3 +286,11 @@ async def _stream(
         raise
     finally:
         ctx.log_request(record, choices)
+
+
+def _tool_delta(d: dict[str, Any]) -> dict[str, Any]:
+    """A `ToolCallStream` delta in OpenAI's shape: the first carries id, type and name."""
+    if "id" in d:
+        function = {"name": d["name"], "arguments": d["arguments"]}
+        return {"index": d["index"], "id": d["id"], "type": "function", "function": function}
+    return {"index": d["index"], "function": {"arguments": d["arguments"]}}

@@ -19,6 +19,7 @@ from server.request_log import RequestRecord
 from server.sampling import sampling_params
 from server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from server.streaming import DONE, event_stream, sse
+from server.structured import request_grammar
 
 ROUTE = "/v1/completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -58,7 +59,8 @@ def completion_params(ctx: ServerContext, req: CompletionRequest, ids: list[list
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+    grammar = request_grammar(ctx.llm.engine, req)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, grammar=grammar)
     for prompt_ids in ids:
         check_prompt(ctx.llm.engine, prompt_ids, params)
     return params

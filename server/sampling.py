@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
+from jaxrs.structured import Grammar
 from server.errors import APIError
 from server.schemas import SamplingFields
 
@@ -39,8 +40,11 @@ def param_of(error: JaxrsError) -> str | None:
     return _PARAMS.get(words[0]) if words else None
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """Build the engine's parameters; `max_tokens` and `logprobs` are already resolved per endpoint."""
+def sampling_params(
+    req: SamplingFields, *, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None
+) -> SamplingParams:
+    """Build the engine's parameters; `max_tokens`, `logprobs` and the output `grammar` (see
+    `server.structured`) are already resolved per endpoint."""
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
@@ -67,6 +71,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | Non
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=req.logit_bias,  # type: ignore[arg-type]  # string keys are converted
             logprobs=logprobs,
+            grammar=grammar,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param=param_of(e)) from None

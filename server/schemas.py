@@ -31,6 +31,8 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls: {id, type, function: {name, arguments}}
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class StreamOptions(msgspec.Struct):
@@ -58,6 +60,14 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    grammar: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -65,6 +75,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -104,8 +117,9 @@ class ChatLogprobs(msgspec.Struct):
 
 
 class AssistantMessage(msgspec.Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[dict] | UnsetType = UNSET  # {id, type: "function", function: {name, arguments}}
 
 
 class ChatChoice(msgspec.Struct):
@@ -130,6 +144,7 @@ class Delta(msgspec.Struct):
 
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[dict] | UnsetType = UNSET  # {index, id, type, function: {name, arguments}} fragments
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -49,6 +49,8 @@ from jaxrs.parallel.shardings import shard_params
 from jaxrs.paths import enable_compilation_cache
 from jaxrs.quant import parse_format
 from jaxrs.quant.tensor import tree_nbytes
+from jaxrs.structured.compiler import GrammarCompiler
+from jaxrs.structured.state import GrammarState
 from jaxrs.vision.loading import require_vision
 from jaxrs.vision.prompt import ImagePrompt, encode_chunks
 
@@ -148,8 +150,8 @@ class Engine:
         if mesh is None and config.tensor_parallel_size > 1:
             mesh = tensor_mesh(config.tensor_parallel_size)
         self.mesh = mesh
-
         self.loras = LoraSlots(config.lora, cfg, self.dtype) if config.lora else None
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
@@ -247,6 +249,13 @@ class Engine:
         """KV cache bytes one token takes (every layer's keys and values)."""
         return kv_bytes_per_token(self.model.config, self.kv_dtype)
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles requests' grammars against this model's vocabulary (built on first use: ~1 s)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._eos)
+        return self._grammars
+
     def stats(self) -> EngineSnapshot:
         """The engine's gauges and counters now (safe to call from another thread: it only reads)."""
         blocks, scheduler, runner = self.blocks, self.scheduler, self.runner
@@ -340,12 +349,17 @@ class Engine:
             raise JaxrsError(f"logit_bias token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
+        if params.grammar is not None:
+            self.grammars.compile(params.grammar)  # GrammarError (a JaxrsError) names what is wrong
 
     def _new_sequence(self, request_id, index, prompt_ids, params, seed, cache_key, images=None) -> Sequence:
         detok = self.output.detokenizer(prompt_ids, params)
-        return Sequence(
+        seq = Sequence(
             request_id, index, list(prompt_ids), params, derive_seed(seed, index), detok, cache_key, images
         )
+        if params.grammar is not None:
+            seq.grammar = GrammarState(self.grammars, params.grammar)
+        return seq
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""
@@ -508,6 +522,8 @@ class Engine:
 
     # -- tokens and stops ---------------------------------------------------------------------------
     def _append(self, seq: Sequence, out: SampleOutput, at: tuple) -> None:
+        if seq.grammar is not None:
+            seq.grammar.advance(int(out.tokens[at]))
         reason = self.output.append(seq, out, at)
         if reason is not None:
             self._finish(seq, reason)
@@ -519,6 +535,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.grammar = None  # frees the matcher
         self.scheduler.remove(seq)
         request = self.requests.get(seq.request_id)
         if request is not None and request.finished:

@@ -36,6 +36,8 @@ from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
 from jaxrs.ops import Kernels
 from jaxrs.parallel.shardings import kv_sharding, pin_step_outputs
+from jaxrs.structured.mask import all_allowed
+from jaxrs.structured.state import token_masks
 from jaxrs.vision.prompt import chunk_embeds
 from pallas_kernels.shapes import next_power_of_2
 
@@ -280,6 +282,7 @@ class ModelRunner:
             batch,
             self.cfg.vocab_size,
         )
+        arrays["token_mask"] = token_masks([s.grammar for s in seqs], batch, self.cfg.vocab_size)
         return arrays, step_flags(flags, prefill=prefill)
 
     def _lora_slots(self, seqs: Seq[Sequence], batch: int) -> np.ndarray | None:
@@ -409,6 +412,7 @@ class ModelRunner:
         arrays, flags = build_sampling_batch(
             [params] * rows, zeros, zeros, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
         )
+        arrays["token_mask"] = all_allowed(rows, self.cfg.vocab_size)
         return arrays, step_flags(flags, prefill=prefill)
 
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.errors import JaxrsError
+from jaxrs.structured.grammar import Grammar
+from jaxrs.structured.mask import apply_token_mask
 from pallas_kernels.shapes import next_power_of_2
 
 MAX_LOGPROBS = 20
@@ -40,6 +42,7 @@ class SamplingParams:
     frequency_penalty (OpenAI, output tokens only): logit -= presence * (count > 0) + frequency * count.
     logit_bias: token id -> value added to its logit. logprobs: None for none, 0 for the chosen token's
     log-probability, k > 0 for the k most likely alternatives too (of the model's raw distribution).
+    grammar: the output must match it (JSON schema, regex, choice, Lark; see `jaxrs.structured`).
     """
 
     max_tokens: int = 16
@@ -59,6 +62,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     lora: str | None = None  # the LoRA adapter (by name) the request runs with; None: the base model
+
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -333,8 +338,12 @@ def _temperature_and_filters(logits: jax.Array, batch: dict, flags: SamplingFlag
 
 def process_logits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> jax.Array:
     """The [B, V] logits the draw uses: penalties and bias, then (sampled rows) temperature and the
-    top-k / top-p / min-p filters as -inf. Greedy rows take the argmax of their row."""
-    logits = apply_penalties_and_bias(logits.astype(jnp.float32), batch, flags)
+    top-k / top-p / min-p filters as -inf. Greedy rows take the argmax of their row. A `token_mask`
+    in the batch (packed, see `jaxrs.structured.mask`) comes first: disallowed tokens become -inf."""
+    logits = logits.astype(jnp.float32)
+    if "token_mask" in batch:
+        logits = apply_token_mask(logits, batch["token_mask"])
+    logits = apply_penalties_and_bias(logits, batch, flags)
     return logits if flags.all_greedy else _temperature_and_filters(logits, batch, flags)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from jaxrs.engine.block_manager import BlockTable
 from jaxrs.engine.sampling import SamplingParams
+from jaxrs.structured.state import GrammarState
 from jaxrs.tokenizer import IncrementalDetokenizer
 
 
@@ -46,6 +47,7 @@ class Sequence:
     text: str = ""
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    grammar: GrammarState | None = None  # a constrained sequence's matcher
 
     @property
     def all_ids(self) -> list[int]:
@@ -61,8 +63,12 @@ class Sequence:
 
     @property
     def needs_host_each_token(self) -> bool:
-        """Penalties read the growing output, so such a sequence decodes one token per call."""
+        """Penalties read the growing output, and a grammar's mask follows each token, so such a sequence
+        decodes one token per call."""
         p = self.params
         return (
-            p.repetition_penalty not in (None, 1.0) or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            p.repetition_penalty not in (None, 1.0)
+            or bool(p.presence_penalty)
+            or bool(p.frequency_penalty)
+            or self.grammar is not None
         )

@@ -1,0 +1,287 @@
+"""Tool calls in a model's output, per family: parsing them out of the text, streaming them as
+OpenAI `tool_calls` deltas, and the grammar that forces them (tool_choice `required` or a named function).
+
+Formats (vLLM's parser names): `hermes` (Hermes, Qwen2.5: `<tool_call>{"name", "arguments"}</tool_call>`
+blocks), `mistral` (`[TOOL_CALLS]` then a JSON list of {"name", "arguments"}), `llama3_json` (Llama 3.x:
+a JSON object {"name", "parameters"}, optionally after `<|python_tag|>`, several joined by `;`).
+`parser_for_template` picks one from the chat template; `--tool-call-parser` overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+from typing import Any
+
+from jaxrs.structured import Grammar
+from jaxrs.structured.compiler import JSON_LAYOUT
+from jaxrs.tokenizer import Tokenizer
+
+PARSERS = ("hermes", "mistral", "llama3_json")
+
+
+@dataclasses.dataclass
+class ParsedCall:
+    """One call found in the text: `arguments` is the raw JSON text of the arguments (as far as it has
+    been generated, while `complete` is False)."""
+
+    name: str | None
+    arguments: str
+    complete: bool
+
+
+@dataclasses.dataclass
+class Parsed:
+    content: str  # the text outside tool calls
+    calls: list[ParsedCall]
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def _valid_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def _call_body(body: str, complete: bool) -> ParsedCall | None:
+    """`{"name": ..., "arguments": {...}}` (in that order, as the grammar writes it) -> a call; the
+    arguments are the raw text between the key and the object's closing brace. An incomplete body
+    gives what is known so far, holding back a tail that may still be the closing brace."""
+    match = _NAME.match(body)
+    if match is None:
+        if complete:  # another key order: parse it whole
+            try:
+                obj = json.loads(body)
+                args = obj.get("arguments", obj.get("parameters"))
+                return ParsedCall(str(obj["name"]), json.dumps(args), True) if args is not None else None
+            except (ValueError, KeyError, AttributeError, TypeError):
+                return None
+        return ParsedCall(None, "", False)
+    name = json.loads(f'"{match.group(1)}"')
+    rest = body[match.end() :]
+    if complete:
+        stripped = rest.rstrip()
+        if not stripped.endswith("}") or not _valid_json(stripped[:-1]):
+            return None
+        return ParsedCall(name, stripped[:-1].rstrip(), True)
+    return ParsedCall(name, rest.rstrip().rstrip("}").rstrip(), False)
+
+
+class ToolCallParser:
+    """Splits a model's output into content and tool calls (`parse`); `final` says the text is whole."""
+
+    name = ""
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        raise NotImplementedError
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+        """A grammar whose every output is one (or, with `parallel`, one or more) call of `tools`."""
+        raise NotImplementedError
+
+
+def _call_schema(tools: list[dict[str, Any]], arguments_key: str = "arguments") -> dict[str, Any]:
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                arguments_key: t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", arguments_key],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return {"x-guidance": JSON_LAYOUT, "anyOf": options}
+
+
+def _token(tokenizer: Tokenizer, text: str) -> str:
+    """A Lark terminal for `text`: the token itself where it is one token (added tokens are matched by
+    id), else the literal."""
+    token_id = tokenizer.token_to_id(text)
+    return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
+
+
+class HermesParser(ToolCallParser):
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        start = text.find(self.OPEN)
+        if start < 0:
+            return Parsed(text, [])
+        calls, at = [], start
+        while at >= 0:
+            body_start = at + len(self.OPEN)
+            end = text.find(self.CLOSE, body_start)
+            complete = end >= 0
+            body = text[body_start : end if complete else len(text)]
+            if not complete:  # the closing tag may have begun
+                body = body[: len(body) - _partial_suffix(body, self.CLOSE)]
+            call = _call_body(body, complete)
+            if call is None:  # not a well-formed call: leave the text as content
+                return Parsed(text, [])
+            calls.append(call)
+            if not complete:
+                break
+            at = text.find(self.OPEN, end + len(self.CLOSE))
+        if final and not calls[-1].complete:  # cut at max_tokens: the whole calls before it stand
+            calls.pop()
+            if not calls:
+                return Parsed(text, [])
+        return Parsed(text[:start].rstrip(), calls)
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+        calls = 'start: call ("\\n" call)*' if parallel else "start: call"
+        open_, close = _token(tokenizer, self.OPEN), _token(tokenizer, self.CLOSE)
+        return Grammar.lark(
+            f'{calls}\ncall: {open_} "\\n" body "\\n" {close}\nbody: %json {json.dumps(_call_schema(tools))}'
+        )
+
+
+class MistralParser(ToolCallParser):
+    name = "mistral"
+    MARKER = "[TOOL_CALLS]"
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        start = text.find(self.MARKER)
+        if start < 0:
+            return Parsed(text, [])
+        if not final:
+            return Parsed(text[:start].rstrip(), [])
+        body = text[start + len(self.MARKER) :].strip()
+        try:
+            items = json.loads(body)
+            items = items if isinstance(items, list) else [items]
+            calls = [ParsedCall(str(i["name"]), json.dumps(i.get("arguments", {})), True) for i in items]
+        except (ValueError, KeyError, TypeError):
+            match = re.fullmatch(r"(\w[\w.-]*)\[ARGS\](.*)", body, re.S)  # the v11 layout: name[ARGS]{...}
+            if match is None or not _valid_json(match.group(2)):
+                return Parsed(text, [])
+            calls = [ParsedCall(match.group(1), match.group(2).strip(), True)]
+        return Parsed(text[:start].rstrip(), calls)
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+        schema = {"x-guidance": JSON_LAYOUT, "type": "array", "items": _call_schema(tools), "minItems": 1}
+        if not parallel:
+            schema["maxItems"] = 1
+        return Grammar.lark(f"start: {_token(tokenizer, self.MARKER)} %json {json.dumps(schema)}")
+
+
+class Llama3JsonParser(ToolCallParser):
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        body = text.removeprefix(self.TAG).strip()
+        if not body.startswith("{"):
+            return Parsed(text, [])
+        if not final:
+            return Parsed("", [])
+        calls = []
+        for part in body.split(";"):
+            call = _call_body(part.strip(), True)
+            if call is None:
+                return Parsed(text, [])
+            calls.append(call)
+        return Parsed("", calls)
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+        body = json.dumps(_call_schema(tools, "parameters"))
+        start = 'start: call ("; " call)*' if parallel else "start: call"
+        return Grammar.lark(f"{start}\ncall: %json {body}")
+
+
+_BY_NAME = {p.name: p for p in (HermesParser, MistralParser, Llama3JsonParser)}
+
+
+def parser_named(name: str) -> ToolCallParser:
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown tool-call parser {name!r} (one of {', '.join(PARSERS)})")
+    return _BY_NAME[name]()
+
+
+def parser_for_template(template: str | None) -> ToolCallParser | None:
+    """The parser for the format a chat template teaches its model, or None if it renders no tools."""
+    if not template or "tools" not in template:
+        return None
+    if "<tool_call>" in template:
+        return HermesParser()
+    if "[TOOL_CALLS]" in template:
+        return MistralParser()
+    if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
+        return Llama3JsonParser()
+    return None
+
+
+class ToolCallStream:
+    """Turns a choice's growing text into OpenAI stream deltas: content outside calls, then per call
+    its id and name first, argument fragments after. Text that may still turn out to start a call is
+    held back until it is known."""
+
+    def __init__(self, parser: ToolCallParser):
+        self.parser = parser
+        self.text = ""
+        self.content_sent = 0
+        self.ids: list[str] = []
+        self.args_sent: list[int] = []
+
+    def push(self, delta: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """Add generated text; returns (content delta, tool-call deltas)."""
+        self.text += delta
+        parsed = self.parser.parse(self.text, final)
+        content = parsed.content
+        if not final and not parsed.calls:
+            content = content[: len(content) - _marker_prefix(content, self.parser)]
+        out_content = content[self.content_sent :] if len(content) > self.content_sent else ""
+        self.content_sent = max(self.content_sent, len(content))
+        deltas = []
+        for index, call in enumerate(parsed.calls):
+            if call.name is None:
+                break
+            if index == len(self.ids):
+                self.ids.append(new_call_id())
+                self.args_sent.append(0)
+                deltas.append(
+                    {
+                        "index": index,
+                        "id": self.ids[index],
+                        "type": "function",
+                        "name": call.name,
+                        "arguments": "",
+                    }
+                )
+            fragment = call.arguments[self.args_sent[index] :]
+            if fragment:
+                self.args_sent[index] = len(call.arguments)
+                deltas.append({"index": index, "arguments": fragment})
+        return out_content, deltas
+
+    @property
+    def called(self) -> bool:
+        return bool(self.ids)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` may begin `marker`."""
+    for n in range(min(len(marker), len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _marker_prefix(text: str, parser: ToolCallParser) -> int:
+    """How many characters at the end of `text` may begin the parser's call marker (held back)."""
+    marker = {"hermes": HermesParser.OPEN, "mistral": MistralParser.MARKER}.get(parser.name)
+    return 0 if marker is None else _partial_suffix(text, marker)

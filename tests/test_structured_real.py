@@ -1,0 +1,152 @@
+"""Structured output and tools end to end on real models through the server and the openai client:
+Qwen2.5-Coder-0.5B-Instruct (its template renders tools, Hermes format) answers JSON schemas, forced
+tool calls (whole and streamed) and a two-turn tool conversation; the demo SmolLM2 answers a schema."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from litestar.testing import TestClient
+
+from jaxrs import LLM
+from server import create_app
+from tests.gemma3_gguf import fetch_or_skip
+
+pytestmark = pytest.mark.slow
+
+SCHEMAS = [
+    (
+        "Give a person: name and age.",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 20},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            },
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "Classify the sentence 'I love this film' and list two keywords.",
+        {
+            "type": "object",
+            "properties": {
+                "label": {"enum": ["positive", "negative", "neutral"]},
+                "keywords": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 12},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+            "required": ["label", "keywords"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "Describe Paris as a city record.",
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "location": {
+                    "type": "object",
+                    "properties": {
+                        "lat": {"type": "number", "minimum": -90, "maximum": 90},
+                        "lon": {"type": "number"},
+                    },
+                    "required": ["lat", "lon"],
+                },
+            },
+            "required": ["city", "location"],
+            "additionalProperties": False,
+        },
+    ),
+]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today, in celsius?"}]
+
+
+def client_for(llm: LLM):
+    return TestClient(create_app(llm, served_model_name="m"))
+
+
+def openai_client(http) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def check_schemas(oai: openai.OpenAI) -> None:
+    for prompt, schema in SCHEMAS:
+        out = oai.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=80,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+        )
+        assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+def test_qwen_schemas_and_tools():
+    llm = LLM(
+        str(fetch_or_skip("Qwen2.5-Coder-0.5B-Instruct")), kv_cache_mb=64, max_model_len=1024, max_num_seqs=4
+    )
+    with client_for(llm) as http:
+        oai = openai_client(http)
+        check_schemas(oai)
+        kwargs = dict(
+            model="m",
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=60,
+            temperature=0,
+            parallel_tool_calls=False,
+        )
+        whole = oai.chat.completions.create(**kwargs)
+        [call] = whole.choices[0].message.tool_calls
+        assert whole.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, WEATHER["function"]["parameters"])
+        assert "paris" in args["city"].lower()
+        streamed = ""
+        for chunk in oai.chat.completions.create(**kwargs, stream=True):
+            for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+                streamed += d.function.arguments or ""
+        assert streamed == call.function.arguments
+        history = [
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {
+                "role": "tool",
+                "tool_call_id": call.id,
+                "content": json.dumps({"temperature": 21, "sky": "sunny"}),
+            },
+        ]
+        final = oai.chat.completions.create(
+            model="m", messages=history, tools=[WEATHER], max_tokens=40, temperature=0
+        )
+        assert final.choices[0].finish_reason in ("stop", "length")
+        assert "21" in final.choices[0].message.content
+
+
+def test_demo_schema(demo_gguf):
+    llm = LLM(str(demo_gguf), kv_cache_mb=32, max_model_len=1024, max_num_seqs=4)
+    with client_for(llm) as http:
+        check_schemas(openai_client(http))

@@ -1,0 +1,91 @@
+"""Tool-call parsing per format, the streamed deltas (which must add up to the whole parse), and the
+parser chosen from a chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.tool_calls import (
+    HermesParser,
+    Llama3JsonParser,
+    MistralParser,
+    ToolCallStream,
+    parser_for_template,
+    parser_named,
+)
+
+HERMES = (
+    'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "time", "arguments": {}}\n</tool_call>'
+)
+
+
+def test_hermes_parses_content_and_calls_with_raw_arguments():
+    parsed = HermesParser().parse(HERMES, final=True)
+    assert parsed.content == "Let me check."
+    assert [(c.name, c.arguments) for c in parsed.calls] == [
+        ("weather", '{"city": "Paris", "days": [1, 2]}'),
+        ("time", "{}"),
+    ]
+
+
+def test_hermes_leaves_malformed_calls_as_text():
+    text = "<tool_call>\nnot json\n</tool_call>"
+    assert HermesParser().parse(text, final=True).calls == []
+    assert HermesParser().parse(text, final=True).content == text
+    unfinished = '<tool_call>\n{"name": "f", "arguments": {"a": 1'
+    assert HermesParser().parse(unfinished, final=True).calls == []  # cut at max_tokens: text
+    cut = HERMES + '\n<tool_call>\n{"name": "f", "argu'
+    assert [c.name for c in HermesParser().parse(cut, final=True).calls] == ["weather", "time"]
+
+
+def test_mistral_and_llama3_json():
+    mistral = MistralParser().parse('[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', final=True)
+    assert [(c.name, json.loads(c.arguments)) for c in mistral.calls] == [("f", {"x": 1})]
+    v11 = MistralParser().parse('[TOOL_CALLS]f[ARGS]{"x": 2}', final=True)
+    assert [(c.name, c.arguments) for c in v11.calls] == [("f", '{"x": 2}')]
+    llama = Llama3JsonParser().parse(
+        '<|python_tag|>{"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {}}', final=True
+    )
+    assert [(c.name, c.arguments) for c in llama.calls] == [("f", '{"x": 1}'), ("g", "{}")]
+    assert Llama3JsonParser().parse("Plain answer.", final=True).calls == []
+
+
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_streamed_deltas_add_up_to_the_whole_parse(step):
+    stream = ToolCallStream(HermesParser())
+    content, calls = "", {}
+    for i in range(0, len(HERMES), step):
+        text, deltas = stream.push(HERMES[i : i + step], final=i + step >= len(HERMES))
+        content += text
+        for d in deltas:
+            call = calls.setdefault(d["index"], {"name": None, "arguments": ""})
+            if "id" in d:
+                assert call["name"] is None and d["arguments"] == ""  # id and name come first, once
+                call["name"] = d["name"]
+            call["arguments"] += d["arguments"]
+    whole = HermesParser().parse(HERMES, final=True)
+    assert content.rstrip() == whole.content
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.name, c.arguments) for c in whole.calls
+    ]
+    assert stream.called
+
+
+def test_a_stream_without_calls_is_all_content():
+    stream = ToolCallStream(HermesParser())
+    text = "The <tool word is fine here"
+    got = "".join(stream.push(ch, final=i == len(text) - 1)[0] for i, ch in enumerate(text))
+    assert got == text and not stream.called
+
+
+def test_parser_from_template_and_by_name():
+    assert parser_for_template("{% if tools %}<tool_call>{% endif %}").name == "hermes"
+    assert parser_for_template("{% if tools %}[TOOL_CALLS]{% endif %}").name == "mistral"
+    assert parser_for_template("{% if tools %}<|python_tag|>{% endif %}").name == "llama3_json"
+    assert parser_for_template("{{ messages }}") is None
+    assert parser_named("mistral").name == "mistral"
+    with pytest.raises(ValueError, match="unknown tool-call parser"):
+        parser_named("nope")
