@@ -54,6 +54,9 @@ class EngineConfig:
     # compiled shape takes several times longer and holds more memory (bench/RESULTS.md, "CPU decode, fifth
     # round: the layer loop"). So scan is the default, unrolled a batch-throughput choice.
     layer_loop: str = "scan"
+    # Speculative decoding (vLLM's keys, see `speculative_config.SpeculativeConfig`): a mapping, a JSON
+    # object string, or None for none.
+    speculative_config: Any = None
 
 
 def config_defaults() -> dict[str, Any]:
