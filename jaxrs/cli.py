@@ -18,6 +18,7 @@ from jaxrs.engine.options import (
     MAX_WAITING,
     config_defaults,
 )
+from jaxrs.engine.speculative_config import from_flags
 from jaxrs.errors import JaxrsError
 
 ENGINE = config_defaults()  # the engine flags' defaults are EngineConfig's
@@ -131,6 +132,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=ENGINE["seed"], help="engine seed (requests without a seed draw from it)"
     )
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='vLLM\'s keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (README)',
+    )
+    spec.add_argument("--draft-model", metavar="PATH", help="draft model (same vocabulary as the target)")
+    spec.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -265,6 +274,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
+        speculative_config=from_flags(args.speculative_config, args.draft_model, args.num_speculative_tokens),
     )
 
 

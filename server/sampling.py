@@ -67,6 +67,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | Non
             frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=req.logit_bias,  # type: ignore[arg-type]  # string keys are converted
             logprobs=logprobs,
+            speculative=req.speculative,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param=param_of(e)) from None

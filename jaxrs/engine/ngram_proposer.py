@@ -1,8 +1,8 @@
 """Prompt-lookup proposals: draft tokens copied from the sequence's own earlier tokens.
 
 The longest suffix of the sequence (at most `max_n`, at least `min_n` tokens) that occurred before is
-found, and the tokens that followed its latest earlier occurrence with `k` tokens after it (else its
-earliest) are proposed. Code edits, quotes and
+found, and the `k` tokens that followed its latest earlier occurrence are proposed (where they run
+into the sequence's end, the continuation repeats itself: a loop stays a loop). Code edits, quotes and
 summaries repeat their input, so such proposals are often right, at no model cost. As a distribution
 the proposal is one-hot, which the rejection rule handles exactly (see `rejection_sampling`).
 """
@@ -25,9 +25,9 @@ def propose(token_ids: Sequence[int], k: int, max_n: int, min_n: int) -> list[in
         windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
-            starts = hits + n
-            full = starts[starts + k <= n_tokens]
-            # the latest occurrence followed by k tokens, else the earliest (the most tokens follow it)
-            start = int(full[-1]) if full.size else int(starts[0])
-            return ids[start : start + k].tolist()
+            start = int(hits[-1]) + n  # after the latest earlier occurrence
+            out: list[int] = []
+            for i in range(start, start + k):  # past the end, the continuation repeats itself
+                out.append(int(ids[i]) if i < n_tokens else out[i - n_tokens])
+            return out
     return []

@@ -37,6 +37,11 @@ def salted(seeds: jax.Array, salt: int) -> jax.Array:
     return seeds ^ jnp.uint32(salt)
 
 
+def residual(p: jax.Array, q: jax.Array) -> jax.Array:
+    """Where a rejected token is drawn from: max(0, p - q), unnormalized (the draw normalizes)."""
+    return jnp.maximum(p - q, 0.0)
+
+
 def verify(
     processed: jax.Array,
     drafts: jax.Array,
@@ -75,10 +80,10 @@ def verify(
     p_next = p[rows, num_accepted]
     q_next = q[rows, jnp.minimum(num_accepted, k - 1)]
     rejected = num_accepted < num_drafts
-    residual = jnp.where(rejected[:, None], jnp.maximum(p_next - q_next, 0.0), p_next)
+    rest = jnp.where(rejected[:, None], residual(p_next, q_next), p_next)
     # p == q leaves nothing (and then nothing is ever rejected); rounding may: fall back to p.
-    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_next)
-    drawn = draw(jnp.log(residual), seeds, steps + num_accepted)
+    rest = jnp.where(jnp.sum(rest, axis=-1, keepdims=True) > 0, rest, p_next)
+    drawn = draw(jnp.log(rest), seeds, steps + num_accepted)
     next_token = jnp.where(greedy, argmax[rows, num_accepted], drawn)
     tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), drafts.dtype)], axis=1)
     return Verdict(tokens.at[rows, num_accepted].set(next_token), num_accepted)

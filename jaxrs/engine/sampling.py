@@ -58,6 +58,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
+    speculative: bool = True  # False: this request never speculates (when the engine does)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

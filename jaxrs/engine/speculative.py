@@ -257,11 +257,7 @@ class Speculator:
         """Whether `seq` speculates this step: it allows it, K + 1 positions fit, and more than one
         token is left to generate."""
         left = seq.params.max_tokens - len(seq.output_ids)
-        return (
-            getattr(seq.params, "speculative", True) is not False
-            and left > 1
-            and seq.num_tokens + self.k <= max_model_len
-        )
+        return seq.params.speculative and left > 1 and seq.num_tokens + self.k <= max_model_len
 
     # -- prefill ----------------------------------------------------------------------------------------
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> None:

@@ -79,3 +79,20 @@ class SpeculativeConfig:
         if "num_speculative_tokens" not in fields:
             raise JaxrsError("speculative_config needs num_speculative_tokens")
         return cls(**fields)
+
+
+def from_flags(
+    config_json: str | None, draft_model: str | None, num_speculative_tokens: int | None
+) -> dict[str, Any] | None:
+    """The `speculative_config` of the command line: `--speculative-config JSON`, or the shorthand
+    `--draft-model PATH --num-speculative-tokens K` (which may also override the JSON's keys)."""
+    if config_json is None and draft_model is None and num_speculative_tokens is None:
+        return None
+    config = dict(SpeculativeConfig.parse(config_json).__dict__) if config_json else {}
+    if draft_model is not None:
+        config.update(method="draft_model", model=draft_model)
+    if num_speculative_tokens is not None:
+        config["num_speculative_tokens"] = num_speculative_tokens
+    if "num_speculative_tokens" not in config:
+        raise JaxrsError("--draft-model needs --num-speculative-tokens K")
+    return dict(SpeculativeConfig.parse(config).__dict__)
