@@ -13,7 +13,9 @@ beyond `num_computed`, is overwritten by the next step, and never reaches the pr
 registered only up to `num_computed`). Stale draft K/V can lower acceptance, never change the output.
 
 The draft's cache may trail the target's by one token (when all K drafts are kept, d_K was never fed to
-the draft): such a row feeds two tokens before drafting, and the call runs K + 1 iterations.
+the draft): such a row feeds two tokens before drafting, and the call runs K + 1 iterations. A sequence
+that decoded without speculating (no blocks for K more tokens then) has its draft cache prefilled up to
+date before its next draft.
 """
 
 from __future__ import annotations
@@ -234,9 +236,9 @@ class Speculator:
             )
             self.drafting = CompiledSteps(self.steps, self.draft.params, self.draft.kv)
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
-        # How many of a sequence's tokens the draft's cache lacks (0 or 1), and after a draft call the
+        # The positions of a sequence the draft's cache holds (a prefix), and after a draft call the
         # positions it wrote up to and the sequence's length then.
-        self._lag: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
+        self._held: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
         self._pending: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()
 
     @staticmethod
@@ -265,8 +267,8 @@ class Speculator:
         if self.draft is None:
             return
         self.draft.prefill(chunks)
-        for seq, _, _ in chunks:
-            self._lag[seq] = 0
+        for seq, _, end in chunks:
+            self._held[seq] = end
 
     # -- one speculative step ---------------------------------------------------------------------------
     def step(self, seqs: list[Sequence]) -> tuple[SampleOutput, np.ndarray]:
@@ -321,8 +323,12 @@ class Speculator:
         start = np.zeros(b, np.int32)
         tables = np.zeros((b, w), np.int32)
         valid = np.zeros(b, bool)
+        for s in seqs:  # tokens decoded without the draft (no blocks to speculate then): catch up first
+            if self._held.get(s, 0) < s.num_tokens - 2:
+                self.draft.prefill([(s, self._held.get(s, 0), s.num_tokens - 1)])
+                self._held[s] = s.num_tokens - 1
         for i, s in enumerate(seqs):
-            lag[i] = min(self._lag.get(s, 0), 1)  # a longer gap (a plain-decoded stretch) stays stale
+            lag[i] = s.num_tokens - 1 - self._held.get(s, 0)  # 0, or 1 when d_K was kept last step
             first[i, : lag[i] + 1] = s.all_ids[len(s.all_ids) - 1 - lag[i] :]
             start[i], valid[i] = s.num_tokens - 1 - lag[i], True
             tables[i, : len(s.table.blocks)] = s.table.blocks
@@ -355,7 +361,7 @@ class Speculator:
         if self.draft is None or seq not in self._pending:
             return
         written, num_tokens = self._pending.pop(seq)
-        self._lag[seq] = max(0, num_tokens + accepted - written)
+        self._held[seq] = min(written, num_tokens + accepted)
 
     def _sampling(self, seqs: list[Sequence], drafts: np.ndarray, b: int) -> tuple[dict, SamplingFlags]:
         """The verify step's sampling rows: row i * (K + 1) + j is sequence i's position j, whose token
