@@ -75,7 +75,12 @@ def generate(llm: LLM, prompts, params) -> list[list[int]]:
 def test_greedy_equals_plain_decoding(models, prompts, plain, spec):
     spec = {**spec, "model": models[spec["model"]]} if "model" in spec else spec
     llm = LLM(models["target"], speculative_config=spec, **ENGINE)
+    speculator = llm.engine.speculator
+    if speculator.draft is None:  # warm-up compiles every verify shape: serving compiles none
+        assert speculator.warmup([GREEDY]) == len(speculator.verifying) == 3  # 1, 2 and 4 rows
     assert generate(llm, prompts, GREEDY) == plain
+    if speculator.draft is None:
+        assert len(speculator.verifying) == 3
     stats = llm.engine.stats().spec_decode
     assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_accepted_tokens
     if "isq" in spec or spec.get("method") == "ngram":  # these drafts are sometimes right

@@ -278,6 +278,8 @@ class Engine:
         serving never waits on a compile for them; with `background`, only the likeliest few now and the
         rest in a background thread while the engine steps (see `ModelRunner.warmup`)."""
         warm = self.runner.warmup(profiles, background=background)
+        if self.speculator is not None:  # its shapes, now (K is fixed for the engine)
+            log.info("speculative decoding: %d step shapes warmed up", self.speculator.warmup(profiles))
         release_freed()  # the compilers' working memory
         log.info("%s", self.memory().summary())
         return warm

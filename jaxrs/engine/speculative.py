@@ -261,6 +261,62 @@ class Speculator:
         left = seq.params.max_tokens - len(seq.output_ids)
         return seq.params.speculative and left > 1 and seq.num_tokens + self.k <= max_model_len
 
+    # -- warm-up ----------------------------------------------------------------------------------------
+    def warmup_calls(self, profiles: Seq[SamplingParams]) -> list[tuple[CompiledSteps, StepCall]]:
+        """Every verify and draft shape (each batch bucket and block-table width, per sampling profile)
+        and the draft's prefill shapes: the calls speculation adds to the engine's warm-up."""
+        target, k = self.target, self.k
+        widths = sorted(
+            {target.width(n) for n in range(1, -(-target.max_model_len // target.block_size) + 1)}
+        )
+        batches = sorted({target.rows(n) for n in range(1, target.max_num_seqs + 1)})
+        calls = []
+        for params in profiles:
+            for b in batches:
+                for w in widths:
+                    batch, flags = target.profile_batch(params, b * (k + 1), prefill=False)
+                    zeros = np.zeros(b, np.int32)
+                    q = jnp.zeros(
+                        (b, k, 1 if flags.all_greedy or self.draft is None else target.cfg.vocab_size)
+                    )
+                    args = (np.zeros((b, k + 1), np.int32), target._metadata([], b, k + 1, w))
+                    args += (np.zeros((b, k), np.int32), q, zeros, batch)
+                    statics = dict(
+                        cfg=target.cfg, kernels=target.kernels, flags=flags, one_hot=self.draft is None
+                    )
+                    calls.append(
+                        (self.verifying, StepCall("verify", args, statics, (b, k + 1, w, profile(flags))))
+                    )
+                    if self.draft is None:
+                        continue
+                    arrays, flags = self.draft.profile_batch(params, b, prefill=False)
+                    flags = dataclasses.replace(flags, top_logprobs=0)
+                    tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
+                    args = (
+                        np.zeros((b, 2), np.int32),
+                        zeros,
+                        zeros,
+                        tables,
+                        valid,
+                        arrays,
+                        zeros,
+                        np.int32(k),
+                    )
+                    statics = dict(cfg=self.draft.cfg, kernels=self.draft.kernels, flags=flags, k=k)
+                    calls.append((self.drafting, StepCall("draft", args, statics, (b, w, profile(flags)))))
+        if self.draft is not None:
+            calls += [
+                (self.draft.compiled, c) for c in self.draft.warmup_calls(profiles)[0] if c.kind == "prefill"
+            ]
+        return calls
+
+    def warmup(self, profiles: Seq[SamplingParams]) -> int:
+        """Compile `warmup_calls` now; returns how many."""
+        calls = self.warmup_calls(profiles)
+        for compiled, call in calls:
+            compiled.get(call, "in warm-up")
+        return len(calls)
+
     # -- prefill ----------------------------------------------------------------------------------------
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> None:
         """Run the draft over the chunks the target prefilled (its cache then matches the target's)."""
