@@ -155,7 +155,8 @@ class Engine:
         self.model = model
         self._arrange_layers()
         cfg, config = model.config, self.config
-        per_token = self.kv_bytes_per_token + Speculator.draft_kv_bytes_per_token(self._draft, self.kv_dtype)
+        per_token = self.kv_bytes_per_token  # the draft's pool has as many blocks: its bytes count too
+        per_token += kv_bytes_per_token(self._draft.config, self.kv_dtype) if self._draft else 0
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size

@@ -241,13 +241,6 @@ class Speculator:
         self._held: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
         self._pending: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()
 
-    @staticmethod
-    def draft_kv_bytes_per_token(draft: LoadedModel | None, kv_dtype: jnp.dtype) -> int:
-        if draft is None:
-            return 0
-        cfg = draft.config
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
-
     def compile_count(self) -> int:
         return len(self.verifying) + (len(self.draft.compiled) + len(self.drafting) if self.draft else 0)
 
@@ -380,9 +373,11 @@ class Speculator:
         tables = np.zeros((b, w), np.int32)
         valid = np.zeros(b, bool)
         for s in seqs:  # tokens decoded without the draft (no blocks to speculate then): catch up first
-            if self._held.get(s, 0) < s.num_tokens - 2:
-                self.draft.prefill([(s, self._held.get(s, 0), s.num_tokens - 1)])
-                self._held[s] = s.num_tokens - 1
+            while self._held.get(s, 0) < s.num_tokens - 2:
+                start = self._held.get(s, 0)
+                end = min(s.num_tokens - 1, start + self.draft.max_chunk)
+                self.draft.prefill([(s, start, end)])
+                self._held[s] = end
         for i, s in enumerate(seqs):
             lag[i] = s.num_tokens - 1 - self._held.get(s, 0)  # 0, or 1 when d_K was kept last step
             first[i, : lag[i] + 1] = s.all_ids[len(s.all_ids) - 1 - lag[i] :]
