@@ -229,10 +229,10 @@ class ModelRunner:
         """The compiled step shapes: `(kind, *label)`, see `StepCall`."""
         return set(self.compiled.labels)
 
-    def _run(self, call: StepCall, fetch: Callable) -> Any:
+    def _run(self, call: StepCall, fetch: Callable, compiled: CompiledSteps | None = None) -> Any:
         """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
-        `fetch` brings the outputs back to the host."""
-        run = self.compiled.get(call)
+        `fetch` brings the outputs back to the host. `compiled`: another set of steps over them."""
+        run = (self.compiled if compiled is None else compiled).get(call)
         began = time.perf_counter()
         out, self.kv = run(self.params, self.kv, *call.args)
         out = fetch(out)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -352,14 +351,13 @@ class Speculator:
             (b, k + 1, w, profile(flags)),
         )
         rows = len(seqs)
-        out, accepted = self._run(
-            target,
-            self.verifying,
+        out, accepted = target._run(
             call,
             lambda o: (
                 jax.tree.map(lambda a: np.asarray(a)[:, :rows], o[0]),
                 np.asarray(o[1])[:rows],
             ),
+            self.verifying,
         )
         self.stats.count(num_drafts[:rows].tolist(), accepted.tolist())
         return out, accepted
@@ -402,7 +400,7 @@ class Speculator:
             dict(cfg=draft.cfg, kernels=draft.kernels, flags=flags, k=k),
             (b, w, profile(flags)),
         )
-        drafts, q = self._run(draft, self.drafting, call, lambda o: (np.asarray(o[0]), o[1]))
+        drafts, q = draft._run(call, lambda o: (np.asarray(o[0]), o[1]), self.drafting)
         for i, s in enumerate(seqs):  # what the draft's cache holds now, for `settle`
             self._pending[s] = (int(start[i]) + num_steps, s.num_tokens)
         return drafts, q
@@ -431,11 +429,3 @@ class Speculator:
             params, seeds, steps, prompts, outputs, b * t, self.target.cfg.vocab_size
         )
         return arrays, step_flags(flags, prefill=False)
-
-    def _run(self, runner: ModelRunner, compiled: CompiledSteps, call: StepCall, fetch: Callable):
-        run = compiled.get(call)
-        began = time.perf_counter()
-        out, runner.kv = run(runner.params, runner.kv, *call.args)
-        out = fetch(out)
-        runner.device_seconds += time.perf_counter() - began
-        return out
