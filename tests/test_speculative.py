@@ -201,3 +201,28 @@ def test_demo_model_with_its_isq_copy_as_draft(demo_gguf):
     assert generate(llm, ids, params) == expected
     stats = llm.engine.stats().spec_decode  # measured: 50% of draft tokens, 74% of first drafts kept
     assert stats.acceptance_rate > 0.3 and stats.accepted_per_position[0] > 0.6 * stats.num_drafts
+
+
+def test_counters_and_their_prometheus_names():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jaxrs.engine.speculative import SpecDecodeStats
+    from server.metrics import _spec_decode_metrics
+
+    stats = SpecDecodeStats(accepted_per_position=[0, 0, 0])
+    stats.count([3, 3, 0, 2], [3, 1, 0, 0])  # a row without proposals is no draft
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (3, 8, 4)
+    assert stats.accepted_per_position == [2, 1, 1]
+    assert stats.acceptance_rate == 0.5 and stats.mean_accepted_length == 1 + 4 / 3
+
+    class Collector:
+        def collect(self):
+            return _spec_decode_metrics(stats)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    assert "spec_decode_num_drafts_total 3.0" in text
+    assert "spec_decode_num_draft_tokens_total 8.0" in text
+    assert "spec_decode_num_accepted_tokens_total 4.0" in text
+    assert 'spec_decode_num_accepted_tokens_per_pos_total{position="0"} 2.0' in text
