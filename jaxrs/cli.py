@@ -18,6 +18,7 @@ from jaxrs.engine.options import (
     MAX_WAITING,
     config_defaults,
 )
+from jaxrs.engine.speculative_config import from_flags
 from jaxrs.errors import JaxrsError
 from jaxrs.lora.cli_args import add_lora_args, lora_kwargs
 from jaxrs.parallel.flags import add_serve_args
@@ -143,6 +144,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
     add_lora_args(p)
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='vLLM\'s keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (README)',
+    )
+    spec.add_argument("--draft-model", metavar="PATH", help="draft model (same vocabulary as the target)")
+    spec.add_argument("--num-speculative-tokens", type=int, metavar="K", help="draft tokens per step")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -306,6 +315,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         layer_loop=args.layer_loop,
         tensor_parallel_size=args.tensor_parallel_size,
         **lora_kwargs(args),
+        speculative_config=from_flags(args.speculative_config, args.draft_model, args.num_speculative_tokens),
     )
 
 

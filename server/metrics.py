@@ -74,6 +74,7 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "paged_preemptions", "Sequences preempted for lack of KV blocks", value=now.num_preemptions
         )
+        yield from _spec_decode_metrics(now.spec_decode)
         running = driver.num_running if driver else now.num_running
         waiting = driver.num_waiting if driver else now.num_waiting
         yield GaugeMetricFamily("sequences_running", "Sequences being generated", value=running)
@@ -85,6 +86,24 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "step_shapes_pending", "Step shapes the warm-up has yet to compile", value=now.pending_shapes
         )
+
+
+def _spec_decode_metrics(spec) -> Iterator[Metric]:
+    """vLLM's speculative decoding counters (none when speculation is off)."""
+    if spec is None:
+        return
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Rows verified with draft tokens", spec.num_drafts),
+        ("spec_decode_num_draft_tokens", "Draft tokens proposed", spec.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Draft tokens accepted", spec.num_accepted_tokens),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
+    per_pos = CounterMetricFamily(
+        "spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position", labels=["position"]
+    )
+    for position, count in enumerate(spec.accepted_per_position):
+        per_pos.add_metric([str(position)], count)
+    yield per_pos
 
 
 class Metrics:

@@ -72,6 +72,7 @@ def sampling_params(
             logit_bias=req.logit_bias,  # type: ignore[arg-type]  # string keys are converted
             logprobs=logprobs,
             grammar=grammar,
+            speculative=req.speculative,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param=param_of(e)) from None

@@ -58,6 +58,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    speculative: bool = True  # extension: false turns speculative decoding off for this request
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.

@@ -36,6 +36,8 @@ from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status
+from jaxrs.engine.speculative import Speculator, load_draft
+from jaxrs.engine.speculative_config import SpeculativeConfig
 from jaxrs.engine.stats import EngineSnapshot, MemoryUse
 from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
@@ -152,6 +154,8 @@ class Engine:
         self.mesh = mesh
         self.loras = LoraSlots(config.lora, cfg, self.dtype) if config.lora else None
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        self._draft = load_draft(self.speculative, loaded, self.dtype) if self.speculative else None
         self._serve(loaded)
 
     # -- the model served ---------------------------------------------------------------------------
@@ -168,7 +172,8 @@ class Engine:
         self._arrange_layers()
         cfg, config = model.config, self.config
         step_cfg = cfg if self.mesh is None else shard_params(cfg, model.params, self.mesh)
-        per_token = self.kv_bytes_per_token
+        per_token = self.kv_bytes_per_token  # the draft's pool has as many blocks: its bytes count too
+        per_token += kv_bytes_per_token(self._draft.config, self.kv_dtype) if self._draft else 0
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
@@ -195,6 +200,7 @@ class Engine:
         )
         if self.loras is not None:
             self.runner.lora_slot = lambda seq: self.loras.slot_of(seq.params.lora)
+        self.speculator = Speculator(self.speculative, self.runner, self._draft) if self.speculative else None
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s); max model length %d",
             num_blocks,
@@ -258,7 +264,7 @@ class Engine:
 
     def stats(self) -> EngineSnapshot:
         """The engine's gauges and counters now (safe to call from another thread: it only reads)."""
-        blocks, scheduler, runner = self.blocks, self.scheduler, self.runner
+        blocks, scheduler, runner, spec = self.blocks, self.scheduler, self.runner, self.speculator
         return EngineSnapshot(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
@@ -269,9 +275,14 @@ class Engine:
             prefix_cache_hits=blocks.stats.hits,
             prefix_cache_evictions=blocks.stats.evictions,
             num_preemptions=scheduler.num_preemptions,
-            compiled_shapes=runner.compile_count(),
+            compiled_shapes=runner.compile_count() + (spec.compile_count() if spec else 0),
             pending_shapes=runner.warming.pending if runner.warming else 0,
             device_seconds=runner.device_seconds,
+            spec_decode=dataclasses.replace(
+                spec.stats, accepted_per_position=list(spec.stats.accepted_per_position)
+            )
+            if spec
+            else None,
         )
 
     def memory(self) -> MemoryUse:
@@ -297,6 +308,8 @@ class Engine:
         warm = self.runner.warmup(profiles, background=background)
         if self.model.vision is not None:
             log.info("vision tower: %d shapes compiled", self.model.vision.warmup())
+        if self.speculator is not None:  # its shapes, now (K is fixed for the engine)
+            log.info("speculative decoding: %d step shapes warmed up", self.speculator.warmup(profiles))
         release_freed()  # the compilers' working memory
         log.info("%s", self.memory().summary())
         return warm
@@ -376,18 +389,21 @@ class Engine:
         """Run one scheduled batch; returns the sequences that received tokens or finished."""
         plan = self.scheduler.schedule()
         touched: list[Sequence] = []
-        if plan.decode:
-            out = self.runner.decode(plan.decode, plan.decode_steps)
-            for i, seq in enumerate(plan.decode):
-                for s in range(plan.decode_steps):
-                    if seq.finished:
-                        break
-                    seq.num_computed = seq.num_tokens
-                    self._append(seq, out, (s, i))
-            touched += plan.decode
+        speculate, plain = self._speculating(plan.decode)
+        if plain:
+            out = self.runner.decode(plain, plan.decode_steps)
+            self._append_decoded(plain, out, [plan.decode_steps] * len(plain))
+        if speculate:
+            out, accepted = self.speculator.step(speculate)
+            for seq, kept in zip(speculate, accepted.tolist(), strict=True):
+                self.speculator.settle(seq, kept)
+            self._append_decoded(speculate, out, (accepted + 1).tolist())
+        touched += plan.decode
         encode_chunks(plan.prefill, self.model.vision)  # image features, once per request
         for group in self._prefill_calls(plan.prefill):
             out = self.runner.prefill([(c.seq, c.start, c.end) for c in group])
+            if self.speculator is not None:
+                self.speculator.prefill([(c.seq, c.start, c.end) for c in group])
             for row, chunk in enumerate(group):
                 seq = chunk.seq
                 seq.num_computed = chunk.end
@@ -400,6 +416,28 @@ class Engine:
             if not seq.finished:
                 self.blocks.register_full_blocks(seq.table, seq.all_ids, seq.num_computed, seq.cache_key)
         return touched
+
+    def _speculating(self, decode: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+        """The decode sequences that speculate this step (holding blocks for K more tokens), and the rest."""
+        if self.speculator is None:
+            return [], decode
+        spec, plain = [], []
+        for seq in decode:
+            # A constrained row's matcher cannot roll back, and the verify step runs no adapters.
+            ok = seq.grammar is None and seq.params.lora is None
+            ok = ok and self.speculator.wants(seq, self.max_model_len)
+            ok = ok and self.blocks.grow(seq.table, seq.num_tokens + self.speculator.k)
+            (spec if ok else plain).append(seq)
+        return spec, plain
+
+    def _append_decoded(self, seqs: list[Sequence], out: SampleOutput, counts: list[int]) -> None:
+        """Hand row i's first `counts[i]` decoded tokens ([step, row] in `out`) to the output processor."""
+        for i, (seq, count) in enumerate(zip(seqs, counts, strict=True)):
+            for s in range(count):
+                if seq.finished:
+                    break
+                seq.num_computed = seq.num_tokens
+                self._append(seq, out, (s, i))
 
     def _prefill_calls(self, chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
         """The step's prefill chunks as calls: short ones that may share a call grouped by padded length
@@ -472,6 +510,8 @@ class Engine:
         requeued = self.scheduler.release_all()
         warmed = self.runner.warmed
         self.runner.release()
+        if self.speculator is not None:
+            self.speculator.release()
         stash = jax.device_get(self.model.params)  # on the host, to put back if loading fails
         shell = self.model = dataclasses.replace(self.model, params={})  # config stays readable meanwhile
         failure = None
@@ -482,6 +522,8 @@ class Engine:
             failure = f"{type(error).__name__}: {error}"
         if failure is not None:  # past the except block, so its traceback no longer pins new arrays
             self.runner.release()  # a new runner, if it was built
+            if self.speculator is not None:
+                self.speculator.release()
             self._serve(dataclasses.replace(shell, params=jax.device_put(stash)), warmed)
             raise RequantizeError(f"re-ISQ to {fmt} failed; the model is unchanged ({failure})")
         cut = [seq for seq in self.scheduler.waiting if seq.num_tokens >= self.max_model_len]

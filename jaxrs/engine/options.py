@@ -61,6 +61,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     lora: LoraConfig | None = None  # LoRA adapters served per request
+    # Speculative decoding (vLLM's keys, see `speculative_config.SpeculativeConfig`): a mapping, a JSON
+    # object string, or None for none.
+    speculative_config: Any = None
 
 
 def config_defaults() -> dict[str, Any]:

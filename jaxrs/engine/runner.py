@@ -260,12 +260,12 @@ class ModelRunner:
         """The compiled step shapes: `(kind, *label)`, see `StepCall`."""
         return set(self.compiled.labels)
 
-    def _run(self, call: StepCall, fetch: Callable) -> Any:
+    def _run(self, call: StepCall, fetch: Callable, compiled: CompiledSteps | None = None) -> Any:
         """Run `call` on the live parameters and KV pool (compiling its shape first if no thread has);
-        `fetch` brings the outputs back to the host."""
+        `fetch` brings the outputs back to the host. `compiled`: another set of steps over them."""
         if self.on_step is not None:
             self.on_step(call)
-        run = self.compiled.get(call)
+        run = (self.compiled if compiled is None else compiled).get(call)
         began = time.perf_counter()
         out, self.kv = run(self.params, self.kv, *call.args)
         out = fetch(out)

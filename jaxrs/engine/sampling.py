@@ -62,8 +62,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     lora: str | None = None  # the LoRA adapter (by name) the request runs with; None: the base model
-
     grammar: Grammar | None = None
+    speculative: bool = True  # False: this request never speculates (when the engine does)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -357,24 +357,32 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1] - 1), axis=-1)
 
 
-def sample(logits: jax.Array, batch: dict, flags: SamplingFlags) -> SampleOutput:
-    """Next tokens from f32 logits [B, V] (see `build_sampling_batch` for `batch`), with the raw
-    distribution's log-probability of each chosen token and its top `flags.top_logprobs` alternatives."""
-    logits = logits.astype(jnp.float32)
-    processed = process_logits(logits, batch, flags)
+def draw(processed: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """One token per row of processed logits [B, V] (-inf: excluded), drawn with the uniform of
+    `fold_in(key(seed), step)`: the same seed and token index give the same draw in any batch."""
+
+    def one(seed: jax.Array, step: jax.Array, row: jax.Array) -> jax.Array:
+        # Inverse CDF with one uniform per row: exact, and far cheaper on a CPU than drawing a
+        # Gumbel number for every vocabulary entry. The first index whose CDF passes u is the
+        # number of entries at or below u (the CDF never decreases).
+        u = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step))
+        cdf = jnp.cumsum(jax.nn.softmax(row))
+        return jnp.minimum(jnp.sum(cdf <= u * cdf[-1], dtype=jnp.int32), row.shape[-1] - 1)
+
+    return jax.vmap(one)(seeds, steps, processed)
+
+
+def pick(processed: jax.Array, batch: dict, flags: SamplingFlags) -> jax.Array:
+    """Next tokens from processed logits: the argmax for greedy rows, a seeded draw for the others."""
     tokens = first_argmax(processed)
-    if not flags.all_greedy:
+    if flags.all_greedy:
+        return tokens
+    return jnp.where(batch["temperature"] > 0, draw(processed, batch["seed"], batch["step"]), tokens)
 
-        def draw(seed: jax.Array, step: jax.Array, row: jax.Array) -> jax.Array:
-            # Inverse CDF with one uniform per row: exact, and far cheaper on a CPU than drawing a
-            # Gumbel number for every vocabulary entry. The first index whose CDF passes u is the
-            # number of entries at or below u (the CDF never decreases).
-            u = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step))
-            cdf = jnp.cumsum(jax.nn.softmax(row))
-            return jnp.minimum(jnp.sum(cdf <= u * cdf[-1], dtype=jnp.int32), row.shape[-1] - 1)
 
-        drawn = jax.vmap(draw)(batch["seed"], batch["step"], processed)
-        tokens = jnp.where(batch["temperature"] > 0, drawn, tokens)
+def token_logprobs(logits: jax.Array, tokens: jax.Array, flags: SamplingFlags) -> SampleOutput:
+    """`tokens` with the raw distribution's log-probability of each and its top `flags.top_logprobs`
+    alternatives (logits [B, V] f32)."""
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - log_norm
     if flags.top_logprobs:
@@ -383,3 +391,10 @@ def sample(logits: jax.Array, batch: dict, flags: SamplingFlags) -> SampleOutput
     else:
         top_logprobs, top_ids = jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0))
     return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def sample(logits: jax.Array, batch: dict, flags: SamplingFlags) -> SampleOutput:
+    """Next tokens from f32 logits [B, V] (see `build_sampling_batch` for `batch`), with the raw
+    distribution's log-probability of each chosen token and its top `flags.top_logprobs` alternatives."""
+    logits = logits.astype(jnp.float32)
+    return token_logprobs(logits, pick(process_logits(logits, batch, flags), batch, flags), flags)

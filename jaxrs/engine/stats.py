@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class EngineSnapshot:
     compiled_shapes: int  # step shapes the current runner has compiled
     pending_shapes: int  # step shapes its warm-up has yet to compile (in the background)
     device_seconds: float  # wall time inside the current runner's step calls
+    spec_decode: Any = None  # speculative decoding's counters (`speculative.SpecDecodeStats`), if it is on
 
 
 @dataclasses.dataclass(frozen=True)
