@@ -267,6 +267,7 @@ class Speculator:
             for b in batches:
                 for w in widths:
                     batch, flags = target.profile_batch(params, b * (k + 1), prefill=False)
+                    batch.pop("token_mask")  # constrained rows never speculate: these steps take no mask
                     zeros = np.zeros(b, np.int32)
                     q = jnp.zeros(
                         (b, k, 1 if flags.all_greedy or self.draft is None else target.cfg.vocab_size)
@@ -282,6 +283,7 @@ class Speculator:
                     if self.draft is None:
                         continue
                     arrays, flags = self.draft.profile_batch(params, b, prefill=False)
+                    arrays.pop("token_mask")
                     flags = dataclasses.replace(flags, top_logprobs=0)
                     tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
                     args = (
