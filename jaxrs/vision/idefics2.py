@@ -14,9 +14,12 @@ tokens of adjacent images into one, and puts a space after an image directly fol
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,8 @@ from jaxrs.models.nn import Linear, RMSNorm, value
 from jaxrs.ops import Kernels
 from jaxrs.vision.image_input import ImageInput
 from jaxrs.vision.pixels import RESAMPLING, content_hash, rescale_normalize, upright_rgb
+from jaxrs.vision.prompt import ImagePrompt, place_images
+from jaxrs.vision.registry import VisionFamily
 from jaxrs.vision.siglip import (
     NEG_INF,
     SiglipConfig,
@@ -139,6 +144,23 @@ class Idefics2Processor:
         """`fake (image * seq_len fake) * tiles`: adjacent fake tokens merged, as transformers merges them."""
         tile = (self.image_token_id,) * self.image_seq_len + (self.fake_token_id,)
         return (self.fake_token_id,) + tile * num_tiles
+
+    def assemble(
+        self, tokenizer: Any, text: str, images: Sequence[ImageInput]
+    ) -> tuple[list[int], ImagePrompt]:
+        """The prompt ids transformers' processor gives for `text`: a space after an image directly
+        followed by a word, BOS as its tokenizer adds it, and one boundary token between adjacent
+        images (each image's tokens start with one; the next image's is dropped)."""
+        text = re.sub(re.escape(self.marker) + r"(?=[^\s<])", self.marker + " ", text)
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        at = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        images = [
+            dataclasses.replace(im, prompt_tokens=im.prompt_tokens[1:], feature_mask=im.feature_mask[1:])
+            if 0 < k < len(at) and at[k] == at[k - 1] + 1
+            else im
+            for k, im in enumerate(images)
+        ]
+        return place_images(ids, [self.image_token_id], images)
 
     def __call__(self, image: Image.Image) -> ImageInput:
         rgb = upright_rgb(image)
@@ -337,13 +359,16 @@ MISTRAL_TEXT_DEFAULTS = {
 }
 
 
+def text_config(raw: Mapping) -> dict:
+    """The text model's config.json dict (the Mistral family): `text_config` over Mistral's defaults."""
+    text = raw.get("text_config") or {}
+    return MISTRAL_TEXT_DEFAULTS | {k: v for k, v in text.items() if k != "architectures"}
+
+
 def idefics2_text_config(folder: str | Path) -> ModelConfig:
-    """The text model's config (the Mistral family) from an Idefics 2 config.json's `text_config`."""
+    """The text model's config from an Idefics 2 folder's config.json."""
     file = Path(folder) / "config.json"
-    text = read_json(file).get("text_config") or {}
-    return config_from_hf(
-        MISTRAL_TEXT_DEFAULTS | {k: v for k, v in text.items() if k != "architectures"}, file
-    )
+    return config_from_hf(text_config(read_json(file)), file)
 
 
 def idefics2_text_tensor(name: str) -> str:
@@ -363,3 +388,26 @@ def load_idefics2_tower(folder: str | Path) -> tuple[Idefics2VisionTower, Idefic
     params = load_tower_params(folder, abstract, idefics2_checkpoint_name)
     graph, _ = nnx.split(abstract)
     return nnx.merge(graph, params), cfg
+
+
+def processor(folder: Path, raw: Mapping, tokenizer: Any) -> Idefics2Processor:
+    """The folder's processor, its token ids from the tokenizer; its tokens per tile must be the
+    resampler's latents (each `<image>` token takes one row)."""
+    vocab = {t: tokenizer.token_to_id(t) for t in (IMAGE_TOKEN, FAKE_TOKEN)}
+    found = Idefics2Processor.from_folder(folder, {t: i for t, i in vocab.items() if i is not None})
+    latents = Idefics2Config.from_hf(dict(raw)).perceiver.n_latents
+    if found.image_seq_len != latents:
+        raise ModelLoadError(
+            folder, f"image_seq_len {found.image_seq_len} differs from the resampler's {latents} latents"
+        )
+    return found
+
+
+FAMILY = VisionFamily(
+    name="idefics2",
+    text_config=text_config,
+    processor=processor,
+    tower=lambda raw: Idefics2VisionTower(Idefics2Config.from_hf(dict(raw))),
+    tower_names=lambda path: [idefics2_checkpoint_name(path)],
+    text_names=lambda name: [idefics2_text_tensor(name)],
+)
