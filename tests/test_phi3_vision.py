@@ -6,7 +6,9 @@ fed the merged embeddings against transformers' Phi3ForCausalLM."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 
 import jax.numpy as jnp
@@ -379,3 +381,21 @@ def test_chat_greedy_tokens_equal_the_reference(folder, model_folder):
         for token, logprob in step.top:
             assert abs(logprob - ref[token]) < 2e-4, (token, logprob, ref[token])
     assert vision.compile_count() == 1
+
+    # the server assembles the prompt the same way: the same ids (counted) and answer for a data URL
+    import openai
+    from litestar.testing import TestClient
+
+    from server import create_app
+
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()
+    parts = [content[0], {"type": "image_url", "image_url": {"url": url}}, content[2]]
+    with TestClient(create_app(llm, served_model_name="x")) as client:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+        resp = oai.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=5
+        )
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.choices[0].message.content == out.outputs[0].text
