@@ -8,8 +8,9 @@ most `longest_edge` and both edges at least `shortest_edge` (Pillow, the configu
 rescaled, normalized and zero-padded to the largest tile, with a pixel mask of the real pixels. The
 marker `<image>` becomes `<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined
 by one fake token and closed by one, exactly the ids transformers' processor gives for the text
-"<image>". Two things of the prompt around it are the prompt assembly's: transformers merges the fake
-tokens of adjacent images into one, and puts a space after an image directly followed by a word.
+"<image>". Two things of the prompt around it are the processor's `assemble` (the family's prompt
+assembly): transformers merges the fake tokens of adjacent images into one, and puts a space after an
+image directly followed by a word. `FAMILY` wires it all to the engine.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ There is no transformers class: this is a port of the modeling code Microsoft pu
 
 The published processor turns the marker `<|image_N|>` into that many placeholder ids (negative there;
 here the tokenizer's `<|image|>` id, whose embedding is replaced anyway) and tokenizes the text on each
-side of a marker separately, each piece with the tokenizer's BOS: that is the prompt assembly's job, not
-the image's.
+side of a marker separately, each piece with the tokenizer's BOS: the processor's `assemble` does the
+same. `FAMILY` wires it to the engine: the text model is the Phi-3 family (config.json's top-level
+fields), the tower the shared CLIP then the projector, the crop grid a compile-time value.
 """
 
 from __future__ import annotations
