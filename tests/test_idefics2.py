@@ -104,6 +104,16 @@ def _ours(path, processor):
     return Idefics2Processor.from_folder(path, processor.tokenizer.get_vocab())
 
 
+def _assert_padded_equal(ours: np.ndarray, ref: np.ndarray, what) -> None:
+    """transformers' array in the corner of ours (padded to the shape bucket), zeros around it."""
+    h, w = ref.shape[-2:]
+    assert ours.shape[:-2] == ref.shape[:-2] and ours.shape[-2] >= h and ours.shape[-1] >= w, what
+    np.testing.assert_array_equal(ours[..., :h, :w], ref, err_msg=str(what))
+    rest = ours.copy()
+    rest[..., :h, :w] = 0
+    assert not rest.any(), what
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_processor_matches_transformers(folder, split):
     path, _, processor = folder
@@ -119,9 +129,9 @@ def test_processor_matches_transformers(folder, split):
                 continue
             ref = processor(text="<image>", images=image, return_tensors="np")
             got = ours(image)
-            assert got.pixel_values.shape == ref["pixel_values"][0].shape, (w, h)
-            np.testing.assert_array_equal(got.pixel_values, ref["pixel_values"][0])
-            np.testing.assert_array_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0])
+            _assert_padded_equal(got.pixel_values, ref["pixel_values"][0], (w, h))
+            _assert_padded_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0], (w, h))
+            assert got.pixel_values.shape[-1] % 16 == got.pixel_values.shape[-2] % 16 == 0  # 64 / 4
             assert list(got.prompt_tokens) == ref["input_ids"][0].tolist(), (w, h)
             assert got.feature_mask.sum() == (5 if split else 1) * 4
             np.testing.assert_array_equal(got.feature_mask, ref["input_ids"][0] == ours.image_token_id)
@@ -136,10 +146,10 @@ def test_processor_modes_and_hash(folder):
     ours = _ours(path, processor)
     rgba = _image(41, 29, 7, "RGBA")
     ref = processor(text="<image>", images=rgba, return_tensors="np")
-    np.testing.assert_array_equal(ours(rgba).pixel_values, ref["pixel_values"][0])
+    _assert_padded_equal(ours(rgba).pixel_values, ref["pixel_values"][0], "rgba")
     gray = _image(30, 50, 8, "L")
     ref = processor(text="<image>", images=gray, return_tensors="np")
-    np.testing.assert_array_equal(ours(gray).pixel_values, ref["pixel_values"][0])
+    _assert_padded_equal(ours(gray).pixel_values, ref["pixel_values"][0], "gray")
     a, b = _image(20, 20, 1), _image(20, 20, 2)
     assert ours(a).content_hash == ours(a.copy()).content_hash != ours(b).content_hash
     assert len(ours(a).content_hash) == 32
@@ -315,3 +325,12 @@ def test_a_word_right_after_an_image_gets_a_space(folder):
     image = ours(_image(37, 53, 1))
     ours.assemble(Recording(), "a<image>b <image>\nc<image><image><end_of_utterance><image>", [image] * 5)
     assert seen == ["a<image> b <image>\nc<image><image><end_of_utterance><image>"]
+
+
+def test_images_of_nearby_sizes_share_a_compiled_tower(llm):
+    vision = llm.engine.model.vision
+    vision.encode([vision.processor(_image(37, 53, 1))])
+    before = vision.compile_count()
+    for size in [(40, 50), (33, 49), (48, 64)]:
+        vision.encode([vision.processor(_image(*size, 2))])
+    assert vision.compile_count() == before

@@ -5,7 +5,8 @@ The processor equals transformers' `Idefics2ImageProcessor` + `Idefics2Processor
 upright and RGB first as its `load_image` makes it: with `do_image_splitting` the image is cut into 4
 quarters (before resizing) followed by the whole image; each tile is resized so its longest edge is at
 most `longest_edge` and both edges at least `shortest_edge` (Pillow, the configured resampling),
-rescaled, normalized and zero-padded to the largest tile, with a pixel mask of the real pixels. The
+rescaled, normalized and zero-padded to the largest tile (its sides rounded up to a quarter of
+`longest_edge`, so that few tower shapes compile), with a pixel mask of the real pixels. The
 marker `<image>` becomes `<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined
 by one fake token and closed by one, exactly the ids transformers' processor gives for the text
 "<image>". Two things of the prompt around it are the processor's `assemble` (the family's prompt
@@ -146,6 +147,13 @@ class Idefics2Processor:
         tile = (self.image_token_id,) * self.image_seq_len + (self.fake_token_id,)
         return (self.fake_token_id,) + tile * num_tiles
 
+    def padded(self, side: int) -> int:
+        """A tile side rounded up to the next quarter of `longest_edge`: images of many sizes share a
+        few compiled tower shapes. The padding is masked out (as transformers' batch padding is), so the
+        tower's rows do not change."""
+        step = -(-self.longest_edge // 4)
+        return -(-side // step) * step
+
     def assemble(
         self, tokenizer: Any, text: str, images: Sequence[ImageInput]
     ) -> tuple[list[int], ImagePrompt]:
@@ -166,7 +174,7 @@ class Idefics2Processor:
     def __call__(self, image: Image.Image) -> ImageInput:
         rgb = upright_rgb(image)
         tiles = self.tiles(rgb)
-        height, width = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+        height, width = (self.padded(max(t.shape[k] for t in tiles)) for k in (1, 2))
         pixels = np.zeros((len(tiles), 3, height, width), np.float32)
         mask = np.zeros((len(tiles), height, width), bool)
         for i, tile in enumerate(tiles):
