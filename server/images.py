@@ -8,7 +8,7 @@ import asyncio
 from jaxrs.errors import JaxrsError
 from jaxrs.vision.chat import load_images
 from jaxrs.vision.image_input import ImageInput
-from jaxrs.vision.prompt import ImagePrompt, place_images
+from jaxrs.vision.prompt import ImagePrompt, assemble_prompt
 from server.context import ServerContext
 from server.errors import APIError
 
@@ -30,12 +30,10 @@ async def load_request_images(ctx: ServerContext, sources: list[object]) -> list
 
 
 def place_request_images(
-    ctx: ServerContext, ids: list[int], images: list[ImageInput]
+    ctx: ServerContext, text: str, images: list[ImageInput]
 ) -> tuple[list[int], ImagePrompt | None]:
-    if not images:
-        return ids, None
-    marker = ctx.chat_tokenizer.encode(image_marker(ctx) or "", add_special_tokens=False)
+    """Token ids of the rendered prompt `text` with the images placed (the model's prompt assembly)."""
     try:
-        return place_images(ids, marker, images)
+        return assemble_prompt(ctx.chat_tokenizer, text, ctx.llm.engine.model.vision, images)
     except JaxrsError as e:
         raise APIError(400, f"{e}: the chat template did not render every image", param="messages") from None

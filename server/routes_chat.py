@@ -128,16 +128,14 @@ def conversation(
     return out, images
 
 
-def prompt_ids(
+def prompt_text(
     ctx: ServerContext, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-) -> list[int]:
-    """Token ids of the rendered conversation (the template writes its own BOS)."""
-    tokenizer = ctx.chat_tokenizer
+) -> str:
+    """The rendered conversation (the template writes its own BOS)."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return ctx.chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def chat_params(
@@ -185,7 +183,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
             ctx.chat_tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_call_parser
         )
         ids, placed = place_request_images(
-            ctx, prompt_ids(ctx, messages, plan.tools if plan else None), images
+            ctx, prompt_text(ctx, messages, plan.tools if plan else None), images
         )
         record.prompt_tokens = len(ids)
         params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)

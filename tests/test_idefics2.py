@@ -104,6 +104,16 @@ def _ours(path, processor):
     return Idefics2Processor.from_folder(path, processor.tokenizer.get_vocab())
 
 
+def _assert_padded_equal(ours: np.ndarray, ref: np.ndarray, what) -> None:
+    """transformers' array in the corner of ours (padded to the shape bucket), zeros around it."""
+    h, w = ref.shape[-2:]
+    assert ours.shape[:-2] == ref.shape[:-2] and ours.shape[-2] >= h and ours.shape[-1] >= w, what
+    np.testing.assert_array_equal(ours[..., :h, :w], ref, err_msg=str(what))
+    rest = ours.copy()
+    rest[..., :h, :w] = 0
+    assert not rest.any(), what
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_processor_matches_transformers(folder, split):
     path, _, processor = folder
@@ -119,9 +129,9 @@ def test_processor_matches_transformers(folder, split):
                 continue
             ref = processor(text="<image>", images=image, return_tensors="np")
             got = ours(image)
-            assert got.pixel_values.shape == ref["pixel_values"][0].shape, (w, h)
-            np.testing.assert_array_equal(got.pixel_values, ref["pixel_values"][0])
-            np.testing.assert_array_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0])
+            _assert_padded_equal(got.pixel_values, ref["pixel_values"][0], (w, h))
+            _assert_padded_equal(got.extras["pixel_attention_mask"], ref["pixel_attention_mask"][0], (w, h))
+            assert got.pixel_values.shape[-1] % 16 == got.pixel_values.shape[-2] % 16 == 0  # 64 / 4
             assert list(got.prompt_tokens) == ref["input_ids"][0].tolist(), (w, h)
             assert got.feature_mask.sum() == (5 if split else 1) * 4
             np.testing.assert_array_equal(got.feature_mask, ref["input_ids"][0] == ours.image_token_id)
@@ -136,10 +146,10 @@ def test_processor_modes_and_hash(folder):
     ours = _ours(path, processor)
     rgba = _image(41, 29, 7, "RGBA")
     ref = processor(text="<image>", images=rgba, return_tensors="np")
-    np.testing.assert_array_equal(ours(rgba).pixel_values, ref["pixel_values"][0])
+    _assert_padded_equal(ours(rgba).pixel_values, ref["pixel_values"][0], "rgba")
     gray = _image(30, 50, 8, "L")
     ref = processor(text="<image>", images=gray, return_tensors="np")
-    np.testing.assert_array_equal(ours(gray).pixel_values, ref["pixel_values"][0])
+    _assert_padded_equal(ours(gray).pixel_values, ref["pixel_values"][0], "gray")
     a, b = _image(20, 20, 1), _image(20, 20, 2)
     assert ours(a).content_hash == ours(a.copy()).content_hash != ours(b).content_hash
     assert len(ours(a).content_hash) == 32
@@ -234,3 +244,93 @@ def test_prompt_logits_match_transformers(folder, encode):
         assert relative_error(step, theirs) <= 1e-4
         ours_next = int(step.argmax())
         assert ours_next == int(theirs.argmax())
+
+
+# -- through the engine -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from jaxrs import LLM
+
+    path = folder[0]
+    if not (path / "chat_template.jinja").exists():  # the word-level tokenizer's plain template
+        (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    return LLM(str(path), dtype="float32", kv_cache_dtype="float32", packed=False, block_size=8)
+
+
+def _hf_greedy(model, inputs, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_loads_as_a_vision_family(llm):
+    vision = llm.engine.model.vision
+    assert vision is not None and vision.family.name == "idefics2" and vision.marker == "<image>"
+    assert llm.engine.model.config.architecture == "llama"  # the Mistral text model
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_chat_greedy_tokens_equal_transformers(folder, llm, count):
+    """`LLM.chat` with one and with two images: transformers' prompt ids (its processor over the same
+    rendered text) and its greedy tokens. The images share a size: one tower compile."""
+    from jaxrs import SamplingParams
+
+    _, model, processor = folder
+    pictures = [_image(37, 53, 20 + k) for k in range(count)]
+    content = [{"type": "text", "text": "w5 w9"}]
+    for k, picture in enumerate(pictures):
+        content += [{"type": "image", "image": picture}, {"type": "text", "text": f"w{7 + k} w3"}]
+    messages = [{"role": "user", "content": content}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+
+    text = "w5 w9\n" + "\n".join(f"<image>\nw{7 + k} w3" for k in range(count)) + " "
+    ref = processor(text=text, images=pictures, return_tensors="pt")
+    assert out.prompt_token_ids == ref["input_ids"][0].tolist()
+    assert out.outputs[0].token_ids == _hf_greedy(model, ref, 6)
+
+
+def test_adjacent_images_and_words_after_an_image_as_transformers(folder, llm):
+    """Two images with nothing between share one boundary token; a word right after an image gets a
+    space before it: transformers' ids, and its greedy tokens from them."""
+    from jaxrs import SamplingParams
+    from jaxrs.vision.prompt import assemble_prompt
+
+    _, model, processor = folder
+    vision = llm.engine.model.vision
+    pictures = [_image(37, 53, 30 + k) for k in range(3)]
+    text = "w5 <image><image>w7 w8<image>"
+    ids, placed = assemble_prompt(llm.tokenizer, text, vision, [vision.processor(p) for p in pictures])
+    ref = processor(text=text, images=pictures, return_tensors="pt")
+    assert ids == ref["input_ids"][0].tolist()
+    assert sum(int(im.feature_mask.sum()) for im in placed.images) == 3 * 5 * 4
+    req = llm.engine.add_request(ids, SamplingParams(temperature=0, max_tokens=5), images=placed)
+    llm._run([req], False)
+    assert req.seqs[0].output_ids == _hf_greedy(model, ref, 5)
+
+
+def test_a_word_right_after_an_image_gets_a_space(folder):
+    """The text the tokenizer sees (a word-level tokenizer ignores spaces, so this is checked on the
+    text): a space goes between an image and a word, not before a tag, whitespace or another image."""
+    path, _, processor = folder
+    ours = _ours(path, processor)
+    seen = []
+
+    class Recording:
+        def encode(self, text, add_special_tokens=True):
+            seen.append(text)
+            return [ours.image_token_id] * text.count("<image>")
+
+    image = ours(_image(37, 53, 1))
+    ours.assemble(Recording(), "a<image>b <image>\nc<image><image><end_of_utterance><image>", [image] * 5)
+    assert seen == ["a<image> b <image>\nc<image><image><end_of_utterance><image>"]
+
+
+def test_images_of_nearby_sizes_share_a_compiled_tower(llm):
+    vision = llm.engine.model.vision
+    vision.encode([vision.processor(_image(37, 53, 1))])
+    before = vision.compile_count()
+    for size in [(40, 50), (33, 49), (48, 64)]:
+        vision.encode([vision.processor(_image(*size, 2))])
+    assert vision.compile_count() == before

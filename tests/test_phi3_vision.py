@@ -6,7 +6,9 @@ fed the merged embeddings against transformers' Phi3ForCausalLM."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 
 import jax.numpy as jnp
@@ -274,3 +276,126 @@ def test_tower_wires_encoder_to_projector(folder):
     assert rows.shape[0] == len(image.prompt_tokens)
     with pytest.raises(JaxrsError, match="do not hold a global view"):
         projector(MeanPatches()(px[:2]), grid)
+
+
+# -- a whole Phi-3 Vision folder through the engine -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_folder(folder, tmp_path_factory):
+    """config.json (model_type phi3_v, a tiny CLIP named in `img_processor.vision_config`), one safetensors
+    with the published names (text model, `vision_embed_tokens.img_processor.*` CLIP, projector), the
+    processor config (one crop) and a BOS-adding word-level tokenizer. Returns the folder and the torch
+    text model."""
+    from safetensors.torch import save_file as save_torch
+    from transformers import Phi3Config
+
+    from tests.conftest import save_tiny_tokenizer
+
+    _, weights, clip = folder
+    path = tmp_path_factory.mktemp("phi3v_model")
+    text_dir = tmp_path_factory.mktemp("phi3v_text")
+    text_cfg = Phi3Config(
+        vocab_size=128, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    text_model = save_tiny_hf_model(text_cfg, text_dir)
+    tensors = {k: v.contiguous() for k, v in text_model.state_dict().items()}
+    clip_names = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items()}
+    tensors |= {f"model.vision_embed_tokens.img_processor.vision_model.{k}": v for k, v in clip_names.items()}
+    tensors |= {f"model.vision_embed_tokens.{k}": torch.from_numpy(v) for k, v in weights.items()}
+    save_torch(tensors, str(path / "model.safetensors"))
+    config = json.loads((text_dir / "config.json").read_text())
+    config |= {
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                       "use_hd_transform": True, "with_learnable_separator": True},
+        "img_processor": {"image_dim_out": CLIP["hidden_size"], "name": "clip_vision_model",
+                          "num_img_tokens": 144, "vision_config": CLIP | {"patch_size": 14}},
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "preprocessor_config.json").write_text(json.dumps({"num_crops": 1}))
+    save_tiny_tokenizer(path, 128)
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config | {"add_bos_token": True}))
+    return path, text_model
+
+
+def _published_ids(path, text: str, images: list) -> list[int]:
+    """The published processor's ids: each piece between markers tokenized with its BOS, each marker
+    replaced by its image's placeholder tokens (the id is jaxrs's: any id serves, its row is replaced)."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    pieces = re.split(r"<\|image_\d+\|>", text)
+    out = []
+    for k, piece in enumerate(pieces):
+        out += [1, *tok.encode(piece, add_special_tokens=False).ids]
+        if k < len(images):
+            out += list(images[k].prompt_tokens)
+    return out
+
+
+def test_chat_greedy_tokens_equal_the_reference(folder, model_folder):
+    """`LLM.chat` on the folder: the published prompt ids, and the greedy tokens of the reference
+    forward (transformers' CLIP features, the published HD transform and projection, Phi3ForCausalLM over
+    the merged embeddings) driven step by step."""
+    from jaxrs import LLM, SamplingParams
+
+    _, weights, clip = folder
+    path, text_model = model_folder
+    llm = LLM(str(path), dtype="float32", kv_cache_dtype="float32", packed=False, block_size=16)
+    vision = llm.engine.model.vision
+    assert vision.family.name == "phi3_v" and vision.marker == "<|image_1|>"
+    picture = _image(53, 37, 11)
+    content = [
+        {"type": "text", "text": "w5 w9"},
+        {"type": "image", "image": picture},
+        {"type": "text", "text": "w7 w3"},
+    ]
+    greedy = SamplingParams(temperature=0, max_tokens=5, logprobs=5)
+    out = llm.chat([{"role": "user", "content": content}], greedy, use_tqdm=False)[0]
+
+    image = vision.processor(picture)
+    ids = _published_ids(path, "w5 w9\n<|image_1|>\nw7 w3 ", [image])
+    assert out.prompt_token_ids == ids
+    rows = reference_rows(
+        _clip_features(clip, image.pixel_values), tuple(image.extras["image_size"]), weights
+    )
+    embed = text_model.model.embed_tokens.weight.detach()
+    start = 3  # after the first piece: BOS w5 w9
+    embeds = torch.cat([embed[ids[:start]], rows, embed[ids[start + len(rows) :]]])
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        for _ in range(5):
+            last = text_model(inputs_embeds=embeds[None]).logits[0, -1]
+            logprobs.append(torch.log_softmax(last, -1).numpy())
+            tokens.append(int(last.argmax()))
+            embeds = torch.cat([embeds, embed[tokens[-1:]]])
+    assert out.outputs[0].token_ids == tokens
+    for step, ref in zip(out.outputs[0].logprobs, logprobs, strict=True):  # the whole distribution
+        for token, logprob in step.top:
+            assert abs(logprob - ref[token]) < 2e-4, (token, logprob, ref[token])
+    assert vision.compile_count() == 1
+
+    # the server assembles the prompt the same way: the same ids (counted) and answer for a data URL
+    import openai
+    from litestar.testing import TestClient
+
+    from server import create_app
+
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()
+    parts = [content[0], {"type": "image_url", "image_url": {"url": url}}, content[2]]
+    with TestClient(create_app(llm, served_model_name="x")) as client:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+        resp = oai.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=5
+        )
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.choices[0].message.content == out.outputs[0].text

@@ -12,7 +12,7 @@ from PIL import Image
 from jaxrs.errors import JaxrsError
 from jaxrs.vision.encoder import VisionModel
 from jaxrs.vision.media import ImageError, MediaPolicy, load_image
-from jaxrs.vision.prompt import ImagePrompt, place_images
+from jaxrs.vision.prompt import ImagePrompt, assemble_prompt
 
 IMAGE_PART_TYPES = ("image_url", "input_image", "image")
 
@@ -76,25 +76,7 @@ def chat_inputs(
     texts, sources = split_images(messages, vision.marker if vision is not None else None)
     images = load_images(sources, vision, policy) if sources else []
     text = tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if not images:
-        return ids, None
-    marker_ids = tokenizer.encode(vision.marker, add_special_tokens=False)
     try:
-        return place_images(ids, marker_ids, images)
-    except JaxrsError:  # the marker is no token of this vocabulary (a GGUF text model): cut the text at it
-        pass
-    parts = text.split(vision.marker)
-    if len(parts) - 1 != len(images):
-        raise ImageError(
-            f"the rendered prompt holds {len(parts) - 1} image markers {vision.marker!r} for {len(images)} "
-            "images (does the chat template render them?)"
-        )
-    out: list[int] = []
-    spans = []
-    for k, part in enumerate(parts):
-        out += tokenizer.encode(part, add_special_tokens=False)
-        if k < len(images):
-            spans.append((len(out), images[k]))
-            out += images[k].prompt_tokens
-    return out, ImagePrompt(spans)
+        return assemble_prompt(tokenizer, text, vision, images)
+    except JaxrsError as e:  # the images do not fit the rendered prompt
+        raise ImageError(str(e)) from None

@@ -23,9 +23,12 @@ from pallas_kernels.shapes import next_power_of_2
 log = logging.getLogger("jaxrs")
 
 
-@functools.partial(jax.jit, static_argnames=("graph",))
-def _tower(graph: nnx.GraphDef, params: dict, pixel_values: jax.Array, extras: dict) -> jax.Array:
-    return nnx.merge(graph, params)(pixel_values, **extras)
+@functools.partial(jax.jit, static_argnames=("graph", "static"))
+def _tower(
+    graph: nnx.GraphDef, params: dict, pixel_values: jax.Array, extras: dict, static: tuple = ()
+) -> jax.Array:
+    """`static`: `(name, values)` pairs of the family's `static_extras`, handed over as host arrays."""
+    return nnx.merge(graph, params)(pixel_values, **extras, **{k: np.asarray(v) for k, v in static})
 
 
 class VisionModel:
@@ -49,13 +52,17 @@ class VisionModel:
         return len(self.shapes)
 
     def _call(self, pixels: np.ndarray, extras: dict) -> np.ndarray:
-        key = (pixels.shape, tuple(sorted((k, v.shape) for k, v in extras.items())))
+        fixed = self.family.static_extras
+        static = tuple((k, tuple(np.asarray(extras[k]).tolist())) for k in sorted(extras) if k in fixed)
+        traced = {k: v for k, v in extras.items() if k not in fixed}
+        key = (pixels.shape, tuple(sorted((k, v.shape) for k, v in traced.items())), static)
         began = time.perf_counter()
         out = _tower(
             self.graph,
             self.params,
             jnp.asarray(pixels, self.dtype),
-            {k: jnp.asarray(v) for k, v in extras.items()},
+            {k: jnp.asarray(v) for k, v in traced.items()},
+            static,
         )
         out = np.asarray(out.astype(jnp.float32))
         with self._lock:

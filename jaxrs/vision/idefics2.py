@@ -5,18 +5,23 @@ The processor equals transformers' `Idefics2ImageProcessor` + `Idefics2Processor
 upright and RGB first as its `load_image` makes it: with `do_image_splitting` the image is cut into 4
 quarters (before resizing) followed by the whole image; each tile is resized so its longest edge is at
 most `longest_edge` and both edges at least `shortest_edge` (Pillow, the configured resampling),
-rescaled, normalized and zero-padded to the largest tile, with a pixel mask of the real pixels. The
+rescaled, normalized and zero-padded to the largest tile (its sides rounded up to a quarter of
+`longest_edge`, so that few tower shapes compile), with a pixel mask of the real pixels. The
 marker `<image>` becomes `<fake_token_around_image>` + `<image>` * image_seq_len per tile, tiles joined
 by one fake token and closed by one, exactly the ids transformers' processor gives for the text
-"<image>". Two things of the prompt around it are the prompt assembly's: transformers merges the fake
-tokens of adjacent images into one, and puts a space after an image directly followed by a word.
+"<image>". Two things of the prompt around it are the processor's `assemble` (the family's prompt
+assembly): transformers merges the fake tokens of adjacent images into one, and puts a space after an
+image directly followed by a word. `FAMILY` wires it all to the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +37,8 @@ from jaxrs.models.nn import Linear, RMSNorm, value
 from jaxrs.ops import Kernels
 from jaxrs.vision.image_input import ImageInput
 from jaxrs.vision.pixels import RESAMPLING, content_hash, rescale_normalize, upright_rgb
+from jaxrs.vision.prompt import ImagePrompt, place_images
+from jaxrs.vision.registry import VisionFamily
 from jaxrs.vision.siglip import (
     NEG_INF,
     SiglipConfig,
@@ -140,10 +147,34 @@ class Idefics2Processor:
         tile = (self.image_token_id,) * self.image_seq_len + (self.fake_token_id,)
         return (self.fake_token_id,) + tile * num_tiles
 
+    def padded(self, side: int) -> int:
+        """A tile side rounded up to the next quarter of `longest_edge`: images of many sizes share a
+        few compiled tower shapes. The padding is masked out (as transformers' batch padding is), so the
+        tower's rows do not change."""
+        step = -(-self.longest_edge // 4)
+        return -(-side // step) * step
+
+    def assemble(
+        self, tokenizer: Any, text: str, images: Sequence[ImageInput]
+    ) -> tuple[list[int], ImagePrompt]:
+        """The prompt ids transformers' processor gives for `text`: a space after an image directly
+        followed by a word, BOS as its tokenizer adds it, and one boundary token between adjacent
+        images (each image's tokens start with one; the next image's is dropped)."""
+        text = re.sub(re.escape(self.marker) + r"(?=[^\s<])", self.marker + " ", text)
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        at = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        images = [
+            dataclasses.replace(im, prompt_tokens=im.prompt_tokens[1:], feature_mask=im.feature_mask[1:])
+            if 0 < k < len(at) and at[k] == at[k - 1] + 1
+            else im
+            for k, im in enumerate(images)
+        ]
+        return place_images(ids, [self.image_token_id], images)
+
     def __call__(self, image: Image.Image) -> ImageInput:
         rgb = upright_rgb(image)
         tiles = self.tiles(rgb)
-        height, width = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+        height, width = (self.padded(max(t.shape[k] for t in tiles)) for k in (1, 2))
         pixels = np.zeros((len(tiles), 3, height, width), np.float32)
         mask = np.zeros((len(tiles), height, width), bool)
         for i, tile in enumerate(tiles):
@@ -337,13 +368,16 @@ MISTRAL_TEXT_DEFAULTS = {
 }
 
 
+def text_config(raw: Mapping) -> dict:
+    """The text model's config.json dict (the Mistral family): `text_config` over Mistral's defaults."""
+    text = raw.get("text_config") or {}
+    return MISTRAL_TEXT_DEFAULTS | {k: v for k, v in text.items() if k != "architectures"}
+
+
 def idefics2_text_config(folder: str | Path) -> ModelConfig:
-    """The text model's config (the Mistral family) from an Idefics 2 config.json's `text_config`."""
+    """The text model's config from an Idefics 2 folder's config.json."""
     file = Path(folder) / "config.json"
-    text = read_json(file).get("text_config") or {}
-    return config_from_hf(
-        MISTRAL_TEXT_DEFAULTS | {k: v for k, v in text.items() if k != "architectures"}, file
-    )
+    return config_from_hf(text_config(read_json(file)), file)
 
 
 def idefics2_text_tensor(name: str) -> str:
@@ -363,3 +397,26 @@ def load_idefics2_tower(folder: str | Path) -> tuple[Idefics2VisionTower, Idefic
     params = load_tower_params(folder, abstract, idefics2_checkpoint_name)
     graph, _ = nnx.split(abstract)
     return nnx.merge(graph, params), cfg
+
+
+def processor(folder: Path, raw: Mapping, tokenizer: Any) -> Idefics2Processor:
+    """The folder's processor, its token ids from the tokenizer; its tokens per tile must be the
+    resampler's latents (each `<image>` token takes one row)."""
+    vocab = {t: tokenizer.token_to_id(t) for t in (IMAGE_TOKEN, FAKE_TOKEN)}
+    found = Idefics2Processor.from_folder(folder, {t: i for t, i in vocab.items() if i is not None})
+    latents = Idefics2Config.from_hf(dict(raw)).perceiver.n_latents
+    if found.image_seq_len != latents:
+        raise ModelLoadError(
+            folder, f"image_seq_len {found.image_seq_len} differs from the resampler's {latents} latents"
+        )
+    return found
+
+
+FAMILY = VisionFamily(
+    name="idefics2",
+    text_config=text_config,
+    processor=processor,
+    tower=lambda raw: Idefics2VisionTower(Idefics2Config.from_hf(dict(raw))),
+    tower_names=lambda path: [idefics2_checkpoint_name(path)],
+    text_names=lambda name: [idefics2_text_tensor(name)],
+)

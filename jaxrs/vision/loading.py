@@ -47,6 +47,17 @@ def _leaves(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     return out
 
 
+def _read(get: Callable[[str], Any], name: str, shape: tuple, where: Path) -> np.ndarray:
+    """One tensor of `shape`; a name with `{i}` reads the stacked layers `[shape[0], ...]` one by one. A
+    tensor of another rank with as many elements is reshaped (a patch convolution read as a matrix)."""
+    if "{i}" in name:
+        return np.stack([_read(get, name.format(i=i), shape[1:], where) for i in range(shape[0])])
+    array = np.asarray(get(name))
+    if array.shape != shape and (array.ndim == len(shape) or array.size != int(np.prod(shape))):
+        raise ModelLoadError(where, f"tensor {name} has shape {array.shape}, the config says {shape}")
+    return array.reshape(shape)
+
+
 def load_tower(
     family: VisionFamily, raw: Mapping, get: Callable[[str], Any], dtype: jnp.dtype, where: Path
 ) -> tuple[nnx.GraphDef, dict]:
@@ -55,11 +66,10 @@ def load_tower(
     params: dict = {}
     for path, abstract in _leaves(state.to_pure_dict()):
         name = ".".join(str(p) for p in path)
-        array = np.asarray(first_found(get, family.tower_names(name), name, where))
-        if array.shape != abstract.shape:
-            raise ModelLoadError(
-                where, f"tensor {name} has shape {array.shape}, the config says {abstract.shape}"
-            )
+        shape = tuple(abstract.shape)
+        array = first_found(
+            lambda n, shape=shape: _read(get, n, shape, where), family.tower_names(name), name, where
+        )
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})

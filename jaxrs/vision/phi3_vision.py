@@ -24,16 +24,19 @@ There is no transformers class: this is a port of the modeling code Microsoft pu
 
 The published processor turns the marker `<|image_N|>` into that many placeholder ids (negative there;
 here the tokenizer's `<|image|>` id, whose embedding is replaced anyway) and tokenizes the text on each
-side of a marker separately, each piece with the tokenizer's BOS: that is the prompt assembly's job, not
-the image's.
+side of a marker separately, each piece with the tokenizer's BOS: the processor's `assemble` does the
+same. `FAMILY` wires it to the engine: the text model is the Phi-3 family (config.json's top-level
+fields), the tower the shared CLIP then the projector, the crop grid a compile-time value.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +48,11 @@ from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.nn import Linear, value
 from jaxrs.ops import Kernels
+from jaxrs.vision.clip import CLIPVision, VisionConfig
 from jaxrs.vision.image_input import ImageInput
 from jaxrs.vision.pixels import content_hash, to_rgb
+from jaxrs.vision.prompt import ImagePrompt, place_between
+from jaxrs.vision.registry import VisionFamily
 from jaxrs.vision.tower_weights import load_tower_params
 
 CROP = 336  # the published code's crop side: CLIP ViT-L/14 at 336 px
@@ -150,6 +156,14 @@ class Phi3VisionProcessor:
             image_mean=tuple(pre.get("image_mean") or CLIP_MEAN),
             image_std=tuple(pre.get("image_std") or CLIP_STD),
         )
+
+    def assemble(
+        self, tokenizer: Any, text: str, images: Sequence[ImageInput]
+    ) -> tuple[list[int], ImagePrompt]:
+        """The published prompt assembly: the text on each side of every `<|image_N|>` marker tokenized
+        on its own, each piece with the tokenizer's BOS. Markers take the images in the order they
+        appear (the chat path writes them in that order)."""
+        return place_between(tokenizer, re.split(MARKER_PATTERN, text), images, add_special_tokens=True)
 
     def __call__(self, image: Image.Image) -> ImageInput:
         rgb = to_rgb(image)
@@ -293,3 +307,64 @@ def load_phi3_vision_projector(folder: str | Path) -> tuple[Phi3VisionProjector,
     abstract = nnx.eval_shape(lambda: Phi3VisionProjector(cfg))
     params = load_tower_params(folder, abstract, projector_checkpoint_name)
     return nnx.merge(nnx.split(abstract)[0], params), cfg
+
+
+# CLIP ViT-L/14-336, which the published code builds for `img_processor.name == "clip_vision_model"`
+CLIP_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": CROP,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+
+def clip_config(raw: Mapping) -> VisionConfig:
+    """The CLIP encoder: ViT-L/14-336 (a smaller one where `img_processor.vision_config` names its
+    shape), read at `img_processor.layer_idx` (the second-to-last layer), the class token dropped."""
+    proc = raw.get("img_processor") or {}
+    if proc.get("name", "clip_vision_model") != "clip_vision_model":
+        raise JaxrsError(f"unsupported Phi-3 Vision image encoder {proc.get('name')!r} (CLIP only)")
+    vc = CLIP_L_336 | (proc.get("vision_config") or {})
+    cfg = VisionConfig.from_hf(vc, proc.get("layer_idx", -2), "default")
+    if cfg.image_size != CROP or cfg.grid != 2 * MERGED_SIDE:
+        raise JaxrsError(f"the CLIP encoder must take {CROP} px tiles in a 24 x 24 patch grid")
+    if cfg.hidden_size != proc.get("image_dim_out", cfg.hidden_size):
+        raise JaxrsError(f"img_processor.image_dim_out {proc['image_dim_out']} is not CLIP's width")
+    return cfg
+
+
+def text_config(raw: Mapping) -> dict:
+    """The text model's config.json dict: the Phi-3 family, its fields at the top level."""
+    text = {k: v for k, v in raw.items() if k not in ("architectures", "embd_layer", "img_processor")}
+    return text | {"model_type": "phi3"}
+
+
+def tower(raw: Mapping) -> Phi3VisionTower:
+    cfg = Phi3VisionConfig.from_hf(dict(raw))
+    return Phi3VisionTower(CLIPVision(clip_config(raw)), Phi3VisionProjector(cfg))
+
+
+def tower_names(path: str) -> list[str]:
+    """`encoder.*` -> the CLIP under `img_processor.vision_model.` (or `img_processor.`, as newer
+    transformers saves a CLIPVisionModel); `projector.*` -> the projector's."""
+    head, _, rest = path.partition(".")
+    if head == "encoder":
+        return [f"{CLIP_PREFIX}vision_model.{rest}", f"{CLIP_PREFIX}{rest}"]
+    return [projector_checkpoint_name(rest)]
+
+
+FAMILY = VisionFamily(
+    name="phi3_v",
+    text_config=text_config,
+    processor=lambda folder, raw, tok: Phi3VisionProcessor.from_folder(
+        folder, {"<|image|>": i} if (i := tok.token_to_id("<|image|>")) is not None else {}
+    ),
+    tower=tower,
+    tower_names=tower_names,
+    text_names=lambda name: [name],
+    static_extras=("image_size",),
+)

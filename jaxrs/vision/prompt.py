@@ -97,6 +97,48 @@ def place_images(
     return out, ImagePrompt(spans)
 
 
+def place_between(
+    tokenizer: Any, parts: Sequence[str], images: Sequence[ImageInput], *, add_special_tokens: bool = False
+) -> tuple[list[int], ImagePrompt]:
+    """The text `parts` around the images (`len(parts) == len(images) + 1`), each tokenized on its own,
+    with each image's prompt tokens between them."""
+    if len(parts) - 1 != len(images):
+        raise JaxrsError(
+            f"the rendered prompt holds {len(parts) - 1} image markers for {len(images)} images "
+            "(does the chat template render them?)"
+        )
+    out: list[int] = []
+    spans = []
+    for k, part in enumerate(parts):
+        out += tokenizer.encode(part, add_special_tokens=add_special_tokens)
+        if k < len(images):
+            spans.append((len(out), images[k]))
+            out += images[k].prompt_tokens
+    return out, ImagePrompt(spans)
+
+
+def assemble_prompt(
+    tokenizer: Any, text: str, vision: VisionModel | None, images: Sequence[ImageInput]
+) -> tuple[list[int], ImagePrompt | None]:
+    """Token ids of a rendered prompt holding one `vision.marker` per image, with the images placed.
+
+    By default the whole text is tokenized and each marker's ids are replaced (a marker that is no
+    token of the vocabulary, as with a GGUF text model, cuts the text instead). A processor with an
+    `assemble(tokenizer, text, images)` method tokenizes the text its model's way (Idefics 2 merges
+    adjacent images' boundary tokens; Phi-3 Vision tokenizes each piece between images on its own)."""
+    if not images:
+        return tokenizer.encode(text, add_special_tokens=False), None
+    assert vision is not None, "images reach only a vision model's prompt"
+    own = getattr(vision.processor, "assemble", None)
+    if own is not None:
+        return own(tokenizer, text, images)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return place_images(ids, tokenizer.encode(vision.marker, add_special_tokens=False), images)
+    except JaxrsError:
+        return place_between(tokenizer, text.split(vision.marker), images)
+
+
 def encode_chunks(chunks: Sequence[Any], vision: VisionModel | None) -> None:
     """Compute the features of the images the step's prefill chunks reach (once per request)."""
     for chunk in chunks:

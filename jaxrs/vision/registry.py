@@ -27,7 +27,9 @@ FAMILY_MODULES = {
 
 class Processor(Protocol):
     """A family's image processor: PIL image in, `ImageInput` out; `marker` is what the chat template
-    renders for one image."""
+    renders for one image. A processor whose model tokenizes the prompt around its images in a way of
+    its own also defines `assemble(tokenizer, text, images) -> (ids, ImagePrompt)` (see
+    `jaxrs.vision.prompt.assemble_prompt`)."""
 
     marker: str
 
@@ -42,6 +44,8 @@ class VisionFamily:
     `tower_names(path)`: the checkpoint names a tower parameter path may have, first found wins.
     `text_names(name)`: the same for the text model's HF names (`model.layers.0...`, `lm_head.weight`).
     `batchable`: images without extras may share one tower call (tiles stacked).
+    `static_extras`: extras that fix the tower's output shape (a crop grid); they reach the tower as
+    host arrays, part of the compiled shape, never traced.
     """
 
     name: str
@@ -51,6 +55,7 @@ class VisionFamily:
     tower_names: Callable[[str], list[str]]
     text_names: Callable[[str], list[str]]
     batchable: bool = True
+    static_extras: tuple[str, ...] = ()
 
 
 def family_for(model_type: str) -> VisionFamily | None:
