@@ -35,8 +35,8 @@ from jaxrs.loading.model_config import config_from_hf
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Linear, RMSNorm, value
 from jaxrs.ops import Kernels
-from jaxrs.vision.image_input import ImageInput
-from jaxrs.vision.pixels import RESAMPLING, content_hash, rescale_normalize, upright_rgb
+from jaxrs.vision.image_input import ImageInput, content_hash
+from jaxrs.vision.image_ops import RESAMPLING, rescale_normalize, upright_rgb
 from jaxrs.vision.prompt import ImagePrompt, place_images
 from jaxrs.vision.registry import VisionFamily
 from jaxrs.vision.siglip import (

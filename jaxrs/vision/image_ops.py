@@ -1,7 +1,7 @@
-"""Image preprocessing in NumPy + Pillow, step for step what transformers' PIL image processors do
-(`image_transforms.resize`, `center_crop`, `rescale`, `normalize`), so pixel values match exactly:
-Pillow resamples the uint8 image, crops count from `(size - crop) // 2`, rescaling goes through float64,
-normalization runs in float32."""
+"""Image preprocessing in NumPy + Pillow that every image processor shares, step for step what
+transformers' PIL image processors do (`convert_to_rgb`, `load_image`, `image_transforms.resize`,
+`center_crop`, `rescale`, `normalize`), so pixel values match exactly: Pillow resamples the uint8 image,
+crops count from `(size - crop) // 2`, rescaling goes through float64, normalization runs in float32."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # transformers' OPENAI_CLIP_MEAN / _STD, the defaults of CLIP's processor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# transformers' PILImageResampling values as stored in preprocessor_config.json
+RESAMPLING = {0: Image.Resampling.NEAREST, 1: Image.Resampling.LANCZOS, 2: Image.Resampling.BILINEAR}
+RESAMPLING |= {3: Image.Resampling.BICUBIC, 4: Image.Resampling.BOX, 5: Image.Resampling.HAMMING}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -23,6 +27,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then RGB with any alpha dropped: transformers' `load_image`, which the
+    Idefics 2 processor runs on every image before its image processor."""
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
@@ -56,13 +66,14 @@ def center_crop(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 def rescale_normalize(
     chw: np.ndarray, scale: float | None, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> np.ndarray:
-    """float32 `[3, H, W]`: times `scale` (in float64, then float32), then `(x - mean) / std` per channel."""
-    x = chw.astype(np.float64) * scale if scale is not None else chw
-    x = x.astype(np.float32)
-    if mean is None or std is None:
-        return x
-    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    return ((x.T - m) / s).T
+    """uint8 `[3, H, W]` -> float32: `x * scale` computed in f64 then cast, then `(x - mean) / std` in f32
+    (transformers' `rescale` and `normalize`, bit for bit); `None` skips a step."""
+    x = chw.astype(np.float32) if scale is None else (chw.astype(np.float64) * scale).astype(np.float32)
+    if mean is not None and std is not None:
+        m = np.asarray(mean, dtype=np.float32)[:, None, None]
+        s = np.asarray(std, dtype=np.float32)[:, None, None]
+        x = (x - m) / s
+    return x
 
 
 def pad_to_square(chw: np.ndarray, fill: Sequence[int]) -> np.ndarray:

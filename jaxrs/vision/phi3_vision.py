@@ -49,8 +49,8 @@ from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.models.nn import Linear, value
 from jaxrs.ops import Kernels
 from jaxrs.vision.clip import CLIPVision, VisionConfig
-from jaxrs.vision.image_input import ImageInput
-from jaxrs.vision.pixels import content_hash, to_rgb
+from jaxrs.vision.image_input import ImageInput, content_hash
+from jaxrs.vision.image_ops import to_rgb
 from jaxrs.vision.prompt import ImagePrompt, place_between
 from jaxrs.vision.registry import VisionFamily
 from jaxrs.vision.tower_weights import load_tower_params
