@@ -19,18 +19,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError
 from jaxrs.models.nn import _param, value
 from jaxrs.vision import image_ops
-from jaxrs.vision.clip import CLIPVision
 from jaxrs.vision.image_input import ImageInput, content_hash
 from jaxrs.vision.llava import (
     ClipImageProcessing,
-    Projector,
+    LlavaTower,
     image_token_id,
     processor_settings,
     text_config,
@@ -86,28 +84,20 @@ def feature_index(height: int, width: int, grid_h: int, grid_w: int, g: int) -> 
     return np.concatenate([np.arange(g * g), np.concatenate([kept, newline], 1).reshape(-1)]).astype(np.int32)
 
 
-class LlavaNextTower(nnx.Module):
-    """Tiles `[1 + grid, 3, S, S]` and the gather `index` -> `[len(index), text_hidden]`."""
+class LlavaNextTower(LlavaTower):
+    """Tiles `[1 + grid, 3, S, S]` and the gather `index` -> `[len(index), text_hidden]`: LLaVA's tower
+    plus the `image_newline` row that ends each feature-map row."""
 
     def __init__(self, raw: Mapping[str, Any]):
-        vcfg = vision_config(raw)
-        if not vcfg.drop_cls:
+        if not vision_config(raw).drop_cls:
             raise JaxrsError("LLaVA-NeXT runs with vision_feature_select_strategy 'default' only")
-        hidden = text_config(raw)["hidden_size"]
-        self.vision_tower = CLIPVision(vcfg)
-        self.multi_modal_projector = Projector(
-            vcfg.feature_size,
-            hidden,
-            raw.get("projector_hidden_act", "gelu"),
-            raw.get("multimodal_projector_bias", True),
-        )
-        self.image_newline = _param(hidden)
+        super().__init__(raw)
+        self.image_newline = _param(text_config(raw)["hidden_size"])
 
     def __call__(
         self, pixel_values: jax.Array, index: jax.Array | None = None, **extras: jax.Array
     ) -> jax.Array:
-        feats = self.multi_modal_projector(self.vision_tower(pixel_values))
-        rows = feats.reshape(-1, feats.shape[-1])
+        rows = super().__call__(pixel_values)
         if index is None:
             return rows
         newline = value(self.image_newline).astype(rows.dtype)[None]
