@@ -1,9 +1,10 @@
 """CLIP's vision transformer (the tower of LLaVA 1.5, LLaVA-NeXT and Phi-3 Vision) as `flax.nnx`
 modules: patch embedding (a strided convolution as one matmul), class token, learned positions,
-pre-norm, then pre-norm encoder layers with QuickGELU MLPs. Parameter paths mirror transformers'
-names (`embeddings.patch_embedding.weight`, `encoder.layers.3.self_attn.q_proj.weight`), so loading is
-a lookup. Only the layers up to the feature layer are built: LLaVA reads the second-to-last hidden
-state, so the last layer's weights are never loaded nor run."""
+pre-norm, then pre-norm encoder layers (`models.prenorm_encoder`) with QuickGELU MLPs. Parameter
+paths mirror transformers' names (`embeddings.patch_embedding.weight`,
+`encoder.layers.3.self_attn.q_proj.weight`), so loading is a lookup. Only the layers up to the feature
+layer are built: LLaVA reads the second-to-last hidden state, so the last layer's weights are never
+loaded nor run."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrs.errors import JaxrsError
-from jaxrs.models.nn import LayerNorm, Linear, _param, value
-from jaxrs.ops import Kernels
-
-_KERNELS = Kernels()  # the towers run dense float weights: the default ops
+from jaxrs.models.nn import LayerNorm, _param, value
+from jaxrs.models.prenorm_encoder import PreNormLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +77,6 @@ class VisionConfig:
         return self.hidden_size * len(self.feature_layers)
 
 
-def vision_activation(x: jax.Array, kind: str) -> jax.Array:
-    if kind == "quick_gelu":
-        return x * jax.nn.sigmoid(1.702 * x)
-    if kind == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if kind in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return jax.nn.gelu(x, approximate=True)
-    raise JaxrsError(f"unsupported vision activation {kind!r}")
-
-
 class Weight(nnx.Module):
     """A lone `weight` parameter (a module of its own so its path reads like the checkpoint's)."""
 
@@ -116,52 +105,9 @@ class Embeddings(nnx.Module):
         return x + value(self.position_embedding.weight).astype(x.dtype)[None, : x.shape[1]]
 
 
-class SelfAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig):
-        d = cfg.hidden_size
-        self.q_proj = Linear(d, d, bias=True)
-        self.k_proj = Linear(d, d, bias=True)
-        self.v_proj = Linear(d, d, bias=True)
-        self.out_proj = Linear(d, d, bias=True)
-        self.heads = cfg.num_heads
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, d = x.shape
-        hd = d // self.heads
-        q, k, v = (
-            proj(x, _KERNELS).reshape(b, n, self.heads, hd)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * hd**-0.5, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d), _KERNELS)
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(vision_activation(self.fc1(x, _KERNELS), self.act), _KERNELS)
-
-
-class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: VisionConfig):
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = SelfAttention(cfg)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        h = h + self.self_attn(self.layer_norm1(h))
-        return h + self.mlp(self.layer_norm2(h))
-
-
 class Encoder(nnx.Module):
     def __init__(self, cfg: VisionConfig, num_layers: int):
-        self.layers = nnx.List([EncoderLayer(cfg) for _ in range(num_layers)])
+        self.layers = nnx.List([PreNormLayer(cfg) for _ in range(num_layers)])
 
 
 class CLIPVision(nnx.Module):

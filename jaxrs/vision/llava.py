@@ -21,8 +21,9 @@ from PIL import Image
 from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError
 from jaxrs.models.nn import Linear
+from jaxrs.models.prenorm_encoder import DENSE, encoder_activation
 from jaxrs.vision import image_ops
-from jaxrs.vision.clip import _KERNELS, CLIPVision, VisionConfig, vision_activation
+from jaxrs.vision.clip import CLIPVision, VisionConfig
 from jaxrs.vision.image_input import ImageInput, content_hash
 from jaxrs.vision.registry import VisionFamily
 
@@ -67,7 +68,7 @@ class Projector(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(vision_activation(self.linear_1(x, _KERNELS), self.act), _KERNELS)
+        return self.linear_2(encoder_activation(self.linear_1(x, DENSE), self.act), DENSE)
 
 
 class LlavaTower(nnx.Module):

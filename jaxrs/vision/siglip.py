@@ -6,7 +6,7 @@ a patch counts when every one of its pixels is real (the pixel mask), and paddin
 of attention as keys. A real patch at row r of an image `rows` patches high gets position row
 `bucket(r / rows)` of the `image_size / patch_size` grid (and likewise for columns), with the float32
 arithmetic of transformers' `Idefics2VisionEmbeddings`, so every size lands on the same ids. Then
-pre-LN encoder layers (tanh-GELU MLP) and a final LayerNorm.
+pre-LN encoder layers (`models.prenorm_encoder`, tanh-GELU MLP) and a final LayerNorm.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrs.models.layers import activation
 from jaxrs.models.nn import Embedding, LayerNorm, Linear, value
+from jaxrs.models.prenorm_encoder import PreNormLayer
 from jaxrs.ops import Kernels
 
 NEG_INF = -1e30  # finite, so a row with no real key stays finite
@@ -128,54 +128,12 @@ class SiglipEmbeddings(nnx.Module):
         return emb + self.position_embedding(position_ids(mask, self.cfg.patches_per_side), emb.dtype)
 
 
-class SiglipAttention(nnx.Module):
-    def __init__(self, cfg: SiglipConfig):
-        d = cfg.hidden_size
-        self.q_proj, self.k_proj = Linear(d, d, bias=True), Linear(d, d, bias=True)
-        self.v_proj, self.out_proj = Linear(d, d, bias=True), Linear(d, d, bias=True)
-        self.heads = cfg.num_heads
-
-    def __call__(self, x: jax.Array, key_bias: jax.Array, kernels: Kernels) -> jax.Array:
-        b, t, d = x.shape
-        head_dim = d // self.heads
-
-        def heads(proj: Linear) -> jax.Array:
-            return proj(x, kernels).reshape(b, t, self.heads, head_dim).transpose(0, 2, 1, 3)
-
-        out = attend(heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), key_bias, head_dim**-0.5)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d), kernels)
-
-
-class SiglipMLP(nnx.Module):
-    def __init__(self, cfg: SiglipConfig):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x: jax.Array, kernels: Kernels) -> jax.Array:
-        return self.fc2(activation(self.fc1(x, kernels), self.act), kernels)
-
-
-class SiglipLayer(nnx.Module):
-    """Pre-LN: `h + attn(norm1(h))`, then `h + mlp(norm2(h))`."""
-
-    def __init__(self, cfg: SiglipConfig):
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = SiglipAttention(cfg)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
-
-    def __call__(self, h: jax.Array, key_bias: jax.Array, kernels: Kernels) -> jax.Array:
-        h = h + self.self_attn(self.layer_norm1(h), key_bias, kernels)
-        return h + self.mlp(self.layer_norm2(h), kernels)
-
-
 class SiglipEncoder(nnx.Module):
     """Embeddings, the stacked layers (run under `lax.scan`), the final LayerNorm."""
 
     def __init__(self, cfg: SiglipConfig):
         self.embeddings = SiglipEmbeddings(cfg)
-        self.layers = nnx.vmap(lambda _: SiglipLayer(cfg), in_axes=0, out_axes=0)(jnp.arange(cfg.num_layers))
+        self.layers = nnx.vmap(lambda _: PreNormLayer(cfg), in_axes=0, out_axes=0)(jnp.arange(cfg.num_layers))
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.cfg = cfg
 
@@ -183,10 +141,11 @@ class SiglipEncoder(nnx.Module):
         """`[B, rows * cols, hidden]` for pixels `[B, 3, H, W]` and a patch mask `[B, rows, cols]`."""
         h = self.embeddings(pixels.astype(value(self.post_layernorm.weight).dtype), mask, kernels)
         key_bias = jnp.where(mask.reshape(mask.shape[0], -1), 0.0, NEG_INF).astype(jnp.float32)
+        bias = key_bias[:, None, None, :]  # padding patches are no one's keys
         graph, stacked = nnx.split(self.layers)
 
         def body(h: jax.Array, state) -> tuple[jax.Array, None]:
-            return nnx.merge(graph, state)(h, key_bias, kernels), None
+            return nnx.merge(graph, state)(h, bias, kernels), None
 
         h, _ = jax.lax.scan(body, h, stacked)
         return self.post_layernorm(h)
