@@ -20,9 +20,9 @@ from flax import nnx
 
 from jaxrs.config import ACTIVATIONS
 from jaxrs.errors import ModelLoadError
-from jaxrs.models.dense_attention import attend
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Embedding, LayerNorm, Linear, value
+from jaxrs.models.prenorm_encoder import SelfAttention
 from jaxrs.ops import Kernels
 
 NEG_INF = -1e30  # finite: a padding row's scores stay finite
@@ -123,36 +123,12 @@ class EncoderEmbeddings(nnx.Module):
         return self.norm(h)
 
 
-class EncoderAttention(nnx.Module):
-    """Multi-head self-attention over every non-padding key (softmax in f32)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        hidden = cfg.hidden_size
-        self.q_proj = Linear(hidden, hidden, bias=True)
-        self.k_proj = Linear(hidden, hidden, bias=True)
-        self.v_proj = Linear(hidden, hidden, bias=True)
-        self.o_proj = Linear(hidden, hidden, bias=True)
-        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-
-    def __call__(self, x: jax.Array, key_bias: jax.Array, kernels: Kernels) -> jax.Array:
-        batch, length, hidden = x.shape
-
-        def heads(proj: Linear) -> jax.Array:
-            return proj(x, kernels).reshape(batch, length, self.heads, self.head_dim).transpose(0, 2, 1, 3)
-
-        bias = key_bias[:, None, None, :]
-        out = attend(
-            heads(self.q_proj), heads(self.k_proj), heads(self.v_proj), scale=self.head_dim**-0.5, bias=bias
-        )
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, hidden), kernels)
-
-
 class EncoderLayer(nnx.Module):
     """Post-LN: `norm(h + attn(h))`, then `norm(h + down(act(up(h))))`."""
 
     def __init__(self, cfg: EncoderConfig):
         hidden = cfg.hidden_size
-        self.attn = EncoderAttention(cfg)
+        self.attn = SelfAttention(hidden, cfg.num_heads)
         self.attn_norm = LayerNorm(hidden, eps=cfg.layer_norm_eps)
         self.up_proj = Linear(hidden, cfg.intermediate_size, bias=True)
         self.down_proj = Linear(cfg.intermediate_size, hidden, bias=True)
@@ -160,7 +136,7 @@ class EncoderLayer(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, h: jax.Array, key_bias: jax.Array, kernels: Kernels) -> jax.Array:
-        h = self.attn_norm(h + self.attn(h, key_bias, kernels))
+        h = self.attn_norm(h + self.attn(h, key_bias[:, None, None, :], kernels))
         mlp = self.down_proj(activation(self.up_proj(h, kernels), self.act), kernels)
         return self.mlp_norm(h + mlp)
 
@@ -209,8 +185,8 @@ HF_NAMES = {
         for p, hf in (("q", "query"), ("k", "key"), ("v", "value"))
         for kind in ("weight", "bias")
     },
-    "layers.attn.o_proj.weight": "attention.output.dense.weight",
-    "layers.attn.o_proj.bias": "attention.output.dense.bias",
+    "layers.attn.out_proj.weight": "attention.output.dense.weight",
+    "layers.attn.out_proj.bias": "attention.output.dense.bias",
     "layers.attn_norm.weight": "attention.output.LayerNorm.weight",
     "layers.attn_norm.bias": "attention.output.LayerNorm.bias",
     "layers.up_proj.weight": "intermediate.dense.weight",
