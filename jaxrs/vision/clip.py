@@ -20,6 +20,19 @@ from jaxrs.models.nn import LayerNorm, _param, value
 from jaxrs.models.prenorm_encoder import PreNormLayer
 
 
+def vit_shape(raw: Mapping) -> dict:
+    """The ViT shape fields of a transformers `vision_config`, with the defaults CLIP's and SigLIP's
+    configs share."""
+    return dict(
+        hidden_size=raw.get("hidden_size", 768),
+        intermediate_size=raw.get("intermediate_size", 3072),
+        num_layers=raw.get("num_hidden_layers", 12),
+        num_heads=raw.get("num_attention_heads", 12),
+        image_size=raw.get("image_size", 224),
+        patch_size=raw.get("patch_size", 32),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """A ViT tower's shape (transformers' `vision_config`) and which hidden states the model reads."""
@@ -44,12 +57,7 @@ class VisionConfig:
         if strategy not in ("default", "full"):
             raise JaxrsError(f"unsupported vision_feature_select_strategy {strategy!r} (default, full)")
         return cls(
-            hidden_size=raw.get("hidden_size", 768),
-            intermediate_size=raw.get("intermediate_size", 3072),
-            num_layers=raw.get("num_hidden_layers", 12),
-            num_heads=raw.get("num_attention_heads", 12),
-            image_size=raw.get("image_size", 224),
-            patch_size=raw.get("patch_size", 32),
+            **vit_shape(raw),
             layer_norm_eps=raw.get("layer_norm_eps", 1e-5),
             hidden_act=raw.get("hidden_act", "quick_gelu"),
             num_channels=raw.get("num_channels", 3),

@@ -156,10 +156,12 @@ def image_token_id(raw: Mapping[str, Any], tokenizer: Any, token: str) -> int:
     return int(found)
 
 
-def processor_settings(folder: Path) -> tuple[dict, dict]:
-    """(preprocessor_config.json, processor_config.json), each {} when absent."""
+def folder_settings(folder: Path, raw: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], dict, dict]:
+    """(config.json, or `raw` when given; preprocessor_config.json; processor_config.json), the last two
+    {} when absent."""
+    raw = raw if raw is not None else read_json(folder / "config.json")
     pre, proc = folder / "preprocessor_config.json", folder / "processor_config.json"
-    return (read_json(pre) if pre.is_file() else {}), (read_json(proc) if proc.is_file() else {})
+    return raw, (read_json(pre) if pre.is_file() else {}), (read_json(proc) if proc.is_file() else {})
 
 
 class LlavaProcessor:
@@ -173,8 +175,7 @@ class LlavaProcessor:
         cls, folder: str | Path, raw: Mapping[str, Any] | None = None, tokenizer: Any = None
     ) -> LlavaProcessor:
         folder = Path(folder)
-        raw = raw if raw is not None else read_json(folder / "config.json")
-        pre, proc = processor_settings(folder)
+        raw, pre, proc = folder_settings(folder, raw)
         images = ClipImageProcessing(pre)
         vcfg = vision_config(raw)
         marker = proc.get("image_token", "<image>")

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxrs.config import read_json
 from jaxrs.errors import JaxrsError
 from jaxrs.models.nn import _param, value
 from jaxrs.vision import image_ops
@@ -29,8 +28,8 @@ from jaxrs.vision.image_input import ImageInput, content_hash
 from jaxrs.vision.llava import (
     ClipImageProcessing,
     LlavaTower,
+    folder_settings,
     image_token_id,
-    processor_settings,
     text_config,
     text_names,
     tower_names,
@@ -122,8 +121,7 @@ class LlavaNextProcessor:
         cls, folder: str | Path, raw: Mapping[str, Any] | None = None, tokenizer: Any = None
     ) -> LlavaNextProcessor:
         folder = Path(folder)
-        raw = raw if raw is not None else read_json(folder / "config.json")
-        pre, proc = processor_settings(folder)
+        raw, pre, proc = folder_settings(folder, raw)
         pinpoints = pre.get("image_grid_pinpoints") or raw.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
         marker = proc.get("image_token", "<image>")
         vcfg = vision_config(raw)

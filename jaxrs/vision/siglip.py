@@ -21,6 +21,7 @@ from flax import nnx
 from jaxrs.models.nn import Embedding, LayerNorm, Linear, value
 from jaxrs.models.prenorm_encoder import PreNormLayer
 from jaxrs.ops import Kernels
+from jaxrs.vision.clip import vit_shape
 
 NEG_INF = -1e30  # finite, so a row with no real key stays finite
 HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
@@ -50,12 +51,7 @@ class SiglipConfig:
     @classmethod
     def from_hf(cls, raw: dict) -> SiglipConfig:
         return cls(
-            hidden_size=raw.get("hidden_size", 768),
-            intermediate_size=raw.get("intermediate_size", 3072),
-            num_layers=raw.get("num_hidden_layers", 12),
-            num_heads=raw.get("num_attention_heads", 12),
-            image_size=raw.get("image_size", 224),
-            patch_size=raw.get("patch_size", 32),
+            **vit_shape(raw),
             hidden_act=hf_activation(raw.get("hidden_act", "gelu_pytorch_tanh")),
             layer_norm_eps=raw.get("layer_norm_eps", 1e-6),
         )
