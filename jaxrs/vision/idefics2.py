@@ -32,6 +32,7 @@ from PIL import Image
 from jaxrs.config import ModelConfig, read_json
 from jaxrs.errors import JaxrsError, ModelLoadError
 from jaxrs.loading.model_config import config_from_hf
+from jaxrs.models.dense_attention import attend
 from jaxrs.models.layers import activation
 from jaxrs.models.nn import Linear, RMSNorm, value
 from jaxrs.ops import Kernels
@@ -43,7 +44,6 @@ from jaxrs.vision.siglip import (
     NEG_INF,
     SiglipConfig,
     SiglipEncoder,
-    attend,
     hf_activation,
     patch_mask,
     siglip_checkpoint_name,
@@ -271,7 +271,9 @@ class PerceiverAttention(nnx.Module):
         q = self.q_proj(latents, kernels).reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(both, kernels).reshape(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(both, kernels).reshape(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
-        out = attend(q, k, v, key_bias, cfg.head_dim**-0.5)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+        out = attend(q, k, v, scale=cfg.head_dim**-0.5, bias=key_bias[:, None, None, :])
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1), kernels)
 
 

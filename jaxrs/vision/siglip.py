@@ -61,16 +61,6 @@ class SiglipConfig:
         return self.image_size // self.patch_size
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array, scale: float) -> jax.Array:
-    """Bidirectional attention `[B, H, Tq, D]` over keys `[B, Hkv, Tk, D]` (grouped when Hkv < H) with an
-    additive `[B, Tk]` key bias; softmax in f32."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(scores + key_bias[:, None, None, :], axis=-1)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
-
-
 def patch_mask(pixel_mask: jax.Array, patch: int) -> jax.Array:
     """`[B, H, W]` pixel mask -> `[B, H // patch, W // patch]`: a patch counts when all its pixels do."""
     b, h, w = pixel_mask.shape
