@@ -107,7 +107,6 @@ def test_truncation_only_when_asked(served, minilm):
         ({"input": [101, 30522]}, "input", r"token ids must be in \[0, 30522\)"),
         ({"input": "a", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64', not 'int8'"),
         ({"input": "a", "dimensions": 128}, "dimensions", "Matryoshka"),
-        ({"input": "a", "model": "gpt-4"}, "model", "not served here"),
         ({"input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "-1 or in"),
     ],
 )
@@ -116,6 +115,12 @@ def test_bad_requests_are_openai_400s(served, body, param, message):
     error = assert_error(http.post("/v1/embeddings", json=body), 400, param)
     assert error["type"] == "invalid_request_error"
     assert re.search(message, error["message"]), error["message"]
+
+
+def test_an_unknown_model_is_a_404(served):
+    _, _, http = served
+    error = assert_error(http.post("/v1/embeddings", json={"input": "a", "model": "gpt-4"}), 404, "model")
+    assert "not served here" in error["message"]
 
 
 def test_the_client_raises_bad_request(served):

@@ -95,6 +95,17 @@ WRONG_TYPES = {
         "stream_options": 3,
         "logprobs": "yes",
         "top_logprobs": "2",
+        "speculative": "yes",
+        "response_format": "json",
+        "structured_outputs": 3,
+        "grammar": [1],
+        "guided_json": 5,
+        "guided_regex": 5,
+        "guided_choice": "a",
+        "guided_grammar": 3,
+        "tools": {"type": "function"},
+        "tool_choice": 5,
+        "parallel_tool_calls": "yes",
     },
     COMPLETIONS: {
         "prompt": 5,
@@ -163,7 +174,7 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
             "context",
             None,
         ),
-        (CHAT, {**m, "model": "gpt-4o"}, 400, "gpt-4o", "model"),
+        (CHAT, {**m, "model": "gpt-4o"}, 404, "gpt-4o", "model"),
         (CHAT, {**m, "stream": True, "top_p": 2}, 400, "top_p", "top_p"),  # refused before the stream
         (COMPLETIONS, {"prompt": ""}, 400, "empty", "prompt"),
         (COMPLETIONS, {"prompt": []}, 400, "prompt", "prompt"),
@@ -173,7 +184,7 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (COMPLETIONS, {"prompt": [[1, 2], [10**30]]}, 400, "token ids", "prompt"),
         (COMPLETIONS, {"prompt": [1, "a"]}, 400, "prompt", "prompt"),
         (COMPLETIONS, {"prompt": "x " * 1100, "max_tokens": 1}, 400, "context", None),
-        (COMPLETIONS, {"prompt": "Hi", "model": "no-such-model"}, 400, "no-such-model", "model"),
+        (COMPLETIONS, {"prompt": "Hi", "model": "no-such-model"}, 404, "no-such-model", "model"),
         (COMPLETIONS, {"prompt": "Hi", "suffix": "!"}, 400, "suffix", "suffix"),
         (COMPLETIONS, {"prompt": "Hi", "best_of": 3}, 400, "best_of", "best_of"),
         (COMPLETIONS, {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, "echo", "echo"),
@@ -339,9 +350,12 @@ def typed(t: mi.Type, name: str | None = None, *, valid: bool = False) -> st.Sea
     if isinstance(t, mi.ListType):
         return st.lists(typed(t.item_type, valid=valid), max_size=3)
     if isinstance(t, mi.DictType):
-        return st.dictionaries(typed(t.key_type), typed(t.value_type, valid=valid), max_size=3)
+        keys = st.text(max_size=8) if isinstance(t.key_type, mi.AnyType) else typed(t.key_type)
+        return st.dictionaries(keys, typed(t.value_type, valid=valid), max_size=3)
     if isinstance(t, mi.StructType):
         return struct_bodies(t, mode="valid" if valid else "typed")
+    if isinstance(t, mi.AnyType):  # free-form JSON fields (tool parameters, schemas)
+        return ANY_JSON
     raise TypeError(f"no strategy for {t}")
 
 

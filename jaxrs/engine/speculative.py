@@ -374,9 +374,9 @@ class Speculator:
         valid = np.zeros(b, bool)
         for s in seqs:  # tokens decoded without the draft (no blocks to speculate then): catch up first
             while self._held.get(s, 0) < s.num_tokens - 2:
-                start = self._held.get(s, 0)
-                end = min(s.num_tokens - 1, start + self.draft.max_chunk)
-                self.draft.prefill([(s, start, end)])
+                held = self._held.get(s, 0)
+                end = min(s.num_tokens - 1, held + self.draft.max_chunk)
+                self.draft.prefill([(s, held, end)])
                 self._held[s] = end
         for i, s in enumerate(seqs):
             lag[i] = s.num_tokens - 1 - self._held.get(s, 0)  # 0, or 1 when d_K was kept last step
