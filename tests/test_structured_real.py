@@ -1,6 +1,6 @@
 """Structured output and tools end to end on real models through the server and the openai client:
 Qwen2.5-Coder-0.5B-Instruct (its template renders tools, Hermes format) answers JSON schemas, forced
-tool calls (whole and streamed) and a two-turn tool conversation; the demo SmolLM2 answers a schema."""
+tool calls (whole and streamed) and a two-turn tool conversation; both answer twenty schemas."""
 
 from __future__ import annotations
 
@@ -67,6 +67,116 @@ SCHEMAS = [
         },
     ),
 ]
+
+
+def obj(properties: dict, required: list[str] | None = None) -> dict:
+    """A closed object schema (every key required unless `required` says otherwise)."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+        "additionalProperties": False,
+    }
+
+
+WORD = {"type": "string", "maxLength": 16}
+# Seventeen more prompts and schemas (nested objects, enums, arrays, number bounds, booleans, nulls,
+# optional keys) for the demo model, which answers all twenty.
+MORE_SCHEMAS = [
+    ("Name a fruit and its colour.", obj({"fruit": WORD, "colour": {"enum": ["red", "green", "yellow"]}})),
+    ("Rate this restaurant from 1 to 5.", obj({"stars": {"type": "integer", "minimum": 1, "maximum": 5}})),
+    ("Is water wet? Answer as JSON.", obj({"answer": {"type": "boolean"}, "why": WORD})),
+    (
+        "List three primary colours.",
+        obj({"colours": {"type": "array", "items": WORD, "minItems": 3, "maxItems": 3}}),
+    ),
+    (
+        "Give a temperature reading in Celsius.",
+        obj({"celsius": {"type": "integer", "minimum": -50, "maximum": 60}, "unit": {"const": "C"}}),
+    ),
+    (
+        "Describe a book: title, author and year.",
+        obj({"title": WORD, "author": obj({"first": WORD, "last": WORD}), "year": {"type": "integer"}}),
+    ),
+    ("Pick a day of the week.", obj({"day": {"enum": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}})),
+    (
+        "Give two points on a line.",
+        obj(
+            {
+                "points": {
+                    "type": "array",
+                    "items": obj({"x": {"type": "integer"}, "y": {"type": "integer"}}),
+                    "minItems": 2,
+                    "maxItems": 2,
+                }
+            }
+        ),
+    ),
+    (
+        "Make a to-do item.",
+        obj({"task": WORD, "done": {"type": "boolean"}, "priority": {"enum": [1, 2, 3]}}),
+    ),
+    (
+        "Give a product with an optional discount.",
+        obj(
+            {"name": WORD, "price": {"type": "number", "minimum": 0, "maximum": 1000}, "discount": WORD},
+            required=["name", "price"],
+        ),
+    ),
+    ("Answer with a nullable nickname.", obj({"nickname": {"anyOf": [WORD, {"type": "null"}]}})),
+    (
+        "Describe the weather.",
+        obj(
+            {
+                "sky": {"enum": ["clear", "cloudy", "rain"]},
+                "wind_kmh": {"type": "integer", "minimum": 0, "maximum": 150},
+            }
+        ),
+    ),
+    (
+        "Give an RGB colour.",
+        obj({c: {"type": "integer", "minimum": 0, "maximum": 255} for c in ("r", "g", "b")}),
+    ),
+    (
+        "List up to two pets with their species.",
+        obj(
+            {
+                "pets": {
+                    "type": "array",
+                    "items": obj({"name": WORD, "species": {"enum": ["cat", "dog"]}}),
+                    "maxItems": 2,
+                }
+            }
+        ),
+    ),
+    ("Give a yes/no vote and a score.", obj({"vote": {"enum": ["yes", "no"]}, "score": {"type": "number"}})),
+    (
+        "Describe a company with its address.",
+        obj(
+            {
+                "company": WORD,
+                "address": obj(
+                    {"street": WORD, "city": WORD, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}
+                ),
+            }
+        ),
+    ),
+    (
+        "Give a matrix of two rows of two integers.",
+        obj(
+            {
+                "rows": {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+                    "minItems": 2,
+                    "maxItems": 2,
+                }
+            }
+        ),
+    ),
+]
+
+
 WEATHER = {
     "type": "function",
     "function": {
@@ -90,12 +200,12 @@ def openai_client(http) -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 
-def check_schemas(oai: openai.OpenAI) -> None:
-    for prompt, schema in SCHEMAS:
+def check_schemas(oai: openai.OpenAI, schemas: list[tuple[str, dict]] = SCHEMAS) -> None:
+    for prompt, schema in schemas:
         out = oai.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": prompt}],
-            max_tokens=80,
+            max_tokens=120,
             temperature=0,
             response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
         )
@@ -109,7 +219,7 @@ def test_qwen_schemas_and_tools():
     )
     with client_for(llm) as http:
         oai = openai_client(http)
-        check_schemas(oai)
+        check_schemas(oai, SCHEMAS + MORE_SCHEMAS)
         kwargs = dict(
             model="m",
             messages=ASK,
@@ -149,4 +259,4 @@ def test_qwen_schemas_and_tools():
 def test_demo_schema(demo_gguf):
     llm = LLM(str(demo_gguf), kv_cache_mb=32, max_model_len=1024, max_num_seqs=4)
     with client_for(llm) as http:
-        check_schemas(openai_client(http))
+        check_schemas(openai_client(http), SCHEMAS + MORE_SCHEMAS)
