@@ -4,7 +4,50 @@ one replica gives alone."""
 
 from __future__ import annotations
 
+import asyncio
+
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.parallel.data_parallel import ReplicaRouter
 from tests.simulated_devices import run_json
+
+
+class FakeDriver:
+    """Records what the router hands a replica."""
+
+    def __init__(self):
+        self.seen, self.calls = [], 0
+        self.num_waiting = self.num_running = 0
+
+    async def generate(self, prompt_ids, params, *, request_id=None, cache_key=None, images=None):
+        self.seen.append((prompt_ids, images))
+        yield "update"
+
+    async def run_on_engine(self, fn):
+        self.calls += 1
+        return fn(self)
+
+
+def router_over(drivers: list[FakeDriver]) -> ReplicaRouter:
+    router = ReplicaRouter.__new__(ReplicaRouter)  # no engines: only the routing is under test
+    router.max_waiting, router.drivers = 4, drivers
+    router.in_flight, router.routed = [0] * len(drivers), [0] * len(drivers)
+    return router
+
+
+def test_images_and_engine_calls_reach_the_replicas():
+    drivers = [FakeDriver(), FakeDriver()]
+    router = router_over(drivers)
+
+    async def go():
+        updates = [u async for u in router.generate([1, 2, 3], SamplingParams(), images="placed")]
+        result = await router.run_on_engine(lambda driver: id(driver))
+        return updates, result
+
+    updates, result = asyncio.run(go())
+    assert updates == ["update"]
+    assert [seen for d in drivers for seen in d.seen] == [([1, 2, 3], "placed")]
+    assert [d.calls for d in drivers] == [1, 1]  # an adapter load reaches every replica
+    assert result == id(drivers[0])
 
 
 def test_two_replicas_serve_32_requests(tmp_path):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import AsyncIterator, Hashable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import jax
 from jax.sharding import Mesh
@@ -22,6 +22,8 @@ from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.parallel.mesh import tensor_mesh
+
+T = TypeVar("T")
 
 PREFIX_TOKENS = 16  # the prompt tokens that pick a replica among equally loaded ones
 
@@ -122,6 +124,7 @@ class ReplicaRouter:
         *,
         request_id: str | None = None,
         cache_key: Hashable = None,
+        images: Any = None,
     ) -> AsyncIterator[RequestUpdate]:
         """`AsyncEngine.generate` on the replica `pick` chooses."""
         if self.num_waiting >= self.max_waiting:
@@ -131,7 +134,7 @@ class ReplicaRouter:
         self.routed[i] += 1
         try:
             async for update in self.drivers[i].generate(
-                prompt_ids, params, request_id=request_id, cache_key=cache_key
+                prompt_ids, params, request_id=request_id, cache_key=cache_key, images=images
             ):
                 yield update
         finally:
@@ -140,6 +143,12 @@ class ReplicaRouter:
     async def requantize(self, fmt: str) -> Requantized:
         """Every replica re-quantized (one after another, so one replica's memory peak at a time)."""
         done = [await d.requantize(fmt) for d in self.drivers]
+        return done[0]
+
+    async def run_on_engine(self, fn: Callable[[Engine], T]) -> T:
+        """`fn` on every replica's engine thread (adapters load and unload on all of them alike); the
+        first replica's result."""
+        done = [await d.run_on_engine(fn) for d in self.drivers]
         return done[0]
 
     def shutdown(self) -> None:
