@@ -97,6 +97,18 @@ def _prefill(params, kv, tokens, meta, last_index, batch, lora=None, embeds=None
     return sample(logits, batch, flags), kv
 
 
+def one_token_logits(params, cfg, kernels, kv, tok, pos, tables, valid, lora=None):
+    """Logits [B, V] of one token per row at positions `pos` (rows not `valid` write nothing), and the KV
+    cache with it written: a decode iteration's forward pass."""
+    block_size = kv.k.shape[2]
+    rows = jnp.arange(tok.shape[0])
+    slot = tables[rows, pos // block_size] * block_size + pos % block_size
+    meta = AttentionMetadata(
+        pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
+    )
+    return _logits_at(params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows), lora)
+
+
 def _decode(
     params,
     kv,
@@ -116,7 +128,6 @@ def _decode(
     """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
     count, so a one-token and a multi-token call share one compiled step. Outputs are
     [max_steps, B, ...]; rows past `num_steps` are zeros."""
-    block_size = kv.k.shape[2]
     rows = jnp.arange(tokens.shape[0])
     shapes = jax.eval_shape(lambda: sample(jnp.zeros((rows.shape[0], cfg.vocab_size)), batch, flags))
     outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), shapes)
@@ -127,11 +138,7 @@ def _decode(
         # it would dequantize a packed head once into f32 and read that every step, many times slower
         # than the fused one-row GEMV (bench/RESULTS.md, "CPU decode, second round").
         step_params, (kv, tok, pos) = jax.lax.optimization_barrier((params, carry))
-        slot = tables[rows, pos // block_size] * block_size + pos % block_size
-        meta = AttentionMetadata(
-            pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
-        )
-        logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows), lora)
+        logits, kv = one_token_logits(step_params, cfg, kernels, kv, tok, pos, tables, valid, lora)
         out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
         outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
         return i + 1, (kv, out.tokens, pos + 1), outs

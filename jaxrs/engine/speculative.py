@@ -35,7 +35,7 @@ import numpy as np
 from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
 from jaxrs.engine.ngram_proposer import propose
 from jaxrs.engine.rejection_sampling import DRAFT_SALT, salted, verify
-from jaxrs.engine.runner import ModelRunner, _logits_at, profile, step_flags
+from jaxrs.engine.runner import ModelRunner, one_token_logits, profile, step_flags
 from jaxrs.engine.sampling import (
     SampleOutput,
     SamplingFlags,
@@ -50,7 +50,6 @@ from jaxrs.engine.speculative_config import SpeculativeConfig
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import LoadedModel
 from jaxrs.models.decoder import merge
-from jaxrs.models.layers import AttentionMetadata
 
 log = logging.getLogger("jaxrs")
 
@@ -98,7 +97,6 @@ def _draft(
     the last token included) from position `start[i]`, then its own drafts; `num_steps` (k or k + 1)
     iterations, static bound k + 1. Returns drafts [B, k] and, for sampled batches, q [B, k, V] (the
     draft's probabilities after the request's processors; else [B, k, 1] zeros)."""
-    block_size = kv.k.shape[2]
     b = first.shape[0]
     rows = jnp.arange(b)
     drafts = jnp.zeros((b, k), jnp.int32)
@@ -111,12 +109,7 @@ def _draft(
         # As the decode step: tie the weights to the carry so XLA cannot hoist work on them out of the loop.
         step_params, (kv, prev, history) = jax.lax.optimization_barrier((params, carry))
         tok = jnp.where(i <= lag, first[rows, jnp.minimum(i, 1)], prev)
-        pos = start + i
-        slot = tables[rows, pos // block_size] * block_size + pos % block_size
-        meta = AttentionMetadata(
-            pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
-        )
-        logits, kv = _logits_at(step_params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows))
+        logits, kv = one_token_logits(step_params, cfg, kernels, kv, tok, start + i, tables, valid)
         j = i - lag  # which draft this iteration's sample is (negative: a catch-up token's)
         at = jnp.where(j >= 0, j, k)  # k: out of range, dropped
         row_batch = {**batch, "seed": seeds, "step": batch["step"] + j}
