@@ -11,8 +11,9 @@ if TYPE_CHECKING:
     from jaxrs.llm import LLM
 
 
-def perplexity(llm: LLM, text: str) -> float:
-    """exp of the mean negative log-likelihood of `text`'s tokens under `llm` (teacher forcing).
+def perplexity(llm: LLM, text: str, lora: str | None = None) -> float:
+    """exp of the mean negative log-likelihood of `text`'s tokens under `llm` (teacher forcing), with
+    the LoRA adapter `lora` (None: the base model).
 
     The text is tokenized as a prompt (BOS if the model adds one) and cut into windows of at most the
     engine's sequence length; each window's first token is context only, every later one is scored.
@@ -24,7 +25,7 @@ def perplexity(llm: LLM, text: str) -> float:
     for start in range(0, len(ids), window):
         chunk = ids[start : start + window]
         if len(chunk) > 1:
-            logprobs += llm.score([chunk[:1]], [chunk[1:]])[0]
+            logprobs += llm.score([chunk[:1]], [chunk[1:]], lora=lora)[0]
     if not logprobs:
         raise JaxrsError(f"perplexity needs a text of at least 2 tokens, got {len(ids)}")
     return math.exp(-sum(logprobs) / len(logprobs))

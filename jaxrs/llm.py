@@ -97,6 +97,14 @@ def request_output(request: Request, prompt: str | None) -> RequestOutput:
     return RequestOutput(request.request_id, prompt, seqs[0].prompt_ids, outputs, seqs[0].num_cached_tokens)
 
 
+def per_prompt(lora: str | Sequence[str | None] | None, count: int) -> list[str | None]:
+    """The adapter of each of `count` prompts: one name (or None) for all, or one per prompt."""
+    names = [lora] * count if lora is None or isinstance(lora, str) else list(lora)
+    if len(names) != count:
+        raise ValueError(f"{count} prompts but {len(names)} LoRA adapter names")
+    return names
+
+
 class LLM:
     """Load a model once, then generate for lists of prompts or chat conversations.
 
@@ -267,7 +275,7 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         if lora is not None:
-            names = [lora] * len(prompts) if isinstance(lora, str) else list(lora)
+            names = per_prompt(lora, len(prompts))
             params_list = [dataclasses.replace(p, lora=n) for p, n in zip(params_list, names, strict=True)]
         requests = []
         try:
@@ -302,11 +310,13 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
+        lora: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate. A
         message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
         (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
-        "image", "image": PIL.Image}`, or a PIL image itself)."""
+        "image", "image": PIL.Image}`, or a PIL image itself). `lora`: the adapter every conversation
+        runs with (None: the base model)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
         vision = self.engine.model.vision
         inputs = [
@@ -314,7 +324,8 @@ class LLM:
             for c in conversations
         ]
         prompts = [ids for ids, _ in inputs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, images=[im for _, im in inputs])
+        images = [im for _, im in inputs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, images=images, lora=lora)
 
     def chat_prompt_ids(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
@@ -329,12 +340,16 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         *,
         images: ImagePrompt | None = None,
+        lora: str | None = None,
     ) -> Iterator[str]:
-        """Yield the text of one request (its first sample) as it is generated.
+        """Yield the text of one request (its first sample) as it is generated, with adapter `lora`
+        (None: the params' own, or the base model).
 
         Text that could be the start of a stop string is held back until it is known not to be one.
         """
-        request = self.engine.add_request(prompt_ids, sampling_params or SamplingParams(), images=images)
+        params = sampling_params or SamplingParams()
+        params = params if lora is None else dataclasses.replace(params, lora=lora)
+        request = self.engine.add_request(prompt_ids, params, images=images)
         seq = request.seqs[0]
         sent = 0
         try:
@@ -348,18 +363,26 @@ class LLM:
             if not request.finished:
                 self.engine.abort(request.request_id)
 
-    def score(self, prompts: Sequence[Prompt], continuations: Sequence[Prompt]) -> list[list[float]]:
-        """Log-probability of each continuation token given the prompt and the tokens before it.
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        continuations: Sequence[Prompt],
+        *,
+        lora: str | Sequence[str | None] | None = None,
+    ) -> list[list[float]]:
+        """Log-probability of each continuation token given the prompt and the tokens before it, under
+        the LoRA adapter `lora` (one name for all, or one per prompt; None: the base model).
 
         Text continuations are tokenized on their own (no BOS), as evaluation harnesses do.
         """
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         results = []
-        for prompt, cont in zip(prompts, continuations, strict=True):
+        names = per_prompt(lora, len(prompts))
+        for prompt, cont, name in zip(prompts, continuations, names, strict=True):
             p_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             c_ids = (
                 self.tokenizer.encode(cont, add_special_tokens=False) if isinstance(cont, str) else list(cont)
             )
-            results.append(self.engine.score(p_ids, c_ids))
+            results.append(self.engine.score(p_ids, c_ids, name))
         return results

@@ -139,3 +139,44 @@ def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
         assert_matches(
             llm.generate(PROMPTS[0], GREEDY, lora=name, use_tqdm=False)[0], peft_greedy(ref, PROMPTS[0], name)
         )
+
+
+def test_score_under_each_adapter_equals_peft(models):
+    """`LLM.score` (and the perplexity built on it) runs the adapter it is given, one for all prompts or
+    one per prompt; the same prompt scored under each in turn never reads another's cached blocks."""
+    from jaxrs.eval import perplexity
+
+    base, adapters = models
+    ref = peft_model(base, adapters)
+    llm = LLM(str(base), lora_adapters=adapters, max_lora_rank=8, kv_cache_tokens=512, kv_cache_dtype="float32")
+    prompt, cont = PROMPTS[2][:40], PROMPTS[1][:12]
+
+    def peft_logprobs(ids: list[int], start: int, name: str | None) -> np.ndarray:
+        """peft's log-probabilities of ids[start:] given the tokens before each."""
+        with torch.no_grad():
+            if name is None:
+                with ref.disable_adapter():
+                    logits = ref(torch.tensor([ids])).logits[0]
+            else:
+                ref.set_adapter(name)
+                logits = ref(torch.tensor([ids])).logits[0]
+        logprobs = torch.log_softmax(logits[start - 1 : -1], -1).numpy()
+        return logprobs[np.arange(len(ids) - start), ids[start:]]
+
+    names = ["alpha", None, "beta", "alpha"]
+    want = {n: peft_logprobs(prompt + cont, len(prompt), n) for n in names}
+    assert np.abs(want["alpha"] - want[None]).max() > 1e-2
+    for name in names:
+        got = llm.score([prompt], [cont], lora=name)[0]
+        np.testing.assert_allclose(got, want[name], atol=1e-4, err_msg=str(name))
+    mixed = llm.score([prompt] * 3, [cont] * 3, lora=["beta", None, "alpha"])
+    for got, name in zip(mixed, ["beta", None, "alpha"], strict=True):
+        np.testing.assert_allclose(got, want[name], atol=1e-4, err_msg=str(name))
+
+    text = llm.tokenizer.decode(prompt)
+    ids = llm.tokenizer.encode(text)
+    for name in ("beta", None):
+        nll = -peft_logprobs(ids, 1, name).mean()
+        assert perplexity(llm, text, lora=name) == pytest.approx(np.exp(nll), rel=1e-4)
+    with pytest.raises(JaxrsError, match="no LoRA adapter named 'gamma'"):
+        llm.score([prompt], [cont], lora="gamma")

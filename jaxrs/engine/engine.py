@@ -334,10 +334,7 @@ class Engine:
             require_vision(self.model.vision, self.source)
             cache_key = images.cache_key(cache_key)
 
-        if params.lora is not None:
-            if self.loras is None:
-                raise JaxrsError(f"no LoRA adapters are served (the request asks for {params.lora!r})")
-            cache_key = self.loras.cache_key(params.lora, cache_key)
+        cache_key = self._adapter_key(params.lora, cache_key)
         params = params.with_defaults(self.model.generation_config)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
@@ -346,6 +343,15 @@ class Engine:
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         return request
+
+    def _adapter_key(self, lora: str | None, cache_key: Hashable = None) -> Hashable:
+        """The prefix-cache key of a request running with adapter `lora` (an error naming it when it
+        is not served)."""
+        if lora is None:
+            return cache_key
+        if self.loras is None:
+            raise JaxrsError(f"no LoRA adapters are served (the request asks for {lora!r})")
+        return self.loras.cache_key(lora, cache_key)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -471,24 +477,29 @@ class Engine:
             self.scheduler.add(child, front=True)
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
-        """Log-probabilities of the continuation tokens after the prompt (prefix cache applies)."""
+    def score(
+        self, prompt_ids: list[int], continuation_ids: list[int], lora: str | None = None
+    ) -> list[float]:
+        """Log-probabilities of the continuation tokens after the prompt (prefix cache applies), under
+        the LoRA adapter `lora` (None: the base model)."""
         if not continuation_ids:
             return []
         ids = list(prompt_ids) + list(continuation_ids)
         self.validate(ids[:-1] or ids, SamplingParams())
+        key = self._adapter_key(lora)
+        slot = -1 if lora is None else self.loras.slot_of(lora)
         table = BlockTable()
         try:
-            done = self.blocks.match_prefix(table, prompt_ids)
+            done = self.blocks.match_prefix(table, prompt_ids, key)
             if not self.blocks.grow(table, len(ids) - 1):
                 raise JaxrsError(f"the KV cache has too few free blocks to score {len(ids)} tokens now")
             out: list[float] = []
             while done < len(ids) - 1:
                 end = min(done + self.config.max_num_batched_tokens, len(ids) - 1)
-                logprobs = self.runner.score(ids[done:end], table.blocks, done, ids[done + 1 : end + 1])
+                logprobs = self.runner.score(ids[done:end], table.blocks, done, ids[done + 1 : end + 1], slot)
                 out += logprobs.tolist()
                 done = end
-                self.blocks.register_full_blocks(table, ids, done)
+                self.blocks.register_full_blocks(table, ids, done, key)
             skipped = len(ids) - 1 - len(out)  # prompt positions served from the cache
             return out[len(prompt_ids) - 1 - skipped :]
         finally:

@@ -148,7 +148,9 @@ def _decode(
     return outs, kv
 
 
-def _score(params, kv, tokens, meta, targets, *, cfg, kernels):
+def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels):
+    if lora is not None:  # the row's adapter slot (LoRA)
+        params = bind_slots(params, lora)
     model = merge(params, cfg)
     hidden, kv = model(tokens, meta, kv, kernels)
     logprobs = jax.nn.log_softmax(model.logits(hidden, kernels), axis=-1)
@@ -351,8 +353,11 @@ class ModelRunner:
             call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
         )
 
-    def score(self, token_ids: list[int], blocks: list[int], start: int, targets: list[int]) -> np.ndarray:
-        """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now."""
+    def score(
+        self, token_ids: list[int], blocks: list[int], start: int, targets: list[int], lora_slot: int = -1
+    ) -> np.ndarray:
+        """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now,
+        with the adapter in `lora_slot` (-1: none) when adapters are served."""
         n = len(token_ids)
         t, w = self.chunk_len(n), self.width(len(blocks))
         tokens = np.zeros((1, t), np.int32)
@@ -360,7 +365,8 @@ class ModelRunner:
         target = np.zeros((1, t), np.int32)
         target[0, :n] = targets
         meta = self._metadata([(blocks, start, n, None)], 1, t, w)
-        call = StepCall("score", (tokens, meta, target), self._statics(), (t, w))
+        lora = None if self.lora_slot is None else np.full(1, lora_slot, np.int32)
+        call = StepCall("score", (tokens, meta, target, lora), self._statics(), (t, w))
         return self._run(call, lambda logprobs: np.asarray(logprobs)[0, :n])
 
     # -- step signatures ------------------------------------------------------------------------------
