@@ -148,7 +148,9 @@ def test_score_under_each_adapter_equals_peft(models):
 
     base, adapters = models
     ref = peft_model(base, adapters)
-    llm = LLM(str(base), lora_adapters=adapters, max_lora_rank=8, kv_cache_tokens=512, kv_cache_dtype="float32")
+    llm = LLM(
+        str(base), lora_adapters=adapters, max_lora_rank=8, kv_cache_tokens=512, kv_cache_dtype="float32"
+    )
     prompt, cont = PROMPTS[2][:40], PROMPTS[1][:12]
 
     def peft_logprobs(ids: list[int], start: int, name: str | None) -> np.ndarray:
