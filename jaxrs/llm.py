@@ -234,8 +234,14 @@ class LLM:
         an engine started with adapters)."""
         lora_serving.load_adapter(self.engine, name, path)
 
-    def unload_lora(self, name: str) -> None:
-        lora_serving.unload_adapter(self.engine, name)
+    def unload_lora(
+        self, name: str, *, timeout: float = lora_serving.UNLOAD_WAIT_S, force: bool = False
+    ) -> None:
+        """Unload adapter `name`. Requests running with it (started with `engine.add_request` or a
+        `stream` not read to its end) are stepped to their end first, for at most `timeout` seconds;
+        then `force` aborts those left, else the adapter stays loaded and `AdapterInUse` is raised.
+        While a server drives this LLM, use its `POST /v1/unload_lora_adapter`."""
+        lora_serving.unload_adapter(self.engine, name, timeout=timeout, force=force)
 
     def lora_adapters(self) -> list[str]:
         """The names of the LoRA adapters loaded now."""

@@ -3,7 +3,9 @@
 `--enable-runtime-lora`), and the adapters' cards in /v1/models (`parent`: the base model).
 
 Loads and unloads run on the engine thread between steps, so no step sees half an adapter. Unloading an
-adapter that unfinished requests use is refused (409) rather than pulling it from under them.
+adapter that running requests use takes its name away at once (new requests for it are a 404) and
+answers once those requests have finished (`jaxrs.lora.serving.unload_when_idle`); the body's `timeout`
+bounds the wait (a 409 after it, the adapter served again) and `force` ends the requests left then.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class LoadLoraRequest(msgspec.Struct):
 class UnloadLoraRequest(msgspec.Struct):
     lora_name: str
     lora_int_id: int | None = None  # vLLM's; adapters are named here
+    timeout: float = serving.UNLOAD_WAIT_S  # seconds to wait for the requests using the adapter
+    force: bool = False  # after the wait, end those requests (finish reason "abort") rather than fail
 
 
 def _text(message: str) -> Response:
@@ -65,8 +69,12 @@ async def unload_lora_adapter(request: Request, ctx: ServerContext) -> Response:
     req = await read_json(request, UnloadLoraRequest)
     if req.lora_name not in adapter_names(ctx.llm):
         raise APIError(404, f"no LoRA adapter named {req.lora_name!r} is loaded", param="lora_name")
+    if req.timeout < 0:
+        raise APIError(400, f"timeout must be at least 0, not {req.timeout}", param="timeout")
     try:
-        await ctx.ready_driver().run_on_engine(lambda engine: serving.unload_adapter(engine, req.lora_name))
+        await serving.unload_when_idle(
+            ctx.ready_driver(), req.lora_name, timeout=req.timeout, force=req.force
+        )
     except serving.AdapterInUse as e:
         raise APIError(409, str(e), param="lora_name", code="lora_in_use") from None
     except JaxrsError as e:

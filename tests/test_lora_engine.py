@@ -13,7 +13,7 @@ import torch
 
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
-from jaxrs.llm import LLM
+from jaxrs.llm import LLM, request_output
 from jaxrs.lora.serving import AdapterInUse
 from tests.lora_models import build, peft_model
 
@@ -94,12 +94,20 @@ def test_each_adapter_alone_and_mixed_equal_peft(models):
     assert_matches(llm.generate(PROMPTS[0], GREEDY, lora="alpha2", use_tqdm=False)[0], want["alpha"][0])
     assert llm.engine.runner.compile_count() == shapes
 
-    # an adapter some request still uses is not unloaded
+    # unloading an adapter some request still uses waits for it (bounded), or gives up and keeps the
+    # adapter, or with `force` ends the request
     request = llm.engine.add_request(PROMPTS[1], dataclasses.replace(GREEDY, lora="beta"))
-    with pytest.raises(AdapterInUse):
-        llm.unload_lora("beta")
-    llm.engine.abort(request.request_id)
+    with pytest.raises(AdapterInUse, match="still in use by 1 unfinished request"):
+        llm.unload_lora("beta", timeout=0)
+    assert "beta" in llm.lora_adapters() and not request.finished
     llm.unload_lora("beta")
+    assert request.finished and request.seqs[0].finish_reason == "length"
+    assert_matches(request_output(request, None), want["beta"][1])
+    assert llm.lora_adapters() == ["alpha2"] and llm.engine.blocks.num_used == 0
+    request = llm.engine.add_request(PROMPTS[1], dataclasses.replace(GREEDY, lora="alpha2"))
+    llm.unload_lora("alpha2", timeout=0, force=True)
+    assert request.seqs[0].finish_reason == "abort" and llm.lora_adapters() == []
+    assert llm.engine.blocks.num_used == 0
 
 
 @pytest.mark.slow

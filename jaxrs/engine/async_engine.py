@@ -161,6 +161,28 @@ class AsyncEngine:
         self._wake.set()
         return await done
 
+    async def run_on_each(self, fn: Callable[[Engine], T]) -> list[T]:
+        """`run_on_engine` as a list, the shape a replica router answers with (one per engine)."""
+        return [await self.run_on_engine(fn)]
+
+    async def end_requests(self, pick: Callable[[Engine], list[str]]) -> list[str]:
+        """End now, between steps, the requests `pick(engine)` names (finish reason "abort"); each
+        client gets its last update, as if the request had finished. Returns their ids."""
+
+        def end(engine: Engine) -> list[str]:
+            ids = pick(engine)
+            seqs = [seq for rid in ids if rid in self._requests for seq in self._requests[rid].seqs]
+            for rid in ids:
+                engine.abort(rid)
+            self._publish(seqs)
+            for rid in ids:  # a request whose other samples had not started yet
+                if rid in self._requests:
+                    self._abort(rid)
+                    self._send(rid, JaxrsError(f"request {rid} was ended before it finished"))
+            return ids
+
+        return await self.run_on_engine(end)
+
     def shutdown(self) -> None:
         """Stop the engine thread; requests still in flight are aborted and their callers told."""
         self._stop.set()

@@ -4,7 +4,8 @@ Every adapted projection's weight becomes a `LoraWeight` whose A/B stacks have `
 power-of-two rank; an adapter loads by writing its (padded) weights into a free slot and unloads by
 zeroing it, so the steps' parameter shapes never change and nothing recompiles. Each load bumps a
 generation counter, and a request's prefix-cache key holds (adapter name, generation): two adapters, or
-two loads of one name, never share KV blocks.
+two loads of one name, never share KV blocks. An adapter being unloaded is first retired: new requests
+cannot name it while the requests already running with it finish on its slot.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LoraSlots:
         self.config, self.cfg, self.dtype = config, cfg, jnp.dtype(dtype)
         self.rank = next_power_of_2(config.max_lora_rank, MIN_RANK)
         self.loaded: dict[str, Loaded] = {}
+        self.retired: set[str] = set()  # being unloaded: running requests keep the slot, new ones cannot
         self._generation = 0
         self.params: dict | None = None
         start = [read_adapter(n, p, cfg, config.max_lora_rank) for n, p in config.adapters]
@@ -103,7 +105,19 @@ class LoraSlots:
 
     # -- adapters --------------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return list(self.loaded)
+        """The adapters new requests may name (retired ones left out)."""
+        return [n for n in self.loaded if n not in self.retired]
+
+    def retire(self, name: str) -> None:
+        """Refuse new requests for `name` from now on; its slot stays until `unload`."""
+        self._entry(name)
+        if name in self.retired:
+            raise JaxrsError(f"LoRA adapter {name!r} is already being unloaded")
+        self.retired.add(name)
+
+    def restore(self, name: str) -> None:
+        """Serve a retired adapter again (its unload was given up)."""
+        self.retired.discard(name)
 
     def _place(self, adapter: LoraAdapter) -> Loaded:
         if adapter.name in self.loaded:
@@ -141,6 +155,7 @@ class LoraSlots:
         if self.params is not None:
             self._write(entry.slot, None)
         del self.loaded[name]
+        self.retired.discard(name)
         log.info("LoRA adapter %s unloaded from slot %d", name, entry.slot)
 
     def _entry(self, name: str) -> Loaded:
@@ -155,6 +170,9 @@ class LoraSlots:
         return -1 if name is None else self._entry(name).slot
 
     def cache_key(self, name: str, extra: object = None) -> tuple:
-        """The prefix-cache key of a request using adapter `name`: its name and load generation."""
+        """The prefix-cache key of a request using adapter `name`: its name and load generation (an error
+        for a retired adapter: no new request may use it)."""
         entry = self._entry(name)
+        if name in self.retired:
+            raise JaxrsError(f"LoRA adapter {name!r} is being unloaded; new requests cannot use it")
         return ("lora", name, entry.generation, extra)

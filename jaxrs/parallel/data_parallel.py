@@ -151,6 +151,14 @@ class ReplicaRouter:
         done = [await d.run_on_engine(fn) for d in self.drivers]
         return done[0]
 
+    async def run_on_each(self, fn: Callable[[Engine], T]) -> list[T]:
+        """`fn` on every replica's engine thread; every replica's result."""
+        return [await d.run_on_engine(fn) for d in self.drivers]
+
+    async def end_requests(self, pick: Callable[[Engine], list[str]]) -> list[str]:
+        """`AsyncEngine.end_requests` on every replica."""
+        return [rid for d in self.drivers for rid in await d.end_requests(pick)]
+
     def shutdown(self) -> None:
         for driver in self.drivers:
             driver.shutdown()
