@@ -30,10 +30,14 @@ ADAPTERS = {
 
 
 def tiny_base(family: str, path: Path, seed: int = 0):
-    """A 2-layer random model of `family` ("llama" or "qwen2") saved with a tokenizer; returns it (eval)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A 2-layer random model of `family` ("llama", "qwen2" or "mixtral": 4 experts, top 2) saved with
+    a tokenizer; returns it (eval)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**SMALL, tie_word_embeddings=False)
+    if family == "mixtral":
+        config = MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    else:
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**SMALL, tie_word_embeddings=False)
     model = save_tiny_hf_model(config, path, seed=seed)
     save_tiny_tokenizer(path, SMALL["vocab_size"])
     return model

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
-from jaxrs.loading.names import LAYER_PREFIX
+from jaxrs.loading.names import LAYER_PREFIX, Experts
 from jaxrs.models.decoder import model_graph
 from jaxrs.models.registry import family
 
@@ -41,9 +41,10 @@ class LoraAdapter:
     base_model: str | None = None
 
 
-def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, int]]]:
+def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, ...]]]:
     """The model's projections an adapter may target: the checkpoint's layer-relative module name
-    (`self_attn.q_proj`) -> (its module path, its weight's (out, in))."""
+    (`self_attn.q_proj`; an expert stack's with `{e}`: `block_sparse_moe.experts.{e}.w1`) -> (its
+    module path, its weight's (out, in), or (experts, out, in) for an expert stack)."""
     _, state = model_graph(cfg)
     table = family(cfg.architecture).names.hf(cfg)
     found = {}
@@ -51,9 +52,11 @@ def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, in
         for proj, node in state["layers"].get(group, {}).items():
             weight = node.get("weight") if isinstance(node, dict) else None
             source = table.get(f"{LAYER_PREFIX}{group}.{proj}.weight")
-            if weight is None or len(weight.shape) != 3 or not isinstance(source, str):
-                continue  # an expert stack or a fused checkpoint tensor
-            found[source.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
+            if isinstance(source, Experts) and weight is not None and len(weight.shape) == 4:
+                found[source.name.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
+            elif isinstance(source, str) and weight is not None and len(weight.shape) == 3:
+                found[source.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
+            # else a fused checkpoint tensor
     return found
 
 
@@ -96,9 +99,7 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
 
     tensors = load_file(str(weights_file))
     targets = adaptable_targets(cfg)
-    num_layers = cfg.num_layers
-    weights: dict[Target, tuple[np.ndarray, np.ndarray]] = {}
-    rank = 0
+    pieces: dict[Target, dict[int, list[Piece]]] = {}
     for key in sorted(tensors):
         if "xlora_classifier" in key:  # what peft writes beside an X-LoRA expert
             continue
@@ -107,54 +108,136 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
                 raise JaxrsError(f"LoRA adapter {name!r} holds {key}, which jaxrs does not serve")
             continue
         module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        match = _LAYER.search(module)
-        if match is None or match.group(2) not in targets:
-            supported = ", ".join(sorted(targets))
-            raise JaxrsError(
-                f"LoRA adapter {name!r} targets {module}, which jaxrs does not adapt (supported: {supported})"
-            )
-        layer, suffix = int(match.group(1)), match.group(2)
-        target, (out_features, in_features) = targets[suffix]
-        a = tensors[key].astype(np.float32)
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise JaxrsError(f"LoRA adapter {name!r} has {key} but no lora_B beside it")
-        r = a.shape[0]
-        if layer >= num_layers or a.shape[1] != in_features or b.shape != (out_features, r):
-            base_name = config.get("base_model_name_or_path")
-            theirs = f"{module} has A {list(a.shape)} and B {list(b.shape)}"
-            ours = f"the model's {suffix} is [{out_features}, {in_features}] in {num_layers} layers"
-            raise JaxrsError(
-                f"LoRA adapter {name!r} (base {base_name}) does not fit this model: {theirs}; {ours}"
-            )
-        if r > max_rank:
-            raise JaxrsError(f"LoRA adapter {name!r} has rank {r} at {module}; max_lora_rank is {max_rank}")
-        rank = max(rank, r)
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        if target not in weights:
-            weights[target] = ([None] * num_layers, [None] * num_layers)
-        weights[target][0][layer] = a
-        weights[target][1][layer] = b.astype(np.float32) * scale
-    if not weights:
+        match = _LAYER.search(module)
+        if match is None:
+            _unsupported(name, module, targets)
+        layer, suffix = int(match.group(1)), match.group(2)
+        if layer >= cfg.num_layers:
+            raise JaxrsError(f"LoRA adapter {name!r} targets {module}; the model has {cfg.num_layers} layers")
+        for target, piece in _pieces(name, config, module, suffix, tensors[key], b, targets):
+            if piece.rank > max_rank:
+                raise JaxrsError(
+                    f"LoRA adapter {name!r} has rank {piece.rank} at {module}; max_lora_rank is {max_rank}"
+                )
+            pieces.setdefault(target, {}).setdefault(layer, []).append(piece)
+    if not pieces:
         raise JaxrsError(f"LoRA adapter {name!r} at {folder} holds no LoRA weights")
-    return LoraAdapter(
-        name,
-        str(folder),
-        rank,
-        {t: _stack(a_list, b_list, rank) for t, (a_list, b_list) in weights.items()},
-        config.get("base_model_name_or_path"),
+    rank = max(p.rank for by_layer in pieces.values() for parts in by_layer.values() for p in parts)
+    shapes = dict(targets.values())
+    weights = {t: _stack(by_layer, shapes[t], cfg.num_layers, rank) for t, by_layer in pieces.items()}
+    return LoraAdapter(name, str(folder), rank, weights, config.get("base_model_name_or_path"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One module's A `[r, in]` and scaled B `[out, r]`, for one expert (`expert`) or, with a leading
+    expert axis, all of them (`expert` None)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    expert: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+
+def _unsupported(name: str, module: str, targets: dict) -> None:
+    supported = ", ".join(sorted(targets))
+    raise JaxrsError(
+        f"LoRA adapter {name!r} targets {module}, which jaxrs does not adapt (supported: {supported})"
     )
 
 
-def _stack(a_list: list, b_list: list, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer A and B padded to `rank` and stacked; zeros for the layers the adapter leaves out."""
-    shape_a = next(a for a in a_list if a is not None).shape[1]
-    shape_b = next(b for b in b_list if b is not None).shape[0]
-    a_out = np.zeros((len(a_list), rank, shape_a), np.float32)
-    b_out = np.zeros((len(b_list), shape_b, rank), np.float32)
-    for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
-        if a is not None:
-            a_out[i, : a.shape[0]] = a
-            b_out[i, :, : b.shape[1]] = b
+def _scale(config: dict, module: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _mismatch(name: str, config: dict, module: str, a: np.ndarray, b: np.ndarray, ours: str) -> JaxrsError:
+    base_name = config.get("base_model_name_or_path")
+    theirs = f"{module} has A {list(a.shape)} and B {list(b.shape)}"
+    return JaxrsError(f"LoRA adapter {name!r} (base {base_name}) does not fit this model: {theirs}; {ours}")
+
+
+def _pieces(
+    name: str, config: dict, module: str, suffix: str, a: np.ndarray, b: np.ndarray, targets: dict
+) -> list[tuple[Target, Piece]]:
+    """The (target, piece) pairs one lora_A/lora_B pair of module `module` (layer-relative `suffix`)
+    holds: a dense projection, one expert's projection (`experts.3.w1`), or transformers 5's fused
+    expert parameters (peft's `target_parameters`, `experts.gate_up_proj`: gate and up share A)."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    if suffix in targets:
+        target, (out_features, in_features) = targets[suffix]
+        r = a.shape[0]
+        if a.shape[1] != in_features or b.shape != (out_features, r):
+            raise _mismatch(
+                name, config, module, a, b, f"the model's {suffix} is [{out_features}, {in_features}]"
+            )
+        return [(target, Piece(a, b * _scale(config, module, r)))]
+    for pattern, (target, shape) in targets.items():
+        found = re.fullmatch(re.escape(pattern).replace(r"\{e\}", r"(\d+)"), suffix)
+        if found is None or "{e}" not in pattern:
+            continue
+        num_experts, out_features, in_features = shape
+        expert, r = int(found.group(1)), a.shape[0]
+        if expert >= num_experts or a.shape[1] != in_features or b.shape != (out_features, r):
+            ours = f"the model's {pattern} is [{out_features}, {in_features}] for {num_experts} experts"
+            raise _mismatch(name, config, module, a, b, ours)
+        return [(target, Piece(a, b * _scale(config, module, r), expert))]
+    if _FUSED_EXPERTS.fullmatch(suffix):
+        return _fused_expert_pieces(name, config, module, a, b, targets)
+    _unsupported(name, module, targets)
+    return []
+
+
+_FUSED_EXPERTS = re.compile(r"(?:mlp|block_sparse_moe)\.experts(?:\.base_layer)*")
+
+
+def _fused_expert_pieces(
+    name: str, config: dict, module: str, a: np.ndarray, b: np.ndarray, targets: dict
+) -> list[tuple[Target, Piece]]:
+    """peft's LoRA on a 3-D expert parameter: A `[r * experts, in]` (expert-major), B
+    `[out, r * experts]` (rank-major). Which parameter (`gate_up_proj`: gate then up stacked on `out`,
+    or `down_proj`) is told by the shapes: nested wrappers write both under one module name."""
+    stacks = {t: shape for t, shape in targets.values() if len(shape) == 3}
+    gate, up, down = (stacks.get(("mlp", p)) for p in ("gate_proj", "up_proj", "down_proj"))
+    if gate is None or up is None or down is None:
+        _unsupported(name, module, targets)
+    num_experts = gate[0]
+    fused = {
+        "gate_up_proj": ((gate[2], gate[1] + up[1]), [("mlp", "gate_proj"), ("mlp", "up_proj")]),
+        "down_proj": ((down[2], down[1]), [("mlp", "down_proj")]),
+    }
+    for param, ((in_features, out_features), parts) in fused.items():
+        if a.shape[1] != in_features or b.shape[0] != out_features:
+            continue
+        if a.shape[0] % num_experts or b.shape[1] != a.shape[0]:
+            break
+        r = a.shape[0] // num_experts
+        where = re.sub(r"(\.base_layer)+$", "", module) + f".{param}"
+        a_e = a.reshape(num_experts, r, in_features)
+        b_e = b.reshape(out_features, r, num_experts).transpose(2, 0, 1) * _scale(config, where, r)
+        splits = np.cumsum([stacks[t][1] for t in parts])[:-1]
+        return [(t, Piece(a_e, part)) for t, part in zip(parts, np.split(b_e, splits, axis=1), strict=True)]
+    ours = (
+        f"its experts' gate_up_proj is [{gate[2]} -> {gate[1] + up[1]}], down_proj [{down[2]} -> {down[1]}]"
+    )
+    raise _mismatch(name, config, module, a, b, ours)
+
+
+def _stack(by_layer: dict[int, list[Piece]], shape: tuple[int, ...], num_layers: int, rank: int):
+    """A `[layers, (experts,) rank, in]` and B `[layers, (experts,) out, rank]` padded to `rank`; zeros
+    for the layers (and experts) the adapter leaves out."""
+    *lead, out_features, in_features = shape
+    a_out = np.zeros((num_layers, *lead, rank, in_features), np.float32)
+    b_out = np.zeros((num_layers, *lead, out_features, rank), np.float32)
+    for layer, parts in by_layer.items():
+        for p in parts:
+            at = (layer,) if p.expert is None else (layer, p.expert)
+            a_out[at][..., : p.rank, :] = p.a
+            b_out[at][..., : p.rank] = p.b
     return a_out, b_out

@@ -51,7 +51,7 @@ class LoraSlots:
         start = [read_adapter(n, p, cfg, config.max_lora_rank) for n, p in config.adapters]
         shapes = {target: shape for target, shape in adaptable_targets(cfg).values()}
         wanted = set(shapes) if config.runtime else {t for a in start for t in a.weights}
-        self.targets: dict[Target, tuple[int, int]] = {t: shapes[t] for t in sorted(wanted)}
+        self.targets: dict[Target, tuple[int, ...]] = {t: shapes[t] for t in sorted(wanted)}
         self._start = start
 
     # -- the stacks in the parameter tree ------------------------------------------------------------
@@ -61,13 +61,13 @@ class LoraSlots:
         stack_layers(params)
         layers = params["layers"]
         slots, rank, num_layers = self.config.max_loras, self.rank, self.cfg.num_layers
-        for (group, proj), (out_features, in_features) in self.targets.items():
+        for (group, proj), (*experts, out_features, in_features) in self.targets.items():
             node = layers[group][proj]
             base = node["weight"]
             if isinstance(base, LoraWeight):
                 base = base.base
-            a = jnp.zeros((num_layers, slots, rank, in_features), self.dtype)
-            b = jnp.zeros((num_layers, slots, out_features, rank), self.dtype)
+            a = jnp.zeros((num_layers, slots, *experts, rank, in_features), self.dtype)
+            b = jnp.zeros((num_layers, slots, *experts, out_features, rank), self.dtype)
             node["weight"] = LoraWeight(base, a, b)
         self.params = params
         for adapter in self._start:
@@ -90,8 +90,9 @@ class LoraSlots:
         """Slot `slot` of every stack := the adapter's weights (zeros where it has none, or for None)."""
         for target, layer, node in self._weights():
             w: LoraWeight = node["weight"]
-            a_new = np.zeros(w.a.shape[:-3] + w.a.shape[-2:], np.float32)
-            b_new = np.zeros(w.b.shape[:-3] + w.b.shape[-2:], np.float32)
+            axis = 1 if layer is None else 0  # the slot axis, after the layer axis of stacked layers
+            a_new = np.zeros(w.a.shape[:axis] + w.a.shape[axis + 1 :], np.float32)
+            b_new = np.zeros(w.b.shape[:axis] + w.b.shape[axis + 1 :], np.float32)
             if adapter is not None and target in adapter.weights:
                 a, b = adapter.weights[target]
                 if layer is not None:

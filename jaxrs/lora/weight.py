@@ -24,7 +24,8 @@ from pallas_kernels.lora import lora_weighted_xla
 class LoraWeight:
     """base: `[out, in]` array or `QuantizedTensor`; a: `[slots, rank, in]`; b: `[slots, out, rank]` with
     each adapter's scaling folded in; slots: `[rows]` (-1: no adapter). Stacked layers add a leading
-    layer axis to every field."""
+    layer axis to every field. A MoE's expert stack has an expert axis after the slot axis
+    (`a: [slots, experts, rank, in]`, see `jaxrs.lora.experts`)."""
 
     base: Any
     a: jax.Array

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrs.config import ModelConfig, RopeScaling
+from jaxrs.lora.experts import ragged_matmul as _ragged
 from jaxrs.models.layers import (
     AttentionMetadata,
     KVCache,
@@ -140,14 +141,6 @@ class MLP(nnx.Module):
         return self.down_proj(hidden, kernels)
 
 
-def _ragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Grouped matmul: rows of `x` `[M, in]` sorted by group, group g times `w[g]` (`[G, out, in]`)."""
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
-    )
-    return jax.lax.ragged_dot_general(x, w, group_sizes, dims)
-
-
 class MoE(nnx.Module):
     """Sparse MoE MLP (Mixtral): each token goes to its top-k experts by router logit, weighted by the
     softmax over those k logits (transformers' softmax-then-renormalize, the same numbers). Token copies
@@ -178,9 +171,12 @@ class MoE(nnx.Module):
         group_sizes = jnp.bincount(flat, length=logits.shape[-1]).astype(jnp.int32)
 
         xs = xf[token]
-        gate = _ragged(xs, self.gate_proj.dense(xf.dtype), group_sizes)
-        up = _ragged(xs, self.up_proj.dense(xf.dtype), group_sizes)
-        out = _ragged(activation(gate, self.act) * up, self.down_proj.dense(xf.dtype), group_sizes)
+        picked = (flat[order], token // shape[-2])  # each copy's expert and batch row (LoRA adapters)
+        gate = _ragged(xs, self.gate_proj.dense(xf.dtype), group_sizes) + self.gate_proj.lora(xs, *picked)
+        up = _ragged(xs, self.up_proj.dense(xf.dtype), group_sizes) + self.up_proj.lora(xs, *picked)
+        hidden = activation(gate, self.act) * up
+        out = _ragged(hidden, self.down_proj.dense(xf.dtype), group_sizes)
+        out = out + self.down_proj.lora(hidden, *picked)
         out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
         return jnp.zeros_like(xf).at[token].add(out).reshape(shape)
 

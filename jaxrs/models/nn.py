@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrs.config import ModelConfig
+from jaxrs.lora.experts import expert_term
+from jaxrs.lora.weight import LoraWeight
 from jaxrs.models.head_slices import head_in_slices
 from jaxrs.models.layers import Weight, dense, embed, layer_norm, rms_norm
 from jaxrs.ops import Kernels
@@ -102,4 +104,12 @@ class Experts(nnx.Module):
     def dense(self, dtype: jnp.dtype) -> jax.Array:
         """The stacked matrices in `dtype`; packed experts are dequantized (one layer's worth)."""
         w = value(self.weight)
+        w = w.base if isinstance(w, LoraWeight) else w
         return dequantize(w, dtype) if isinstance(w, QuantizedTensor) else w.astype(dtype)
+
+    def lora(self, x: jax.Array, experts: jax.Array, rows: jax.Array) -> jax.Array | float:
+        """The LoRA adapters' term for token copies `x` of batch `rows` routed to `experts` (0 without
+        adapters); see `jaxrs.lora.experts`."""
+        w = value(self.weight)
+        term = expert_term(w, x, experts, rows) if isinstance(w, LoraWeight) else None
+        return 0.0 if term is None else term
