@@ -108,3 +108,24 @@ def test_expert_adapter_rank_is_checked(models):
     assert read_adapter("params", adapters["params"], cfg, 8).rank == 8
     with pytest.raises(JaxrsError, match="max_lora_rank is 4"):
         read_adapter("params", adapters["params"], cfg, 4)
+
+
+def test_expert_adapter_that_does_not_fit_is_named(models, tmp_path):
+    """An expert index past the model's experts, or a fused tensor of no expert parameter's shape."""
+    from safetensors.numpy import load_file, save_file
+
+    base, adapters = models
+    cfg = load_model(str(base), dtype="float32").config
+    for source, rename, match in [
+        ("per_expert", lambda k: k.replace("experts.3.", "experts.9."), "for 4 experts"),
+        ("params", lambda k: k, "does not fit this model"),
+    ]:
+        folder = tmp_path / source
+        folder.mkdir()
+        tensors = load_file(str(adapters[source] / "adapter_model.safetensors"))
+        if source == "params":  # drop one input column of every A
+            tensors = {k: v[:, :-1] if ".lora_A." in k else v for k, v in tensors.items()}
+        save_file({rename(k): v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text((adapters[source] / "adapter_config.json").read_text())
+        with pytest.raises(JaxrsError, match=match):
+            read_adapter(source, folder, cfg, 8)

@@ -16,6 +16,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class Piece:
         return self.a.shape[-2]
 
 
-def _unsupported(name: str, module: str, targets: dict) -> None:
+def _unsupported(name: str, module: str, targets: dict) -> NoReturn:
     supported = ", ".join(sorted(targets))
     raise JaxrsError(
         f"LoRA adapter {name!r} targets {module}, which jaxrs does not adapt (supported: {supported})"
@@ -191,7 +192,6 @@ def _pieces(
     if _FUSED_EXPERTS.fullmatch(suffix):
         return _fused_expert_pieces(name, config, module, a, b, targets)
     _unsupported(name, module, targets)
-    return []
 
 
 _FUSED_EXPERTS = re.compile(r"(?:mlp|block_sparse_moe)\.experts(?:\.base_layer)*")
