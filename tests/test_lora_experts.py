@@ -129,3 +129,13 @@ def test_expert_adapter_that_does_not_fit_is_named(models, tmp_path):
         (folder / "adapter_config.json").write_text((adapters[source] / "adapter_config.json").read_text())
         with pytest.raises(JaxrsError, match=match):
             read_adapter(source, folder, cfg, 8)
+
+
+def test_mixtral_targets_are_the_experts_and_attention_not_the_router(models):
+    from jaxrs.lora.adapter import adaptable_targets
+
+    base, _ = models
+    targets = adaptable_targets(load_model(str(base), dtype="float32").config)
+    assert targets["block_sparse_moe.experts.{e}.w1"] == (("mlp", "gate_proj"), (4, 128, 64))
+    assert targets["block_sparse_moe.experts.{e}.w2"] == (("mlp", "down_proj"), (4, 64, 128))
+    assert "self_attn.q_proj" in targets and not any(t == ("mlp", "router") for t, _ in targets.values())

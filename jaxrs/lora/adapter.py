@@ -42,6 +42,9 @@ class LoraAdapter:
     base_model: str | None = None
 
 
+_NOT_ADAPTED = {("mlp", "router")}  # the MoE router reads its weight itself, not through `layers.dense`
+
+
 def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, ...]]]:
     """The model's projections an adapter may target: the checkpoint's layer-relative module name
     (`self_attn.q_proj`; an expert stack's with `{e}`: `block_sparse_moe.experts.{e}.w1`) -> (its
@@ -53,6 +56,8 @@ def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, ..
         for proj, node in state["layers"].get(group, {}).items():
             weight = node.get("weight") if isinstance(node, dict) else None
             source = table.get(f"{LAYER_PREFIX}{group}.{proj}.weight")
+            if (group, proj) in _NOT_ADAPTED:
+                continue
             if isinstance(source, Experts) and weight is not None and len(weight.shape) == 4:
                 found[source.name.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
             elif isinstance(source, str) and weight is not None and len(weight.shape) == 3:
