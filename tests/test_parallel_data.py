@@ -26,6 +26,9 @@ class FakeDriver:
         self.calls += 1
         return fn(self)
 
+    async def end_requests(self, pick):
+        return pick(self)
+
 
 def router_over(drivers: list[FakeDriver]) -> ReplicaRouter:
     router = ReplicaRouter.__new__(ReplicaRouter)  # no engines: only the routing is under test
@@ -48,6 +51,18 @@ def test_images_and_engine_calls_reach_the_replicas():
     assert [seen for d in drivers for seen in d.seen] == [([1, 2, 3], "placed")]
     assert [d.calls for d in drivers] == [1, 1]  # an adapter load reaches every replica
     assert result == id(drivers[0])
+
+
+def test_an_adapter_unload_asks_every_replica():
+    """An unload polls and ends the requests of every replica, not only the first one's."""
+    drivers = [FakeDriver(), FakeDriver()]
+    router = router_over(drivers)
+
+    async def go():
+        counts = await router.run_on_each(lambda driver: drivers.index(driver) + 2)
+        return counts, await router.end_requests(lambda driver: [f"r{drivers.index(driver)}"])
+
+    assert asyncio.run(go()) == ([2, 3], ["r0", "r1"])
 
 
 def test_two_replicas_serve_32_requests(tmp_path):
