@@ -122,7 +122,8 @@ class LoraSlots:
 
     def _place(self, adapter: LoraAdapter) -> Loaded:
         if adapter.name in self.loaded:
-            raise JaxrsError(f"a LoRA adapter named {adapter.name!r} is already loaded")
+            being = " (and being unloaded)" if adapter.name in self.retired else ""
+            raise JaxrsError(f"a LoRA adapter named {adapter.name!r} is already loaded{being}")
         missing = sorted(".".join(t) for t in adapter.weights if t not in self.targets)
         if missing:
             raise JaxrsError(
