@@ -10,57 +10,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import load_model
 from jaxrs.lora.xlora import XLoraModel, read_xlora
 from tests.conftest import relative_error
-from tests.lora_models import save_adapter, tiny_base
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
+from tests.lora_models import TARGETS, build_xlora
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from peft import XLoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("xlora")
-    base = root / "base"
-    tiny_base("llama", base)
-    experts = {
-        str(i): str(save_adapter(base, root / f"e{i}", seed=i + 1, r=4, lora_alpha=8, target_modules=TARGETS))
-        for i in range(3)
-    }
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.config.use_cache = False
-    config = XLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=64,
-        adapters=experts,
-        xlora_depth=2,
-        xlora_size=32,
-        xlora_dropout_p=0.0,
-        layerwise_scalings=True,
-        top_k_lora=2,
-        softmax_temperature=0.7,
-        global_scaling_weight=1.5,
-    )
-    ref = get_peft_model(model, config).eval()
-    torch.manual_seed(0)
-    classifier = {}
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "internal_xlora_classifier" in name:
-                p.normal_(0.0, 0.5)
-                classifier[name] = p.detach().clone()
-    folder = root / "xlora"
-    ref.save_pretrained(folder)
-    save_file(classifier, str(folder / "xlora_classifier.safetensors"))  # peft saves no classifier weights
-    return base, folder, ref
+    return build_xlora(tmp_path_factory.mktemp("xlora"))
 
 
 def peft_run(ref, ids: list[list[int]]):

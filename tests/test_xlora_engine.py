@@ -1,0 +1,106 @@
+"""X-LoRA served by the engine against peft's `XLoraModel` (use_cache=False): through the paged cache with
+chunked prefill, the scalings equal `get_latest_scalings()` and the logits equal peft's over a prompt and
+8 greedy tokens; rows of mixed lengths batched with a plain row equal each alone; no KV block is left
+behind after an abort or a preemption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.errors import JaxrsError
+from jaxrs.llm import LLM
+from tests.lora_models import build_xlora
+
+STEPS = 8
+GREEDY = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_xlora(tmp_path_factory.mktemp("xlora-engine"))
+
+
+@pytest.fixture(scope="module")
+def llm(models):
+    base, folder, _ = models
+    return LLM(
+        str(base),
+        xlora=str(folder),
+        kv_cache_tokens=512,
+        kv_cache_dtype="float32",
+        max_num_batched_tokens=16,  # prompts of 20+ tokens prefill in chunks
+        block_size=16,
+    )
+
+
+def peft_greedy(ref, prompt: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """peft's greedy tokens, the log-softmax before each, and the scalings of the whole sequence."""
+    ids, logprobs = list(prompt), []
+    for _ in range(STEPS):
+        with torch.no_grad():
+            logits = ref(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        logprobs.append(torch.log_softmax(logits, -1).numpy())
+        ids.append(int(logits.argmax()))
+    with torch.no_grad():
+        ref(input_ids=torch.tensor([ids[:-1]]), use_cache=False)
+    return ids[len(prompt) :], np.stack(logprobs), ref.get_latest_scalings().numpy()[0]
+
+
+def assert_matches(out, want) -> None:
+    tokens, logprobs, scalings = want
+    assert out.token_ids == tokens
+    for step, lp in zip(out.outputs[0].logprobs, logprobs, strict=True):
+        for token, value in step.top:
+            assert abs(value - lp[token]) <= 1e-4
+    ours, cached = out.outputs[0].xlora_scalings, out.num_cached_tokens  # cached blocks: not computed
+    assert ours.shape == scalings.shape
+    assert np.abs(ours[cached:] - scalings[cached:]).max() <= 1e-5
+
+
+PROMPTS = [np.random.default_rng(i).integers(3, 256, n).tolist() for i, n in enumerate((21, 5, 37))]
+
+
+def test_engine_equals_peft_alone_and_batched(models, llm):
+    _, _, ref = models
+    want = [peft_greedy(ref, p) for p in PROMPTS]
+    for prompt, w in zip(PROMPTS, want, strict=True):
+        assert_matches(llm.generate(prompt, GREEDY, use_tqdm=False)[0], w)
+    # batched: mixed lengths, with a plain (base) row among them; the prefix cache is warm now
+    plain = llm.generate(PROMPTS[0], GREEDY, lora=[None], use_tqdm=False)[0]
+    assert plain.outputs[0].xlora_scalings is None
+    outs = llm.generate(
+        [PROMPTS[2], PROMPTS[0], PROMPTS[1]], GREEDY, lora=["xlora", None, "xlora"], use_tqdm=False
+    )
+    assert_matches(outs[0], want[2])
+    assert outs[1].token_ids == plain.token_ids
+    assert_matches(outs[2], want[1])
+    assert plain.token_ids != want[0][0]  # the experts change the tokens
+
+
+def test_no_block_leaks_after_abort_and_preemption(llm):
+    engine = llm.engine
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True, lora="xlora")
+    requests = [engine.add_request(p, long) for p in PROMPTS]
+    preempted = engine.scheduler.num_preemptions
+    for _ in range(60):  # until one is preempted (3 x 200+ tokens do not fit 512), then its recompute
+        engine.step()
+        if engine.scheduler.num_preemptions > preempted:
+            break
+    assert engine.scheduler.num_preemptions > preempted
+    for _ in range(3):
+        engine.step()
+    for r in requests:
+        engine.abort(r.request_id)
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_used == 0
+
+
+def test_bad_options(models):
+    base, folder, _ = models
+    with pytest.raises(JaxrsError, match="tgt_non_granular_index given without xlora"):
+        LLM(str(base), tgt_non_granular_index=2, kv_cache_tokens=256)
+    with pytest.raises(JaxrsError, match="speculative decoding is not served beside X-LoRA"):
+        LLM(str(base), xlora=str(folder), speculative_config={"method": "ngram", "num_speculative_tokens": 2})
