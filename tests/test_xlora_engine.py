@@ -104,3 +104,24 @@ def test_bad_options(models):
         LLM(str(base), tgt_non_granular_index=2, kv_cache_tokens=256)
     with pytest.raises(JaxrsError, match="speculative decoding is not served beside X-LoRA"):
         LLM(str(base), xlora=str(folder), speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_server_answers_with_scalings(llm):
+    import openai
+
+    from server import create_app
+    from tests.live_server import serve
+
+    messages = [{"role": "user", "content": "w5 w9 w17 w33"}]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    want = llm.chat(messages, params, use_tqdm=False)[0]
+    with serve(create_app(llm, served_model_name="tiny")) as url:
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        r = oai.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4, temperature=0, extra_body={"xlora_scalings": True}
+        )
+        plain = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == want.text
+    scalings = np.asarray(r.model_extra["xlora_scalings"][0])
+    assert np.abs(scalings - want.outputs[0].xlora_scalings[-1]).max() <= 1e-6
+    assert "xlora_scalings" not in (plain.model_extra or {})

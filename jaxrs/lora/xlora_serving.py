@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections import OrderedDict
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ from jaxrs.lora.config import LoraConfig
 from jaxrs.lora.xlora import MODULE_ORDER, XLoraSpec, read_xlora
 from jaxrs.lora.xlora_config import XLoraOptions
 
+LATEST_KEPT = 1024  # requests whose latest scalings stay readable by id after they finish
 XLORA_ROUTE = -2  # a row's slot index when it runs X-LoRA (-1: no adapter; >= 0: a plain adapter's slot)
 DEFAULT_MAX_RANK = 64  # the LoRA slots' rank when only X-LoRA sizes them
 
@@ -46,6 +48,7 @@ class XLoraServing:
         self.classifier = None  # the spec on the device (bound with the slots)
         self._scalings: weakref.WeakKeyDictionary[Sequence, np.ndarray] = weakref.WeakKeyDictionary()
         self._frozen: weakref.WeakKeyDictionary[Sequence, np.ndarray] = weakref.WeakKeyDictionary()
+        self._latest: OrderedDict[tuple[str, int], Sequence] = OrderedDict()
 
     def lora_config(self, given: LoraConfig | None) -> LoraConfig:
         """The LoRA slots' config: the experts first (their slots follow the classifier's order), then the
@@ -98,6 +101,11 @@ class XLoraServing:
                 grown[: len(held)] = held
             held = self._scalings[seq] = grown
         held[start:end] = scalings
+        key = (seq.request_id, seq.index)
+        self._latest[key] = seq  # read when asked: this step's last positions may outrun its tokens
+        self._latest.move_to_end(key)
+        while len(self._latest) > LATEST_KEPT:
+            self._latest.popitem(last=False)
         at = self.freeze_at(seq)
         if seq not in self._frozen and start <= at < end:
             self._frozen[seq] = np.array(scalings[at - start])
@@ -111,3 +119,10 @@ class XLoraServing:
         if held is None:
             return np.zeros((0, self.num_lora_layers, len(self.experts)), np.float32)
         return held[: min(fed, len(held))].copy()
+
+    def latest(self, request_id: str, index: int = 0) -> np.ndarray | None:
+        """`[lora layers, experts]`: the scalings of the last position fed for sample `index` of request
+        `request_id` (kept for the last LATEST_KEPT requests, finished or not); None if unknown."""
+        seq = self._latest.get((request_id, index))
+        scalings = None if seq is None else self.scalings(seq)
+        return None if scalings is None or not len(scalings) else scalings[-1]
