@@ -6,6 +6,8 @@ answers with the scalings when asked; non-granular scalings freeze after K gener
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,37 @@ def test_server_answers_with_scalings(llm):
     scalings = np.asarray(r.model_extra["xlora_scalings"][0])
     assert np.abs(scalings - want.outputs[0].xlora_scalings[-1]).max() <= 1e-6
     assert "xlora_scalings" not in (plain.model_extra or {})
+
+
+def test_non_granular_scalings_freeze_after_k_tokens(models, llm):
+    """mistral.rs's tgt_non_granular_index K: the scalings of the K-th generated token's position are kept
+    for every later one (frozen inside a multi-token decode call too); tokens before that equal peft's."""
+    _, _, ref = models
+    xlora = llm.engine.xlora
+    granular = xlora.options
+    tokens, _, scalings = peft_greedy(ref, PROMPTS[1])
+    xlora.options = dataclasses.replace(granular, tgt_non_granular_index=2)
+    try:
+        out = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0]
+    finally:
+        xlora.options = granular
+    ours, at = out.outputs[0].xlora_scalings, len(PROMPTS[1]) - 1 + 2
+    assert np.abs(ours[: at + 1] - scalings[: at + 1]).max() <= 1e-5
+    assert (ours[at + 1 :] == ours[at]).all()
+    assert np.abs(scalings[at + 1 :] - scalings[at]).max() > 1e-2  # peft's keep changing
+    assert out.token_ids[:3] == tokens[:3]
+
+
+def test_command_line_flags(tmp_path):
+    import argparse
+
+    from jaxrs.lora.cli_args import add_lora_args, lora_kwargs
+    from jaxrs.lora.xlora_config import xlora_options
+
+    p = argparse.ArgumentParser()
+    add_lora_args(p)
+    flags = ["--xlora", str(tmp_path), "--xlora-order", "o.json", "--tgt-non-granular-index", "3"]
+    args = p.parse_args(flags)
+    options = xlora_options(lora_kwargs(args))["xlora"]
+    assert (options.path, options.order, options.tgt_non_granular_index) == (str(tmp_path), "o.json", 3)
+    assert "xlora" not in xlora_options(lora_kwargs(p.parse_args([])))
