@@ -98,6 +98,9 @@ class ServerContext:
         the LoRA adapter it names (404 for neither, as OpenAI and vLLM answer)."""
         if name is None or name in self.names:
             return self.served_name
+        xlora = self.llm.engine.xlora if self.llm.generates else None
+        if xlora is not None and name == xlora.name:
+            return self.served_name  # an X-LoRA server's model is X-LoRA
         if name in adapter_names(self.llm):
             return name
         raise APIError(

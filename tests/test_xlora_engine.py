@@ -15,7 +15,7 @@ import torch
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from jaxrs.llm import LLM
-from tests.lora_models import build_xlora
+from tests.lora_models import build_xlora, peft_model
 
 STEPS = 8
 GREEDY = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=5)
@@ -37,6 +37,7 @@ def llm(models):
         max_num_batched_tokens=16,  # prompts of 20+ tokens prefill in chunks
         block_size=16,
         max_num_seqs=4,
+        enable_runtime_lora=True,  # a plain adapter beside the experts; every projection adapted
     )
 
 
@@ -53,14 +54,19 @@ def peft_greedy(ref, prompt: list[int]) -> tuple[list[int], np.ndarray, np.ndarr
     return ids[len(prompt) :], np.stack(logprobs), ref.get_latest_scalings().numpy()[0]
 
 
-def base_greedy(base, prompt: list[int]) -> list[int]:
-    """The base model's greedy tokens (transformers, no adapters)."""
+def base_greedy(base, prompt: list[int], model=None) -> list[int]:
+    """The base model's greedy tokens (transformers, no adapters), or `model`'s."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = model or AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False)
     return out[0, len(prompt) :].tolist()
+
+
+def lora_greedy(base, adapter: str, prompt: list[int]) -> list[int]:
+    """peft's greedy tokens with one plain LoRA adapter."""
+    return base_greedy(base, prompt, peft_model(base, {"plain": adapter}))
 
 
 def assert_matches(out, want) -> None:
@@ -82,15 +88,24 @@ def test_engine_equals_peft_alone_and_batched(models, llm):
     want = [peft_greedy(ref, p) for p in PROMPTS]
     for prompt, w in zip(PROMPTS, want, strict=True):
         assert_matches(llm.generate(prompt, GREEDY, use_tqdm=False)[0], w)
-    # batched: mixed lengths, with a plain (base) row among them; the prefix cache is warm now
+    # batched: mixed lengths, with a base row and a plain LoRA row among them; the prefix cache is warm now
+    expert = str(models[1].parent / "e1")
+    llm.load_lora("plain", expert)
     outs = llm.generate(
-        [PROMPTS[2], PROMPTS[0], PROMPTS[1]], GREEDY, lora=["xlora", None, "xlora"], use_tqdm=False
+        [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[0]],
+        GREEDY,
+        lora=["xlora", None, "xlora", "plain"],
+        use_tqdm=False,
     )
+    llm.unload_lora("plain")
     assert_matches(outs[0], want[2])
     assert_matches(outs[2], want[1])
-    plain = base_greedy(models[0], PROMPTS[0])
-    assert outs[1].token_ids == plain and outs[1].outputs[0].xlora_scalings is None
-    assert plain != want[0][0]  # the experts change the tokens
+    base = base_greedy(models[0], PROMPTS[0])
+    assert outs[1].token_ids == base and outs[1].outputs[0].xlora_scalings is None
+    assert base != want[0][0]  # the experts change the tokens
+    assert outs[3].token_ids == lora_greedy(models[0], expert, PROMPTS[0]) != base
+    with pytest.raises(JaxrsError, match="is an expert of the X-LoRA model"):
+        llm.unload_lora("xlora/0")
 
 
 def test_preemption_recomputes_both_pools_and_nothing_leaks(llm):

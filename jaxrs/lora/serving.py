@@ -33,6 +33,9 @@ def unload_adapter(engine: Any, name: str) -> None:
     """Free adapter `name`'s slot; `AdapterInUse` while unfinished requests use it."""
     slots = slots_of(engine)
     slots.slot_of(name)  # unknown: an error naming what is loaded
+    xlora = getattr(engine, "xlora", None)
+    if xlora is not None and name in xlora.experts:
+        raise JaxrsError(f"LoRA adapter {name!r} is an expert of the X-LoRA model served; it stays loaded")
     busy = users(engine, name)
     if busy:
         raise AdapterInUse(f"LoRA adapter {name!r} is in use by {len(busy)} unfinished request(s)")
