@@ -150,6 +150,7 @@ def _xlora_score(params, kv, tokens, meta, targets, *, cfg, kernels):
 
 @functools.cache
 def jitted_xlora_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
+    """X-LoRA's steps compiled with `xla_options`; `kv` is the pair of pools, donated."""
     jit = functools.partial(jax.jit, donate_argnames=("kv",), compiler_options=dict(xla_options) or None)
     return Steps(
         prefill=jit(_xlora_prefill, static_argnames=("cfg", "kernels", "flags")),
@@ -196,6 +197,7 @@ class XLoraRunner(ModelRunner):
             self.kv, self.scaling.kv = self.kv
 
     def _lora_slots(self, seqs: Seq[Sequence], batch: int) -> XLoraRows:
+        """The call's rows for the X-LoRA steps (where a plain runner passes each row's adapter slot)."""
         xlora = self.xlora
         route = np.full(batch, -1, np.int32)
         freeze_at = np.full(batch, -1, np.int32)
@@ -223,6 +225,7 @@ class XLoraRunner(ModelRunner):
         )
 
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> SampleOutput:
+        """`ModelRunner.prefill`, keeping the X-LoRA rows' scalings of the chunk's positions."""
         out, scalings = super().prefill(chunks)
         for i, (seq, start, end) in enumerate(chunks):
             if self.xlora.runs(seq):
@@ -230,6 +233,7 @@ class XLoraRunner(ModelRunner):
         return out
 
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
+        """`ModelRunner.decode`, keeping the X-LoRA rows' scalings of the positions fed."""
         out, scalings = super().decode(seqs, num_steps)
         for i, seq in enumerate(seqs):
             if self.xlora.runs(seq):
