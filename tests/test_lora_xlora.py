@@ -61,3 +61,30 @@ def test_bad_folders(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(JaxrsError, match="not XLORA"):
         read_xlora(tmp_path)
+
+
+def test_original_layout_and_ordering_file(tmp_path):
+    """The original xlora layout (`xlora_config.json`, `xlora_classifier.safetensors`) and mistral.rs's
+    ordering file, whose `order` reorders the experts (the classifier's outputs follow it)."""
+    from safetensors.numpy import save_file
+
+    for name in ("math", "code"):
+        (tmp_path / name).mkdir()
+    config = {"adapters": {"math": "math", "code": "code"}, "layerwise_scalings": True, "top_k_lora": 1}
+    (tmp_path / "xlora_config.json").write_text(json.dumps(config))
+    weights = {"internal_xlora_classifier.layers.0.weight": np.ones((2, 4), np.float32)}
+    weights["internal_xlora_classifier.layers.0.bias"] = np.zeros(2, np.float32)
+    save_file(weights, str(tmp_path / "xlora_classifier.safetensors"))
+    spec = read_xlora(tmp_path)
+    assert [n for n, _ in spec.adapters] == ["math", "code"] and spec.top_k_lora == 1
+    order = tmp_path / "ordering.json"
+    order.write_text(json.dumps({"order": ["code", "math"], "layers": {}}))
+    spec = read_xlora(tmp_path, order)
+    assert spec.adapters == (("code", str(tmp_path / "code")), ("math", str(tmp_path / "math")))
+    order.write_text(json.dumps({"order": ["code", "bio"]}))
+    with pytest.raises(JaxrsError, match="orders"):
+        read_xlora(tmp_path, order)
+    config["scaling_pass_value"] = 0.5
+    (tmp_path / "xlora_config.json").write_text(json.dumps(config))
+    with pytest.raises(JaxrsError, match="scaling_pass_value"):
+        read_xlora(tmp_path)
