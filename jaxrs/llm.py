@@ -20,6 +20,7 @@ from jaxrs.engine.engine import Engine, EngineConfig, Request
 from jaxrs.engine.output_processor import stream_end
 from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.sequence import Sequence as EngineSequence
 from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.engine.warmup import Warmup
 from jaxrs.errors import JaxrsError
@@ -27,6 +28,7 @@ from jaxrs.loading import LoadedModel, load_model
 from jaxrs.loading.sentence_transformers import EmbeddingSpec
 from jaxrs.lora import serving as lora_serving
 from jaxrs.lora.config import lora_options
+from jaxrs.lora.xlora_config import xlora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
 from jaxrs.vision.chat import chat_inputs
@@ -46,6 +48,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] | None = None
+    # X-LoRA: the classifier's scalings `[positions, lora layers, experts]` of every position fed
+    xlora_scalings: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -167,7 +171,7 @@ class LLM:
         spare = spare_trees(loaded, data_parallel_size)  # before the engine places its tree in place
         self._engine = Engine(
             loaded,
-            EngineConfig(**lora_options(engine_config)),
+            EngineConfig(**xlora_options(lora_options(engine_config))),
             kernels=Kernels.from_mapping(kernels),
             dtype=self.dtype,
             reload=source_reloader(loaded.source, self.dtype, tokenizer, isq_embeddings),
@@ -283,6 +287,9 @@ class LLM:
         if lora is not None:
             names = per_prompt(lora, len(prompts))
             params_list = [dataclasses.replace(p, lora=n) for p, n in zip(params_list, names, strict=True)]
+        elif self.engine.xlora is not None:  # an X-LoRA LLM runs X-LoRA unless told otherwise
+            name = self.engine.xlora.name
+            params_list = [p if p.lora else dataclasses.replace(p, lora=name) for p in params_list]
         requests = []
         try:
             for k, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
@@ -293,10 +300,21 @@ class LLM:
             for r in requests:
                 if not r.finished:
                     self.engine.abort(r.request_id)
-        return [
+        outputs = [
             request_output(r, p if isinstance(p, str) else None)
             for r, p in zip(requests, prompts, strict=True)
         ]
+        for request, output in zip(requests, outputs, strict=True):
+            seqs = sorted(request.seqs, key=lambda s: s.index)
+            for seq, completion in zip(seqs, output.outputs, strict=True):
+                completion.xlora_scalings = self.xlora_scalings(seq)
+        return outputs
+
+    def xlora_scalings(self, seq: EngineSequence) -> np.ndarray | None:
+        """The X-LoRA classifier's scalings of every position of `seq` fed so far (an engine `Sequence`,
+        e.g. `request.seqs[0]`), `[positions, lora layers, experts]`; None unless it runs X-LoRA."""
+        xlora = self.engine.xlora
+        return xlora.scalings(seq) if xlora is not None and xlora.runs(seq) else None
 
     def _run(self, requests: list[Request], use_tqdm: bool) -> None:
         with tqdm(

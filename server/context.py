@@ -98,6 +98,9 @@ class ServerContext:
         the LoRA adapter it names (404 for neither, as OpenAI and vLLM answer)."""
         if name is None or name in self.names:
             return self.served_name
+        xlora = self.llm.engine.xlora if self.llm.generates else None
+        if xlora is not None and name == xlora.name:
+            return self.served_name  # an X-LoRA server's model is X-LoRA
         if name in adapter_names(self.llm):
             return name
         raise APIError(
@@ -109,7 +112,10 @@ class ServerContext:
 
     def with_adapter(self, params: SamplingParams, model: str) -> SamplingParams:
         """`params` running with the LoRA adapter `model` (a `check_model` answer) names, if it names one."""
-        return params if model == self.served_name else dataclasses.replace(params, lora=model)
+        if model == self.served_name:  # an X-LoRA server's model is X-LoRA (as mistral.rs serves it)
+            xlora = self.llm.engine.xlora if self.llm.generates else None
+            return params if xlora is None else dataclasses.replace(params, lora=xlora.name)
+        return dataclasses.replace(params, lora=model)
 
     def log_request(self, record: RequestRecord, choices: Choices | None = None) -> None:
         """Write the request's log line (if logging) and fold the engine's latency samples into metrics."""

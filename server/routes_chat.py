@@ -37,6 +37,7 @@ from server.streaming import DONE, event_stream, sse
 from server.structured import request_grammar
 from server.tool_calls import ToolCallStream, new_call_id
 from server.tools import ToolPlan, template_message, tool_plan
+from server.xlora import xlora_scalings
 
 ROUTE = "/v1/chat/completions"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -235,7 +236,10 @@ def _completion(
     ]
     tokens = choices.completion_tokens
     usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
-    return ChatCompletion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage)
+    completion = ChatCompletion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage)
+    if req.xlora_scalings:
+        completion.xlora_scalings = xlora_scalings(ctx, record.id, req.n)
+    return completion
 
 
 async def _stream(

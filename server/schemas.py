@@ -59,6 +59,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     speculative: bool = True  # extension: false turns speculative decoding off for this request
+    xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.
@@ -138,6 +139,7 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
     system_fingerprint: str | None = None
+    xlora_scalings: list | msgspec.UnsetType = msgspec.UNSET  # extension: per choice, [lora layers][experts]
 
 
 class Delta(msgspec.Struct):

@@ -28,6 +28,8 @@ ADAPTERS = {
     "beta": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # the X-LoRA experts'
+
 
 def tiny_base(family: str, path: Path, seed: int = 0):
     """A 2-layer random model of `family` ("llama", "qwen2" or "mixtral": 4 experts, top 2) saved with
@@ -85,3 +87,45 @@ def build(family: str, root: Path) -> tuple[Path, dict[str, Path]]:
         for i, (name, lora) in enumerate(ADAPTERS.items())
     }
     return base, adapters
+
+
+def build_xlora(root: Path):
+    """A tiny random Llama, three random LoRA experts and a random X-LoRA classifier over them (layerwise
+    scalings, top-2, a softmax temperature, a global weight), saved under `root`; returns the base folder,
+    the X-LoRA folder and peft's `XLoraModel` (use_cache off)."""
+    from peft import XLoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = root / "base"
+    tiny_base("llama", base)
+    experts = {
+        str(i): str(save_adapter(base, root / f"e{i}", seed=i + 1, r=4, lora_alpha=8, target_modules=TARGETS))
+        for i in range(3)
+    }
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.config.use_cache = False
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=64,
+        adapters=experts,
+        xlora_depth=2,
+        xlora_size=32,
+        xlora_dropout_p=0.0,
+        layerwise_scalings=True,
+        top_k_lora=2,
+        softmax_temperature=0.7,
+        global_scaling_weight=1.5,
+    )
+    ref = get_peft_model(model, config).eval()
+    torch.manual_seed(0)
+    classifier = {}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "internal_xlora_classifier" in name:
+                p.normal_(0.0, 0.5)
+                classifier[name] = p.detach().clone()
+    folder = root / "xlora"
+    ref.save_pretrained(folder)
+    save_file(classifier, str(folder / "xlora_classifier.safetensors"))  # peft saves no classifier weights
+    return base, folder, ref

@@ -10,57 +10,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from jaxrs.errors import JaxrsError
 from jaxrs.loading import load_model
 from jaxrs.lora.xlora import XLoraModel, read_xlora
 from tests.conftest import relative_error
-from tests.lora_models import save_adapter, tiny_base
-
-TARGETS = ["q_proj", "v_proj", "down_proj"]
+from tests.lora_models import TARGETS, build_xlora
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from peft import XLoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("xlora")
-    base = root / "base"
-    tiny_base("llama", base)
-    experts = {
-        str(i): str(save_adapter(base, root / f"e{i}", seed=i + 1, r=4, lora_alpha=8, target_modules=TARGETS))
-        for i in range(3)
-    }
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.config.use_cache = False
-    config = XLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=64,
-        adapters=experts,
-        xlora_depth=2,
-        xlora_size=32,
-        xlora_dropout_p=0.0,
-        layerwise_scalings=True,
-        top_k_lora=2,
-        softmax_temperature=0.7,
-        global_scaling_weight=1.5,
-    )
-    ref = get_peft_model(model, config).eval()
-    torch.manual_seed(0)
-    classifier = {}
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "internal_xlora_classifier" in name:
-                p.normal_(0.0, 0.5)
-                classifier[name] = p.detach().clone()
-    folder = root / "xlora"
-    ref.save_pretrained(folder)
-    save_file(classifier, str(folder / "xlora_classifier.safetensors"))  # peft saves no classifier weights
-    return base, folder, ref
+    return build_xlora(tmp_path_factory.mktemp("xlora"))
 
 
 def peft_run(ref, ids: list[list[int]]):
@@ -98,4 +60,31 @@ def test_bad_folders(tmp_path):
         read_xlora(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(JaxrsError, match="not XLORA"):
+        read_xlora(tmp_path)
+
+
+def test_original_layout_and_ordering_file(tmp_path):
+    """The original xlora layout (`xlora_config.json`, `xlora_classifier.safetensors`) and mistral.rs's
+    ordering file, whose `order` reorders the experts (the classifier's outputs follow it)."""
+    from safetensors.numpy import save_file
+
+    for name in ("math", "code"):
+        (tmp_path / name).mkdir()
+    config = {"adapters": {"math": "math", "code": "code"}, "layerwise_scalings": True, "top_k_lora": 1}
+    (tmp_path / "xlora_config.json").write_text(json.dumps(config))
+    weights = {"internal_xlora_classifier.layers.0.weight": np.ones((2, 4), np.float32)}
+    weights["internal_xlora_classifier.layers.0.bias"] = np.zeros(2, np.float32)
+    save_file(weights, str(tmp_path / "xlora_classifier.safetensors"))
+    spec = read_xlora(tmp_path)
+    assert [n for n, _ in spec.adapters] == ["math", "code"] and spec.top_k_lora == 1
+    order = tmp_path / "ordering.json"
+    order.write_text(json.dumps({"order": ["code", "math"], "layers": {}}))
+    spec = read_xlora(tmp_path, order)
+    assert spec.adapters == (("code", str(tmp_path / "code")), ("math", str(tmp_path / "math")))
+    order.write_text(json.dumps({"order": ["code", "bio"]}))
+    with pytest.raises(JaxrsError, match="orders"):
+        read_xlora(tmp_path, order)
+    config["scaling_pass_value"] = 0.5
+    (tmp_path / "xlora_config.json").write_text(json.dumps(config))
+    with pytest.raises(JaxrsError, match="scaling_pass_value"):
         read_xlora(tmp_path)

@@ -10,6 +10,7 @@ rebuilding the parts sized by the weights (`_serve`) as `__init__` builds them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -40,10 +41,12 @@ from jaxrs.engine.speculative import Speculator, load_draft
 from jaxrs.engine.speculative_config import SpeculativeConfig
 from jaxrs.engine.stats import EngineSnapshot, MemoryUse
 from jaxrs.engine.warmup import Warmup
+from jaxrs.engine.xlora_runner import XLoraRunner
 from jaxrs.errors import JaxrsError
 from jaxrs.host_memory import available_bytes, peak_resident_bytes, release_freed, resident_bytes
 from jaxrs.loading import LoadedModel
 from jaxrs.lora.slots import LoraSlots
+from jaxrs.lora.xlora_serving import XLoraServing
 from jaxrs.models.decoder import stack_layers, unstack_layers
 from jaxrs.ops import Kernels
 from jaxrs.parallel.mesh import tensor_mesh
@@ -152,9 +155,13 @@ class Engine:
         if mesh is None and config.tensor_parallel_size > 1:
             mesh = tensor_mesh(config.tensor_parallel_size)
         self.mesh = mesh
-        self.loras = LoraSlots(config.lora, cfg, self.dtype) if config.lora else None
+        self.xlora = XLoraServing(config.xlora, cfg) if config.xlora else None
+        lora = self.xlora.lora_config(config.lora) if self.xlora else config.lora
+        self.loras = LoraSlots(lora, cfg, self.dtype) if lora else None
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        if self.speculative and self.xlora:
+            raise JaxrsError("speculative decoding is not served beside X-LoRA")
         self._draft = load_draft(self.speculative, loaded, self.dtype) if self.speculative else None
         self._serve(loaded)
 
@@ -169,11 +176,14 @@ class Engine:
         self.model = model
         if self.loras is not None:
             self.loras.attach(model.params)
+            if self.xlora is not None:
+                self.xlora.bind(self.loras)
         self._arrange_layers()
         cfg, config = model.config, self.config
         step_cfg = cfg if self.mesh is None else shard_params(cfg, model.params, self.mesh)
         per_token = self.kv_bytes_per_token  # the draft's pool has as many blocks: its bytes count too
         per_token += kv_bytes_per_token(self._draft.config, self.kv_dtype) if self._draft else 0
+        per_token += self.kv_bytes_per_token if self.xlora else 0  # the scaling pass's pool
         num_blocks = max(1, kv_pool_bytes(config, per_token) // (per_token * config.block_size))
         max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
@@ -184,7 +194,8 @@ class Engine:
             prefix_caching=self.prefix_caching,
             stats=previous.blocks.stats if previous is not None else None,
         )
-        self.runner = ModelRunner(
+        runner = ModelRunner if self.xlora is None else functools.partial(XLoraRunner, xlora=self.xlora)
+        self.runner = runner(
             step_cfg,
             model.params,
             num_blocks=num_blocks,
@@ -349,6 +360,8 @@ class Engine:
         is not served)."""
         if lora is None:
             return cache_key
+        if self.xlora is not None and lora == self.xlora.name:
+            return self.xlora.cache_key(cache_key)
         if self.loras is None:
             raise JaxrsError(f"no LoRA adapters are served (the request asks for {lora!r})")
         return self.loras.cache_key(lora, cache_key)
@@ -486,6 +499,8 @@ class Engine:
             return []
         ids = list(prompt_ids) + list(continuation_ids)
         self.validate(ids[:-1] or ids, SamplingParams())
+        if self.xlora is not None and lora == self.xlora.name:
+            raise JaxrsError("scoring runs the base model or a plain LoRA adapter, not X-LoRA")
         key = self._adapter_key(lora)
         slot = -1 if lora is None else self.loras.slot_of(lora)
         table = BlockTable()

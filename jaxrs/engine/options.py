@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxrs.lora.config import LoraConfig
+from jaxrs.lora.xlora_config import XLoraOptions
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = FLOAT_DTYPES
@@ -61,6 +62,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     lora: LoraConfig | None = None  # LoRA adapters served per request
+    xlora: XLoraOptions | None = None  # an X-LoRA model served beside them (requests name it)
     # Speculative decoding (vLLM's keys, see `speculative_config.SpeculativeConfig`): a mapping, a JSON
     # object string, or None for none.
     speculative_config: Any = None

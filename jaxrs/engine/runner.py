@@ -81,7 +81,8 @@ def bucket(n: int, minimum: int = 1) -> int:
     return next_power_of_2(n, minimum)
 
 
-def _logits_at(params, cfg, kernels, kv, tokens, meta, index, lora=None, embeds=None):
+def logits_at(params, cfg, kernels, kv, tokens, meta, index, lora=None, embeds=None):
+    """Logits [B, V] at each row's `index` of a forward pass over `tokens`, and the KV cache with them."""
     if lora is not None:  # each row's adapter slot (LoRA)
         params = bind_slots(params, lora)
     model = merge(params, cfg)  # the nnx module over this trace's parameter arrays
@@ -93,20 +94,23 @@ def _logits_at(params, cfg, kernels, kv, tokens, meta, index, lora=None, embeds=
 def _prefill(params, kv, tokens, meta, last_index, batch, lora=None, embeds=None, *, cfg, kernels, flags):
     """`embeds`: image feature rows (mask, rows) for a chunk reaching an image; a call without them
     compiles (and stays) the text-only step."""
-    logits, kv = _logits_at(params, cfg, kernels, kv, tokens, meta, last_index, lora, embeds)
+    logits, kv = logits_at(params, cfg, kernels, kv, tokens, meta, last_index, lora, embeds)
     return sample(logits, batch, flags), kv
 
 
 def one_token_logits(params, cfg, kernels, kv, tok, pos, tables, valid, lora=None):
     """Logits [B, V] of one token per row at positions `pos` (rows not `valid` write nothing), and the KV
     cache with it written: a decode iteration's forward pass."""
-    block_size = kv.k.shape[2]
-    rows = jnp.arange(tok.shape[0])
-    slot = tables[rows, pos // block_size] * block_size + pos % block_size
-    meta = AttentionMetadata(
+    meta = one_token_meta(kv.k.shape[2], pos, tables, valid)
+    return logits_at(params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(pos), lora)
+
+
+def one_token_meta(block_size: int, pos, tables, valid) -> AttentionMetadata:
+    """Attention metadata of one token per row at positions `pos` (rows not `valid` write nothing)."""
+    slot = tables[jnp.arange(pos.shape[0]), pos // block_size] * block_size + pos % block_size
+    return AttentionMetadata(
         pos[:, None], jnp.where(valid, slot, -1)[:, None], tables, jnp.where(valid, pos + 1, 0)
     )
-    return _logits_at(params, cfg, kernels, kv, tok[:, None], meta, jnp.zeros_like(rows), lora)
 
 
 def _decode(
@@ -128,9 +132,24 @@ def _decode(
     """`num_steps` (at most the static `max_steps`) tokens per row, one loop iteration each: a dynamic
     count, so a one-token and a multi-token call share one compiled step. Outputs are
     [max_steps, B, ...]; rows past `num_steps` are zeros."""
-    rows = jnp.arange(tokens.shape[0])
-    shapes = jax.eval_shape(lambda: sample(jnp.zeros((rows.shape[0], cfg.vocab_size)), batch, flags))
-    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), shapes)
+
+    def forward(step_params, kv, tok, pos):
+        logits, kv = one_token_logits(step_params, cfg, kernels, kv, tok, pos, tables, valid, lora)
+        return logits, kv, ()
+
+    (outs, _), kv = decode_loop(
+        forward, params, kv, tokens, positions, batch, num_steps, (), cfg, flags, max_steps
+    )
+    return outs, kv
+
+
+def decode_loop(forward, params, kv, tokens, positions, batch, num_steps, extra, cfg, flags, max_steps):
+    """The decode step's loop: `forward(params, kv, tok, pos) -> (logits [B, V], kv, extra)` then a sample,
+    `num_steps` times, each sample fed back. Returns ([max_steps, B, ...] samples, [max_steps, ...]
+    extras shaped like `extra`'s ShapeDtypeStructs) and the KV cache."""
+    rows = tokens.shape[0]
+    shapes = jax.eval_shape(lambda: sample(jnp.zeros((rows, cfg.vocab_size)), batch, flags))
+    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), (shapes, extra))
 
     def one(state):
         i, carry, outs = state
@@ -138,9 +157,9 @@ def _decode(
         # it would dequantize a packed head once into f32 and read that every step, many times slower
         # than the fused one-row GEMV (bench/RESULTS.md, "CPU decode, second round").
         step_params, (kv, tok, pos) = jax.lax.optimization_barrier((params, carry))
-        logits, kv = one_token_logits(step_params, cfg, kernels, kv, tok, pos, tables, valid, lora)
+        logits, kv, more = forward(step_params, kv, tok, pos)
         out = sample(logits, {**batch, "step": batch["step"] + i}, flags)
-        outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, out)
+        outs = jax.tree.map(lambda buf, x: buf.at[i].set(x), outs, (out, more))
         return i + 1, (kv, out.tokens, pos + 1), outs
 
     state = (jnp.int32(0), (kv, tokens, positions), outs)
@@ -238,6 +257,23 @@ class ModelRunner:
         self.warmed: dict | None = None  # warmup()'s arguments
         self.lora_slot: Callable[[Sequence], int] | None = None  # a sequence's adapter slot (LoRA served)
         self.warming: Warmup | None = None
+
+    def paired(self, cfg: ModelConfig, params: dict) -> ModelRunner:
+        """A runner of `cfg`'s model over a KV pool of as many blocks as this one's, in the same dtype,
+        indexed by the same block tables: the engine's block manager allocates, frees, preempts and
+        prefix-caches both pools at once (a draft model's pool; X-LoRA's scaling pass's)."""
+        return ModelRunner(
+            cfg,
+            params,
+            num_blocks=self.kv.k.shape[1],
+            block_size=self.block_size,
+            kernels=self.kernels,
+            dtype=self.kv.k.dtype,
+            max_num_seqs=self.max_num_seqs,
+            max_chunk=self.max_chunk,
+            max_model_len=self.max_model_len,
+            xla_options=dict(self.xla_options),
+        )
 
     def release(self) -> None:
         """Free the KV pool now and let go of the parameters, so new weights can take their memory; the

@@ -214,18 +214,7 @@ class Speculator:
         self.verifying = CompiledSteps(self.steps, target.params, target.kv)
         self.draft: ModelRunner | None = None
         if draft is not None:
-            self.draft = ModelRunner(
-                draft.config,
-                draft.params,
-                num_blocks=target.kv.k.shape[1],
-                block_size=target.block_size,
-                kernels=target.kernels,
-                dtype=target.kv.k.dtype,
-                max_num_seqs=target.max_num_seqs,
-                max_chunk=target.max_chunk,
-                max_model_len=target.max_model_len,
-                xla_options=dict(target.xla_options),
-            )
+            self.draft = target.paired(draft.config, draft.params)
             self.drafting = CompiledSteps(self.steps, self.draft.params, self.draft.kv)
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         # The positions of a sequence the draft's cache holds (a prefix), and after a draft call the

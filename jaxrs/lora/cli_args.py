@@ -1,4 +1,5 @@
-"""The command line's LoRA flags (vLLM's names) and the `LLM` keywords they become."""
+"""The command line's LoRA flags (vLLM's names) and X-LoRA's (mistral.rs's), and the `LLM` keywords
+they become."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter while serving",
     )
+    xlora = p.add_argument_group("X-LoRA")
+    xlora.add_argument("--xlora", metavar="PATH", help="serve the X-LoRA model at PATH")
+    xlora.add_argument("--xlora-order", metavar="FILE", help="mistral.rs's ordering file")
+    xlora.add_argument(
+        "--tgt-non-granular-index",
+        type=int,
+        metavar="K",
+        help="keep each sequence's scalings after K generated tokens (mistral.rs's non-granular scalings)",
+    )
 
 
 def lora_kwargs(args: argparse.Namespace) -> dict:
@@ -35,5 +45,8 @@ def lora_kwargs(args: argparse.Namespace) -> dict:
         max_loras=getattr(args, "max_loras", None),
         max_lora_rank=getattr(args, "max_lora_rank", None),
         enable_runtime_lora=getattr(args, "enable_runtime_lora", False) or None,
+        xlora=getattr(args, "xlora", None),
+        xlora_order=getattr(args, "xlora_order", None),
+        tgt_non_granular_index=getattr(args, "tgt_non_granular_index", None),
     )
     return {k: v for k, v in options.items() if v is not None}

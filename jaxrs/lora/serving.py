@@ -44,7 +44,12 @@ def load_adapter(engine: Any, name: str, path: str) -> None:
 def begin_unload(engine: Any, name: str) -> int:
     """Retire adapter `name` (an error naming what is loaded if it is not); returns how many running
     requests still use it."""
-    slots_of(engine).retire(name)
+    slots = slots_of(engine)
+    slots.slot_of(name)  # unknown: an error naming what is loaded
+    xlora = getattr(engine, "xlora", None)
+    if xlora is not None and name in xlora.experts:
+        raise JaxrsError(f"LoRA adapter {name!r} is an expert of the X-LoRA model served; it stays loaded")
+    slots.retire(name)
     return len(users(engine, name))
 
 

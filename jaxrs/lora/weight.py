@@ -74,3 +74,9 @@ def bind_mix(params: dict, mix: dict[tuple[str, str], jax.Array]) -> dict:
         node["weight"] = dataclasses.replace(node["weight"], mix=weights)
         layers[group] = {**layers[group], proj: node}
     return {**params, "layers": layers}
+
+
+def without_adapters(params: dict) -> dict:
+    """`params` with every `LoraWeight` replaced by its base weight: the model without adapters, at no
+    adapter cost (X-LoRA's scaling pass)."""
+    return jax.tree.map(lambda w: w.base if is_lora(w) else w, params, is_leaf=is_lora)

@@ -9,8 +9,8 @@ re-softmaxed over the kept ones, times `global_scaling_weight`), through the `Lo
 `mix`. The LoRA layers are numbered as peft numbers them: layer by layer, each layer's adapted projections
 in module order.
 
-`XLoraModel.run` recomputes the whole sequence each call (like peft with `use_cache=False`); the engine
-does not serve X-LoRA yet.
+`XLoraModel.run` recomputes the whole sequence each call (like peft with `use_cache=False`): the
+reference. The engine serves X-LoRA through the paged cache (`jaxrs.engine.xlora_runner`).
 """
 
 from __future__ import annotations
@@ -43,9 +43,25 @@ MODULE_ORDER = [("attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] +
 _CLASSIFIER = re.compile(r"(?:^|\.)layers\.(\d+)\.(weight|bias)$")
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["layers"],
+    meta_fields=[
+        "adapters",
+        "enable_softmax",
+        "enable_softmax_topk",
+        "softmax_temperature",
+        "layerwise_scalings",
+        "top_k_lora",
+        "global_scaling_weight",
+        "scaling_pass_value",
+    ],
+)
 @dataclasses.dataclass(frozen=True)
 class XLoraSpec:
-    """The classifier (Linear layers `[out, in]` with biases, ReLU between) and how its output is used."""
+    """The classifier (Linear layers `[out, in]` with biases, ReLU between) and how its output is used.
+    A pytree: the classifier's arrays are its leaves, so a jitted step takes them as an argument and
+    the rest as static."""
 
     adapters: tuple[tuple[str, str], ...]  # (name, folder), in classifier order
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]
@@ -55,23 +71,58 @@ class XLoraSpec:
     layerwise_scalings: bool = False
     top_k_lora: int | None = None
     global_scaling_weight: float = 1.0
+    scaling_pass_value: float = 0.0  # every adapter's scaling in the scaling pass (0: the base model)
 
 
-def read_xlora(path: str | Path) -> XLoraSpec:
-    """An X-LoRA folder: `adapter_config.json` (peft_type XLORA) and the classifier's weights
-    (`adapter_model.safetensors`, or `xlora_classifier.safetensors`); the adapters are the config's
-    `adapters` (the path the config gives, else the sub-folder of that name peft writes beside it)."""
+def _read_config(folder: Path) -> dict:
+    """peft's `adapter_config.json` (peft_type XLORA), else the original xlora layout's
+    `xlora_config.json`."""
+    for name, peft in (("adapter_config.json", True), ("xlora_config.json", False)):
+        config_file = folder / name
+        if not config_file.is_file():
+            continue
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise JaxrsError(f"X-LoRA: {config_file} is not JSON ({e})") from None
+        if peft and config.get("peft_type") != "XLORA":
+            raise JaxrsError(f"X-LoRA: {config_file} is a {config.get('peft_type')} config, not XLORA")
+        if not isinstance(config.get("adapters"), dict) or not config["adapters"]:
+            raise JaxrsError(f"X-LoRA: {config_file} names no adapters")
+        return config
+    raise JaxrsError(f"X-LoRA: no adapter_config.json (or xlora_config.json) in {folder}")
+
+
+def _ordered(adapters: dict, order: str | Path | None) -> dict:
+    """The adapters in the ordering file's `order` (mistral.rs's ordering file), else as the config lists
+    them; the classifier's outputs follow this order."""
+    if order is None:
+        return adapters
+    try:
+        names = json.loads(Path(order).read_text())["order"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise JaxrsError(f"X-LoRA: the ordering file {order} has no readable 'order' list ({e})") from None
+    if sorted(names) != sorted(adapters):
+        raise JaxrsError(
+            f"X-LoRA: the ordering file {order} orders {names}, but the checkpoint's adapters are"
+            f" {list(adapters)}"
+        )
+    return {name: adapters[name] for name in names}
+
+
+def read_xlora(path: str | Path, order: str | Path | None = None) -> XLoraSpec:
+    """An X-LoRA folder: its config (`adapter_config.json` with peft_type XLORA, or the original layout's
+    `xlora_config.json`) and the classifier's weights (`xlora_classifier.safetensors`, or
+    `adapter_model.safetensors`); the adapters are the config's `adapters` (the path the config gives,
+    else the sub-folder of that name peft writes beside it), in the ordering file's `order` if given."""
     from safetensors.numpy import load_file
 
     folder = Path(path)
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise JaxrsError(f"X-LoRA: no adapter_config.json in {folder}")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "XLORA":
-        raise JaxrsError(f"X-LoRA: {config_file} is a {config.get('peft_type')} config, not XLORA")
-    if config.get("scaling_pass_value", 0.0) != 0.0:
-        raise JaxrsError("X-LoRA: only scaling_pass_value 0 (a scaling pass without adapters) is served")
+    config = _read_config(folder)
+    pass_value = float(config.get("scaling_pass_value", 0.0))
+    if pass_value != 0.0 and config.get("top_k_lora") is not None:
+        # peft keeps the top k of equal dummy scalings in torch.topk's tie order, which is unspecified
+        raise JaxrsError("X-LoRA: a non-zero scaling_pass_value with top_k_lora is not served")
     files = [folder / n for n in ("xlora_classifier.safetensors", "adapter_model.safetensors")]
     tensors = next((load_file(str(f)) for f in files if f.is_file()), {})
     found: dict[int, dict[str, np.ndarray]] = {}
@@ -83,11 +134,13 @@ def read_xlora(path: str | Path) -> XLoraSpec:
         raise JaxrsError(f"X-LoRA: no classifier weights in {folder}")
     layers = tuple((found[i]["weight"], found[i]["bias"]) for i in sorted(found))
     adapters = tuple(
-        (name, str(p) if Path(p).is_dir() else str(folder / name)) for name, p in config["adapters"].items()
+        (name, str(p) if Path(p).is_dir() else str(folder / name))
+        for name, p in _ordered(config["adapters"], order).items()
     )
     keys = ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings")
     keys += ("top_k_lora", "global_scaling_weight")
-    return XLoraSpec(adapters, layers, **{k: config[k] for k in keys if k in config})
+    options = {k: config[k] for k in keys if k in config}
+    return XLoraSpec(adapters, layers, **options, scaling_pass_value=pass_value)
 
 
 def classifier_scalings(spec: XLoraSpec, hidden: jax.Array, num_lora_layers: int) -> jax.Array:
