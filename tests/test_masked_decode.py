@@ -97,3 +97,18 @@ def test_warmup_covers_the_constrained_steps(llm):
     assert {c.label for c in calls if c.kind == "sample"} == {
         (b, p) for b in (1, 2, 4) for p in ("greedy", "sampled+filters")
     }
+
+
+def test_the_two_calls_travel_to_follower_processes(llm, monkeypatch):
+    """Processes following process 0 take each step call pickled: the sample call names the held
+    logits by shape, so it pickles and keeps its compiled signature."""
+    from jaxrs.engine.compiled_steps import signature
+    from jaxrs.parallel.multihost import decode, encode
+
+    published = []
+    monkeypatch.setattr(llm.engine.runner, "on_step", published.append)
+    llm.generate(PROMPTS[1:2], [mixed_params()[1]], use_tqdm=False)
+    calls = [c for c in published if c.kind in ("logits", "sample")]
+    assert {c.kind for c in calls} == {"logits", "sample"}
+    for call in calls:
+        assert signature(decode(encode(call))) == signature(call)
