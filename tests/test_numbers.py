@@ -10,10 +10,9 @@ import re
 import jsonschema
 import pytest
 
-from jaxrs import LLM, SamplingParams
+from jaxrs import SamplingParams
 from jaxrs.structured import Grammar, compiler
 from jaxrs.structured.numbers import NUMBER_LIMIT, any_json_object, bounded_numbers
-from tests.structured_model import save_structured_model
 
 POINT = {
     "type": "object",
@@ -46,9 +45,8 @@ def test_numbers_get_decimals_and_bounds_and_nothing_stated_is_lost():
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = save_structured_model(tmp_path_factory.mktemp("numbers"))
-    return LLM(str(path), kv_cache_mb=8, max_model_len=256, max_num_seqs=4)
+def llm(structured_llm):
+    return structured_llm
 
 
 def accepts(llm, grammar: Grammar, text: str) -> bool:

@@ -9,17 +9,15 @@ import json
 import jsonschema
 import pytest
 
-from jaxrs import LLM, SamplingParams
+from jaxrs import SamplingParams
 from jaxrs.structured import Grammar
 from jaxrs.structured.tools import ToolError
-from tests.structured_model import save_structured_model
 from tests.test_server_structured import ASK, CLOCK, WEATHER
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = save_structured_model(tmp_path_factory.mktemp("tools"), seed=1)
-    return LLM(str(path), kv_cache_mb=8, max_model_len=512, max_num_seqs=4)
+def llm(structured_llm):
+    return structured_llm
 
 
 def validate(call: dict) -> None:
