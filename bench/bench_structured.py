@@ -4,6 +4,7 @@ decode throughput at 32 streams with 0, 8 and 32 of them constrained by a JSON s
     JAX_PLATFORMS=cpu python bench/bench_structured.py [--streams 32] [--constrained 0 8 32]
         [--max-tokens 64] [--passes 2] [--out bench/results/structured.json]
     JAX_PLATFORMS=cpu python bench/bench_structured.py --sampler-only   # the mask's cost in the sampler
+    JAX_PLATFORMS=cpu python bench/bench_structured.py --overlap-steps 40  # masks while / before the forward
 
 Every row samples (temperature 0.7, seeded) exactly `--max-tokens` tokens: free rows ignore EOS, and
 constrained rows follow a schema (an array of at least 200 integers) that cannot end sooner, so every
@@ -110,6 +111,48 @@ def one_pass(
     return tokens / seconds
 
 
+def overlap_steps(engine: Engine, streams: int, steps: int) -> dict[str, float]:
+    """Median ms of a decode step of `streams` constrained rows, with the masks filled while the forward
+    runs and before one fused call, the two alternating step by step (same tokens either way), so
+    a changing load falls on both alike; and the median mask fill per step."""
+    tokenizer, seqs = engine.tokenizer, []
+    for i in range(streams):
+        params = SamplingParams(
+            max_tokens=steps + 16, temperature=0.7, seed=i, grammar=Grammar.json_schema(LONG)
+        )
+        prompt = tokenizer.encode(f"Write {TOPICS[i % len(TOPICS)]} as numbers.")
+        seqs += engine.add_request(prompt, params).seqs
+    while not all(s.output_ids for s in seqs):
+        engine.step()  # prompts in
+    for _ in range(4):  # both paths compiled
+        for overlap in (True, False):
+            engine.runner.overlap_masks = overlap
+            engine.step()
+    fill, fills = engine.grammars.fill, []
+
+    def timed(rows, masks):
+        began = time.perf_counter()
+        fill(rows, masks)
+        fills.append(time.perf_counter() - began)
+
+    engine.grammars.fill = timed
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(steps):
+        overlap = k % 2 == 0
+        engine.runner.overlap_masks = overlap
+        began = time.perf_counter()
+        engine.step()
+        times[overlap].append((time.perf_counter() - began) * 1e3)
+    engine.grammars.fill = fill
+    while engine.has_unfinished():
+        engine.step()
+    return {
+        "step ms, masks during the forward": median(times[True]),
+        "step ms, masks before one fused call": median(times[False]),
+        "mask fill ms per step": median(fills) * 1e3,
+    }
+
+
 def sampler_cost(rows: int, vocab: int, repeats: int = 20) -> dict[str, float]:
     """Median ms of the jitted sampler (sampled, top-p 0.9) on [rows, vocab] logits without and with the
     all-ones mask every step now carries: the mask's device cost to free rows."""
@@ -150,9 +193,14 @@ def main() -> None:
     ap.add_argument(
         "--sampler-only", action="store_true", help="only the sampler's cost with and without mask"
     )
+    ap.add_argument("--overlap-steps", type=int, default=0, help="only the overlap A/B, this many steps")
     args = ap.parse_args()
     if args.sampler_only:
         print(sampler_cost(args.streams, 49152))  # the demo model's vocabulary
+        return
+    if args.overlap_steps:
+        llm = LLM(max_num_seqs=args.streams, kv_cache_mb=256)
+        print(json.dumps(overlap_steps(llm.engine, args.streams, args.overlap_steps), indent=1))
         return
 
     llm = LLM(max_num_seqs=args.streams, kv_cache_mb=256)

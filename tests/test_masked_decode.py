@@ -88,15 +88,30 @@ def test_free_batches_keep_one_fused_call_and_no_new_shapes(llm, events):
     assert llm.engine.runner.compile_count() == shapes
 
 
-def test_warmup_covers_the_constrained_steps(llm):
+def test_constrained_steps_are_warmed_only_once_a_grammar_comes(tmp_path):
+    path = save_structured_model(tmp_path)
+    llm = LLM(
+        str(path),
+        kv_cache_mb=8,
+        max_model_len=64,
+        max_num_seqs=2,
+        max_num_batched_tokens=16,
+        max_decode_steps=4,
+    )
     runner = llm.engine.runner
-    calls, _ = runner.warmup_calls([SamplingParams(temperature=0), SamplingParams(temperature=1)])
-    kinds = [c.kind for c in calls]
-    tail = kinds[kinds.index("logits") :]
-    assert set(tail) == {"logits", "sample"}  # after every free shape
-    assert {c.label for c in calls if c.kind == "sample"} == {
-        (b, p) for b in (1, 2, 4) for p in ("greedy", "sampled+filters")
+    warm = llm.warmup(background=True)
+    assert warm.wait(300) and {s[0] for s in runner.shapes} == {"decode", "prefill"}
+    assert runner.masked_warming is None
+    assert llm.engine.grammars is not None  # the first constrained request builds it
+    assert runner.masked_warming is not None and runner.masked_warming.wait(300)
+    assert {s for s in runner.shapes if s[0] in ("logits", "sample")} == {
+        ("logits", 1, 4),  # 64 tokens: one width bucket, at most 4 blocks
+        ("logits", 2, 4),
+        *{("sample", b, p) for b in (1, 2) for p in ("greedy", "sampled+filters")},
     }
+    shapes = runner.compile_count()
+    out = llm.generate(PROMPTS[:2], mixed_params()[:2], use_tqdm=False)
+    assert runner.compile_count() == shapes and out[1].outputs[0].finish_reason in ("stop", "length")
 
 
 def test_the_two_calls_travel_to_follower_processes(llm, monkeypatch):

@@ -68,17 +68,15 @@ def masked_decode(
     )
 
 
-def masked_warmup_calls(
-    runner: ModelRunner, profiles: list, widths: list[int], batches: list[int]
-) -> list[StepCall]:
+def masked_warmup_calls(runner: ModelRunner, profiles: list) -> list[StepCall]:
     """The constrained batches' shapes, fewest rows first: the forward at every rows and width bucket,
     the sampler at every rows bucket for each decode profile (dummy rows write nothing)."""
+    widths, batches = runner.buckets()
     calls = []
     for b in batches:
         zeros, lora = np.zeros(b, np.int32), runner._lora_slots([], b)
         for w in widths:
-            calls.append(
-                logits_call(runner, zeros, zeros, np.zeros((b, w), np.int32), np.zeros(b, bool), lora)
-            )
+            tables = np.zeros((b, w), np.int32)
+            calls.append(logits_call(runner, zeros, zeros, tables, np.zeros(b, bool), lora))
         calls += [sample_call(runner, *runner.profile_batch(p, b, prefill=False)) for p in profiles]
     return calls

@@ -254,6 +254,7 @@ class ModelRunner:
         self.warmed: dict | None = None  # warmup()'s arguments
         self.lora_slot: Callable[[Sequence], int] | None = None  # a sequence's adapter slot (LoRA served)
         self.warming: Warmup | None = None
+        self.masked_warming: Warmup | None = None  # the constrained batches' steps (`warm_masked_steps`)
         self.held: jax.Array | None = None  # the last `logits` call's output, for the `sample` call after it
         # A batch with constrained rows fills their masks while its forward runs (`masked_decode`);
         # False: before one fused decode call, as free rows decode (for comparisons).
@@ -463,8 +464,7 @@ class ModelRunner:
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
         """
-        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
-        batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+        widths, batches = self.buckets()
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
@@ -492,9 +492,23 @@ class ModelRunner:
         # At one distance: decode before prefill, a longer sequence before more rows. Stable: profiles
         # keep their order.
         work.sort(key=lambda shape: (distance(shape), shape[2] > 0, shape[1], shape[0], shape[2]))
-        calls = [self._warmup_call(*shape) for shape in work]  # then the constrained batches' steps, last
-        calls += masked_warmup_calls(self, list(decode_profiles.values()), widths, batches)
-        return calls, sum(distance(shape) == 0 for shape in work)
+        return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
+
+    def buckets(self) -> tuple[list[int], list[int]]:
+        """Every block-table width bucket and every batch-rows bucket this runner can meet."""
+        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
+        return widths, sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+
+    def warm_masked_steps(self) -> None:
+        """Compile the constrained batches' steps (`masked_decode`) in a background thread, once, if this
+        runner was warmed up: an engine calls it on meeting its first grammar, so a server that never
+        constrains compiles none of them."""
+        if self.warmed is None or self.masked_warming is not None:
+            return
+        decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in self.warmed["profiles"]}
+        calls = masked_warmup_calls(self, list(decode_profiles.values()))
+        self.masked_warming = Warmup(self.compiled, calls, first=0)
+        self.masked_warming.run(background=True)
 
     def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
         """Decode (t = 0) or prefill of t tokens, b padding rows with w-block tables, sampled as `params`."""
@@ -522,8 +536,9 @@ class ModelRunner:
 
     def stop_warmup(self) -> None:
         """Stop a background warm-up after the compile in progress (if any)."""
-        if self.warming is not None:
-            self.warming.stop()
+        for warming in (self.warming, self.masked_warming):
+            if warming is not None:
+                warming.stop()
 
 
 def profile(flags: SamplingFlags) -> str:
