@@ -467,9 +467,9 @@ class ModelRunner:
         widths, batches = self.buckets()
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
-        decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
+        decode_profiles = self.decode_profiles(profiles)
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [(w, b, 0, p) for p in decode_profiles.values() for b in batches for w in widths]
+        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
             for p in prefill_profiles.values()
@@ -499,14 +499,17 @@ class ModelRunner:
         widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
         return widths, sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
 
+    def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
+        """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""
+        return list({self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}.values())
+
     def warm_masked_steps(self) -> None:
         """Compile the constrained batches' steps (`masked_decode`) in a background thread, once, if this
         runner was warmed up: an engine calls it on meeting its first grammar, so a server that never
         constrains compiles none of them."""
         if self.warmed is None or self.masked_warming is not None:
             return
-        decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in self.warmed["profiles"]}
-        calls = masked_warmup_calls(self, list(decode_profiles.values()))
+        calls = masked_warmup_calls(self, self.decode_profiles(self.warmed["profiles"]))
         self.masked_warming = Warmup(self.compiled, calls, first=0)
         self.masked_warming.run(background=True)
 
