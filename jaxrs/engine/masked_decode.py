@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrs.engine.compiled_steps import StepCall
-from jaxrs.engine.sampling import SampleOutput, SamplingFlags
+from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams
 from jaxrs.engine.sequence import Sequence
 from jaxrs.structured.state import fill_token_masks
 
@@ -36,6 +36,7 @@ def held_logits(rows: int, vocab_size: int) -> jax.ShapeDtypeStruct:
 
 
 def is_held(arg: object) -> bool:
+    """Whether a step call's argument stands for the held logits (the runner hands them over)."""
     return isinstance(arg, jax.ShapeDtypeStruct)
 
 
@@ -68,7 +69,7 @@ def masked_decode(
     )
 
 
-def masked_warmup_calls(runner: ModelRunner, profiles: list) -> list[StepCall]:
+def masked_warmup_calls(runner: ModelRunner, profiles: list[SamplingParams]) -> list[StepCall]:
     """The constrained batches' shapes, fewest rows first: the forward at every rows and width bucket,
     the sampler at every rows bucket for each decode profile (dummy rows write nothing)."""
     widths, batches = runner.buckets()
