@@ -4,13 +4,16 @@ decode throughput at 32 streams with 0, 8 and 32 of them constrained by a JSON s
     JAX_PLATFORMS=cpu python bench/bench_structured.py [--streams 32] [--constrained 0 8 32]
         [--max-tokens 64] [--passes 2] [--out bench/results/structured.json]
     JAX_PLATFORMS=cpu python bench/bench_structured.py --sampler-only   # the mask's cost in the sampler
+    JAX_PLATFORMS=cpu python bench/bench_structured.py --overlap-steps 40  # masks while / before the forward
 
 Every row samples (temperature 0.7, seeded) exactly `--max-tokens` tokens: free rows ignore EOS, and
 constrained rows follow a schema (an array of at least 200 integers) that cannot end sooner, so every
 configuration decodes the same number of tokens. Configurations are interleaved pass by pass; the
 table gives medians. "0 (1 step)" is the free batch decoding one token per call, as a batch holding any
-constrained row does, which separates that cost from the mask's. Mask time is the host time filling
-the packed rows (llguidance, all constrained rows of a step), per constrained token.
+constrained row does, which separates that cost from the mask's. "N, masks first" fills the masks
+before one fused decode call instead of while the forward pass runs (`ModelRunner.overlap_masks`).
+Mask time is the host time filling the packed rows (llguidance, all constrained rows of a step), per
+constrained token.
 """
 
 from __future__ import annotations
@@ -84,8 +87,12 @@ class MaskTimer:
         compiler.fill = timed
 
 
-def one_pass(engine: Engine, streams: int, constrained: int, max_tokens: int, seed: int) -> float:
-    """Aggregate tok/s of `streams` rows, the first `constrained` of them under the long schema."""
+def one_pass(
+    engine: Engine, streams: int, constrained: int, max_tokens: int, seed: int, overlap: bool = True
+) -> float:
+    """Aggregate tok/s of `streams` rows, the first `constrained` of them under the long schema;
+    `overlap`: masks filled while the forward runs (else before one fused call)."""
+    engine.runner.overlap_masks = overlap
     tokenizer = engine.tokenizer
     requests = []
     for i in range(streams):
@@ -102,6 +109,48 @@ def one_pass(engine: Engine, streams: int, constrained: int, max_tokens: int, se
     tokens = sum(len(s.output_ids) for r in requests for s in r.seqs)
     assert tokens == streams * max_tokens, tokens
     return tokens / seconds
+
+
+def overlap_steps(engine: Engine, streams: int, steps: int) -> dict[str, float]:
+    """Median ms of a decode step of `streams` constrained rows, with the masks filled while the forward
+    runs and before one fused call, the two alternating step by step (same tokens either way), so
+    a changing load falls on both alike; and the median mask fill per step."""
+    tokenizer, seqs = engine.tokenizer, []
+    for i in range(streams):
+        params = SamplingParams(
+            max_tokens=steps + 16, temperature=0.7, seed=i, grammar=Grammar.json_schema(LONG)
+        )
+        prompt = tokenizer.encode(f"Write {TOPICS[i % len(TOPICS)]} as numbers.")
+        seqs += engine.add_request(prompt, params).seqs
+    while not all(s.output_ids for s in seqs):
+        engine.step()  # prompts in
+    for _ in range(4):  # both paths compiled
+        for overlap in (True, False):
+            engine.runner.overlap_masks = overlap
+            engine.step()
+    fill, fills = engine.grammars.fill, []
+
+    def timed(rows, masks):
+        began = time.perf_counter()
+        fill(rows, masks)
+        fills.append(time.perf_counter() - began)
+
+    engine.grammars.fill = timed
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(steps):
+        overlap = k % 2 == 0
+        engine.runner.overlap_masks = overlap
+        began = time.perf_counter()
+        engine.step()
+        times[overlap].append((time.perf_counter() - began) * 1e3)
+    engine.grammars.fill = fill
+    while engine.has_unfinished():
+        engine.step()
+    return {
+        "step ms, masks during the forward": median(times[True]),
+        "step ms, masks before one fused call": median(times[False]),
+        "mask fill ms per step": median(fills) * 1e3,
+    }
 
 
 def sampler_cost(rows: int, vocab: int, repeats: int = 20) -> dict[str, float]:
@@ -144,9 +193,14 @@ def main() -> None:
     ap.add_argument(
         "--sampler-only", action="store_true", help="only the sampler's cost with and without mask"
     )
+    ap.add_argument("--overlap-steps", type=int, default=0, help="only the overlap A/B, this many steps")
     args = ap.parse_args()
     if args.sampler_only:
         print(sampler_cost(args.streams, 49152))  # the demo model's vocabulary
+        return
+    if args.overlap_steps:
+        llm = LLM(max_num_seqs=args.streams, kv_cache_mb=256)
+        print(json.dumps(overlap_steps(llm.engine, args.streams, args.overlap_steps), indent=1))
         return
 
     llm = LLM(max_num_seqs=args.streams, kv_cache_mb=256)
@@ -157,17 +211,17 @@ def main() -> None:
     timer = MaskTimer(compiler)
     single = Engine(llm.model, EngineConfig(max_num_seqs=args.streams, kv_cache_mb=256, max_decode_steps=1))
     single._grammars = compiler
-    configs = [(str(c), llm.engine, c) for c in args.constrained] + [("0 (1 step)", single, 0)]
-    for name, engine, c in configs:  # compile every shape first
-        print(
-            f"warm-up {name}: {one_pass(engine, args.streams, c, args.max_tokens, seed=0):.1f} tok/s",
-            flush=True,
-        )
+    configs = [(str(c), llm.engine, c, True) for c in args.constrained] + [("0 (1 step)", single, 0, True)]
+    configs += [(f"{c}, masks first", llm.engine, c, False) for c in args.constrained if c]
+    for name, engine, c, overlap in configs:  # compile every shape first
+        rate = one_pass(engine, args.streams, c, args.max_tokens, seed=0, overlap=overlap)
+        print(f"warm-up {name}: {rate:.1f} tok/s", flush=True)
     timer.seconds, timer.rows = 0.0, 0
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    rates: dict[str, list[float]] = {name: [] for name, *_ in configs}
     for p in range(args.passes):
-        for name, engine, c in configs:
-            rates[name].append(one_pass(engine, args.streams, c, args.max_tokens, seed=100 * (p + 1)))
+        for name, engine, c, overlap in configs:
+            seed = 100 * (p + 1)
+            rates[name].append(one_pass(engine, args.streams, c, args.max_tokens, seed, overlap))
             print(f"pass {p} {name}: {rates[name][-1]:.1f} tok/s", flush=True)
     free = median(rates[str(args.constrained[0])])
     rows = [

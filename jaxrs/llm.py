@@ -31,6 +31,7 @@ from jaxrs.lora.config import lora_options
 from jaxrs.lora.xlora_config import xlora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
+from jaxrs.structured.tools import answer_calls, template_message, tool_params, tool_plan
 from jaxrs.vision.chat import chat_inputs
 from jaxrs.vision.media import MediaPolicy
 from jaxrs.vision.prompt import ImagePrompt
@@ -46,10 +47,13 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "tool_calls"
     logprobs: list[TokenLogprob] | None = None
     # X-LoRA: the classifier's scalings `[positions, lora layers, experts]` of every position fed
     xlora_scalings: np.ndarray | None = None
+    # `chat` with tools: the calls made, as OpenAI's {id, type, function: {name, arguments}} (then
+    # `text` is the text outside them); None when none were made
+    tool_calls: list[dict] | None = None
 
 
 @dataclasses.dataclass
@@ -335,21 +339,45 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = True,
         lora: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
+        tool_call_parser: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate. A
         message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
         (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
         "image", "image": PIL.Image}`, or a PIL image itself). `lora`: the adapter every conversation
-        runs with (None: the base model)."""
+        runs with (None: the base model).
+
+        `tools`, `tool_choice` ("auto", "none", "required" or `{"type": "function", "function":
+        {"name": ...}}`) and `parallel_tool_calls` as in OpenAI's API: the tools go to the template,
+        "required" and a named function are forced by a grammar, and each output's calls come back
+        parsed (`CompletionOutput.tool_calls`, finish_reason "tool_calls"). The format is the one the
+        template teaches (`tool_call_parser`: hermes, mistral or llama3_json, to name it)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        plan = tool_plan(self.tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
+        params = tool_params(plan, sampling_params or SamplingParams())
         vision = self.engine.model.vision
         inputs = [
-            chat_inputs(self.tokenizer, vision, c, self.media, add_generation_prompt=add_generation_prompt)
+            chat_inputs(
+                self.tokenizer,
+                vision,
+                [template_message(dict(m)) for m in c],
+                self.media,
+                add_generation_prompt=add_generation_prompt,
+                tools=plan.tools if plan else None,
+            )
             for c in conversations
         ]
         prompts = [ids for ids, _ in inputs]
         images = [im for _, im in inputs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, images=images, lora=lora)
+        outs = self.generate(prompts, params, use_tqdm=use_tqdm, images=images, lora=lora)
+        for out in outs if plan else []:
+            for o in out.outputs:
+                text, o.tool_calls, o.finish_reason = answer_calls(plan, o.text, o.finish_reason)
+                o.text = o.text if o.tool_calls is None else text or ""
+        return outs
 
     def chat_prompt_ids(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True

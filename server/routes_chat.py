@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -13,6 +12,8 @@ from msgspec import UNSET
 from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
 from jaxrs.errors import JaxrsError
+from jaxrs.structured.tool_calls import ToolCallStream
+from jaxrs.structured.tools import ToolError, ToolPlan, answer_calls, template_message, tool_params
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
@@ -35,8 +36,7 @@ from server.schemas import (
 )
 from server.streaming import DONE, event_stream, sse
 from server.structured import request_grammar
-from server.tool_calls import ToolCallStream, new_call_id
-from server.tools import ToolPlan, template_message, tool_plan
+from server.tools import tool_plan
 from server.xlora import xlora_scalings
 
 ROUTE = "/v1/chat/completions"
@@ -155,17 +155,15 @@ def chat_params(
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     grammar = request_grammar(ctx.llm.engine, req)
-    if plan is not None and plan.grammar is not None:
-        if grammar is not None:
-            raise APIError(400, "tool_choice forces a tool call; drop response_format", param="tool_choice")
-        grammar = plan.grammar
-        try:
-            ctx.llm.engine.grammars.compile(grammar)
-        except JaxrsError as e:
-            raise APIError(400, f"tools: {e}", param="tools") from None
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
-    if plan is not None:  # call markers may be special tokens
-        params = dataclasses.replace(params, skip_special_tokens=False)
+    try:
+        params = tool_params(plan, params)
+        if plan is not None and plan.grammar is not None:
+            ctx.llm.engine.grammars.compile(plan.grammar)
+    except ToolError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    except JaxrsError as e:
+        raise APIError(400, f"tools: {e}", param="tools") from None
     check_prompt(ctx.llm.engine, ids, params, param=param, prompt_param="messages")
     return params
 
@@ -207,15 +205,10 @@ def _message(
 ) -> tuple[AssistantMessage, str | None]:
     """The assistant message of a whole choice: its tool calls parsed out when the request has tools
     (finish_reason "tool_calls" then)."""
-    parsed = plan.parser.parse(text, final=True) if plan is not None else None
-    if not parsed or not parsed.calls:
+    content, calls, reason = answer_calls(plan, text, finish_reason)
+    if calls is None:
         return AssistantMessage(text), finish_reason
-    calls = [
-        {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in parsed.calls
-    ]
-    reason = "tool_calls" if finish_reason == "stop" else finish_reason
-    return AssistantMessage(parsed.content or None, tool_calls=calls), reason
+    return AssistantMessage(content, tool_calls=calls), reason
 
 
 def _completion(

@@ -31,6 +31,17 @@ def demo_gguf():
     return fetch_demo_model(quiet=True)
 
 
+@pytest.fixture(scope="session")
+def structured_llm(tmp_path_factory):
+    """An engine over the tiny byte-level model of `tests.structured_model` (its template renders
+    tools), shared by the modules that only generate with it."""
+    from jaxrs import LLM
+    from tests.structured_model import save_structured_model
+
+    path = save_structured_model(tmp_path_factory.mktemp("structured-shared"), seed=1)
+    return LLM(str(path), kv_cache_mb=8, max_model_len=512, max_num_seqs=8)
+
+
 def tiny_llama_config():
     """A 2-layer Llama whose `in` dimensions (256, 512) are multiples of every format's block, so ISQ
     packs every matrix, K-quants included."""

@@ -12,9 +12,7 @@ import openai
 import pytest
 from litestar.testing import TestClient
 
-from jaxrs import LLM
 from server import create_app
-from tests.structured_model import save_structured_model
 
 WEATHER = {
     "type": "function",
@@ -46,9 +44,8 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = save_structured_model(tmp_path_factory.mktemp("structured-server"), seed=1)
-    return LLM(str(path), kv_cache_mb=8, max_model_len=512, max_num_seqs=8)
+def llm(structured_llm):
+    return structured_llm
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,15 @@ tool calls (whole and streamed) and a two-turn tool conversation; both answer tw
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
 import pytest
 from litestar.testing import TestClient
 
-from jaxrs import LLM
+from jaxrs import LLM, SamplingParams
+from jaxrs.structured import Grammar
 from server import create_app
 from tests.gemma3_gguf import fetch_or_skip
 
@@ -254,6 +256,20 @@ def test_qwen_schemas_and_tools():
         )
         assert final.choices[0].finish_reason in ("stop", "length")
         assert "21" in final.choices[0].message.content
+    # The Python API gives the server's call (the same greedy tokens, parsed by the same code).
+    greedy = SamplingParams(max_tokens=60, temperature=0)
+    (out,) = llm.chat(ASK, greedy, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    [direct] = out.outputs[0].tool_calls
+    assert out.finish_reason == "tool_calls" and direct["function"]["arguments"] == call.function.arguments
+    # A number the model would write to seventeen digits stops at six decimals.
+    pi = {"type": "object", "properties": {"pi": {"type": "number"}}, "required": ["pi"]}
+    ask_pi = [{"role": "user", "content": "Give pi to many digits, as JSON."}]
+    (answer,) = llm.chat(
+        ask_pi, SamplingParams(max_tokens=60, temperature=0, grammar=Grammar.json_schema(pi))
+    )
+    assert answer.finish_reason == "stop" and re.fullmatch(r'\{"pi": 3\.14\d{0,4}\}', answer.text), (
+        answer.text
+    )
 
 
 def test_demo_schema(demo_gguf):

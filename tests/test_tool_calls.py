@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from server.tool_calls import (
+from jaxrs.structured.tool_calls import (
     HermesParser,
     Llama3JsonParser,
     MistralParser,

@@ -226,6 +226,8 @@ class Engine:
         self._ready_resident = resident_bytes()
         if warmed:
             self.runner.warmup(**warmed)
+            if self._grammars is not None:  # grammars were met: their steps too
+                self.runner.warm_masked_steps()
         log.info("%s", self.memory().summary())
         self.scheduler = Scheduler(
             self.blocks,
@@ -271,6 +273,7 @@ class Engine:
         """Compiles requests' grammars against this model's vocabulary (built on first use: ~1 s)."""
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self._eos)
+            self.runner.warm_masked_steps()  # constrained batches' steps, now that one may come
         return self._grammars
 
     def stats(self) -> EngineSnapshot:

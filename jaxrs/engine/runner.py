@@ -1,9 +1,11 @@
 """Runs jitted model steps over padded, bucketed batches, sampling on device.
 
-Three jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
+Jitted functions: `prefill` (a chunk of tokens per sequence, for one sequence or several short
 ones, then a sample each), `decode` (one or more tokens for every running sequence in one call: a
 `lax.while_loop` over a dynamic step count feeds each sampled token back on device), and `score`
-(log-probabilities of given next tokens). Shapes are bucketed to powers of two (batch rows, chunk
+(log-probabilities of given next tokens). A decode batch holding a constrained row (a grammar) runs
+as `logits` then `sample` instead, so its token masks are filled on the host while the device runs
+the forward pass (`jaxrs.engine.masked_decode`). Shapes are bucketed to powers of two (batch rows, chunk
 length, block-table width), so compilations are few and logged; each compiles once, ahead of use
 (`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The KV cache
 is donated into every call and updated in place. XLA compiler options for the steps
@@ -27,6 +29,7 @@ import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
+from jaxrs.engine.masked_decode import is_held, masked_decode, masked_warmup_calls
 from jaxrs.engine.sampling import SampleOutput, SamplingFlags, SamplingParams, build_sampling_batch, sample
 from jaxrs.engine.sequence import Sequence
 from jaxrs.engine.warmup import Warmup
@@ -167,6 +170,17 @@ def decode_loop(forward, params, kv, tokens, positions, batch, num_steps, extra,
     return outs, kv
 
 
+def _logits(params, kv, tokens, positions, tables, valid, lora=None, *, cfg, kernels):
+    """A decode iteration's forward pass alone: f32 logits [B, V], left on the device for `_sample`."""
+    logits, kv = one_token_logits(params, cfg, kernels, kv, tokens, positions, tables, valid, lora)
+    return logits.astype(jnp.float32), kv
+
+
+def _sample(params, kv, logits, batch, *, flags):
+    """A decode iteration's sampler alone, on the logits `_logits` left (the KV pool passes through)."""
+    return sample(logits, batch, flags), kv
+
+
 def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels):
     if lora is not None:  # the row's adapter slot (LoRA)
         params = bind_slots(params, lora)
@@ -182,6 +196,8 @@ class Steps(NamedTuple):
     prefill: Callable
     decode: Callable
     score: Callable
+    logits: Callable
+    sample: Callable
 
 
 @functools.cache
@@ -192,6 +208,8 @@ def jitted_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
         prefill=jit(_prefill, static_argnames=("cfg", "kernels", "flags")),
         decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "max_steps")),
         score=jit(_score, static_argnames=("cfg", "kernels")),
+        logits=jit(_logits, static_argnames=("cfg", "kernels")),
+        sample=jit(_sample, static_argnames=("flags",)),
     )
 
 
@@ -257,6 +275,11 @@ class ModelRunner:
         self.warmed: dict | None = None  # warmup()'s arguments
         self.lora_slot: Callable[[Sequence], int] | None = None  # a sequence's adapter slot (LoRA served)
         self.warming: Warmup | None = None
+        self.masked_warming: Warmup | None = None  # the constrained batches' steps (`warm_masked_steps`)
+        self.held: jax.Array | None = None  # the last `logits` call's output, for the `sample` call after it
+        # A batch with constrained rows fills their masks while its forward runs (`masked_decode`);
+        # False: before one fused decode call, as free rows decode (for comparisons).
+        self.overlap_masks = True
 
     def paired(self, cfg: ModelConfig, params: dict) -> ModelRunner:
         """A runner of `cfg`'s model over a KV pool of as many blocks as this one's, in the same dtype,
@@ -312,12 +335,17 @@ class ModelRunner:
             self.on_step(call)
         run = (self.compiled if compiled is None else compiled).get(call)
         began = time.perf_counter()
-        out, self.kv = run(self.params, self.kv, *call.args)
+        args = [self.held if is_held(a) else a for a in call.args]
+        out, self.kv = run(self.params, self.kv, *args)
+        self.held = out if call.kind == "logits" else None
         out = fetch(out)
         self.device_seconds += time.perf_counter() - began
         return out
 
-    def _sampling(self, seqs: Seq[Sequence], batch: int, *, prefill: bool) -> tuple[dict, SamplingFlags]:
+    def _sampling(
+        self, seqs: Seq[Sequence], batch: int, *, prefill: bool, masks: bool = True
+    ) -> tuple[dict, SamplingFlags]:
+        """The sampler's inputs; the token masks all ones unless `masks` (then filled from the grammars)."""
         arrays, flags = build_sampling_batch(
             [s.params for s in seqs],
             [s.seed for s in seqs],
@@ -327,7 +355,8 @@ class ModelRunner:
             batch,
             self.cfg.vocab_size,
         )
-        arrays["token_mask"] = token_masks([s.grammar for s in seqs], batch, self.cfg.vocab_size)
+        grammars = [s.grammar for s in seqs] if masks else []
+        arrays["token_mask"] = token_masks(grammars, batch, self.cfg.vocab_size)
         return arrays, step_flags(flags, prefill=prefill)
 
     def _lora_slots(self, seqs: Seq[Sequence], batch: int) -> np.ndarray | None:
@@ -381,10 +410,13 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             tokens[i], positions[i], valid[i] = s.all_ids[-1], s.num_tokens - 1, True
             tables[i, : len(s.table.blocks)] = s.table.blocks
+        lora = self._lora_slots(seqs, b)
+        if self.overlap_masks and any(s.grammar is not None for s in seqs):
+            if num_steps != 1:
+                raise ValueError(f"constrained rows decode one token per call, not {num_steps}")
+            return masked_decode(self, seqs, tokens, positions, tables, valid, lora)
         batch, flags = self._sampling(seqs, b, prefill=False)
-        call = self.decode_call(
-            tokens, positions, tables, valid, batch, flags, num_steps, self._lora_slots(seqs, b)
-        )
+        call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps, lora)
         return self._run(
             call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
         )
@@ -474,13 +506,12 @@ class ModelRunner:
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
         """
-        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
-        batches = sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+        widths, batches = self.buckets()
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
-        decode_profiles = {self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}
+        decode_profiles = self.decode_profiles(profiles)
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [(w, b, 0, p) for p in decode_profiles.values() for b in batches for w in widths]
+        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
             for p in prefill_profiles.values()
@@ -504,6 +535,25 @@ class ModelRunner:
         # keep their order.
         work.sort(key=lambda shape: (distance(shape), shape[2] > 0, shape[1], shape[0], shape[2]))
         return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
+
+    def buckets(self) -> tuple[list[int], list[int]]:
+        """Every block-table width bucket and every batch-rows bucket this runner can meet."""
+        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
+        return widths, sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+
+    def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
+        """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""
+        return list({self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}.values())
+
+    def warm_masked_steps(self) -> None:
+        """Compile the constrained batches' steps (`masked_decode`) in a background thread, once, if this
+        runner was warmed up: an engine calls it on meeting its first grammar, so a server that never
+        constrains compiles none of them."""
+        if self.warmed is None or self.masked_warming is not None or not self.overlap_masks:
+            return
+        calls = masked_warmup_calls(self, self.decode_profiles(self.warmed["profiles"]))
+        self.masked_warming = Warmup(self.compiled, calls, first=0)
+        self.masked_warming.run(background=True)
 
     def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
         """Decode (t = 0) or prefill of t tokens, b padding rows with w-block tables, sampled as `params`."""
@@ -531,8 +581,9 @@ class ModelRunner:
 
     def stop_warmup(self) -> None:
         """Stop a background warm-up after the compile in progress (if any)."""
-        if self.warming is not None:
-            self.warming.stop()
+        for warming in (self.warming, self.masked_warming):
+            if warming is not None:
+                warming.stop()
 
 
 def profile(flags: SamplingFlags) -> str:

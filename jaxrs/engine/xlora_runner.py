@@ -142,9 +142,10 @@ def _xlora_decode(
     return (outs, scalings), kv
 
 
-def _xlora_score(params, kv, tokens, meta, targets, *, cfg, kernels):
-    """Scoring runs the base model over the first pool (the second is passed through)."""
-    logprobs, main = _score(params, kv[0], tokens, meta, targets, cfg=cfg, kernels=kernels)
+def _xlora_score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels):
+    """Scoring runs the base model (or a plain adapter's slot) over the first pool (the second is
+    passed through)."""
+    logprobs, main = _score(params, kv[0], tokens, meta, targets, lora, cfg=cfg, kernels=kernels)
     return logprobs, (main, kv[1])
 
 
@@ -156,6 +157,8 @@ def jitted_xlora_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
         prefill=jit(_xlora_prefill, static_argnames=("cfg", "kernels", "flags")),
         decode=jit(_xlora_decode, static_argnames=("cfg", "kernels", "flags", "max_steps")),
         score=jit(_xlora_score, static_argnames=("cfg", "kernels")),
+        logits=None,  # constrained rows take the fused decode (`overlap_masks` off)
+        sample=None,
     )
 
 
@@ -173,6 +176,7 @@ class XLoraRunner(ModelRunner):
         self.xlora = xlora
         self.scaling = self.paired(cfg, params)  # its KV pool is the scaling pass's
         self.steps = jitted_xlora_steps(self.xla_options)
+        self.overlap_masks = False  # the scaling pass would need its own split of the decode call
         self.compiled = CompiledSteps(self.steps, params, (self.kv, self.scaling.kv))
         lora = next(w for w in jax.tree.leaves(params["layers"], is_leaf=is_lora) if is_lora(w))
         self._num_slots = lora.a.shape[1]

@@ -19,6 +19,7 @@ import llguidance.numpy as llnp
 import numpy as np
 
 from jaxrs.structured.grammar import Grammar, GrammarError
+from jaxrs.structured.numbers import any_json_object, bounded_numbers
 from jaxrs.tokenizer import Tokenizer
 
 MAX_CACHED_GRAMMARS = 256  # compiled grammar texts kept, by their source
@@ -28,11 +29,12 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 
 def grammar_text(grammar: Grammar) -> str:
-    """The llguidance grammar (its JSON "top-level grammar" text) for `grammar`."""
+    """The llguidance grammar (its JSON "top-level grammar" text) for `grammar`; JSON numbers get a
+    bounded number of digits (`jaxrs.structured.numbers`)."""
     kind, value = grammar.kind, grammar.value
     try:
         if kind in ("json_schema", "json_object"):
-            schema = value if kind == "json_schema" else {"type": "object"}
+            schema = bounded_numbers(value) if kind == "json_schema" else any_json_object()
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         if kind == "choice":
             return llguidance.grammar_from("choice", json.dumps(list(value)))

@@ -32,8 +32,13 @@ def token_masks(states: Sequence[GrammarState | None], rows: int, vocab_size: in
     """The [rows, words] packed mask of a batch: row i from `states[i]`'s grammar, all ones for free
     rows and padding."""
     masks = all_allowed(rows, vocab_size)
+    fill_token_masks(states, masks)
+    return masks
+
+
+def fill_token_masks(states: Sequence[GrammarState | None], masks: np.ndarray) -> None:
+    """Overwrite row i of `masks` with `states[i]`'s allowed tokens (rows without a state are left)."""
     constrained = [(s, i) for i, s in enumerate(states) if s is not None]
     if constrained:
         compiler = constrained[0][0].compiler  # one engine, one compiler
         compiler.fill([(s.matcher, i) for s, i in constrained], masks)
-    return masks

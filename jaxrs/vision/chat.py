@@ -71,11 +71,13 @@ def chat_inputs(
     policy: MediaPolicy,
     *,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], ImagePrompt | None]:
-    """Token ids of the rendered conversation with the images placed (None: no images)."""
+    """Token ids of the rendered conversation (with `tools` for the template, if given) with the
+    images placed (None: no images)."""
     texts, sources = split_images(messages, vision.marker if vision is not None else None)
     images = load_images(sources, vision, policy) if sources else []
-    text = tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt, tools=tools)
     try:
         return assemble_prompt(tokenizer, text, vision, images)
     except JaxrsError as e:  # the images do not fit the rendered prompt

@@ -17,6 +17,7 @@ from typing import Any
 
 from jaxrs.structured import Grammar
 from jaxrs.structured.compiler import JSON_LAYOUT
+from jaxrs.structured.numbers import bounded_numbers
 from jaxrs.tokenizer import Tokenizer
 
 PARSERS = ("hermes", "mistral", "llama3_json")
@@ -96,7 +97,7 @@ def _call_schema(tools: list[dict[str, Any]], arguments_key: str = "arguments") 
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                arguments_key: t["function"].get("parameters") or {"type": "object"},
+                arguments_key: bounded_numbers(t["function"].get("parameters") or {"type": "object"}),
             },
             "required": ["name", arguments_key],
             "additionalProperties": False,

@@ -1,0 +1,158 @@
+"""Tool calling around the engine, for the server and `LLM.chat` alike: `tools` and `tool_choice`
+checked, the format's parser picked, history messages (`tool` results, assistant `tool_calls`) put in
+the shape chat templates read, the grammar that makes `required` and named choices always produce
+valid calls, and the calls parsed out of a finished answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from jaxrs.engine.sampling import SamplingParams
+from jaxrs.errors import JaxrsError
+from jaxrs.structured import Grammar
+from jaxrs.structured.tool_calls import (
+    PARSERS,
+    ToolCallParser,
+    new_call_id,
+    parser_for_template,
+    parser_named,
+)
+from jaxrs.tokenizer import Tokenizer
+
+
+class ToolError(JaxrsError):
+    """Bad `tools` or `tool_choice`, or tools a model cannot take; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class ToolPlan:
+    """What a request with tools needs: the tools for the template, the parser for the output, and
+    the grammar forcing a call (None: the model may answer in text)."""
+
+    tools: list[dict[str, Any]]
+    parser: ToolCallParser
+    grammar: Grammar | None
+
+
+def _check_tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list) or not tools:
+        raise ToolError("tools must be a non-empty list", "tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+        ):
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", f"tools[{i}]")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolError(f"tools[{i}].function.name is missing", f"tools[{i}].function.name")
+        if name in names:
+            raise ToolError(f"tools[{i}].function.name {name!r} is given twice", f"tools[{i}].function.name")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ToolError(
+                f"tools[{i}].function.parameters must be a JSON schema object",
+                f"tools[{i}].function.parameters",
+            )
+    return tools
+
+
+def _chosen(tool_choice: Any, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """("none" | "auto" | "required", the tools a call may use)."""
+    if tool_choice is None or tool_choice in ("auto", "none", "required"):
+        return tool_choice or "auto", tools
+    if isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+        name = tool_choice["function"].get("name")
+        named = [t for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise ToolError(f"tool_choice names {name!r}, which is not among tools", "tool_choice")
+        return "required", named
+    raise ToolError(
+        "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+        "tool_choice",
+    )
+
+
+def tool_plan(
+    tokenizer: Tokenizer, tools: Any, tool_choice: Any, parallel: bool | None, parser_name: str | None
+) -> ToolPlan | None:
+    """None when the request has no tools or `tool_choice` is "none" (the tools are then left out of
+    the prompt). A model whose chat template renders no tools, with no parser named, is a 400."""
+    if tools is None:
+        if tool_choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice needs tools", "tool_choice")
+        return None
+    tools = _check_tools(tools)
+    choice, allowed = _chosen(tool_choice, tools)
+    if choice == "none":
+        return None
+    template = tokenizer.chat_template
+    if not template or "tools" not in template:
+        raise ToolError("tools: this model's chat template does not render tools", "tools")
+    parser = parser_named(parser_name) if parser_name else parser_for_template(template)
+    if parser is None:
+        raise ToolError(
+            "tools: no tool-call format is known for this model's chat template; "
+            f"name one ({', '.join(PARSERS)}) with tool_call_parser (the server's --tool-call-parser)",
+            "tools",
+        )
+    grammar = parser.grammar(allowed, parallel is not False, tokenizer) if choice == "required" else None
+    return ToolPlan(tools, parser, grammar)
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's `tool_calls` with their arguments as objects, as templates expect (they
+    write `arguments | tojson`); arguments that are not JSON stay text."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    out = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass
+        out.append({**call, "function": function})
+    return {**message, "tool_calls": out}
+
+
+def answer_calls(
+    plan: ToolPlan | None, text: str, finish_reason: str | None
+) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
+    """A finished answer's content, its tool calls in OpenAI's shape (`{id, type, function: {name,
+    arguments}}`; None when it made none), and its finish reason: "tool_calls" when it stopped after
+    calls. Without a plan the text is all content."""
+    parsed = plan.parser.parse(text, final=True) if plan is not None else None
+    if not parsed or not parsed.calls:
+        return text, None, finish_reason
+    calls = [
+        {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in parsed.calls
+    ]
+    return parsed.content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def tool_params(plan: ToolPlan | None, params: SamplingParams) -> SamplingParams:
+    """`params` for a request with tools: a forced call's grammar (which no other output constraint
+    may join), and special tokens kept in the text, as call markers may be special tokens."""
+    if plan is None:
+        return params
+    grammar = params.grammar
+    if plan.grammar is not None:
+        if grammar is not None:
+            raise ToolError("tool_choice forces a tool call; drop the output constraint", "tool_choice")
+        grammar = plan.grammar
+    return dataclasses.replace(params, grammar=grammar, skip_special_tokens=False)
