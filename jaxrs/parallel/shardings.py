@@ -10,9 +10,10 @@ and writes the heads its query heads read, and the model runs with `num_kv_heads
 Packed weights are split on the same axes; an input (row-parallel) split must fall on whole blocks
 of the format, else loading stops with an error naming the tensor. Each is placed as a `SplitTensor`
 marking its split, so its matmul runs per shard (`sharded_kernels`). The rest of the step is
-partitioned by the compiler (GSPMD) from these placements; `pin_step_outputs` fixes the two placements the engine
-relies on between calls: the cache keeps its head split (it is donated back next call) and the
-logits are replicated, so every device samples the same token from the same uniform draws.
+partitioned by the compiler (GSPMD) from these placements; `pin_step_outputs` fixes the two
+placements the engine relies on between calls: the cache keeps its head split (it is donated back
+next call) and the logits are replicated, so every device samples the same token from the same
+uniform draws.
 """
 
 from __future__ import annotations
