@@ -76,16 +76,17 @@ def sharded_config(cfg: ModelConfig, devices: int) -> ModelConfig:
 
 def repeat_kv_rows(leaf: Any, cfg: ModelConfig, heads: int, axis: int) -> Any:
     """A k/v projection's weight (`axis` -2) or bias (-1) with each KV head's rows repeated until there
-    are `heads`; unchanged if it already has them (the shards' own weights, read back for re-ISQ)."""
+    are `heads`; unchanged if it already has them (the shards' own weights, read back for re-ISQ).
+    Host arrays stay on the host (placing them on the mesh then slices on the host, compiling nothing)."""
 
     def repeat(a):
         rows = a.shape[axis]
         if rows == heads * cfg.head_dim:
             return a
-        a = jnp.asarray(a)
+        xp = np if isinstance(a, np.ndarray) else jnp
         shape = a.shape
         grouped = a.reshape(*shape[:axis], cfg.num_kv_heads, cfg.head_dim, *shape[axis:][1:])
-        grouped = jnp.repeat(grouped, heads // cfg.num_kv_heads, axis=grouped.ndim + axis - 1)
+        grouped = xp.repeat(grouped, heads // cfg.num_kv_heads, axis=grouped.ndim + axis - 1)
         return grouped.reshape(*shape[:axis], heads * cfg.head_dim, *shape[axis:][1:])
 
     if isinstance(leaf, QuantizedTensor):
