@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from transformers import (
     Gemma2Config,
@@ -61,9 +60,15 @@ CONFIGS = {  # one per family of `jaxrs.models.registry.FAMILIES`
     "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),  # q/k/v biases, tied embeddings
     "gemma": GemmaConfig(**GEMMA),
     "gemma2": Gemma2Config(
-        **GEMMA, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=4.0, final_logit_softcapping=2.0
+        **GEMMA,
+        sliding_window=8,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=4.0,  # small caps so they bite
+        final_logit_softcapping=2.0,
     ),
-    "gemma3": Gemma3TextConfig(**GEMMA, layer_types=[SLIDING, FULL], sliding_window=8, query_pre_attn_scalar=24),
+    "gemma3": Gemma3TextConfig(
+        **GEMMA, layer_types=[SLIDING, FULL], sliding_window=8, query_pre_attn_scalar=24
+    ),
     "phi": PhiConfig(**TINY, partial_rotary_factor=0.5),  # LayerNorm, biases, half the head rotated
     "phi3": Phi3Config(**TINY, pad_token_id=0, sliding_window=8),
     "starcoder2": Starcoder2Config(**TINY, tie_word_embeddings=False),  # LayerNorm, biases, plain MLP
@@ -164,6 +169,9 @@ def run(run: Run, model: LoadedModel) -> dict:
     )
     out = greedy(engine) | {"baseline": run.baseline}
     out["kv_spec"] = str(engine.runner.kv.k.sharding.spec) if run.tp > 1 else ""
+    params = engine.model.params  # as placed
+    out["placed"] = [repr(params["layers"]["attn"][p]["weight"]) for p in ("q_proj", "o_proj")]
+    out["placed"].append(repr(params["lm_head"]["weight"]) if "lm_head" in params else "tied")
     if run.requantize:
         engine.requantize(run.requantize)
         out["requantized_tokens"] = greedy(engine)["tokens"]
@@ -181,7 +189,10 @@ def greedy(engine: Engine) -> dict:
     while engine.has_unfinished():
         engine.step()
     seqs = [r.seqs[0] for r in requests]
-    return {"tokens": [s.output_ids for s in seqs], "logprobs": [[t.logprob for t in s.logprobs] for s in seqs]}
+    return {
+        "tokens": [s.output_ids for s in seqs],
+        "logprobs": [[t.logprob for t in s.logprobs] for s in seqs],
+    }
 
 
 def reference(model: torch.nn.Module, tokens: list[list[int]]) -> dict:
@@ -206,7 +217,8 @@ def main(out: Path, only: list[str]) -> int:
     models, references = build(out)
     runs = [r for r in RUNS if not only or r.key in only]
     with ThreadPoolExecutor(2) as pool:
-        done = dict(zip([r.key for r in runs], pool.map(lambda r: run(r, models[r.model]), runs), strict=True))
+        outputs = pool.map(lambda r: run(r, models[r.model]), runs)
+        done = dict(zip([r.key for r in runs], outputs, strict=True))
     results = {"runs": done, "transformers": {}}
     for name, model in references.items():
         if f"{name}/1" in done:

@@ -44,6 +44,16 @@ def test_split_runs_give_one_devices_tokens(sweep, key):
     assert "'tp'" in got["kv_spec"]  # the cache is split by heads
 
 
+def test_packed_weights_are_placed_with_their_split(sweep):
+    """What tells the `qmatmul` op which slice each device holds (`SplitTensor.axis`). On CPU the
+    GGUF's Q4_1 and Q8_0 load transcoded (U8M, Q8F): the Pallas kernel per shard reads those."""
+    q, o, head = sweep["runs"]["gguf/2+qmatmul=pallas"]["placed"]
+    assert q.startswith("SplitTensor(") and q.endswith("axis=-2)")  # column-parallel: outputs
+    assert o.startswith("SplitTensor(") and o.endswith("axis=-1)")  # row-parallel: inputs
+    assert head.startswith("SplitTensor(") and head.endswith("axis=-2)")  # vocabulary
+    assert sweep["runs"]["gguf/1"]["placed"][1].startswith("QuantizedTensor(")  # one device: as loaded
+
+
 @pytest.mark.parametrize("key", [r.key for r in RUNS if r.model != "gguf"])
 def test_log_probabilities_match_transformers(sweep, key):
     """Every family at every size (the GGUF's packed weights have no transformers twin): the greedy
