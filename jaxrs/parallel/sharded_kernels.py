@@ -91,7 +91,7 @@ def split_matmul(fn: MatmulFn, fallback: MatmulFn) -> MatmulFn:
             return fallback(x, qt)
         shards = jax.sharding.get_abstract_mesh().shape[TP]
         names = list(qt.arrays)
-        rows = qt.partition(qt.ndim)  # every field is laid out [..., out, in // per]
+        weight_spec = qt.partition(qt.ndim)  # every field is laid out [..., out, in // per]
         last = P(*(None,) * (x.ndim - 1), TP)  # split along x's and y's last axis
         x_spec, y_spec = {INPUTS: (last, WHOLE), OUTPUTS: (WHOLE, last), None: (WHOLE, WHOLE)}[qt.axis]
 
@@ -99,7 +99,7 @@ def split_matmul(fn: MatmulFn, fallback: MatmulFn) -> MatmulFn:
             y = fn(x, qt.local(dict(zip(names, arrays, strict=True)), shards), **options)
             return jax.lax.psum(y, TP) if qt.axis == INPUTS else y
 
-        specs = (x_spec, *(rows for _ in names))
+        specs = (x_spec, *(weight_spec for _ in names))
         shard = jax.shard_map(body, in_specs=specs, out_specs=y_spec, check_vma=False)
         return shard(x, *(qt.arrays[n] for n in names))
 
