@@ -5,6 +5,8 @@ a checkpoint, so constructors only declare shapes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,7 @@ from jaxrs.lora.weight import LoraWeight
 from jaxrs.models.head_slices import head_in_slices
 from jaxrs.models.layers import Weight, dense, embed, layer_norm, rms_norm
 from jaxrs.ops import Kernels
+from jaxrs.parallel.sharded_kernels import split_matmul
 from jaxrs.quant import QuantizedTensor, dequantize
 from pallas_kernels.qmatmul import matmul_t
 
@@ -56,9 +59,11 @@ class Embedding(nnx.Module):
 
 
 def head_logits(head: Weight, hidden: jax.Array, kernels: Kernels) -> jax.Array:
-    """`hidden @ head.T` in f32: a dense head accumulates in f32 directly, a packed one through qmatmul."""
+    """`hidden @ head.T` in f32: a dense head accumulates in f32 directly, a packed one through qmatmul
+    (on a mesh, each device its vocabulary slice, sliced further there on CPU)."""
     if isinstance(head, QuantizedTensor):
-        return head_in_slices(kernels.get("qmatmul"), hidden, head)
+        in_slices = functools.partial(head_in_slices, kernels.get("qmatmul"))
+        return split_matmul(in_slices, in_slices)(hidden, head)
     return matmul_t(hidden, head, jnp.float32)
 
 

@@ -8,10 +8,12 @@ there is one per device (vLLM's way): the k/v projections' rows are duplicated, 
 and writes the heads its query heads read, and the model runs with `num_kv_heads = devices`.
 
 Packed weights are split on the same axes; an input (row-parallel) split must fall on whole blocks
-of the format, else loading stops with an error naming the tensor. The step itself is partitioned by
-the compiler (GSPMD) from these placements; `pin_step_outputs` fixes the two placements the engine
-relies on between calls: the cache keeps its head split (it is donated back next call) and the
-logits are replicated, so every device samples the same token from the same uniform draws.
+of the format, else loading stops with an error naming the tensor. Each is placed as a `SplitTensor`
+marking its split, so its matmul runs per shard (`sharded_kernels`). The rest of the step is
+partitioned by the compiler (GSPMD) from these placements; `pin_step_outputs` fixes the two
+placements the engine relies on between calls: the cache keeps its head split (it is donated back
+next call) and the logits are replicated, so every device samples the same token from the same
+uniform draws.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
 from jaxrs.models.layers import KVCache
 from jaxrs.parallel.mesh import TP, mesh_size
+from jaxrs.parallel.split_tensor import SplitTensor, split_of
 from jaxrs.quant.tensor import QuantizedTensor
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
@@ -73,16 +76,17 @@ def sharded_config(cfg: ModelConfig, devices: int) -> ModelConfig:
 
 def repeat_kv_rows(leaf: Any, cfg: ModelConfig, heads: int, axis: int) -> Any:
     """A k/v projection's weight (`axis` -2) or bias (-1) with each KV head's rows repeated until there
-    are `heads`; unchanged if it already has them (the shards' own weights, read back for re-ISQ)."""
+    are `heads`; unchanged if it already has them (the shards' own weights, read back for re-ISQ).
+    Host arrays stay on the host (placing them on the mesh then slices on the host, compiling nothing)."""
 
     def repeat(a):
         rows = a.shape[axis]
         if rows == heads * cfg.head_dim:
             return a
-        a = jnp.asarray(a)
+        xp = np if isinstance(a, np.ndarray) else jnp
         shape = a.shape
         grouped = a.reshape(*shape[:axis], cfg.num_kv_heads, cfg.head_dim, *shape[axis:][1:])
-        grouped = jnp.repeat(grouped, heads // cfg.num_kv_heads, axis=grouped.ndim + axis - 1)
+        grouped = xp.repeat(grouped, heads // cfg.num_kv_heads, axis=grouped.ndim + axis - 1)
         return grouped.reshape(*shape[:axis], heads * cfg.head_dim, *shape[axis:][1:])
 
     if isinstance(leaf, QuantizedTensor):
@@ -132,8 +136,8 @@ def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple[str, ...], d
 
 def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> ModelConfig:
     """Place `params` on `mesh`, in place (each leaf replaced by its sharded copy as it goes, so the
-    unsharded one can be freed), and return the config the model runs with there. Every problem is
-    found before anything moves."""
+    unsharded one can be freed), and return the config the model runs with there. Packed weights
+    become `SplitTensor`s. Every problem is found before anything moves."""
     devices = mesh_size(mesh)
     heads = kv_heads_on(cfg, devices)
     leaves = list(_leaves(params))
@@ -142,7 +146,10 @@ def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> ModelConfig:
         leaf = parent[key]
         if heads != cfg.num_kv_heads and path[-2] in KV_PROJ:
             leaf = repeat_kv_rows(leaf, cfg, heads, -2 if path[-1] == "weight" else -1)
-        plan.append((parent, key, leaf, leaf_spec(path, leaf, devices)))
+        spec = leaf_spec(path, leaf, devices)
+        if isinstance(leaf, QuantizedTensor):
+            leaf = SplitTensor(leaf, split_of(spec, leaf.ndim))
+        plan.append((parent, key, leaf, spec))
     host = mesh.is_multi_process  # a mesh over several processes takes each one's host copy
     for parent, key, leaf, spec in plan:
         if host:
