@@ -94,13 +94,18 @@ def unify_formats(tensors: Sequence[QuantizedTensor], name: str = "") -> list[Qu
     if len(set(formats)) <= 1:
         return list(tensors)
     target = max(set(formats), key=lambda f: FORMATS[f].bits_per_weight())
+    log_unified(name, formats, target)
+    return [to_format(t, target) for t in tensors]
+
+
+def log_unified(name: str, formats: Sequence[str], target: str) -> None:
+    """One line saying which layers (by their own `formats`) a stacked weight stores as `target`."""
     moved = sorted({f for f in formats if f != target})
     exact = all(f in EXACT_INTO.get(target, ()) for f in moved)
     log.info(
         "%s: layers in %s stored as %s to stack with the others (%s)",
         name or "a stacked weight",
-        ", ".join(f"{f} ({formats.count(f)})" for f in moved),
+        ", ".join(f"{f} ({list(formats).count(f)})" for f in moved),
         target,
         "exactly" if exact else "re-quantized",
     )
-    return [to_format(t, target) for t in tensors]
