@@ -93,3 +93,14 @@ def test_float_layers_are_cast_and_packed_and_float_layers_do_not_mix():
         stacked.value()
     stacked.set(1, np.full((4, 32), 2, np.float32))
     assert stacked.value().dtype == np.float16 and stacked.value()[1, 0, 0] == 2
+
+
+def test_a_layer_of_another_shape_is_an_error():
+    stacked = LayerStack(2, np.float32, "norm")
+    stacked.set(0, np.ones((1, 32), np.float32))
+    with pytest.raises(ValueError, match=r"norm: a layer of shape \(32,\)"):
+        stacked.set(1, np.ones(32, np.float32))
+    packed = LayerStack(2, np.float32, "up")
+    packed.set(0, quantize(np.ones((4, 32), np.float32), "Q8_0"))
+    with pytest.raises(ValueError, match=r"up: a layer of shape \(8, 32\)"):
+        packed.set(1, quantize(np.ones((8, 32), np.float32), "Q8_0"))

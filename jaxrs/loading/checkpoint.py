@@ -122,7 +122,7 @@ def fill_params(
 ) -> dict:
     """A model's state from a getter of HF-named tensors, for any module tree: `shapes` and `sources`
     give each parameter path its shape and checkpoint source; stacked (`layers.`) sources are relative
-    to `layer_prefix`. Float arrays are cast to `dtype` on the device, packed `QuantizedTensor`s kept
+    to `layer_prefix`. Float arrays are cast to `dtype`, packed `QuantizedTensor`s kept
     packed. A tensor whose shape is not the parameter's is an error naming both. A fused tensor that
     `Rows` entries split is read once and kept until its last part has been taken."""
     parts_left: dict[str, int] = {}  # fused suffix -> Rows entries reading it (per layer)

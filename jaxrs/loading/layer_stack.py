@@ -57,6 +57,7 @@ class LayerStack:
         if not packed:
             if self.array is None:
                 self.array = aligned_empty((self.count, *x.shape), self.dtype)
+            self._check(x.shape, self.array.shape[1:])
             self.array[i] = x
         else:
             self.formats[i] = x.fmt
@@ -67,9 +68,16 @@ class LayerStack:
                     self._move_to(x.fmt)
                 else:
                     x = to_format(x, self.fmt)
+            self._check(x.shape, (*self.fields[next(iter(self.fields))].shape[1:-2], *self.out_in))
             for field, buffer in self.fields.items():
                 buffer[i] = np.asarray(x.arrays[field])
         self.written.append(i)
+
+    def _check(self, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+        if tuple(shape) != tuple(want):  # NumPy would broadcast some of these silently
+            raise ValueError(
+                f"{self.name or 'a stacked parameter'}: a layer of shape {shape}, the others {want}"
+            )
 
     def value(self) -> np.ndarray | QuantizedTensor:
         """The stacked tensor (every layer must have been written)."""
