@@ -106,9 +106,9 @@ def open_gguf_tensors(
     tensors kept in their GGUF format (bit-exact with the file) as `QuantizedTensor`s, or moved by
     `relayout` (row by row: e.g. `quant.transcode.cpu_layout`).
 
-    A large 2-D packed tensor (the embedding, the head) is read `CHUNK_BYTES` of rows at a time into
-    its final, aligned buffers (`read_in_row_chunks`): its file bytes, its fields and its relaid fields
-    never exist whole at once.
+    A 2-D packed tensor over `SLICED_ABOVE` bytes (a large embedding or head) is read `CHUNK_BYTES` of
+    rows at a time into its final, aligned buffers (`read_in_row_chunks`): its file bytes, its fields
+    and its relaid fields never exist whole at once.
 
     A family's `names.gguf_split(cfg)` names llama.cpp tensors that hold several HF tensors (Phi-2's fused
     `attn_qkv`, Mixtral's 3-D `ffn_*_exps`): each part is a row range or a leading index of it (see
@@ -164,7 +164,7 @@ def open_gguf_tensors(
             )
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         if packed and tensor.tensor_type not in FLOAT_TYPES:
-            if heads is None and isinstance(tensor, TensorInfo) and tensor.n_bytes > CHUNK_BYTES:
+            if heads is None and isinstance(tensor, TensorInfo) and tensor.n_bytes > SLICED_ABOVE:
                 return read_in_row_chunks(tensor, relayout)
             qt = from_gguf_bytes(tensor_data(tensor, path), tensor.tensor_type, shape)
             # Rows are independent in every format, so the q/k row permutation applies to each array.
@@ -177,8 +177,12 @@ def open_gguf_tensors(
     return get
 
 
-CHUNK_BYTES = 2**20  # packed tensors larger than this are read a slice of rows at a time (measured:
-# 16 MiB slices left 2.6x the Qwen2.5-0.5B embedding's size resident at the peak, 1 MiB 1.1x, and ran faster)
+# Packed tensors over SLICED_ABOVE bytes (the embedding and head of a large vocabulary) are read CHUNK_BYTES
+# of rows at a time. Measured: 16 MiB slices left 2.6x the Qwen2.5-0.5B embedding's size resident at its
+# peak, 1 MiB slices 1.1x, and ran faster. Slicing the demo's 30 MB embedding gained nothing at its peak
+# (which comes while serving), so smaller tensors are read whole.
+CHUNK_BYTES = 2**20
+SLICED_ABOVE = 64 * 2**20
 
 
 def read_in_row_chunks(
