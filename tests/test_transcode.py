@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrs.quant import dequantize, quantize
-from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout, to_format, unify_formats
+from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout, host_values, to_format, unify_formats
 from tests.conftest import relative_error
 
 RNG = np.random.default_rng(7)
@@ -69,3 +69,11 @@ def test_unify_picks_the_format_with_most_bits(caplog):
         mixed = unify_formats([quantize(w, "Q5_0"), quantize(w, "Q8_0"), quantize(w, "Q4_0")], "v_proj")
     assert [t.fmt for t in mixed] == ["Q8_0"] * 3
     assert "v_proj: layers in Q4_0 (1), Q5_0 (1) stored as Q8_0" in caplog.text and "exactly" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q8_0"])
+def test_host_values_of_a_re_quantized_layer_are_the_device_dequantization(fmt):
+    """`to_format` reads a layer's values on the host (no JAX executable per shape while loading):
+    bit-identical to `dequantize`, so the re-quantized layer is what it was."""
+    qt = quantize(weights(16, 512), fmt)
+    np.testing.assert_array_equal(host_values(qt), np.asarray(dequantize(qt)))

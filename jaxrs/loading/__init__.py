@@ -152,9 +152,9 @@ def load_model(
         # before the weights arrive.
         del meta
         reader.metadata.clear()
-        get = open_gguf_tensors(reader, cfg, path, packed=packed)
-        if packed and jax.default_backend() == "cpu":
-            get = _in_cpu_layout(get, relaid)
+        on_cpu = packed and jax.default_backend() == "cpu"
+        relayout = _cpu_relayout(reader, relaid) if on_cpu else None
+        get = open_gguf_tensors(reader, cfg, path, packed=packed, relayout=relayout)
         generation_config: dict[str, Any] = {}
     else:
         from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
@@ -205,21 +205,21 @@ def load_model(
     return LoadedModel(cfg, params, tok, generation_config, str(path))
 
 
-def _in_cpu_layout(get, moved: dict[str, int]):
-    """Packed tensors moved exactly into the layouts XLA:CPU reads fastest (`quant.transcode`),
-    counted in `moved`."""
-    from jaxrs.quant import QuantizedTensor
+def _cpu_relayout(reader, moved: dict[str, int]):
+    """Packed tensors move exactly into the layouts XLA:CPU reads fastest (`quant.transcode`); `moved`
+    counts the file's tensors that do, by format."""
+    from jaxrs.quant.formats import format_of_ggml_type
     from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout
 
-    def relaid(name: str):
-        value = get(name)
-        if isinstance(value, QuantizedTensor) and value.fmt in CPU_LAYOUT:
-            key = f"{value.fmt} -> {CPU_LAYOUT[value.fmt]}"
+    for tensor in reader.tensors:
+        try:
+            fmt = format_of_ggml_type(tensor.tensor_type)
+        except JaxrsError:  # a type the loader refuses, naming the tensor
+            continue
+        if fmt in CPU_LAYOUT and len(tensor.shape) >= 2:
+            key = f"{fmt} -> {CPU_LAYOUT[fmt]}"
             moved[key] = moved.get(key, 0) + 1
-            value = cpu_layout(value)
-        return value
-
-    return relaid
+    return cpu_layout
 
 
 def _with_progress(get, cfg: ModelConfig, desc: str):

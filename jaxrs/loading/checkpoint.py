@@ -17,6 +17,7 @@ import numpy as np
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
 from jaxrs.host_memory import release_freed
+from jaxrs.loading.layer_stack import LayerStack
 from jaxrs.loading.names import LAYER_PREFIX, Experts, Rows, Source, source_names
 from jaxrs.models.decoder import model_graph, set_path
 from jaxrs.models.registry import family
@@ -121,7 +122,7 @@ def fill_params(
 ) -> dict:
     """A model's state from a getter of HF-named tensors, for any module tree: `shapes` and `sources`
     give each parameter path its shape and checkpoint source; stacked (`layers.`) sources are relative
-    to `layer_prefix`. Float arrays are cast to `dtype` on the device, packed `QuantizedTensor`s kept
+    to `layer_prefix`. Float arrays are cast to `dtype`, packed `QuantizedTensor`s kept
     packed. A tensor whose shape is not the parameter's is an error naming both. A fused tensor that
     `Rows` entries split is read once and kept until its last part has been taken."""
     parts_left: dict[str, int] = {}  # fused suffix -> Rows entries reading it (per layer)
@@ -157,14 +158,19 @@ def fill_params(
         return checked(read(i, source), shapes[path][1:], path, f"layer {i}: {source}")
 
     def put(x: np.ndarray | QuantizedTensor) -> jax.Array | QuantizedTensor:
-        return jax.device_put(x) if isinstance(x, QuantizedTensor) else jnp.asarray(x, dtype=dtype)
+        as_is = isinstance(x, QuantizedTensor) or x.dtype == dtype
+        return jax.device_put(x) if as_is else jnp.asarray(x, dtype=dtype)
 
     params: dict = {}
     for path, source in sources.items():  # layers first, as the getters' progress bars expect
         if path.startswith(LAYER_PREFIX):
-            value = stack([layer(i, path, source) for i in range(num_layers)], path)
-            set_path(params, path.split("."), put(value))
-            del value
+            # Each layer written into the preallocated stack as it is read (its host copies go before
+            # the next one's arrive); on CPU the aligned stack becomes the device array without a copy.
+            stacked = LayerStack(num_layers, dtype, path)
+            for i in range(num_layers):
+                stacked.set(i, layer(i, path, source))
+            set_path(params, path.split("."), put(stacked.value()))
+            del stacked
             release_freed()  # the layers' host copies, before the next parameter's arrive
     for path, source in sources.items():
         if not path.startswith(LAYER_PREFIX):

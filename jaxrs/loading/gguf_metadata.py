@@ -83,6 +83,17 @@ class TensorInfo:
         block, type_size = GGML_QUANT_SIZES[self.tensor_type]
         return raw.reshape(*dims[:-1], dims[-1] // block * type_size)
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` of a 2-D tensor's stored bytes, read now: uint8 `[rows, bytes per row]`."""
+        if len(self.shape) != 2:
+            raise ValueError(f"tensor {self.name!r} is not 2-D")
+        row_bytes = self.n_bytes // self.shape[1]
+        count = (stop - start) * row_bytes
+        raw = np.fromfile(self.path, dtype=np.uint8, count=count, offset=self.data_offset + start * row_bytes)
+        if raw.size != count:
+            raise ModelLoadError(self.path, f"truncated GGUF file: tensor {self.name!r} is cut short")
+        return raw.reshape(stop - start, row_bytes)
+
 
 @dataclasses.dataclass
 class GGUFFile:

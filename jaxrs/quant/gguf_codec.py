@@ -80,7 +80,7 @@ def from_gguf_bytes(
     elif fmt in ("Q4_K", "Q5_K"):
         parts["sc"], parts["m"] = packing.unpack_scales_k4(parts.pop("scales"))
     parts.pop("bsums", None)
-    arrays = {f.name: parts[f.name].reshape(*lead, -1).astype(f.dtype) for f in spec.fields}
+    arrays = {f.name: parts[f.name].reshape(*lead, -1).astype(f.dtype, copy=False) for f in spec.fields}
     return make(fmt, shape[-2:], arrays)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 from jaxrs.quant import packing
 from jaxrs.quant.dequant import dequantize
 from jaxrs.quant.formats import FORMATS
+from jaxrs.quant.gguf_codec import to_gguf_bytes
 from jaxrs.quant.quantize import quantize
 from jaxrs.quant.tensor import QuantizedTensor
 
@@ -55,7 +57,7 @@ def to_format(qt: QuantizedTensor, fmt: str) -> QuantizedTensor:
     if qt.fmt == fmt:
         return qt
     if qt.fmt not in EXACT_INTO.get(fmt, ()):
-        return quantize(_values(qt), fmt)
+        return quantize(host_values(qt), fmt)
     a = {n: np.asarray(x) for n, x in qt.arrays.items()}
     if fmt in ("Q8_0", "Q8F"):
         scale = a["d"] if fmt == "Q8_0" else a["d"].astype(np.float32)
@@ -73,7 +75,12 @@ def to_format(qt: QuantizedTensor, fmt: str) -> QuantizedTensor:
     return QuantizedTensor("U8M", qt.out_in, {"qs": _codes(qt.fmt, a), "d": d, "m": m})
 
 
-def _values(qt: QuantizedTensor) -> np.ndarray:
+def host_values(qt: QuantizedTensor) -> np.ndarray:
+    """`qt`'s f32 values on the host: by `gguf.quants` for the GGUF formats (the same values as our
+    dequantization, without compiling a JAX executable per tensor shape while a model loads)."""
+    if qt.spec.ggml_type is not None:
+        values = gguf.quants.dequantize(to_gguf_bytes(qt), qt.spec.ggml_type)
+        return values.astype(np.float32, copy=False).reshape(qt.shape)
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(dequantize(qt, jnp.float32))
 
@@ -94,13 +101,18 @@ def unify_formats(tensors: Sequence[QuantizedTensor], name: str = "") -> list[Qu
     if len(set(formats)) <= 1:
         return list(tensors)
     target = max(set(formats), key=lambda f: FORMATS[f].bits_per_weight())
+    log_unified(name, formats, target)
+    return [to_format(t, target) for t in tensors]
+
+
+def log_unified(name: str, formats: Sequence[str], target: str) -> None:
+    """One line saying which layers (by their own `formats`) a stacked weight stores as `target`."""
     moved = sorted({f for f in formats if f != target})
     exact = all(f in EXACT_INTO.get(target, ()) for f in moved)
     log.info(
         "%s: layers in %s stored as %s to stack with the others (%s)",
         name or "a stacked weight",
-        ", ".join(f"{f} ({formats.count(f)})" for f in moved),
+        ", ".join(f"{f} ({list(formats).count(f)})" for f in moved),
         target,
         "exactly" if exact else "re-quantized",
     )
-    return [to_format(t, target) for t in tensors]
