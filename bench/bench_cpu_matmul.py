@@ -13,6 +13,15 @@ gate and up 1536x576, down 576x1536; random values) runs under `lax.scan` as a d
 
 Medians in ms per step (all layers). `--xla-option` compiles every variant with that XLA option (as
 `EngineConfig.xla_options` does the engine's steps). Prints a table and writes JSON (--out).
+
+    JAX_PLATFORMS=cpu python bench/bench_cpu_matmul.py --few-rows [--models demo qwen05]
+        [--rows 1 2 3 5 9 17 33] [--formats ...] [--repeats 9]
+
+`--few-rows`: one packed matrix at a time, each distinct shape of the demo model's and Qwen2.5-Coder-0.5B's
+layers and their head (random values), in the format the engine holds it in on CPU (or each of
+`--formats` where the shape allows it), at each `--rows`: the `qmatmul` op's XLA implementation with its
+few-row path ("tiles") against the same with that path off ("whole": W dequantized whole, then one
+product), interleaved call by call; medians in ms.
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ from common import fmt as fmt_ms
 from common import machine_facts, markdown_table, median_ms, write_json
 
 from jaxrs.cli import parse_pairs
+from jaxrs.models.head_slices import head_in_slices
 from jaxrs.models.layers import dense
+from jaxrs.ops import qmatmul_xla
 from jaxrs.quant import QuantizedTensor, dequantize, quantize, stack
+from pallas_kernels import qmatmul
 
 SHAPES = {  # out, in
     "q_proj": (576, 576),
@@ -42,6 +54,84 @@ SHAPES = {  # out, in
 }
 # K-quants need `in` % 256 == 0, which these shapes (576) are not
 FORMATS = ["F32", "F16", "Q8_0", "Q8F", "U8M", "Q4_0", "Q4_1", "Q5_0"]
+
+
+# name -> (out, in), the format the engine holds it in on CPU (`transcode.cpu_layout` of the file's)
+FEW_ROW_SHAPES = {
+    "demo": {  # SmolLM2-135M Q4_1, head the tied Q8_0 embedding
+        "q_proj/o_proj": ((576, 576), "U8M"),
+        "k_proj/v_proj": ((192, 576), "U8M"),
+        "gate_proj/up_proj": ((1536, 576), "U8M"),
+        "down_proj": ((576, 1536), "U8M"),
+        "head": ((49152, 576), "Q8F"),
+    },
+    "qwen05": {  # Qwen2.5-Coder-0.5B Q4_K_M: Q5_0 projections, Q4_K/Q6_K down, Q8_0 head
+        "q_proj/o_proj": ((896, 896), "Q8F"),
+        "k_proj/v_proj": ((128, 896), "Q8F"),
+        "gate_proj/up_proj": ((4864, 896), "Q8F"),
+        "down_proj": ((896, 4864), "U8M"),
+        "down_proj Q6_K": ((896, 4864), "Q6_K"),
+        "head": ((151936, 896), "Q8F"),
+    },
+}
+
+
+def few_rows(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """The `--few-rows` table: whole vs tiles per (model, matrix, format, rows)."""
+    from jaxrs.quant.formats import FORMATS as SPECS
+
+    def product(x, w):
+        return head_in_slices(qmatmul_xla, x, w) if w.out_in[0] > 100_000 else qmatmul_xla(x, w)
+
+    def timed(fn, x, w, few: bool) -> float:
+        qmatmul.CPU_FEW_ROWS = default_few if few else 1  # read when the function is traced
+        return median_ms(fn, x, w, repeats=1)
+
+    default_few = qmatmul.CPU_FEW_ROWS
+    rows_out, results = [], {}
+    for model in args.models:
+        seen = set()
+        for name, ((out, inp), engine_fmt) in FEW_ROW_SHAPES[model].items():
+            fmts = args.formats if args.formats != FORMATS else [engine_fmt]
+            if fmts == args.formats and (out, inp) in seen:
+                continue
+            seen.add((out, inp))
+            for fmt in fmts:
+                if inp % SPECS[fmt].block:
+                    continue
+                w = jax.device_put(quantize((rng.standard_normal((out, inp)) * 0.05).astype(np.float32), fmt))
+                for rows in args.rows:
+                    x = jnp.asarray(rng.standard_normal((rows, inp)).astype(np.float32))
+                    fns = {few: jax.jit(lambda x, w: product(x, w)) for few in (False, True)}  # two traces
+                    times = {False: [], True: []}
+                    for few in (False, True):
+                        timed(fns[few], x, w, few)  # compiles
+                    for _ in range(args.repeats):
+                        for few in (False, True):
+                            times[few].append(timed(fns[few], x, w, few))
+                    whole, tiles = (float(np.median(times[f])) for f in (False, True))
+                    key = f"{model} {name} {fmt} @{rows}"
+                    results[key] = {"whole": whole, "tiles": tiles}
+                    rows_out.append(
+                        [
+                            model,
+                            name,
+                            f"{out}x{inp}",
+                            fmt,
+                            rows,
+                            fmt_ms(whole),
+                            fmt_ms(tiles),
+                            f"{whole / tiles:.2f}x",
+                        ]
+                    )
+                    print(key, {k: round(v, 2) for k, v in results[key].items()}, flush=True)
+    qmatmul.CPU_FEW_ROWS = default_few
+    text = markdown_table(
+        ["model", "matrix", "out x in", "format", "rows", "whole ms", "tiles ms", "speed-up"], rows_out
+    )
+    print(f"\nOne packed matrix, median of {args.repeats} interleaved calls\n")
+    print(text)
+    write_json(args.out, {"args": vars(args), "machine": machine_facts(), "ms": results, "table": text})
 
 
 def layers(fmt: str, count: int, rng: np.random.Generator) -> dict:
@@ -96,10 +186,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--few-rows", action="store_true", help="the few-row table (see above)")
+    ap.add_argument("--models", nargs="+", default=list(FEW_ROW_SHAPES), choices=list(FEW_ROW_SHAPES))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_matmul.json")
     args = ap.parse_args()
     options = parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None
     rng = np.random.default_rng(0)
+    if args.few_rows:
+        if args.out == ap.get_default("out"):
+            args.out = args.out.with_name("cpu_matmul_few_rows.json")
+        return few_rows(args, rng)
     results: dict[str, dict] = {}
     for fmt in args.formats:
         params = layers(fmt, args.layers, rng)

@@ -40,6 +40,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-dtype", default=None, help="e.g. float16 (default: the compute dtype)")
     ap.add_argument("--packed", action="store_true", help="keep a GGUF's quantized tensors packed")
+    ap.add_argument(
+        "--few-rows-ab",
+        action="store_true",
+        help="each loop also with the packed few-row products off (`qmatmul.CPU_FEW_ROWS = 1`), interleaved",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -47,6 +52,7 @@ def main() -> None:
     import numpy as np
 
     from jaxrs import LLM, SamplingParams
+    from pallas_kernels import qmatmul
 
     most_rows, most_keys = max(args.rows), max(args.keys) + args.steps
     llms = {
@@ -65,6 +71,10 @@ def main() -> None:
     }
     runners = {loop: llm.engine.runner for loop, llm in llms.items()}  # the runner's step is the subject
     first = runners[args.loops[0]]
+    few_rows = qmatmul.CPU_FEW_ROWS
+    if args.few_rows_ab:  # "LOOP whole": the same runner, its step traced with the few-row path off
+        runners = {f"{loop}{tag}": r for loop, r in runners.items() for tag in (" whole", "")}
+    loops = list(runners)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))  # compiler set-up, charged to no loop
     rng = np.random.default_rng(0)
     rows = []
@@ -85,6 +95,8 @@ def main() -> None:
             calls, found = {}, {}
             for loop, runner in runners.items():
                 before, began = resident_mib(), time.perf_counter()
+                qmatmul.CPU_FEW_ROWS = 1 if loop.endswith(" whole") else few_rows
+                jax.clear_caches()  # trace again under this setting
                 compiled = runner.steps.decode.lower(
                     runner.params,
                     runner.kv,
@@ -109,7 +121,7 @@ def main() -> None:
                     out, runner.kv = calls[loop](runner.params, runner.kv, *inputs)
                     jax.block_until_ready(out)
                     found[loop]["times"].append(time.perf_counter() - began)
-            base = statistics.median(found[args.loops[0]]["times"])
+            base = statistics.median(found[loops[0]]["times"])
             for loop, f in found.items():
                 call_s = statistics.median(f.pop("times"))
                 rows.append(

@@ -1,7 +1,7 @@
 """Speculative decoding on CPU: single-stream greedy decode speed with and without it, and acceptance.
 
     python bench/bench_speculative.py [--target PATH] [--draft PATH] [--ks 2 4] [--new-tokens 64]
-        [--passes 2] [--out bench/results/speculative.json]
+        [--passes 2] [--prompts short code-edit] [--few-rows-ab] [--out bench/results/speculative.json]
 
 One target (default Qwen2.5-Coder-1.5B-Instruct Q4_K_M) served plain, with a draft model (default the
 0.5B of the same family) at each K of --ks, and with prompt lookup (ngram, K = the largest of --ks), all
@@ -10,6 +10,9 @@ repeats its input (where prompt lookup helps). Every engine runs each prompt onc
 then --passes timed passes, interleaved across engines. Decode tok/s = (tokens - 1) / (time from the
 first token to the last), median over passes; acceptance = accepted / proposed draft tokens over the
 timed passes; the outputs must equal the plain engine's token for token (greedy).
+
+`--few-rows-ab`: every engine twice, the second ("... whole") with the packed few-row products off
+(`qmatmul.CPU_FEW_ROWS = 1` while it compiles), interleaved like the rest.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import argparse
 import time
 from pathlib import Path
 
+import jax
 from common import RESULTS, machine_facts, markdown_table, median, write_json
 
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.loading import load_model
+from pallas_kernels import qmatmul
 
 MODELS = Path.home() / ".cache" / "jaxrs" / "models"
 CODE = """def parse_config(path):
@@ -65,6 +70,9 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    ap.add_argument("--adaptive", action="store_true", help="also the largest K with adaptive_k on")
+    ap.add_argument("--few-rows-ab", action="store_true", help="each engine also with few-row products off")
     ap.add_argument("--out", default=str(RESULTS / "speculative.json"))
     args = ap.parse_args()
 
@@ -73,27 +81,41 @@ def main() -> None:
     specs: dict[str, dict | None] = {"plain": None}
     for k in args.ks:
         specs[f"draft K={k}"] = {"model": args.draft, "num_speculative_tokens": k}
+    if args.adaptive:
+        specs[f"draft K={max(args.ks)} adaptive"] = {
+            "model": args.draft,
+            "num_speculative_tokens": max(args.ks),
+            "adaptive_k": True,
+        }
     specs[f"ngram K={max(args.ks)}"] = {"method": "ngram", "num_speculative_tokens": max(args.ks)}
+    if args.few_rows_ab:
+        specs = {f"{name}{tag}": s for name, s in specs.items() for tag in ("", " whole")}
     engines = {name: Engine(loaded, EngineConfig(**base, speculative_config=s)) for name, s in specs.items()}
+    few_rows = qmatmul.CPU_FEW_ROWS
     prompts = {
         name: loaded.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True
         )
         for name, text in PROMPTS.items()
+        if name in args.prompts
     }
     prompts = {
         name: loaded.tokenizer.encode(text, add_special_tokens=False) for name, text in prompts.items()
     }
     reference: dict[str, list[int]] = {}
-    for engine in engines.values():  # compile every shape a pass needs
+    for name, engine in engines.items():  # compile every shape a pass needs
+        qmatmul.CPU_FEW_ROWS = 1 if name.endswith(" whole") else few_rows
+        jax.clear_caches()  # its steps traced under this setting
         for prompt, ids in prompts.items():
             tokens, _ = run_once(engine, ids, args.new_tokens)
             reference.setdefault(prompt, tokens)
     speeds: dict[tuple[str, str], list[float]] = {}
     same = {}
+    compiled = {name: engine.stats().compiled_shapes for name, engine in engines.items()}
     for _ in range(args.passes):
         for prompt, ids in prompts.items():
             for name, engine in engines.items():
+                qmatmul.CPU_FEW_ROWS = 1 if name.endswith(" whole") else few_rows
                 counters = engine.stats().spec_decode
                 tokens, speed = run_once(engine, ids, args.new_tokens)
                 speeds.setdefault((name, prompt), []).append(speed)
@@ -103,6 +125,11 @@ def main() -> None:
                     accepted = after.num_accepted_tokens - counters.num_accepted_tokens
                     proposed = after.num_draft_tokens - counters.num_draft_tokens
                     speeds.setdefault((name, prompt, "acc"), []).append(accepted / max(proposed, 1))
+                    drafts = after.num_drafts - counters.num_drafts
+                    speeds.setdefault((name, prompt, "len"), []).append(1 + accepted / max(drafts, 1))
+    recompiled = [name for name, e in engines.items() if e.stats().compiled_shapes != compiled[name]]
+    if recompiled:
+        print(f"compiled new step shapes in the timed passes: {recompiled}")
     rows = []
     for prompt in prompts:
         plain = median(speeds[("plain", prompt)])
@@ -116,6 +143,9 @@ def main() -> None:
                     "decode_tok_s": round(tok_s, 2),
                     "speedup": round(tok_s / plain, 2),
                     "acceptance": None if acc is None else round(median(acc), 3),
+                    "mean_accepted_length": None
+                    if acc is None
+                    else round(median(speeds[(name, prompt, "len")]), 2),
                     "same_tokens_as_plain": same[(name, prompt)],
                 }
             )

@@ -102,8 +102,19 @@ def qmatmul_xla(
 ) -> jax.Array:
     """`x @ W.T` for the `[out, in]` weight W (no stacked axes) that `arrays`, the fields of `fmt`'s
     layout, pack: W is dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses
-    the dequantization into the dot (a long one-row product in pieces of whole blocks, `matmul_t`)."""
+    the dequantization into the dot (a long one-row product in pieces of whole blocks, `matmul_t`).
+    A few rows on CPU go a tile of W at a time (`_few_row_product`)."""
     _check(x, arrays, fmt, out_in)
+    rows = math.prod(x.shape[:-1])
+    if jax.default_backend() == "cpu" and 1 < rows <= CPU_FEW_ROWS and fmt in FEW_ROW_FORMATS:
+        return _few_row_product(x, arrays, fmt, out_in)
+    return _packed_product(x, arrays, fmt, out_in)
+
+
+def _packed_product(
+    x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]
+) -> jax.Array:
+    """`x @ W.T` in one product (split along `in` where a one-row product needs it, `_product_t`)."""
     layout = LAYOUTS[fmt]
     pers = {f.name: f.per for f in layout.fields}
 
@@ -115,6 +126,54 @@ def qmatmul_xla(
         return dequantize_packed(arrays_ab, fmt=fmt, out_in=(out_in[0], b - a), dtype=x.dtype)
 
     return _product_t(x, weight, out_in[1], layout.block, None)
+
+
+# A product of 2..CPU_FEW_ROWS rows with a packed weight on XLA:CPU (a speculative verify of K + 1
+# positions, a decode batch): XLA fuses the dequantization into a product only at one row, so taken whole
+# it writes all of W out in f32 and reads it back for a GEMM, several times one row's cost. Instead:
+# up to CPU_GEMV_ROWS rows, one fused one-row product per row (W read once per row, from cache after the
+# first); past that, W a tile of CPU_TILE_BYTES (f32) at a time under `lax.map`, each tile dequantized
+# once into cache and multiplied with all rows. Only for formats with one code per byte (or a float): the
+# nibble and bit-plane formats (Q4_0, Q4_1, Q4_K, Q6_K, ...) dequantize so slowly on XLA:CPU that tiles
+# or repeated one-row products cost 2-5x the whole product there. Thresholds and formats from
+# bench/bench_cpu_matmul.py --few-rows (bench/RESULTS.md, "Few-row products on XLA:CPU").
+CPU_FEW_ROWS = 64
+CPU_GEMV_ROWS = 3
+CPU_TILE_BYTES = 256 * 1024
+FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
+
+
+def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:
+    """Rows of W per tile of a few-row product: the most whose dequantized form fits CPU_TILE_BYTES
+    (a multiple of 8, at least 8, at most `out`)."""
+    out_features, in_features = out_in
+    return min(out_features, max(8, CPU_TILE_BYTES // (in_features * itemsize) // 8 * 8))
+
+
+def _few_row_product(
+    x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]
+) -> jax.Array:
+    """`x @ W.T` for a few rows on CPU: a fused one-row product per row, or W tile by tile (above)."""
+    out_features, in_features = out_in
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0] <= CPU_GEMV_ROWS:
+        parts = [_packed_product(x2[r : r + 1], arrays, fmt, out_in) for r in range(x2.shape[0])]
+        return jnp.concatenate(lax.optimization_barrier(parts)).reshape(*lead, out_features)
+
+    tile = few_row_tile(out_in, x.dtype.itemsize)
+    count, rest = divmod(out_features, tile)
+
+    def tile_at(i: jax.Array) -> jax.Array:  # W's rows i * tile .. (i + 1) * tile, read in place
+        part = {n: lax.dynamic_slice_in_dim(v, i * tile, tile, axis=0) for n, v in arrays.items()}
+        return _packed_product(x2, part, fmt, (tile, in_features))
+
+    y = lax.map(tile_at, jnp.arange(count, dtype=jnp.int32))  # [count, rows, tile]
+    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], count * tile)
+    if rest:
+        tail = {n: v[count * tile :] for n, v in arrays.items()}
+        y = jnp.concatenate([y, _packed_product(x2, tail, fmt, (rest, in_features))], axis=-1)
+    return y.reshape(*lead, out_features)
 
 
 def _check(x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]) -> None:

@@ -607,6 +607,8 @@ class Engine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.grammar = None  # frees the matcher
+        if self.speculator is not None:
+            self.speculator.finished(seq)  # its acceptance, logged
         self.scheduler.remove(seq)
         request = self.requests.get(seq.request_id)
         if request is not None and request.finished:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrs.engine.adaptive_k import DraftRecord, next_k
 from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
 from jaxrs.engine.ngram_proposer import propose
 from jaxrs.engine.rejection_sampling import DRAFT_SALT, salted, verify
@@ -221,6 +222,7 @@ class Speculator:
         # positions it wrote up to and the sequence's length then.
         self._held: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
         self._pending: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()
+        self._records: weakref.WeakKeyDictionary[Sequence, DraftRecord] = weakref.WeakKeyDictionary()
 
     def compile_count(self) -> int:
         return len(self.verifying) + (len(self.draft.compiled) + len(self.drafting) if self.draft else 0)
@@ -309,10 +311,11 @@ class Speculator:
         k, target = self.k, self.target
         b = target.rows(len(seqs))
         w = target.width(max(len(s.table.blocks) for s in seqs))
+        ks = [next_k(k, self._records.get(s)) if self.config.adaptive_k else k for s in seqs]
         if self.draft is None:
             proposals = [
-                propose(s.all_ids, k, self.config.prompt_lookup_max, self.config.prompt_lookup_min)
-                for s in seqs
+                propose(s.all_ids, ks[i], self.config.prompt_lookup_max, self.config.prompt_lookup_min)
+                for i, s in enumerate(seqs)
             ]
             drafts = np.zeros((b, k), np.int32)
             num_drafts = np.zeros(b, np.int32)
@@ -320,9 +323,9 @@ class Speculator:
                 drafts[i, : len(p)], num_drafts[i] = p, len(p)
             q = jnp.zeros((b, k, 1), jnp.float32)
         else:
-            drafts, q = self._draft(seqs, b, w)
-            num_drafts = np.full(b, k, np.int32)
-            num_drafts[len(seqs) :] = 0
+            drafts, q = self._draft(seqs, b, w, ks)
+            num_drafts = np.zeros(b, np.int32)
+            num_drafts[: len(seqs)] = ks
         tokens = np.zeros((b, k + 1), np.int32)
         for i, s in enumerate(seqs):
             tokens[i, 0], tokens[i, 1:] = s.all_ids[-1], drafts[i]
@@ -344,10 +347,28 @@ class Speculator:
             self.verifying,
         )
         self.stats.count(num_drafts[:rows].tolist(), accepted.tolist())
+        for s, proposed, kept in zip(seqs, num_drafts[:rows].tolist(), accepted.tolist(), strict=True):
+            self._records.setdefault(s, DraftRecord()).add(proposed, kept)
         return out, accepted
 
-    def _draft(self, seqs: list[Sequence], b: int, w: int) -> tuple[np.ndarray, jax.Array]:
-        """The draft model's K tokens per row (on the host) and its q (on the device)."""
+    def finished(self, seq: Sequence) -> None:
+        """Log a finished sequence's acceptance (the request's line) and forget its counts."""
+        record = self._records.pop(seq, None)
+        if record is not None and record.steps:
+            log.info(
+                "%s: %d tokens, %d verify steps, %d drafts proposed, acceptance %.2f, "
+                "mean accepted length %.2f",
+                seq.request_id if seq.index == 0 else f"{seq.request_id}[{seq.index}]",
+                len(seq.output_ids),
+                record.steps,
+                record.proposed,
+                record.acceptance_rate,
+                record.mean_accepted_length,
+            )
+
+    def _draft(self, seqs: list[Sequence], b: int, w: int, ks: list[int]) -> tuple[np.ndarray, jax.Array]:
+        """The draft model's tokens per row, at least `ks[i]` for row i, at most K (on the host), and its q
+        (on the device)."""
         k, draft = self.k, self.draft
         first = np.zeros((b, 2), np.int32)
         lag = np.zeros(b, np.int32)
@@ -365,7 +386,7 @@ class Speculator:
             first[i, : lag[i] + 1] = s.all_ids[len(s.all_ids) - 1 - lag[i] :]
             start[i], valid[i] = s.num_tokens - 1 - lag[i], True
             tables[i, : len(s.table.blocks)] = s.table.blocks
-        num_steps = k + int(lag.max())
+        num_steps = int(max(n + int(lag[i]) for i, n in enumerate(ks)))  # at most K + 1, the static bound
         arrays, flags = build_sampling_batch(
             [s.params for s in seqs],
             [s.seed for s in seqs],

@@ -4,7 +4,8 @@ read without importing JAX (the CLI parses them).
 `{"method": "draft_model", "model": PATH, "num_speculative_tokens": K}` (with the draft's own load
 options `gguf_file`, `dtype`, `isq`, `packed`) or `{"method": "ngram", "num_speculative_tokens": K,
 "prompt_lookup_max": 4, "prompt_lookup_min": 1}`. A config that names a `model` and no method is a
-draft model's.
+draft model's. `"adaptive_k": true` lets each sequence propose fewer than K drafts while its own drafts
+are rarely kept (`adaptive_k`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class SpeculativeConfig:
     packed: bool | None = None
     prompt_lookup_max: int = 4  # ngram: longest suffix matched
     prompt_lookup_min: int = 1  # ngram: shortest suffix matched
+    adaptive_k: bool = False  # fewer drafts for a sequence whose drafts are rarely kept
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -47,6 +49,8 @@ class SpeculativeConfig:
             )
         if self.method == "draft_model" and not self.model:
             raise JaxrsError('speculative_config method "draft_model" needs "model" (the draft\'s path)')
+        if not isinstance(self.adaptive_k, bool):
+            raise JaxrsError(f"speculative_config adaptive_k must be true or false, not {self.adaptive_k!r}")
         if self.method == "ngram":
             lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):

@@ -1,0 +1,98 @@
+"""The XLA `qmatmul` at a few rows on CPU (a speculative verify, a decode batch): one fused product per
+row, or the weight a tile at a time; the same values as the product with the whole dequantized weight,
+and no f32 copy of the whole weight in the compiled code."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrs.ops import qmatmul_xla
+from jaxrs.quant import FORMATS, dequantize, quantize
+from pallas_kernels import qmatmul
+
+OUT = 44  # with 8-row tiles: five whole tiles and a ragged tail of four rows
+
+
+def packed(fmt: str, out: int = OUT, in_features: int | None = None):
+    in_features = in_features or {"k": 768, "hqq": 576}.get(FORMATS[fmt].family, 544)
+    rng = np.random.default_rng(sum(map(ord, fmt)))
+    return jax.device_put(quantize(rng.standard_normal((out, in_features)).astype(np.float32), fmt))
+
+
+def whole(x: jax.Array, qt) -> np.ndarray:
+    """The product with the few-row path off (W dequantized whole, one product)."""
+    saved, qmatmul.CPU_FEW_ROWS = qmatmul.CPU_FEW_ROWS, 1
+    try:
+        return np.asarray(jax.jit(lambda x, w: qmatmul_xla(x, w))(x, qt))
+    finally:
+        qmatmul.CPU_FEW_ROWS = saved
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 8 rows at these shapes, so a product spans several tiles and a ragged tail."""
+    monkeypatch.setattr(qmatmul, "CPU_TILE_BYTES", 8 * 768 * 4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row path is XLA:CPU's")
+@pytest.mark.parametrize("rows", [2, 3, 5, 17])
+@pytest.mark.parametrize("fmt", ["F32", "BF16", "U8M", "Q8F", "Q8_0", "Q8_K", "HQQ8", "Q4_1", "Q6_K"])
+def test_few_rows_equal_the_whole_product(fmt, rows, small_tiles):
+    qt = packed(fmt)
+    assert qmatmul.few_row_tile(qt.out_in) == 8 and OUT % 8
+    x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, qt.out_in[1])), jnp.float32)
+    ours = np.asarray(jax.jit(lambda x, w: qmatmul_xla(x, w))(x, qt))
+    ref = np.asarray(x @ dequantize(qt).T)
+    assert ours.shape == (rows, OUT)
+    scale = np.max(np.abs(ref))
+    assert np.max(np.abs(ours - whole(x, qt))) <= 1e-5 * scale
+    assert np.max(np.abs(ours - ref)) <= 1e-5 * scale
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row path is XLA:CPU's")
+def test_leading_axes_and_bf16_keep_their_shape_and_dtype(small_tiles):
+    qt = packed("U8M")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, qt.out_in[1])), jnp.bfloat16)
+    y = qmatmul_xla(x, qt)
+    assert y.shape == (2, 3, OUT) and y.dtype == jnp.bfloat16
+    ref = x.astype(jnp.float32) @ dequantize(qt, jnp.bfloat16).astype(jnp.float32).T
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=2e-2, atol=2e-2)
+
+
+def _weight_sized_f32(text: str, out: int, in_features: int) -> list[str]:
+    entry = text.split("ENTRY", 1)[1]
+    return [line for line in entry.splitlines() if re.search(rf"f32\[{out},{in_features}\]", line)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled code")
+@pytest.mark.parametrize("rows", [2, 9])
+def test_the_whole_weight_is_never_written_out_in_f32(rows):
+    """Taken whole at 2..64 rows, XLA:CPU writes `f32[out, in]` before its GEMM; the few-row path holds
+    one tile's f32 rows at most (or none: fused one-row products)."""
+    qt = packed("Q8F", out=1024, in_features=1536)
+    x = jnp.ones((rows, 1536), jnp.float32)
+    ours = jax.jit(lambda x, w: qmatmul_xla(x, w)).lower(x, qt).compile().as_text()
+    assert not _weight_sized_f32(ours, 1024, 1536)
+    saved, qmatmul.CPU_FEW_ROWS = qmatmul.CPU_FEW_ROWS, 1
+    try:
+        before = jax.jit(lambda x, w: qmatmul_xla(x, w)).lower(x, qt).compile().as_text()
+    finally:
+        qmatmul.CPU_FEW_ROWS = saved
+    assert _weight_sized_f32(before, 1024, 1536), "the check would not see the whole weight written"
+
+
+def test_tile_rows_follow_the_row_length():
+    assert qmatmul.few_row_tile((4864, 896)) == qmatmul.CPU_TILE_BYTES // (896 * 4) // 8 * 8
+    assert qmatmul.few_row_tile((896, 1 << 20)) == 8  # never fewer than 8 rows
+    assert qmatmul.few_row_tile((5, 64)) == 5  # never more than the weight has
+
+
+def test_byte_code_formats_only():
+    """Formats of nibbles or bit planes dequantize too slowly on XLA:CPU for tiles to pay."""
+    assert {"U8M", "Q8F", "Q8_0", "F32"} <= qmatmul.FEW_ROW_FORMATS
+    assert not {"Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K", "HQQ4"} & qmatmul.FEW_ROW_FORMATS
