@@ -156,8 +156,12 @@ def test_ggml_packed_equals_dequantized(files):
     on_cpu = jax.default_backend() == "cpu"  # where Q4_0 moves exactly into Q8F (quant.transcode)
     assert packed.params["layers"]["attn"]["q_proj"]["weight"].fmt == ("Q8F" if on_cpu else "Q4_0")
     ids = list(range(3, 20))
-    np.testing.assert_array_equal(
-        PagedRun(packed.config, packed.params).feed(ids), PagedRun(plain.config, plain.params).feed(ids)
+    # the same values in another order of arithmetic (few-row products on CPU)
+    np.testing.assert_allclose(
+        PagedRun(packed.config, packed.params).feed(ids),
+        PagedRun(plain.config, plain.params).feed(ids),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 

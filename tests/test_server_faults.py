@@ -90,6 +90,7 @@ WRONG_TYPES = {
         "max_tokens": "4",
         "max_completion_tokens": [4],
         "ignore_eos": "yes",
+        "xlora_scalings": "yes",
         "skip_special_tokens": 0,
         "stream": "true",
         "stream_options": 3,
