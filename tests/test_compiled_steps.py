@@ -8,11 +8,13 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrs.engine.compiled_steps import CompiledSteps, StepCall
+from jaxrs.engine import compiled_steps
+from jaxrs.engine.compiled_steps import CompiledSteps, StepCall, lean_compile
 
 
 class FakeStep:
@@ -22,7 +24,11 @@ class FakeStep:
     def __init__(self, gate: threading.Event | None = None, failures: int = 0, held=lambda rows: True):
         self.gate, self.failures, self.held = gate, failures, held
         self.compiles: list[tuple] = []
+        self.cleared = 0  # `clear_cache` calls
         self.started = threading.Semaphore(0)
+
+    def clear_cache(self):
+        self.cleared += 1
 
     def lower(self, params, kv, *args, **statics):
         assert params["w"].shape == (2, 3) and kv.shape == (4,)  # shapes only
@@ -90,3 +96,29 @@ def test_a_failed_compile_reaches_every_waiter_and_is_tried_again():
     assert not compiled.has(call(1)) and len(compiled) == 0
     compiled.get(call(1))  # compiles again, and succeeds
     assert len(step.compiles) == 1 and compiled.has(call(1))
+
+
+def test_a_compile_hands_the_heap_back_before_and_after_and_drops_the_steps_traces(monkeypatch):
+    step = FakeStep()
+    released = []  # compiles done at each release
+    monkeypatch.setattr(compiled_steps, "release_freed", lambda: released.append(len(step.compiles)))
+    compiled_with(step).get(call(2))
+    assert released == [0, 1] and step.cleared == 1
+
+
+def test_lean_compile_leaves_no_trace_of_the_shape_in_jaxs_caches():
+    traces = []
+
+    def add_one(x):
+        traces.append(x.shape)
+        return x + 1
+
+    kept, lean = jax.jit(add_one), jax.jit(add_one)
+    kept.lower(jnp.zeros(3)).compile()
+    kept.lower(jnp.zeros(3))
+    assert len(traces) == 1  # JAX traced the shape once and kept it
+    with lean_compile(lean):
+        executable = lean.lower(jnp.zeros(5)).compile()
+    lean.lower(jnp.zeros(5))
+    assert len(traces) == 3  # traced again: the first trace was dropped
+    assert np.asarray(executable(jnp.zeros(5))).tolist() == [1.0] * 5  # the executable still runs

@@ -4,6 +4,9 @@ A step compiles from `jit(...).lower(...).compile()` on the shapes of the parame
 never on the arrays themselves: a compile runs nothing and never touches the live (donated) KV cache, so
 the warm-up may compile in a background thread while the engine steps. A shape the engine needs while
 another thread compiles it waits for that compile rather than starting its own.
+
+Each compile is kept lean on the host (`lean_compile`): a served process's peak resident memory comes
+during its step compiles, not its steps (bench/RESULTS.md, "Serving memory").
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import jax
+
+from jaxrs.host_memory import release_freed
 
 log = logging.getLogger("jaxrs")
 
@@ -41,6 +46,24 @@ def signature(call: StepCall) -> tuple:
     leaves, tree = jax.tree.flatten(call.args)
     shapes = tuple((a.shape, str(a.dtype)) for a in leaves)
     return call.kind, tuple(sorted(call.statics.items())), tree, shapes
+
+
+@contextlib.contextmanager
+def lean_compile(step: Any) -> Iterator[None]:
+    """Compile `step` (a jitted function) inside this, holding less host memory during and after.
+
+    Before: the C heap's free pages go back to the system (the steps' freed temporaries sit in the
+    executor threads' heaps, where the compiling thread cannot reuse them). After: `step`'s traces and
+    lowerings are dropped (the caller keeps the executable and never traces that shape again, so JAX's
+    caches would hold them for nothing), then the heap again: loading an executable from the compilation
+    cache takes about twice what stays resident, and a compile far more.
+    """
+    release_freed()
+    try:
+        yield
+    finally:
+        step.clear_cache()
+        release_freed()
 
 
 class CompiledSteps:
@@ -91,7 +114,10 @@ class CompiledSteps:
         began = time.perf_counter()
         try:
             step = getattr(self._steps, call.kind)
-            with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            with (
+                jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext(),
+                lean_compile(step),
+            ):
                 executable = step.lower(self._params, self._kv, *call.args, **call.statics).compile()
         except BaseException as error:
             with self._lock:
