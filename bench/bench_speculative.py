@@ -1,7 +1,9 @@
 """Speculative decoding on CPU: single-stream greedy decode speed with and without it, and acceptance.
 
     python bench/bench_speculative.py [--target PATH] [--draft PATH] [--ks 2 4] [--new-tokens 64]
-        [--passes 2] [--prompts short code-edit] [--few-rows-ab] [--out bench/results/speculative.json]
+        [--passes 2] [--prompts short code-edit] [--few-rows-ab] [--llamacpp] [--target-unpacked]
+        [--draft-isq Q4_0] [--kv-cache-dtype float32] [--off-streams 32]
+        [--out bench/results/speculative.json]
 
 One target (default Qwen2.5-Coder-1.5B-Instruct Q4_K_M) served plain, with a draft model (default the
 0.5B of the same family) at each K of --ks, and with prompt lookup (ngram, K = the largest of --ks), all
