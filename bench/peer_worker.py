@@ -1,6 +1,8 @@
 """One engine in its own process, for `bench_peers.py`: load a model, then answer measurement requests.
 
     python bench/peer_worker.py ENGINE --model PATH [--threads 2] [--mode f32] [--max-seqs 32] [--ctx 1024]
+    python bench/peer_worker.py llamacpp --model PATH [--prompt-lookup K | --draft-model PATH
+        --num-draft-tokens K]
     python bench/peer_worker.py ENGINE --model PATH --cold '{"ids": [...], "text": "..."}'  # one token, exit
     python bench/peer_worker.py jaxrs --model PATH --warmup  # time the engine's warm-up, exit
 
@@ -17,7 +19,8 @@ failed):
 
 - {"op": "single", "ids": [...], "text": "...", "new_tokens": N}: one greedy sequence, EOS ignored.
   Returns ttft_s (prompt in, first token out), decode_s and decode_tokens (the tokens after the first),
-  prompt_tokens (what the engine computed: mistral.rs takes text and tokenizes it itself).
+  prompt_tokens (what the engine computed: mistral.rs takes text and tokenizes it itself); llama.cpp
+  also the generated `tokens` (bench_speculative.py compares its speculative rows with its plain one).
 - {"op": "batch", "prompts": [[...], ...], "texts": [...], "new_tokens": N}: every prompt, all at once
   if the engine batches (`concurrent` in the ready line), else one after another. Returns wall_s and
   new_tokens (the total generated).
@@ -225,33 +228,82 @@ class LlamaCpp:
             n_threads=args.threads,
             n_threads_batch=args.threads,
             verbose=False,
+            draft_model=llamacpp_draft(args),
         )
 
     def versions(self) -> dict:
         return versions(["llama_cpp_python"])
 
-    def _generate(self, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
+    def _generate(self, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         """Greedy tokens until `new_tokens`, whatever they are (the generator never stops on EOS);
-        returns (time to the first token, time after it, tokens)."""
+        returns (time to the first token, time after it, the tokens)."""
         self.llm.reset()  # no reuse of the previous pass's prompt in the KV cache
         start = time.perf_counter()
-        first, count = start, 0
-        for _ in self.llm.generate(ids, top_k=1, temp=0.0):
-            count += 1
-            if count == 1:
+        first, tokens = start, []
+        for token in self.llm.generate(ids, top_k=1, temp=0.0):
+            tokens.append(int(token))
+            if len(tokens) == 1:
                 first = time.perf_counter()
-            if count == new_tokens:
+            if len(tokens) == new_tokens:
                 break
-        return first - start, time.perf_counter() - first, count
+        return first - start, time.perf_counter() - first, tokens
 
     def single(self, ids: list[int], text: str, new_tokens: int) -> dict:
-        ttft, rest, count = self._generate(ids, new_tokens)
-        return {"ttft_s": ttft, "decode_s": rest, "decode_tokens": count - 1, "prompt_tokens": len(ids)}
+        ttft, rest, tokens = self._generate(ids, new_tokens)
+        return {
+            "ttft_s": ttft,
+            "decode_s": rest,
+            "decode_tokens": len(tokens) - 1,
+            "prompt_tokens": len(ids),
+            "tokens": tokens,
+        }
 
     def batch(self, prompts: list[list[int]], texts: list[str], new_tokens: int) -> dict:
         start = time.perf_counter()
-        total = sum(self._generate(ids, new_tokens)[2] for ids in prompts)
+        total = sum(len(self._generate(ids, new_tokens)[2]) for ids in prompts)
         return {"wall_s": time.perf_counter() - start, "new_tokens": total}
+
+
+def llamacpp_draft(args: argparse.Namespace):
+    """llama-cpp-python's speculative decoding: `--prompt-lookup K` (its `LlamaPromptLookupDecoding`,
+    the only proposer it ships), or `--draft-model PATH` with K = `--num-draft-tokens` (a second `Llama`
+    behind its `LlamaDraftModel` hook, defined here: the package has no draft-model class). None: plain.
+    With either, `Llama.generate` evaluates the last token and the proposals in one batch and keeps them
+    up to the first that its greedy sample disagrees with."""
+    if args.prompt_lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        return LlamaPromptLookupDecoding(num_pred_tokens=args.prompt_lookup)
+    if not args.draft_model:
+        return None
+    import llama_cpp
+    import numpy as np
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    class SmallModelDraft(LlamaDraftModel):
+        """K greedy tokens from a smaller model of the same vocabulary; its KV cache keeps the longest
+        common prefix between calls (`Llama.generate` trims it to the first differing token)."""
+
+        def __init__(self, path: str, k: int):
+            self.k = k
+            self.llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=args.ctx,
+                n_batch=512,
+                n_threads=args.threads,
+                n_threads_batch=args.threads,
+                verbose=False,
+            )
+
+        def __call__(self, input_ids, /, **kwargs):
+            drafts = []
+            for token in self.llm.generate(input_ids.tolist(), top_k=1, temp=0.0):
+                drafts.append(int(token))
+                if len(drafts) == self.k:
+                    break
+            return np.array(drafts, dtype=np.intc)
+
+    return SmallModelDraft(args.draft_model, args.num_draft_tokens)
 
 
 class MistralRs:
@@ -389,6 +441,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024, help="context length a sequence may reach")
     ap.add_argument("--kv-tokens", type=int, default=8192, help="jaxrs: KV cache size in tokens")
     ap.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp: plain CPU weight buffers")
+    ap.add_argument("--prompt-lookup", type=int, metavar="K", help="llama.cpp: prompt lookup, K drafts")
+    ap.add_argument("--draft-model", metavar="PATH", help="llama.cpp: speculative decoding with this draft")
+    ap.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="--draft-model's K")
     ap.add_argument("--cold", metavar="JSON", help='load, one token for {"ids": [...], "text": ...}, exit')
     ap.add_argument("--warmup", action="store_true", help="jaxrs: load, time the engine's warm-up, exit")
     args = ap.parse_args()

@@ -213,3 +213,21 @@ def test_prefill_attention_script(tmp_path):
     )
     assert [r["variant"] for r in out["results"]] == ["dense", "tiled", "16:32"]
     assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in out["results"])
+
+
+def test_speculative_script(tmp_path):
+    """Plain, draft-model and n-gram engines on a tiny random model (its own draft), and requests with
+    speculation off at two streams against a plain engine."""
+    model = tiny_model(tmp_path)
+    sizes = ["--ks", "2", "--new-tokens", "4", "--passes", "1", "--prompts", "short", "--off-streams", "2"]
+    out = bench(
+        "bench_speculative.py",
+        *("--target", str(model), "--draft", str(model), *sizes, "--out", str(tmp_path / "s.json")),
+    )
+    rows = {row["engine"]: row for row in out["rows"]}
+    assert set(rows) == {"plain", "draft K=2", "ngram K=2"}
+    assert rows["draft K=2"]["acceptance"] >= 0.5  # its own draft: nearly every token kept
+    assert all(row["same_tokens_as_plain"] and row["decode_tok_s"] > 0 for row in rows.values())
+    off = {row["engine"]: row for row in out["off_streams"]}
+    assert off["speculative engine, requests off"]["spec_decode_drafts"] == 0
+    assert min(row["aggregate_tok_s"] for row in off.values()) > 0
