@@ -203,6 +203,14 @@ class SpecDecodeStats:
 
 
 # -- the speculator -------------------------------------------------------------------------------------
+def may_speculate(seq: Sequence) -> bool:
+    """Whether `seq` can ever speculate: it allows it, and it has no grammar (a matcher cannot roll
+    back) and no adapter (the verify step runs none). A request that cannot skips the draft's prefill,
+    which would otherwise cost it as much as the target's (a prefix it registers in the cache then
+    holds no draft K/V: a later speculating request sharing it stays exact, with fewer drafts kept)."""
+    return bool(seq.params.speculative) and seq.grammar is None and seq.params.lora is None
+
+
 class Speculator:
     """Proposes and verifies for the engine. `target` is the engine's runner; a draft model gets a runner
     of its own over as many blocks (the engine's block tables index both pools)."""
@@ -298,7 +306,8 @@ class Speculator:
     # -- prefill ----------------------------------------------------------------------------------------
     def prefill(self, chunks: Seq[tuple[Sequence, int, int]]) -> None:
         """Run the draft over the chunks the target prefilled (its cache then matches the target's)."""
-        if self.draft is None:
+        chunks = [c for c in chunks if may_speculate(c[0])]  # the others never read the draft's cache
+        if self.draft is None or not chunks:
             return
         self.draft.prefill(chunks)
         for seq, _, end in chunks:
