@@ -37,7 +37,7 @@ from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status
-from jaxrs.engine.speculative import Speculator, load_draft, may_speculate
+from jaxrs.engine.speculative import Speculator, load_draft
 from jaxrs.engine.speculative_config import SpeculativeConfig
 from jaxrs.engine.stats import EngineSnapshot, MemoryUse
 from jaxrs.engine.warmup import Warmup
@@ -445,7 +445,7 @@ class Engine:
             return [], decode
         spec, plain = [], []
         for seq in decode:
-            ok = may_speculate(seq) and self.speculator.wants(seq, self.max_model_len)
+            ok = self.speculator.wants(seq, self.max_model_len)
             ok = ok and self.blocks.grow(seq.table, seq.num_tokens + self.speculator.k)
             (spec if ok else plain).append(seq)
         return spec, plain

@@ -240,10 +240,10 @@ class Speculator:
             self.draft.release()
 
     def wants(self, seq: Sequence, max_model_len: int) -> bool:
-        """Whether `seq` speculates this step: it allows it, K + 1 positions fit, and more than one
-        token is left to generate."""
+        """Whether `seq` speculates this step: it may at all (`may_speculate`), K + 1 positions fit, and
+        more than one token is left to generate."""
         left = seq.params.max_tokens - len(seq.output_ids)
-        return seq.params.speculative and left > 1 and seq.num_tokens + self.k <= max_model_len
+        return may_speculate(seq) and left > 1 and seq.num_tokens + self.k <= max_model_len
 
     # -- warm-up ----------------------------------------------------------------------------------------
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> list[tuple[CompiledSteps, StepCall]]:
