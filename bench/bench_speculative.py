@@ -2,7 +2,7 @@
 
     python bench/bench_speculative.py [--target PATH] [--draft PATH] [--ks 2 4] [--new-tokens 64]
         [--passes 2] [--prompts short code-edit] [--few-rows-ab] [--llamacpp] [--target-unpacked]
-        [--draft-isq Q4_0] [--kv-cache-dtype float32] [--off-streams 32]
+        [--draft-isq Q8_0 Q4_0] [--draft-file-layout] [--kv-cache-dtype float32] [--off-streams 32]
         [--out bench/results/speculative.json]
 
 One target (default Qwen2.5-Coder-1.5B-Instruct Q4_K_M) served plain, with a draft model (default the
@@ -21,8 +21,11 @@ virtual environment `bench/setup_peers.sh` makes), each configuration its own pr
 and token ids: plain, prompt lookup (`LlamaPromptLookupDecoding`) and the draft model behind its
 `LlamaDraftModel` hook, at each K of --ks. Their "same tokens" compares with llama.cpp's plain row.
 
-`--target-unpacked` loads the target dequantized (`packed=False`) in float32; `--draft-isq FORMAT` loads
-the draft with ISQ into FORMAT: with `--draft` the target's own file, a low-bit copy of the target.
+`--target-unpacked` loads the target dequantized (`packed=False`) in float32; `--draft-isq FORMAT...` loads
+the draft with ISQ into each FORMAT (one set of draft engines per format, named by it when there are
+several): with `--draft` the target's own file, a low-bit copy of the target. `--draft-file-layout`: each
+ISQ draft also as ISQ left it before `loading.device_layout` (its file format, e.g. Q4_0's nibbles, rather
+than XLA:CPU's byte-code layout), for a before/after A/B in the same passes.
 
 `--off-streams N`: aggregate throughput of N requests at once that all send `speculative: false`
 (`SamplingParams.speculative`) to an engine with the largest-K draft config, against an engine without
@@ -43,7 +46,7 @@ from common import RESULTS, machine_facts, markdown_table, median, request_text,
 
 from jaxrs.engine.engine import Engine, EngineConfig
 from jaxrs.engine.sampling import SamplingParams
-from jaxrs.loading import load_model
+from jaxrs.loading import device_layout, load_model
 from pallas_kernels import qmatmul
 
 MODELS = Path.home() / ".cache" / "jaxrs" / "models"
@@ -78,6 +81,19 @@ def run_once(engine: Engine, ids: list[int], new_tokens: int) -> tuple[list[int]
             first = (time.perf_counter(), len(seq.output_ids))
     end = time.perf_counter()
     return list(seq.output_ids), (len(seq.output_ids) - first[1]) / max(end - first[0], 1e-9)
+
+
+def engine_for(loaded, base: dict, name: str, spec: dict | None) -> Engine:
+    """An engine over `loaded` with speculative config `spec`; a "file-layout" draft loads its packed
+    tensors in the formats ISQ makes (`device_layout` off while it loads)."""
+    if "file-layout" not in name:
+        return Engine(loaded, EngineConfig(**base, speculative_config=spec))
+    relays = device_layout.relays_packed_weights
+    device_layout.relays_packed_weights = lambda device_layout=True: False
+    try:
+        return Engine(loaded, EngineConfig(**base, speculative_config=spec))
+    finally:
+        device_layout.relays_packed_weights = relays
 
 
 def llamacpp_workers(args: argparse.Namespace) -> dict[str, Worker]:
@@ -173,7 +189,8 @@ def main() -> None:
     ap.add_argument("--few-rows-ab", action="store_true", help="each engine also with few-row products off")
     ap.add_argument("--target-unpacked", action="store_true", help="the target dequantized to float32")
     ap.add_argument("--kv-cache-dtype", help="the engines' KV cache dtype (default: the engine's)")
-    ap.add_argument("--draft-isq", metavar="FORMAT", help="load the draft with ISQ into FORMAT (e.g. Q4_0)")
+    ap.add_argument("--draft-isq", metavar="FORMAT", nargs="+", help="ISQ drafts in each FORMAT (e.g. Q4_0)")
+    ap.add_argument("--draft-file-layout", action="store_true", help="ISQ drafts also in their file formats")
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp plain and speculative")
     ap.add_argument("--off-streams", type=int, metavar="N", help="N requests with speculation off, vs plain")
     ap.add_argument("--out", default=str(RESULTS / "speculative.json"))
@@ -183,19 +200,25 @@ def main() -> None:
     base = dict(kv_cache_mb=64, max_model_len=1024, prefix_caching=False, max_num_seqs=1)
     if args.kv_cache_dtype:
         base["kv_cache_dtype"] = args.kv_cache_dtype
-    draft = {"model": args.draft} | ({"isq": args.draft_isq} if args.draft_isq else {})
+    isqs = args.draft_isq or [None]
+    layouts = ("", " file-layout") if args.draft_file_layout and args.draft_isq else ("",)
     specs: dict[str, dict | None] = {"plain": None}
-    for k in args.ks:
-        specs[f"draft K={k}"] = draft | {"num_speculative_tokens": k}
-    if args.adaptive:
-        specs[f"draft K={max(args.ks)} adaptive"] = draft | {
-            "num_speculative_tokens": max(args.ks),
-            "adaptive_k": True,
-        }
+    for fmt in isqs:
+        draft = {"model": args.draft} | ({"isq": fmt} if fmt else {})
+        tag = f" {fmt}" if len(isqs) > 1 else ""
+        for layout in layouts:
+            for k in args.ks:
+                specs[f"draft{tag}{layout} K={k}"] = draft | {"num_speculative_tokens": k}
+        if args.adaptive:
+            specs[f"draft{tag} K={max(args.ks)} adaptive"] = draft | {
+                "num_speculative_tokens": max(args.ks),
+                "adaptive_k": True,
+            }
+    largest = specs[f"draft{f' {isqs[0]}' if len(isqs) > 1 else ''} K={max(args.ks)}"]
     specs[f"ngram K={max(args.ks)}"] = {"method": "ngram", "num_speculative_tokens": max(args.ks)}
     if args.few_rows_ab:
         specs = {f"{name}{tag}": s for name, s in specs.items() for tag in ("", " whole")}
-    engines = {name: Engine(loaded, EngineConfig(**base, speculative_config=s)) for name, s in specs.items()}
+    engines = {name: engine_for(loaded, base, name, s) for name, s in specs.items()}
     few_rows = qmatmul.CPU_FEW_ROWS
     prompts = {
         name: loaded.tokenizer.apply_chat_template(
@@ -278,8 +301,7 @@ def main() -> None:
         print(f"llama.cpp plain gives jaxrs plain's tokens: {result['llamacpp_plain_same_tokens_as_jaxrs']}")
     if args.off_streams:
         del engines  # their KV pools
-        spec = specs[f"draft K={max(args.ks)}"]
-        result["off_streams"] = off_streams(loaded, args, base, spec)
+        result["off_streams"] = off_streams(loaded, args, base, largest)
         header = list(result["off_streams"][0])
         print(markdown_table(header, [[row[h] for h in header] for row in result["off_streams"]]))
     write_json(Path(args.out), result)

@@ -396,6 +396,7 @@ def _quantize(args: argparse.Namespace) -> int:
         packed=packed_flag(args),
         isq=args.isq,
         isq_embeddings=args.isq_embeddings,
+        device_layout=False,  # the folder holds the formats themselves, not this device's layout
     )
     out = Path(args.out)
     save_quantized(loaded, out)

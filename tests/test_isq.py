@@ -33,6 +33,7 @@ from jaxrs.quant import (
     to_gguf_bytes,
 )
 from jaxrs.quant.tensor import tree_nbytes
+from jaxrs.quant.transcode import CPU_LAYOUT
 from tests.conftest import relative_error, save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 from tests.gemma3_gguf import fetch_or_skip
 from tests.paged import PagedRun
@@ -78,8 +79,10 @@ def test_isq_packs_matrices_and_matmuls_read_them_exactly(tiny, reference_logits
     matrices = [layers["attn"][k]["weight"] for k in ("q_proj", "k_proj", "o_proj")]
     assert all(isinstance(w, QuantizedTensor) for w in [*matrices, layers["mlp"]["down_proj"]["weight"]])
     assert not isinstance(layers["input_norm"]["weight"], QuantizedTensor)  # norms stay float
-    # the embedding and head are packed too, in Q8_0 whatever the format (they were float before)
-    assert packed.params["embed"]["weight"].fmt == packed.params["lm_head"]["weight"].fmt == "Q8_0"
+    # the embedding and head are packed too, in Q8_0 whatever the format (they were float before); on
+    # CPU in its layout, Q8F (`loading.device_layout`)
+    held = "Q8F" if jax.default_backend() == "cpu" else "Q8_0"
+    assert packed.params["embed"]["weight"].fmt == packed.params["lm_head"]["weight"].fmt == held
     ours = logits(packed, IDS)
     unpacked = PagedRun(packed.config, dequantized(packed.params), num_blocks=16).feed(IDS)
     np.testing.assert_allclose(ours, unpacked, rtol=0, atol=1e-5 * np.abs(unpacked).max())
@@ -158,7 +161,8 @@ def test_perplexity_is_the_mean_likelihood_of_each_window(tiny):
 @pytest.mark.parametrize("fmt", QUANTIZED_FORMATS)
 def test_every_format_generates_and_keeps_perplexity(tiny, tiny_float_ppl, fmt):
     llm = LLM(str(tiny), isq=fmt, kv_cache_mb=4, max_num_seqs=2)
-    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == fmt
+    held = CPU_LAYOUT.get(fmt, fmt) if jax.default_backend() == "cpu" else fmt  # `loading.device_layout`
+    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == held
     out = llm.generate([[3, 4, 5, 6]], SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].token_ids) == 4
     ratio = perplexity(llm, TINY_TEXT) / tiny_float_ppl
@@ -329,7 +333,7 @@ def test_cli_isq_embeddings_flag(tiny, tiny_gguf, tmp_path, capsys, caplog):
     folder = tmp_path / "float-embeddings"
     argv = [*quiet, "quantize", "--model", str(tiny), "--isq", "Q4K", "--isq-embeddings", "float"]
     assert main([*argv, "--out", str(folder)]) == 0
-    params = load_model(str(folder)).params
+    params = load_model(str(folder), device_layout=False).params  # the formats the folder holds
     assert not isinstance(params["embed"]["weight"], QuantizedTensor)
     assert params["layers"]["attn"]["q_proj"]["weight"].fmt == "Q4_K"
     out = tmp_path / "isq-embeddings.gguf"

@@ -39,8 +39,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved_q4k(tiny, tmp_path_factory):
-    """(in-memory ISQ model, folder it was saved to) for Q4K."""
-    loaded = load_model(str(tiny), isq="Q4K")
+    """(in-memory ISQ model, folder it was saved to) for Q4K, in its formats as `jaxrs quantize` saves."""
+    loaded = load_model(str(tiny), isq="Q4K", device_layout=False)
     out = tmp_path_factory.mktemp("saved") / "q4k"
     save_quantized(loaded, out)
     return loaded, out
@@ -90,7 +90,7 @@ def test_folder_is_recognized_and_dtype_casts_only_float_arrays(saved_q4k, monke
     in_memory, out = saved_q4k
     forbid_quantizing(monkeypatch)
     assert resolve_source(str(out)) == ("quantized", out)
-    half = load_model(str(out), dtype="bfloat16")
+    half = load_model(str(out), dtype="bfloat16", device_layout=False)
     assert half.params["layers"]["input_norm"]["weight"].dtype == jnp.bfloat16
     assert half.params["embed"]["weight"].fmt == "Q8_0"  # packed by ISQ, so kept as it is
     packed, ref = (
@@ -151,8 +151,11 @@ def test_cli_quantize_then_llm_generates(tiny, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == str(out)
     assert {p.name for p in out.iterdir()} >= {"jaxrs_config.json", "model.safetensors", "tokenizer.json"}
     forbid_quantizing(monkeypatch)
-    llm = LLM(str(out), kv_cache_mb=4, max_num_seqs=2)
-    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == "Q8_0"
+    held = load_model(str(out), device_layout=False).params  # the folder holds the format itself
+    assert held["layers"]["mlp"]["gate_proj"]["weight"].fmt == "Q8_0"
+    llm = LLM(str(out), kv_cache_mb=4, max_num_seqs=2)  # on CPU, served in its layout
+    served = "Q8F" if jax.default_backend() == "cpu" else "Q8_0"
+    assert llm.model.params["layers"]["mlp"]["gate_proj"]["weight"].fmt == served
     result = llm.generate([[3, 4, 5, 6]], SamplingParams(temperature=0, max_tokens=5))
     assert len(result[0].token_ids) == 5
 
@@ -278,7 +281,7 @@ def test_version_1_folders_still_load(saved_q4k, tmp_path):
     assert rewrite_tree(file, to_v1, version="1")["jaxrs.version"] == "2"
     with safe_open(file, framework="np") as f:
         assert {"layers.q_proj.sc", "layers.input_norm", "embed.qs"} <= set(f.keys())
-    assert_same_params(load_model(str(folder)).params, saved_q4k[0].params)
+    assert_same_params(load_model(str(folder), device_layout=False).params, saved_q4k[0].params)
 
 
 def test_missing_parameter_names_it(saved_q4k, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxrs import LLM, SamplingParams, ops
+from jaxrs.loading import device_layout
 from jaxrs.ops import qmatmul_pallas
 from pallas_kernels.paged_attention import paged_attention_pallas
 from tests import test_model_families, test_model_families_2
@@ -34,6 +35,8 @@ def test_steps_lower_for_cuda_with_compiled_kernels(name, tmp_path, monkeypatch)
     compiled = "pallas-compiled"
     for op, kernel in (("paged_attention", paged_attention_pallas), ("qmatmul", qmatmul_pallas)):
         monkeypatch.setitem(ops._IMPLS[op], compiled, functools.partial(kernel, interpret=False))
+    # the weights in the formats a GPU holds them in, not XLA:CPU's layout (`loading.device_layout`)
+    monkeypatch.setattr(device_layout, "relays_packed_weights", lambda device_layout=True: False)
     config, fmt = CONFIGS[name]
     save_tiny_hf_model(config, tmp_path)
     save_tiny_tokenizer(tmp_path, config.vocab_size)

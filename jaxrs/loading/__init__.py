@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxrs.config import ModelConfig, read_json
@@ -93,6 +92,7 @@ def load_model(
     isq: str | None = None,
     isq_embeddings: str = "q8_0",
     mmproj: str | None = None,
+    device_layout: bool = True,
 ) -> LoadedModel:
     """Load config, parameters (as `dtype` device arrays) and tokenizer from any supported source.
 
@@ -103,16 +103,20 @@ def load_model(
     tensor takes; one line logs the tally). `isq_embeddings`: how ISQ stores
     the embedding and output head (`"q8_0"`, `"isq"` or `"float"`, see `jaxrs.quant.policy`). `mmproj`:
     a llama.cpp mmproj GGUF (CLIP tower + LLaVA projector) to serve images with a GGUF text model.
+    `device_layout`: packed tensors (from the file, ISQ or a pre-quantized folder) take the layout the
+    device reads fastest (`loading.device_layout`: on XLA:CPU, byte codes); False keeps their formats.
     """
     from jaxrs.engine.options import LOAD_PACKED
     from jaxrs.loading.checkpoint import hf_weight_names, load_params
+    from jaxrs.loading.device_layout import log_moves, relaid_getter, relaid_tree, relays_packed_weights
     from jaxrs.tokenizer import Tokenizer
 
     if packed is None:
         packed = LOAD_PACKED and not isq
     kind, path = resolve_source(model, gguf_file)
     start = time.perf_counter()
-    relaid: dict[str, int] = {}  # "Q4_1 -> U8M" -> tensors moved
+    relaid: Counter[str] = Counter()  # "Q4_1 -> U8M" -> tensors moved
+    relay = relays_packed_weights(device_layout)
     tally: Counter[IsqChoice] = Counter()  # ISQ: tensors per (format, reason)
     dtype = jnp.dtype(dtype)
     if kind == "quantized":
@@ -120,7 +124,11 @@ def load_model(
 
         if isq:
             raise JaxrsError(f"{path} is already quantized; drop --isq (or quantize the original model)")
-        return load_quantized(path, dtype=dtype, tokenizer=tokenizer)
+        loaded = load_quantized(path, dtype=dtype, tokenizer=tokenizer)
+        if relay:
+            loaded = dataclasses.replace(loaded, params=relaid_tree(loaded.params, relaid))
+            log_moves(relaid)
+        return loaded
     if mmproj:
         from jaxrs.vision.mmproj import load_mmproj
 
@@ -132,6 +140,7 @@ def load_model(
             packed=packed,
             isq=isq,
             isq_embeddings=isq_embeddings,
+            device_layout=device_layout,
         )
         return dataclasses.replace(loaded, vision=load_mmproj(mmproj, loaded.tokenizer, dtype))
     if kind == "gguf":
@@ -152,8 +161,7 @@ def load_model(
         # before the weights arrive.
         del meta
         reader.metadata.clear()
-        on_cpu = packed and jax.default_backend() == "cpu"
-        relayout = _cpu_relayout(reader, relaid) if on_cpu else None
+        relayout = _cpu_relayout(reader, relaid) if relay and packed else None
         get = open_gguf_tensors(reader, cfg, path, packed=packed, relayout=relayout)
         generation_config: dict[str, Any] = {}
     else:
@@ -161,15 +169,21 @@ def load_model(
         from jaxrs.vision.loading import load_vision_model, vision_family
 
         if family := vision_family(path):  # a vision-language folder: the text model beside a tower
-            return load_vision_model(
+
+            def load_text(get, cfg: ModelConfig) -> dict:
+                return load_params(relaid_getter(get, relaid) if relay else get, cfg, dtype)
+
+            loaded = load_vision_model(
                 path,
                 family,
                 dtype=dtype,
                 tokenizer=tokenizer,
-                load_text=lambda get, cfg: load_params(get, cfg, dtype),
+                load_text=load_text,
                 isq=isq,
                 isq_embeddings=isq_embeddings,
             )
+            log_moves(relaid)
+            return loaded
         cfg = load_hf_config(path)
         get = open_hf_tensors(path, hf_weight_names(cfg))
         tok = Tokenizer.from_hf_folder(Path(tokenizer) if tokenizer else path)
@@ -179,6 +193,8 @@ def load_model(
         from jaxrs.loading.isq import isq_summary, quantizing_getter
 
         get = quantizing_getter(get, isq, embeddings=isq_embeddings, tally=tally)
+        if relay:  # ISQ's formats into the device's layout, as a packed GGUF's (its tensors already are)
+            get = relaid_getter(get, relaid)
     try:
         params = load_params(_with_progress(get, cfg, "Quantizing" if isq else "Loading weights"), cfg, dtype)
     except ModelLoadError:
@@ -197,28 +213,24 @@ def load_model(
     )
     if isq:
         log.info("%s", isq_summary(isq, tally))
-    if relaid:
-        log.info(
-            "packed weights in the exact layouts XLA:CPU reads fastest: %s",
-            ", ".join(f"{k} ({n} tensors)" for k, n in relaid.items()),
-        )
+    log_moves(relaid)
     return LoadedModel(cfg, params, tok, generation_config, str(path))
 
 
-def _cpu_relayout(reader, moved: dict[str, int]):
-    """Packed tensors move exactly into the layouts XLA:CPU reads fastest (`quant.transcode`); `moved`
-    counts the file's tensors that do, by format."""
+def _cpu_relayout(reader, moved: Counter[str]):
+    """The GGUF reader's relayout (row by row) into the CPU layout (`loading.device_layout`); `moved`
+    counts the file's tensors it moves, by format."""
+    from jaxrs.loading.device_layout import count_moves
     from jaxrs.quant.formats import format_of_ggml_type
-    from jaxrs.quant.transcode import CPU_LAYOUT, cpu_layout
+    from jaxrs.quant.transcode import cpu_layout
 
     for tensor in reader.tensors:
         try:
             fmt = format_of_ggml_type(tensor.tensor_type)
         except JaxrsError:  # a type the loader refuses, naming the tensor
             continue
-        if fmt in CPU_LAYOUT and len(tensor.shape) >= 2:
-            key = f"{fmt} -> {CPU_LAYOUT[fmt]}"
-            moved[key] = moved.get(key, 0) + 1
+        if len(tensor.shape) >= 2:
+            count_moves([fmt], moved)
     return cpu_layout
 
 
