@@ -216,20 +216,19 @@ def test_prefill_attention_script(tmp_path):
 
 
 def test_speculative_script(tmp_path):
-    """Plain, draft-model and n-gram engines on a tiny random model (its own ISQ copies as drafts, in the
-    device's layout and in their file formats), and requests with speculation off at two streams against
+    """Plain, draft-model and n-gram engines on a tiny random model (its own ISQ Q8_0 copy as draft, in
+    the device's layout and in the file format), and requests with speculation off at two streams against
     a plain engine."""
     model = tiny_model(tmp_path)
     sizes = ["--ks", "2", "--new-tokens", "4", "--passes", "1", "--prompts", "short", "--off-streams", "2"]
-    drafts = ["--draft-isq", "Q8_0", "Q4_0", "--draft-file-layout"]
+    drafts = ["--draft-isq", "Q8_0", "--draft-file-layout"]
     out = bench(
         "bench_speculative.py",
         *("--target", str(model), "--draft", str(model), *sizes, *drafts, "--out", str(tmp_path / "s.json")),
     )
     rows = {row["engine"]: row for row in out["rows"]}
-    isq = {f"draft {f}{layout} K=2" for f in ("Q8_0", "Q4_0") for layout in ("", " file-layout")}
-    assert set(rows) == {"plain", "ngram K=2"} | isq
-    assert rows["draft Q8_0 K=2"]["acceptance"] >= 0.5  # its own 8-bit copy: nearly every token kept
+    assert set(rows) == {"plain", "draft K=2", "draft file-layout K=2", "ngram K=2"}
+    assert rows["draft K=2"]["acceptance"] >= 0.5  # its own 8-bit copy: nearly every token kept
     assert all(row["same_tokens_as_plain"] and row["decode_tok_s"] > 0 for row in rows.values())
     off = {row["engine"]: row for row in out["off_streams"]}
     assert off["speculative engine, requests off"]["spec_decode_drafts"] == 0

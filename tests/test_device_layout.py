@@ -121,4 +121,6 @@ def test_quantize_writes_the_formats_and_the_folder_loads_in_the_cpu_layout(tiny
     ):
         value = lambda t: np.asarray(dequantize(t) if is_packed(t) else t)  # noqa: E731
         np.testing.assert_array_equal(value(ours), value(theirs))
-    assert greedy_tokens(served) == greedy_tokens(load_model(str(tiny), isq="Q4_0"))
+    in_memory = load_model(str(tiny), isq="Q4_0")  # the same tree as ISQ at load gives, bit for bit
+    for ours, theirs in zip(jax.tree.leaves(served.params), jax.tree.leaves(in_memory.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
