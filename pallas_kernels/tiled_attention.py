@@ -90,6 +90,10 @@ def tiled_paged_attention(
     max_keys = tables.shape[1] * block_size
     context_lens = context_lens.astype(jnp.int32)
     key_offsets = jnp.arange(keys, dtype=jnp.int32)
+    # A table of one key tile runs that tile once, masked: as three loops (window edge, unmasked middle,
+    # diagonal), XLA:CPU hoists the tile's gathers and score product out of each loop as loop-invariant,
+    # and runs all three whatever the trip counts (a 512-token prompt's scores computed three times).
+    single_tile = tables.shape[1] == pages
 
     def gather(cache: jax.Array, ids: jax.Array) -> jax.Array:
         """The pages `ids` [B, P] of this layer as [B, Hkv, keys, D]."""
@@ -133,6 +137,9 @@ def tiled_paged_attention(
             jnp.full((batch, num_kv_heads, rows), _MAX_FLOOR, jnp.float32),
             jnp.zeros((batch, num_kv_heads, rows), jnp.float32),
         )
+        if single_tile:  # one step, no loops (see `single_tile`)
+            acc, _, denom = step(0, carry, masked=True)
+            return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
         masked, unmasked = functools.partial(step, masked=True), functools.partial(step, masked=False)
         carry = lax.fori_loop(first, unmasked_first, masked, carry)  # the window's lower edge
         carry = lax.fori_loop(unmasked_first, unmasked_last, unmasked, carry)

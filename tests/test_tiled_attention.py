@@ -17,6 +17,7 @@ from pallas_kernels.tiled_attention import tiled_paged_attention
 from tests.test_paged_attention import make_inputs
 
 SMALL_TILES = dict(query_tile=4, key_tile=16)
+TILED = ("while", "scan")  # the loops of the tiled form (one key tile: the query tiles' alone)
 
 
 def check(inputs: dict, *, scale: float = 0.2, sliding_window=None, soft_cap=None, **tiles) -> None:
@@ -60,6 +61,24 @@ def test_tile_sizes(query_tile: int, key_tile: int) -> None:
     check(inputs, query_tile=query_tile, key_tile=key_tile)
 
 
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_a_table_of_one_key_tile_runs_it_once(window) -> None:
+    """A table of exactly one key tile (a short prompt) takes one masked step, no loops over key tiles."""
+    inputs = make_inputs(
+        block_size=8,
+        group=3,
+        starts=[20, 0, 0],
+        new_tokens=[12, 12, 0],
+        q_len=12,
+        dtype=jnp.float32,
+        table_width=4,
+    )
+    one_tile = functools.partial(tiled_paged_attention, query_tile=4, key_tile=32)
+    assert not _loops(one_tile, inputs)
+    assert _loops(functools.partial(tiled_paged_attention, query_tile=4, key_tile=16), inputs)
+    check(inputs, sliding_window=window, query_tile=4, key_tile=32)
+
+
 @pytest.mark.parametrize("window", [5, 8, 19, 40])  # 40: whole key tiles inside the window
 def test_sliding_window_and_soft_cap(window: int) -> None:
     inputs = make_inputs(
@@ -87,8 +106,11 @@ def test_under_jit_with_traced_layer() -> None:
         np.testing.assert_allclose(np.asarray(fn(**inputs)), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
-def _loops(fn, inputs: dict) -> bool:
-    return "while" in str(jax.make_jaxpr(functools.partial(fn, scale=0.2))(**inputs))
+def _loops(fn, inputs: dict, kinds: tuple[str, ...] = ("while",)) -> bool:
+    """Whether `fn` traces to loops of these kinds: `while` (loops over key tiles), `scan` (over query
+    tiles: the tiled form)."""
+    jaxpr = str(jax.make_jaxpr(functools.partial(fn, scale=0.2))(**inputs))
+    return any(kind in jaxpr for kind in kinds)
 
 
 def test_the_op_picks_the_form_by_shape() -> None:
@@ -97,13 +119,13 @@ def test_the_op_picks_the_form_by_shape() -> None:
     prefill = make_inputs(
         block_size=8, group=3, starts=[0], new_tokens=[5], q_len=5, dtype=jnp.float32, table_width=wide
     )
-    assert _loops(paged_attention_xla, prefill)
+    assert _loops(paged_attention_xla, prefill, TILED)
     narrow = dict(prefill, block_tables=prefill["block_tables"][:, : wide - 1])
-    assert not _loops(paged_attention_xla, narrow)
+    assert not _loops(paged_attention_xla, narrow, TILED)
     decode = make_inputs(
         block_size=8, group=3, starts=[4], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=wide
     )
-    assert not _loops(paged_attention_xla, decode)
+    assert not _loops(paged_attention_xla, decode, TILED)
     np.testing.assert_allclose(
         np.asarray(paged_attention_xla(**prefill, scale=0.2)),
         np.asarray(paged_attention_xla(**prefill, scale=0.2, tiled=False)),
