@@ -23,9 +23,10 @@ by the array's whole shape, so a row's sum changed with the rows beside it (RMSN
 a [1, 4] and a [2, 4] batch of rows disagreed); here a fixed tree of elementwise adds.
 
 Attention (`paged_attention_invariant`): the tiled (online-softmax) form for every call, decode rows
-included, over key tiles of a fixed KEY_TILE, its denominators summed by `tree_sum`. A key tile past a row's keys (there for another row)
-leaves the row's running max, denominator and sum exactly as they were, so a query's result depends
-only on its own keys, whatever the table's width, the rows beside it or how its tokens were chunked.
+included, over key tiles of a fixed KEY_TILE, its denominators summed by `tree_sum`. A key tile past a
+row's keys (there for another row) leaves the row's running max, denominator and sum exactly as they
+were, so a query's result depends only on its own keys, whatever the table's width, the rows beside it
+or how its tokens were chunked.
 """
 
 from __future__ import annotations
