@@ -4,10 +4,11 @@ batch of any size, or under a speculative verify.
 
 The sampler's draws already depend only on a row's seed and token index (`sampling`); what differed
 were the logits' last bits, because XLA:CPU multiplies a weight by a different kernel at each number of
-rows, and attends by another form once the longest row widens the block tables. In this mode every
-weight product, packed or float, and every attention call take one form whatever the rows
-(`pallas_kernels.batch_invariant`): the "invariant" implementations of the `qmatmul`, `matmul` and
-`paged_attention` ops. Its cost: README, "Batch-invariant mode".
+rows, attends by another form once the longest row widens the block tables, and sums a norm's row in
+an order set by the whole batch's shape. In this mode every weight product, packed or float, every
+attention call and every norm's sum take one form whatever the rows (`pallas_kernels.batch_invariant`):
+the "invariant" implementations of the `qmatmul`, `matmul`, `paged_attention` and `row_sum` ops. Its
+cost: README, "Batch-invariant mode".
 """
 
 from __future__ import annotations
