@@ -1,7 +1,7 @@
 """The engine's own jitted decode step, timed directly for each layer loop, interleaved in one process.
 
     python bench/bench_decode_step.py [--model PATH] [--rows 1 8 32] [--keys 128 512]
-        [--loops scan unrolled] [--kv-cache-dtype float16] [--packed] [--repeats 9]
+        [--loops scan unrolled] [--kv-cache-dtype float16] [--packed] [--repeats 9] [--batch-invariant-ab]
 
 On XLA:CPU an isolated kernel benchmark does not predict the engine's step (YNNPACK fuses across op
 boundaries differently there), so A/Bs of the model code are made on the step itself: one engine per
@@ -45,6 +45,11 @@ def main() -> None:
         action="store_true",
         help="each loop also with the packed few-row products off (`qmatmul.CPU_FEW_ROWS = 1`), interleaved",
     )
+    ap.add_argument(
+        "--batch-invariant-ab",
+        action="store_true",
+        help="each loop also in the batch-invariant mode (its own engine: batch_invariant=True), interleaved",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -55,8 +60,9 @@ def main() -> None:
     from pallas_kernels import qmatmul
 
     most_rows, most_keys = max(args.rows), max(args.keys) + args.steps
-    llms = {
-        loop: LLM(
+
+    def engine(loop: str, **more) -> LLM:
+        return LLM(
             args.model,
             dtype=args.dtype,
             kv_cache_dtype=args.kv_cache_dtype,
@@ -66,9 +72,13 @@ def main() -> None:
             max_model_len=most_keys,
             prefix_caching=False,
             layer_loop=loop,
+            **more,
         )
-        for loop in args.loops
-    }
+
+    modes = [("", {})]
+    if args.batch_invariant_ab:  # "LOOP invariant": an engine of that loop in the batch-invariant mode
+        modes.append((" invariant", {"batch_invariant": True}))
+    llms = {loop + tag: engine(loop, **more) for loop in args.loops for tag, more in modes}
     runners = {loop: llm.engine.runner for loop, llm in llms.items()}  # the runner's step is the subject
     first = runners[args.loops[0]]
     few_rows = qmatmul.CPU_FEW_ROWS

@@ -142,6 +142,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="split the model over N devices (tensor parallelism)",
     )
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="each row's logits independent of the batch: seeded requests reproducible in any batch (CPU)",
+    )
 
     add_lora_args(p)
     spec = p.add_argument_group("speculative decoding")
@@ -314,6 +319,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         xla_options=parse_pairs(args.xla_option, "--xla-option", "NAME=VALUE") or None,
         layer_loop=args.layer_loop,
         tensor_parallel_size=args.tensor_parallel_size,
+        batch_invariant=args.batch_invariant,
         **lora_kwargs(args),
         speculative_config=from_flags(args.speculative_config, args.draft_model, args.num_speculative_tokens),
     )

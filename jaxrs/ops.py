@@ -20,14 +20,16 @@ shape; `qmatmul_xla` and `qmatmul_pallas` here adapt them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from jaxrs.errors import JaxrsError
 from jaxrs.parallel.sharded_kernels import for_mesh
 from jaxrs.quant.tensor import QuantizedTensor
-from pallas_kernels import qmatmul
+from pallas_kernels import batch_invariant, qmatmul
 from pallas_kernels.lora import lora_pallas, lora_xla
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla, write_kv_xla
 
@@ -97,17 +99,26 @@ def _taking_quantized_tensor(kernel: Callable) -> Callable:
         return kernel(x, qt.arrays, fmt=qt.fmt, out_in=qt.out_in, **options)
 
     op.__name__ = op.__qualname__ = kernel.__name__
-    op.__doc__ = f"`pallas_kernels.qmatmul.{kernel.__name__}` on a `QuantizedTensor`."
+    op.__doc__ = f"`{kernel.__module__}.{kernel.__name__}` on a `QuantizedTensor`."
     return op
 
 
 qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla)
 qmatmul_pallas = _taking_quantized_tensor(qmatmul.qmatmul_pallas)
+qmatmul_invariant = _taking_quantized_tensor(batch_invariant.qmatmul_invariant)
 
 register("paged_attention", "xla", default_on=("*",))(paged_attention_xla)
 register("paged_attention", "pallas", default_on=("gpu",))(paged_attention_pallas)
+register("paged_attention", "invariant")(batch_invariant.paged_attention_invariant)
 register("write_kv", "xla", default_on=("*",))(write_kv_xla)
 register("qmatmul", "xla", default_on=("*",))(qmatmul_xla)
 register("qmatmul", "pallas", default_on=("gpu",))(qmatmul_pallas)
+register("qmatmul", "invariant")(qmatmul_invariant)  # the batch-invariant mode's (`batch_invariance`)
+# A float weight's product, `fn(x, w [out, in], out_dtype=None)`: `qmatmul.matmul_t`'s signature.
+register("matmul", "xla", default_on=("*",))(qmatmul.matmul_t)
+register("matmul", "invariant")(batch_invariant.matmul_invariant)
+# A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.
+register("row_sum", "xla", default_on=("*",))(functools.partial(jnp.sum, axis=-1))
+register("row_sum", "invariant")(batch_invariant.tree_sum)
 register("lora", "xla", default_on=("*",))(lora_xla)
 register("lora", "pallas")(lora_pallas)

@@ -17,6 +17,7 @@ Also home of what both forms (and the Pallas kernel) share: which keys a query s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,14 @@ def tiled_paged_attention(
     soft_cap: float | None = None,
     query_tile: int = 256,
     key_tile: int = 512,
+    row_sum: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """`paged_attention_xla`'s semantics, tile by tile (see the module docstring).
 
     `query_tile` tokens per query tile (the rows of a tile are its tokens times the query heads of a kv
     head); `key_tile` keys per step, rounded to whole pages. The key range of a tile is the union over
     the batch, so rows of very different lengths share one walk (the engine sends long chunks alone).
+    `row_sum`: sums the probabilities over the last axis (default `jnp.sum`; `batch_invariant`'s own).
     """
     batch, q_len, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = k_cache.shape
@@ -128,7 +131,7 @@ def tiled_paged_attention(
             new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
             correction = jnp.exp(running_max - new_max)
             probs = jnp.exp(scores - new_max[..., None])  # masked: exp(<= NEG_INF / 2) = 0
-            denom = denom * correction + jnp.sum(probs, axis=-1)
+            denom = denom * correction + (row_sum(probs) if row_sum else jnp.sum(probs, axis=-1))
             pv = jnp.einsum("bkrs,bksd->bkrd", probs.astype(dtype), v, preferred_element_type=jnp.float32)
             return acc * correction[..., None] + pv, new_max, denom
 

@@ -57,7 +57,7 @@ def test_interactive_chat_keeps_history(demo_gguf):
 def test_unknown_kernel_is_a_clean_error(demo_gguf):
     done = jaxrs("run", "--model", str(demo_gguf), "--prompt", "x", "--kernel", "paged_attention=nope")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "no implementation 'nope' of 'paged_attention' (registered: pallas, xla)" in done.stderr
+    assert "no implementation 'nope' of 'paged_attention' (registered: invariant, pallas, xla)" in done.stderr
 
 
 def test_isq_flag_and_unknown_type(demo_gguf):

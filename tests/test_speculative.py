@@ -109,7 +109,7 @@ def test_preemption_and_prefix_caching_keep_the_output_and_the_draft_cache(model
 
 def test_seeded_prompt_lookup_is_batch_invariant(models, prompts):
     spec = {"method": "ngram", "num_speculative_tokens": 3}
-    llm = LLM(models["target"], speculative_config=spec, **ENGINE)
+    llm = LLM(models["target"], speculative_config=spec, batch_invariant=True, **ENGINE)
     params = [
         SamplingParams(seed=i, temperature=0.8, top_p=0.95, max_tokens=12, ignore_eos=True) for i in (1, 2)
     ]
@@ -121,9 +121,9 @@ def test_seeded_prompt_lookup_is_batch_invariant(models, prompts):
 @pytest.mark.slow
 def test_seeded_sampling_and_processors(models, prompts):
     """Same seed, same tokens alone and in a batch; rows with penalties, bias, top-k/min-p, logprobs and
-    speculation switched off ride in one batch."""
+    speculation switched off ride in one batch (the batch-invariant mode: the draft's products too)."""
     spec = {"model": models["draft"], "num_speculative_tokens": 3}
-    llm = LLM(models["target"], speculative_config=spec, **ENGINE)
+    llm = LLM(models["target"], speculative_config=spec, batch_invariant=True, **ENGINE)
     base = dict(max_tokens=12, ignore_eos=True, temperature=0.9)
     params = [
         SamplingParams(seed=1, top_p=0.9, repetition_penalty=1.3, frequency_penalty=0.5, **base),

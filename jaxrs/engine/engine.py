@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxrs.engine.batch_invariance import invariant_kernels
 from jaxrs.engine.block_manager import BlockManager, BlockTable
 from jaxrs.engine.options import (
     CPU_KV_CACHE_DTYPE,
@@ -135,6 +136,8 @@ class Engine:
         cache = enable_compilation_cache()
         if cache:
             log.info("persistent compilation cache: %s", cache)
+        if config.batch_invariant:  # one form of each product and of attention whatever the rows
+            kernels = invariant_kernels(config, kernels, loaded.config)
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.kernels = kernels

@@ -60,6 +60,9 @@ class EngineConfig:
     # Devices one model is split over (tensor parallelism, `jaxrs.parallel.shardings`): this process's
     # first N, unless the engine is handed its own mesh (data-parallel replicas, several hosts).
     tensor_parallel_size: int = 1
+    # Every row's logits the same bits whatever else shares its step, so a seeded request draws the same
+    # tokens alone, batched or verified (`batch_invariance`); costs single-stream decode speed (README).
+    batch_invariant: bool = False
 
     lora: LoraConfig | None = None  # LoRA adapters served per request
     xlora: XLoraOptions | None = None  # an X-LoRA model served beside them (requests name it)

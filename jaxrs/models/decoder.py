@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         q = self.q_proj(x, kernels).reshape(batch, q_len, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x, kernels).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x, kernels).reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)
-        q, k = _maybe(self.q_norm, q), _maybe(self.k_norm, k)
+        q, k = _maybe(self.q_norm, q, kernels), _maybe(self.k_norm, k, kernels)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
         out = self._attend(kernels, meta, q, kv, layer, sliding)
@@ -181,8 +181,8 @@ class MoE(nnx.Module):
         return jnp.zeros_like(xf).at[token].add(out).reshape(shape)
 
 
-def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
-    return x if norm is None else norm(x)
+def _maybe(norm: Norm | None, x: jax.Array, kernels: Kernels) -> jax.Array:
+    return x if norm is None else norm(x, kernels)
 
 
 class DecoderLayer(nnx.Module):
@@ -202,13 +202,13 @@ class DecoderLayer(nnx.Module):
         self, h: jax.Array, step: StepInputs, kv: KVCache, layer: jax.Array | int, sliding: jax.Array | bool
     ) -> tuple[jax.Array, KVCache]:
         kernels = step.kernels
-        x = self.input_norm(h)
+        x = self.input_norm(h, kernels)
         attn, kv = self.attn(x, step, kv, layer, sliding)
         if self.post_attn_norm is None:  # the parallel block
             return h + attn + self.mlp(x, kernels), kv
-        h = h + _maybe(self.attn_out_norm, attn)
-        x = self.post_attn_norm(h)
-        return h + _maybe(self.ffn_out_norm, self.mlp(x, kernels)), kv
+        h = h + _maybe(self.attn_out_norm, attn, kernels)
+        x = self.post_attn_norm(h, kernels)
+        return h + _maybe(self.ffn_out_norm, self.mlp(x, kernels), kernels), kv
 
 
 def _rope(cfg: ModelConfig, theta: float, scaling: RopeScaling, meta: AttentionMetadata) -> Rope:
@@ -277,7 +277,7 @@ class DecoderModel(nnx.Module):
                 sliding = bool(sliding_layers[i])
                 step = StepInputs(rope_local if sliding else rope, meta, kernels)
                 h, kv = layer(h, step, kv, i, sliding)
-            return self.final_norm(h), kv
+            return self.final_norm(h, kernels), kv
 
         graph, stacked = nnx.split(self.layers)
 
@@ -298,7 +298,7 @@ class DecoderModel(nnx.Module):
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         xs = (stacked, indices, jnp.asarray(sliding_layers, dtype=bool))
         (h, kv), _ = jax.lax.scan(body, (h, kv), xs)
-        return self.final_norm(h), kv
+        return self.final_norm(h, kernels), kv
 
     def logits(self, hidden: jax.Array, kernels: Kernels) -> jax.Array:
         """Logits in f32 (tied embeddings reuse the embedding matrix), soft-capped if the model says so."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -13,9 +14,16 @@ from jaxrs.config import ModelConfig, RopeScaling
 from jaxrs.lora.weight import LoraWeight
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize
-from pallas_kernels.qmatmul import matmul_t
 
 Weight = jax.Array | QuantizedTensor
+RowSum = Callable[[jax.Array], jax.Array]  # the sum over the last axis (the `row_sum` op)
+
+
+def _row_mean(x: jax.Array, row_sum: RowSum | None) -> jax.Array:
+    """The mean over the last axis, kept as an axis of 1."""
+    if row_sum is None:
+        return jnp.mean(x, axis=-1, keepdims=True)
+    return (row_sum(x) / x.shape[-1])[..., None]
 
 
 class KVCache(NamedTuple):
@@ -42,18 +50,23 @@ class AttentionMetadata(NamedTuple):
     rope_lens: jax.Array | None = None
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0) -> jax.Array:
-    """RMSNorm computed in f32 (weight applied as `offset + weight`: Gemma stores w - 1)."""
+def rms_norm(
+    x: jax.Array, weight: jax.Array, eps: float, *, offset: float = 0.0, row_sum: RowSum | None = None
+) -> jax.Array:
+    """RMSNorm computed in f32 (weight applied as `offset + weight`: Gemma stores w - 1); `row_sum`: the
+    sum over the last axis (the `row_sum` op; default `jnp.sum`)."""
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = xf * jax.lax.rsqrt(_row_mean(xf * xf, row_sum) + eps)
     return (xf * (offset + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+def layer_norm(
+    x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, *, row_sum: RowSum | None = None
+) -> jax.Array:
     """LayerNorm computed in f32 (Phi, Starcoder2): mean-centred, scaled, plus the bias if there is one."""
     xf = x.astype(jnp.float32)
-    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = xf - _row_mean(xf, row_sum)
+    xf = xf * jax.lax.rsqrt(_row_mean(xf * xf, row_sum) + eps)
     xf = xf * weight.astype(jnp.float32)
     return (xf if bias is None else xf + bias.astype(jnp.float32)).astype(x.dtype)
 
@@ -62,15 +75,15 @@ def dense(
     x: jax.Array, weight: Weight, bias: jax.Array | None = None, kernels: Kernels = Kernels()
 ) -> jax.Array:
     """`x @ weight.T (+ bias)` with weight in the checkpoint layout `[out, in]`; packed weights go
-    through the `qmatmul` op, which reads them without unpacking them in memory first; a `LoraWeight`
-    adds its adapters' term (the `lora` op) to its base's."""
+    through the `qmatmul` op, which reads them without unpacking them in memory first, float ones
+    through the `matmul` op; a `LoraWeight` adds its adapters' term (the `lora` op) to its base's."""
     if isinstance(weight, LoraWeight):
         y, term = dense(x, weight.base, bias, kernels), weight.term(x, kernels)
         return y if term is None else y + term.astype(y.dtype)
     if isinstance(weight, QuantizedTensor):
         y = kernels.get("qmatmul")(x, weight)
     else:
-        y = matmul_t(x, weight)
+        y = kernels.get("matmul")(x, weight)
     return y if bias is None else y + bias.astype(y.dtype)
 
 

@@ -19,7 +19,6 @@ from jaxrs.models.layers import Weight, dense, embed, layer_norm, rms_norm
 from jaxrs.ops import Kernels
 from jaxrs.parallel.sharded_kernels import split_matmul
 from jaxrs.quant import QuantizedTensor, dequantize
-from pallas_kernels.qmatmul import matmul_t
 
 
 def _param(*shape: int) -> nnx.Param:
@@ -59,12 +58,12 @@ class Embedding(nnx.Module):
 
 
 def head_logits(head: Weight, hidden: jax.Array, kernels: Kernels) -> jax.Array:
-    """`hidden @ head.T` in f32: a dense head accumulates in f32 directly, a packed one through qmatmul
-    (on a mesh, each device its vocabulary slice, sliced further there on CPU)."""
+    """`hidden @ head.T` in f32: a dense head accumulates in f32 directly (the `matmul` op), a packed one
+    through qmatmul (on a mesh, each device its vocabulary slice, sliced further there on CPU)."""
     if isinstance(head, QuantizedTensor):
         in_slices = functools.partial(head_in_slices, kernels.get("qmatmul"))
         return split_matmul(in_slices, in_slices)(hidden, head)
-    return matmul_t(hidden, head, jnp.float32)
+    return kernels.get("matmul")(hidden, head, jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -74,8 +73,8 @@ class RMSNorm(nnx.Module):
         self.weight = _param(dim)
         self.eps, self.offset = eps, offset
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, value(self.weight), self.eps, offset=self.offset)
+    def __call__(self, x: jax.Array, kernels: Kernels = Kernels()) -> jax.Array:
+        return rms_norm(x, value(self.weight), self.eps, offset=self.offset, row_sum=kernels.get("row_sum"))
 
 
 class LayerNorm(nnx.Module):
@@ -86,8 +85,8 @@ class LayerNorm(nnx.Module):
         self.bias = _param(dim)
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return layer_norm(x, value(self.weight), value(self.bias), self.eps)
+    def __call__(self, x: jax.Array, kernels: Kernels = Kernels()) -> jax.Array:
+        return layer_norm(x, value(self.weight), value(self.bias), self.eps, row_sum=kernels.get("row_sum"))
 
 
 Norm = RMSNorm | LayerNorm
