@@ -21,6 +21,16 @@ from jax import lax
 # How many static widths a table is read at (even fractions of its width, at least one block apart);
 # 1 reads the whole table. Read when tracing, so a benchmark may set it between compiles.
 READ_WIDTHS = 8
+# Decode narrows from this many keys gathered a layer (rows x table keys): below it the switch and the
+# fusions it splits cost more than the keys it saves. One row at a 1,024-key table took 8% more CPU time a
+# step narrowed, 32 rows at 256 and 1,024 keys 13% and 21% less (bench/RESULTS.md, "CPU decode, seventh
+# round").
+NARROW_MIN_KEYS = 2048
+
+
+def worth_narrowing(rows: int, table_keys: int) -> bool:
+    """Whether a decode of `rows` rows over tables of `table_keys` keys reads the narrowest width."""
+    return READ_WIDTHS > 1 and rows * table_keys >= NARROW_MIN_KEYS
 
 
 def read_widths(width: int, count: int | None = None) -> list[int]:

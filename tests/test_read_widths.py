@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import read_widths as rw
 from pallas_kernels.paged_attention import paged_attention_xla
 from pallas_kernels.read_widths import read_widths
 from tests.test_paged_attention import make_inputs
@@ -31,7 +35,7 @@ def test_narrowed_decode_equals_the_whole_table(lengths: list[int], sliding_wind
     )
     options = dict(scale=0.2, sliding_window=sliding_window)
     whole = paged_attention_xla(**inputs, **options, narrowed=False)
-    narrowed = paged_attention_xla(**inputs, **options)
+    narrowed = paged_attention_xla(**inputs, **options, narrowed=True)
     np.testing.assert_allclose(np.asarray(narrowed), np.asarray(whole), rtol=1e-6, atol=1e-6)
 
 
@@ -48,5 +52,39 @@ def test_columns_past_the_longest_row_are_not_read() -> None:
     tables = jnp.clip(inputs["block_tables"], 0, poisoned - 1)  # junk columns: finite pages
     inputs["block_tables"] = tables.at[:, 5].set(poisoned)  # 11 keys need 2 columns
     assert np.isnan(np.asarray(paged_attention_xla(**inputs, scale=0.2, narrowed=False))).any()
-    out = np.asarray(paged_attention_xla(**inputs, scale=0.2))
+    out = np.asarray(paged_attention_xla(**inputs, scale=0.2, narrowed=True))
     assert np.isfinite(out).all()
+
+
+def _switches(inputs: dict) -> bool:
+    return "cond" in str(jax.make_jaxpr(functools.partial(paged_attention_xla, scale=0.2))(**inputs))
+
+
+def test_decode_narrows_only_when_it_gathers_enough_keys() -> None:
+    """One row over a short table reads it whole; many rows over the same width narrow; prefill never."""
+    width = 8
+    one = make_inputs(
+        block_size=8, group=2, starts=[3], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=width
+    )
+    rows = -(-rw.NARROW_MIN_KEYS // (width * 8))
+    many = make_inputs(
+        block_size=8,
+        group=2,
+        starts=[3] * rows,
+        new_tokens=[1] * rows,
+        q_len=1,
+        dtype=jnp.float32,
+        table_width=width,
+    )
+    prefill = make_inputs(
+        block_size=8,
+        group=2,
+        starts=[0] * rows,
+        new_tokens=[2] * rows,
+        q_len=2,
+        dtype=jnp.float32,
+        table_width=width,
+    )
+    assert not _switches(one)
+    assert _switches(many)
+    assert not _switches(prefill)
