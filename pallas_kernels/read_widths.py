@@ -2,9 +2,9 @@
 
 The dense XLA attention gathers every page of its block table, converts it to f32 and lays it out for
 the dots, and the engine's tables come in power-of-two width buckets: a row of 136 keys in a 16-block
-table (256 keys) gathers nearly twice the keys it sees, one of 520 keys in a 64-block table nearly
-twice again. Those gathers were about a fifth of a 32-row decode step (bench/RESULTS.md, "CPU decode,
-seventh round"). Here the table is cut, each step, to the narrowest of a few static widths that
+table (256 keys) gathers nearly twice the keys it sees, as does one of 520 keys in a 64-block table.
+Those gathers were a tenth (packed) to a fifth (f32) of a 32-row demo step (bench/RESULTS.md, "CPU
+decode, seventh round"). Here the table is cut, each step, to the narrowest of a few static widths that
 covers the longest row: a `lax.switch` over the same attention at each width, so nothing is compiled
 per context length, the keys past a row's context stay masked as before, and the result is the whole
 table's (the columns dropped hold no key any row sees).
