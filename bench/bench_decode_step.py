@@ -2,19 +2,26 @@
 
     python bench/bench_decode_step.py [--model PATH] [--rows 1 8 32] [--keys 128 512]
         [--loops scan unrolled] [--kv-cache-dtype float16] [--packed] [--repeats 9] [--batch-invariant-ab]
+        [--variant LABEL[:MODULE.ATTR=VALUE|XLA_OPTION=VALUE,...] ...]
 
 On XLA:CPU an isolated kernel benchmark does not predict the engine's step (YNNPACK fuses across op
 boundaries differently there), so A/Bs of the model code are made on the step itself: one engine per
 layer loop (`EngineConfig.layer_loop`), each step compiled ahead of time on synthetic block tables
 (a shuffled pool, every row `--keys` long), then called in turn, `--steps` decode tokens a call. Reports
-ms a decode step (median), tokens/s over the rows, the ratio to the first loop, the compile seconds, the
-resident memory the compiled step added, and XLA's count of its temporary buffers.
-Writes bench/results/decode_step.json.
+ms a decode step (median; and the process's CPU time a step, which contention swings less), tokens/s
+over the rows, the ratio to the first loop, the compile seconds, the
+resident memory the compiled step added, and XLA's count of its temporary buffers. `--variant` traces
+each loop's step again under module settings read when tracing (e.g.
+`whole:pallas_kernels.read_widths.READ_WIDTHS=1`) or with more step XLA options (`NAME=VALUE`; an empty
+value drops one), each variant's executable timed in the same interleaved rounds; a bare LABEL is the
+code as it is. Writes bench/results/decode_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +32,21 @@ from common import RESULTS, markdown_table, write_json
 def resident_mib() -> float:
     """This process's resident memory now (Linux)."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def parse_variant(text: str) -> tuple[str, tuple[list[tuple[object, str, object]], dict[str, str]]]:
+    """`LABEL[:SETTING,...]` as (label, ([(module, attribute, value)], {xla option: value})): a setting is
+    `MODULE.ATTR=VALUE` (a Python literal) or `XLA_OPTION=VALUE` (the step compiled with that option)."""
+    label, _, settings = text.partition(":")
+    found, options = [], {}
+    for item in filter(None, settings.split(",")):
+        target, _, literal = item.partition("=")
+        module, _, attr = target.rpartition(".")
+        if not module:
+            options[target] = literal
+            continue
+        found.append((importlib.import_module(module), attr, ast.literal_eval(literal)))
+    return label, (found, options)
 
 
 def main() -> None:
@@ -50,6 +72,13 @@ def main() -> None:
         action="store_true",
         help="each loop also in the batch-invariant mode (its own engine: batch_invariant=True), interleaved",
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL[:MODULE.ATTR=VALUE|XLA_OPTION=VALUE,...]",
+        help="each loop also traced under these module settings, interleaved (repeatable)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -57,6 +86,7 @@ def main() -> None:
     import numpy as np
 
     from jaxrs import LLM, SamplingParams
+    from jaxrs.engine.runner import jitted_steps, step_xla_options
     from pallas_kernels import qmatmul
 
     most_rows, most_keys = max(args.rows), max(args.keys) + args.steps
@@ -84,6 +114,10 @@ def main() -> None:
     few_rows = qmatmul.CPU_FEW_ROWS
     if args.few_rows_ab:  # "LOOP whole": the same runner, its step traced with the few-row path off
         runners = {f"{loop}{tag}": r for loop, r in runners.items() for tag in (" whole", "")}
+    variants = dict(parse_variant(v) for v in args.variant)
+    if variants:  # "LOOP LABEL": the same runner, its step traced under the variant's settings
+        runners = {f"{loop} {label}": r for loop, r in runners.items() for label in variants}
+    defaults = {(m, a): getattr(m, a) for found, _ in variants.values() for m, a, _ in found}
     loops = list(runners)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))  # compiler set-up, charged to no loop
     rng = np.random.default_rng(0)
@@ -105,9 +139,15 @@ def main() -> None:
             calls, found = {}, {}
             for loop, runner in runners.items():
                 before, began = resident_mib(), time.perf_counter()
-                qmatmul.CPU_FEW_ROWS = 1 if loop.endswith(" whole") else few_rows
+                qmatmul.CPU_FEW_ROWS = 1 if " whole" in loop else few_rows
+                for (module, attr), value in defaults.items():
+                    setattr(module, attr, value)
+                found_settings, options = variants.get(loop.rpartition(" ")[2], ([], {}))
+                for module, attr, value in found_settings:
+                    setattr(module, attr, value)
+                steps = jitted_steps(step_xla_options(dict(runner.xla_options) | options))
                 jax.clear_caches()  # trace again under this setting
-                compiled = runner.steps.decode.lower(
+                compiled = steps.decode.lower(
                     runner.params,
                     runner.kv,
                     *inputs,
@@ -124,28 +164,35 @@ def main() -> None:
                     "resident_mib": resident_mib() - before,
                     "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
                     "times": [],
+                    "cpu": [],
                 }
+            for (module, attr), value in defaults.items():
+                setattr(module, attr, value)
             for _ in range(args.repeats):
                 for loop, runner in runners.items():
-                    began = time.perf_counter()
+                    began, cpu = time.perf_counter(), time.process_time()
                     out, runner.kv = calls[loop](runner.params, runner.kv, *inputs)
                     jax.block_until_ready(out)
                     found[loop]["times"].append(time.perf_counter() - began)
+                    found[loop]["cpu"].append(time.process_time() - cpu)
             base = statistics.median(found[loops[0]]["times"])
             for loop, f in found.items():
                 call_s = statistics.median(f.pop("times"))
+                cpu_s = statistics.median(f.pop("cpu"))
                 rows.append(
                     {
                         "rows": b,
                         "keys": keys,
                         "loop": loop,
                         "ms_per_step": 1000 * call_s / args.steps,
+                        "cpu_ms_per_step": 1000 * cpu_s / args.steps,
                         "tok_s": b * args.steps / call_s,
                         "ratio": base / call_s,
                         **f,
                     }
                 )
-                print(f"{b} rows, {keys} keys, {loop}: {rows[-1]['ms_per_step']:.1f} ms a step", flush=True)
+                ms, cpu_ms = rows[-1]["ms_per_step"], rows[-1]["cpu_ms_per_step"]
+                print(f"{b} rows, {keys} keys, {loop}: {ms:.1f} ms a step, CPU {cpu_ms:.1f}", flush=True)
 
     engine = llms[args.loops[0]].engine
     print(
@@ -155,14 +202,15 @@ def main() -> None:
     )
     print(
         markdown_table(
-            ["rows", "keys", "loop", "ms a step", "tok/s", "ratio", "compile s", "resident MiB added"]
-            + ["temp MiB"],
+            ["rows", "keys", "loop", "ms a step", "CPU ms a step", "tok/s", "ratio", "compile s"]
+            + ["resident MiB added", "temp MiB"],
             [
                 [
                     r["rows"],
                     r["keys"],
                     r["loop"],
                     f"{r['ms_per_step']:.1f}",
+                    f"{r['cpu_ms_per_step']:.1f}",
                     f"{r['tok_s']:.1f}",
                     f"{r['ratio']:.2f}x",
                     f"{r['compile_s']:.1f}",

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.occupancy import auto_splits
+from pallas_kernels.read_widths import read_narrowest, worth_narrowing
 from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 from pallas_kernels.tiled_attention import NEG_INF, cap_scores, tiled_paged_attention, visible
 
@@ -66,6 +67,7 @@ def paged_attention_xla(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     tiled: bool | None = None,
+    narrowed: bool | None = None,
 ) -> jax.Array:
     """Reference: gather every page of the block table, mask by position and length, softmax in f32.
 
@@ -76,9 +78,26 @@ def paged_attention_xla(
     `tiled`: run `tiled_paged_attention` (the same result without a [T x NB * block_size] score matrix,
     visiting only the keys each query tile sees); None: for several query tokens over a table of at
     least `TILED_MIN_KEYS` keys, the dense form otherwise (decode, short chunks).
+    `narrowed`: read only the table's first columns that hold the longest context (`read_widths`);
+    None: for a decode (one query token) gathering enough keys to gain (`worth_narrowing`).
     """
     if tiled is None:
         tiled = q.shape[1] > 1 and block_tables.shape[1] * k_cache.shape[2] >= TILED_MIN_KEYS
+    if narrowed is None:
+        keys = block_tables.shape[1] * k_cache.shape[2]
+        narrowed = q.shape[1] == 1 and not tiled and worth_narrowing(q.shape[0], keys)
+    if narrowed:
+        attend = functools.partial(
+            paged_attention_xla, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap
+        )
+        return read_narrowest(
+            lambda tables: attend(
+                q, k_cache, v_cache, layer, tables, positions, context_lens, tiled=False, narrowed=False
+            ),
+            block_tables,
+            context_lens,
+            k_cache.shape[2],
+        )
     if tiled:
         return tiled_paged_attention(
             q,

@@ -116,13 +116,16 @@ class Scheduler:
         return ScheduledStep(decode, prefill, steps)
 
     def _multi_step(self, decode: list[Sequence]) -> int:
-        """Run `max_decode_steps` tokens in one call when every sequence can use them all."""
+        """Run as many tokens in one call as every sequence can use, up to `max_decode_steps`: the step
+        count is dynamic in the compiled step, so a request's last few tokens take one call, not one
+        call each."""
         k = self.max_decode_steps
         for seq in decode:
             left = min(seq.params.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens + 1)
-            if left < k or seq.needs_host_each_token:
+            if seq.needs_host_each_token:
                 return 1
-        if all(self.blocks.grow(seq.table, seq.num_tokens + k - 1) for seq in decode):
+            k = min(k, left)
+        if k > 1 and all(self.blocks.grow(seq.table, seq.num_tokens + k - 1) for seq in decode):
             return k
         return 1
 
