@@ -195,6 +195,16 @@ def test_cpu_matmul_script(tmp_path):
     assert out["ms"]["F32"]["fused @1"] > 0
 
 
+def test_cpu_int8_script(tmp_path):
+    out = bench(
+        "bench_cpu_int8.py",
+        *("--shapes", "64x64", "--repeats", "1", "--settings", "default", "YNNPACK dot fusions"),
+        *("--out", str(tmp_path / "i.json")),
+    )
+    assert [r["setting"] for r in out["rows"]] == ["default", "YNNPACK dot fusions"]
+    assert all(r["int8_dot"][0] > 0 and r["f32_gemv"][0] > 0 for r in out["rows"])
+
+
 def test_cpu_attention_script(tmp_path):
     out = bench(
         "bench_cpu_attention.py",
