@@ -414,6 +414,7 @@ def test_fuzzed_bodies_never_5xx(client, llm):
         max_examples=150,
         deadline=None,
         database=None,
+        derandomize=True,  # the same 150 bodies every run: the count of 200s below is then stable
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     @given(FUZZ_CASES)
@@ -426,8 +427,6 @@ def test_fuzzed_bodies_never_5xx(client, llm):
 
     fuzz()
     print("fuzz statuses:", dict(sorted(seen.items())))
-    # the typed half reaches the engine, not only the validators (hypothesis draws 9-20 such of 150; a
-    # bound of 3 keeps the check without failing on a lean draw)
-    assert seen.get(200, 0) >= 3, seen
+    assert seen.get(200, 0) >= 10, seen  # the typed half reaches the engine, not only the validators
     wait_idle(llm)
     assert_serves(client)
