@@ -31,7 +31,13 @@ from jaxrs.lora.config import lora_options
 from jaxrs.lora.xlora_config import xlora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
-from jaxrs.structured.tools import answer_calls, template_message, tool_params, tool_plan
+from jaxrs.structured.tools import (
+    answer_calls,
+    template_message,
+    tool_conversation,
+    tool_params,
+    tool_plan,
+)
 from jaxrs.vision.chat import chat_inputs
 from jaxrs.vision.media import MediaPolicy
 from jaxrs.vision.prompt import ImagePrompt
@@ -354,7 +360,9 @@ class LLM:
         {"name": ...}}`) and `parallel_tool_calls` as in OpenAI's API: the tools go to the template,
         "required" and a named function are forced by a grammar, and each output's calls come back
         parsed (`CompletionOutput.tool_calls`, finish_reason "tool_calls"). The format is the one the
-        template teaches (`tool_call_parser`: hermes, mistral or llama3_json, to name it)."""
+        template teaches (`tool_call_parser`: hermes, mistral, llama3_json or generic, to name it); a
+        template that renders no tools gets the generic one (tools described in the system turn, the
+        answer one JSON object held to a call or a `response`)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
         plan = tool_plan(self.tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
         params = tool_params(plan, sampling_params or SamplingParams())
@@ -363,10 +371,10 @@ class LLM:
             chat_inputs(
                 self.tokenizer,
                 vision,
-                [template_message(dict(m)) for m in c],
+                tool_conversation(self.tokenizer, plan, [template_message(dict(m)) for m in c]),
                 self.media,
                 add_generation_prompt=add_generation_prompt,
-                tools=plan.tools if plan else None,
+                tools=plan.template_tools if plan else None,
             )
             for c in conversations
         ]

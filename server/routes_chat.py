@@ -13,7 +13,14 @@ from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
 from jaxrs.errors import JaxrsError
 from jaxrs.structured.tool_calls import ToolCallStream
-from jaxrs.structured.tools import ToolError, ToolPlan, answer_calls, template_message, tool_params
+from jaxrs.structured.tools import (
+    ToolError,
+    ToolPlan,
+    answer_calls,
+    template_message,
+    tool_conversation,
+    tool_params,
+)
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
@@ -181,9 +188,12 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         plan = tool_plan(
             ctx.chat_tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_call_parser
         )
-        ids, placed = place_request_images(
-            ctx, prompt_text(ctx, messages, plan.tools if plan else None), images
+        rendered = prompt_text(
+            ctx,
+            tool_conversation(ctx.chat_tokenizer, plan, messages),
+            plan.template_tools if plan else None,
         )
+        ids, placed = place_request_images(ctx, rendered, images)
         record.prompt_tokens = len(ids)
         params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
         driver = ctx.ready_driver()

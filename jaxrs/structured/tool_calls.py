@@ -3,7 +3,9 @@ OpenAI `tool_calls` deltas, and the grammar that forces them (tool_choice `requi
 
 Formats (vLLM's parser names): `hermes` (Hermes, Qwen2.5: `<tool_call>{"name", "arguments"}</tool_call>`
 blocks), `mistral` (`[TOOL_CALLS]` then a JSON list of {"name", "arguments"}), `llama3_json` (Llama 3.x:
-a JSON object {"name", "parameters"}, optionally after `<|python_tag|>`, several joined by `;`).
+a JSON object {"name", "parameters"}, optionally after `<|python_tag|>`, several joined by `;`), and
+`generic` for templates that render no tools (the whole answer one JSON object, `{"tool_calls": [...]}`
+or `{"response": ...}`: `jaxrs.structured.generic_tools`).
 `parser_for_template` picks one from the chat template; `--tool-call-parser` overrides it.
 """
 
@@ -20,7 +22,7 @@ from jaxrs.structured.compiler import JSON_LAYOUT
 from jaxrs.structured.numbers import bounded_numbers
 from jaxrs.tokenizer import Tokenizer
 
-PARSERS = ("hermes", "mistral", "llama3_json")
+PARSERS = ("hermes", "mistral", "llama3_json", "generic")
 
 
 @dataclasses.dataclass
@@ -91,13 +93,41 @@ class ToolCallParser:
         raise NotImplementedError
 
 
+_OPEN_KEYS = {"additionalProperties", "patternProperties", "unevaluatedProperties"}
+_DATA_KEYS = {"const", "enum", "default", "examples"}
+
+
+def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """A tool's parameter schema with every object that lists `properties` and says nothing about
+    others closed to them (`additionalProperties: false`), as llama.cpp and vLLM's xgrammar read
+    schemas: a small model otherwise copies schema keywords into the arguments. Objects joined by
+    `allOf` stay open (closing each part would refuse the whole)."""
+    if isinstance(schema, list):
+        return [closed_objects(s, in_all_of) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYS:
+            out[key] = value
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = closed_objects(value, key == "allOf")
+    if "properties" in out and not in_all_of and not _OPEN_KEYS & out.keys():
+        out["additionalProperties"] = False
+    return out
+
+
 def _call_schema(tools: list[dict[str, Any]], arguments_key: str = "arguments") -> dict[str, Any]:
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                arguments_key: bounded_numbers(t["function"].get("parameters") or {"type": "object"}),
+                arguments_key: bounded_numbers(
+                    closed_objects(t["function"].get("parameters") or {"type": "object"})
+                ),
             },
             "required": ["name", arguments_key],
             "additionalProperties": False,
@@ -204,7 +234,57 @@ class Llama3JsonParser(ToolCallParser):
         return Grammar.lark(f"{start}\ncall: %json {body}")
 
 
-_BY_NAME = {p.name: p for p in (HermesParser, MistralParser, Llama3JsonParser)}
+class GenericParser(ToolCallParser):
+    """The answer is one JSON object: `{"tool_calls": [{"name", "arguments"}, ...]}` or `{"response":
+    text}`. Nothing is known before it is whole, so a stream sends it all at the end."""
+
+    name = "generic"
+
+    def parse(self, text: str, final: bool) -> Parsed:
+        if not final:
+            return Parsed("", [])
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            return Parsed(text, [])
+        if isinstance(answer, dict) and isinstance(answer.get("response"), str):
+            return Parsed(answer["response"], [])
+        items = answer.get("tool_calls") if isinstance(answer, dict) else None
+        if not isinstance(items, list) or not items:
+            return Parsed(text, [])
+        calls = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return Parsed(text, [])
+            calls.append(ParsedCall(item["name"], json.dumps(item.get("arguments", {})), True))
+        return Parsed("", calls)
+
+    def _calls_schema(self, tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+        calls: dict[str, Any] = {"type": "array", "items": _call_schema(tools), "minItems": 1}
+        if not parallel:
+            calls["maxItems"] = 1
+        return {
+            "type": "object",
+            "properties": {"tool_calls": calls},
+            "required": ["tool_calls"],
+            "additionalProperties": False,
+        }
+
+    def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
+        return Grammar.json_schema(self._calls_schema(tools, parallel))
+
+    def answer_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> Grammar:
+        """`tool_choice` "auto": calls, or a direct answer under "response"."""
+        response = {
+            "type": "object",
+            "properties": {"response": {"type": "string"}},
+            "required": ["response"],
+            "additionalProperties": False,
+        }
+        return Grammar.json_schema({"anyOf": [self._calls_schema(tools, parallel), response]})
+
+
+_BY_NAME = {p.name: p for p in (HermesParser, MistralParser, Llama3JsonParser, GenericParser)}
 
 
 def parser_named(name: str) -> ToolCallParser:

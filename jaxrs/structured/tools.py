@@ -1,7 +1,8 @@
 """Tool calling around the engine, for the server and `LLM.chat` alike: `tools` and `tool_choice`
 checked, the format's parser picked, history messages (`tool` results, assistant `tool_calls`) put in
 the shape chat templates read, the grammar that makes `required` and named choices always produce
-valid calls, and the calls parsed out of a finished answer.
+valid calls, and the calls parsed out of a finished answer. A model whose template renders no tools
+takes them in the generic format (`generic_tools`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from jaxrs.structured import Grammar
+from jaxrs.structured.generic_tools import generic_conversation
 from jaxrs.structured.tool_calls import (
     PARSERS,
+    GenericParser,
     ToolCallParser,
     new_call_id,
     parser_for_template,
@@ -39,6 +42,12 @@ class ToolPlan:
     tools: list[dict[str, Any]]
     parser: ToolCallParser
     grammar: Grammar | None
+    forced: bool = False  # tool_choice "required" or a named function
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools for the chat template: none in the generic format, which describes them itself."""
+        return None if isinstance(self.parser, GenericParser) else self.tools
 
 
 def _check_tools(tools: Any) -> list[dict[str, Any]]:
@@ -88,7 +97,8 @@ def tool_plan(
     tokenizer: Tokenizer, tools: Any, tool_choice: Any, parallel: bool | None, parser_name: str | None
 ) -> ToolPlan | None:
     """None when the request has no tools or `tool_choice` is "none" (the tools are then left out of
-    the prompt). A model whose chat template renders no tools, with no parser named, is a 400."""
+    the prompt). A model whose chat template renders no tools takes the generic format; one that
+    renders them in a format no parser knows needs a parser named."""
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
             raise ToolError("tool_choice needs tools", "tool_choice")
@@ -97,18 +107,45 @@ def tool_plan(
     choice, allowed = _chosen(tool_choice, tools)
     if choice == "none":
         return None
-    template = tokenizer.chat_template
-    if not template or "tools" not in template:
-        raise ToolError("tools: this model's chat template does not render tools", "tools")
-    parser = parser_named(parser_name) if parser_name else parser_for_template(template)
+    if parser_name:
+        parser = parser_named(parser_name)
+    elif renders_tools(tokenizer):
+        parser = parser_for_template(tokenizer.chat_template)
+    else:
+        parser = GenericParser()
     if parser is None:
         raise ToolError(
             "tools: no tool-call format is known for this model's chat template; "
             f"name one ({', '.join(PARSERS)}) with tool_call_parser (the server's --tool-call-parser)",
             "tools",
         )
-    grammar = parser.grammar(allowed, parallel is not False, tokenizer) if choice == "required" else None
-    return ToolPlan(tools, parser, grammar)
+    # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
+    parallel = parallel is not False and not isinstance(tool_choice, dict)
+    if choice == "required":
+        grammar = parser.grammar(allowed, parallel, tokenizer)
+    elif isinstance(parser, GenericParser):  # its answers are always JSON: a call or a response
+        grammar = parser.answer_grammar(allowed, parallel)
+    else:
+        grammar = None
+    return ToolPlan(tools, parser, grammar, forced=choice == "required")
+
+
+def renders_tools(tokenizer: Tokenizer) -> bool:
+    """Whether the model's chat template writes the `tools` it is given."""
+    return bool(tokenizer.chat_template) and "tools" in tokenizer.chat_template
+
+
+def tool_conversation(
+    tokenizer: Tokenizer, plan: ToolPlan | None, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages the chat template renders: as they are where it renders tools itself; else the
+    generic format's (the tools described in the system turn, calls and results as JSON turns)."""
+    if plan is not None and isinstance(plan.parser, GenericParser):
+        return generic_conversation(messages, plan.tools, plan.forced)
+    if plan is None and not renders_tools(tokenizer):
+        if any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            return generic_conversation(messages, None)
+    return messages
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +190,12 @@ def tool_params(plan: ToolPlan | None, params: SamplingParams) -> SamplingParams
     grammar = params.grammar
     if plan.grammar is not None:
         if grammar is not None:
+            if not plan.forced:
+                raise ToolError(
+                    "tools on a model whose template renders none answer in JSON (the generic "
+                    "format); drop the output constraint",
+                    "tools",
+                )
             raise ToolError("tool_choice forces a tool call; drop the output constraint", "tool_choice")
         grammar = plan.grammar
     return dataclasses.replace(params, grammar=grammar, skip_special_tokens=False)
