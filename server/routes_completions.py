@@ -10,14 +10,15 @@ from msgspec import UNSET
 
 from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import SamplingParams
+from jaxrs.errors import JaxrsError
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
 from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
-from server.logprobs import completion_logprobs
+from server.logprobs import completion_logprobs, token_text
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
-from server.schemas import Completion, CompletionChoice, CompletionRequest, Usage
+from server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from server.streaming import DONE, event_stream, sse
 from server.structured import request_grammar
 
@@ -56,8 +57,6 @@ def completion_params(ctx: ServerContext, req: CompletionRequest, ids: list[list
         raise APIError(400, "suffix (insertion) is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported; use n", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     grammar = request_grammar(ctx.llm.engine, req)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, grammar=grammar)
@@ -79,21 +78,70 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
+        scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
         updates = generate_all(driver, list(ids), params, record.id)
         echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
+        echoed = [scored[i // req.n] for i in range(len(ids) * req.n)] if scored else None
         if req.stream:
-            return event_stream(_stream(ctx, req, record, updates, echoes))
+            return event_stream(_stream(ctx, req, record, updates, echoes, echoed))
         choices = Choices(len(ids), req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices, echoes))
+        return Response(_completion(ctx, req, record, choices, echoes, echoed))
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise
 
 
+async def _echo_logprobs(
+    ctx: ServerContext, req: CompletionRequest, ids: list[list[int]], lora: str | None
+) -> list[CompletionLogprobs] | None:
+    """With `echo` and `logprobs`: each prompt's own tokens with their log-probabilities (the first
+    token has none) and the `logprobs` likeliest tokens at each, scored on the engine thread."""
+    if not (req.echo and req.logprobs is not None):
+        return None
+    tokenizer, out = ctx.llm.tokenizer, []
+    for prompt_ids in ids:
+        try:
+            scored = await ctx.ready_driver().run_on_engine(
+                lambda engine, p=prompt_ids: engine.prompt_logprobs(p, req.logprobs, lora)
+            )
+        except JaxrsError as e:
+            raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
+        if not prompt_ids:
+            out.append(CompletionLogprobs([], [], [], []))
+            continue
+        first = token_text(tokenizer, prompt_ids[0])
+        rest, _ = completion_logprobs(tokenizer, scored, top=req.logprobs, offset=len(first))
+        out.append(
+            CompletionLogprobs(
+                [first, *rest.tokens],
+                [None, *rest.token_logprobs],
+                [None, *rest.top_logprobs],
+                [0, *rest.text_offset],
+            )
+        )
+    return out
+
+
+def _joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:
+    if first is None:
+        return then
+    return CompletionLogprobs(
+        first.tokens + then.tokens,
+        first.token_logprobs + then.token_logprobs,
+        first.top_logprobs + then.top_logprobs,
+        first.text_offset + then.text_offset,
+    )
+
+
 def _completion(
-    ctx: ServerContext, req: CompletionRequest, record: RequestRecord, choices: Choices, echoes: list[str]
+    ctx: ServerContext,
+    req: CompletionRequest,
+    record: RequestRecord,
+    choices: Choices,
+    echoes: list[str],
+    echoed: list[CompletionLogprobs] | None = None,
 ) -> Completion:
     out = []
     for i, s in enumerate(choices.states):
@@ -102,6 +150,7 @@ def _completion(
             logprobs, _ = completion_logprobs(
                 ctx.llm.tokenizer, s.logprobs, top=req.logprobs, offset=len(echoes[i])
             )
+            logprobs = _joined(echoed[i] if echoed else None, logprobs)
         out.append(CompletionChoice(i, echoes[i] + "".join(s.text), s.finish_reason, logprobs))
     tokens = choices.completion_tokens
     usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
@@ -114,6 +163,7 @@ async def _stream(
     record: RequestRecord,
     updates: AsyncGenerator[tuple[int, RequestUpdate], None],
     echoes: list[str],
+    echoed: list[CompletionLogprobs] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Echoed prompts first, then text chunks, a finish chunk per choice, usage if asked, [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -128,7 +178,7 @@ async def _stream(
         async with contextlib.aclosing(updates):
             for i, echo in enumerate(echoes):
                 if echo:
-                    yield chunk([CompletionChoice(i, echo, None)])
+                    yield chunk([CompletionChoice(i, echo, None, echoed[i] if echoed else None)])
             async for prompt_index, update in updates:
                 for index, u in choices.apply(prompt_index, update):
                     logprobs = None

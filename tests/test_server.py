@@ -141,6 +141,35 @@ def test_chat_stream_is_well_formed(oai, client, app, reference):
     assert all("usage" not in p for p in payloads)
 
 
+@pytest.fixture(scope="module")
+def prompt_scores(llm):
+    """A prompt's token log-probabilities scored offline, before an app's engine thread owns the engine."""
+    ids = llm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    return ids, llm.score([ids[:1]], [ids[1:]])[0]
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(prompt_scores, oai, app, llm):
+    """`echo` with `logprobs` (what evaluation harnesses send): the prompt's tokens come back with their
+    log-probabilities (the first has none) and the likeliest tokens at each, then the answer's."""
+    ids, scores = prompt_scores
+    text = llm.tokenizer.decode(ids)
+    resp = oai.completions.create(
+        model=name_of(app), prompt=text, max_tokens=3, temperature=0, echo=True, logprobs=3
+    )
+    lp = resp.choices[0].logprobs
+    assert resp.choices[0].text.startswith(text) and len(lp.tokens) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(scores, abs=1e-4)
+    for top, own in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
+        assert 1 <= len(top) <= 3 and max(top.values()) >= own - 1e-5
+    assert lp.text_offset == sorted(lp.text_offset)
+    streamed = oai.completions.create(
+        model=name_of(app), prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=3, stream=True
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert chunks[0].text == text and chunks[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+
+
 def test_completions_text_token_ids_lists_echo_and_n(oai, app, llm):
     prompt = "The capital of France is"
     resp = oai.completions.create(model=name_of(app), prompt=prompt, max_tokens=4, temperature=0)

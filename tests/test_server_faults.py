@@ -188,7 +188,6 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (COMPLETIONS, {"prompt": "Hi", "model": "no-such-model"}, 404, "no-such-model", "model"),
         (COMPLETIONS, {"prompt": "Hi", "suffix": "!"}, 400, "suffix", "suffix"),
         (COMPLETIONS, {"prompt": "Hi", "best_of": 3}, 400, "best_of", "best_of"),
-        (COMPLETIONS, {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, "echo", "echo"),
         (CHAT, b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}]}', 400, "utf-8", None),
         (COMPLETIONS, b'{"prompt": "\xc3\x28"}', 400, "utf-8", None),
         (CHAT, b"\xff\xfe{}", 400, "json", None),

@@ -37,7 +37,7 @@ from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, sour
 from jaxrs.engine.runner import ModelRunner
 from jaxrs.engine.sampling import SampleOutput, SamplingParams
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
-from jaxrs.engine.sequence import Sequence, Status
+from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.engine.speculative import Speculator, load_draft
 from jaxrs.engine.speculative_config import SpeculativeConfig
 from jaxrs.engine.stats import EngineSnapshot, MemoryUse
@@ -499,6 +499,19 @@ class Engine:
     ) -> list[float]:
         """Log-probabilities of the continuation tokens after the prompt (prefix cache applies), under
         the LoRA adapter `lora` (None: the base model)."""
+        return [lp.logprob for lp in self._scored(prompt_ids, continuation_ids, lora, 0)]
+
+    def prompt_logprobs(
+        self, prompt_ids: list[int], top: int = 0, lora: str | None = None
+    ) -> list[TokenLogprob]:
+        """Each prompt token's log-probability after the tokens before it (the first has none: the
+        list starts at the second) and the `top` likeliest tokens there (the legacy completions'
+        `echo` with `logprobs`)."""
+        return self._scored(prompt_ids[:1], prompt_ids[1:], lora, top)
+
+    def _scored(
+        self, prompt_ids: list[int], continuation_ids: list[int], lora: str | None, top: int
+    ) -> list[TokenLogprob]:
         if not continuation_ids:
             return []
         ids = list(prompt_ids) + list(continuation_ids)
@@ -512,11 +525,19 @@ class Engine:
             done = self.blocks.match_prefix(table, prompt_ids, key)
             if not self.blocks.grow(table, len(ids) - 1):
                 raise JaxrsError(f"the KV cache has too few free blocks to score {len(ids)} tokens now")
-            out: list[float] = []
+            out: list[TokenLogprob] = []
             while done < len(ids) - 1:
                 end = min(done + self.config.max_num_batched_tokens, len(ids) - 1)
-                logprobs = self.runner.score(ids[done:end], table.blocks, done, ids[done + 1 : end + 1], slot)
-                out += logprobs.tolist()
+                targets = ids[done + 1 : end + 1]
+                found = self.runner.score(ids[done:end], table.blocks, done, targets, slot, top)
+                if top:
+                    picked, values, top_ids = found
+                    out += [
+                        TokenLogprob(t, float(lp), tuple(zip(i.tolist(), v.tolist(), strict=True)))
+                        for t, lp, v, i in zip(targets, picked, values, top_ids, strict=True)
+                    ]
+                else:
+                    out += [TokenLogprob(t, float(lp)) for t, lp in zip(targets, found, strict=True)]
                 done = end
                 self.blocks.register_full_blocks(table, ids, done, key)
             skipped = len(ids) - 1 - len(out)  # prompt positions served from the cache

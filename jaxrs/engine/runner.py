@@ -181,13 +181,17 @@ def _sample(params, kv, logits, batch, *, flags):
     return sample(logits, batch, flags), kv
 
 
-def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels):
+def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels, top=0):
+    """Each target's log-probability, and with `top` > 0 the `top` likeliest tokens' (values, ids)."""
     if lora is not None:  # the row's adapter slot (LoRA)
         params = bind_slots(params, lora)
     model = merge(params, cfg)
     hidden, kv = model(tokens, meta, kv, kernels)
     logprobs = jax.nn.log_softmax(model.logits(hidden, kernels), axis=-1)
-    return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], kv
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    if top:
+        return (picked, *jax.lax.top_k(logprobs, top)), kv
+    return picked, kv
 
 
 class Steps(NamedTuple):
@@ -207,7 +211,7 @@ def jitted_steps(xla_options: tuple[tuple[str, str], ...] = ()) -> Steps:
     return Steps(
         prefill=jit(_prefill, static_argnames=("cfg", "kernels", "flags")),
         decode=jit(_decode, static_argnames=("cfg", "kernels", "flags", "max_steps")),
-        score=jit(_score, static_argnames=("cfg", "kernels")),
+        score=jit(_score, static_argnames=("cfg", "kernels", "top")),
         logits=jit(_logits, static_argnames=("cfg", "kernels")),
         sample=jit(_sample, static_argnames=("flags",)),
     )
@@ -422,10 +426,17 @@ class ModelRunner:
         )
 
     def score(
-        self, token_ids: list[int], blocks: list[int], start: int, targets: list[int], lora_slot: int = -1
-    ) -> np.ndarray:
+        self,
+        token_ids: list[int],
+        blocks: list[int],
+        start: int,
+        targets: list[int],
+        lora_slot: int = -1,
+        top: int = 0,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now,
-        with the adapter in `lora_slot` (-1: none) when adapters are served."""
+        with the adapter in `lora_slot` (-1: none) when adapters are served. With `top` > 0, also the
+        `top` likeliest tokens at each position: (logprobs, their values [n, top], their ids)."""
         n = len(token_ids)
         t, w = self.chunk_len(n), self.width(len(blocks))
         tokens = np.zeros((1, t), np.int32)
@@ -434,6 +445,9 @@ class ModelRunner:
         target[0, :n] = targets
         meta = self._metadata([(blocks, start, n, None)], 1, t, w)
         lora = None if self.lora_slot is None else np.full(1, lora_slot, np.int32)
+        if top:
+            call = StepCall("score", (tokens, meta, target, lora), self._statics(top=top), (t, w, top))
+            return self._run(call, lambda out: tuple(np.asarray(a)[0, :n] for a in out))
         call = StepCall("score", (tokens, meta, target, lora), self._statics(), (t, w))
         return self._run(call, lambda logprobs: np.asarray(logprobs)[0, :n])
 
