@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from litestar import Request, Response, post
 from msgspec import UNSET
 
-from jaxrs.engine.async_engine import RequestUpdate
+from jaxrs.engine.async_engine import RequestUpdate, SequenceUpdate
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from server.body import read_json
@@ -58,6 +58,8 @@ def completion_params(ctx: ServerContext, req: CompletionRequest, ids: list[list
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported; use n", param="best_of")
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    if req.echo and max_tokens == 0:  # the prompt alone comes back: the rest is checked as for one token
+        max_tokens = 1
     grammar = request_grammar(ctx.llm.engine, req)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, grammar=grammar)
     for prompt_ids in ids:
@@ -79,7 +81,10 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
         scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
-        updates = generate_all(driver, list(ids), params, record.id)
+        if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
+            updates = _prompts_only(record.id, list(ids), req.n)
+        else:
+            updates = generate_all(driver, list(ids), params, record.id)
         echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
         echoed = [scored[i // req.n] for i in range(len(ids) * req.n)] if scored else None
         if req.stream:
@@ -91,6 +96,15 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise
+
+
+async def _prompts_only(
+    request_id: str, ids: list[list[int]], n: int
+) -> AsyncGenerator[tuple[int, RequestUpdate], None]:
+    """The updates of `max_tokens: 0` with `echo`: every choice ends at once, with no tokens."""
+    for index, prompt_ids in enumerate(ids):
+        ended = [SequenceUpdate(j, "", [], [], "length") for j in range(n)]
+        yield index, RequestUpdate(request_id, prompt_ids, ended, 0, True)
 
 
 async def _echo_logprobs(

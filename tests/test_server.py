@@ -168,6 +168,10 @@ def test_completions_echo_with_logprobs_scores_the_prompt(prompt_scores, oai, ap
     )
     chunks = [c.choices[0] for c in streamed if c.choices]
     assert chunks[0].text == text and chunks[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    alone = oai.completions.create(model=name_of(app), prompt=text, max_tokens=0, echo=True, logprobs=1)
+    choice = alone.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and alone.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(scores, abs=1e-4)
 
 
 def test_completions_text_token_ids_lists_echo_and_n(oai, app, llm):
