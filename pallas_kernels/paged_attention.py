@@ -30,6 +30,9 @@ from pallas_kernels.tiled_attention import NEG_INF, cap_scores, tiled_paged_atte
 # chunk it took 0.6x the dense form's CPU time, at 2,048 tokens 0.14x, and at a 1,904-token chunk over a
 # 6,000-token context 0.07x (bench/RESULTS.md, "CPU prefill of long prompts").
 TILED_MIN_KEYS = 512
+# Decode under a sliding window narrower than the block table reads each row's window's pages only
+# (`_windowed_decode`). Read when tracing, so a benchmark may set it between compiles.
+WINDOWED_DECODE = True
 
 
 def write_kv_xla(
@@ -79,10 +82,28 @@ def paged_attention_xla(
     visiting only the keys each query tile sees); None: for several query tokens over a table of at
     least `TILED_MIN_KEYS` keys, the dense form otherwise (decode, short chunks).
     `narrowed`: read only the table's first columns that hold the longest context (`read_widths`);
-    None: for a decode (one query token) gathering enough keys to gain (`worth_narrowing`).
+    None: for a decode (one query token) gathering enough keys to gain (`worth_narrowing`), and, under a
+    sliding window narrower than the table, each row's window's pages only (`_windowed_decode`).
     """
     if tiled is None:
         tiled = q.shape[1] > 1 and block_tables.shape[1] * k_cache.shape[2] >= TILED_MIN_KEYS
+    window_pages = _window_pages(sliding_window, k_cache.shape[2])
+    windowed = WINDOWED_DECODE and q.shape[1] == 1 and not tiled and window_pages < block_tables.shape[1]
+    if narrowed is None and windowed:
+        # Decode under a window narrower than the table: each row reads only its window's pages.
+        return _windowed_decode(
+            q,
+            k_cache,
+            v_cache,
+            layer,
+            block_tables,
+            positions,
+            context_lens,
+            window_pages,
+            scale=scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     if narrowed is None:
         keys = block_tables.shape[1] * k_cache.shape[2]
         narrowed = q.shape[1] == 1 and not tiled and worth_narrowing(q.shape[0], keys)
@@ -111,6 +132,81 @@ def paged_attention_xla(
             sliding_window=sliding_window,
             soft_cap=soft_cap,
         )
+    return _dense_attention(
+        q,
+        k_cache,
+        v_cache,
+        layer,
+        block_tables,
+        positions,
+        context_lens,
+        scale=scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+
+
+def _window_pages(sliding_window: int | None, block_size: int) -> int:
+    """How many pages hold every key a decode row sees under `sliding_window` (unbounded without one)."""
+    if sliding_window is None:
+        return 2**31 - 1
+    return -(-(sliding_window - 1) // block_size) + 1
+
+
+def _windowed_decode(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    context_lens: jax.Array,
+    window_pages: int,
+    **options,
+) -> jax.Array:
+    """Decode (one query token a row) over only the `window_pages` table columns from the page holding
+    the row's first visible key (Gemma 3's 512-token window: 33 pages, whatever the table's width), the
+    longest of them narrowed as `read_widths` does for several rows. A row near the table's start
+    takes its first `window_pages` columns."""
+    block_size = k_cache.shape[2]
+    width = block_tables.shape[1]
+    first = jnp.clip(positions[:, 0] - options["sliding_window"] + 1, 0, None) // block_size  # [B]
+    first = jnp.minimum(first, width - window_pages)  # a whole window inside the table
+    columns = first[:, None] + jnp.arange(window_pages)[None, :]
+    tables = jnp.take_along_axis(block_tables, columns, axis=1)
+    attend = functools.partial(
+        _dense_attention,
+        q,
+        k_cache,
+        v_cache,
+        layer,
+        positions=positions,
+        context_lens=context_lens,
+        key_start=first * block_size,
+        **options,
+    )
+    if worth_narrowing(q.shape[0], window_pages * block_size):  # rows whose windows start late need less
+        lengths = context_lens - first * block_size
+        return read_narrowest(lambda t: attend(block_tables=t), tables, lengths, block_size)
+    return attend(block_tables=tables)
+
+
+def _dense_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    context_lens: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    key_start: jax.Array | int = 0,
+) -> jax.Array:
+    """Every page of `block_tables` gathered, masked by position and length, softmax in f32; the table's
+    first key sits at position `key_start` ([B] or a scalar)."""
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -119,7 +215,7 @@ def paged_attention_xla(
     qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = cap_scores(scores, soft_cap)
-    key_pos = jnp.arange(k.shape[1])[None, None, :]
+    key_pos = jnp.reshape(key_start, (-1, 1, 1)) + jnp.arange(k.shape[1])[None, None, :]
     mask = visible(key_pos, positions[:, :, None], context_lens[:, None, None], sliding_window)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)

@@ -26,11 +26,18 @@ READ_WIDTHS = 8
 # step narrowed, 32 rows at 256 and 1,024 keys 13% and 21% less (bench/RESULTS.md, "CPU decode, seventh
 # round").
 NARROW_MIN_KEYS = 2048
+# And from this many rows: one row reads its whole table. Its products are XLA's one-row GEMVs, and the one
+# reading the switch's result (o_proj) ran 4-7x as long as q_proj of the same size after it; reading the
+# whole table cost less even at twice the keys: one demo row took 10% and 15% less CPU time a step whole
+# at 1,024 and 4,000 keys (2,048- and 8,192-key tables), where two rows at 1,024 keys took twice as long
+# whole (bench/RESULTS.md, "Decode attention on XLA:CPU: the formulations, and one row reads its table
+# whole").
+NARROW_MIN_ROWS = 2
 
 
 def worth_narrowing(rows: int, table_keys: int) -> bool:
     """Whether a decode of `rows` rows over tables of `table_keys` keys reads the narrowest width."""
-    return READ_WIDTHS > 1 and rows * table_keys >= NARROW_MIN_KEYS
+    return READ_WIDTHS > 1 and rows >= NARROW_MIN_ROWS and rows * table_keys >= NARROW_MIN_KEYS
 
 
 def read_widths(width: int, count: int | None = None) -> list[int]:

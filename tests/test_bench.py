@@ -74,6 +74,16 @@ def test_decode_step_script(tmp_path):
     assert all(r["ms_per_step"] > 0 and r["compile_s"] > 0 for r in out["rows"])
 
 
+def test_profile_decode_step_script(tmp_path):
+    out = bench(
+        "profile_decode_step.py",
+        *("--rows", "2", "--keys", "16", "--steps", "2", "--calls", "1", "--top", "200"),
+        *("--set", "pallas_kernels.read_widths.NARROW_MIN_KEYS=0", "--out", str(tmp_path / "p.json")),
+    )
+    assert out["thunks"] and all(r["us_per_layer"] > 0 for r in out["thunks"])
+    assert any(r["thunk"].startswith("cond") for r in out["thunks"])  # the setting narrowed two rows
+
+
 def test_isq_script(tmp_path):
     from transformers import LlamaConfig
 
@@ -206,13 +216,23 @@ def test_cpu_int8_script(tmp_path):
 
 
 def test_cpu_attention_script(tmp_path):
+    """Every formulation on a GQA shape and on Gemma's (one KV head, head_dim 256, a sliding window), one
+    row and two; the script checks each output against jaxrs's before timing it."""
     out = bench(
         "bench_cpu_attention.py",
-        *("--cases", "2:20:2", "--layers", "2", "--repeats", "1", "--cache-dtypes", "float16"),
+        *("--shapes", "demo", "gemma", "--cases", "1:40:4", "2:20:2", "--layers", "2", "--repeats", "1"),
         *("--out", str(tmp_path / "a.json")),
     )
-    (row,) = out["ms"].values()
-    assert set(row) == {"jaxrs", "dots", "products"} and all(ms > 0 for ms in row.values())
+    rows = out["ms"]
+    assert list(rows) == [
+        f"{shape}, {case}, float16"
+        for shape in ("demo", "gemma")
+        for case in ("1 x 40 tokens, width 64", "2 x 20 tokens, width 32")
+    ]
+    every = {"jaxrs", "dots", "products", "block_diagonal", "head_gemvs", "float16_dots", "lean_softmax"}
+    for label, row in rows.items():
+        assert set(row) == (every if "1 x" in label else every - {"head_gemvs"})  # one-row GEMVs: one row
+        assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in row.values())
 
 
 def test_prefill_attention_script(tmp_path):

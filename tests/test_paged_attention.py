@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxrs import ops
+from pallas_kernels import read_widths
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla
 
 NUM_LAYERS = 3
@@ -226,3 +227,46 @@ def test_registered() -> None:
     assert ops.resolve("paged_attention", "pallas") is paged_attention_pallas
     assert ops.default_name("paged_attention", "cpu") == "xla"
     assert ops.default_name("paged_attention", "gpu") == "pallas"
+
+
+@pytest.mark.parametrize("group", [1, 3, 7])
+@pytest.mark.parametrize(("window", "soft_cap"), [(6, None), (4, 5.0), (1, None), (13, 2.0)])
+def test_windowed_decode_equals_the_whole_table(
+    group: int, window: int, soft_cap: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a sliding window narrower than the table, a decode row reads only its window's pages (rows
+    long and short, one ending a block, one shorter than the window, a padding row; one row and several,
+    the windowed tables of several narrowed too): the same as reading the whole table."""
+    monkeypatch.setattr(read_widths, "NARROW_MIN_KEYS", 0)
+    lens = [47, 20, 1, 16, 0, 30, 5]
+    for rows in (lens[:1], lens):
+        inputs = make_inputs(
+            block_size=4,
+            group=group,
+            starts=[max(n - 1, 0) for n in rows],
+            new_tokens=[min(n, 1) for n in rows],
+            q_len=1,
+            dtype=jnp.float32,
+            table_width=12,
+            seed=group,
+        )
+        options = dict(scale=0.3, sliding_window=window, soft_cap=soft_cap)
+        whole = paged_attention_xla(**inputs, **options, narrowed=False)
+        windowed = paged_attention_xla(**inputs, **options)
+        np.testing.assert_allclose(np.asarray(windowed), np.asarray(whole), rtol=1e-5, atol=1e-6)
+
+
+def test_windowed_decode_reads_only_the_window() -> None:
+    """A NaN page before every row's window poisons the whole-table read (0 x NaN in the weighted sum
+    of values) and not the windowed one, which never gathers it."""
+    inputs = make_inputs(
+        block_size=4, group=3, starts=[40, 29], new_tokens=[1, 1], q_len=1, dtype=jnp.float32, table_width=12
+    )
+    tables = np.asarray(inputs["block_tables"])
+    poisoned = {int(tables[0, 1]), int(tables[1, 0])}  # keys 4-7 of row 0, 0-3 of row 1: behind a window of 8
+    v = np.asarray(inputs["v_cache"]).copy()
+    v[LAYER, sorted(poisoned)] = np.nan
+    inputs = dict(inputs, v_cache=jnp.asarray(v))
+    options = dict(scale=0.2, sliding_window=8)
+    assert np.isnan(np.asarray(paged_attention_xla(**inputs, **options, narrowed=False))).any()
+    assert np.isfinite(np.asarray(paged_attention_xla(**inputs, **options))).all()

@@ -88,3 +88,22 @@ def test_decode_narrows_only_when_it_gathers_enough_keys() -> None:
     assert not _switches(one)
     assert _switches(many)
     assert not _switches(prefill)
+
+
+def test_one_row_reads_even_a_wide_table_whole() -> None:
+    """However many keys its table holds, one decode row takes no switch; two rows over it do."""
+    width = -(-rw.NARROW_MIN_KEYS // 8)  # 8-key blocks: NARROW_MIN_KEYS keys in one row's table
+
+    def rows(n: int) -> dict:
+        return make_inputs(
+            block_size=8,
+            group=2,
+            starts=[3] * n,
+            new_tokens=[1] * n,
+            q_len=1,
+            dtype=jnp.float32,
+            table_width=width,
+        )
+
+    assert not _switches(rows(1))
+    assert _switches(rows(2))
