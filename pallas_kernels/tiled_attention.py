@@ -27,6 +27,15 @@ NEG_INF = -1e30  # finite, so a fully masked (padding) row gives zeros instead o
 # The running max starts here, above NEG_INF and below any real score, so a masked score's exp is exactly
 # 0 even in a row that has seen no key yet: no second select over the tile's probabilities.
 _MAX_FLOOR = NEG_INF / 2
+# The default tiles: query tokens a tile, keys a step. 256 keys rather than 512: a query tile then walks
+# less of the square above the causal diagonal (a 512-token prompt's two query tiles take 3 key tiles of
+# 256, not 2 of 512), and its [rows x keys] f32 score tiles are half the size. Attention alone, CPU time,
+# interleaved (bench/bench_prefill_attention.py): Gemma-3-270M heads 0.099 -> 0.084 s at 512 tokens,
+# 0.905 -> 0.895 at 2,048; Qwen2.5-0.5B heads 0.116 -> 0.096 and 1.061 -> 0.992; SmolLM2 heads on cached
+# prefixes of 2,048 and 4,096 keys 1.031 -> 0.933 and 1.502 -> 1.485; 128:128 was no better (bench/RESULTS.md,
+# "Prefill of the larger models, third round").
+QUERY_TILE = 256
+KEY_TILE = 256
 
 
 def visible(
@@ -57,15 +66,16 @@ def tiled_paged_attention(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    query_tile: int = 256,
-    key_tile: int = 512,
+    query_tile: int | None = None,
+    key_tile: int | None = None,
     row_sum: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """`paged_attention_xla`'s semantics, tile by tile (see the module docstring).
 
     `query_tile` tokens per query tile (the rows of a tile are its tokens times the query heads of a kv
-    head); `key_tile` keys per step, rounded to whole pages. The key range of a tile is the union over
-    the batch, so rows of very different lengths share one walk (the engine sends long chunks alone).
+    head); `key_tile` keys per step, rounded to whole pages (None: `QUERY_TILE`, `KEY_TILE`). The key
+    range of a tile is the union over the batch, so rows of very different lengths share one walk (the
+    engine sends long chunks alone).
     `row_sum`: sums the probabilities over the last axis (default `jnp.sum`; `batch_invariant`'s own).
     """
     batch, q_len, num_heads, head_dim = q.shape
@@ -73,7 +83,8 @@ def tiled_paged_attention(
     group = num_heads // num_kv_heads
     dtype = jnp.promote_types(q.dtype, v_cache.dtype)  # a float16 cache under float32 compute: float32
 
-    query_tile = min(query_tile, q_len)
+    query_tile = min(query_tile or QUERY_TILE, q_len)
+    key_tile = key_tile or KEY_TILE
     pad = -q_len % query_tile
     num_tiles = (q_len + pad) // query_tile
     rows = query_tile * group  # row r of a tile: token r // group, query head r % group of the kv head

@@ -239,10 +239,29 @@ def test_prefill_attention_script(tmp_path):
     out = bench(
         "bench_prefill_attention.py",
         *("--cases", "40:20:8", "--variants", "dense", "tiled", "16:32", "--layers", "2", "--repeats", "1"),
+        *("--heads", "qwen05", "--window", "24", "--kv-cache-dtype", "float16"),
         *("--out", str(tmp_path / "p.json")),
     )
     assert [r["variant"] for r in out["results"]] == ["dense", "tiled", "16:32"]
     assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in out["results"])
+
+
+def test_prefill_products_script(tmp_path):
+    out = bench(
+        "bench_prefill_products.py",
+        *("--rows", "8", "--shapes", "gemma3", "--repeats", "1", "--out", str(tmp_path / "m.json")),
+    )
+    assert len(out["results"]) == 2 * 7 and all(r["cpu_ms"] >= 0 for r in out["results"])
+
+
+def test_prefill_step_script(tmp_path):
+    out = bench(
+        "bench_prefill_step.py",
+        *("--tokens", "40", "--repeats", "1", "--variant", "kt16:pallas_kernels.tiled_attention.KEY_TILE=16"),
+        *("--out", str(tmp_path / "s.json")),
+    )
+    assert [(r["tokens"], r["variant"]) for r in out["results"]] == [(40, "base"), (40, "kt16")]
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["logit_diff"] < 1e-3 for r in out["results"])
 
 
 def test_speculative_script(tmp_path):

@@ -79,6 +79,30 @@ def test_a_table_of_one_key_tile_runs_it_once(window) -> None:
     check(inputs, sliding_window=window, query_tile=4, key_tile=32)
 
 
+def test_default_tiles_are_the_module_settings(monkeypatch) -> None:
+    """Unset tiles are `QUERY_TILE` and `KEY_TILE`, read at each call (what a benchmark variant sets), and
+    the engine's tiles walk a 512-key table in key tiles of 256: two, so it loops."""
+    from pallas_kernels import tiled_attention as ta
+
+    inputs = make_inputs(
+        block_size=8, group=3, starts=[21, 0], new_tokens=[13, 9], q_len=13, dtype=jnp.float32
+    )
+    monkeypatch.setattr(ta, "QUERY_TILE", 4)
+    monkeypatch.setattr(ta, "KEY_TILE", 16)
+    unset = tiled_paged_attention(**inputs, scale=0.2)
+    np.testing.assert_array_equal(
+        np.asarray(unset), np.asarray(tiled_paged_attention(**inputs, scale=0.2, **SMALL_TILES))
+    )
+    monkeypatch.setattr(ta, "KEY_TILE", 64)
+    assert not np.array_equal(np.asarray(unset), np.asarray(tiled_paged_attention(**inputs, scale=0.2)))
+    monkeypatch.undo()
+    assert (ta.QUERY_TILE, ta.KEY_TILE) == (256, 256)
+    wide = make_inputs(
+        block_size=16, group=3, starts=[0], new_tokens=[5], q_len=5, dtype=jnp.float32, table_width=32
+    )
+    assert _loops(tiled_paged_attention, wide)  # 512 keys: two key tiles, not one
+
+
 @pytest.mark.parametrize("window", [5, 8, 19, 40])  # 40: whole key tiles inside the window
 def test_sliding_window_and_soft_cap(window: int) -> None:
     inputs = make_inputs(

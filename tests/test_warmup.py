@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from jaxrs import LLM, SamplingParams
+from jaxrs.engine import runner as runner_module
 from jaxrs.engine.warmup import Warmup
 from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
 from tests.test_compiled_steps import FakeStep, call, compiled_with
@@ -100,3 +101,31 @@ def test_engine_serves_while_the_background_compiles(tiny):
     assert runner.compile_count() == len(warmup.calls) == len(runner.shapes)  # each shape once
     again = llm.generate(["w3 w4 w5"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert again[0].token_ids == out[0].token_ids and runner.compile_count() == len(warmup.calls)
+
+
+def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):
+    """Past `CHUNK_STEP` tokens a chunk pads to the step's next multiple, not the next power of two; the
+    warm-up lists those lengths, and a prompt's tokens are the same at either padding."""
+    monkeypatch.setattr(runner_module, "CHUNK_STEP", 16)
+    llm = LLM(
+        str(tiny),
+        kv_cache_tokens=256,
+        block_size=8,
+        max_model_len=96,
+        max_num_seqs=1,
+        max_num_batched_tokens=64,
+        prefix_caching=False,
+    )
+    runner = llm.engine.runner
+    assert [runner.chunk_len(n) for n in (1, 16, 17, 33, 48, 49, 64)] == [16, 16, 32, 48, 48, 64, 64]
+    calls, _ = runner.warmup_calls([SamplingParams(temperature=0)])
+    assert sorted({c.label[1] for c in calls if c.kind == "prefill"}) == [16, 32, 48, 64]
+    prompt = [3 + i % 11 for i in range(40)]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    stepped = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert ("prefill", 1, 48) in {c[:3] for c in runner.shapes}
+    monkeypatch.setattr(runner_module, "CHUNK_STEP", 1 << 20)  # powers of two only, as before
+    assert runner.chunk_len(40) == 64
+    doubled = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert ("prefill", 1, 64) in {c[:3] for c in runner.shapes}
+    assert doubled.token_ids == stepped.token_ids

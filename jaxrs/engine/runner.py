@@ -6,9 +6,9 @@ ones, then a sample each), `decode` (one or more tokens for every running sequen
 (log-probabilities of given next tokens). A decode batch holding a constrained row (a grammar) runs
 as `logits` then `sample` instead, so its token masks are filled on the host while the device runs
 the forward pass (`jaxrs.engine.masked_decode`). Shapes are bucketed to powers of two (batch rows, chunk
-length, block-table width), so compilations are few and logged; each compiles once, ahead of use
-(`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The KV cache
-is donated into every call and updated in place. XLA compiler options for the steps
+length up to `CHUNK_STEP`, block-table width), so compilations are few and logged; each compiles once,
+ahead of use (`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The
+KV cache is donated into every call and updated in place. XLA compiler options for the steps
 (`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function, so they never
 touch the user's other computations.
 """
@@ -57,6 +57,11 @@ MIN_WIDTH = 8
 # call each would bring them (bench/RESULTS.md, "Aggregate throughput at 1, 8 and 32 concurrent
 # sequences"). Longer chunks run alone, so the batched prefill shapes stay few.
 MAX_BATCHED_CHUNK = 64
+
+# Prompt chunks longer than this pad to a multiple of it, shorter ones to a power of two: a 600-token
+# prompt computes 768 positions rather than 1,024 (a prefill costs about its padded length), for four more
+# chunk lengths up to 2,048 (768, 1,280, 1,536, 1,792), which the warm-up compiles in its background part.
+CHUNK_STEP = 256
 
 # XLA options the steps compile with, by platform (`EngineConfig.xla_options` and `--xla-option` try
 # others). On CPU, LLVM may use 512-bit vectors where the CPU has them (XLA's default prefers 256): the
@@ -321,7 +326,9 @@ class ModelRunner:
         return min(bucket(n), bucket(self.max_num_seqs))
 
     def chunk_len(self, n: int) -> int:
-        return min(bucket(n, 16), bucket(self.max_chunk))
+        """Padded length of a prompt chunk of n tokens (see CHUNK_STEP), at most `max_chunk`'s bucket."""
+        padded = bucket(n, 16) if n <= CHUNK_STEP else -(-n // CHUNK_STEP) * CHUNK_STEP
+        return min(padded, bucket(self.max_chunk))
 
     def compile_count(self) -> int:
         """Step executables compiled so far (by any thread): grows only when something compiles."""
