@@ -83,10 +83,9 @@ class Attention(nnx.Module):
         q, k = _maybe(self.q_norm, q, kernels), _maybe(self.k_norm, k, kernels)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv = KVCache(*kernels.get("write_kv")(kv.k, kv.v, layer, k, v, meta.slot_mapping))
-        out = self._attend(kernels, meta, q, kv, layer, sliding)
-        return self.o_proj(out.reshape(batch, q_len, cfg.q_size), kernels), kv
+        return self._attend_and_project(kernels, meta, q, kv, layer, sliding), kv
 
-    def _attend(
+    def _attend_and_project(
         self,
         kernels: Kernels,
         meta: AttentionMetadata,
@@ -95,24 +94,32 @@ class Attention(nnx.Module):
         layer: jax.Array | int,
         sliding: jax.Array | bool,
     ) -> jax.Array:
-        """The window is a static kernel option, so a model mixing sliding and global layers picks one of
-        two calls per layer: with `lax.cond` on a scanned layer's (traced) kind, in Python for an unrolled
-        layer's."""
+        """Attention, then o_proj. The window is a static kernel option, so a model mixing sliding and
+        global layers picks one of two calls per layer: with `lax.cond` on a scanned layer's (traced)
+        kind, in Python for an unrolled layer's. o_proj runs inside each branch: on XLA:CPU the one-row
+        product reading a conditional's result ran 5-8x slower than the same product inside the branch
+        (Gemma-3-270M decode: 751 against ~90 us a layer; bench/RESULTS.md, "o_proj inside the
+        layer-kind branch")."""
         cfg = self.cfg
+        batch, q_len = q.shape[:2]
 
         def call(window: int | None) -> Callable[[], jax.Array]:
-            return lambda: kernels.get("paged_attention")(
-                q,
-                kv.k,
-                kv.v,
-                layer,
-                meta.block_tables,
-                meta.positions,
-                meta.context_lens,
-                scale=cfg.attention_scale,
-                sliding_window=window,
-                soft_cap=cfg.attn_logit_softcap,
-            )
+            def attend_and_project() -> jax.Array:
+                out = kernels.get("paged_attention")(
+                    q,
+                    kv.k,
+                    kv.v,
+                    layer,
+                    meta.block_tables,
+                    meta.positions,
+                    meta.context_lens,
+                    scale=cfg.attention_scale,
+                    sliding_window=window,
+                    soft_cap=cfg.attn_logit_softcap,
+                )
+                return self.o_proj(out.reshape(batch, q_len, cfg.q_size), kernels)
+
+            return attend_and_project
 
         kinds = set(cfg.sliding_layers)
         if isinstance(sliding, bool):  # an unrolled layer: its kind is known when tracing
