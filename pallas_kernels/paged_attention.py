@@ -87,63 +87,27 @@ def paged_attention_xla(
     """
     if tiled is None:
         tiled = q.shape[1] > 1 and block_tables.shape[1] * k_cache.shape[2] >= TILED_MIN_KEYS
+    inputs = (q, k_cache, v_cache, layer)
+    options = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     window_pages = _window_pages(sliding_window, k_cache.shape[2])
     windowed = WINDOWED_DECODE and q.shape[1] == 1 and not tiled and window_pages < block_tables.shape[1]
     if narrowed is None and windowed:
         # Decode under a window narrower than the table: each row reads only its window's pages.
-        return _windowed_decode(
-            q,
-            k_cache,
-            v_cache,
-            layer,
-            block_tables,
-            positions,
-            context_lens,
-            window_pages,
-            scale=scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
-        )
+        return _windowed_decode(*inputs, block_tables, positions, context_lens, window_pages, **options)
     if narrowed is None:
         keys = block_tables.shape[1] * k_cache.shape[2]
         narrowed = q.shape[1] == 1 and not tiled and worth_narrowing(q.shape[0], keys)
     if narrowed:
-        attend = functools.partial(
-            paged_attention_xla, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap
-        )
         return read_narrowest(
-            lambda tables: attend(
-                q, k_cache, v_cache, layer, tables, positions, context_lens, tiled=False, narrowed=False
+            lambda tables: paged_attention_xla(
+                *inputs, tables, positions, context_lens, tiled=False, narrowed=False, **options
             ),
             block_tables,
             context_lens,
             k_cache.shape[2],
         )
-    if tiled:
-        return tiled_paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            layer,
-            block_tables,
-            positions,
-            context_lens,
-            scale=scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
-        )
-    return _dense_attention(
-        q,
-        k_cache,
-        v_cache,
-        layer,
-        block_tables,
-        positions,
-        context_lens,
-        scale=scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
+    attend = tiled_paged_attention if tiled else _dense_attention
+    return attend(*inputs, block_tables, positions, context_lens, **options)
 
 
 def _window_pages(sliding_window: int | None, block_size: int) -> int:

@@ -122,19 +122,9 @@ async def _echo_logprobs(
             )
         except JaxrsError as e:
             raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
-        if not prompt_ids:
-            out.append(CompletionLogprobs([], [], [], []))
-            continue
-        first = token_text(tokenizer, prompt_ids[0])
+        first = token_text(tokenizer, prompt_ids[0])  # prompts are never empty (`check_prompt`)
         rest, _ = completion_logprobs(tokenizer, scored, top=req.logprobs, offset=len(first))
-        out.append(
-            CompletionLogprobs(
-                [first, *rest.tokens],
-                [None, *rest.token_logprobs],
-                [None, *rest.top_logprobs],
-                [0, *rest.text_offset],
-            )
-        )
+        out.append(_joined(CompletionLogprobs([first], [None], [None], [0]), rest))
     return out
 
 

@@ -452,11 +452,9 @@ class ModelRunner:
         target[0, :n] = targets
         meta = self._metadata([(blocks, start, n, None)], 1, t, w)
         lora = None if self.lora_slot is None else np.full(1, lora_slot, np.int32)
-        if top:
-            call = StepCall("score", (tokens, meta, target, lora), self._statics(top=top), (t, w, top))
-            return self._run(call, lambda out: tuple(np.asarray(a)[0, :n] for a in out))
-        call = StepCall("score", (tokens, meta, target, lora), self._statics(), (t, w))
-        return self._run(call, lambda logprobs: np.asarray(logprobs)[0, :n])
+        statics, label = (self._statics(top=top), (t, w, top)) if top else (self._statics(), (t, w))
+        call = StepCall("score", (tokens, meta, target, lora), statics, label)
+        return self._run(call, lambda out: jax.tree.map(lambda a: np.asarray(a)[0, :n], out))
 
     # -- step signatures ------------------------------------------------------------------------------
     def _statics(self, **more: Hashable) -> dict[str, Hashable]:

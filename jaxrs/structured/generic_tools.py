@@ -60,6 +60,7 @@ def generic_conversation(
     in one turn, so user and assistant turns still alternate)."""
     names: dict[str, str] = {}
     out: list[dict[str, Any]] = []
+    previous_role = None
     for m in messages:
         role = m.get("role")
         if role == "assistant" and m.get("tool_calls"):
@@ -70,13 +71,13 @@ def generic_conversation(
             call_id = m.get("tool_call_id", "")
             result = {"tool_call_id": call_id, "name": names.get(call_id), "content": _text(m.get("content"))}
             text = json.dumps({"tool_response": result})
-            if out and out[-1]["role"] == "user" and out[-1].get("tool_results"):
+            if previous_role == "tool":  # results in a row share one user turn
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + text}
             else:
-                out.append({"role": "user", "content": text, "tool_results": True})
+                out.append({"role": "user", "content": text})
         else:
             out.append(dict(m))
-    out = [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+        previous_role = role
     if tools:
         prompt = tools_prompt(tools, forced)
         if out and out[0].get("role") == "system":

@@ -16,7 +16,7 @@ from typing import Any
 NUMBER_DECIMALS = 6
 NUMBER_LIMIT = 1e15
 # Keywords whose values are data, not schemas: never rewritten.
-_DATA = {"const", "enum", "default", "examples"}
+DATA_KEYWORDS = {"const", "enum", "default", "examples"}
 
 
 def _types(schema: dict[str, Any]) -> set[str]:
@@ -27,7 +27,7 @@ def _types(schema: dict[str, Any]) -> set[str]:
 def _bound(schema: dict[str, Any]) -> dict[str, Any]:
     """One schema's own number keywords (its subschemas are done by `bounded_numbers`)."""
     types = _types(schema)
-    if not types & {"number", "integer"} or _DATA & schema.keys():
+    if not types & {"number", "integer"} or DATA_KEYWORDS & schema.keys():
         return schema
     out = dict(schema)
     if "number" in types and "multipleOf" not in out:
@@ -47,7 +47,7 @@ def bounded_numbers(schema: Any) -> Any:
         return [bounded_numbers(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    inner = {k: v if k in _DATA else bounded_numbers(v) for k, v in schema.items()}
+    inner = {k: v if k in DATA_KEYWORDS else bounded_numbers(v) for k, v in schema.items()}
     return _bound(inner)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from jaxrs.structured import Grammar
 from jaxrs.structured.compiler import JSON_LAYOUT
-from jaxrs.structured.numbers import bounded_numbers
+from jaxrs.structured.numbers import DATA_KEYWORDS, bounded_numbers
 from jaxrs.tokenizer import Tokenizer
 
 PARSERS = ("hermes", "mistral", "llama3_json", "generic")
@@ -94,7 +94,6 @@ class ToolCallParser:
 
 
 _OPEN_KEYS = {"additionalProperties", "patternProperties", "unevaluatedProperties"}
-_DATA_KEYS = {"const", "enum", "default", "examples"}
 
 
 def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
@@ -108,7 +107,7 @@ def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
         return schema
     out = {}
     for key, value in schema.items():
-        if key in _DATA_KEYS:
+        if key in DATA_KEYWORDS:
             out[key] = value
         elif key == "properties" and isinstance(value, dict):
             out[key] = {name: closed_objects(sub) for name, sub in value.items()}
