@@ -2,8 +2,8 @@
 
     python bench/bench_peers.py [--model PATH] [--engines jaxrs llamacpp mistralrs transformers]
         [--jaxrs-modes f32 packed] [--jaxrs-checkout LABEL=PATH ...] [--passes 3] [--prompt-tokens 512]
-        [--prompt-lengths 2048 6000] [--new-tokens 128] [--concurrency 8 32] [--threads 2] [--skip-cold]
-        [--skip-warmup] [--out bench/results/peers.json]
+        [--prompt-lengths 2048 6000] [--prefill-repeats 1] [--new-tokens 128] [--concurrency 8 32]
+        [--threads 2] [--skip-cold] [--skip-warmup] [--out bench/results/peers.json]
 
 Each engine runs in its own process (`peer_worker.py`; llama.cpp and mistral.rs under the interpreters
 of the virtual environments `bench/setup_peers.sh` makes, skipped with a note when absent), loaded once
@@ -31,6 +31,8 @@ of the in-tree `jaxrs` rows. The first checkout given is the base: every other o
 against it, mode by mode.
 
 - prefill tok/s: prompt tokens / time to the first token, for a --prompt-tokens prompt; TTFT: that time;
+  with --prefill-repeats R, the median of R such prompts a pass (the first the decode's, then R - 1 with
+  one token generated), since one time to first token swings more than a decode's hundred steps;
 - prefill tok/s @N (--prompt-lengths N ...): the same for the first N tokens of the prompt text, one
   token generated: long prompts, whose attention grows with the square of their length;
 - decode tok/s: the remaining --new-tokens - 1 tokens of that sequence / their time;
@@ -67,6 +69,7 @@ import os
 import queue
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -319,8 +322,13 @@ def measure(row: Row, args: argparse.Namespace, work: dict, warmup: bool) -> dic
     single = row.worker.ask(
         timeout, op="single", ids=work["ids"], text=work["text"], new_tokens=args.new_tokens
     )
-    result["prefill_tok_s"] = single["prompt_tokens"] / single["ttft_s"]
-    result["ttft_ms"] = 1e3 * single["ttft_s"]
+    ttfts = [single["ttft_s"]]
+    for _ in range(args.prefill_repeats - 1):
+        again = row.worker.ask(timeout, op="single", ids=work["ids"], text=work["text"], new_tokens=1)
+        ttfts.append(again["ttft_s"])
+    ttft = statistics.median(ttfts)
+    result["prefill_tok_s"] = single["prompt_tokens"] / ttft
+    result["ttft_ms"] = 1e3 * ttft
     result["prompt_tokens"] = single["prompt_tokens"]
     for n in args.prompt_lengths:
         long = row.worker.ask(
@@ -545,6 +553,12 @@ def main() -> None:
     )
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument(
+        "--prefill-repeats",
+        type=int,
+        default=1,
+        help="time to first token of the --prompt-tokens prompt this many times a pass; the median counts",
+    )
     ap.add_argument(
         "--prompt-lengths",
         type=int,
