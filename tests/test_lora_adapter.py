@@ -70,12 +70,33 @@ def test_scalings_ranks_and_layers(cfg, tmp_path):
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"use_dora": True}, 4, "uses DoRA"),
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"bias": "all"}, 4, "trains biases"),
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"peft_type": "IA3"}, 4, "IA3 adapter, not LORA"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"lora_bias": True}, 4, "bias on lora_B"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"layer_replication": [[0, 2]]}, 4, "layer_replication"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"alora_invocation_tokens": [5]}, 4, "activated LoRA"),
     ],
 )
 def test_what_cannot_be_served_is_named(cfg, tmp_path, modules, config, rank, message):
     path = adapter(tmp_path / "x", modules, rank=rank, **config)
     with pytest.raises(JaxrsError, match=message):
         read_adapter("x", path, cfg, max_rank=4)
+
+
+def test_tensors_beside_a_and_b_are_refused_by_name(cfg, tmp_path):
+    """A lora_B bias (peft's lora_bias, whatever the config says) would otherwise be dropped silently."""
+    from safetensors.numpy import load_file
+
+    path = adapter(tmp_path / "x", {"self_attn.q_proj": (HIDDEN, HIDDEN)})
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    save_file({**tensors, bias: np.ones(HIDDEN, np.float32)}, str(path / "adapter_model.safetensors"))
+    with pytest.raises(JaxrsError, match="holds .*lora_B.bias, which jaxrs does not serve"):
+        read_adapter("x", path, cfg, max_rank=4)
+    named = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in tensors.items()
+    }
+    save_file(named, str(path / "adapter_model.safetensors"))  # keys that still carry the adapter's name
+    assert read_adapter("x", path, cfg, max_rank=4).weights.keys() == {("attn", "q_proj")}
 
 
 def test_missing_files(cfg, tmp_path):

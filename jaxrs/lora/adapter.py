@@ -5,8 +5,8 @@ The adapter's modules are matched to the model's projections through the family'
 (Llama's `self_attn.q_proj` is the model's `attn.q_proj`, Phi's `self_attn.dense` its `attn.o_proj`), so
 every family the loader reads can be adapted. `lora_alpha`, `use_rslora` (alpha / sqrt(r) instead of
 alpha / r), `rank_pattern` and `alpha_pattern` set each module's scaling, which is folded into B here.
-What jaxrs cannot serve (DoRA, trained biases, modules saved whole, embeddings or the head, a fused
-checkpoint tensor) is an error naming it.
+What jaxrs cannot serve (DoRA, trained biases or a lora_B bias, modules saved whole, embeddings or the
+head, a fused checkpoint tensor, peft's variants that change the forward) is an error naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jaxrs.models.registry import family
 
 Target = tuple[str, str]  # ("attn", "q_proj"): a projection of every layer, by its module path
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+_LORA_A, _LORA_B = (re.compile(rf"\.lora_{m}\.(?:\w+\.)?weight$") for m in "AB")  # (adapter name,) weight
 
 
 @dataclasses.dataclass
@@ -82,6 +83,12 @@ def _check_config(config: dict, name: str) -> None:
         (config.get("bias", "none") != "none", f"trains biases (bias={config.get('bias')!r})"),
         (bool(config.get("modules_to_save")), f"saves modules whole ({config.get('modules_to_save')})"),
         (bool(config.get("fan_in_fan_out")), "stores fan_in_fan_out weights"),
+        (bool(config.get("lora_bias")), "has a bias on lora_B (lora_bias=True)"),
+        (bool(config.get("layer_replication")), "replicates layers (layer_replication)"),
+        (bool(config.get("alora_invocation_tokens")), "is an activated LoRA (alora_invocation_tokens)"),
+        (bool(config.get("use_qalora")), "pools its inputs (use_qalora)"),
+        (bool(config.get("use_bdlora")), "is block-diagonal (use_bdlora)"),
+        (bool(config.get("arrow_config")), "routes between adapters (arrow_config)"),
     ]
     for bad, what in problems:
         if bad:
@@ -109,8 +116,8 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     for key in sorted(tensors):
         if "xlora_classifier" in key:  # what peft writes beside an X-LoRA expert
             continue
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
+        if not _LORA_A.search(key):
+            if not _LORA_B.search(key):  # a bias, a magnitude, a module saved whole...
                 raise JaxrsError(f"LoRA adapter {name!r} holds {key}, which jaxrs does not serve")
             continue
         module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
