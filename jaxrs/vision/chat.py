@@ -35,15 +35,25 @@ def image_source(part: Any) -> object | None:
     raise ImageError(f"an image part without an image: {sorted(part)}")
 
 
+def _is_part(part: Any) -> bool:
+    """A text or image content part (what `split_images` joins into the message's text)."""
+    return isinstance(part, Image.Image) or (
+        isinstance(part, Mapping) and part.get("type") in ("text", *IMAGE_PART_TYPES)
+    )
+
+
 def split_images(
     messages: Sequence[Mapping[str, Any]], marker: str | None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages whose list contents holding images are joined into text with `marker` per image, and
-    the image sources in order. `marker` None (a text-only model) refuses any image."""
+    """Messages whose list contents of text and image parts are joined into text (a newline between
+    parts), with `marker` per image, and the image sources in order. `marker` None (a text-only model)
+    refuses any image."""
     out, sources = [], []
     for i, message in enumerate(messages):
         content = message.get("content")
-        if not isinstance(content, list) or all(image_source(p) is None for p in content):
+        if not isinstance(content, list) or not (
+            all(_is_part(p) for p in content) or any(image_source(p) is not None for p in content)
+        ):
             out.append(dict(message))
             continue
         texts = []
