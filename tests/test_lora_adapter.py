@@ -99,6 +99,22 @@ def test_tensors_beside_a_and_b_are_refused_by_name(cfg, tmp_path):
     assert read_adapter("x", path, cfg, max_rank=4).weights.keys() == {("attn", "q_proj")}
 
 
+def test_a_vision_towers_layers_are_not_taken_for_the_text_models(cfg, tmp_path):
+    """peft's `target_modules=["q_proj"]` on LLaVA adapts the CLIP tower's q_proj too: `layers.0` there is
+    no text layer (of the same width it would have been written over it)."""
+    tensors = {}
+    for where in ("model.language_model", "model.vision_tower.vision_model.encoder"):
+        name = f"base_model.model.{where}.layers.0.self_attn.q_proj"
+        tensors[f"{name}.lora_A.weight"] = np.ones((4, HIDDEN), np.float32)
+        tensors[f"{name}.lora_B.weight"] = np.ones((HIDDEN, 4), np.float32)
+    path = tmp_path / "x"
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(JaxrsError, match="vision_tower.*in the vision tower or projector"):
+        read_adapter("x", path, cfg, max_rank=4)
+
+
 def test_missing_files(cfg, tmp_path):
     with pytest.raises(JaxrsError, match="no adapter_config.json"):
         read_adapter("x", tmp_path, cfg, 8)

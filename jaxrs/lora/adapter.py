@@ -28,6 +28,10 @@ from jaxrs.models.registry import family
 
 Target = tuple[str, str]  # ("attn", "q_proj"): a projection of every layer, by its module path
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+# an image tower's or projector's module, whose `layers.N` must not be taken for the text model's
+_TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|vision_embed_tokens|img_processor|multi_modal_projector|connector|perceiver\w*)\."
+)
 _LORA_A, _LORA_B = (re.compile(rf"\.lora_{m}\.(?:\w+\.)?weight$") for m in "AB")  # (adapter name,) weight
 
 
@@ -124,6 +128,11 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise JaxrsError(f"LoRA adapter {name!r} has {key} but no lora_B beside it")
+        if _TOWER.search(module):
+            raise JaxrsError(
+                f"LoRA adapter {name!r} targets {module}, in the vision tower or projector, which jaxrs does"
+                " not adapt (adapt the language model only, e.g. target_modules=r'.*language_model.*')"
+            )
         match = _LAYER.search(module)
         if match is None:
             _unsupported(name, module, targets)
