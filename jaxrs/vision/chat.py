@@ -87,7 +87,7 @@ def _typed_template(tokenizer: Any, template: str, marker: str | None) -> bool:
             return ""
 
     typed = render([{"type": "text", "text": _PROBE}])
-    if _PROBE not in typed or "'text'" in typed:
+    if _PROBE not in typed or "'text'" in typed or '"text"' in typed:  # the list's repr or JSON
         return False
     if marker is not None:
         return marker in render([{"type": "image"}, {"type": "text", "text": _PROBE}])
