@@ -4,9 +4,10 @@ request), placed in the prompt; every failure is a 400 naming the image."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from jaxrs.errors import JaxrsError
-from jaxrs.vision.chat import load_images
+from jaxrs.vision.chat import load_images, template_contents
 from jaxrs.vision.image_input import ImageInput
 from jaxrs.vision.prompt import ImagePrompt, assemble_prompt
 from server.context import ServerContext
@@ -17,6 +18,11 @@ def image_marker(ctx: ServerContext) -> str | None:
     """The text the chat template renders for an image; None for a text-only model."""
     vision = ctx.llm.engine.model.vision
     return vision.marker if vision is not None else None
+
+
+def template_messages(ctx: ServerContext, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages in the content form the chat template reads (typed parts where it needs them)."""
+    return template_contents(ctx.chat_tokenizer, messages, image_marker(ctx))
 
 
 async def load_request_images(ctx: ServerContext, sources: list[object]) -> list[ImageInput]:

@@ -25,7 +25,7 @@ from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
 from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
-from server.images import image_marker, load_request_images, place_request_images
+from server.images import image_marker, load_request_images, place_request_images, template_messages
 from server.logprobs import chat_logprobs
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
@@ -190,7 +190,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         )
         rendered = prompt_text(
             ctx,
-            tool_conversation(ctx.chat_tokenizer, plan, messages),
+            template_messages(ctx, tool_conversation(ctx.chat_tokenizer, plan, messages)),
             plan.template_tools if plan else None,
         )
         ids, placed = place_request_images(ctx, rendered, images)

@@ -32,14 +32,19 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # the X-LoRA experts'
 
 
 def tiny_base(family: str, path: Path, seed: int = 0):
-    """A 2-layer random model of `family` ("llama", "qwen2" or "mixtral": 4 experts, top 2) saved with
+    """A 2-layer random model of `family` ("llama", "qwen2", "phi3": fused qkv and gate_up, or "mixtral":
+    4 experts, top 2) saved with
     a tokenizer; returns it (eval)."""
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+    from transformers import LlamaConfig, MixtralConfig, Phi3Config, Qwen2Config
 
     if family == "mixtral":
         config = MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
     else:
-        config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**SMALL, tie_word_embeddings=False)
+        extra = (
+            {"pad_token_id": 0} if family == "phi3" else {}
+        )  # Phi-3's default pad id is past SMALL's vocab
+        classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}
+        config = classes[family](**SMALL, tie_word_embeddings=False, **extra)
     model = save_tiny_hf_model(config, path, seed=seed)
     save_tiny_tokenizer(path, SMALL["vocab_size"])
     return model

@@ -334,3 +334,46 @@ def test_images_of_nearby_sizes_share_a_compiled_tower(llm):
     for size in [(40, 50), (33, 49), (48, 64)]:
         vision.encode([vision.processor(_image(*size, 2))])
     assert vision.compile_count() == before
+
+
+# HuggingFaceM4/idefics2-8b's published template: it indexes `message['content'][0]['type']`
+IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == "
+    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def test_the_published_template_gets_typed_parts_as_transformers(folder, llm):
+    """Images before, between and after text, across two user turns: transformers' processor ids."""
+    from jaxrs import SamplingParams
+
+    _, _, processor = folder
+    pictures = [_image(37, 53, 40 + k) for k in range(3)]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": pictures[0]}, {"type": "text", "text": "w5 w9"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "w11"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "w6"},
+                {"type": "image", "image": pictures[1]},
+                {"type": "text", "text": "w7"},
+                {"type": "image", "image": pictures[2]},
+            ],
+        },
+    ]
+    plain, llm.tokenizer.chat_template = llm.tokenizer.chat_template, IDEFICS2_TEMPLATE
+    try:
+        out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    finally:
+        llm.tokenizer.chat_template = plain
+    text = processor.apply_chat_template(
+        messages, add_generation_prompt=True, chat_template=IDEFICS2_TEMPLATE
+    )
+    ref = processor(text=text, images=pictures, return_tensors="pt")
+    assert out.prompt_token_ids == ref["input_ids"][0].tolist()

@@ -87,6 +87,14 @@ def test_image_model_generate(image_model):
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(images[0]))
 
 
+def test_auto_size_is_the_largest_square_up_to_1024():
+    from jaxrs.images.image_model import ImageLimits, parse_size
+
+    assert parse_size("auto", ImageLimits()) == (1024, 1024)
+    assert parse_size("AUTO", ImageLimits(min_side=32, max_side=120)) == (112, 112)
+    assert parse_size("32X48", ImageLimits(min_side=32, max_side=128)) == (32, 48)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -70,11 +70,48 @@ def test_scalings_ranks_and_layers(cfg, tmp_path):
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"use_dora": True}, 4, "uses DoRA"),
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"bias": "all"}, 4, "trains biases"),
         ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"peft_type": "IA3"}, 4, "IA3 adapter, not LORA"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"lora_bias": True}, 4, "bias on lora_B"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"layer_replication": [[0, 2]]}, 4, "layer_replication"),
+        ({"self_attn.q_proj": (HIDDEN, HIDDEN)}, {"alora_invocation_tokens": [5]}, 4, "activated LoRA"),
     ],
 )
 def test_what_cannot_be_served_is_named(cfg, tmp_path, modules, config, rank, message):
     path = adapter(tmp_path / "x", modules, rank=rank, **config)
     with pytest.raises(JaxrsError, match=message):
+        read_adapter("x", path, cfg, max_rank=4)
+
+
+def test_tensors_beside_a_and_b_are_refused_by_name(cfg, tmp_path):
+    """A lora_B bias (peft's lora_bias, whatever the config says) would otherwise be dropped silently."""
+    from safetensors.numpy import load_file
+
+    path = adapter(tmp_path / "x", {"self_attn.q_proj": (HIDDEN, HIDDEN)})
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    save_file({**tensors, bias: np.ones(HIDDEN, np.float32)}, str(path / "adapter_model.safetensors"))
+    with pytest.raises(JaxrsError, match="holds .*lora_B.bias, which jaxrs does not serve"):
+        read_adapter("x", path, cfg, max_rank=4)
+    named = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in tensors.items()
+    }
+    save_file(named, str(path / "adapter_model.safetensors"))  # keys that still carry the adapter's name
+    assert read_adapter("x", path, cfg, max_rank=4).weights.keys() == {("attn", "q_proj")}
+
+
+def test_a_vision_towers_layers_are_not_taken_for_the_text_models(cfg, tmp_path):
+    """peft's `target_modules=["q_proj"]` on LLaVA adapts the CLIP tower's q_proj too: `layers.0` there is
+    no text layer (of the same width it would have been written over it)."""
+    tensors = {}
+    for where in ("model.language_model", "model.vision_tower.vision_model.encoder"):
+        name = f"base_model.model.{where}.layers.0.self_attn.q_proj"
+        tensors[f"{name}.lora_A.weight"] = np.ones((4, HIDDEN), np.float32)
+        tensors[f"{name}.lora_B.weight"] = np.ones((HIDDEN, 4), np.float32)
+    path = tmp_path / "x"
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(JaxrsError, match="vision_tower.*in the vision tower or projector"):
         read_adapter("x", path, cfg, max_rank=4)
 
 

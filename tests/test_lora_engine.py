@@ -190,3 +190,18 @@ def test_score_under_each_adapter_equals_peft(models):
         assert perplexity(llm, text, lora=name) == pytest.approx(np.exp(nll), rel=1e-4)
     with pytest.raises(JaxrsError, match="no LoRA adapter named 'gamma'"):
         llm.score([prompt], [cont], lora="gamma")
+
+
+def test_fused_projections_split_as_peft_adapts_them(tmp_path):
+    """Phi-3 holds q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`); peft's "all-linear" adapts the
+    fused modules: one A, and B's rows split over the projections."""
+    from tests.lora_models import save_adapter, tiny_base
+
+    base = tmp_path / "base"
+    tiny_base("phi3", base)
+    lora = dict(r=4, lora_alpha=8, target_modules="all-linear", alpha_pattern={"gate_up_proj": 16})
+    adapters = {"fused": save_adapter(base, tmp_path / "fused", seed=3, **lora)}
+    llm = LLM(str(base), lora_adapters=adapters, dtype="float32", kv_cache_dtype="float32", packed=False)
+    ref = peft_model(base, adapters)
+    out = llm.generate([PROMPTS[0]], GREEDY, lora="fused", use_tqdm=False)[0]
+    assert_matches(out, peft_greedy(ref, PROMPTS[0], "fused"))

@@ -180,3 +180,72 @@ def test_interactive_chat_image_command(llm, picture, reference, tmp_path, monke
     out = capsys.readouterr()
     assert reference.text in out.out
     assert "missing.png" in out.err and "[image" in out.err
+
+
+# llava-hf/llava-1.5-7b-hf's published template: it reads typed parts and renders a plain string as nothing
+HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def typed_conversations(picture):
+    other = random_image(20, 50, seed=8)
+    image, text = {"type": "image", "image": picture}, {"type": "text", "text": "w5 w6"}
+    return [
+        [{"role": "user", "content": [image, text]}],
+        [{"role": "user", "content": [text, image]}],
+        [{"role": "user", "content": [image, {"type": "image", "image": other}, text]}],
+        [
+            {"role": "system", "content": [{"type": "text", "text": "w9"}]},
+            {"role": "user", "content": [image, text]},
+            {"role": "assistant", "content": [{"type": "text", "text": "w7 w8"}]},
+            {"role": "user", "content": [{"type": "text", "text": "w10"}, {"type": "image", "image": other}]},
+        ],
+    ]
+
+
+@pytest.fixture
+def typed_template(llm):
+    plain, llm.tokenizer.chat_template = llm.tokenizer.chat_template, HF_TEMPLATE
+    yield
+    llm.tokenizer.chat_template = plain
+
+
+def as_urls(messages):
+    def part(p):
+        if p.get("type") != "image":
+            return p
+        return {"type": "image_url", "image_url": {"url": data_url(png(p["image"]))}}
+
+    return [
+        {**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+        for m in messages
+    ]
+
+
+def test_a_template_of_typed_parts_gets_them_as_transformers_renders(folder, llm, picture, typed_template):
+    from transformers import AutoProcessor
+
+    hf = AutoProcessor.from_pretrained(folder)
+    hf.chat_template = HF_TEMPLATE
+    ours = []
+    for messages in typed_conversations(picture):
+        ref = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ours.append(llm.chat(messages, SamplingParams(**GREEDY), use_tqdm=False)[0])
+        assert ours[-1].prompt_token_ids == ref["input_ids"][0]
+    # a plain string (which the template alone would render as nothing) is read as one text part
+    plain = [{"role": "system", "content": "w9"}, *typed_conversations(picture)[0]]
+    assert llm.chat(plain, SamplingParams(**GREEDY), use_tqdm=False)[0].prompt_token_ids[:2] == [9, 0]
+    with TestClient(create_app(llm, served_model_name="x")) as client:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+        for messages, want in zip(typed_conversations(picture), ours, strict=True):
+            out = oai.chat.completions.create(model="x", messages=as_urls(messages), **GREEDY)
+            assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+            assert out.choices[0].message.content == want.text

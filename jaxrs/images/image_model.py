@@ -33,6 +33,7 @@ from jaxrs.ops import Kernels
 log = logging.getLogger("jaxrs.images")
 
 SIZE_STEP = 16
+AUTO_SIDE = 1024  # the side of size="auto" (1024x1024, the default size)
 SCHNELL_STEPS, DEV_STEPS, DEV_GUIDANCE = 4, 28, 3.5
 MAX_STEPS = 100
 
@@ -49,7 +50,11 @@ class ImageLimits:
 
 
 def parse_size(size: str | tuple[int, int], limits: ImageLimits) -> tuple[int, int]:
-    """ "WxH" (or (width, height)) -> (width, height), checked against the limits."""
+    """ "WxH" (or (width, height)) -> (width, height), checked against the limits; "auto" (OpenAI's
+    default for its newer models) is the largest square up to 1024 the limits allow."""
+    if isinstance(size, str) and size.strip().lower() == "auto":
+        side = min(AUTO_SIDE, limits.max_side) // SIZE_STEP * SIZE_STEP
+        size = (side, side)
     if isinstance(size, str):
         parts = size.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):

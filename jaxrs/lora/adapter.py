@@ -5,8 +5,9 @@ The adapter's modules are matched to the model's projections through the family'
 (Llama's `self_attn.q_proj` is the model's `attn.q_proj`, Phi's `self_attn.dense` its `attn.o_proj`), so
 every family the loader reads can be adapted. `lora_alpha`, `use_rslora` (alpha / sqrt(r) instead of
 alpha / r), `rank_pattern` and `alpha_pattern` set each module's scaling, which is folded into B here.
-What jaxrs cannot serve (DoRA, trained biases, modules saved whole, embeddings or the head, a fused
-checkpoint tensor) is an error naming it.
+A module fused in the checkpoint (Phi-3's `qkv_proj`) adapts the projections it holds, B's rows split.
+What jaxrs cannot serve (DoRA, trained biases or a lora_B bias, modules saved whole, embeddings or the
+head, a vision tower, peft's variants that change the forward) is an error naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,12 +24,17 @@ import numpy as np
 
 from jaxrs.config import ModelConfig
 from jaxrs.errors import JaxrsError
-from jaxrs.loading.names import LAYER_PREFIX, Experts
+from jaxrs.loading.names import LAYER_PREFIX, Experts, Rows, Source
 from jaxrs.models.decoder import model_graph
 from jaxrs.models.registry import family
 
 Target = tuple[str, str]  # ("attn", "q_proj"): a projection of every layer, by its module path
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+# an image tower's or projector's module, whose `layers.N` must not be taken for the text model's
+_TOWER = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|vision_embed_tokens|img_processor|multi_modal_projector|connector|perceiver\w*)\."
+)
+_LORA_A, _LORA_B = (re.compile(rf"\.lora_{m}\.(?:\w+\.)?weight$") for m in "AB")  # (adapter name,) weight
 
 
 @dataclasses.dataclass
@@ -45,24 +52,42 @@ class LoraAdapter:
 _NOT_ADAPTED = {("mlp", "router")}  # the MoE router reads its weight itself, not through `layers.dense`
 
 
-def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, ...]]]:
-    """The model's projections an adapter may target: the checkpoint's layer-relative module name
-    (`self_attn.q_proj`; an expert stack's with `{e}`: `block_sparse_moe.experts.{e}.w1`) -> (its
-    module path, its weight's (out, in), or (experts, out, in) for an expert stack)."""
+def _projections(cfg: ModelConfig) -> Iterator[tuple[Target, tuple[int, ...], Source]]:
+    """Each adaptable projection of a layer: its module path, its stacked weight's shape and where the
+    checkpoint holds it."""
     _, state = model_graph(cfg)
     table = family(cfg.architecture).names.hf(cfg)
-    found = {}
     for group in ("attn", "mlp"):
         for proj, node in state["layers"].get(group, {}).items():
             weight = node.get("weight") if isinstance(node, dict) else None
             source = table.get(f"{LAYER_PREFIX}{group}.{proj}.weight")
-            if (group, proj) in _NOT_ADAPTED:
-                continue
-            if isinstance(source, Experts) and weight is not None and len(weight.shape) == 4:
-                found[source.name.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
-            elif isinstance(source, str) and weight is not None and len(weight.shape) == 3:
-                found[source.removesuffix(".weight")] = ((group, proj), tuple(weight.shape[1:]))
-            # else a fused checkpoint tensor
+            if (group, proj) not in _NOT_ADAPTED and weight is not None and source is not None:
+                yield (group, proj), tuple(weight.shape), source
+
+
+def adaptable_targets(cfg: ModelConfig) -> dict[str, tuple[Target, tuple[int, ...]]]:
+    """The model's projections an adapter may target: the checkpoint's layer-relative module name
+    (`self_attn.q_proj`; an expert stack's with `{e}`: `block_sparse_moe.experts.{e}.w1`) -> (its
+    module path, its weight's (out, in), or (experts, out, in) for an expert stack)."""
+    found = {}
+    for target, shape, source in _projections(cfg):
+        if isinstance(source, Experts) and len(shape) == 4:
+            found[source.name.removesuffix(".weight")] = (target, shape[1:])
+        elif isinstance(source, str | Rows) and len(shape) == 3:
+            key = source if isinstance(source, str) else f"{source.name}[{source.start}:{source.stop}]"
+            found[key.removesuffix(".weight")] = (target, shape[1:])
+    return found
+
+
+def fused_targets(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """A fused checkpoint projection (Phi-3's `self_attn.qkv_proj`, `mlp.gate_up_proj`) -> the
+    `adaptable_targets` keys of the projections it holds, with their rows. A LoRA on the fused tensor is
+    theirs exactly: one A, and B's rows split."""
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for _, shape, source in _projections(cfg):
+        if isinstance(source, Rows) and len(shape) == 3:
+            key = f"{source.name}[{source.start}:{source.stop}]".removesuffix(".weight")
+            found.setdefault(source.name.removesuffix(".weight"), []).append((key, source.start, source.stop))
     return found
 
 
@@ -82,6 +107,12 @@ def _check_config(config: dict, name: str) -> None:
         (config.get("bias", "none") != "none", f"trains biases (bias={config.get('bias')!r})"),
         (bool(config.get("modules_to_save")), f"saves modules whole ({config.get('modules_to_save')})"),
         (bool(config.get("fan_in_fan_out")), "stores fan_in_fan_out weights"),
+        (bool(config.get("lora_bias")), "has a bias on lora_B (lora_bias=True)"),
+        (bool(config.get("layer_replication")), "replicates layers (layer_replication)"),
+        (bool(config.get("alora_invocation_tokens")), "is an activated LoRA (alora_invocation_tokens)"),
+        (bool(config.get("use_qalora")), "pools its inputs (use_qalora)"),
+        (bool(config.get("use_bdlora")), "is block-diagonal (use_bdlora)"),
+        (bool(config.get("arrow_config")), "routes between adapters (arrow_config)"),
     ]
     for bad, what in problems:
         if bad:
@@ -104,26 +135,31 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     from safetensors.numpy import load_file
 
     tensors = load_file(str(weights_file))
-    targets = adaptable_targets(cfg)
+    targets, fused = adaptable_targets(cfg), fused_targets(cfg)
     pieces: dict[Target, dict[int, list[Piece]]] = {}
     for key in sorted(tensors):
         if "xlora_classifier" in key:  # what peft writes beside an X-LoRA expert
             continue
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
+        if not _LORA_A.search(key):
+            if not _LORA_B.search(key):  # a bias, a magnitude, a module saved whole...
                 raise JaxrsError(f"LoRA adapter {name!r} holds {key}, which jaxrs does not serve")
             continue
         module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise JaxrsError(f"LoRA adapter {name!r} has {key} but no lora_B beside it")
+        if _TOWER.search(module):
+            raise JaxrsError(
+                f"LoRA adapter {name!r} targets {module}, in the vision tower or projector, which jaxrs does"
+                " not adapt (adapt the language model only, e.g. target_modules=r'.*language_model.*')"
+            )
         match = _LAYER.search(module)
         if match is None:
             _unsupported(name, module, targets)
         layer, suffix = int(match.group(1)), match.group(2)
         if layer >= cfg.num_layers:
             raise JaxrsError(f"LoRA adapter {name!r} targets {module}; the model has {cfg.num_layers} layers")
-        for target, piece in _pieces(name, config, module, suffix, tensors[key], b, targets):
+        for target, piece in _pieces(name, config, module, suffix, tensors[key], b, targets, fused):
             if piece.rank > max_rank:
                 raise JaxrsError(
                     f"LoRA adapter {name!r} has rank {piece.rank} at {module}; max_lora_rank is {max_rank}"
@@ -170,12 +206,28 @@ def _mismatch(name: str, config: dict, module: str, a: np.ndarray, b: np.ndarray
 
 
 def _pieces(
-    name: str, config: dict, module: str, suffix: str, a: np.ndarray, b: np.ndarray, targets: dict
+    name: str,
+    config: dict,
+    module: str,
+    suffix: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    targets: dict,
+    fused: dict,
 ) -> list[tuple[Target, Piece]]:
     """The (target, piece) pairs one lora_A/lora_B pair of module `module` (layer-relative `suffix`)
     holds: a dense projection, one expert's projection (`experts.3.w1`), or transformers 5's fused
     expert parameters (peft's `target_parameters`, `experts.gate_up_proj`: gate and up share A)."""
     a, b = a.astype(np.float32), b.astype(np.float32)
+    parts = fused.get(suffix)
+    if parts is not None:
+        if b.shape[0] != parts[-1][2]:
+            raise _mismatch(name, config, module, a, b, f"the model's {suffix} has {parts[-1][2]} rows")
+        return [
+            pair
+            for key, start, stop in parts
+            for pair in _pieces(name, config, module, key, a, b[start:stop], targets, {})
+        ]
     if suffix in targets:
         target, (out_features, in_features) = targets[suffix]
         r = a.shape[0]

@@ -1,9 +1,12 @@
 """Chat messages with image content parts -> prompt token ids and placed images. Image parts become
 the model's marker in the message text (the chat template renders it where the image was); after
-tokenizing, each marker is replaced by its image's prompt tokens."""
+tokenizing, each marker is replaced by its image's prompt tokens. A template that reads OpenAI-style typed
+parts (`message['content'] | selectattr('type', ...)`, as LLaVA's and Idefics 2's published templates do,
+which render a plain string as nothing) gets them back: text parts and `{"type": "image"}` per marker."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,15 +35,25 @@ def image_source(part: Any) -> object | None:
     raise ImageError(f"an image part without an image: {sorted(part)}")
 
 
+def _is_part(part: Any) -> bool:
+    """A text or image content part (what `split_images` joins into the message's text)."""
+    return isinstance(part, Image.Image) or (
+        isinstance(part, Mapping) and part.get("type") in ("text", *IMAGE_PART_TYPES)
+    )
+
+
 def split_images(
     messages: Sequence[Mapping[str, Any]], marker: str | None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages whose list contents holding images are joined into text with `marker` per image, and
-    the image sources in order. `marker` None (a text-only model) refuses any image."""
+    """Messages whose list contents of text and image parts are joined into text (a newline between
+    parts), with `marker` per image, and the image sources in order. `marker` None (a text-only model)
+    refuses any image."""
     out, sources = [], []
     for i, message in enumerate(messages):
         content = message.get("content")
-        if not isinstance(content, list) or all(image_source(p) is None for p in content):
+        if not isinstance(content, list) or not (
+            all(_is_part(p) for p in content) or any(image_source(p) is not None for p in content)
+        ):
             out.append(dict(message))
             continue
         texts = []
@@ -55,6 +68,59 @@ def split_images(
             sources.append(source)
         out.append({**message, "content": "\n".join(texts)})
     return out, sources
+
+
+_PROBE = "q7probe"
+
+
+@functools.lru_cache(maxsize=16)
+def _typed_template(tokenizer: Any, template: str, marker: str | None) -> bool:
+    """Whether `template` should get typed content parts: it renders a typed text part as its text (not
+    the list's repr) and, for a vision model, a `{"type": "image"}` part as `marker`; for a text-only model
+    only where it renders a plain string as nothing."""
+
+    def render(content: Any) -> str:
+        try:
+            messages = [{"role": "user", "content": content}]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        except JaxrsError:
+            return ""
+
+    typed = render([{"type": "text", "text": _PROBE}])
+    if _PROBE not in typed or "'text'" in typed or '"text"' in typed:  # the list's repr or JSON
+        return False
+    if marker is not None:
+        return marker in render([{"type": "image"}, {"type": "text", "text": _PROBE}])
+    return _PROBE not in render(_PROBE)
+
+
+def _typed_parts(text: str, marker: str | None) -> list[dict[str, str]]:
+    """`split_images`' joined text back as parts: the text around each marker (less the newline that joined
+    it) and an image part per marker."""
+    pieces = text.split(marker) if marker else [text]
+    parts = []
+    for k, piece in enumerate(pieces):
+        piece = piece.removeprefix("\n") if k > 0 else piece
+        piece = piece.removesuffix("\n") if k < len(pieces) - 1 else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if k < len(pieces) - 1:
+            parts.append({"type": "image"})
+    return parts
+
+
+def template_contents(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], marker: str | None
+) -> list[dict[str, Any]]:
+    """`messages` (string contents, images as `marker`) as the chat template reads them: unchanged for a
+    template of strings; typed parts for one that reads parts (see `_typed_template`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not _typed_template(tokenizer, template, marker):
+        return [dict(m) for m in messages]
+    return [
+        {**m, "content": _typed_parts(m["content"], marker)} if isinstance(m.get("content"), str) else dict(m)
+        for m in messages
+    ]
 
 
 def load_images(sources: Sequence[object], vision: VisionModel, policy: MediaPolicy) -> list[Any]:
@@ -75,7 +141,9 @@ def chat_inputs(
 ) -> tuple[list[int], ImagePrompt | None]:
     """Token ids of the rendered conversation (with `tools` for the template, if given) with the
     images placed (None: no images)."""
-    texts, sources = split_images(messages, vision.marker if vision is not None else None)
+    marker = vision.marker if vision is not None else None
+    texts, sources = split_images(messages, marker)
+    texts = template_contents(tokenizer, texts, marker)
     images = load_images(sources, vision, policy) if sources else []
     text = tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt, tools=tools)
     try:

@@ -16,9 +16,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from jaxrs.errors import JaxrsError
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 class ImageError(JaxrsError):
@@ -48,7 +50,15 @@ def decode_image(data: bytes, policy: MediaPolicy, what: str) -> Image.Image:
         raise ImageError(f"{what} is not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what} is refused as a decompression bomb ({e})") from None
-    return checked(image, policy, what)
+    return upright(checked(image, policy, what))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A decoded file turned as its EXIF orientation says (a phone's portrait photo stands up), as
+    transformers' `load_image` does; an image without the tag is returned as it is."""
+    if image.getexif().get(ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def checked(image: Image.Image, policy: MediaPolicy, what: str) -> Image.Image:
@@ -66,11 +76,18 @@ def checked(image: Image.Image, policy: MediaPolicy, what: str) -> Image.Image:
 
 
 def _data_url(url: str, policy: MediaPolicy, what: str) -> Image.Image:
+    """RFC 2397 as clients write it: the `;base64` flag in any case, among other parameters; base64 with
+    line breaks or spaces (as `base64` wraps it), missing padding or the URL-safe alphabet; without the
+    flag, percent-encoded bytes."""
     head, sep, payload = url.partition(",")
-    if not sep or not head.endswith(";base64"):
+    if not sep:
         raise ImageError(f"{what}: a data URL must be data:<type>;base64,<data>")
+    if not any(p.strip().lower() == "base64" for p in head.split(";")[1:]):
+        return decode_image(urllib.parse.unquote_to_bytes(payload), policy, what)
+    text = "".join(urllib.parse.unquote(payload).split()).rstrip("=")
+    altchars = b"-_" if "-" in text or "_" in text else None  # the URL-safe alphabet
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError(f"{what}: the data URL's base64 is malformed") from None
     return decode_image(data, policy, what)
