@@ -32,13 +32,17 @@ def completion_logprobs(
     tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob], *, top: int, offset: int
 ) -> tuple[CompletionLogprobs, int]:
     """The legacy object for these tokens, their text offsets counted from `offset`; returns the
-    offset after the last token too, so a stream can continue from it."""
+    offset after the last token too, so a stream can continue from it. Each token's `top_logprobs`
+    holds the `top` likeliest tokens and the token itself (up to `top` + 1 entries, as OpenAI and
+    vLLM answer; `logprobs: 0` gives the token alone)."""
     out = CompletionLogprobs([], [], [], [])
     for lp in logprobs:
         text = token_text(tokenizer, lp.token_id)
+        alternatives = {token_text(tokenizer, t): v for t, v in lp.top[:top]}
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({token_text(tokenizer, t): v for t, v in lp.top} if top else None)
+        alternatives.setdefault(text, lp.logprob)
+        out.top_logprobs.append(alternatives)
         out.text_offset.append(offset)
         offset += len(text)
     return out, offset
