@@ -233,10 +233,11 @@ def test_bad_input_matrix(client, llm):
 
 def test_edge_values_that_are_valid_are_served(client, llm):
     """Extreme but legal values generate normally (none may fail the engine step, which would fail every
-    request in the batch): top_k past int32, huge and negative seeds, tiny temperatures, odd roles."""
+    request in the batch): top_k past int32 or -1, huge and negative seeds, tiny temperatures, odd roles."""
     m = {"messages": HI}
     bodies = [
         {**m, "top_k": 2**40},
+        {**m, "top_k": -1, "temperature": 1},  # vLLM's "no top-k"
         {**m, "seed": 10**30, "temperature": 1},
         {**m, "seed": -(10**30), "temperature": 1},
         {**m, "temperature": 1e-300, "top_p": 1e-300, "min_p": 1.0},
