@@ -35,12 +35,13 @@ def image_source(part: Any) -> object | None:
 def split_images(
     messages: Sequence[Mapping[str, Any]], marker: str | None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages whose list contents holding images are joined into text with `marker` per image, and
-    the image sources in order. `marker` None (a text-only model) refuses any image."""
+    """Messages whose list contents are joined into text (parts on their own lines, as the server
+    joins them), with `marker` per image, and the image sources in order. `marker` None (a text-only
+    model) refuses any image."""
     out, sources = [], []
     for i, message in enumerate(messages):
         content = message.get("content")
-        if not isinstance(content, list) or all(image_source(p) is None for p in content):
+        if not isinstance(content, list):
             out.append(dict(message))
             continue
         texts = []
