@@ -384,7 +384,7 @@ class LLM:
         for out in outs if plan else []:
             for o in out.outputs:
                 text, o.tool_calls, o.finish_reason = answer_calls(plan, o.text, o.finish_reason)
-                o.text = o.text if o.tool_calls is None else text or ""
+                o.text = text or ""
         return outs
 
     def chat_prompt_ids(

@@ -153,6 +153,8 @@ def chat_params(
     tool call's grammar and an output constraint cannot both apply."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{param} must be at least 1", param=param)
     if max_tokens is None:
         max_tokens = max(1, ctx.llm.engine.max_model_len - len(ids))
     if req.top_logprobs is not None:
@@ -210,15 +212,13 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         raise
 
 
-def _message(
+def assistant_message(
     text: str, finish_reason: str | None, plan: ToolPlan | None
 ) -> tuple[AssistantMessage, str | None]:
     """The assistant message of a whole choice: its tool calls parsed out when the request has tools
-    (finish_reason "tool_calls" then)."""
+    (finish_reason "tool_calls" then), the generic format's response out of its JSON."""
     content, calls, reason = answer_calls(plan, text, finish_reason)
-    if calls is None:
-        return AssistantMessage(text), finish_reason
-    return AssistantMessage(content, tool_calls=calls), reason
+    return AssistantMessage(content, tool_calls=UNSET if calls is None else calls), reason
 
 
 def _completion(
@@ -232,7 +232,7 @@ def _completion(
     out = [
         ChatChoice(
             i,
-            *_message("".join(s.text), s.finish_reason, plan),
+            *assistant_message("".join(s.text), s.finish_reason, plan),
             chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
         )
         for i, s in enumerate(choices.states)

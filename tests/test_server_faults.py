@@ -136,6 +136,7 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (CHAT, {**m, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
         (CHAT, {**m, "max_tokens": 10**9}, 400, "context length", "max_tokens"),
         (CHAT, {**m, "max_completion_tokens": 10**9}, 400, "max_completion_tokens", "max_completion_tokens"),
+        (CHAT, {**m, "max_completion_tokens": 0}, 400, "max_completion_tokens", "max_completion_tokens"),
         (COMPLETIONS, {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
         (CHAT, {**m, "temperature": -1}, 400, "temperature", "temperature"),
         (CHAT, {**m, "temperature": 1e9}, 400, "temperature", "temperature"),

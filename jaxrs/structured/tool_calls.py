@@ -233,6 +233,43 @@ class Llama3JsonParser(ToolCallParser):
         return Grammar.lark(f"{start}\ncall: %json {body}")
 
 
+_GENERIC_CALLS = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
+_ITEM_SEPARATOR = re.compile(r"\s*,?\s*")
+
+
+def _whole_items(text: str, opening: re.Pattern) -> list[Any]:
+    """The complete JSON values of the array `opening` begins in `text`, up to where the text ends
+    or stops being JSON (an answer cut at max_tokens)."""
+    match = opening.match(text)
+    if match is None:
+        return []
+    decoder, at, items = json.JSONDecoder(), match.end(), []
+    while True:
+        at = _ITEM_SEPARATOR.match(text, at).end()
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return items
+        items.append(item)
+
+
+_GENERIC_RESPONSE = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _cut_answer(text: str) -> dict[str, Any]:
+    """What a generic answer cut short holds: its whole calls, or its response as far as it got."""
+    match = _GENERIC_RESPONSE.match(text)
+    if match is None:
+        return {"tool_calls": _whole_items(text, _GENERIC_CALLS)}
+    rest = text[match.end() :]
+    for cut in range(len(rest), max(-1, len(rest) - 8), -1):  # past a split escape or the closing quote
+        try:
+            return {"response": json.loads(f'"{rest[:cut]}"')}
+        except ValueError:
+            continue
+    return {}
+
+
 class GenericParser(ToolCallParser):
     """The answer is one JSON object: `{"tool_calls": [{"name", "arguments"}, ...]}` or `{"response":
     text}`. Nothing is known before it is whole, so a stream sends it all at the end."""
@@ -244,8 +281,8 @@ class GenericParser(ToolCallParser):
             return Parsed("", [])
         try:
             answer = json.loads(text)
-        except ValueError:
-            return Parsed(text, [])
+        except ValueError:  # cut at max_tokens: the whole calls before the cut stand, or the response
+            answer = _cut_answer(text)
         if isinstance(answer, dict) and isinstance(answer.get("response"), str):
             return Parsed(answer["response"], [])
         items = answer.get("tool_calls") if isinstance(answer, dict) else None
