@@ -119,6 +119,7 @@ def tool_plan(
             f"name one ({', '.join(PARSERS)}) with tool_call_parser (the server's --tool-call-parser)",
             "tools",
         )
+    parser.tool_names = frozenset(t["function"]["name"] for t in allowed)
     # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
     parallel = parallel is not False and not isinstance(tool_choice, dict)
     if choice == "required":
