@@ -58,6 +58,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
     stream: bool = False

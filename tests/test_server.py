@@ -238,6 +238,14 @@ def test_n_stop_and_seed(oai, app):
     stopped = oai.chat.completions.create(model=name, messages=CAPITAL, stop=["Paris"], **GREEDY)
     assert "Paris" not in stopped.choices[0].message.content
     assert stopped.choices[0].finish_reason == "stop"
+    kept = oai.chat.completions.create(
+        model=name,
+        messages=CAPITAL,
+        stop=["Paris"],
+        extra_body={"include_stop_str_in_output": True},
+        **GREEDY,
+    )
+    assert kept.choices[0].message.content == stopped.choices[0].message.content + "Paris"
 
     sampled = dict(model=name, messages=CAPITAL, temperature=1.0, max_tokens=8)
     two = oai.chat.completions.create(n=2, seed=3, **sampled)

@@ -92,6 +92,7 @@ WRONG_TYPES = {
         "ignore_eos": "yes",
         "xlora_scalings": "yes",
         "skip_special_tokens": 0,
+        "include_stop_str_in_output": "yes",
         "stream": "true",
         "stream_options": 3,
         "logprobs": "yes",

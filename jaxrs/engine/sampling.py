@@ -55,6 +55,7 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) kept
     n: int = 1
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
