@@ -49,6 +49,15 @@ from server.xlora import xlora_scalings
 ROUTE = "/v1/chat/completions"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
+# What the server itself gives the chat template (chat_template_kwargs adds other variables).
+_TEMPLATE_ARGUMENTS = {
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "continue_final_message",
+    "bos_token",
+    "eos_token",
+}
 
 
 def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
@@ -137,11 +146,31 @@ def conversation(
 
 
 def prompt_text(
-    ctx: ServerContext, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The rendered conversation (the template writes its own BOS)."""
+    """The rendered conversation (the template writes its own BOS), with vLLM's template options:
+    `add_generation_prompt`, `continue_final_message` (the final message left open, to be
+    continued) and `chat_template_kwargs` (more template variables)."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(
+            400,
+            "continue_final_message needs add_generation_prompt: false",
+            param="continue_final_message",
+        )
+    taken = sorted(_TEMPLATE_ARGUMENTS & set(req.chat_template_kwargs or {}))
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
     try:
-        return ctx.chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return ctx.chat_tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            tools=tools,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None
 
@@ -192,6 +221,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         )
         rendered = prompt_text(
             ctx,
+            req,
             tool_conversation(ctx.chat_tokenizer, plan, messages),
             plan.template_tools if plan else None,
         )

@@ -81,6 +81,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat template options: a prefilled answer continued, more template variables.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

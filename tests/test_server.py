@@ -258,6 +258,15 @@ def test_n_stop_and_seed(oai, app):
     assert first == again
 
 
+def test_a_prefilled_answer_is_continued(oai, app, reference):
+    """vLLM's `continue_final_message`: the final assistant message is left open and the model goes on
+    from it (the greedy answer, less the prefill), rather than starting a new turn."""
+    prefill = [*CAPITAL, {"role": "assistant", "content": "The capital of France"}]
+    options = {"continue_final_message": True, "add_generation_prompt": False}
+    resp = oai.chat.completions.create(model=name_of(app), messages=prefill, extra_body=options, **GREEDY)
+    assert "The capital of France" + resp.choices[0].message.content == reference.text
+
+
 def test_models(oai, app):
     names = [m.id for m in oai.models.list().data]
     assert names[0] == name_of(app) == "SmolLM2-135M-Instruct.Q4_1"
