@@ -35,6 +35,14 @@ def test_chat_takes_text_content_parts(llm):
     assert asked[0].prompt_token_ids == joined
 
 
+def test_a_prefilled_answer_is_continued(llm):
+    asked = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = llm.chat(asked, GREEDY)[0].text
+    prefill = [*asked, {"role": "assistant", "content": "The capital of France"}]
+    rest = llm.chat(prefill, GREEDY, add_generation_prompt=False, continue_final_message=True)[0].text
+    assert "The capital of France" + rest == whole
+
+
 def test_batched_prompts_equal_alone(llm):
     prompts = [
         "The quick brown fox",
