@@ -54,6 +54,7 @@ def _valid_json(text: str) -> bool:
     return True
 
 
+_JSON = json.JSONDecoder()
 _NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
@@ -188,18 +189,18 @@ class HermesParser(ToolCallParser):
         calls: list[ParsedCall] = []
         start = at = _bare_call_start(text, 0, self.tool_names)
         while at is not None:
-            body = text[text.index("{", at) :]
+            brace = text.index("{", at)
             try:
-                _, length = _JSON.raw_decode(body)
+                end = _JSON.raw_decode(text, brace)[1]
             except ValueError:  # not whole yet (or cut at max_tokens: the calls before it stand)
-                call = None if final else _call_body(body, complete=False)
+                call = None if final else _call_body(text[brace:], complete=False)
                 calls += [call] if call is not None else []
                 break
-            call = _call_body(body[:length], complete=True)
+            call = _call_body(text[brace:end], complete=True)
             if call is None:
                 break
             calls.append(call)
-            at = _bare_call_start(text, len(text) - len(body) + length, self.tool_names)
+            at = _bare_call_start(text, end, self.tool_names)
         if not calls:
             return Parsed(text, [])
         return Parsed(text[:start].rstrip(), calls)
@@ -276,17 +277,17 @@ _GENERIC_CALLS = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
 _ITEM_SEPARATOR = re.compile(r"\s*,?\s*")
 
 
-def _whole_items(text: str, opening: re.Pattern) -> list[Any]:
-    """The complete JSON values of the array `opening` begins in `text`, up to where the text ends
-    or stops being JSON (an answer cut at max_tokens)."""
-    match = opening.match(text)
+def _whole_calls(text: str) -> list[Any]:
+    """The complete items of a generic answer's `tool_calls` array, up to where the text ends (an
+    answer cut at max_tokens)."""
+    match = _GENERIC_CALLS.match(text)
     if match is None:
         return []
-    decoder, at, items = json.JSONDecoder(), match.end(), []
+    at, items = match.end(), []
     while True:
         at = _ITEM_SEPARATOR.match(text, at).end()
         try:
-            item, at = decoder.raw_decode(text, at)
+            item, at = _JSON.raw_decode(text, at)
         except ValueError:
             return items
         items.append(item)
@@ -299,7 +300,7 @@ def _cut_answer(text: str) -> dict[str, Any]:
     """What a generic answer cut short holds: its whole calls, or its response as far as it got."""
     match = _GENERIC_RESPONSE.match(text)
     if match is None:
-        return {"tool_calls": _whole_items(text, _GENERIC_CALLS)}
+        return {"tool_calls": _whole_calls(text)}
     rest = text[match.end() :]
     for cut in range(len(rest), max(-1, len(rest) - 8), -1):  # past a split escape or the closing quote
         try:
@@ -427,9 +428,6 @@ class ToolCallStream:
     @property
     def called(self) -> bool:
         return bool(self.ids)
-
-
-_JSON = json.JSONDecoder()
 
 
 def _call_starts(text: str, at: int = 0) -> Iterator[int]:
