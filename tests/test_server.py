@@ -271,7 +271,7 @@ def test_models(oai, app):
     names = [m.id for m in oai.models.list().data]
     assert names[0] == name_of(app) == "SmolLM2-135M-Instruct.Q4_1"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in names
-    assert oai.models.retrieve(names[1]).id == names[1]
+    assert [oai.models.retrieve(name).id for name in names] == names  # the path alias too
     # Any alias is accepted as the request's model; the response names the served model.
     resp = oai.chat.completions.create(model=names[1], messages=CAPITAL, temperature=0, max_tokens=1)
     assert resp.model == names[0]
