@@ -190,3 +190,20 @@ def render_chat_template(
         raise
     except Exception as e:  # undefined variables, type errors on unexpected message shapes, sandbox refusals
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+
+def open_final_message(rendered: str, messages: Sequence[Any]) -> str:
+    """`rendered` cut just after the final message's text, so that the model continues that message
+    (transformers' and vLLM's `continue_final_message`: a prefilled answer), as transformers cuts it:
+    after the message as written where the template kept its spacing, else after its stripped text."""
+    content = _plain(messages[-1]).get("content") if isinstance(messages[-1], Mapping) else None
+    if isinstance(content, list):  # its last text part
+        texts = [p.get("text") for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip() or content.strip() not in rendered:
+        raise ChatTemplateError(
+            "continue_final_message needs a final message whose text the chat template writes"
+        )
+    at = rendered.rindex(content.strip())
+    kept = content.lstrip()
+    return rendered[: at + (len(kept) if rendered.startswith(kept, at) else len(content.strip()))]

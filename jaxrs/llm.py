@@ -343,6 +343,7 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         *,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         use_tqdm: bool = True,
         lora: str | None = None,
         tools: list[dict] | None = None,
@@ -354,7 +355,8 @@ class LLM:
         message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
         (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
         "image", "image": PIL.Image}`, or a PIL image itself). `lora`: the adapter every conversation
-        runs with (None: the base model).
+        runs with (None: the base model). `continue_final_message` (with `add_generation_prompt=False`)
+        leaves the final message open for the model to continue: a prefilled answer.
 
         `tools`, `tool_choice` ("auto", "none", "required" or `{"type": "function", "function":
         {"name": ...}}`) and `parallel_tool_calls` as in OpenAI's API: the tools go to the template,
@@ -375,6 +377,7 @@ class LLM:
                 self.media,
                 add_generation_prompt=add_generation_prompt,
                 tools=plan.template_tools if plan else None,
+                continue_final_message=continue_final_message,
             )
             for c in conversations
         ]
@@ -384,7 +387,7 @@ class LLM:
         for out in outs if plan else []:
             for o in out.outputs:
                 text, o.tool_calls, o.finish_reason = answer_calls(plan, o.text, o.finish_reason)
-                o.text = o.text if o.tool_calls is None else text or ""
+                o.text = text or ""
         return outs
 
     def chat_prompt_ids(

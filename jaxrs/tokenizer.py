@@ -16,7 +16,7 @@ from typing import Any
 
 import tokenizers
 
-from jaxrs.chat_template import render_chat_template
+from jaxrs.chat_template import open_final_message, render_chat_template
 from jaxrs.errors import JaxrsError, ModelLoadError
 
 log = logging.getLogger("jaxrs")
@@ -124,11 +124,15 @@ class Tokenizer:
         messages: Sequence[Any],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
         """The prompt text for a conversation, rendered with the model's chat template (as transformers
         does, with the special tokens as template variables). Encode it with `add_special_tokens=False`
-        or rely on `encode` not doubling a BOS the template already wrote."""
+        or rely on `encode` not doubling a BOS the template already wrote. `continue_final_message`
+        leaves the final message open, for the model to continue (not with `add_generation_prompt`)."""
+        if continue_final_message and add_generation_prompt:
+            raise JaxrsError("continue_final_message and add_generation_prompt cannot both be set")
         if not self.chat_template:
             raise JaxrsError(
                 "this model has no chat template (none in its tokenizer files or GGUF metadata); "
@@ -136,7 +140,7 @@ class Tokenizer:
             )
         specials = {"unk_token": self.unk_token, "pad_token": self.pad_token}
         specials = {k: v for k, v in specials.items() if v is not None}
-        return render_chat_template(
+        rendered = render_chat_template(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
@@ -145,6 +149,7 @@ class Tokenizer:
             tools=tools,
             **{**specials, **extra},
         )
+        return open_final_message(rendered, messages) if continue_final_message else rendered
 
     # -- loading ---------------------------------------------------------------------------------------
 

@@ -49,6 +49,15 @@ from server.xlora import xlora_scalings
 ROUTE = "/v1/chat/completions"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
+# What the server itself gives the chat template (chat_template_kwargs adds other variables).
+_TEMPLATE_ARGUMENTS = {
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "continue_final_message",
+    "bos_token",
+    "eos_token",
+}
 
 
 def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
@@ -137,11 +146,31 @@ def conversation(
 
 
 def prompt_text(
-    ctx: ServerContext, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The rendered conversation (the template writes its own BOS)."""
+    """The rendered conversation (the template writes its own BOS), with vLLM's template options:
+    `add_generation_prompt`, `continue_final_message` (the final message left open, to be
+    continued) and `chat_template_kwargs` (more template variables)."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(
+            400,
+            "continue_final_message needs add_generation_prompt: false",
+            param="continue_final_message",
+        )
+    taken = sorted(_TEMPLATE_ARGUMENTS & set(req.chat_template_kwargs or {}))
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
     try:
-        return ctx.chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return ctx.chat_tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            tools=tools,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None
 
@@ -153,6 +182,8 @@ def chat_params(
     tool call's grammar and an output constraint cannot both apply."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{param} must be at least 1", param=param)
     if max_tokens is None:
         max_tokens = max(1, ctx.llm.engine.max_model_len - len(ids))
     if req.top_logprobs is not None:
@@ -190,6 +221,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         )
         rendered = prompt_text(
             ctx,
+            req,
             template_messages(ctx, tool_conversation(ctx.chat_tokenizer, plan, messages)),
             plan.template_tools if plan else None,
         )
@@ -210,15 +242,13 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         raise
 
 
-def _message(
+def assistant_message(
     text: str, finish_reason: str | None, plan: ToolPlan | None
 ) -> tuple[AssistantMessage, str | None]:
     """The assistant message of a whole choice: its tool calls parsed out when the request has tools
-    (finish_reason "tool_calls" then)."""
+    (finish_reason "tool_calls" then), the generic format's response out of its JSON."""
     content, calls, reason = answer_calls(plan, text, finish_reason)
-    if calls is None:
-        return AssistantMessage(text), finish_reason
-    return AssistantMessage(content, tool_calls=calls), reason
+    return AssistantMessage(content, tool_calls=UNSET if calls is None else calls), reason
 
 
 def _completion(
@@ -232,7 +262,7 @@ def _completion(
     out = [
         ChatChoice(
             i,
-            *_message("".join(s.text), s.finish_reason, plan),
+            *assistant_message("".join(s.text), s.finish_reason, plan),
             chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
         )
         for i, s in enumerate(choices.states)

@@ -17,10 +17,10 @@ async def list_models(ctx: ServerContext) -> ModelList:
 
 @get("/models/{name:path}")
 async def get_model(name: str, ctx: ServerContext) -> ModelCard:
+    # The path parameter loses the leading slash of an id that has one (the model file's path alias).
     name = name.lstrip("/")
-    adapter = [card for card in adapter_cards(ctx) if card.id == name]
-    if adapter:
-        return adapter[0]
-    if name not in ctx.names:
+    served = [ModelCard(n, ctx.created) for n in ctx.names]
+    cards = [card for card in [*adapter_cards(ctx), *served] if card.id.lstrip("/") == name]
+    if not cards:
         raise APIError(404, f"model {name!r} is not served here", param="model", code="model_not_found")
-    return ModelCard(name, ctx.created)
+    return cards[0]

@@ -65,6 +65,7 @@ def sampling_params(
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
             n=req.n,
             repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0,

@@ -58,6 +58,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
     stream: bool = False
@@ -80,6 +81,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat template options: a prefilled answer continued, more template variables.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

@@ -59,6 +59,24 @@ def test_smollm2_template_matches_transformers(ours, ref, name, add_generation_p
     assert ours.encode(text) == list(ref_ids)
 
 
+@pytest.mark.parametrize("name", ["multi-turn", "system-multi-turn"])
+def test_continue_final_message_matches_transformers(ours, ref, name):
+    """The final message left open for the model to continue (a prefilled answer), cut where
+    transformers cuts it, whether the template keeps the message's spacing or strips it."""
+    messages = [*CONVERSATIONS[name][:-1], {"role": "assistant", "content": "  The answer is "}]
+    text = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == ref.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.endswith("assistant\n  The answer is ")  # the template keeps the spacing
+    with pytest.raises(JaxrsError, match="cannot both"):
+        ours.apply_chat_template(messages, continue_final_message=True)
+    with pytest.raises(JaxrsError, match="continue_final_message"):
+        ours.apply_chat_template(
+            [*messages[:-1], {"role": "assistant", "content": " "}],
+            add_generation_prompt=False,
+            continue_final_message=True,
+        )
+
+
 HAND_WRITTEN = """\
 {%- set ns = namespace(n=0) -%}
 {{ bos_token }}

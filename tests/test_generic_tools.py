@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import msgspec
 import openai
 import pytest
 from litestar.testing import TestClient
 
 from jaxrs import LLM, SamplingParams
 from jaxrs.structured.generic_tools import generic_conversation
-from jaxrs.structured.tool_calls import GenericParser, closed_objects
-from jaxrs.structured.tools import ToolError
+from jaxrs.structured.tool_calls import GenericParser, Parsed, closed_objects
+from jaxrs.structured.tools import ToolError, ToolPlan, answer_calls
 from server import create_app
+from server.routes_chat import assistant_message
 from tests.structured_model import save_structured_model
 from tests.test_server_structured import ASK, CLOCK, WEATHER
 
@@ -151,6 +153,31 @@ def test_generic_parser():
     assert parser.parse('{"tool_calls": [{"name": "f"', final=False).content == ""
     for text in ('{"tool_calls": [{"name": "f", "arg', '{"tool_calls": []}', "plain words"):
         assert parser.parse(text, final=True).content == text and not parser.parse(text, final=True).calls
+
+
+def test_answers_cut_at_max_tokens_keep_what_is_whole():
+    """An answer cut short keeps its whole calls (as the hermes format does) or its response so far,
+    rather than coming back as raw JSON content."""
+    parser = GenericParser()
+    cut = '{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}, {"na'
+    assert [(c.name, c.arguments) for c in parser.parse(cut, final=True).calls] == [
+        ("f", '{"x": 1}'),
+        ("g", "{}"),
+    ]
+    for text, content in (('{"response": "caf\\u00e9 is', "café is"), ('{"response": "a\\"b\\', 'a"b')):
+        assert parser.parse(text, final=True) == Parsed(content, [])
+
+
+def test_a_response_answer_is_its_text_in_whole_choices():
+    """Whole (non-streamed) answers give the response's text as content, as streams do (it came back as
+    its JSON), in the Python API's and the server's answers alike."""
+    plan = ToolPlan([WEATHER], GenericParser(), None)
+    assert answer_calls(plan, '{"response": "Hi there"}', "stop") == ("Hi there", None, "stop")
+    calls = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name'
+    content, made, reason = answer_calls(plan, calls, "length")
+    assert content is None and [c["function"]["name"] for c in made] == ["get_weather"] and reason == "length"
+    message, reason = assistant_message('{"response": "Hi there"}', "stop", plan)
+    assert (message.content, message.tool_calls, reason) == ("Hi there", msgspec.UNSET, "stop")
 
 
 def test_closed_objects_close_only_what_says_nothing():

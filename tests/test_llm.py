@@ -26,6 +26,23 @@ def test_chat_answers_coherently(llm):
     )
 
 
+def test_chat_takes_text_content_parts(llm):
+    """OpenAI's content parts on a text-only model render as the joined text (a template that expects
+    a string failed on the list)."""
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    asked = llm.chat([{"role": "user", "content": parts}], SamplingParams(temperature=0, max_tokens=1))
+    joined = llm.chat_prompt_ids([{"role": "user", "content": "What is the capital\nof France?"}])
+    assert asked[0].prompt_token_ids == joined
+
+
+def test_a_prefilled_answer_is_continued(llm):
+    asked = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = llm.chat(asked, GREEDY)[0].text
+    prefill = [*asked, {"role": "assistant", "content": "The capital of France"}]
+    rest = llm.chat(prefill, GREEDY, add_generation_prompt=False, continue_final_message=True)[0].text
+    assert "The capital of France" + rest == whole
+
+
 def test_batched_prompts_equal_alone(llm):
     prompts = [
         "The quick brown fox",

@@ -50,6 +50,16 @@ def test_stop_string_spanning_two_tokens_is_held_back_then_cut(processor):
     assert stream_end(seq, 0) == len(" w")
 
 
+def test_include_stop_str_in_output_keeps_the_stop_and_holds_nothing_back(processor):
+    """vLLM's `include_stop_str_in_output`: the text ends with the stop string (or the stop token's
+    text), and a stream has nothing to hold back, since the text is cut after the string anyway."""
+    seq = sequence(processor, stop=["5 w6"], max_tokens=10, include_stop_str_in_output=True)
+    assert feed(processor, seq, [5]) == [None] and stream_end(seq, 0) == len(" w5")
+    assert feed(processor, seq, [6, 7]) == ["stop"] and seq.text == " w5 w6"
+    by_id = sequence(processor, stop_token_ids=[6], max_tokens=10, include_stop_str_in_output=True)
+    assert feed(processor, by_id, [5, 6]) == [None, "stop"] and by_id.text == " w5 w6"
+
+
 def test_text_that_cannot_begin_a_stop_string_streams(processor):
     seq = sequence(processor, stop=["xyz"], max_tokens=10)
     feed(processor, seq, [5, 6])

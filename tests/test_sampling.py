@@ -239,7 +239,7 @@ def test_logprobs_are_those_of_the_raw_logits(case, asked):
         ("n", 0),
         ("temperature", -0.1),
         ("temperature", float("nan")),
-        ("top_k", -1),
+        ("top_k", -2),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("min_p", 1.1),
@@ -263,6 +263,9 @@ def test_bad_fields_are_named(field, value):
 def test_fields_and_defaults():
     p = SamplingParams(n=3, logit_bias={"5": 2}, logprobs=0, presence_penalty=-2, frequency_penalty=2)
     assert p.logit_bias == {5: 2.0} and p.n == 3
+    # vLLM's spellings: top_k -1 is "off" (as 0 is), and None for no stop tokens.
+    vllm = SamplingParams(top_k=-1, stop_token_ids=None, stop=None)
+    assert (vllm.top_k, vllm.stop_token_ids, vllm.stop) == (0, [], [])
     filled = SamplingParams().with_defaults({"repetition_penalty": 1.1, "do_sample": False})
     assert (filled.repetition_penalty, filled.temperature) == (1.1, 0.0)
     assert SamplingParams().with_defaults({}).repetition_penalty == 1.0

@@ -161,7 +161,7 @@ def test_completions_echo_with_logprobs_scores_the_prompt(prompt_scores, oai, ap
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1 : len(ids)] == pytest.approx(scores, abs=1e-4)
     for top, own in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
-        assert 1 <= len(top) <= 3 and max(top.values()) >= own - 1e-5
+        assert 1 <= len(top) <= 4 and own in top.values() and max(top.values()) >= own - 1e-5
     assert lp.text_offset == sorted(lp.text_offset)
     streamed = oai.completions.create(
         model=name_of(app), prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=3, stream=True
@@ -238,6 +238,14 @@ def test_n_stop_and_seed(oai, app):
     stopped = oai.chat.completions.create(model=name, messages=CAPITAL, stop=["Paris"], **GREEDY)
     assert "Paris" not in stopped.choices[0].message.content
     assert stopped.choices[0].finish_reason == "stop"
+    kept = oai.chat.completions.create(
+        model=name,
+        messages=CAPITAL,
+        stop=["Paris"],
+        extra_body={"include_stop_str_in_output": True},
+        **GREEDY,
+    )
+    assert kept.choices[0].message.content == stopped.choices[0].message.content + "Paris"
 
     sampled = dict(model=name, messages=CAPITAL, temperature=1.0, max_tokens=8)
     two = oai.chat.completions.create(n=2, seed=3, **sampled)
@@ -250,11 +258,20 @@ def test_n_stop_and_seed(oai, app):
     assert first == again
 
 
+def test_a_prefilled_answer_is_continued(oai, app, reference):
+    """vLLM's `continue_final_message`: the final assistant message is left open and the model goes on
+    from it (the greedy answer, less the prefill), rather than starting a new turn."""
+    prefill = [*CAPITAL, {"role": "assistant", "content": "The capital of France"}]
+    options = {"continue_final_message": True, "add_generation_prompt": False}
+    resp = oai.chat.completions.create(model=name_of(app), messages=prefill, extra_body=options, **GREEDY)
+    assert "The capital of France" + resp.choices[0].message.content == reference.text
+
+
 def test_models(oai, app):
     names = [m.id for m in oai.models.list().data]
     assert names[0] == name_of(app) == "SmolLM2-135M-Instruct.Q4_1"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in names
-    assert oai.models.retrieve(names[1]).id == names[1]
+    assert [oai.models.retrieve(name).id for name in names] == names  # the path alias too
     # Any alias is accepted as the request's model; the response names the served model.
     resp = oai.chat.completions.create(model=names[1], messages=CAPITAL, temperature=0, max_tokens=1)
     assert resp.model == names[0]

@@ -92,6 +92,7 @@ WRONG_TYPES = {
         "ignore_eos": "yes",
         "xlora_scalings": "yes",
         "skip_special_tokens": 0,
+        "include_stop_str_in_output": "yes",
         "stream": "true",
         "stream_options": 3,
         "logprobs": "yes",
@@ -107,6 +108,9 @@ WRONG_TYPES = {
         "tools": {"type": "function"},
         "tool_choice": 5,
         "parallel_tool_calls": "yes",
+        "add_generation_prompt": "no",
+        "continue_final_message": 1,
+        "chat_template_kwargs": [],
     },
     COMPLETIONS: {
         "prompt": 5,
@@ -136,6 +140,7 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (CHAT, {**m, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
         (CHAT, {**m, "max_tokens": 10**9}, 400, "context length", "max_tokens"),
         (CHAT, {**m, "max_completion_tokens": 10**9}, 400, "max_completion_tokens", "max_completion_tokens"),
+        (CHAT, {**m, "max_completion_tokens": 0}, 400, "max_completion_tokens", "max_completion_tokens"),
         (COMPLETIONS, {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
         (CHAT, {**m, "temperature": -1}, 400, "temperature", "temperature"),
         (CHAT, {**m, "temperature": 1e9}, 400, "temperature", "temperature"),
@@ -162,6 +167,19 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (CHAT, {**m, "stop": 5}, 400, "expected", "stop"),
         (CHAT, {**m, "stop": [5]}, 400, "expected", "stop[0]"),
         (CHAT, {"messages": []}, 400, "empty", "messages"),
+        (CHAT, {**m, "continue_final_message": True}, 400, "add_generation_prompt", "continue_final_message"),
+        (CHAT, {**m, "chat_template_kwargs": {"tools": []}}, 400, "tools", "chat_template_kwargs"),
+        (
+            CHAT,
+            {
+                "messages": [*HI, {"role": "assistant", "content": ""}],
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+            },
+            400,
+            "final message",
+            "messages",
+        ),
         (CHAT, {}, 400, "messages", None),
         (CHAT, {"messages": [{"role": "user"}]}, 400, "content", "messages[0].content"),
         (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "content", "messages[0].content"),
@@ -233,10 +251,11 @@ def test_bad_input_matrix(client, llm):
 
 def test_edge_values_that_are_valid_are_served(client, llm):
     """Extreme but legal values generate normally (none may fail the engine step, which would fail every
-    request in the batch): top_k past int32, huge and negative seeds, tiny temperatures, odd roles."""
+    request in the batch): top_k past int32 or -1, huge and negative seeds, tiny temperatures, odd roles."""
     m = {"messages": HI}
     bodies = [
         {**m, "top_k": 2**40},
+        {**m, "top_k": -1, "temperature": 1},  # vLLM's "no top-k"
         {**m, "seed": 10**30, "temperature": 1},
         {**m, "seed": -(10**30), "temperature": 1},
         {**m, "temperature": 1e-300, "top_p": 1e-300, "min_p": 1.0},
@@ -244,6 +263,12 @@ def test_edge_values_that_are_valid_are_served(client, llm):
         {**m, "logit_bias": {"0": -100, " 5": 100}},
         {**m, "stop": ["\x00", "a" * 10_000]},
         {"messages": [{"role": "assistant", "content": ""}, {"role": "developer", "content": "x"}]},
+        {
+            "messages": [*HI, {"role": "assistant", "content": "Hello"}],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
     ]
     for body in bodies:
         r = client.post(CHAT, json={**SHORT, **body})
@@ -324,6 +349,8 @@ VALID = {
     | st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=2),
     "suffix": st.none(),
     "best_of": st.none(),
+    "continue_final_message": st.just(False),  # needs a final message the template writes
+    "chat_template_kwargs": st.none() | st.just({"enable_thinking": False}),
 }
 
 

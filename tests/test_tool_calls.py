@@ -11,10 +11,12 @@ from jaxrs.structured.tool_calls import (
     HermesParser,
     Llama3JsonParser,
     MistralParser,
+    Parsed,
     ToolCallStream,
     parser_for_template,
     parser_named,
 )
+from jaxrs.structured.tools import answer_calls, tool_plan
 
 HERMES = (
     'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
@@ -39,6 +41,60 @@ def test_hermes_leaves_malformed_calls_as_text():
     assert HermesParser().parse(unfinished, final=True).calls == []  # cut at max_tokens: text
     cut = HERMES + '\n<tool_call>\n{"name": "f", "argu'
     assert [c.name for c in HermesParser().parse(cut, final=True).calls] == ["weather", "time"]
+
+
+# Qwen2.5-Coder-0.5B's answer (temperature 0) to "What's the weather in Paris?" with a weather tool:
+# a fenced JSON object, not the <tool_call> block its template asks for.
+FENCED = (
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris",\n'
+    '    "unit": "celsius"\n  }\n}\n```'
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def hermes_for(*names: str) -> HermesParser:
+    parser = HermesParser()
+    parser.tool_names = frozenset(names)
+    return parser
+
+
+def test_hermes_reads_bare_json_calls_of_the_tools():
+    """A call written as a JSON object, fenced or not, is a call when it names one of the request's
+    tools (as llama.cpp reads Qwen2.5-Coder's); other JSON and code stay content."""
+    (call,) = hermes_for("get_weather").parse(FENCED, final=True).calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris", "unit": "celsius"}
+    two = 'Sure.\n```json\n{"name": "a", "arguments": {"x": 1}}\n```\n{"name": "b", "arguments": {}}'
+    parsed = hermes_for("a", "b").parse(two, final=True)
+    assert parsed.content == "Sure." and [(c.name, c.arguments) for c in parsed.calls] == [
+        ("a", '{"x": 1}'),
+        ("b", "{}"),
+    ]
+    code = 'Like this:\n```python\nprint({"name": "get_weather"})\n```'
+    for parser, text in (
+        (hermes_for("other"), FENCED),
+        (HermesParser(), FENCED),
+        (hermes_for("get_weather"), code),
+    ):
+        assert parser.parse(text, final=True) == Parsed(text, [])
+    plan = tool_plan(None, [WEATHER], "auto", None, "hermes")
+    content, calls, reason = answer_calls(plan, FENCED, "stop")
+    assert content is None and calls[0]["function"]["name"] == "get_weather" and reason == "tool_calls"
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_a_streamed_bare_call_holds_back_only_what_may_open_one(step):
+    stream = ToolCallStream(hermes_for("get_weather"))
+    content, arguments = "", ""
+    text = "Checking.\n" + FENCED
+    for i in range(0, len(text), step):
+        got, deltas = stream.push(text[i : i + step], final=i + step >= len(text))
+        content += got
+        arguments += "".join(d["arguments"] for d in deltas)
+    assert content.rstrip() == "Checking." and stream.called
+    assert arguments == hermes_for("get_weather").parse(FENCED, final=True).calls[0].arguments
+    code = ToolCallStream(hermes_for("get_weather"))
+    assert code.push('x = {"a": 1', final=False)[0] == 'x = {"a": 1'  # ruled out: sent at once
+    assert code.push(' and {"na', final=False)[0] == " and "  # may still open a call: held
 
 
 def test_mistral_and_llama3_json():

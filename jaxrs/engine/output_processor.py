@@ -2,8 +2,8 @@
 
 Runs on the host after every step. A stop token (a request's `stop_token_ids`, or EOS unless
 `ignore_eos`) ends a sequence without adding its text; a stop string ends it with the text cut before
-the string. A stream must not show text that a later token could turn into a stop string, so it shows
-a running sequence's text up to `stream_end` only.
+the string (both kept with `include_stop_str_in_output`). A stream must not show text that a later
+token could turn into a stop string, so it shows a running sequence's text up to `stream_end` only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from jaxrs.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def held_back(params: SamplingParams) -> int:
-    """Characters at the end of a running sequence's text that may still begin a stop string."""
+    """Characters at the end of a running sequence's text that may still begin a stop string (none
+    when the stop string stays in the text)."""
+    if params.include_stop_str_in_output:
+        return 0
     return max((len(s) for s in params.stop), default=1) - 1
 
 
@@ -67,6 +70,8 @@ class OutputProcessor:
         if logprob is not None:
             seq.logprobs.append(logprob)
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            if p.include_stop_str_in_output:
+                seq.text += seq.detokenizer.push(token)
             self.flush(seq)
             return "stop"
         before = len(seq.text)
@@ -74,7 +79,7 @@ class OutputProcessor:
         for stop in p.stop:
             at = seq.text.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
-                seq.text = seq.text[:at]
+                seq.text = seq.text[: at + len(stop) if p.include_stop_str_in_output else at]
                 return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self.flush(seq)

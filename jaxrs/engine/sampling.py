@@ -55,6 +55,7 @@ class SamplingParams:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) kept
     n: int = 1
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
@@ -69,6 +70,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:  # vLLM's spelling of "no top-k"
+            self.top_k = 0
         if self.logit_bias is not None:  # JSON gives string keys
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
@@ -83,7 +87,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.n >= 1, "n must be at least 1"),
             (self.temperature is None or self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k is None or self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (self.top_k is None or self.top_k >= 0, "top_k must be >= 0 (0 or -1 disables it)"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (

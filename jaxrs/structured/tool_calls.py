@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 from jaxrs.structured import Grammar
@@ -53,6 +54,7 @@ def _valid_json(text: str) -> bool:
     return True
 
 
+_JSON = json.JSONDecoder()
 _NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
@@ -81,12 +83,19 @@ def _call_body(body: str, complete: bool) -> ParsedCall | None:
 
 
 class ToolCallParser:
-    """Splits a model's output into content and tool calls (`parse`); `final` says the text is whole."""
+    """Splits a model's output into content and tool calls (`parse`); `final` says the text is whole.
+    `tool_names` are the request's tools (`tool_plan` sets them)."""
 
     name = ""
+    tool_names: frozenset[str] = frozenset()
 
     def parse(self, text: str, final: bool) -> Parsed:
         raise NotImplementedError
+
+    def pending(self, content: str) -> int:
+        """How many characters at the end of a stream's content (no call found yet) may still begin
+        one, and are held back until that is known."""
+        return 0
 
     def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
         """A grammar whose every output is one (or, with `parallel`, one or more) call of `tools`."""
@@ -144,13 +153,17 @@ def _token(tokenizer: Tokenizer, text: str) -> str:
 
 
 class HermesParser(ToolCallParser):
+    """`<tool_call>` blocks; without them, a call written as a bare JSON object (`{"name": "<one of
+    the tools>", "arguments": ...}`, in a ```json fence or not), as Qwen2.5-Coder writes its calls and
+    llama.cpp reads them."""
+
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def parse(self, text: str, final: bool) -> Parsed:
         start = text.find(self.OPEN)
         if start < 0:
-            return Parsed(text, [])
+            return self._bare_calls(text, final)
         calls, at = [], start
         while at >= 0:
             body_start = at + len(self.OPEN)
@@ -172,6 +185,30 @@ class HermesParser(ToolCallParser):
                 return Parsed(text, [])
         return Parsed(text[:start].rstrip(), calls)
 
+    def _bare_calls(self, text: str, final: bool) -> Parsed:
+        calls: list[ParsedCall] = []
+        start = at = _bare_call_start(text, 0, self.tool_names)
+        while at is not None:
+            brace = text.index("{", at)
+            try:
+                end = _JSON.raw_decode(text, brace)[1]
+            except ValueError:  # not whole yet (or cut at max_tokens: the calls before it stand)
+                call = None if final else _call_body(text[brace:], complete=False)
+                calls += [call] if call is not None else []
+                break
+            call = _call_body(text[brace:end], complete=True)
+            if call is None:
+                break
+            calls.append(call)
+            at = _bare_call_start(text, end, self.tool_names)
+        if not calls:
+            return Parsed(text, [])
+        return Parsed(text[:start].rstrip(), calls)
+
+    def pending(self, content: str) -> int:
+        at = next((i for i in _call_starts(content) if _opening(content, i, self.tool_names)), len(content))
+        return max(len(content) - at, _partial_suffix(content, self.OPEN))
+
     def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
         calls = 'start: call ("\\n" call)*' if parallel else "start: call"
         open_, close = _token(tokenizer, self.OPEN), _token(tokenizer, self.CLOSE)
@@ -183,6 +220,9 @@ class HermesParser(ToolCallParser):
 class MistralParser(ToolCallParser):
     name = "mistral"
     MARKER = "[TOOL_CALLS]"
+
+    def pending(self, content: str) -> int:
+        return _partial_suffix(content, self.MARKER)
 
     def parse(self, text: str, final: bool) -> Parsed:
         start = text.find(self.MARKER)
@@ -233,6 +273,43 @@ class Llama3JsonParser(ToolCallParser):
         return Grammar.lark(f"{start}\ncall: %json {body}")
 
 
+_GENERIC_CALLS = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
+_ITEM_SEPARATOR = re.compile(r"\s*,?\s*")
+
+
+def _whole_calls(text: str) -> list[Any]:
+    """The complete items of a generic answer's `tool_calls` array, up to where the text ends (an
+    answer cut at max_tokens)."""
+    match = _GENERIC_CALLS.match(text)
+    if match is None:
+        return []
+    at, items = match.end(), []
+    while True:
+        at = _ITEM_SEPARATOR.match(text, at).end()
+        try:
+            item, at = _JSON.raw_decode(text, at)
+        except ValueError:
+            return items
+        items.append(item)
+
+
+_GENERIC_RESPONSE = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+
+
+def _cut_answer(text: str) -> dict[str, Any]:
+    """What a generic answer cut short holds: its whole calls, or its response as far as it got."""
+    match = _GENERIC_RESPONSE.match(text)
+    if match is None:
+        return {"tool_calls": _whole_calls(text)}
+    rest = text[match.end() :]
+    for cut in range(len(rest), max(-1, len(rest) - 8), -1):  # past a split escape or the closing quote
+        try:
+            return {"response": json.loads(f'"{rest[:cut]}"')}
+        except ValueError:
+            continue
+    return {}
+
+
 class GenericParser(ToolCallParser):
     """The answer is one JSON object: `{"tool_calls": [{"name", "arguments"}, ...]}` or `{"response":
     text}`. Nothing is known before it is whole, so a stream sends it all at the end."""
@@ -244,8 +321,8 @@ class GenericParser(ToolCallParser):
             return Parsed("", [])
         try:
             answer = json.loads(text)
-        except ValueError:
-            return Parsed(text, [])
+        except ValueError:  # cut at max_tokens: the whole calls before the cut stand, or the response
+            answer = _cut_answer(text)
         if isinstance(answer, dict) and isinstance(answer.get("response"), str):
             return Parsed(answer["response"], [])
         items = answer.get("tool_calls") if isinstance(answer, dict) else None
@@ -323,7 +400,7 @@ class ToolCallStream:
         parsed = self.parser.parse(self.text, final)
         content = parsed.content
         if not final and not parsed.calls:
-            content = content[: len(content) - _marker_prefix(content, self.parser)]
+            content = content[: len(content) - self.parser.pending(content)]
         out_content = content[self.content_sent :] if len(content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         deltas = []
@@ -353,15 +430,57 @@ class ToolCallStream:
         return bool(self.ids)
 
 
+def _call_starts(text: str, at: int = 0) -> Iterator[int]:
+    """Where a bare call may begin: each `{`, and each backtick (a ``` fence)."""
+    return (i for i in range(at, len(text)) if text[i] in "{`")
+
+
+def _opening(text: str, at: int, names: frozenset[str]) -> str | None:
+    """Whether the text from `at` opens a bare call of one of `names`: "call" when it does, "maybe"
+    while the text ends before that is known, else None. The opening, as llama.cpp matches it: an
+    optional fence line (```, ```json or ```xml), then `{"name": "<name>"`, any whitespace between."""
+    i = at
+
+    def take(literal: str) -> bool | None:  # None: the text ends inside `literal`
+        nonlocal i
+        piece = text[i : i + len(literal)]
+        if piece == literal:
+            i += len(literal)
+            return True
+        return None if literal.startswith(piece) and i + len(piece) == len(text) else False
+
+    def fail(taken: bool | None) -> str | None:
+        return "maybe" if taken is None else None
+
+    if text.startswith("`", i):
+        if (taken := take("```")) is not True:
+            return fail(taken)
+        for language in ("json", "xml"):
+            if (taken := take(language)) is not False:
+                if taken is None:
+                    return "maybe"
+                break
+        if (taken := take("\n")) is not True:
+            return fail(taken)
+    for literal in ("{", '"name"', ":", '"'):
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if (taken := take(literal)) is not True:
+            return fail(taken)
+    end = text.find('"', i)
+    if end < 0:
+        return "maybe" if any(name.startswith(text[i:]) for name in names) else None
+    return "call" if text[i:end] in names else None
+
+
+def _bare_call_start(text: str, at: int, names: frozenset[str]) -> int | None:
+    """Where the first bare call of one of `names` at or after `at` begins."""
+    return next((i for i in _call_starts(text, at) if _opening(text, i, names) == "call"), None)
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     """How many characters at the end of `text` may begin `marker`."""
     for n in range(min(len(marker), len(text)), 0, -1):
         if marker.startswith(text[-n:]):
             return n
     return 0
-
-
-def _marker_prefix(text: str, parser: ToolCallParser) -> int:
-    """How many characters at the end of `text` may begin the parser's call marker (held back)."""
-    marker = {"hermes": HermesParser.OPEN, "mistral": MistralParser.MARKER}.get(parser.name)
-    return 0 if marker is None else _partial_suffix(text, marker)

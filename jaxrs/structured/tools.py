@@ -119,6 +119,7 @@ def tool_plan(
             f"name one ({', '.join(PARSERS)}) with tool_call_parser (the server's --tool-call-parser)",
             "tools",
         )
+    parser.tool_names = frozenset(t["function"]["name"] for t in allowed)
     # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
     parallel = parallel is not False and not isinstance(tool_choice, dict)
     if choice == "required":
@@ -169,12 +170,14 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
 def answer_calls(
     plan: ToolPlan | None, text: str, finish_reason: str | None
 ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
-    """A finished answer's content, its tool calls in OpenAI's shape (`{id, type, function: {name,
-    arguments}}`; None when it made none), and its finish reason: "tool_calls" when it stopped after
-    calls. Without a plan the text is all content."""
+    """A finished answer's content (the generic format's `response` out of its JSON), its tool calls in
+    OpenAI's shape (`{id, type, function: {name, arguments}}`; None when it made none), and its finish
+    reason: "tool_calls" when it stopped after calls. Without a plan the text is all content."""
     parsed = plan.parser.parse(text, final=True) if plan is not None else None
-    if not parsed or not parsed.calls:
+    if parsed is None:
         return text, None, finish_reason
+    if not parsed.calls:
+        return parsed.content, None, finish_reason
     calls = [
         {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
         for c in parsed.calls

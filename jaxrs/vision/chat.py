@@ -138,14 +138,20 @@ def chat_inputs(
     *,
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    continue_final_message: bool = False,
 ) -> tuple[list[int], ImagePrompt | None]:
-    """Token ids of the rendered conversation (with `tools` for the template, if given) with the
-    images placed (None: no images)."""
+    """Token ids of the rendered conversation (with `tools` for the template, if given; the final
+    message left open with `continue_final_message`) with the images placed (None: no images)."""
     marker = vision.marker if vision is not None else None
     texts, sources = split_images(messages, marker)
     texts = template_contents(tokenizer, texts, marker)
     images = load_images(sources, vision, policy) if sources else []
-    text = tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt, tools=tools)
+    text = tokenizer.apply_chat_template(
+        texts,
+        add_generation_prompt=add_generation_prompt,
+        tools=tools,
+        continue_final_message=continue_final_message,
+    )
     try:
         return assemble_prompt(tokenizer, text, vision, images)
     except JaxrsError as e:  # the images do not fit the rendered prompt
