@@ -45,7 +45,7 @@ from jaxrs.models.nn import Embedding, Experts, Linear, Norm, head_logits, make_
 from jaxrs.models.registry import family
 from jaxrs.models.spec import FamilySpec
 from jaxrs.ops import Kernels
-from jaxrs.quant import QuantizedTensor, dequantize
+from jaxrs.quant import QuantizedTensor, dequantize, stacked_layer
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -287,9 +287,15 @@ class DecoderModel(nnx.Module):
             return self.final_norm(h, kernels), kv
 
         graph, stacked = nnx.split(self.layers)
+        if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # packed weights read in place
+            stacked, layer_of = stacked_layer.scan_packed_in_place(stacked)
+        else:
+            layer_of = None
 
         def body(carry: tuple[jax.Array, KVCache], xs: tuple) -> tuple[tuple[jax.Array, KVCache], None]:
             (h, kv), (state, index, sliding) = carry, xs
+            if layer_of is not None:
+                state = layer_of(state, index)
             if rope_local is rope or not any(sliding_layers):
                 layer_rope = rope
             elif all(sliding_layers):
