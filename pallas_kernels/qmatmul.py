@@ -167,11 +167,13 @@ def _packed_product(
 # once into cache and multiplied with all rows. Only for formats with one code per byte (or a float): the
 # nibble and bit-plane formats (Q4_0, Q4_1, Q4_K, Q6_K, ...) dequantize so slowly on XLA:CPU that tiles
 # or repeated one-row products cost 2-5x the whole product there. Thresholds and formats from
-# bench/bench_cpu_matmul.py --few-rows (bench/RESULTS.md, "Few-row products on XLA:CPU").
+# bench/bench_cpu_matmul.py --few-rows (bench/RESULTS.md, "Few-row products on XLA:CPU"). The tile size
+# measured again in the engine's step at 4, 9 and 32 rows on three models (bench/RESULTS.md, "Few-row
+# products, third round", a shared machine): 256 KiB matched or beat 128 KiB and 512 KiB to 4 MiB at
+# every row count once no layer is copied out of its stack (`qmatmul_xla`'s `layer`).
 CPU_FEW_ROWS = 64
 CPU_GEMV_ROWS = 3
 CPU_TILE_BYTES = 256 * 1024
-CPU_TILE_LEFT = False
 FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
 
 
@@ -181,23 +183,18 @@ def few_row_path(rows: int, fmt: str) -> bool:
     return jax.default_backend() == "cpu" and 1 < rows <= CPU_FEW_ROWS and fmt in FEW_ROW_FORMATS
 
 
-def few_row_tile(out_in: tuple[int, int], rows: int = CPU_GEMV_ROWS + 1, itemsize: int = 4) -> int:
-    """Rows of W per tile of a few-row product of `rows` rows: the most whose dequantized form fits
-    `few_row_tile_bytes(rows)` (a multiple of 8, at least 8, at most `out`); a divisor of `out` at most a
-    quarter below that when there is one, so that no ragged tail needs a product of its own."""
+def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:
+    """Rows of W per tile of a few-row product: the most whose dequantized form fits CPU_TILE_BYTES (a
+    multiple of 8, at least 8, at most `out`); a divisor of `out` at most a quarter below that when there
+    is one, so that no ragged tail needs a product of its own."""
     out_features, in_features = out_in
-    most = max(8, few_row_tile_bytes(rows) // (in_features * itemsize) // 8 * 8)
+    most = max(8, CPU_TILE_BYTES // (in_features * itemsize) // 8 * 8)
     if most >= out_features:
         return out_features
     for tile in range(most, (3 * most) // 4 - 1, -8):
         if out_features % tile == 0:
             return tile
     return most
-
-
-def few_row_tile_bytes(rows: int) -> int:
-    """f32 bytes of one tile of W at `rows` rows (`CPU_TILE_BYTES`; see there)."""
-    return CPU_TILE_BYTES
 
 
 def _few_row_product(
@@ -217,15 +214,11 @@ def _few_row_product(
         parts = [_packed_product(x2[r : r + 1], w, fmt, out_in) for r in range(x2.shape[0])]
         return jnp.concatenate(lax.optimization_barrier(parts)).reshape(*lead, out_features)
 
-    tile = few_row_tile(out_in, x2.shape[0], x.dtype.itemsize)
+    tile = few_row_tile(out_in, x.dtype.itemsize)
     count, rest = divmod(out_features, tile)
 
     def tile_at(i: jax.Array) -> jax.Array:  # W's rows i * tile .. (i + 1) * tile, read in place
-        part = _one_layer(arrays, layer, i * tile, tile)
-        if CPU_TILE_LEFT:
-            w = dequantize_packed(part, fmt=fmt, out_in=(tile, in_features), dtype=x.dtype)
-            return jnp.matmul(w, x2.T, preferred_element_type=jnp.float32).T.astype(x.dtype)
-        return _packed_product(x2, part, fmt, (tile, in_features))
+        return _packed_product(x2, _one_layer(arrays, layer, i * tile, tile), fmt, (tile, in_features))
 
     if count == 1:
         y = tile_at(jnp.int32(0))

@@ -113,7 +113,7 @@ def test_a_whole_number_of_tiles_needs_no_tail_product(small_tiles):
     widths = {}
     for out in (48, 44):
         qt = packed("U8M", out=out, in_features=768)
-        assert qmatmul.few_row_tile(qt.out_in, 5) == 8
+        assert qmatmul.few_row_tile(qt.out_in) == 8
         widths[out] = _dot_widths(jax.jit(lambda x, w: qmatmul_xla(x, w)).lower(x, qt).compile().as_text(), 5)
         ref = np.asarray(x @ dequantize(qt).T)
         np.testing.assert_allclose(np.asarray(qmatmul_xla(x, qt)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
