@@ -85,3 +85,15 @@ def test_no_layer_is_copied_out_of_the_stack(small_tiles):
     assert not layer_sized.search(fn.lower(*args).compile().as_text())
     fn, args = run_layers(tree, x, in_place=False)
     assert layer_sized.search(fn.lower(*args).compile().as_text()), "the check would not see the copy"
+
+
+def test_only_the_weights_picked_stay_in_their_stacks():
+    """The decoder keeps in place only the weights whose product takes the few-row tiles at its rows."""
+    tree = {"a": stacked("U8M"), "b": stacked("Q4_1"), "gain": jnp.ones((LAYERS, 2))}
+    scanned, layer_of = scan_packed_in_place(tree, keep=lambda qt: qt.fmt == "U8M")
+    sliced = jax.tree.map(lambda a: a[2], scanned)  # what the scan hands layer 2
+    layer = layer_of(sliced, jnp.int32(2))
+    assert isinstance(layer["a"], StackedLayer) and type(layer["b"]) is not StackedLayer
+    for name in ("a", "b"):
+        want = np.asarray(dequantize(tree[name][2]))
+        np.testing.assert_array_equal(np.asarray(dequantize(layer[name])), want)

@@ -23,6 +23,7 @@ the MLP; `attn_out_norm` / `ffn_out_norm` normalize the attention / MLP output b
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -46,6 +47,7 @@ from jaxrs.models.registry import family
 from jaxrs.models.spec import FamilySpec
 from jaxrs.ops import Kernels
 from jaxrs.quant import QuantizedTensor, dequantize, stacked_layer
+from pallas_kernels.qmatmul import few_row_path
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -287,8 +289,11 @@ class DecoderModel(nnx.Module):
             return self.final_norm(h, kernels), kv
 
         graph, stacked = nnx.split(self.layers)
-        if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # packed weights read in place
-            stacked, layer_of = stacked_layer.scan_packed_in_place(stacked)
+        if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # few-row tiles read in place
+            rows = math.prod(h.shape[:-1])
+            stacked, layer_of = stacked_layer.scan_packed_in_place(
+                stacked, lambda w: few_row_path(rows, w.fmt)
+            )
         else:
             layer_of = None
 

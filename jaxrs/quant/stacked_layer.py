@@ -8,8 +8,10 @@ copy of every projection a layer, about 11 ms of a 32-row decode step on the dem
 `arrays` are the layer's own, sliced when read), while the `qmatmul` op hands the XLA product the
 stack and the index, so that each tile is sliced straight out of the stack.
 
-`scan_packed_in_place(tree)` splits a stacked parameter tree into the part the scan slices and the
-packed weights kept whole, and puts the two back together per layer inside the scan body.
+`scan_packed_in_place(tree, keep)` splits a stacked parameter tree into the part the scan slices and the
+packed weights kept whole, and puts the two back together per layer inside the scan body. The decoder
+keeps only the weights whose product takes the few-row tiles at the step's row count: a one-row product
+and a prefill chunk's product read the scan's slice as before.
 """
 
 from __future__ import annotations
@@ -64,20 +66,22 @@ class StackedLayer(QuantizedTensor):
         return f"StackedLayer({self.fmt}, shape={self.out_in}, of {self.stack.lead_shape[0]} layers)"
 
 
-def _is_packed(leaf: Any) -> bool:
-    return type(leaf) is QuantizedTensor and len(leaf.lead_shape) == 1
+def scan_packed_in_place(
+    stacked: Any, keep: Callable[[QuantizedTensor], bool] = lambda qt: True
+) -> tuple[Any, Callable[[Any, jax.Array], Any]]:
+    """(the tree the scan slices: `stacked` without the packed weights that `keep` picks, `layer_of(sliced,
+    index)`: one layer's tree, the scanned slice with each kept weight put back as its `StackedLayer`)."""
 
+    def is_kept(leaf: Any) -> bool:
+        return type(leaf) is QuantizedTensor and len(leaf.lead_shape) == 1 and keep(leaf)
 
-def scan_packed_in_place(stacked: Any) -> tuple[Any, Callable[[Any, jax.Array], Any]]:
-    """(the tree the scan slices: `stacked` without its packed weights, `layer_of(sliced, index)`: one
-    layer's tree, the scanned slice with each packed weight put back as its `StackedLayer`)."""
-    leaves, treedef = jax.tree.flatten(stacked, is_leaf=_is_packed)
-    packed = {i: leaf for i, leaf in enumerate(leaves) if _is_packed(leaf)}
-    scanned = [None if i in packed else leaf for i, leaf in enumerate(leaves)]
+    leaves, treedef = jax.tree.flatten(stacked, is_leaf=is_kept)
+    kept = {i: leaf for i, leaf in enumerate(leaves) if is_kept(leaf)}
+    scanned = [None if i in kept else leaf for i, leaf in enumerate(leaves)]
 
     def layer_of(sliced: list, index: jax.Array) -> Any:
         return treedef.unflatten(
-            [StackedLayer(packed[i], index) if i in packed else leaf for i, leaf in enumerate(sliced)]
+            [StackedLayer(kept[i], index) if i in kept else leaf for i, leaf in enumerate(sliced)]
         )
 
     return scanned, layer_of
