@@ -174,6 +174,7 @@ def _packed_product(
 CPU_FEW_ROWS = 64
 CPU_GEMV_ROWS = 3
 CPU_TILE_BYTES = 256 * 1024
+CPU_TILE_SLACK = 0.25  # how far under CPU_TILE_BYTES a tile may go to divide `out`
 FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
 
 
@@ -185,13 +186,13 @@ def few_row_path(rows: int, fmt: str) -> bool:
 
 def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:
     """Rows of W per tile of a few-row product: the most whose dequantized form fits CPU_TILE_BYTES (a
-    multiple of 8, at least 8, at most `out`); a divisor of `out` at most a quarter below that when there
-    is one, so that no ragged tail needs a product of its own."""
+    multiple of 8, at least 8, at most `out`); a divisor of `out` at most CPU_TILE_SLACK below that when
+    there is one, so that no ragged tail needs a product of its own."""
     out_features, in_features = out_in
     most = max(8, CPU_TILE_BYTES // (in_features * itemsize) // 8 * 8)
     if most >= out_features:
         return out_features
-    for tile in range(most, (3 * most) // 4 - 1, -8):
+    for tile in range(most, math.ceil(most * (1 - CPU_TILE_SLACK)) - 1, -8):
         if out_features % tile == 0:
             return tile
     return most
