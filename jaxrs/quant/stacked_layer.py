@@ -3,7 +3,8 @@
 Why: under `lax.scan` every layer's weight is a dynamic slice of the stacked `[L, out, in]` arrays. A
 one-row product fuses that slice into itself, but XLA:CPU copies the slice out whole before a loop takes
 it as an operand, and the few-row products on CPU loop over tiles of the weight (`qmatmul_xla`): one
-copy of every projection a layer, about 11 ms of a 32-row decode step on the demo model. A
+copy of every projection a layer, 1.11-1.42x the CPU time of a 4-32-row decode step on the demo,
+Gemma-3-270M and Qwen2.5-0.5B (bench/RESULTS.md, "Few-row products, third round"). A
 `StackedLayer` stands for layer `layer` of `stack` wherever a `QuantizedTensor` is expected (its
 `arrays` are the layer's own, sliced when read), while the `qmatmul` op hands the XLA product the
 stack and the index, so that each tile is sliced straight out of the stack.
