@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxrs.errors import JaxrsError
 from jaxrs.parallel.sharded_kernels import for_mesh
+from jaxrs.quant.stacked_layer import StackedLayer
 from jaxrs.quant.tensor import QuantizedTensor
 from pallas_kernels import batch_invariant, qmatmul
 from pallas_kernels.lora import lora_pallas, lora_xla
@@ -92,10 +93,13 @@ class Kernels:
         return for_mesh(op, resolve(op, dict(self.choice).get(op)), lambda: resolve(op, "xla"))
 
 
-def _taking_quantized_tensor(kernel: Callable) -> Callable:
-    """`kernel(x, arrays, *, fmt, out_in, **options)` as the op's `fn(x, qt, **options)`."""
+def _taking_quantized_tensor(kernel: Callable, *, reads_stacks: bool = False) -> Callable:
+    """`kernel(x, arrays, *, fmt, out_in, **options)` as the op's `fn(x, qt, **options)`. A kernel that
+    `reads_stacks` gets a `StackedLayer`'s whole stack and its `layer` index instead of the slice."""
 
     def op(x: jax.Array, qt: QuantizedTensor, **options) -> jax.Array:
+        if reads_stacks and isinstance(qt, StackedLayer):
+            return kernel(x, qt.stack.arrays, fmt=qt.fmt, out_in=qt.out_in, layer=qt.layer, **options)
         return kernel(x, qt.arrays, fmt=qt.fmt, out_in=qt.out_in, **options)
 
     op.__name__ = op.__qualname__ = kernel.__name__
@@ -103,7 +107,7 @@ def _taking_quantized_tensor(kernel: Callable) -> Callable:
     return op
 
 
-qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla)
+qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla, reads_stacks=True)
 qmatmul_pallas = _taking_quantized_tensor(qmatmul.qmatmul_pallas)
 qmatmul_invariant = _taking_quantized_tensor(batch_invariant.qmatmul_invariant)
 

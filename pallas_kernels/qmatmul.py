@@ -98,17 +98,48 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> 
 
 
 def qmatmul_xla(
-    x: jax.Array, arrays: Mapping[str, jax.Array], *, fmt: str, out_in: tuple[int, int]
+    x: jax.Array,
+    arrays: Mapping[str, jax.Array],
+    *,
+    fmt: str,
+    out_in: tuple[int, int],
+    layer: jax.Array | None = None,
 ) -> jax.Array:
-    """`x @ W.T` for the `[out, in]` weight W (no stacked axes) that `arrays`, the fields of `fmt`'s
-    layout, pack: W is dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses
-    the dequantization into the dot (a long one-row product in pieces of whole blocks, `matmul_t`).
-    A few rows on CPU go a tile of W at a time (`_few_row_product`)."""
+    """`x @ W.T` for the `[out, in]` weight W that `arrays`, the fields of `fmt`'s layout, pack: W is
+    dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses the dequantization
+    into the dot (a long one-row product in pieces of whole blocks, `matmul_t`). A few rows on CPU go a
+    tile of W at a time (`_few_row_product`).
+
+    `layer`: the arrays hold stacked layers `[L, out, in // per]` and W is layer `layer` (a traced
+    index, inside the layer loop). The few-row tiles then read W's rows straight out of the stack: a
+    loop over tiles that took the layer's slice as its operand would make XLA copy the slice out first."""
+    if few_row_path(math.prod(x.shape[:-1]), fmt):
+        _check(x, _layer_shapes(arrays, layer), fmt, out_in)
+        return _few_row_product(x, arrays, fmt, out_in, layer)
+    if layer is not None:
+        arrays = {n: lax.dynamic_index_in_dim(v, layer, keepdims=False) for n, v in arrays.items()}
     _check(x, arrays, fmt, out_in)
-    rows = math.prod(x.shape[:-1])
-    if jax.default_backend() == "cpu" and 1 < rows <= CPU_FEW_ROWS and fmt in FEW_ROW_FORMATS:
-        return _few_row_product(x, arrays, fmt, out_in)
     return _packed_product(x, arrays, fmt, out_in)
+
+
+def _layer_shapes(arrays: Mapping[str, jax.Array], layer: jax.Array | None) -> Mapping[str, object]:
+    """The fields' shapes and dtypes as one layer has them (for `_check`)."""
+    if layer is None:
+        return arrays
+    return {n: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for n, v in arrays.items()}
+
+
+def _one_layer(arrays: Mapping[str, jax.Array], layer: jax.Array | None, start, size: int | None) -> dict:
+    """W's rows `start .. start + size` (all from `start` when `size` is None; `start` may be traced),
+    each field `[rows, in // per]`, read out of layer `layer` of stacked arrays when there is one."""
+    if layer is None and size is None and isinstance(start, int) and start == 0:
+        return dict(arrays)
+    out = {}
+    for n, v in arrays.items():
+        v, at = (v[None], 0) if layer is None else (v, layer)
+        rows = v.shape[1] - start if size is None else size
+        out[n] = lax.dynamic_slice(v, (at, start, 0), (1, rows, v.shape[2]))[0]
+    return out
 
 
 def _packed_product(
@@ -136,42 +167,67 @@ def _packed_product(
 # once into cache and multiplied with all rows. Only for formats with one code per byte (or a float): the
 # nibble and bit-plane formats (Q4_0, Q4_1, Q4_K, Q6_K, ...) dequantize so slowly on XLA:CPU that tiles
 # or repeated one-row products cost 2-5x the whole product there. Thresholds and formats from
-# bench/bench_cpu_matmul.py --few-rows (bench/RESULTS.md, "Few-row products on XLA:CPU").
+# bench/bench_cpu_matmul.py --few-rows (bench/RESULTS.md, "Few-row products on XLA:CPU"). The tile size
+# measured again in the engine's step at 4, 9 and 32 rows on three models (bench/RESULTS.md, "Few-row
+# products, third round", a shared machine): 256 KiB matched or beat 128 KiB and 512 KiB to 4 MiB at
+# every row count once no layer is copied out of its stack (`qmatmul_xla`'s `layer`).
 CPU_FEW_ROWS = 64
 CPU_GEMV_ROWS = 3
 CPU_TILE_BYTES = 256 * 1024
+CPU_TILE_SLACK = 0.25  # how far under CPU_TILE_BYTES a tile may go to divide `out`
 FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
 
 
+def few_row_path(rows: int, fmt: str) -> bool:
+    """Whether `qmatmul_xla` takes a product of `rows` rows with a `fmt` weight a row or a tile of W at
+    a time (never writing all of W out in f32)."""
+    return jax.default_backend() == "cpu" and 1 < rows <= CPU_FEW_ROWS and fmt in FEW_ROW_FORMATS
+
+
 def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:
-    """Rows of W per tile of a few-row product: the most whose dequantized form fits CPU_TILE_BYTES
-    (a multiple of 8, at least 8, at most `out`)."""
+    """Rows of W per tile of a few-row product: the most whose dequantized form fits CPU_TILE_BYTES (a
+    multiple of 8, at least 8, at most `out`); a divisor of `out` at most CPU_TILE_SLACK below that when
+    there is one, so that no ragged tail needs a product of its own."""
     out_features, in_features = out_in
-    return min(out_features, max(8, CPU_TILE_BYTES // (in_features * itemsize) // 8 * 8))
+    most = max(8, CPU_TILE_BYTES // (in_features * itemsize) // 8 * 8)
+    if most >= out_features:
+        return out_features
+    for tile in range(most, math.ceil(most * (1 - CPU_TILE_SLACK)) - 1, -8):
+        if out_features % tile == 0:
+            return tile
+    return most
 
 
 def _few_row_product(
-    x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]
+    x: jax.Array,
+    arrays: Mapping[str, jax.Array],
+    fmt: str,
+    out_in: tuple[int, int],
+    layer: jax.Array | None = None,
 ) -> jax.Array:
-    """`x @ W.T` for a few rows on CPU: a fused one-row product per row, or W tile by tile (above)."""
+    """`x @ W.T` for a few rows on CPU: a fused one-row product per row, or W tile by tile (above);
+    W is layer `layer` of stacked arrays when that is given (`qmatmul_xla`)."""
     out_features, in_features = out_in
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] <= CPU_GEMV_ROWS:
-        parts = [_packed_product(x2[r : r + 1], arrays, fmt, out_in) for r in range(x2.shape[0])]
+        w = _one_layer(arrays, layer, 0, None)
+        parts = [_packed_product(x2[r : r + 1], w, fmt, out_in) for r in range(x2.shape[0])]
         return jnp.concatenate(lax.optimization_barrier(parts)).reshape(*lead, out_features)
 
     tile = few_row_tile(out_in, x.dtype.itemsize)
     count, rest = divmod(out_features, tile)
 
     def tile_at(i: jax.Array) -> jax.Array:  # W's rows i * tile .. (i + 1) * tile, read in place
-        part = {n: lax.dynamic_slice_in_dim(v, i * tile, tile, axis=0) for n, v in arrays.items()}
-        return _packed_product(x2, part, fmt, (tile, in_features))
+        return _packed_product(x2, _one_layer(arrays, layer, i * tile, tile), fmt, (tile, in_features))
 
-    y = lax.map(tile_at, jnp.arange(count, dtype=jnp.int32))  # [count, rows, tile]
-    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], count * tile)
+    if count == 1:
+        y = tile_at(jnp.int32(0))
+    else:
+        y = lax.map(tile_at, jnp.arange(count, dtype=jnp.int32))  # [count, rows, tile]
+        y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], count * tile)
     if rest:
-        tail = {n: v[count * tile :] for n, v in arrays.items()}
+        tail = _one_layer(arrays, layer, count * tile, rest)
         y = jnp.concatenate([y, _packed_product(x2, tail, fmt, (rest, in_features))], axis=-1)
     return y.reshape(*lead, out_features)
 

@@ -10,7 +10,7 @@ import pytest
 from jaxrs.models import head_slices
 from jaxrs.models.nn import head_logits
 from jaxrs.ops import Kernels
-from jaxrs.quant import quantize
+from jaxrs.quant import dequantize, quantize
 from pallas_kernels import qmatmul
 
 
@@ -47,3 +47,20 @@ def test_sliced_head_gives_the_same_logits_with_a_smaller_temporary(monkeypatch,
     np.testing.assert_array_equal(sliced, whole)
     assert sliced.shape == (3, 2048)
     assert sliced_temp < whole_temp / 2, (sliced_temp, whole_temp)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the head is sliced on CPU")
+@pytest.mark.parametrize("rows, sliced", [(1, True), (5, False), (65, True)])
+def test_few_rows_read_the_head_whole(monkeypatch, rows, sliced):
+    """2..64 rows: the few-row product reads the head a tile at a time itself, so it takes the head
+    whole; one row (its fused product) and more than 64 rows keep the slices."""
+    rng = np.random.default_rng(rows)
+    head = quantize(rng.normal(size=(2048, 256)).astype(np.float32), "Q8F")
+    hidden = jnp.asarray(rng.normal(size=(rows, 256)), jnp.float32)
+    monkeypatch.setattr(head_slices, "SLICE_BYTES", 256 * 1024)
+    counts = []
+    monkeypatch.setattr(head_slices, "slice_count", lambda *a: counts.append(a) or 8)
+    logits = np.asarray(jax.jit(lambda h, w: head_logits(w, h, Kernels()))(hidden, head))
+    assert bool(counts) == sliced
+    ref = np.asarray(hidden @ dequantize(head).T)
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -87,9 +87,37 @@ def test_the_whole_weight_is_never_written_out_in_f32(rows):
 
 
 def test_tile_rows_follow_the_row_length():
-    assert qmatmul.few_row_tile((4864, 896)) == qmatmul.CPU_TILE_BYTES // (896 * 4) // 8 * 8
+    most = qmatmul.CPU_TILE_BYTES // (896 * 4) // 8 * 8
+    assert qmatmul.few_row_tile((most * 7, 896)) == most
     assert qmatmul.few_row_tile((896, 1 << 20)) == 8  # never fewer than 8 rows
     assert qmatmul.few_row_tile((5, 64)) == 5  # never more than the weight has
+
+
+def test_tiles_divide_the_rows_where_they_can():
+    """A tile a little under the budget that divides `out` leaves no ragged tail (its own product)."""
+    most = qmatmul.CPU_TILE_BYTES // (896 * 4) // 8 * 8  # 72 rows of Qwen2.5-0.5B's 896 inputs
+    assert qmatmul.few_row_tile((4864, 896)) == 64 == most - 8 and 4864 % 64 == 0
+    assert qmatmul.few_row_tile((151936, 896)) == 64  # the vocabulary: 2^7 x 1187
+    assert qmatmul.few_row_tile((1187 * 8, 896)) == most  # no divisor near: the budget's tile and a tail
+
+
+def _dot_widths(text: str, rows: int) -> set[int]:
+    """The output widths of the dots in compiled code, for `rows` rows."""
+    return {int(w) for w in re.findall(rf"= f32\[{rows},(\d+)\]\S* dot\(", text)}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the few-row path is XLA:CPU's")
+def test_a_whole_number_of_tiles_needs_no_tail_product(small_tiles):
+    """48 rows in tiles of 8: only the tile's dot; 44 rows: a dot of 4 more for the ragged tail."""
+    x = jnp.ones((5, 768), jnp.float32)
+    widths = {}
+    for out in (48, 44):
+        qt = packed("U8M", out=out, in_features=768)
+        assert qmatmul.few_row_tile(qt.out_in) == 8
+        widths[out] = _dot_widths(jax.jit(lambda x, w: qmatmul_xla(x, w)).lower(x, qt).compile().as_text(), 5)
+        ref = np.asarray(x @ dequantize(qt).T)
+        np.testing.assert_allclose(np.asarray(qmatmul_xla(x, qt)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert widths == {48: {8}, 44: {8, 4}}
 
 
 def test_byte_code_formats_only():

@@ -23,6 +23,7 @@ the MLP; `attn_out_norm` / `ffn_out_norm` normalize the attention / MLP output b
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -45,7 +46,8 @@ from jaxrs.models.nn import Embedding, Experts, Linear, Norm, head_logits, make_
 from jaxrs.models.registry import family
 from jaxrs.models.spec import FamilySpec
 from jaxrs.ops import Kernels
-from jaxrs.quant import QuantizedTensor, dequantize
+from jaxrs.quant import QuantizedTensor, dequantize, stacked_layer
+from pallas_kernels.qmatmul import few_row_path
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -287,9 +289,18 @@ class DecoderModel(nnx.Module):
             return self.final_norm(h, kernels), kv
 
         graph, stacked = nnx.split(self.layers)
+        if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # few-row tiles read in place
+            rows = math.prod(h.shape[:-1])
+            stacked, layer_of = stacked_layer.scan_packed_in_place(
+                stacked, lambda w: few_row_path(rows, w.fmt)
+            )
+        else:
+            layer_of = None
 
         def body(carry: tuple[jax.Array, KVCache], xs: tuple) -> tuple[tuple[jax.Array, KVCache], None]:
             (h, kv), (state, index, sliding) = carry, xs
+            if layer_of is not None:
+                state = layer_of(state, index)
             if rope_local is rope or not any(sliding_layers):
                 layer_rope = rope
             elif all(sliding_layers):
