@@ -1,4 +1,4 @@
-"""Qwen2, Mistral with a sliding window, Gemma, Gemma 2 and Gemma 3 against transformers (CPU, f32)
+"""Qwen2, Qwen3, Mistral with a sliding window, Gemma, Gemma 2 and Gemma 3 against transformers (CPU, f32)
 through the paged KV cache, and their GGUF tensor mapping against a tiny GGUF written the way
 llama.cpp's converter writes that architecture. The real Gemma 3 270M file: test_gemma3_270m.py."""
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config
+from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from jaxrs.config import FULL, SLIDING
 from jaxrs.loading import checkpoint
@@ -43,6 +43,31 @@ CONFIGS = {
         sliding_window=8,
         max_window_layers=1,
     ),
+    # head_dim 32 with hidden 64 / 4 heads (q size 128), q/k norms, q/k/v/o biases; YaRN with its knobs
+    "qwen3-yarn-bias": Qwen3Config(
+        **GEMMA,
+        num_hidden_layers=2,
+        attention_bias=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.5,
+        },
+    ),
+    # window on the last two layers; tied embeddings, MQA
+    "qwen3-window": Qwen3Config(
+        **(GEMMA | {"num_key_value_heads": 1, "head_dim": 16}),
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+    ),
     "mistral-window": MistralConfig(
         **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
     ),
@@ -67,8 +92,14 @@ CONFIGS = {
         num_hidden_layers=4,
         sliding_window=12,
     ),
+    # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
     "gemma3-sss-full": Gemma3TextConfig(
-        **GEMMA, num_hidden_layers=4, layer_types=[SLIDING, SLIDING, SLIDING, FULL], sliding_window=6
+        **GEMMA,
+        num_hidden_layers=4,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+        sliding_window=6,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
     ),
     "gemma3": Gemma3TextConfig(
         **GEMMA,
@@ -118,6 +149,7 @@ def test_configs_normalize():
     expect = {  # architecture, window, layer kinds
         "qwen2-tied": ("qwen2", None, ()),
         "qwen2-untied-window": ("qwen2", 8, (FULL, SLIDING)),
+        "qwen3-window": ("qwen3", 6, (FULL, SLIDING, SLIDING)),
         "mistral-window": ("llama", 8, (SLIDING, SLIDING)),
         "gemma": ("gemma", None, ()),
         "gemma2": ("gemma2", 8, (SLIDING, FULL)),
@@ -150,6 +182,12 @@ def test_configs_normalize():
     assert g3.layer_types == (SLIDING, FULL, SLIDING) and (g3.rope_theta, g3.rope_local_theta) == (5.0, 7.0)
     assert (g3.rope_scaling.kind, g3.rope_scaling.factor) == ("linear", 8.0)
     assert g3.attn_logit_softcap is None and g3.final_logit_softcap is None
+    g3_caps = hf_config(raws["gemma3-sss-full"])
+    assert g3_caps.attn_logit_softcap is None and g3_caps.final_logit_softcap == 3.0
+    q3 = hf_config(raws["qwen3-yarn-bias"])
+    assert (q3.head_dim, q3.attention_bias, q3.rope_scaling.kind) == (32, True, "yarn")
+    assert (q3.rope_scaling.beta_fast, q3.rope_scaling.beta_slow) == (16.0, 2.0)
+    assert q3.rope_scaling.attention_factor == pytest.approx((0.08 * np.log(4) + 1) / (0.05 * np.log(4) + 1))
 
 
 def test_gelu_tanh_is_torchs():
@@ -169,7 +207,7 @@ def test_logits_and_greedy_match_transformers(name, tiny):
 
 # --- GGUF: a tiny file written as llama.cpp's convert_hf_to_gguf.py writes the architecture ----------
 
-GGUF_ARCH = {"qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
 def write_llama_cpp_gguf(model, path, arch: str) -> None:
@@ -215,7 +253,9 @@ def write_llama_cpp_gguf(model, path, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("name", ["qwen2-tied", "qwen2-untied-window", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "name", ["qwen2-tied", "qwen2-untied-window", "qwen3-window", "gemma", "gemma2", "gemma3"]
+)
 def test_gguf_gives_the_hf_parameter_tree(name, tiny, tmp_path):
     folder, model = tiny(name)
     hf_cfg, hf_params = load_params(folder)
@@ -233,9 +273,9 @@ def test_gguf_gives_the_hf_parameter_tree(name, tiny, tmp_path):
         eos_token_ids=cfg.eos_token_ids,
         rms_norm_eps=cfg.rms_norm_eps,  # f32 in the file
         query_pre_attn_scalar=cfg.head_dim if hf_cfg.architecture in ("gemma2", "gemma3") else None,
-        # llama.cpp's qwen2 graph has no sliding window
-        sliding_window=None if cfg.architecture == "qwen2" else hf_cfg.sliding_window,
-        layer_types=() if cfg.architecture == "qwen2" else hf_cfg.layer_types,
+        # llama.cpp's qwen2/qwen3 graphs have no sliding window
+        sliding_window=None if cfg.architecture.startswith("qwen") else hf_cfg.sliding_window,
+        layer_types=() if cfg.architecture.startswith("qwen") else hf_cfg.layer_types,
     )
     assert cfg == expected
     assert cfg.rms_norm_eps == pytest.approx(hf_cfg.rms_norm_eps)

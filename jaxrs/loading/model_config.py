@@ -47,16 +47,17 @@ def rope_scaling_from_hf(
     raw: dict | None, path: Path, *, max_position_embeddings: int = 4096, original_max: int | None = None
 ) -> RopeScaling:
     """`original_max`: a top-level `original_max_position_embeddings` (Phi-3 keeps it there, and
-    transformers prefers it to the one inside the rope dict)."""
+    transformers prefers it to the one inside the rope dict for longrope, yarn and llama3; without either,
+    transformers takes max_position_embeddings)."""
     if not raw:
         return RopeScaling()
     kind = raw.get("rope_type", raw.get("type", "default"))
+    original = int(original_max or raw.get("original_max_position_embeddings") or max_position_embeddings)
     if kind == "default":
         return RopeScaling()
     if kind in ("longrope", "su"):
         if "short_factor" not in raw or "long_factor" not in raw:
             raise ModelLoadError(path, "longrope rope_scaling needs short_factor and long_factor")
-        original = int(original_max or raw.get("original_max_position_embeddings") or max_position_embeddings)
         factor = raw.get("factor") or max_position_embeddings / original
         attention = raw.get("attention_factor")
         return RopeScaling(
@@ -77,11 +78,41 @@ def rope_scaling_from_hf(
             factor=float(raw["factor"]),
             low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
             high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=original,
         )
+    if kind == "yarn":
+        factor = float(raw.get("factor") or max_position_embeddings / original)
+        return RopeScaling(
+            kind="yarn",
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=yarn_attention_factor(raw, factor),
+            beta_fast=float(raw.get("beta_fast") or 32),
+            beta_slow=float(raw.get("beta_slow") or 1),
+            truncate=bool(raw.get("truncate", True)),
+        )
+    if kind == "dynamic":  # transformers grows the base past max_position_embeddings, not an original
+        factor = float(raw["factor"])
+        return RopeScaling("dynamic", factor, original_max_position_embeddings=max_position_embeddings)
     raise ModelLoadError(
-        path, f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, longrope)"
+        path,
+        f"unsupported rope_scaling type {kind!r} "
+        "(supported: default, linear, llama3, longrope, yarn, dynamic)",
     )
+
+
+def yarn_attention_factor(raw: dict, factor: float) -> float:
+    """YaRN's cos/sin scale: the config's `attention_factor`, else from `mscale` / `mscale_all_dim` when
+    both are set, else 0.1 ln(factor) + 1 (transformers' rule)."""
+    if raw.get("attention_factor") is not None:
+        return float(raw["attention_factor"])
+
+    def mscale(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    if raw.get("mscale") and raw.get("mscale_all_dim"):
+        return mscale(raw["mscale"]) / mscale(raw["mscale_all_dim"])
+    return mscale(1.0)
 
 
 def config_from_hf(raw: dict, path: Path) -> ModelConfig:
