@@ -44,8 +44,9 @@ CONFIGS = {
         rope_scaling={"rope_type": "linear", "factor": 2.0},
         rope_theta=500.0,
     ),
+    # transformers' Llama/Mistral RoPE rotates whole heads whatever partial_rotary_factor says
     "mistral-no-window": MistralConfig(
-        **SMALL, num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, sliding_window=None, partial_rotary_factor=0.5
     ),
 }
 # Dynamic NTK past max_position_embeddings (16): the base grows with each sequence's length, so keys in

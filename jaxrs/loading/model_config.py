@@ -141,7 +141,7 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     head_dim = raw.get("head_dim") or hidden // heads
     partial = raw.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
-    rotary_dim = int(head_dim * partial)
+    rotary_dim = int(head_dim * partial) if family(arch).partial_rotary else head_dim
     max_pos = raw.get("max_position_embeddings", 4096)
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
