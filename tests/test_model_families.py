@@ -16,11 +16,12 @@ import torch
 from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from jaxrs.config import FULL, SLIDING
+from jaxrs.errors import ModelLoadError
 from jaxrs.loading import checkpoint
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.loading.model_config import config_from_hf
+from jaxrs.loading.model_config import config_from_gguf, config_from_hf
 from jaxrs.models.layers import activation
 from jaxrs.ops import Kernels
 from tests.conftest import relative_error, save_tiny_hf_model
@@ -59,7 +60,7 @@ CONFIGS = {
             "mscale_all_dim": 0.5,
         },
     ),
-    # window on the last two layers; tied embeddings, MQA
+    # window on the last two layers; tied embeddings, MQA; YaRN's defaults (also through a GGUF)
     "qwen3-window": Qwen3Config(
         **(GEMMA | {"num_key_value_heads": 1, "head_dim": 16}),
         num_hidden_layers=3,
@@ -67,6 +68,12 @@ CONFIGS = {
         use_sliding_window=True,
         sliding_window=6,
         max_window_layers=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 2.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "mistral-window": MistralConfig(
         **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
@@ -231,6 +238,10 @@ def write_llama_cpp_gguf(model, path, arch: str) -> None:
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(hf.sliding_window)
     if arch == "gemma2":
@@ -298,3 +309,25 @@ def test_gemma2_chunked_prefill_and_pallas_kernel(tiny):
         run = PagedRun(cfg, params, block_size=8, num_blocks=8, kernels=kernels, seed=1)
         chunked = np.concatenate([run.feed(prompt[:13]), run.feed(prompt[13:20]), run.feed(prompt[20:])])
         assert relative_error(chunked, whole) <= 1e-5, impl
+
+
+def test_gguf_yarn_metadata_it_cannot_honour_is_refused():
+    """A YaRN GGUF with a key that changes llama.cpp's cos/sin scale is refused, naming the key."""
+    meta = {
+        "general.architecture": "qwen3",
+        "qwen3.attention.head_count": 4,
+        "qwen3.embedding_length": 64,
+        "qwen3.feed_forward_length": 128,
+        "qwen3.block_count": 2,
+        "qwen3.vocab_size": 256,
+        "qwen3.rope.scaling.type": "yarn",
+        "qwen3.rope.scaling.factor": 4.0,
+        "qwen3.rope.scaling.original_context_length": 64,
+    }
+    rs = config_from_gguf(meta, Path("m.gguf"), has_output=True).rope_scaling
+    assert (rs.kind, rs.factor, rs.original_max_position_embeddings) == ("yarn", 4.0, 64)
+    assert rs.attention_factor == pytest.approx(0.1 * np.log(4) + 1)
+    with pytest.raises(ModelLoadError, match="yarn_log_multiplier"):
+        config_from_gguf(
+            meta | {"qwen3.rope.scaling.yarn_log_multiplier": 0.1}, Path("m.gguf"), has_output=True
+        )

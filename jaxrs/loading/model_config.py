@@ -182,6 +182,28 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     return _finish(cfg, "finish_hf_config", raw, path)
 
 
+def gguf_yarn(meta: dict[str, Any], arch: str, path: Path) -> RopeScaling:
+    """YaRN as llama.cpp's converter writes it for a transformers `yarn` config: factor, original length
+    and the betas; cos/sin scaled by 0.1 ln(factor) + 1 (ggml's and transformers' default). The keys
+    that change that scale (an explicit attention factor, DeepSeek's log multiplier, an extrapolation
+    factor) are refused, naming them."""
+    key = f"{arch}.rope.scaling."
+    odd = [k for k in ("yarn_attn_factor", "yarn_log_multiplier", "attn_factor") if key + k in meta]
+    if meta.get(key + "yarn_ext_factor", 1.0) != 1.0:
+        odd.append("yarn_ext_factor")
+    if odd:
+        raise ModelLoadError(path, f"unsupported YaRN metadata {', '.join(key + k for k in odd)}")
+    factor = float(meta[key + "factor"])
+    return RopeScaling(
+        kind="yarn",
+        factor=factor,
+        original_max_position_embeddings=int(meta[key + "original_context_length"]),
+        attention_factor=yarn_attention_factor({}, factor),
+        beta_fast=float(meta.get(key + "yarn_beta_fast", 32.0)),
+        beta_slow=float(meta.get(key + "yarn_beta_slow", 1.0)),
+    )
+
+
 def config_from_gguf(
     meta: dict[str, Any],
     path: Path,
@@ -227,10 +249,14 @@ def config_from_gguf(
         rope_scaling = RopeScaling(kind="freq_factors", freq_factors=rope_freqs)
     elif scaling_type == "linear":
         rope_scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
+    elif scaling_type == "yarn":
+        rope_scaling = gguf_yarn(meta, arch, path)
     elif scaling_type in ("none", None):
         rope_scaling = RopeScaling()
     else:
-        raise ModelLoadError(path, f"unsupported rope scaling {scaling_type!r} (supported: none, linear)")
+        raise ModelLoadError(
+            path, f"unsupported rope scaling {scaling_type!r} (supported: none, linear, yarn)"
+        )
     eos = meta.get("tokenizer.ggml.eos_token_id")
     num_layers = int(get("block_count"))
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
