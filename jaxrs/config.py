@@ -16,11 +16,16 @@ from jaxrs.errors import ModelLoadError
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is one of: default, linear, llama3, freq_factors, longrope.
+    """RoPE frequency scaling. `kind` is one of: default, linear, llama3, freq_factors, longrope, yarn,
+    dynamic.
 
     longrope (Phi-3 "su"): frequencies divided by `short_factor` while a sequence is at most
     `original_max_position_embeddings` long, by `long_factor` once it is longer (chosen per sequence and
     step, as transformers does), and cos/sin times `attention_factor`.
+    yarn: frequencies blended between divided by `factor` and unchanged over the dims between the
+    `beta_fast` and `beta_slow` rotation counts of `original_max_position_embeddings`, cos/sin times
+    `attention_factor`. dynamic (NTK): the base grows with the sequence's length once it passes
+    `original_max_position_embeddings` (the config's max_position_embeddings), per sequence and step.
     """
 
     kind: str = "default"
@@ -31,7 +36,16 @@ class RopeScaling:
     freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs.weight` (llama.cpp's llama3 form)
     short_factor: tuple[float, ...] | None = None  # longrope: per frequency, for short sequences
     long_factor: tuple[float, ...] | None = None  # longrope: per frequency, past the original length
-    attention_factor: float = 1.0  # longrope: cos and sin are scaled by this
+    attention_factor: float = 1.0  # longrope, yarn: cos and sin are scaled by this
+    beta_fast: float = 32.0  # yarn: rotations below which a dim is interpolated...
+    beta_slow: float = 1.0  # ...and above which it keeps its frequency
+    truncate: bool = True  # yarn: the ramp's ends rounded to whole dims
+
+    @property
+    def by_length(self) -> bool:
+        """The rotation depends on the sequence's length (not only on the position): keys already in the
+        cache keep the one they were written with, so cached blocks cannot be shared."""
+        return self.kind in ("longrope", "dynamic")
 
 
 @dataclasses.dataclass(frozen=True)

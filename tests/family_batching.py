@@ -21,7 +21,12 @@ from jaxrs.loading import load_model
 from tests import test_llama, test_model_families, test_model_families_2
 from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer
 
-CONFIGS = {**test_llama.CONFIGS, **test_model_families.CONFIGS, **test_model_families_2.CONFIGS}
+CONFIGS = {
+    **test_llama.CONFIGS,
+    "llama-dynamic-ntk": test_llama.DYNAMIC,  # a base per sequence, by its length
+    **test_model_families.CONFIGS,
+    **test_model_families_2.CONFIGS,
+}
 # 5, 11 and 16 tokens (blocks of 8): inside one block, across a boundary, two full blocks; prefilled in one
 # step together, then decoded as one batch
 PROMPTS = [list(range(5, 10)), list(range(40, 51)), list(range(100, 116))]

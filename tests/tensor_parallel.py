@@ -30,6 +30,7 @@ from transformers import (
     Phi3Config,
     PhiConfig,
     Qwen2Config,
+    Qwen3Config,
     Starcoder2Config,
 )
 
@@ -58,6 +59,7 @@ GEMMA = dict(TINY, head_dim=16)  # q size 128 != hidden
 CONFIGS = {  # one per family of `jaxrs.models.registry.FAMILIES`
     "llama": LlamaConfig(**TINY, tie_word_embeddings=False),
     "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),  # q/k/v biases, tied embeddings
+    "qwen3": Qwen3Config(**GEMMA),  # per-head q/k norms, head_dim from the config
     "gemma": GemmaConfig(**GEMMA),
     "gemma2": Gemma2Config(
         **GEMMA,

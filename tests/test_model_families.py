@@ -1,4 +1,4 @@
-"""Qwen2, Mistral with a sliding window, Gemma, Gemma 2 and Gemma 3 against transformers (CPU, f32)
+"""Qwen2, Qwen3, Mistral with a sliding window, Gemma, Gemma 2 and Gemma 3 against transformers (CPU, f32)
 through the paged KV cache, and their GGUF tensor mapping against a tiny GGUF written the way
 llama.cpp's converter writes that architecture. The real Gemma 3 270M file: test_gemma3_270m.py."""
 
@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config
+from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from jaxrs.config import FULL, SLIDING
+from jaxrs.errors import ModelLoadError
 from jaxrs.loading import checkpoint
 from jaxrs.loading.gguf_file import gguf_config, open_gguf_tensors
 from jaxrs.loading.gguf_reader import open_gguf, read_metadata
 from jaxrs.loading.hf_folder import load_hf_config, open_hf_tensors
-from jaxrs.loading.model_config import config_from_hf
+from jaxrs.loading.model_config import config_from_gguf, config_from_hf
 from jaxrs.models.layers import activation
 from jaxrs.ops import Kernels
 from tests.conftest import relative_error, save_tiny_hf_model
@@ -42,6 +43,37 @@ CONFIGS = {
         use_sliding_window=True,
         sliding_window=8,
         max_window_layers=1,
+    ),
+    # head_dim 32 with hidden 64 / 4 heads (q size 128), q/k norms, q/k/v/o biases; YaRN with its knobs
+    "qwen3-yarn-bias": Qwen3Config(
+        **GEMMA,
+        num_hidden_layers=2,
+        attention_bias=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.5,
+        },
+    ),
+    # window on the last two layers; tied embeddings, MQA; YaRN's defaults (also through a GGUF)
+    "qwen3-window": Qwen3Config(
+        **(GEMMA | {"num_key_value_heads": 1, "head_dim": 16}),
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 2.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "mistral-window": MistralConfig(
         **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8
@@ -67,8 +99,14 @@ CONFIGS = {
         num_hidden_layers=4,
         sliding_window=12,
     ),
+    # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
     "gemma3-sss-full": Gemma3TextConfig(
-        **GEMMA, num_hidden_layers=4, layer_types=[SLIDING, SLIDING, SLIDING, FULL], sliding_window=6
+        **GEMMA,
+        num_hidden_layers=4,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+        sliding_window=6,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
     ),
     "gemma3": Gemma3TextConfig(
         **GEMMA,
@@ -118,6 +156,7 @@ def test_configs_normalize():
     expect = {  # architecture, window, layer kinds
         "qwen2-tied": ("qwen2", None, ()),
         "qwen2-untied-window": ("qwen2", 8, (FULL, SLIDING)),
+        "qwen3-window": ("qwen3", 6, (FULL, SLIDING, SLIDING)),
         "mistral-window": ("llama", 8, (SLIDING, SLIDING)),
         "gemma": ("gemma", None, ()),
         "gemma2": ("gemma2", 8, (SLIDING, FULL)),
@@ -150,6 +189,12 @@ def test_configs_normalize():
     assert g3.layer_types == (SLIDING, FULL, SLIDING) and (g3.rope_theta, g3.rope_local_theta) == (5.0, 7.0)
     assert (g3.rope_scaling.kind, g3.rope_scaling.factor) == ("linear", 8.0)
     assert g3.attn_logit_softcap is None and g3.final_logit_softcap is None
+    g3_caps = hf_config(raws["gemma3-sss-full"])
+    assert g3_caps.attn_logit_softcap is None and g3_caps.final_logit_softcap == 3.0
+    q3 = hf_config(raws["qwen3-yarn-bias"])
+    assert (q3.head_dim, q3.attention_bias, q3.rope_scaling.kind) == (32, True, "yarn")
+    assert (q3.rope_scaling.beta_fast, q3.rope_scaling.beta_slow) == (16.0, 2.0)
+    assert q3.rope_scaling.attention_factor == pytest.approx((0.08 * np.log(4) + 1) / (0.05 * np.log(4) + 1))
 
 
 def test_gelu_tanh_is_torchs():
@@ -169,7 +214,7 @@ def test_logits_and_greedy_match_transformers(name, tiny):
 
 # --- GGUF: a tiny file written as llama.cpp's convert_hf_to_gguf.py writes the architecture ----------
 
-GGUF_ARCH = {"qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
+GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
 def write_llama_cpp_gguf(model, path, arch: str) -> None:
@@ -193,6 +238,10 @@ def write_llama_cpp_gguf(model, path, arch: str) -> None:
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(hf.sliding_window)
     if arch == "gemma2":
@@ -215,7 +264,9 @@ def write_llama_cpp_gguf(model, path, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("name", ["qwen2-tied", "qwen2-untied-window", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "name", ["qwen2-tied", "qwen2-untied-window", "qwen3-window", "gemma", "gemma2", "gemma3"]
+)
 def test_gguf_gives_the_hf_parameter_tree(name, tiny, tmp_path):
     folder, model = tiny(name)
     hf_cfg, hf_params = load_params(folder)
@@ -233,9 +284,9 @@ def test_gguf_gives_the_hf_parameter_tree(name, tiny, tmp_path):
         eos_token_ids=cfg.eos_token_ids,
         rms_norm_eps=cfg.rms_norm_eps,  # f32 in the file
         query_pre_attn_scalar=cfg.head_dim if hf_cfg.architecture in ("gemma2", "gemma3") else None,
-        # llama.cpp's qwen2 graph has no sliding window
-        sliding_window=None if cfg.architecture == "qwen2" else hf_cfg.sliding_window,
-        layer_types=() if cfg.architecture == "qwen2" else hf_cfg.layer_types,
+        # llama.cpp's qwen2/qwen3 graphs have no sliding window
+        sliding_window=None if cfg.architecture.startswith("qwen") else hf_cfg.sliding_window,
+        layer_types=() if cfg.architecture.startswith("qwen") else hf_cfg.layer_types,
     )
     assert cfg == expected
     assert cfg.rms_norm_eps == pytest.approx(hf_cfg.rms_norm_eps)
@@ -258,3 +309,25 @@ def test_gemma2_chunked_prefill_and_pallas_kernel(tiny):
         run = PagedRun(cfg, params, block_size=8, num_blocks=8, kernels=kernels, seed=1)
         chunked = np.concatenate([run.feed(prompt[:13]), run.feed(prompt[13:20]), run.feed(prompt[20:])])
         assert relative_error(chunked, whole) <= 1e-5, impl
+
+
+def test_gguf_yarn_metadata_it_cannot_honour_is_refused():
+    """A YaRN GGUF with a key that changes llama.cpp's cos/sin scale is refused, naming the key."""
+    meta = {
+        "general.architecture": "qwen3",
+        "qwen3.attention.head_count": 4,
+        "qwen3.embedding_length": 64,
+        "qwen3.feed_forward_length": 128,
+        "qwen3.block_count": 2,
+        "qwen3.vocab_size": 256,
+        "qwen3.rope.scaling.type": "yarn",
+        "qwen3.rope.scaling.factor": 4.0,
+        "qwen3.rope.scaling.original_context_length": 64,
+    }
+    rs = config_from_gguf(meta, Path("m.gguf"), has_output=True).rope_scaling
+    assert (rs.kind, rs.factor, rs.original_max_position_embeddings) == ("yarn", 4.0, 64)
+    assert rs.attention_factor == pytest.approx(0.1 * np.log(4) + 1)
+    with pytest.raises(ModelLoadError, match="yarn_log_multiplier"):
+        config_from_gguf(
+            meta | {"qwen3.rope.scaling.yarn_log_multiplier": 0.1}, Path("m.gguf"), has_output=True
+        )

@@ -152,6 +152,9 @@ def test_configs_normalize():
         True,
     )
     assert (mx.architecture, mx.num_experts, mx.num_experts_per_tok) == ("mixtral", 4, 2)
+    # transformers 4 left class defaults out of a config.json: Starcoder2's embeddings are then tied
+    no_tie = {k: v for k, v in raws["starcoder2-window"].items() if k != "tie_word_embeddings"}
+    assert config_from_hf(no_tie, Path("config.json")).tie_word_embeddings
     # older spellings: rope_scaling "su", a top-level original length that wins over the dict's
     old = raws["phi3-longrope-window"] | {
         "rope_parameters": None,

@@ -146,10 +146,10 @@ class Engine:
         self._reload = reload or source_reloader(loaded.source, self.dtype)
         cfg = loaded.config
         self.prefix_caching = config.prefix_caching
-        if self.prefix_caching and cfg.rope_scaling.kind == "longrope":
-            # LongRoPE rotates keys by a factor set chosen from the sequence's length when they are
-            # written; a cached block does not record which, so reusing it could mix the two sets.
-            log.warning("prefix caching is off for this LongRoPE model")
+        if self.prefix_caching and cfg.rope_scaling.by_length:
+            # LongRoPE (dynamic NTK) rotates keys by a factor set (a base) chosen from the sequence's
+            # length when they are written; a cached block does not record which, so reusing it could mix.
+            log.warning("prefix caching is off for this %s RoPE model", cfg.rope_scaling.kind)
             self.prefix_caching = False
         self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._rng = random.Random(config.seed)

@@ -47,16 +47,17 @@ def rope_scaling_from_hf(
     raw: dict | None, path: Path, *, max_position_embeddings: int = 4096, original_max: int | None = None
 ) -> RopeScaling:
     """`original_max`: a top-level `original_max_position_embeddings` (Phi-3 keeps it there, and
-    transformers prefers it to the one inside the rope dict)."""
+    transformers prefers it to the one inside the rope dict for longrope, yarn and llama3; without either,
+    transformers takes max_position_embeddings)."""
     if not raw:
         return RopeScaling()
     kind = raw.get("rope_type", raw.get("type", "default"))
+    original = int(original_max or raw.get("original_max_position_embeddings") or max_position_embeddings)
     if kind == "default":
         return RopeScaling()
     if kind in ("longrope", "su"):
         if "short_factor" not in raw or "long_factor" not in raw:
             raise ModelLoadError(path, "longrope rope_scaling needs short_factor and long_factor")
-        original = int(original_max or raw.get("original_max_position_embeddings") or max_position_embeddings)
         factor = raw.get("factor") or max_position_embeddings / original
         attention = raw.get("attention_factor")
         return RopeScaling(
@@ -77,11 +78,41 @@ def rope_scaling_from_hf(
             factor=float(raw["factor"]),
             low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
             high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=original,
         )
+    if kind == "yarn":
+        factor = float(raw.get("factor") or max_position_embeddings / original)
+        return RopeScaling(
+            kind="yarn",
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=yarn_attention_factor(raw, factor),
+            beta_fast=float(raw.get("beta_fast") or 32),
+            beta_slow=float(raw.get("beta_slow") or 1),
+            truncate=bool(raw.get("truncate", True)),
+        )
+    if kind == "dynamic":  # transformers grows the base past max_position_embeddings, not an original
+        factor = float(raw["factor"])
+        return RopeScaling("dynamic", factor, original_max_position_embeddings=max_position_embeddings)
     raise ModelLoadError(
-        path, f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, longrope)"
+        path,
+        f"unsupported rope_scaling type {kind!r} "
+        "(supported: default, linear, llama3, longrope, yarn, dynamic)",
     )
+
+
+def yarn_attention_factor(raw: dict, factor: float) -> float:
+    """YaRN's cos/sin scale: the config's `attention_factor`, else from `mscale` / `mscale_all_dim` when
+    both are set, else 0.1 ln(factor) + 1 (transformers' rule)."""
+    if raw.get("attention_factor") is not None:
+        return float(raw["attention_factor"])
+
+    def mscale(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    if raw.get("mscale") and raw.get("mscale_all_dim"):
+        return mscale(raw["mscale"]) / mscale(raw["mscale_all_dim"])
+    return mscale(1.0)
 
 
 def config_from_hf(raw: dict, path: Path) -> ModelConfig:
@@ -110,7 +141,7 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     head_dim = raw.get("head_dim") or hidden // heads
     partial = raw.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
-    rotary_dim = int(head_dim * partial)
+    rotary_dim = int(head_dim * partial) if family(arch).partial_rotary else head_dim
     max_pos = raw.get("max_position_embeddings", 4096)
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
@@ -149,6 +180,28 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         rotary_dim=rotary_dim if rotary_dim != head_dim else None,
     )
     return _finish(cfg, "finish_hf_config", raw, path)
+
+
+def gguf_yarn(meta: dict[str, Any], arch: str, path: Path) -> RopeScaling:
+    """YaRN as llama.cpp's converter writes it for a transformers `yarn` config: factor, original length
+    and the betas; cos/sin scaled by 0.1 ln(factor) + 1 (ggml's and transformers' default). The keys
+    that change that scale (an explicit attention factor, DeepSeek's log multiplier, an extrapolation
+    factor) are refused, naming them."""
+    key = f"{arch}.rope.scaling."
+    odd = [k for k in ("yarn_attn_factor", "yarn_log_multiplier", "attn_factor") if key + k in meta]
+    if meta.get(key + "yarn_ext_factor", 1.0) != 1.0:
+        odd.append("yarn_ext_factor")
+    if odd:
+        raise ModelLoadError(path, f"unsupported YaRN metadata {', '.join(key + k for k in odd)}")
+    factor = float(meta[key + "factor"])
+    return RopeScaling(
+        kind="yarn",
+        factor=factor,
+        original_max_position_embeddings=int(meta[key + "original_context_length"]),
+        attention_factor=yarn_attention_factor({}, factor),
+        beta_fast=float(meta.get(key + "yarn_beta_fast", 32.0)),
+        beta_slow=float(meta.get(key + "yarn_beta_slow", 1.0)),
+    )
 
 
 def config_from_gguf(
@@ -196,10 +249,14 @@ def config_from_gguf(
         rope_scaling = RopeScaling(kind="freq_factors", freq_factors=rope_freqs)
     elif scaling_type == "linear":
         rope_scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
+    elif scaling_type == "yarn":
+        rope_scaling = gguf_yarn(meta, arch, path)
     elif scaling_type in ("none", None):
         rope_scaling = RopeScaling()
     else:
-        raise ModelLoadError(path, f"unsupported rope scaling {scaling_type!r} (supported: none, linear)")
+        raise ModelLoadError(
+            path, f"unsupported rope scaling {scaling_type!r} (supported: none, linear, yarn)"
+        )
     eos = meta.get("tokenizer.ggml.eos_token_id")
     num_layers = int(get("block_count"))
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")

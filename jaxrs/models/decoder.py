@@ -38,6 +38,7 @@ from jaxrs.models.layers import (
     KVCache,
     activation,
     apply_rope,
+    dynamic_inv_freq,
     longrope_inv_freq,
     rope_cos_sin,
     rope_inv_freq,
@@ -224,19 +225,23 @@ def _rope(cfg: ModelConfig, theta: float, scaling: RopeScaling, meta: AttentionM
     """cos/sin `[B, T, rotary_dim]` for this step's positions.
 
     LongRoPE does what transformers does: a sequence uses the long factors once its length passes
-    `original_max_position_embeddings`, the short ones before, chosen per sequence for the whole step.
+    `original_max_position_embeddings`, the short ones before, chosen per sequence for the whole step
+    (dynamic NTK its base, in the same way; YaRN's frequencies are fixed, its cos/sin scaled).
     The length is `rope_lens` when given (every chunk of a prefill uses the whole prefill's length, so
     chunking does not change the result), else `context_lens`. Keys already in the cache keep the
     rotation they were written with; cos and sin are scaled by the attention factor either way.
     """
     dim = cfg.rotary_dim or cfg.head_dim
+    factor = jnp.float32(scaling.attention_factor)
+    length = meta.context_lens if meta.rope_lens is None else meta.rope_lens
+    if scaling.kind == "dynamic":
+        return rope_cos_sin(meta.positions, dynamic_inv_freq(dim, theta, scaling, length))
     if scaling.kind != "longrope":
-        return rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, theta, scaling, dim))
+        cos_sin = rope_cos_sin(meta.positions, rope_inv_freq(cfg.head_dim, theta, scaling, dim))
+        return cos_sin if scaling.attention_factor == 1.0 else tuple(t * factor for t in cos_sin)
     short = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.short_factor))
     long = rope_cos_sin(meta.positions, longrope_inv_freq(dim, theta, scaling.long_factor))
-    length = meta.context_lens if meta.rope_lens is None else meta.rope_lens
     use_long = (jnp.asarray(length) > scaling.original_max_position_embeddings)[:, None, None]
-    factor = jnp.float32(scaling.attention_factor)
     return tuple(jnp.where(use_long, lg, sh) * factor for sh, lg in zip(short, long, strict=True))
 
 

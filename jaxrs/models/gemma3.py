@@ -17,10 +17,10 @@ LOCAL_ROPE_THETA = 10000.0
 
 
 def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
-    """transformers' Gemma 3 defaults for keys a config.json leaves out."""
-    cfg = gemma2.finish_hf_config(
-        cfg, raw, pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None
-    )
+    """transformers' Gemma 3 defaults for keys a config.json leaves out. Its attention never soft-caps
+    scores, whatever `attn_logit_softcapping` says (the config keeps the key, the model does not read it)."""
+    cfg = gemma2.finish_hf_config(cfg, raw, pattern=6, final_logit_softcapping=None)
+    cfg = dataclasses.replace(cfg, attn_logit_softcap=None)
     if "rope_theta" not in raw and "rope_theta" not in (raw.get("rope_parameters") or {}).get(
         "full_attention", {}
     ):

@@ -132,7 +132,44 @@ def rope_inv_freq(
         smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
+    elif scaling.kind == "yarn":
+        inv_freq = yarn_inv_freq(inv_freq, dim, theta, scaling)
     return inv_freq.astype(np.float32)
+
+
+def yarn_inv_freq(inv_freq: np.ndarray, dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """YaRN: dims that turn fewer than `beta_slow` times over the original context are interpolated
+    (divided by `factor`), those turning more than `beta_fast` times keep their frequency, a linear ramp
+    between (transformers' `_compute_yarn_parameters`)."""
+
+    def dim_at(rotations: float) -> float:
+        return (
+            dim
+            * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
+
+    low, high = dim_at(scaling.beta_fast), dim_at(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # share of the unchanged frequency
+    return inv_freq / scaling.factor * (1 - keep) + inv_freq * keep
+
+
+def dynamic_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling, lengths: jax.Array) -> jax.Array:
+    """Dynamic NTK's inverse frequencies `[B, rotary_dim // 2]`, per sequence: the base grows with the
+    sequence's length once it passes `original_max_position_embeddings` (transformers'
+    `_compute_dynamic_ntk_parameters`, there with the longest sequence of the batch)."""
+    original = scaling.original_max_position_embeddings
+    length = jnp.maximum(jnp.asarray(lengths), original).astype(jnp.float32)
+    growth = (scaling.factor * length / original) - (scaling.factor - 1)
+    base = jnp.float32(theta) * growth ** (rotary_dim / (rotary_dim - 2))
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    return 1.0 / (base[:, None] ** exponents)
 
 
 def longrope_inv_freq(rotary_dim: int, theta: float, factors: tuple[float, ...]) -> np.ndarray:
@@ -145,9 +182,12 @@ def longrope_inv_freq(rotary_dim: int, theta: float, factors: tuple[float, ...])
     return (np.float32(1.0) / (ext * np.float32(theta) ** exponents)).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables `[B, T, rotary_dim]` in f32 (halves repeated, the HF rotate-half layout)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[B, T, rotary_dim]` in f32 (halves repeated, the HF rotate-half layout);
+    `inv_freq`: `[rotary_dim // 2]`, or `[B, rotary_dim // 2]` per sequence."""
+    inv_freq = jnp.asarray(inv_freq)
+    per_token = inv_freq if inv_freq.ndim == 1 else inv_freq[:, None]
+    angles = positions.astype(jnp.float32)[..., None] * per_token
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

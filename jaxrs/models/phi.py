@@ -81,6 +81,7 @@ SPEC = FamilySpec(
     gguf_architectures=("phi2",),
     gated_mlp=False,
     head_bias=True,
+    partial_rotary=True,
     finish_hf_config=finish_hf_config,
     finish_gguf_config=finish_gguf_config,
     names=CheckpointNames(hf=hf_table(_HF_NAMES), gguf=_GGUF_NAMES, gguf_split=gguf_split),

@@ -44,5 +44,6 @@ SPEC = FamilySpec(
     hf_architectures=("Phi3ForCausalLM",),
     hf_model_types=("phi3",),
     gguf_architectures=("phi3",),
+    partial_rotary=True,
     names=CheckpointNames(hf=hf_names, gguf=_GGUF_NAMES),
 )

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from jaxrs.errors import JaxrsError
-from jaxrs.models import gemma, gemma2, gemma3, llama, mixtral, phi, phi3, qwen2, starcoder2
+from jaxrs.models import gemma, gemma2, gemma3, llama, mixtral, phi, phi3, qwen2, qwen3, starcoder2
 from jaxrs.models.spec import FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {
     module.SPEC.name: module.SPEC
-    for module in (llama, qwen2, gemma, gemma2, gemma3, phi, phi3, starcoder2, mixtral)
+    for module in (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi, phi3, starcoder2, mixtral)
 }
 
 HF_ARCHITECTURES = {arch: key for key, fam in FAMILIES.items() for arch in fam.hf_architectures}

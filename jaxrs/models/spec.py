@@ -31,6 +31,8 @@ class FamilySpec:
     sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
     gated_mlp: bool = True  # act(gate(x)) * up(x); False: act(up(x)) (Phi-2, Starcoder2)
     head_bias: bool = False  # the output head has a bias (Phi-2)
+    # config.json's `partial_rotary_factor` applies (Phi); transformers' other families rotate whole heads
+    partial_rotary: bool = False
     finish_hf_config: ConfigHook | None = None  # (cfg, config.json dict) -> cfg; ValueError: unsupported
     finish_gguf_config: ConfigHook | None = None  # (cfg, GGUF metadata) -> cfg
     names: CheckpointNames = CheckpointNames()

@@ -38,9 +38,14 @@ _GGUF_NAMES = {k: v for k, v in LLAMA_GGUF.items() if ".ffn_" not in k} | {
 
 
 def finish_hf_config(cfg: ModelConfig, raw: dict) -> ModelConfig:
+    """transformers' Starcoder2 defaults: biases, eps 1e-5, tied embeddings (a config.json written by
+    transformers 4 leaves `tie_word_embeddings` out when it is true)."""
     bias = bool(raw.get("use_bias", True))
     eps = float(raw.get("norm_epsilon", 1e-5))
-    return dataclasses.replace(cfg, layer_norm=True, rms_norm_eps=eps, attention_bias=bias, mlp_bias=bias)
+    tied = bool(raw.get("tie_word_embeddings", True))
+    return dataclasses.replace(
+        cfg, layer_norm=True, rms_norm_eps=eps, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied
+    )
 
 
 def finish_gguf_config(cfg: ModelConfig, meta: dict) -> ModelConfig:
