@@ -16,7 +16,7 @@ from litestar import Request
 
 from jaxrs.engine.async_engine import AsyncEngine, QueueFullError, RequestUpdate, SequenceUpdate
 from jaxrs.engine.engine import Engine
-from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.sampling import SamplingParams, truncated_prompt
 from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
@@ -47,6 +47,18 @@ def check_prompt(
         engine.validate(prompt_ids, params)
     except JaxrsError as e:  # a sampling field's id range, or else the prompt itself
         raise APIError(400, str(e), param=param_of(e) or prompt_param) from None
+
+
+def truncated(engine: Engine, prompt_ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the model's limit); a value
+    below 1 (but -1) or above the context length is a 400."""
+    if keep is not None and not (keep == -1 or 1 <= keep <= engine.max_model_len):
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens must be in [1, {engine.max_model_len}] or -1, not {keep}",
+            param="truncate_prompt_tokens",
+        )
+    return truncated_prompt(prompt_ids, keep, engine.max_model_len)
 
 
 def check_capacity(driver: AsyncEngine, num_requests: int) -> None:

@@ -24,7 +24,7 @@ from jaxrs.structured.tools import (
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.generation import Choices, check_capacity, check_prompt, collect, generate_all, truncated
 from server.images import image_marker, load_request_images, place_request_images, template_messages
 from server.logprobs import chat_logprobs
 from server.request_log import RequestRecord
@@ -192,6 +192,8 @@ def chat_params(
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is supported on /v1/completions only", param="prompt_logprobs")
     grammar = request_grammar(ctx.llm.engine, req)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
     try:
@@ -226,6 +228,11 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
             plan.template_tools if plan else None,
         )
         ids, placed = place_request_images(ctx, rendered, images)
+        if req.truncate_prompt_tokens is not None and placed is not None:
+            raise APIError(
+                400, "truncate_prompt_tokens cannot cut a prompt with images", param="truncate_prompt_tokens"
+            )
+        ids = truncated(ctx.llm.engine, ids, req.truncate_prompt_tokens)
         record.prompt_tokens = len(ids)
         params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
         driver = ctx.ready_driver()

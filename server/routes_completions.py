@@ -14,11 +14,18 @@ from jaxrs.errors import JaxrsError
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.generation import Choices, check_capacity, check_prompt, collect, generate_all, truncated
 from server.logprobs import completion_logprobs, token_text
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
-from server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
+from server.schemas import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    PromptLogprob,
+    Usage,
+)
 from server.streaming import DONE, event_stream, sse
 from server.structured import request_grammar
 
@@ -76,11 +83,15 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         record.model, record.stream = ctx.check_model(req.model), req.stream
         record.prompt = req.prompt
         texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
+        if req.truncate_prompt_tokens is not None:
+            ids = tuple(truncated(ctx.llm.engine, p, req.truncate_prompt_tokens) for p in ids)
+            texts = tuple(ctx.llm.tokenizer.decode(p) for p in ids)
         record.prompt_tokens = sum(len(p) for p in ids)
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
         scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
+        prompt_scores = await _prompt_logprobs(ctx, req, list(ids), params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
         else:
@@ -92,7 +103,10 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         choices = Choices(len(ids), req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices, echoes, echoed))
+        body = _completion(ctx, req, record, choices, echoes, echoed)
+        for i, choice in enumerate(body.choices if prompt_scores else []):
+            choice.prompt_logprobs = prompt_scores[i // req.n]
+        return Response(body)
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise
@@ -125,6 +139,35 @@ async def _echo_logprobs(
         first = token_text(tokenizer, prompt_ids[0])  # prompts are never empty (`check_prompt`)
         rest, _ = completion_logprobs(tokenizer, scored, top=req.logprobs, offset=len(first))
         out.append(_joined(CompletionLogprobs([first], [None], [None], [0]), rest))
+    return out
+
+
+async def _prompt_logprobs(
+    ctx: ServerContext, req: CompletionRequest, ids: list[list[int]], lora: str | None
+) -> list[list] | None:
+    """vLLM's prompt_logprobs per prompt: None for the first token, then {token id: PromptLogprob} with
+    the prompt token and the `prompt_logprobs` likeliest tokens at each position (the engine's prompt
+    scoring, as `echo` with `logprobs` uses)."""
+    if req.prompt_logprobs is None:
+        return None
+    if req.stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+    top, tokenizer, out = req.prompt_logprobs, ctx.llm.tokenizer, []
+    for prompt_ids in ids:
+        try:
+            scored = await ctx.ready_driver().run_on_engine(
+                lambda engine, p=prompt_ids: engine.prompt_logprobs(p, max(top, 1), lora)
+            )
+        except JaxrsError as e:
+            raise APIError(400, f"prompt_logprobs: {e}", param="prompt_logprobs") from None
+        entries: list[dict[str, PromptLogprob] | None] = [None]
+        for lp in scored:
+            token = PromptLogprob(lp.logprob, lp.rank or 1, token_text(tokenizer, lp.token_id))
+            entry = {str(lp.token_id): token}
+            for rank, (t, v) in enumerate(lp.top[:top], 1):
+                entry.setdefault(str(t), PromptLogprob(v, rank, token_text(tokenizer, t)))
+            entries.append(entry)
+        out.append(entries)
     return out
 
 

@@ -61,6 +61,12 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
+    # vLLM's extras (`jaxrs.engine.sampling.SamplingParams`).
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None  # completions only
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.
@@ -181,11 +187,21 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int]
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's prompt_logprobs entry: one token's log-probability and rank at a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    # vLLM's: None for the first prompt token, then {token id: entry} for the prompt token and the top N
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct):
