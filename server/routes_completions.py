@@ -9,6 +9,7 @@ from litestar import Request, Response, post
 from msgspec import UNSET
 
 from jaxrs.engine.async_engine import RequestUpdate, SequenceUpdate
+from jaxrs.engine.prompt_logprobs import Logprob, prompt_logprobs
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from server.body import read_json
@@ -146,29 +147,27 @@ async def _prompt_logprobs(
     ctx: ServerContext, req: CompletionRequest, ids: list[list[int]], lora: str | None
 ) -> list[list] | None:
     """vLLM's prompt_logprobs per prompt: None for the first token, then {token id: PromptLogprob} with
-    the prompt token and the `prompt_logprobs` likeliest tokens at each position (the engine's prompt
-    scoring, as `echo` with `logprobs` uses)."""
+    the prompt token and the `prompt_logprobs` likeliest tokens at each position."""
     if req.prompt_logprobs is None:
         return None
     if req.stream:
         raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
-    top, tokenizer, out = req.prompt_logprobs, ctx.llm.tokenizer, []
+    out = []
     for prompt_ids in ids:
         try:
-            scored = await ctx.ready_driver().run_on_engine(
-                lambda engine, p=prompt_ids: engine.prompt_logprobs(p, max(top, 1), lora)
+            entries = await ctx.ready_driver().run_on_engine(
+                lambda engine, p=prompt_ids: prompt_logprobs(engine, p, req.prompt_logprobs, lora)
             )
         except JaxrsError as e:
             raise APIError(400, f"prompt_logprobs: {e}", param="prompt_logprobs") from None
-        entries: list[dict[str, PromptLogprob] | None] = [None]
-        for lp in scored:
-            token = PromptLogprob(lp.logprob, lp.rank or 1, token_text(tokenizer, lp.token_id))
-            entry = {str(lp.token_id): token}
-            for rank, (t, v) in enumerate(lp.top[:top], 1):
-                entry.setdefault(str(t), PromptLogprob(v, rank, token_text(tokenizer, t)))
-            entries.append(entry)
-        out.append(entries)
+        out.append([_prompt_entry(e) for e in entries])
     return out
+
+
+def _prompt_entry(entry: dict[int, Logprob] | None) -> dict[str, PromptLogprob] | None:
+    if entry is None:
+        return None
+    return {str(t): PromptLogprob(lp.logprob, lp.rank, lp.decoded_token) for t, lp in entry.items()}
 
 
 def _joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:
