@@ -609,8 +609,9 @@ class ModelRunner:
 
 def profile(flags: SamplingFlags) -> str:
     """A short name for the sampler variant a step compiles, for logs: greedy or sampled, then the
-    optional stages (`+filters`, `+penalties`, `+bias`, `+topN` logprobs)."""
+    optional stages (`+filters`, `+penalties`, `+bias`, `+bans`, `+allowed`, `+topN` logprobs)."""
     name = "greedy" if flags.all_greedy else "sampled"
     extras = [("filters", flags.filters), ("penalties", flags.penalties), ("bias", flags.logit_bias)]
+    extras += [("bans", flags.bans), ("allowed", flags.allowed)]
     name += "".join(f"+{stage}" for stage, on in extras if on)
     return name + (f"+top{flags.top_logprobs}" if flags.top_logprobs else "")
