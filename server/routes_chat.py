@@ -21,6 +21,7 @@ from jaxrs.structured.tools import (
     tool_conversation,
     tool_params,
 )
+from jaxrs.vision.chat import IMAGE_PART, joined, text_part
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
@@ -89,9 +90,10 @@ def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
 def conversation(
     messages: list[ChatMessage], marker: str | None = None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages as the chat template expects them (content parts joined, each image part as `marker`;
-    assistant tool calls and tool results kept), and the image URLs in order; a text-only model
-    (`marker` None) refuses image parts."""
+    """Messages as the chat template expects them (content parts as `jaxrs.vision.chat.split_images`
+    writes them, which `template_messages` hands to the template as it reads them; assistant tool calls
+    and tool results kept), and the image URLs in order; a text-only model (`marker` None) refuses image
+    parts."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out, images = [], []
@@ -111,9 +113,9 @@ def conversation(
         if m.content is None:
             raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
         if isinstance(m.content, str):
-            text = m.content
+            content: str | list = m.content
         else:
-            texts = []
+            parts = []
             for j, part in enumerate(m.content):
                 if part.type in _IMAGE_PARTS and marker is None:
                     raise APIError(
@@ -130,7 +132,7 @@ def conversation(
                             f"messages[{i}].content[{j}] has no image_url.url",
                             param=f"messages[{i}].content[{j}]",
                         )
-                    texts.append(marker)
+                    parts.append(IMAGE_PART)
                     images.append(url)
                     continue
                 if part.type != "text":
@@ -139,9 +141,9 @@ def conversation(
                         f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts are accepted",
                         param=f"messages[{i}].content[{j}].type",
                     )
-                texts.append(part.text or "")
-            text = "\n".join(texts)
-        out.append({"role": role, "content": text, **extra})
+                parts.append(text_part(part.text or ""))
+            content = joined(parts, marker) if role == "tool" else parts
+        out.append({"role": role, "content": content, **extra})
     return out, images
 
 

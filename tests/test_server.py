@@ -666,3 +666,33 @@ def test_cli_serve_builds_the_app_and_runs_uvicorn(monkeypatch, llm, tmp_path):
         rendered = llm.tokenizer.encode(CAPITAL[0]["content"] + "\n", add_special_tokens=False)
         assert r.json()["usage"]["prompt_tokens"] == len(rendered)
     assert cli.main(["serve", "--chat-template", str(tmp_path / "missing.jinja")]) == 1
+
+
+def test_conversation_keeps_text_parts_apart_for_typed_templates():
+    """Several text parts reach a template that reads typed parts one by one (as transformers hands
+    them over), and a template of strings as one newline-joined text."""
+    from jaxrs.vision.chat import template_contents
+    from server.routes_chat import conversation
+    from server.schemas import ChatMessage, ContentPart
+
+    parts = [ContentPart("text", text="w5"), ContentPart("text", text="w6")]
+    messages, images = conversation([ChatMessage("user", parts)])
+    assert images == [] and messages[0]["content"] == [
+        {"type": "text", "text": "w5"},
+        {"type": "text", "text": "w6"},
+    ]
+
+    class Typed:
+        chat_template = (
+            "{% for m in messages %}{% for c in m['content'] %}[{{ c['text'] }}]{% endfor %}{% endfor %}"
+        )
+
+        def apply_chat_template(self, messages, add_generation_prompt=False):
+            import jinja2
+
+            return jinja2.Template(self.chat_template).render(messages=messages)
+
+    typed = Typed()
+    assert typed.apply_chat_template(template_contents(typed, messages, None)) == "[w5][w6]"
+    typed.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert template_contents(typed, messages, None)[0]["content"] == "w5\nw6"
