@@ -12,6 +12,7 @@ import pytest
 
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine.engine import Engine, EngineConfig
+from jaxrs.engine.sampling import resolve_token_ids
 from jaxrs.errors import JaxrsError
 from jaxrs.llm import WARMUP_PROFILES, request_output
 from jaxrs.quant import QuantizedTensor
@@ -308,6 +309,12 @@ def test_allowed_and_bad_words_shape_the_output(llm, ids):
     params = dataclasses.replace(GREEDY, bad_words=[banned])
     avoided = run(engine, ids[:1], params)[0].token_ids
     assert free[0] not in avoided and avoided != free
+    pair = dataclasses.replace(GREEDY, bad_words=[llm.tokenizer.decode(free[2:4])])
+    words = resolve_token_ids(pair, llm.tokenizer, []).bad_words_token_ids
+    assert any(len(w) == 2 for w in words)
+    split = run(engine, ids[:1], pair)[0].token_ids  # one token per call: the ban follows the output
+    assert split[:2] == free[:2] and split != free
+    assert not any(tuple(split[i : i + len(w)]) == w for w in words for i in range(len(split)))
     with pytest.raises(JaxrsError, match="allowed_token_ids"):
         engine.add_request(ids[0], SamplingParams(allowed_token_ids=[engine.vocab_size]))
 
