@@ -79,7 +79,7 @@ def sampling_params(
             logprobs=logprobs,
             grammar=grammar,
             speculative=req.speculative,
-            min_tokens=req.min_tokens,
+            min_tokens=req.min_tokens or 0,
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words,
             truncate_prompt_tokens=req.truncate_prompt_tokens,

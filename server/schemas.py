@@ -62,7 +62,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
     # vLLM's extras (`jaxrs.engine.sampling.SamplingParams`).
-    min_tokens: int = 0
+    min_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
