@@ -4,7 +4,8 @@ The sampler runs inside the jitted step. The host packs each batch's parameters 
 arrays (`build_sampling_batch`) plus a few static flags (`SamplingFlags`) that switch off work no row
 needs, so the common path (no penalties, no bias, no top logprobs) carries and computes nothing extra.
 
-On device, in mistral.rs order: repetition / presence / frequency penalties, logit bias, then
+On device, after vLLM's token limits (bans for min_tokens and bad_words, allowed_token_ids), in
+mistral.rs order: repetition / presence / frequency penalties, logit bias, then
 temperature, top-k, top-p, min-p, then a seeded draw. Greedy rows (temperature 0) take the argmax after
 penalties and bias. A request's random draw depends only on its seed and the index of the token being
 drawn (`fold_in(key(seed), step)`), never on the batch it rides in: every step below is row-wise, and
