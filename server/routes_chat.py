@@ -25,7 +25,15 @@ from jaxrs.vision.chat import IMAGE_PART, joined, text_part
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all, truncated
+from server.generation import (
+    Choices,
+    check_capacity,
+    check_prompt,
+    collect,
+    generate_all,
+    scored_prompts,
+    truncated,
+)
 from server.images import image_marker, load_request_images, place_request_images, template_messages
 from server.logprobs import chat_logprobs
 from server.request_log import RequestRecord
@@ -194,8 +202,6 @@ def chat_params(
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    if req.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is supported on /v1/completions only", param="prompt_logprobs")
     grammar = request_grammar(ctx.llm.engine, req)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
     try:
@@ -239,13 +245,19 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
+        if req.prompt_logprobs is not None and placed is not None:
+            raise APIError(400, "prompt_logprobs cannot score a prompt with images", param="prompt_logprobs")
+        scored = await scored_prompts(driver, [ids], req.prompt_logprobs, req.stream, params.lora)
         updates = generate_all(driver, [ids], params, record.id, images=placed)
         if req.stream:
             return event_stream(_stream(ctx, req, record, updates, plan))
         choices = Choices(1, req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices, plan))
+        body = _completion(ctx, req, record, choices, plan)
+        if scored:
+            body.prompt_logprobs = scored[0]
+        return Response(body)
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise

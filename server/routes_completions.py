@@ -9,13 +9,20 @@ from litestar import Request, Response, post
 from msgspec import UNSET
 
 from jaxrs.engine.async_engine import RequestUpdate, SequenceUpdate
-from jaxrs.engine.prompt_logprobs import Logprob, prompt_logprobs
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all, truncated
+from server.generation import (
+    Choices,
+    check_capacity,
+    check_prompt,
+    collect,
+    generate_all,
+    scored_prompts,
+    truncated,
+)
 from server.logprobs import completion_logprobs, token_text
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
@@ -24,7 +31,6 @@ from server.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    PromptLogprob,
     Usage,
 )
 from server.streaming import DONE, event_stream, sse
@@ -92,7 +98,7 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
         scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
-        prompt_scores = await _prompt_logprobs(ctx, req, list(ids), params.lora)
+        prompt_scores = await scored_prompts(driver, list(ids), req.prompt_logprobs, req.stream, params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
         else:
@@ -141,33 +147,6 @@ async def _echo_logprobs(
         rest, _ = completion_logprobs(tokenizer, scored, top=req.logprobs, offset=len(first))
         out.append(_joined(CompletionLogprobs([first], [None], [None], [0]), rest))
     return out
-
-
-async def _prompt_logprobs(
-    ctx: ServerContext, req: CompletionRequest, ids: list[list[int]], lora: str | None
-) -> list[list] | None:
-    """vLLM's prompt_logprobs per prompt: None for the first token, then {token id: PromptLogprob} with
-    the prompt token and the `prompt_logprobs` likeliest tokens at each position."""
-    if req.prompt_logprobs is None:
-        return None
-    if req.stream:
-        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
-    out = []
-    for prompt_ids in ids:
-        try:
-            entries = await ctx.ready_driver().run_on_engine(
-                lambda engine, p=prompt_ids: prompt_logprobs(engine, p, req.prompt_logprobs, lora)
-            )
-        except JaxrsError as e:
-            raise APIError(400, f"prompt_logprobs: {e}", param="prompt_logprobs") from None
-        out.append([_prompt_entry(e) for e in entries])
-    return out
-
-
-def _prompt_entry(entry: dict[int, Logprob] | None) -> dict[str, PromptLogprob] | None:
-    if entry is None:
-        return None
-    return {str(t): PromptLogprob(lp.logprob, lp.rank, lp.decoded_token) for t, lp in entry.items()}
 
 
 def _joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:

@@ -66,7 +66,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None  # completions only
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.
@@ -142,6 +142,14 @@ class ChatChoice(msgspec.Struct):
     logprobs: ChatLogprobs | None = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's prompt_logprobs entry: one token's log-probability and rank at a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
 class ChatCompletion(msgspec.Struct):
     id: str
     created: int
@@ -151,6 +159,9 @@ class ChatCompletion(msgspec.Struct):
     object: Literal["chat.completion"] = "chat.completion"
     system_fingerprint: str | None = None
     xlora_scalings: list | msgspec.UnsetType = msgspec.UNSET  # extension: per choice, [lora layers][experts]
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = (
+        UNSET  # vLLM's (see CompletionChoice)
+    )
 
 
 class Delta(msgspec.Struct):
@@ -185,14 +196,6 @@ class CompletionLogprobs(msgspec.Struct):
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
-
-
-class PromptLogprob(msgspec.Struct):
-    """vLLM's prompt_logprobs entry: one token's log-probability and rank at a prompt position."""
-
-    logprob: float
-    rank: int
-    decoded_token: str
 
 
 class CompletionChoice(msgspec.Struct):

@@ -227,7 +227,11 @@ def test_vllm_sampling_extras_are_served(oai, app, client, llm):
     ):
         body = {"prompt": "hi", "max_tokens": 8, field: value}
         assert_error(client.post("/v1/completions", json=body), 400, field)
-    body = {"messages": CAPITAL, "prompt_logprobs": 1}
+    scored = oai.chat.completions.create(messages=CAPITAL, **forced, extra_body={"prompt_logprobs": 1})
+    entries = scored.model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == scored.usage.prompt_tokens
+    assert all(1 <= len(e) <= 2 and min(v["rank"] for v in e.values()) == 1 for e in entries[1:])
+    body = {"messages": CAPITAL, "prompt_logprobs": 1, "stream": True}
     assert_error(client.post("/v1/chat/completions", json=body), 400, "prompt_logprobs")
 
 
