@@ -21,6 +21,8 @@ PROFILES = {
     "greedy": SamplingParams(temperature=0),
     "temperature": SamplingParams(temperature=0.8),
     "top-k 50 + top-p 0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95),
+    "greedy + min_tokens": SamplingParams(temperature=0, min_tokens=8, eos_token_ids=(0, 2)),
+    "greedy + 64 allowed ids": SamplingParams(temperature=0, allowed_token_ids=list(range(64))),
 }
 
 

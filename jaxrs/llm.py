@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from jaxrs.embedding import Embedder, embedding_source, load_embedder
 from jaxrs.engine.engine import Engine, EngineConfig, Request
 from jaxrs.engine.output_processor import stream_end
+from jaxrs.engine.prompt_logprobs import PromptLogprobs, prompt_logprobs
 from jaxrs.engine.requantize import Requantized, source_reloader
 from jaxrs.engine.sampling import SamplingParams
 from jaxrs.engine.sequence import Sequence as EngineSequence
@@ -69,6 +70,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs (vLLM's)
 
     # The first sample, for the common n = 1 case.
     @property
@@ -316,6 +318,10 @@ class LLM:
         ]
         for request, output in zip(requests, outputs, strict=True):
             seqs = sorted(request.seqs, key=lambda s: s.index)
+            if (top := seqs[0].params.prompt_logprobs) is not None:
+                output.prompt_logprobs = prompt_logprobs(
+                    self.engine, seqs[0].prompt_ids, top, seqs[0].params.lora
+                )
             for seq, completion in zip(seqs, output.outputs, strict=True):
                 completion.xlora_scalings = self.xlora_scalings(seq)
         return outputs

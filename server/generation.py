@@ -16,11 +16,13 @@ from litestar import Request
 
 from jaxrs.engine.async_engine import AsyncEngine, QueueFullError, RequestUpdate, SequenceUpdate
 from jaxrs.engine.engine import Engine
-from jaxrs.engine.sampling import SamplingParams
+from jaxrs.engine.prompt_logprobs import Logprob, prompt_logprobs
+from jaxrs.engine.sampling import SamplingParams, truncated_prompt
 from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
 from server.sampling import param_of
+from server.schemas import PromptLogprob
 
 
 def check_prompt(
@@ -47,6 +49,45 @@ def check_prompt(
         engine.validate(prompt_ids, params)
     except JaxrsError as e:  # a sampling field's id range, or else the prompt itself
         raise APIError(400, str(e), param=param_of(e) or prompt_param) from None
+
+
+def truncated(engine: Engine, prompt_ids: list[int], keep: int | None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the model's limit); a value
+    below 1 (but -1) or above the context length is a 400."""
+    if keep is not None and not (keep == -1 or 1 <= keep <= engine.max_model_len):
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens must be in [1, {engine.max_model_len}] or -1, not {keep}",
+            param="truncate_prompt_tokens",
+        )
+    return truncated_prompt(prompt_ids, keep, engine.max_model_len)
+
+
+async def scored_prompts(
+    driver: AsyncEngine, ids: list[list[int]], top: int | None, stream: bool, lora: str | None
+) -> list[list[dict[str, PromptLogprob] | None]] | None:
+    """vLLM's prompt_logprobs per prompt (None unless `top` is set): None for the first token, then
+    {token id: PromptLogprob} with the prompt's token and the `top` likeliest at each position."""
+    if top is None:
+        return None
+    if stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+    out = []
+    for prompt_ids in ids:
+        try:
+            entries = await driver.run_on_engine(
+                lambda engine, p=prompt_ids: prompt_logprobs(engine, p, top, lora)
+            )
+        except JaxrsError as e:
+            raise APIError(400, f"prompt_logprobs: {e}", param="prompt_logprobs") from None
+        out.append([_prompt_entry(e) for e in entries])
+    return out
+
+
+def _prompt_entry(entry: dict[int, Logprob] | None) -> dict[str, PromptLogprob] | None:
+    if entry is None:
+        return None
+    return {str(t): PromptLogprob(lp.logprob, lp.rank, lp.decoded_token) for t, lp in entry.items()}
 
 
 def check_capacity(driver: AsyncEngine, num_requests: int) -> None:

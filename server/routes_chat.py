@@ -21,10 +21,19 @@ from jaxrs.structured.tools import (
     tool_conversation,
     tool_params,
 )
+from jaxrs.vision.chat import IMAGE_PART, joined, text_part
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.generation import (
+    Choices,
+    check_capacity,
+    check_prompt,
+    collect,
+    generate_all,
+    scored_prompts,
+    truncated,
+)
 from server.images import image_marker, load_request_images, place_request_images, template_messages
 from server.logprobs import chat_logprobs
 from server.request_log import RequestRecord
@@ -89,9 +98,10 @@ def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
 def conversation(
     messages: list[ChatMessage], marker: str | None = None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages as the chat template expects them (content parts joined, each image part as `marker`;
-    assistant tool calls and tool results kept), and the image URLs in order; a text-only model
-    (`marker` None) refuses image parts."""
+    """Messages as the chat template expects them (content parts as `jaxrs.vision.chat.split_images`
+    writes them, which `template_messages` hands to the template as it reads them; assistant tool calls
+    and tool results kept), and the image URLs in order; a text-only model (`marker` None) refuses image
+    parts."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out, images = [], []
@@ -111,9 +121,9 @@ def conversation(
         if m.content is None:
             raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
         if isinstance(m.content, str):
-            text = m.content
+            content: str | list = m.content
         else:
-            texts = []
+            parts = []
             for j, part in enumerate(m.content):
                 if part.type in _IMAGE_PARTS and marker is None:
                     raise APIError(
@@ -130,7 +140,7 @@ def conversation(
                             f"messages[{i}].content[{j}] has no image_url.url",
                             param=f"messages[{i}].content[{j}]",
                         )
-                    texts.append(marker)
+                    parts.append(IMAGE_PART)
                     images.append(url)
                     continue
                 if part.type != "text":
@@ -139,9 +149,9 @@ def conversation(
                         f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts are accepted",
                         param=f"messages[{i}].content[{j}].type",
                     )
-                texts.append(part.text or "")
-            text = "\n".join(texts)
-        out.append({"role": role, "content": text, **extra})
+                parts.append(text_part(part.text or ""))
+            content = joined(parts, marker) if role == "tool" else parts
+        out.append({"role": role, "content": content, **extra})
     return out, images
 
 
@@ -226,17 +236,28 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
             plan.template_tools if plan else None,
         )
         ids, placed = place_request_images(ctx, rendered, images)
+        if req.truncate_prompt_tokens is not None and placed is not None:
+            raise APIError(
+                400, "truncate_prompt_tokens cannot cut a prompt with images", param="truncate_prompt_tokens"
+            )
+        ids = truncated(ctx.llm.engine, ids, req.truncate_prompt_tokens)
         record.prompt_tokens = len(ids)
         params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
+        if req.prompt_logprobs is not None and placed is not None:
+            raise APIError(400, "prompt_logprobs cannot score a prompt with images", param="prompt_logprobs")
+        scored = await scored_prompts(driver, [ids], req.prompt_logprobs, req.stream, params.lora)
         updates = generate_all(driver, [ids], params, record.id, images=placed)
         if req.stream:
             return event_stream(_stream(ctx, req, record, updates, plan))
         choices = Choices(1, req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices, plan))
+        body = _completion(ctx, req, record, choices, plan)
+        if scored:
+            body.prompt_logprobs = scored[0]
+        return Response(body)
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise

@@ -14,11 +14,25 @@ from jaxrs.errors import JaxrsError
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
-from server.generation import Choices, check_capacity, check_prompt, collect, generate_all
+from server.generation import (
+    Choices,
+    check_capacity,
+    check_prompt,
+    collect,
+    generate_all,
+    scored_prompts,
+    truncated,
+)
 from server.logprobs import completion_logprobs, token_text
 from server.request_log import RequestRecord
 from server.sampling import sampling_params
-from server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
+from server.schemas import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Usage,
+)
 from server.streaming import DONE, event_stream, sse
 from server.structured import request_grammar
 
@@ -76,11 +90,15 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         record.model, record.stream = ctx.check_model(req.model), req.stream
         record.prompt = req.prompt
         texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
+        if req.truncate_prompt_tokens is not None:
+            ids = tuple(truncated(ctx.llm.engine, p, req.truncate_prompt_tokens) for p in ids)
+            texts = tuple(ctx.llm.tokenizer.decode(p) for p in ids)
         record.prompt_tokens = sum(len(p) for p in ids)
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
         scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
+        prompt_scores = await scored_prompts(driver, list(ids), req.prompt_logprobs, req.stream, params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
         else:
@@ -92,7 +110,10 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         choices = Choices(len(ids), req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
-        return Response(_completion(ctx, req, record, choices, echoes, echoed))
+        body = _completion(ctx, req, record, choices, echoes, echoed)
+        for i, choice in enumerate(body.choices if prompt_scores else []):
+            choice.prompt_logprobs = prompt_scores[i // req.n]
+        return Response(body)
     except Exception as e:
         ctx.log_failure(record, e, choices)
         raise

@@ -27,6 +27,11 @@ _PARAMS = {
     "logprobs": "logprobs",
     "stop": "stop",
     "stop_token_ids": "stop_token_ids",
+    "min_tokens": "min_tokens",
+    "allowed_token_ids": "allowed_token_ids",
+    "bad_words": "bad_words",
+    "truncate_prompt_tokens": "truncate_prompt_tokens",
+    "prompt_logprobs": "prompt_logprobs",
 }
 
 MAX_N = 16  # samples per request: each is a full sequence in the batch
@@ -74,6 +79,11 @@ def sampling_params(
             logprobs=logprobs,
             grammar=grammar,
             speculative=req.speculative,
+            min_tokens=req.min_tokens or 0,
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words,
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
+            prompt_logprobs=req.prompt_logprobs,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param=param_of(e)) from None

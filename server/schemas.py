@@ -61,6 +61,12 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
+    # vLLM's extras (`jaxrs.engine.sampling.SamplingParams`).
+    min_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Output constraints (server.structured): OpenAI's, vLLM's (and its older guided_*), mistral.rs's.
@@ -136,6 +142,14 @@ class ChatChoice(msgspec.Struct):
     logprobs: ChatLogprobs | None = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's prompt_logprobs entry: one token's log-probability and rank at a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
 class ChatCompletion(msgspec.Struct):
     id: str
     created: int
@@ -145,6 +159,9 @@ class ChatCompletion(msgspec.Struct):
     object: Literal["chat.completion"] = "chat.completion"
     system_fingerprint: str | None = None
     xlora_scalings: list | msgspec.UnsetType = msgspec.UNSET  # extension: per choice, [lora layers][experts]
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = (
+        UNSET  # vLLM's (see CompletionChoice)
+    )
 
 
 class Delta(msgspec.Struct):
@@ -186,6 +203,8 @@ class CompletionChoice(msgspec.Struct):
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    # vLLM's: None for the first prompt token, then {token id: entry} for the prompt token and the top N
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct):

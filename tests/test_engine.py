@@ -3,6 +3,8 @@ prefill and multi-step decode must not change a single token."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine.engine import Engine, EngineConfig
+from jaxrs.engine.sampling import resolve_token_ids
+from jaxrs.errors import JaxrsError
 from jaxrs.llm import WARMUP_PROFILES, request_output
 from jaxrs.quant import QuantizedTensor
 from jaxrs.quant.tensor import tree_nbytes
@@ -280,3 +284,43 @@ def test_generated_logprobs_equal_score(llm, ids):
     scored = llm.score([ids[4]], [out.token_ids])[0]
     # decode's one-row matmuls sum split rows in another order than scoring's whole-prompt ones
     np.testing.assert_allclose([lp.logprob for lp in out.logprobs], scored, atol=5e-4)
+
+
+def test_min_tokens_holds_eos_back_inside_a_multi_step_call(llm, ids):
+    """EOS forced by logit_bias comes at once without min_tokens, and exactly at token min_tokens
+    with it: the ban lifts at the in-loop step, in a 4-step decode call, beside rows without it."""
+    engine = engine_with(llm, max_decode_steps=4)
+    eos = min(engine._eos)
+    forced = SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0})
+    held = dataclasses.replace(forced, min_tokens=3)
+    out = run(engine, ids[:3], [held, forced, GREEDY])
+    assert out[0].token_ids[3:] == [eos] and eos not in out[0].token_ids[:3]
+    assert out[0].finish_reason == "stop" and out[1].token_ids == [eos]
+    assert out[2].token_ids == run(engine, ids[2:3], GREEDY)[0].token_ids
+
+
+def test_allowed_and_bad_words_shape_the_output(llm, ids):
+    engine = engine_with(llm)
+    free = run(engine, ids[:1], GREEDY)[0].token_ids
+    allowed = [free[1], free[0]]
+    only = run(engine, ids[:1], dataclasses.replace(GREEDY, allowed_token_ids=allowed))[0].token_ids
+    assert set(only) <= set(allowed)
+    banned = llm.tokenizer.decode([free[0]]).strip()
+    params = dataclasses.replace(GREEDY, bad_words=[banned])
+    avoided = run(engine, ids[:1], params)[0].token_ids
+    assert free[0] not in avoided and avoided != free
+    pair = dataclasses.replace(GREEDY, bad_words=[llm.tokenizer.decode(free[2:4])])
+    words = resolve_token_ids(pair, llm.tokenizer, []).bad_words_token_ids
+    assert any(len(w) == 2 for w in words)
+    split = run(engine, ids[:1], pair)[0].token_ids  # one token per call: the ban follows the output
+    assert split[:2] == free[:2] and split != free
+    assert not any(tuple(split[i : i + len(w)]) == w for w in words for i in range(len(split)))
+    with pytest.raises(JaxrsError, match="allowed_token_ids"):
+        engine.add_request(ids[0], SamplingParams(allowed_token_ids=[engine.vocab_size]))
+
+
+def test_truncate_prompt_tokens_feeds_the_last_tokens(llm, ids):
+    engine = engine_with(llm)
+    cut = run(engine, ids[3:4], dataclasses.replace(GREEDY, truncate_prompt_tokens=4))[0]
+    assert cut.prompt_token_ids == ids[3][-4:]
+    assert cut.token_ids == run(engine, [ids[3][-4:]], GREEDY)[0].token_ids

@@ -101,3 +101,18 @@ def test_preemption_loses_nothing(demo_gguf, llm):
 def test_prompt_too_long_is_rejected(llm):
     with pytest.raises(JaxrsError, match="tokens per sequence"):
         llm.generate([1] * (llm.engine.max_model_len + 1), GREEDY)
+
+
+def test_prompt_logprobs_score_the_prompt(llm):
+    """vLLM's RequestOutput.prompt_logprobs: None first, then the prompt token (with its rank) and the
+    N likeliest at each position, equal to `score`."""
+    ids = llm.tokenizer.encode("The capital of France is Paris")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    out = llm.generate(ids, params, use_tqdm=False)[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    scores = llm.score([ids[:1]], [ids[1:]])[0]
+    for token, score, entry in zip(ids[1:], scores, out.prompt_logprobs[1:], strict=True):
+        assert entry[token].logprob == pytest.approx(score, abs=1e-5)
+        best = min(entry.values(), key=lambda lp: lp.rank)
+        assert best.rank == 1 and len(entry) == (1 if entry[token].rank == 1 else 2)
+    assert llm.generate(ids, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_logprobs is None

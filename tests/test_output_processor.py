@@ -111,3 +111,12 @@ def test_logprob_records_follow_the_request(processor):
     none_asked = sequence(processor, max_tokens=10)
     processor.append(none_asked, out, (0, 0))
     assert none_asked.logprobs == []
+
+
+def test_no_stop_before_min_tokens(processor):
+    """vLLM's min_tokens: neither a stop string, a stop token nor EOS ends the output before it."""
+    seq = sequence(processor, stop=["w5"], stop_token_ids=[6], min_tokens=3, max_tokens=10)
+    assert feed(processor, seq, [5, 6, 7, 5]) == [None, None, None, "stop"]
+    assert seq.output_ids == [5, 6, 7, 5]
+    eos = sequence(processor, min_tokens=2, max_tokens=10)
+    assert feed(processor, eos, [EOS, 5, EOS]) == [None, None, "stop"]

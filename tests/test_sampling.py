@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrs.engine.sampling import (
+    NEVER,
     SampleOutput,
     SamplingFlags,
     SamplingParams,
     build_sampling_batch,
     first_argmax,
     process_logits,
+    resolve_token_ids,
     sample,
+    truncated_prompt,
 )
 from jaxrs.errors import JaxrsError
 
@@ -341,3 +345,57 @@ def test_extreme_legal_values_stay_finite():
     logits = np.zeros((2, V), np.float32)
     logits[:, 3] = -2.0
     assert np.all(~np.isnan(np.asarray(_process(logits, batch, flags))))
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_its_step():
+    """The ban follows the in-loop token index `step`: held at step < min_tokens, lifted at min_tokens;
+    rows without min_tokens (and ignore_eos rows, for EOS) are untouched."""
+    rows = [
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5], eos_token_ids=(2,)),
+        SamplingParams(temperature=0, eos_token_ids=(2,)),
+        SamplingParams(temperature=0, min_tokens=3, ignore_eos=True, eos_token_ids=(2,)),
+    ]
+    arrays, flags = build_sampling_batch(rows, [0] * 3, [0] * 3, [[1]] * 3, [[]] * 3, 4, V)
+    assert flags.bans
+    logits = jnp.zeros((4, V)).at[:, 2].set(9.0).at[:, 5].set(8.0)
+    for step, banned in ((0, True), (2, True), (3, False)):
+        batch = {k: jnp.asarray(v) for k, v in arrays.items()} | {"step": jnp.full(4, step, jnp.int32)}
+        out = np.asarray(process_logits(logits, batch, flags))
+        assert np.isneginf(out[0, [2, 5]]).all() == banned and np.isfinite(out[0, 2]) != banned
+        assert (out[1] == np.asarray(logits[1])).all() and out[2, 2] == 9.0
+    with pytest.raises(JaxrsError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+
+
+def test_allowed_token_ids_mask_every_other_token():
+    rows = [SamplingParams(temperature=0, allowed_token_ids=[3, 7]), SamplingParams(temperature=0)]
+    arrays, flags = build_sampling_batch(rows, [0, 0], [0, 0], [[1]] * 2, [[]] * 2, 2, V)
+    logits = jnp.arange(2 * V, dtype=jnp.float32).reshape(2, V)
+    out = np.asarray(process_logits(logits, {k: jnp.asarray(v) for k, v in arrays.items()}, flags))
+    assert set(np.flatnonzero(np.isfinite(out[0]))) == {3, 7}
+    assert (out[1] == np.asarray(logits[1])).all()
+
+
+def test_bad_words_ban_a_last_token_after_the_rest():
+    """A one-token word is always banned; a longer one's last token only after its other tokens."""
+    p = SamplingParams(bad_words_token_ids=((4,), (6, 9)))
+    assert p.banned_ids([1, 2]) == [(4, NEVER)]
+    assert p.banned_ids([1, 6]) == [(4, NEVER), (9, NEVER)]
+    assert p.bans_follow_output
+
+
+def test_resolve_token_ids_spells_bad_words_bare_and_spaced():
+    class Words:
+        def encode(self, text, add_special_tokens=True):
+            return {"cat": [1], " cat": [2], "big cat": [3, 1], " big cat": [4, 1]}[text]
+
+    p = resolve_token_ids(SamplingParams(bad_words=["cat", "big cat"]), Words(), [9, 2])
+    assert p.bad_words_token_ids == ((1,), (2,), (3, 1), (4, 1)) and p.eos_token_ids == (2, 9)
+    assert not p.speculative  # a draft cannot follow a ban that depends on its own tokens
+
+
+def test_truncated_prompt_keeps_the_last_tokens():
+    assert truncated_prompt([1, 2, 3, 4], 2, 100) == [3, 4]
+    assert truncated_prompt([1, 2, 3, 4], 9, 100) == [1, 2, 3, 4]
+    assert truncated_prompt([1, 2, 3, 4], -1, 3) == [3, 4]
+    assert truncated_prompt([1, 2, 3, 4], None, 3) == [1, 2, 3, 4]

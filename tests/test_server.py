@@ -174,6 +174,67 @@ def test_completions_echo_with_logprobs_scores_the_prompt(prompt_scores, oai, ap
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(scores, abs=1e-4)
 
 
+def test_completions_prompt_logprobs_are_vllms(prompt_scores, oai, app, llm):
+    """vLLM's prompt_logprobs (in extra_body): None for the first token, then {token id: {logprob, rank,
+    decoded_token}} holding the prompt token (its exact rank) and the N likeliest."""
+    ids, scores = prompt_scores
+    resp = oai.completions.create(
+        model=name_of(app), prompt=ids, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    entries = resp.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for token, score, entry in zip(ids[1:], scores, entries[1:], strict=True):
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(score, abs=1e-4) and own["rank"] >= 1
+        assert own["decoded_token"] == llm.tokenizer.decode([token])
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        assert 2 <= len(entry) <= 3 and [e["rank"] for e in ranked][:2] == [1, 2]
+        assert (own["rank"] <= 2) == (len(entry) == 2)
+
+
+def test_vllm_sampling_extras_are_served(oai, app, client, llm):
+    """min_tokens holds EOS back (forced early by logit_bias), truncate_prompt_tokens feeds the last
+    tokens (usage counts them), allowed_token_ids limits the output; bad values are 400s naming them."""
+    eos = min(llm.engine._eos)
+    forced = dict(model=name_of(app), max_tokens=8, temperature=0, logit_bias={str(eos): 100})
+    held = oai.chat.completions.create(messages=CAPITAL, **forced, extra_body={"min_tokens": 4})
+    assert held.usage.completion_tokens >= 4 and held.choices[0].finish_reason == "stop"
+    free = oai.chat.completions.create(messages=CAPITAL, **forced)
+    assert free.usage.completion_tokens <= 1
+    cut = oai.completions.create(
+        model=name_of(app),
+        prompt="one two three four five six",
+        max_tokens=1,
+        extra_body={"truncate_prompt_tokens": 2},
+    )
+    assert cut.usage.prompt_tokens == 2
+    allowed = llm.tokenizer.encode(" Paris Rome", add_special_tokens=False)
+    only = oai.completions.create(
+        model=name_of(app),
+        prompt="The capital",
+        max_tokens=4,
+        temperature=0,
+        logprobs=0,
+        extra_body={"allowed_token_ids": allowed},
+    )
+    assert set(only.choices[0].logprobs.tokens) <= {llm.tokenizer.decode([t]) for t in allowed}
+    for field, value in (
+        ("min_tokens", 99),
+        ("min_tokens", -1),
+        ("truncate_prompt_tokens", 0),
+        ("allowed_token_ids", [10**9]),
+        ("prompt_logprobs", 99),
+    ):
+        body = {"prompt": "hi", "max_tokens": 8, field: value}
+        assert_error(client.post("/v1/completions", json=body), 400, field)
+    scored = oai.chat.completions.create(messages=CAPITAL, **forced, extra_body={"prompt_logprobs": 1})
+    entries = scored.model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == scored.usage.prompt_tokens
+    assert all(1 <= len(e) <= 2 and min(v["rank"] for v in e.values()) == 1 for e in entries[1:])
+    body = {"messages": CAPITAL, "prompt_logprobs": 1, "stream": True}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "prompt_logprobs")
+
+
 def test_completions_text_token_ids_lists_echo_and_n(oai, app, llm):
     prompt = "The capital of France is"
     resp = oai.completions.create(model=name_of(app), prompt=prompt, max_tokens=4, temperature=0)
@@ -609,3 +670,33 @@ def test_cli_serve_builds_the_app_and_runs_uvicorn(monkeypatch, llm, tmp_path):
         rendered = llm.tokenizer.encode(CAPITAL[0]["content"] + "\n", add_special_tokens=False)
         assert r.json()["usage"]["prompt_tokens"] == len(rendered)
     assert cli.main(["serve", "--chat-template", str(tmp_path / "missing.jinja")]) == 1
+
+
+def test_conversation_keeps_text_parts_apart_for_typed_templates():
+    """Several text parts reach a template that reads typed parts one by one (as transformers hands
+    them over), and a template of strings as one newline-joined text."""
+    from jaxrs.vision.chat import template_contents
+    from server.routes_chat import conversation
+    from server.schemas import ChatMessage, ContentPart
+
+    parts = [ContentPart("text", text="w5"), ContentPart("text", text="w6")]
+    messages, images = conversation([ChatMessage("user", parts)])
+    assert images == [] and messages[0]["content"] == [
+        {"type": "text", "text": "w5"},
+        {"type": "text", "text": "w6"},
+    ]
+
+    class Typed:
+        chat_template = (
+            "{% for m in messages %}{% for c in m['content'] %}[{{ c['text'] }}]{% endfor %}{% endfor %}"
+        )
+
+        def apply_chat_template(self, messages, add_generation_prompt=False):
+            import jinja2
+
+            return jinja2.Template(self.chat_template).render(messages=messages)
+
+    typed = Typed()
+    assert typed.apply_chat_template(template_contents(typed, messages, None)) == "[w5][w6]"
+    typed.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert template_contents(typed, messages, None)[0]["content"] == "w5\nw6"

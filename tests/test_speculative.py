@@ -226,3 +226,17 @@ def test_counters_and_their_prometheus_names():
     assert "spec_decode_num_draft_tokens_total 8.0" in text
     assert "spec_decode_num_accepted_tokens_total 4.0" in text
     assert 'spec_decode_num_accepted_tokens_per_pos_total{position="0"} 2.0' in text
+
+
+@pytest.mark.slow
+def test_min_tokens_holds_eos_back_in_drafts_and_verification(models, prompts):
+    """The ban follows each verified position's token index: EOS, forced by logit_bias, comes exactly at
+    token min_tokens with speculation as without."""
+    eos = 2  # the tiny tokenizer's
+    params = SamplingParams(temperature=0, max_tokens=10, logit_bias={eos: 100.0}, min_tokens=5)
+    plain = generate(LLM(models["target"], **ENGINE), prompts[3:], params)[0]
+    spec = {"model": models["target"], "num_speculative_tokens": 3}
+    llm = LLM(models["target"], speculative_config=spec, **ENGINE)
+    assert generate(llm, prompts[3:], params)[0] == plain
+    assert plain[5:] == [eos] and eos not in plain[:5]
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0

@@ -57,7 +57,7 @@ def test_text_parts_reach_a_string_template_as_text(tokenizer):
 
 def test_a_typed_template_gets_parts_back(tokenizer):
     assert render(tokenizer, TYPED, [{"role": "system", "content": "w4"}]) == "system: w4 "
-    assert render(tokenizer, TYPED, TEXT_PARTS) == "user: w5\nw6 "
+    assert render(tokenizer, TYPED, TEXT_PARTS) == "user: w5 w6 "  # each text part apart, as transformers
     assert render(tokenizer, TYPED, IMAGE_AFTER, "<image>") == "user: <image>\nw5 "
     tool_call = {"role": "assistant", "content": None, "tool_calls": []}
     assert template_contents(tokenizer, [tool_call], "<image>") == [tool_call]
@@ -72,3 +72,33 @@ def test_chat_inputs_of_a_text_model(tokenizer):
     tokenizer.chat_template = STRINGS
     ids, images = chat_inputs(tokenizer, None, TEXT_PARTS, MediaPolicy(), add_generation_prompt=False)
     assert images is None and tokenizer.decode(ids).split() == ["<unk>", "w5", "w6"]
+
+
+def test_typed_text_parts_render_as_transformers_renders_them(tokenizer):
+    """Several text parts (and images between) reach a template that reads parts one by one, as
+    transformers' apply_chat_template hands them over; a tool result's parts stay one text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    W6 = {"type": "text", "text": "w6"}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "w5"},
+                {"type": "image"},
+                W6,
+                {"type": "text", "text": "w9"},
+            ],
+        },
+        {"role": "tool", "content": [{"type": "text", "text": "w7"}, {"type": "text", "text": "w8"}]},
+    ]
+    sources = [{"type": "image_url", "image_url": {"url": "x"}}]
+    ours = [
+        {**messages[0], "content": [messages[0]["content"][0], *sources, *messages[0]["content"][2:]]},
+        messages[1],
+    ]
+    for template in (BOTH, TYPED):
+        reference = render_jinja_template([messages[:1]], chat_template=template)[0][0]
+        assert render(tokenizer, template, ours[:1], "<image>") == reference
+    texts, found = split_images(ours, "<image>")
+    assert found == ["x"] and texts[1]["content"] == "w7\nw8"

@@ -35,7 +35,7 @@ from jaxrs.engine.options import (
 from jaxrs.engine.output_processor import OutputProcessor
 from jaxrs.engine.requantize import Reloader, Requantized, RequantizeError, source_reloader
 from jaxrs.engine.runner import ModelRunner
-from jaxrs.engine.sampling import SampleOutput, SamplingParams
+from jaxrs.engine.sampling import SampleOutput, SamplingParams, resolve_token_ids, truncated_prompt
 from jaxrs.engine.scheduler import PrefillChunk, Scheduler
 from jaxrs.engine.sequence import Sequence, Status, TokenLogprob
 from jaxrs.engine.speculative import Speculator, load_draft
@@ -346,6 +346,7 @@ class Engine:
     ) -> Request:
         """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served. `images`: the
         prompt's images (`jaxrs.vision.prompt.place_images`), which key its prefix-cache blocks."""
+        prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len)
         self.validate(prompt_ids, params)
         if images is not None:
             require_vision(self.model.vision, self.source)
@@ -353,6 +354,7 @@ class Engine:
 
         cache_key = self._adapter_key(params.lora, cache_key)
         params = params.with_defaults(self.model.generation_config)
+        params = resolve_token_ids(params, self.tokenizer, self._eos)
         request_id = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         first = self._new_sequence(request_id, 0, prompt_ids, params, seed, cache_key, images)
@@ -387,6 +389,8 @@ class Engine:
             raise JaxrsError(f"logit_bias token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise JaxrsError(f"stop_token_ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.allowed_token_ids or []):
+            raise JaxrsError(f"allowed_token_ids must be in [0, {vocab})")
         if params.grammar is not None:
             self.grammars.compile(params.grammar)  # GrammarError (a JaxrsError) names what is wrong
 
@@ -531,10 +535,10 @@ class Engine:
                 targets = ids[done + 1 : end + 1]
                 found = self.runner.score(ids[done:end], table.blocks, done, targets, slot, top)
                 if top:
-                    picked, values, top_ids = found
+                    picked, values, top_ids, ranks = found
                     out += [
-                        TokenLogprob(t, float(lp), tuple(zip(i.tolist(), v.tolist(), strict=True)))
-                        for t, lp, v, i in zip(targets, picked, values, top_ids, strict=True)
+                        TokenLogprob(t, float(lp), tuple(zip(i.tolist(), v.tolist(), strict=True)), int(r))
+                        for t, lp, v, i, r in zip(targets, picked, values, top_ids, ranks, strict=True)
                     ]
                 else:
                     out += [TokenLogprob(t, float(lp)) for t, lp in zip(targets, found, strict=True)]

@@ -2,8 +2,9 @@
 
 Runs on the host after every step. A stop token (a request's `stop_token_ids`, or EOS unless
 `ignore_eos`) ends a sequence without adding its text; a stop string ends it with the text cut before
-the string (both kept with `include_stop_str_in_output`). A stream must not show text that a later
-token could turn into a stop string, so it shows a running sequence's text up to `stream_end` only.
+the string (both kept with `include_stop_str_in_output`); neither ends one shorter than `min_tokens`.
+A stream must not show text that a later token could turn into a stop string, so it shows a running
+sequence's text up to `stream_end` only.
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ class OutputProcessor:
             seq.first_token_time = time.monotonic()
         if logprob is not None:
             seq.logprobs.append(logprob)
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+        may_stop = len(seq.output_ids) >= p.min_tokens  # vLLM's: no stop before min_tokens tokens
+        if may_stop and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
             if p.include_stop_str_in_output:
                 seq.text += seq.detokenizer.push(token)
             self.flush(seq)
             return "stop"
         before = len(seq.text)
         seq.text += seq.detokenizer.push(token)
-        for stop in p.stop:
+        for stop in p.stop if may_stop else ():
             at = seq.text.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
                 seq.text = seq.text[: at + len(stop) if p.include_stop_str_in_output else at]

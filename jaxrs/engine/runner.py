@@ -187,7 +187,8 @@ def _sample(params, kv, logits, batch, *, flags):
 
 
 def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels, top=0):
-    """Each target's log-probability, and with `top` > 0 the `top` likeliest tokens' (values, ids)."""
+    """Each target's log-probability, and with `top` > 0 the `top` likeliest tokens' (values, ids) and
+    the target's rank (1 + how many tokens are likelier)."""
     if lora is not None:  # the row's adapter slot (LoRA)
         params = bind_slots(params, lora)
     model = merge(params, cfg)
@@ -195,7 +196,8 @@ def _score(params, kv, tokens, meta, targets, lora=None, *, cfg, kernels, top=0)
     logprobs = jax.nn.log_softmax(model.logits(hidden, kernels), axis=-1)
     picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     if top:
-        return (picked, *jax.lax.top_k(logprobs, top)), kv
+        rank = 1 + jnp.sum(logprobs > picked[..., None], axis=-1, dtype=jnp.int32)
+        return (picked, *jax.lax.top_k(logprobs, top), rank), kv
     return picked, kv
 
 
@@ -440,10 +442,10 @@ class ModelRunner:
         targets: list[int],
         lora_slot: int = -1,
         top: int = 0,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Log-probabilities of `targets[i]` after tokens[: start + i + 1]; tokens [start, end) run now,
         with the adapter in `lora_slot` (-1: none) when adapters are served. With `top` > 0, also the
-        `top` likeliest tokens at each position: (logprobs, their values [n, top], their ids)."""
+        `top` likeliest tokens at each position: (logprobs, their values [n, top], their ids, ranks)."""
         n = len(token_ids)
         t, w = self.chunk_len(n), self.width(len(blocks))
         tokens = np.zeros((1, t), np.int32)
@@ -607,8 +609,9 @@ class ModelRunner:
 
 def profile(flags: SamplingFlags) -> str:
     """A short name for the sampler variant a step compiles, for logs: greedy or sampled, then the
-    optional stages (`+filters`, `+penalties`, `+bias`, `+topN` logprobs)."""
+    optional stages (`+filters`, `+penalties`, `+bias`, `+bans`, `+allowed`, `+topN` logprobs)."""
     name = "greedy" if flags.all_greedy else "sampled"
     extras = [("filters", flags.filters), ("penalties", flags.penalties), ("bias", flags.logit_bias)]
+    extras += [("bans", flags.bans), ("allowed", flags.allowed)]
     name += "".join(f"+{stage}" for stage, on in extras if on)
     return name + (f"+top{flags.top_logprobs}" if flags.top_logprobs else "")

@@ -4,7 +4,8 @@ The sampler runs inside the jitted step. The host packs each batch's parameters 
 arrays (`build_sampling_batch`) plus a few static flags (`SamplingFlags`) that switch off work no row
 needs, so the common path (no penalties, no bias, no top logprobs) carries and computes nothing extra.
 
-On device, in mistral.rs order: repetition / presence / frequency penalties, logit bias, then
+On device, after vLLM's token limits (bans for min_tokens and bad_words, allowed_token_ids), in
+mistral.rs order: repetition / presence / frequency penalties, logit bias, then
 temperature, top-k, top-p, min-p, then a seeded draw. Greedy rows (temperature 0) take the argmax after
 penalties and bias. A request's random draw depends only on its seed and the index of the token being
 drawn (`fold_in(key(seed), step)`), never on the batch it rides in: every step below is row-wise, and
@@ -14,7 +15,7 @@ neutral settings leave a row's logits bit-for-bit unchanged.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +44,13 @@ class SamplingParams:
     logit_bias: token id -> value added to its logit. logprobs: None for none, 0 for the chosen token's
     log-probability, k > 0 for the k most likely alternatives too (of the model's raw distribution).
     grammar: the output must match it (JSON schema, regex, choice, Lark; see `jaxrs.structured`).
+
+    vLLM's extras: min_tokens: no EOS / stop token may be drawn, and no stop string ends the output,
+    before that many tokens. allowed_token_ids: only these may be drawn. bad_words: a word's last token
+    is banned wherever the output ends with the word's other tokens. truncate_prompt_tokens: only the
+    prompt's last N tokens are fed (-1: as many as the model serves). prompt_logprobs: the prompt tokens'
+    log-probabilities, with that many alternatives (the `LLM` and completions API).
+    eos_token_ids and bad_words_token_ids are filled by the engine (`resolve_token_ids`).
     """
 
     max_tokens: int = 16
@@ -65,12 +73,21 @@ class SamplingParams:
     lora: str | None = None  # the LoRA adapter (by name) the request runs with; None: the base model
     grammar: Grammar | None = None
     speculative: bool = True  # False: this request never speculates (when the engine does)
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the model's, held back by min_tokens (unless ignore_eos)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # each bad word's spellings as token ids
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         if self.top_k == -1:  # vLLM's spelling of "no top-k"
             self.top_k = 0
         if self.logit_bias is not None:  # JSON gives string keys
@@ -103,6 +120,22 @@ class SamplingParams:
                 f"logprobs must be in [0, {MAX_LOGPROBS}]",
             ),
             (all(self.stop), "stop strings must not be empty"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (
+                self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+                "allowed_token_ids must not be empty",
+            ),
+            (
+                self.truncate_prompt_tokens is None
+                or self.truncate_prompt_tokens == -1
+                or self.truncate_prompt_tokens >= 1,
+                "truncate_prompt_tokens must be >= 1, or -1 (the model's limit)",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (all(w.strip() for w in self.bad_words or []), "bad_words must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -134,6 +167,55 @@ class SamplingParams:
             or self.frequency_penalty != 0
         )
 
+    @property
+    def bans_follow_output(self) -> bool:
+        """Whether the tokens this request bans change with each output token (a bad word of several
+        tokens), so it decodes one token per call and never speculates."""
+        return any(len(word) > 1 for word in self.bad_words_token_ids)
+
+    def banned_ids(self, output_ids: list[int]) -> list[tuple[int, int]]:
+        """(token id, the token index it is banned before) pairs after `output_ids`: the stop and EOS
+        tokens before min_tokens, and each bad word's last token where the output ends with the rest."""
+        bans = []
+        if self.min_tokens:
+            stops = set(self.stop_token_ids) | (set() if self.ignore_eos else set(self.eos_token_ids))
+            bans += [(t, self.min_tokens) for t in sorted(stops)]
+        for word in self.bad_words_token_ids:
+            *head, last = word
+            if not head or list(output_ids[len(output_ids) - len(head) :]) == head:
+                bans.append((last, NEVER))
+        return bans
+
+
+NEVER = 2**31 - 1  # a ban's end that no token index reaches
+
+
+def truncated_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last `keep` tokens (vLLM's truncate_prompt_tokens; -1: as many as leave room for
+    one generated token; None: the whole prompt)."""
+    if keep is None:
+        return prompt_ids
+    keep = max_model_len - 1 if keep == -1 else keep
+    return prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
+
+
+def resolve_token_ids(params: SamplingParams, tokenizer: Any, eos_token_ids: Iterable[int]) -> SamplingParams:
+    """`params` with the token ids its text fields stand for: the model's EOS ids (for min_tokens) and
+    each bad word as tokens, alone and after a space (vLLM's spellings: the spaced one when it is a
+    different token sequence of the same length)."""
+    words: list[tuple[int, ...]] = []
+    for word in params.bad_words or []:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        words += [bare] if bare else []
+        if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare):
+            words.append(spaced)
+    resolved = dataclasses.replace(
+        params, eos_token_ids=tuple(sorted(set(eos_token_ids))), bad_words_token_ids=tuple(words)
+    )
+    # A draft cannot see bans that follow its own drafted tokens.
+    return dataclasses.replace(resolved, speculative=params.speculative and not resolved.bans_follow_output)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingFlags:
@@ -144,6 +226,8 @@ class SamplingFlags:
     logit_bias: bool  # some row has a logit bias
     top_logprobs: int  # alternatives returned per row, rounded up to TOP_LOGPROB_SIZES
     filters: bool = False  # some sampled row has top-k, top-p or min-p
+    bans: bool = False  # some row bans tokens (min_tokens, bad_words)
+    allowed: bool = False  # some row may draw only its allowed_token_ids
 
 
 class SampleOutput(NamedTuple):
@@ -183,7 +267,10 @@ def build_sampling_batch(
     token histories prompt_ids [B, Lp] (each prompt's distinct tokens) and output_ids [B, Lo] (every
     output token, for counts) as int32, padded with `vocab_size`, which the device scatter drops. Rows
     without penalties carry empty histories. With flags.logit_bias: bias_ids [B, K] int32 (padded with
-    `vocab_size`) and bias_values [B, K] f32. L and K are powers of two, to bound recompiles.
+    `vocab_size`) and bias_values [B, K] f32. With flags.bans: ban_ids [B, K] int32 (padded with
+    `vocab_size`) and ban_until [B, K] int32, the token index each ban ends at (`SamplingParams.banned_ids`
+    after `output_ids`). With flags.allowed: allowed_ids [B, K] int32 (padded with `vocab_size`) and
+    allowed_only [B] bool. L and K are powers of two, to bound recompiles.
     """
     pad = batch - len(params)
     if pad < 0:
@@ -210,6 +297,8 @@ def build_sampling_batch(
         penalties=any(p.has_penalties for p in params),
         logit_bias=any(p.logit_bias for p in params),
         top_logprobs=_round_top_logprobs(top),
+        bans=any(p.min_tokens or p.bad_words_token_ids for p in params),
+        allowed=any(p.allowed_token_ids is not None for p in params),
         filters=bool(
             np.any(
                 (arrays["temperature"] > 0)
@@ -255,7 +344,28 @@ def build_sampling_batch(
         arrays["bias_values"] = _pad_rows(
             [np.fromiter(b.values(), np.float32, len(b)) for b in biases], batch, 4, 0.0, np.float32
         )
+    if flags.bans:
+        bans = [p.banned_ids(ids) for p, ids in zip(params, output_ids, strict=True)]
+        arrays["ban_ids"] = _pad_rows([[t for t, _ in b] for b in bans], batch, 4, vocab_size, np.int32)
+        arrays["ban_until"] = _pad_rows([[u for _, u in b] for b in bans], batch, 4, 0, np.int32)
+    if flags.allowed:
+        allowed = [p.allowed_token_ids or [] for p in params]
+        arrays["allowed_ids"] = _pad_rows(allowed, batch, 4, vocab_size, np.int32)
+        arrays["allowed_only"] = column([p.allowed_token_ids is not None for p in params], False, bool)
     return arrays, flags
+
+
+def apply_token_limits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> jax.Array:
+    """Banned tokens (while the token index `step` is below the ban's end) and, in rows that list
+    allowed tokens, every other token become -inf."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    if flags.bans:
+        active = batch["step"][:, None] < batch["ban_until"]
+        logits = logits.at[rows, batch["ban_ids"]].min(jnp.where(active, -jnp.inf, jnp.inf), mode="drop")
+    if flags.allowed:
+        listed = jnp.zeros(logits.shape, bool).at[rows, batch["allowed_ids"]].set(True, mode="drop")
+        logits = jnp.where(listed | ~batch["allowed_only"][:, None], logits, -jnp.inf)
+    return logits
 
 
 def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
@@ -343,11 +453,12 @@ def _temperature_and_filters(logits: jax.Array, batch: dict, flags: SamplingFlag
 def process_logits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> jax.Array:
     """The [B, V] logits the draw uses: penalties and bias, then (sampled rows) temperature and the
     top-k / top-p / min-p filters as -inf. Greedy rows take the argmax of their row. A `token_mask`
-    in the batch (packed, see `jaxrs.structured.mask`) comes first: disallowed tokens become -inf."""
+    in the batch (packed, see `jaxrs.structured.mask`) comes first: disallowed tokens become -inf, as do
+    banned ones and those outside a row's allowed_token_ids (`apply_token_limits`)."""
     logits = logits.astype(jnp.float32)
     if "token_mask" in batch:
         logits = apply_token_mask(logits, batch["token_mask"])
-    logits = apply_penalties_and_bias(logits, batch, flags)
+    logits = apply_penalties_and_bias(apply_token_limits(logits, batch, flags), batch, flags)
     return logits if flags.all_greedy else _temperature_and_filters(logits, batch, flags)
 
 

@@ -25,6 +25,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # the most likely alternatives, best first
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt scoring with alternatives)
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,12 +64,13 @@ class Sequence:
 
     @property
     def needs_host_each_token(self) -> bool:
-        """Penalties read the growing output, and a grammar's mask follows each token, so such a sequence
-        decodes one token per call."""
+        """Penalties and bad words read the growing output, and a grammar's mask follows each token, so
+        such a sequence decodes one token per call."""
         p = self.params
         return (
             p.repetition_penalty not in (None, 1.0)
             or bool(p.presence_penalty)
             or bool(p.frequency_penalty)
             or self.grammar is not None
+            or p.bans_follow_output
         )

@@ -36,7 +36,7 @@ def image_source(part: Any) -> object | None:
 
 
 def _is_part(part: Any) -> bool:
-    """A text or image content part (what `split_images` joins into the message's text)."""
+    """A text or image content part (what `split_images` turns into plain parts)."""
     return isinstance(part, Image.Image) or (
         isinstance(part, Mapping) and part.get("type") in ("text", *IMAGE_PART_TYPES)
     )
@@ -45,8 +45,9 @@ def _is_part(part: Any) -> bool:
 def split_images(
     messages: Sequence[Mapping[str, Any]], marker: str | None
 ) -> tuple[list[dict[str, Any]], list[object]]:
-    """Messages whose list contents of text and image parts are joined into text (a newline between
-    parts), with `marker` per image, and the image sources in order. `marker` None (a text-only model)
+    """Messages whose list contents of text and image parts become plain parts (`{"type": "text", "text"}`
+    and `{"type": "image"}`, which `template_contents` hands to the template as it reads them; a tool
+    result's are joined into text), and the image sources in order. `marker` None (a text-only model)
     refuses any image."""
     out, sources = [], []
     for i, message in enumerate(messages):
@@ -56,18 +57,37 @@ def split_images(
         ):
             out.append(dict(message))
             continue
-        texts = []
+        parts = []
         for j, part in enumerate(content):
             source = image_source(part)
             if source is None:
-                texts.append(str(part.get("text") or ""))
+                parts.append(text_part(str(part.get("text") or "")))
                 continue
             if marker is None:
                 raise ImageError(f"messages[{i}].content[{j}] is an image; this model is text-only")
-            texts.append(marker)
+            parts.append(IMAGE_PART)
             sources.append(source)
-        out.append({**message, "content": "\n".join(texts)})
+        out.append({**message, "content": joined(parts, marker) if message.get("role") == "tool" else parts})
     return out, sources
+
+
+IMAGE_PART = {"type": "image"}
+
+
+def text_part(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def _is_plain_part(part: Any) -> bool:
+    """A part as `split_images` writes them: `{"type": "text", "text": str}` or `{"type": "image"}`."""
+    return part == IMAGE_PART or (
+        isinstance(part, Mapping) and part.keys() == {"type", "text"} and part["type"] == "text"
+    )
+
+
+def joined(parts: Sequence[Mapping[str, Any]], marker: str | None) -> str:
+    """Plain parts as one text for a template of strings: a newline between parts, `marker` per image."""
+    return "\n".join(str(marker) if p == IMAGE_PART else p["text"] for p in parts)
 
 
 _PROBE = "q7probe"
@@ -112,15 +132,20 @@ def _typed_parts(text: str, marker: str | None) -> list[dict[str, str]]:
 def template_contents(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], marker: str | None
 ) -> list[dict[str, Any]]:
-    """`messages` (string contents, images as `marker`) as the chat template reads them: unchanged for a
-    template of strings; typed parts for one that reads parts (see `_typed_template`)."""
+    """`messages` (string contents with images as `marker`, or `split_images`' plain parts) as the chat
+    template reads them: strings for a template of strings (parts joined); typed parts, each text part
+    apart as transformers hands them, for one that reads parts (see `_typed_template`)."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template or not _typed_template(tokenizer, template, marker):
-        return [dict(m) for m in messages]
-    return [
-        {**m, "content": _typed_parts(m["content"], marker)} if isinstance(m.get("content"), str) else dict(m)
-        for m in messages
-    ]
+    typed = bool(template) and _typed_template(tokenizer, template, marker)
+
+    def content(value: Any) -> Any:
+        if isinstance(value, str):
+            return _typed_parts(value, marker) if typed else value
+        if isinstance(value, list) and all(_is_plain_part(p) for p in value):
+            return [dict(p) for p in value] if typed else joined(value, marker)
+        return value
+
+    return [{**m, "content": content(m["content"])} if "content" in m else dict(m) for m in messages]
 
 
 def load_images(sources: Sequence[object], vision: VisionModel, policy: MediaPolicy) -> list[Any]:
