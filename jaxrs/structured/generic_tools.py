@@ -37,7 +37,7 @@ def _text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))  # as vLLM joins text parts
 
 
 def _call_json(call: dict[str, Any]) -> dict[str, Any]:
