@@ -251,11 +251,18 @@ def test_qwen_schemas_and_tools():
                 "content": json.dumps({"temperature": 21, "sky": "sunny"}),
             },
         ]
+        # The model repeats its call as bare JSON before echoing the result, which "auto" now reads as a
+        # call (as llama.cpp does); "none" keeps the answer as text, where the tool's result shows.
         final = oai.chat.completions.create(
-            model="m", messages=history, tools=[WEATHER], max_tokens=40, temperature=0
+            model="m", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=40, temperature=0
         )
         assert final.choices[0].finish_reason in ("stop", "length")
         assert "21" in final.choices[0].message.content
+        again = oai.chat.completions.create(
+            model="m", messages=history, tools=[WEATHER], max_tokens=40, temperature=0
+        )
+        assert again.choices[0].finish_reason == "tool_calls"
+        assert again.choices[0].message.tool_calls[0].function.name == "get_weather"
     # The Python API gives the server's call (the same greedy tokens, parsed by the same code).
     greedy = SamplingParams(max_tokens=60, temperature=0)
     (out,) = llm.chat(ASK, greedy, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
