@@ -16,7 +16,7 @@ from litestar import Request
 
 from jaxrs.engine.async_engine import AsyncEngine, QueueFullError, RequestUpdate, SequenceUpdate
 from jaxrs.engine.engine import Engine
-from jaxrs.engine.prompt_logprobs import Logprob, prompt_logprobs
+from jaxrs.engine.prompt_logprobs import Logprob, from_scores
 from jaxrs.engine.sampling import SamplingParams, truncated_prompt
 from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
@@ -63,25 +63,35 @@ def truncated(engine: Engine, prompt_ids: list[int], keep: int | None) -> list[i
     return truncated_prompt(prompt_ids, keep, engine.max_model_len)
 
 
-async def scored_prompts(
-    driver: AsyncEngine, ids: list[list[int]], top: int | None, stream: bool, lora: str | None
-) -> list[list[dict[str, PromptLogprob] | None]] | None:
-    """vLLM's prompt_logprobs per prompt (None unless `top` is set): None for the first token, then
-    {token id: PromptLogprob} with the prompt's token and the `top` likeliest at each position."""
-    if top is None:
-        return None
-    if stream:
-        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+async def score_prompts(
+    driver: AsyncEngine, ids: list[list[int]], top: int, lora: str | None, param: str, what: str | None = None
+) -> list[list[TokenLogprob]]:
+    """Each prompt's tokens scored on the engine thread between steps (`Engine.prompt_logprobs`: the first
+    token has none), with the `top` likeliest at each; a prompt that cannot be scored is a 400 naming
+    `param`, the field that asked for the scores (its message starts with `what`, default `param`)."""
     out = []
     for prompt_ids in ids:
         try:
-            entries = await driver.run_on_engine(
-                lambda engine, p=prompt_ids: prompt_logprobs(engine, p, top, lora)
+            out.append(
+                await driver.run_on_engine(lambda engine, p=prompt_ids: engine.prompt_logprobs(p, top, lora))
             )
         except JaxrsError as e:
-            raise APIError(400, f"prompt_logprobs: {e}", param="prompt_logprobs") from None
-        out.append([_prompt_entry(e) for e in entries])
+            raise APIError(400, f"{what or param}: {e}", param=param) from None
     return out
+
+
+def check_prompt_logprobs(top: int | None, stream: bool) -> None:
+    if top is not None and stream:
+        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+
+
+def prompt_entries(
+    engine: Engine, scores: list[list[TokenLogprob]], top: int
+) -> list[list[dict[str, PromptLogprob] | None]]:
+    """vLLM's prompt_logprobs of each scored prompt (`score_prompts` with at least max(top, 1)): None for
+    the first token, then {token id: PromptLogprob} with the prompt's token and the `top` likeliest."""
+    decode = engine.tokenizer.decode
+    return [[_prompt_entry(e) for e in from_scores(s, top, decode)] for s in scores]
 
 
 def _prompt_entry(entry: dict[int, Logprob] | None) -> dict[str, PromptLogprob] | None:

@@ -29,9 +29,11 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
+    check_prompt_logprobs,
     collect,
     generate_all,
-    scored_prompts,
+    prompt_entries,
+    score_prompts,
     truncated,
 )
 from server.images import image_marker, load_request_images, place_request_images, template_messages
@@ -247,7 +249,12 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         check_capacity(driver, 1)
         if req.prompt_logprobs is not None and placed is not None:
             raise APIError(400, "prompt_logprobs cannot score a prompt with images", param="prompt_logprobs")
-        scored = await scored_prompts(driver, [ids], req.prompt_logprobs, req.stream, params.lora)
+        check_prompt_logprobs(req.prompt_logprobs, req.stream)
+        scored = None
+        if req.prompt_logprobs is not None:
+            top = req.prompt_logprobs
+            scores = await score_prompts(driver, [ids], max(top, 1), params.lora, "prompt_logprobs")
+            scored = prompt_entries(ctx.llm.engine, scores, top)
         updates = generate_all(driver, [ids], params, record.id, images=placed)
         if req.stream:
             return event_stream(_stream(ctx, req, record, updates, plan))

@@ -10,7 +10,6 @@ from msgspec import UNSET
 
 from jaxrs.engine.async_engine import RequestUpdate, SequenceUpdate
 from jaxrs.engine.sampling import SamplingParams
-from jaxrs.errors import JaxrsError
 from server.body import read_json
 from server.context import ServerContext, new_id
 from server.errors import APIError
@@ -18,9 +17,11 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
+    check_prompt_logprobs,
     collect,
     generate_all,
-    scored_prompts,
+    prompt_entries,
+    score_prompts,
     truncated,
 )
 from server.logprobs import completion_logprobs, token_text
@@ -97,8 +98,8 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
-        scored = await _echo_logprobs(ctx, req, list(ids), params.lora)
-        prompt_scores = await scored_prompts(driver, list(ids), req.prompt_logprobs, req.stream, params.lora)
+        check_prompt_logprobs(req.prompt_logprobs, req.stream)
+        scored, prompt_scores = await _scored_prompts(ctx, req, list(ids), params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
         else:
@@ -128,25 +129,28 @@ async def _prompts_only(
         yield index, RequestUpdate(request_id, prompt_ids, ended, 0, True)
 
 
-async def _echo_logprobs(
+async def _scored_prompts(
     ctx: ServerContext, req: CompletionRequest, ids: list[list[int]], lora: str | None
-) -> list[CompletionLogprobs] | None:
-    """With `echo` and `logprobs`: each prompt's own tokens with their log-probabilities (the first
-    token has none) and the `logprobs` likeliest tokens at each, scored on the engine thread."""
-    if not (req.echo and req.logprobs is not None):
-        return None
-    tokenizer, out = ctx.llm.tokenizer, []
-    for prompt_ids in ids:
-        try:
-            scored = await ctx.ready_driver().run_on_engine(
-                lambda engine, p=prompt_ids: engine.prompt_logprobs(p, req.logprobs, lora)
-            )
-        except JaxrsError as e:
-            raise APIError(400, f"echo with logprobs: {e}", param="echo") from None
-        first = token_text(tokenizer, prompt_ids[0])  # prompts are never empty (`check_prompt`)
-        rest, _ = completion_logprobs(tokenizer, scored, top=req.logprobs, offset=len(first))
-        out.append(_joined(CompletionLogprobs([first], [None], [None], [0]), rest))
-    return out
+) -> tuple[list[CompletionLogprobs] | None, list | None]:
+    """The prompts scored once on the engine thread, for what the request asks: with `echo` and
+    `logprobs`, each prompt's own tokens with their log-probabilities (the first token has none) and the
+    `logprobs` likeliest tokens at each; with `prompt_logprobs`, vLLM's entries (`prompt_entries`)."""
+    echo = req.logprobs if req.echo and req.logprobs is not None else None
+    wanted = req.prompt_logprobs
+    if echo is None and wanted is None:
+        return None, None
+    top = echo if wanted is None else max(echo or 0, wanted, 1)
+    asked = ("echo", "echo with logprobs") if echo is not None else ("prompt_logprobs", "prompt_logprobs")
+    scores = await score_prompts(ctx.ready_driver(), ids, top, lora, *asked)
+    echoed = None
+    if echo is not None:
+        tokenizer, echoed = ctx.llm.tokenizer, []
+        for prompt_ids, scored in zip(ids, scores, strict=True):
+            first = token_text(tokenizer, prompt_ids[0])  # prompts are never empty (`check_prompt`)
+            rest, _ = completion_logprobs(tokenizer, scored, top=echo, offset=len(first))
+            echoed.append(_joined(CompletionLogprobs([first], [None], [None], [0]), rest))
+    entries = None if wanted is None else prompt_entries(ctx.llm.engine, scores, wanted)
+    return echoed, entries
 
 
 def _joined(first: CompletionLogprobs | None, then: CompletionLogprobs) -> CompletionLogprobs:

@@ -4,7 +4,10 @@ its position, from the engine's prompt scoring (the same pass completions' `echo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from jaxrs.engine.sequence import TokenLogprob
 
 if TYPE_CHECKING:
     from jaxrs.engine.engine import Engine
@@ -27,9 +30,16 @@ def prompt_logprobs(
 ) -> PromptLogprobs:
     """None for the first token (nothing precedes it), then per token {token id: Logprob}: the prompt's
     own token first, then the `top` likeliest there (raises JaxrsError when the prompt cannot be scored)."""
-    decode = engine.tokenizer.decode
+    return from_scores(engine.prompt_logprobs(prompt_ids, max(top, 1), lora), top, engine.tokenizer.decode)
+
+
+def from_scores(
+    scores: Sequence[TokenLogprob], top: int, decode: Callable[[list[int]], str]
+) -> PromptLogprobs:
+    """`prompt_logprobs` of a prompt already scored (`Engine.prompt_logprobs` with at least max(top, 1)
+    alternatives: their ranks come with them)."""
     out: PromptLogprobs = [None]
-    for scored in engine.prompt_logprobs(prompt_ids, max(top, 1), lora):
+    for scored in scores:
         entry = {scored.token_id: Logprob(scored.logprob, scored.rank or 1, decode([scored.token_id]))}
         for rank, (token, value) in enumerate(scored.top[:top], 1):
             entry.setdefault(token, Logprob(value, rank, decode([token])))
