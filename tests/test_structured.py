@@ -189,3 +189,25 @@ def test_engine_rejects_a_bad_grammar_before_queueing(llm):
     with pytest.raises(GrammarError):
         llm.engine.add_request([1, 2], SamplingParams(grammar=Grammar.regex("(")))
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    "text, outputs",
+    [
+        ('?start: greeting\ngreeting: "hi" | "hello"', {"hi", "hello"}),  # Lark with an inlined start
+        ('!start: "a" | "b"', {"a", "b"}),
+        ('root ::= answer\nanswer ::= "yes" | "no"', {"yes", "no"}),  # GBNF
+    ],
+)
+def test_a_grammar_is_read_as_gbnf_only_when_it_defines_rules_with_colons_equals(llm, text, outputs):
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=0, n=4, grammar=Grammar("grammar", text))
+    (out,) = llm.generate("x", params, use_tqdm=False)
+    assert {o.text for o in out.outputs} <= outputs
+
+
+def test_a_schema_nested_past_the_recursion_limit_is_a_grammar_error():
+    schema: dict = {"type": "integer"}
+    for _ in range(5000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(GrammarError, match="nested too deeply"):
+        Grammar.json_schema(schema)

@@ -3,16 +3,22 @@ parser chosen from a chat template."""
 
 from __future__ import annotations
 
+import enum
 import json
 
+import jsonschema
+import openai
+import pydantic
 import pytest
 
+from jaxrs import SamplingParams
 from jaxrs.structured.tool_calls import (
     HermesParser,
     Llama3JsonParser,
     MistralParser,
     Parsed,
     ToolCallStream,
+    closed_objects,
     parser_for_template,
     parser_named,
 )
@@ -145,3 +151,54 @@ def test_parser_from_template_and_by_name():
     assert parser_named("mistral").name == "mistral"
     with pytest.raises(ValueError, match="unknown tool-call parser"):
         parser_named("nope")
+
+
+class _Color(enum.Enum):
+    red = "red"
+    green = "green"
+
+
+class _Point(pydantic.BaseModel):
+    x: float
+    y: float = 0.0
+
+
+class _Paint(pydantic.BaseModel):
+    """A pydantic tool: its parameters reach each other through `#/$defs/...`."""
+
+    color: _Color
+    at: _Point | None = None
+    path: list[_Point] = pydantic.Field(default_factory=list, max_length=2)
+
+
+@pytest.mark.parametrize("parser", ["hermes", "mistral", "llama3_json", "generic"])
+def test_forced_call_grammars_take_parameters_with_local_references(structured_llm, parser):
+    tool = openai.pydantic_function_tool(_Paint)
+    plan = tool_plan(structured_llm.tokenizer, [tool], "required", None, parser)
+    structured_llm.engine.grammars.compile(plan.grammar)  # each tool's "#/$defs/..." resolves in it
+
+
+def test_forced_calls_of_a_pydantic_tool_validate(structured_llm):
+    tool = openai.pydantic_function_tool(_Paint)
+    plan = tool_plan(structured_llm.tokenizer, [tool], "required", None, None)
+    params = [SamplingParams(max_tokens=150, temperature=1.0, seed=s, grammar=plan.grammar) for s in range(4)]
+    outs = structured_llm.generate(["paint"] * 4, params, use_tqdm=False)
+    calls = [c for o in outs for c in answer_calls(plan, o.text, o.finish_reason)[1] or []]
+    assert calls, [o.text for o in outs]
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+
+
+def test_objects_joined_by_a_union_beside_properties_stay_open():
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["a", "b"]}},
+        "anyOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "string"}}}],
+        "$defs": {"properties": {"type": "object", "properties": {"z": {}}}},
+    }
+    closed = closed_objects(schema)
+    assert "additionalProperties" not in closed  # closing it would refuse "a" and "b"
+    assert all("additionalProperties" not in branch for branch in closed["anyOf"])
+    assert closed["$defs"]["properties"]["additionalProperties"] is False  # a definition's name
+    alone = closed_objects({"anyOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]})
+    assert all(branch["additionalProperties"] is False for branch in alone["anyOf"])

@@ -10,6 +10,7 @@ on the first constrained request and kept.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -19,28 +20,34 @@ import llguidance.numpy as llnp
 import numpy as np
 
 from jaxrs.structured.grammar import Grammar, GrammarError
-from jaxrs.structured.numbers import any_json_object, bounded_numbers
+from jaxrs.structured.json_schemas import prepared_schema
+from jaxrs.structured.numbers import any_json_object
 from jaxrs.tokenizer import Tokenizer
 
 MAX_CACHED_GRAMMARS = 256  # compiled grammar texts kept, by their source
 # JSON as `json.dumps` writes it (", " and ": ", no other whitespace): models write it so, and a row
 # that may put whitespace anywhere can spend its whole budget on it. A schema's "x-guidance" overrides.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z][\w-]*\s*::=")
 
 
 def grammar_text(grammar: Grammar) -> str:
-    """The llguidance grammar (its JSON "top-level grammar" text) for `grammar`; JSON numbers get a
-    bounded number of digits (`jaxrs.structured.numbers`)."""
+    """The llguidance grammar (its JSON "top-level grammar" text) for `grammar`; JSON schemas are
+    prepared for it (`jaxrs.structured.json_schemas`: numbers get a bounded number of digits)."""
     kind, value = grammar.kind, grammar.value
     try:
         if kind in ("json_schema", "json_object"):
-            schema = bounded_numbers(value) if kind == "json_schema" else any_json_object()
+            schema = prepared_schema(value) if kind == "json_schema" else any_json_object()
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         if kind == "choice":
             return llguidance.grammar_from("choice", json.dumps(list(value)))
-        return llguidance.grammar_from("lark" if kind == "lark" else kind, value)
+        if kind == "grammar":  # GBNF defines its rules with "::="; anything else is Lark
+            kind = "gbnf" if GBNF_RULE.search(value) else "lark"
+        return llguidance.grammar_from(kind, value)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"invalid {kind}: {e}") from None
+    except RecursionError:
+        raise GrammarError(f"invalid {kind}: nested too deeply") from None
 
 
 class GrammarCompiler:

@@ -52,6 +52,10 @@ class Grammar:
             object.__setattr__(self, "value", tuple(self.value))
         if self.kind in ("regex", "lark", "grammar") and (not isinstance(self.value, str) or not self.value):
             raise GrammarError(f"a {self.kind} must be a non-empty string")
+        try:  # the identity, once: a schema nested past Python's recursion limit is refused here
+            object.__setattr__(self, "_key", self.kind + ":" + json.dumps(self.value, sort_keys=True))
+        except RecursionError:
+            raise GrammarError(f"the {self.kind} is nested too deeply") from None
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> Grammar:
@@ -75,7 +79,7 @@ class Grammar:
 
     def key(self) -> str:
         """A hashable identity (schemas are dicts): the kind and the value as canonical JSON."""
-        return self.kind + ":" + json.dumps(self.value, sort_keys=True)
+        return self._key
 
     def __hash__(self) -> int:
         return hash(self.key())

@@ -20,7 +20,8 @@ from typing import Any
 
 from jaxrs.structured import Grammar
 from jaxrs.structured.compiler import JSON_LAYOUT
-from jaxrs.structured.numbers import DATA_KEYWORDS, bounded_numbers
+from jaxrs.structured.json_schemas import prepared_schema
+from jaxrs.structured.subschemas import map_subschemas
 from jaxrs.tokenizer import Tokenizer
 
 PARSERS = ("hermes", "mistral", "llama3_json", "generic")
@@ -103,46 +104,52 @@ class ToolCallParser:
 
 
 _OPEN_KEYS = {"additionalProperties", "patternProperties", "unevaluatedProperties"}
+_JOINS = {"allOf", "anyOf", "oneOf", "$ref"}
 
 
-def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+def closed_objects(schema: Any, joined: bool = False) -> Any:
     """A tool's parameter schema with every object that lists `properties` and says nothing about
     others closed to them (`additionalProperties: false`), as llama.cpp and vLLM's xgrammar read
-    schemas: a small model otherwise copies schema keywords into the arguments. Objects joined by
-    `allOf` stay open (closing each part would refuse the whole)."""
-    if isinstance(schema, list):
-        return [closed_objects(s, in_all_of) for s in schema]
+    schemas: a small model otherwise copies schema keywords into the arguments. An object whose
+    properties are joined with another schema's (an `allOf` part, an `anyOf`/`oneOf` branch beside
+    `properties`, or one with its own `allOf`/`anyOf`/`oneOf`/`$ref`) stays open: closing each part
+    would refuse the others' properties."""
     if not isinstance(schema, dict):
         return schema
-    out = {}
-    for key, value in schema.items():
-        if key in DATA_KEYWORDS:
-            out[key] = value
-        elif key == "properties" and isinstance(value, dict):
-            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
-        else:
-            out[key] = closed_objects(value, key == "allOf")
-    if "properties" in out and not in_all_of and not _OPEN_KEYS & out.keys():
+    lists_properties = "properties" in schema
+
+    def close(sub: Any, keyword: str) -> Any:
+        return closed_objects(sub, keyword == "allOf" or (keyword in ("anyOf", "oneOf") and lists_properties))
+
+    out = map_subschemas(schema, close)
+    if lists_properties and not joined and not (_OPEN_KEYS | _JOINS) & out.keys():
         out["additionalProperties"] = False
     return out
+
+
+def _tool_parameters(tool: dict[str, Any], index: int) -> dict[str, Any]:
+    """A tool's parameter schema, closed, as its own resource (an `$id`), so its local references
+    (`#/$defs/...`, as pydantic writes them) resolve inside it wherever the call schema puts it."""
+    parameters = closed_objects(tool["function"].get("parameters") or {"type": "object"})
+    return parameters if "$id" in parameters else {"$id": f"urn:jaxrs:tool:{index}", **parameters}
 
 
 def _call_schema(tools: list[dict[str, Any]], arguments_key: str = "arguments") -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": t["function"]["name"]},
-                arguments_key: bounded_numbers(
-                    closed_objects(t["function"].get("parameters") or {"type": "object"})
-                ),
-            },
+            "properties": {"name": {"const": t["function"]["name"]}, arguments_key: _tool_parameters(t, i)},
             "required": ["name", arguments_key],
             "additionalProperties": False,
         }
-        for t in tools
+        for i, t in enumerate(tools)
     ]
     return {"x-guidance": JSON_LAYOUT, "anyOf": options}
+
+
+def _json_terminal(schema: dict[str, Any]) -> str:
+    """A Lark `%json` terminal for `schema` (prepared as a json_schema grammar's is)."""
+    return f"%json {json.dumps(prepared_schema(schema))}"
 
 
 def _token(tokenizer: Tokenizer, text: str) -> str:
@@ -213,7 +220,7 @@ class HermesParser(ToolCallParser):
         calls = 'start: call ("\\n" call)*' if parallel else "start: call"
         open_, close = _token(tokenizer, self.OPEN), _token(tokenizer, self.CLOSE)
         return Grammar.lark(
-            f'{calls}\ncall: {open_} "\\n" body "\\n" {close}\nbody: %json {json.dumps(_call_schema(tools))}'
+            f'{calls}\ncall: {open_} "\\n" body "\\n" {close}\nbody: {_json_terminal(_call_schema(tools))}'
         )
 
 
@@ -246,7 +253,7 @@ class MistralParser(ToolCallParser):
         schema = {"x-guidance": JSON_LAYOUT, "type": "array", "items": _call_schema(tools), "minItems": 1}
         if not parallel:
             schema["maxItems"] = 1
-        return Grammar.lark(f"start: {_token(tokenizer, self.MARKER)} %json {json.dumps(schema)}")
+        return Grammar.lark(f"start: {_token(tokenizer, self.MARKER)} {_json_terminal(schema)}")
 
 
 class Llama3JsonParser(ToolCallParser):
@@ -268,9 +275,8 @@ class Llama3JsonParser(ToolCallParser):
         return Parsed("", calls)
 
     def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
-        body = json.dumps(_call_schema(tools, "parameters"))
         start = 'start: call ("; " call)*' if parallel else "start: call"
-        return Grammar.lark(f"{start}\ncall: %json {body}")
+        return Grammar.lark(f"{start}\ncall: {_json_terminal(_call_schema(tools, 'parameters'))}")
 
 
 _GENERIC_CALLS = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')

@@ -15,6 +15,7 @@ from jaxrs.engine.sampling import SamplingParams
 from jaxrs.errors import JaxrsError
 from jaxrs.structured import Grammar
 from jaxrs.structured.generic_tools import generic_conversation
+from jaxrs.structured.grammar import GrammarError
 from jaxrs.structured.tool_calls import (
     PARSERS,
     GenericParser,
@@ -122,12 +123,17 @@ def tool_plan(
     parser.tool_names = frozenset(t["function"]["name"] for t in allowed)
     # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
     parallel = parallel is not False and not isinstance(tool_choice, dict)
-    if choice == "required":
-        grammar = parser.grammar(allowed, parallel, tokenizer)
-    elif isinstance(parser, GenericParser):  # its answers are always JSON: a call or a response
-        grammar = parser.answer_grammar(allowed, parallel)
-    else:
-        grammar = None
+    try:
+        if choice == "required":
+            grammar = parser.grammar(allowed, parallel, tokenizer)
+        elif isinstance(parser, GenericParser):  # its answers are always JSON: a call or a response
+            grammar = parser.answer_grammar(allowed, parallel)
+        else:
+            grammar = None
+    except GrammarError as e:
+        raise ToolError(f"tools: {e}", "tools") from None
+    except RecursionError:
+        raise ToolError("tools: a parameter schema is nested too deeply", "tools") from None
     return ToolPlan(tools, parser, grammar, forced=choice == "required")
 
 

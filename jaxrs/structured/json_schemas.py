@@ -1,0 +1,39 @@
+"""A JSON schema as a user brings it -> the schema llguidance compiles, with the same meaning.
+
+Boolean schemas (`true` is any value; llguidance takes objects only), keywords that constrain nothing
+(`uniqueItems: false`, or `true` where at most one item is allowed) dropped rather than refused, and
+numbers given an end (`jaxrs.structured.numbers`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxrs.structured.grammar import GrammarError
+from jaxrs.structured.numbers import bounded_numbers
+from jaxrs.structured.subschemas import map_subschemas
+
+
+def _vacuous_unique_items(schema: dict[str, Any]) -> bool:
+    value = schema.get("uniqueItems")
+    most = schema.get("maxItems")
+    return value is False or (value is True and isinstance(most, int) and most <= 1)
+
+
+def _without_vacuous_keywords(schema: Any, keyword: str = "") -> Any:
+    if not isinstance(schema, dict):
+        return schema
+    out = map_subschemas(schema, _without_vacuous_keywords)
+    if _vacuous_unique_items(out):
+        del out["uniqueItems"]
+    return out
+
+
+def prepared_schema(schema: dict[str, Any] | bool) -> dict[str, Any]:
+    """`schema` ready for llguidance; raises GrammarError for `false`, which nothing matches."""
+    if schema is False:
+        raise GrammarError("the schema false matches nothing")
+    try:
+        return bounded_numbers(_without_vacuous_keywords({} if schema is True else schema))
+    except RecursionError:
+        raise GrammarError("the schema is nested too deeply") from None
