@@ -30,3 +30,5 @@ async def read_json(request: Request, schema: type[T]) -> T:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     except UnicodeDecodeError as e:  # msgspec checks UTF-8 only while building a str
         raise APIError(400, f"the request body is not valid UTF-8 ({e.reason} in a string)") from None
+    except RecursionError:  # a schema (or any value) nested past Python's recursion limit
+        raise APIError(400, "the request body is nested too deeply") from None

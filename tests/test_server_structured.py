@@ -189,3 +189,16 @@ def test_bad_constraints_are_400s_naming_the_field(oai, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(model="m", max_tokens=4, **known, extra_body=others)
     assert caught.value.body["param"] == param, caught.value.body
+
+
+@pytest.mark.parametrize("depth", [300, 900, 5000])
+def test_a_deeply_nested_schema_is_a_400(llm, depth):
+    schema = '{"type": "array", "items": ' * depth + "{}" + "}" * depth
+    body = '{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, '
+    body += (
+        '"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": ' + schema + "}}}"
+    )
+    with TestClient(create_app(llm, served_model_name="m")) as client:
+        out = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert out.status_code == 400, out.text  # llguidance's own limit, then ours (a 500 before)
+    assert depth < 900 or "nested too deeply" in out.json()["error"]["message"]

@@ -22,6 +22,7 @@ import numpy as np
 from jaxrs.structured.grammar import Grammar, GrammarError
 from jaxrs.structured.json_schemas import prepared_schema
 from jaxrs.structured.numbers import any_json_object
+from jaxrs.structured.regexes import ascii_classes
 from jaxrs.tokenizer import Tokenizer
 
 MAX_CACHED_GRAMMARS = 256  # compiled grammar texts kept, by their source
@@ -41,6 +42,8 @@ def grammar_text(grammar: Grammar) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
         if kind == "choice":
             return llguidance.grammar_from("choice", json.dumps(list(value)))
+        if kind == "regex":
+            value = ascii_classes(value)
         if kind == "grammar":  # GBNF defines its rules with "::="; anything else is Lark
             kind = "gbnf" if GBNF_RULE.search(value) else "lark"
         return llguidance.grammar_from(kind, value)

@@ -1,8 +1,9 @@
 """A JSON schema as a user brings it -> the schema llguidance compiles, with the same meaning.
 
 Boolean schemas (`true` is any value; llguidance takes objects only), keywords that constrain nothing
-(`uniqueItems: false`, or `true` where at most one item is allowed) dropped rather than refused, and
-numbers given an end (`jaxrs.structured.numbers`).
+(`uniqueItems: false`, or `true` where at most one item is allowed) dropped rather than refused,
+patterns with ECMA-262's ASCII `\\d` and `\\w` (`jaxrs.structured.regexes`), and numbers given an end
+(`jaxrs.structured.numbers`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from jaxrs.structured.grammar import GrammarError
 from jaxrs.structured.numbers import bounded_numbers
+from jaxrs.structured.regexes import ascii_classes
 from jaxrs.structured.subschemas import map_subschemas
 
 
@@ -20,12 +22,17 @@ def _vacuous_unique_items(schema: dict[str, Any]) -> bool:
     return value is False or (value is True and isinstance(most, int) and most <= 1)
 
 
-def _without_vacuous_keywords(schema: Any, keyword: str = "") -> Any:
+def _as_meant(schema: Any, keyword: str = "") -> Any:
+    """`schema` with its vacuous keywords dropped and its patterns read as ECMA-262 reads them."""
     if not isinstance(schema, dict):
         return schema
-    out = map_subschemas(schema, _without_vacuous_keywords)
+    out = map_subschemas(schema, _as_meant)
     if _vacuous_unique_items(out):
         del out["uniqueItems"]
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = ascii_classes(out["pattern"])
+    if isinstance(out.get("patternProperties"), dict):
+        out["patternProperties"] = {ascii_classes(k): v for k, v in out["patternProperties"].items()}
     return out
 
 
@@ -34,6 +41,6 @@ def prepared_schema(schema: dict[str, Any] | bool) -> dict[str, Any]:
     if schema is False:
         raise GrammarError("the schema false matches nothing")
     try:
-        return bounded_numbers(_without_vacuous_keywords({} if schema is True else schema))
+        return bounded_numbers(_as_meant({} if schema is True else schema))
     except RecursionError:
         raise GrammarError("the schema is nested too deeply") from None
