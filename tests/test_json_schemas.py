@@ -287,3 +287,35 @@ def test_boolean_schemas_and_keywords_that_constrain_nothing():
     assert prepared_schema({**loose, "uniqueItems": True})["uniqueItems"] is True
     data = {"const": {"uniqueItems": False}, "type": "object"}
     assert prepared_schema(data) == data
+
+
+TOOL_PARAMETERS = [
+    "formats",
+    "ref and $defs",
+    "exclusive number bounds",
+    "names needing escapes",
+    "pydantic model",
+]
+
+
+@pytest.mark.parametrize("parser", ["hermes", "mistral", "llama3_json", "generic"])
+def test_forced_tool_calls_with_user_parameters_validate(llm, parser):
+    """`tool_choice` "required" in each call format, the parameters taken from the schemas above (named
+    calls share the grammar): every whole call's arguments validate against the parameters given."""
+    from jaxrs.structured.tools import answer_calls, tool_plan
+
+    tools = [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": SUPPORTED[n]}}
+        for i, n in enumerate(TOOL_PARAMETERS)
+    ]
+    plan = tool_plan(llm.tokenizer, tools, "required", None, parser)
+    params = [SamplingParams(max_tokens=160, temperature=1.0, seed=s, grammar=plan.grammar) for s in range(6)]
+    calls = [
+        c
+        for o in llm.generate(["x"] * 6, params, use_tqdm=False)
+        for c in answer_calls(plan, o.text, o.finish_reason)[1] or []
+    ]
+    assert calls
+    for call in calls:
+        parameters = SUPPORTED[TOOL_PARAMETERS[int(call["function"]["name"][1:])]]
+        assert not schema_errors(json.loads(call["function"]["arguments"]), parameters), call

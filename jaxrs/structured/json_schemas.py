@@ -2,14 +2,15 @@
 
 Boolean schemas (`true` is any value; llguidance takes objects only), keywords that constrain nothing
 (`uniqueItems: false`, or `true` where at most one item is allowed) dropped rather than refused,
-patterns with ECMA-262's ASCII `\\d` and `\\w` (`jaxrs.structured.regexes`), and numbers given an end
-(`jaxrs.structured.numbers`).
+patterns with ECMA-262's ASCII `\\d` and `\\w` (`jaxrs.structured.regexes`), dates and times that
+keep the calendar (`jaxrs.structured.formats`), and numbers given an end (`jaxrs.structured.numbers`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from jaxrs.structured.formats import calendar_formats
 from jaxrs.structured.grammar import GrammarError
 from jaxrs.structured.numbers import bounded_numbers
 from jaxrs.structured.regexes import ascii_classes
@@ -31,6 +32,7 @@ def _as_meant(schema: Any, keyword: str = "") -> Any:
         del out["uniqueItems"]
     if isinstance(out.get("pattern"), str):
         out["pattern"] = ascii_classes(out["pattern"])
+    out = calendar_formats(out)
     if isinstance(out.get("patternProperties"), dict):
         out["patternProperties"] = {ascii_classes(k): v for k, v in out["patternProperties"].items()}
     return out
