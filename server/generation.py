@@ -22,7 +22,7 @@ from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
 from server.sampling import param_of
-from server.schemas import PromptLogprob
+from server.schemas import PromptLogprob, SamplingFields
 
 
 def check_prompt(
@@ -80,9 +80,17 @@ async def score_prompts(
     return out
 
 
-def check_prompt_logprobs(top: int | None, stream: bool) -> None:
-    if top is not None and stream:
-        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+def check_stream_fields(req: SamplingFields) -> None:
+    """vLLM's checks of the fields that depend on `stream`: `stream_options` only with `stream: true`, and
+    no prompt_logprobs above 0 with it (its stream has nowhere to put them; 0 asks for nothing)."""
+    if req.stream_options is not None and req.stream_options.given and not req.stream:
+        raise APIError(400, "stream_options can only be given with stream: true", param="stream_options")
+    if req.stream and req.prompt_logprobs:
+        raise APIError(
+            400,
+            "prompt_logprobs are not available with stream: true (as in vLLM); ask without streaming",
+            param="prompt_logprobs",
+        )
 
 
 def prompt_entries(

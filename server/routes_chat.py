@@ -29,7 +29,7 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
-    check_prompt_logprobs,
+    check_stream_fields,
     collect,
     generate_all,
     prompt_entries,
@@ -224,6 +224,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
     choices: Choices | None = None
     try:
         req = await read_json(request, ChatCompletionRequest)
+        check_stream_fields(req)
         record.model, record.stream = ctx.check_model(req.model), req.stream
         messages, sources = conversation(req.messages, image_marker(ctx))
         record.prompt = messages
@@ -249,9 +250,8 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         check_capacity(driver, 1)
         if req.prompt_logprobs is not None and placed is not None:
             raise APIError(400, "prompt_logprobs cannot score a prompt with images", param="prompt_logprobs")
-        check_prompt_logprobs(req.prompt_logprobs, req.stream)
         scored = None
-        if req.prompt_logprobs is not None:
+        if req.prompt_logprobs is not None and not req.stream:  # a stream takes only 0: nothing to send
             top = req.prompt_logprobs
             scores = await score_prompts(driver, [ids], max(top, 1), params.lora, "prompt_logprobs")
             scored = prompt_entries(ctx.llm.engine, scores, top)

@@ -17,7 +17,7 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
-    check_prompt_logprobs,
+    check_stream_fields,
     collect,
     generate_all,
     prompt_entries,
@@ -88,6 +88,7 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
     choices: Choices | None = None
     try:
         req = await read_json(request, CompletionRequest)
+        check_stream_fields(req)
         record.model, record.stream = ctx.check_model(req.model), req.stream
         record.prompt = req.prompt
         texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
@@ -98,7 +99,6 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
-        check_prompt_logprobs(req.prompt_logprobs, req.stream)
         scored, prompt_scores = await _scored_prompts(ctx, req, list(ids), params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
@@ -136,7 +136,7 @@ async def _scored_prompts(
     `logprobs`, each prompt's own tokens with their log-probabilities (the first token has none) and the
     `logprobs` likeliest tokens at each; with `prompt_logprobs`, vLLM's entries (`prompt_entries`)."""
     echo = req.logprobs if req.echo and req.logprobs is not None else None
-    wanted = req.prompt_logprobs
+    wanted = None if req.stream else req.prompt_logprobs  # a stream takes only 0, which asks for nothing
     if echo is None and wanted is None:
         return None, None
     top = echo if wanted is None else max(echo or 0, wanted, 1)

@@ -36,7 +36,13 @@ class ChatMessage(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    """Unset fields stay UNSET, so `{}` (which vLLM takes without `stream`) is told from a set field."""
+
+    include_usage: bool | UnsetType = UNSET
+
+    @property
+    def given(self) -> bool:
+        return self.include_usage is not UNSET
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):

@@ -1,0 +1,91 @@
+"""The generation routes' stream-dependent checks as vLLM makes them, and min_tokens under a grammar that
+can only end, through the official openai client on the tiny byte-level model (fast)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from litestar.testing import TestClient
+
+from server import create_app
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+ASK = [{"role": "user", "content": "yes or no?"}]
+
+
+@pytest.fixture(scope="module")
+def client(structured_llm):
+    with TestClient(create_app(structured_llm, served_model_name="m")) as c:
+        yield c
+    assert structured_llm.engine.blocks.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def oai(client):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def bodies(**fields) -> list[tuple[str, dict]]:
+    base = {"max_tokens": 2, "temperature": 0, **fields}
+    return [(CHAT, {"messages": ASK, **base}), (COMPLETIONS, {"prompt": "yes", **base})]
+
+
+def assert_400(r: httpx.Response, param: str) -> None:
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_stream_options_need_stream(client):
+    """vLLM: "Stream options can only be defined when stream=True"; an empty object is no option."""
+    for route, body in bodies(stream_options={"include_usage": True}):
+        assert_400(client.post(route, json=body), "stream_options")
+        assert_400(
+            client.post(route, json=body | {"stream_options": {"include_usage": False}}), "stream_options"
+        )
+        assert client.post(route, json=body | {"stream_options": {}}).status_code == 200
+        assert client.post(route, json=body | {"stream_options": None}).status_code == 200
+        assert client.post(route, json=body | {"stream": True}).status_code == 200
+
+
+def test_streamed_prompt_logprobs_are_refused_as_vllm_refuses_them(client, oai):
+    """vLLM refuses prompt_logprobs above 0 with stream (its chunks have no field for them) and takes 0."""
+    for route, body in bodies(prompt_logprobs=1, stream=True):
+        assert_400(client.post(route, json=body), "prompt_logprobs")
+    chunks = oai.completions.create(
+        model="m", prompt="yes", max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    chat = oai.chat.completions.create(
+        model="m", messages=ASK, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+    )
+    assert [c.choices[0].finish_reason for c in chat if c.choices][-1] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_under_a_grammar_that_can_only_end(oai, stream):
+    """The grammar wins: once it allows only EOS, the EOS min_tokens holds back is drawn anyway and ends
+    the answer (it used to draw token 0 over and over, text outside the grammar, until min_tokens)."""
+    out = oai.chat.completions.create(
+        model="m",
+        messages=ASK,
+        max_tokens=12,
+        temperature=0,
+        stream=stream,
+        extra_body={"guided_choice": ["yes", "no"], "min_tokens": 8},
+    )
+    if stream:
+        chunks = [c.choices[0] for c in out if c.choices]
+        text, reason = "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+    else:
+        text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+    assert (text, reason) in (("yes", "stop"), ("no", "stop"))
+    regex = oai.completions.create(
+        model="m",
+        prompt="x",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"guided_regex": "a+", "min_tokens": 5},
+    )
+    text = regex.choices[0].text  # where the grammar may go on, min_tokens still holds EOS back
+    assert set(text) == {"a"} and len(text) >= 5
