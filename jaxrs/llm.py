@@ -32,6 +32,7 @@ from jaxrs.lora.config import lora_options
 from jaxrs.lora.xlora_config import xlora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
+from jaxrs.prompt_inputs import Prompt, is_one_prompt, prompt_input
 from jaxrs.structured.tools import (
     answer_calls,
     template_message,
@@ -46,7 +47,6 @@ from jaxrs.vision.prompt import ImagePrompt
 log = logging.getLogger("jaxrs")
 
 Message = Mapping[str, object]
-Prompt = str | list[int]
 
 
 @dataclasses.dataclass
@@ -287,11 +287,18 @@ class LLM:
         images: Sequence[ImagePrompt | None] | None = None,
         lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results come back in prompt order. `images`:
-        each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them). `lora`: the
-        adapter every prompt runs with, or one per prompt (None: the base model)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for each prompt; results come back in prompt order. A prompt is text, token ids, or
+        vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, either with `"multi_modal_data":
+        {"image": PIL image or list}` (the text holding the model's image marker per image; see
+        `jaxrs.prompt_inputs`). `images`: each prompt's placed images (`jaxrs.vision.prompt.place_images`;
+        `chat` makes them). `lora`: the adapter every prompt runs with, or one per prompt (None: the base
+        model)."""
+        if is_one_prompt(prompts):
             prompts = [prompts]  # type: ignore[list-item]
+        vision = self.engine.model.vision
+        inputs = [prompt_input(p, self.tokenizer, vision, self.media) for p in prompts]
+        if images is not None:
+            inputs = [dataclasses.replace(x, images=im) for x, im in zip(inputs, images, strict=True)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -302,20 +309,19 @@ class LLM:
         elif self.engine.xlora is not None:  # an X-LoRA LLM runs X-LoRA unless told otherwise
             name = self.engine.xlora.name
             params_list = [p if p.lora else dataclasses.replace(p, lora=name) for p in params_list]
+        for x, p in zip(inputs, params_list, strict=True):
+            if x.images is not None and p.prompt_logprobs is not None:
+                raise JaxrsError("prompt_logprobs cannot score a prompt with images")
         requests = []
         try:
-            for k, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                requests.append(self.engine.add_request(ids, p, images=images[k] if images else None))
+            for x, p in zip(inputs, params_list, strict=True):
+                requests.append(self.engine.add_request(x.ids, p, images=x.images))
             self._run(requests, use_tqdm)
         finally:
             for r in requests:
                 if not r.finished:
                     self.engine.abort(r.request_id)
-        outputs = [
-            request_output(r, p if isinstance(p, str) else None)
-            for r, p in zip(requests, prompts, strict=True)
-        ]
+        outputs = [request_output(r, x.text) for r, x in zip(requests, inputs, strict=True)]
         for request, output in zip(requests, outputs, strict=True):
             seqs = sorted(request.seqs, key=lambda s: s.index)
             if (top := seqs[0].params.prompt_logprobs) is not None:
@@ -434,8 +440,8 @@ class LLM:
 
     def score(
         self,
-        prompts: Sequence[Prompt],
-        continuations: Sequence[Prompt],
+        prompts: Sequence[str | list[int]],
+        continuations: Sequence[str | list[int]],
         *,
         lora: str | Sequence[str | None] | None = None,
     ) -> list[list[float]]:
