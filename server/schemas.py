@@ -226,10 +226,16 @@ class Completion(msgspec.Struct):
 
 
 class ModelCard(msgspec.Struct):
+    """A served model (vLLM's card: `root` the model's source, `max_model_len` its context) or a LoRA
+    adapter (`parent` the base model's served name, `root` the adapter's path)."""
+
     id: str
     created: int
     owned_by: str = "jaxrs"
     object: Literal["model"] = "model"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(msgspec.Struct):
