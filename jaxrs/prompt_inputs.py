@@ -1,6 +1,7 @@
 """The prompt shapes `LLM.generate` takes, vLLM's among them: a string, a list of token ids, a `TextPrompt`
 (`{"prompt": text}`) or a `TokensPrompt` (`{"prompt_token_ids": ids}`), either dict with
-`multi_modal_data={"image": image or [images]}` for a vision-language model. Text is tokenized as a plain
+`multi_modal_data={"image": image or [images]}` for a vision-language model (a `TokensPrompt` may carry
+its `prompt` text too: the ids are fed, the text reported). Text is tokenized as a plain
 prompt is (the tokenizer's BOS added); each image needs its place in the prompt, the model's marker
 (`<image>`, `<|image_1|>`) in the text or the marker's token ids in the ids, as vLLM's prompts do."""
 
@@ -40,8 +41,8 @@ def prompt_input(
     prompt: Prompt, tokenizer: Any, vision: VisionModel | None, policy: MediaPolicy
 ) -> PromptInput:
     """`prompt` tokenized, its images (if any) loaded, preprocessed and placed. Raises JaxrsError naming
-    what is wrong: an unknown key, both or neither of text and ids, images for a text-only model, images
-    without their markers."""
+    what is wrong: an unknown key, neither text nor ids, images for a text-only model, images without
+    their markers."""
     if isinstance(prompt, str):
         return PromptInput(prompt, tokenizer.encode(prompt))
     if not isinstance(prompt, Mapping):
@@ -50,17 +51,17 @@ def prompt_input(
     if unknown:
         raise JaxrsError(f"unsupported prompt keys {unknown} (supported: {', '.join(PROMPT_KEYS)})")
     text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-    if (text is None) == (ids is None):
-        raise JaxrsError("a prompt dict holds either 'prompt' (text) or 'prompt_token_ids', not both")
+    if text is None and ids is None:
+        raise JaxrsError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
     sources = _image_sources(prompt.get("multi_modal_data"))
-    if not sources:
-        return PromptInput(text, tokenizer.encode(text)) if ids is None else PromptInput(None, list(ids))
+    if not sources:  # ids win over text, which a TokensPrompt may carry beside them to be reported
+        return PromptInput(text, tokenizer.encode(text)) if ids is None else PromptInput(text, list(ids))
     if vision is None:
         raise ImageError("multi_modal_data holds images; this model is text-only")
     images = load_images(sources, vision, policy)
     if ids is not None:
         marker_ids = tokenizer.encode(vision.marker, add_special_tokens=False)
-        return PromptInput(None, *place_images(list(ids), marker_ids, images))
+        return PromptInput(text, *place_images(list(ids), marker_ids, images))
     return PromptInput(text, *_text_with_images(tokenizer, text, vision, images))
 
 

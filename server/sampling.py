@@ -52,6 +52,8 @@ def sampling_params(
     `server.structured`) are already resolved per endpoint."""
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:  # OpenAI's and vLLM's int64
+        raise APIError(400, f"seed must be a 64-bit integer, not {req.seed}", param="seed")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
         raise APIError(
             400,

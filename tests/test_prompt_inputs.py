@@ -82,8 +82,7 @@ def test_bad_prompts_name_the_problem(llava):
     image = random_image(10, 10)
     cases = [
         ({"text": "w5"}, "unsupported prompt keys"),
-        ({"prompt": "w5", "prompt_token_ids": [5]}, "either"),
-        ({}, "either"),
+        ({}, "needs"),
         ({"prompt": "w5", "multi_modal_data": {"video": 1}}, "multi_modal_data"),
         ({"prompt": "w5", "multi_modal_data": {"image": image}}, "text-only"),
     ]
@@ -91,6 +90,8 @@ def test_bad_prompts_name_the_problem(llava):
         with pytest.raises(JaxrsError, match=words):
             prompt_input(prompt, tokenizer, None, policy)
     assert prompt_input({"prompt": "w5 w6"}, tokenizer, None, policy).ids == [5, 6]
+    both = prompt_input({"prompt": "w5", "prompt_token_ids": [7]}, tokenizer, None, policy)
+    assert (both.text, both.ids) == ("w5", [7])  # vLLM's TokensPrompt: the ids fed, the text reported
     assert is_one_prompt({"prompt": "x"}) and is_one_prompt("x") and is_one_prompt([1, 2])
     assert not is_one_prompt([{"prompt": "x"}]) and not is_one_prompt([[1, 2]]) and not is_one_prompt([])
     assert np.array_equal(prompt_input([5, 6], tokenizer, None, policy).ids, [5, 6])

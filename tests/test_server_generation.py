@@ -89,3 +89,10 @@ def test_min_tokens_under_a_grammar_that_can_only_end(oai, stream):
     )
     text = regex.choices[0].text  # where the grammar may go on, min_tokens still holds EOS back
     assert set(text) == {"a"} and len(text) >= 5
+
+
+def test_seed_is_a_64_bit_integer(client):
+    """vLLM (and OpenAI) take seeds in int64, negative ones included; a larger one is a 400."""
+    for route, body in bodies(temperature=1.0):
+        assert client.post(route, json=body | {"seed": -(2**63)}).status_code == 200
+        assert_400(client.post(route, json=body | {"seed": 2**63}), "seed")
