@@ -34,7 +34,9 @@ _PARAMS = {
     "prompt_logprobs": "prompt_logprobs",
 }
 
-MAX_N = 16  # samples per request: each is a full sequence in the batch
+# Samples per request (OpenAI's bound; vLLM sets none): each is a sequence of its own, and the scheduler
+# runs them max_num_seqs at a time, so a large n waits rather than fails.
+MAX_N = 128
 MAX_TEMPERATURE = 2.0  # OpenAI's bound (far above it, sampling is noise)
 INT32_MAX = 2**31 - 1  # the engine packs top_k into int32; any top_k >= the vocabulary means "off"
 

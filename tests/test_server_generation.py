@@ -96,3 +96,14 @@ def test_seed_is_a_64_bit_integer(client):
     for route, body in bodies(temperature=1.0):
         assert client.post(route, json=body | {"seed": -(2**63)}).status_code == 200
         assert_400(client.post(route, json=body | {"seed": 2**63}), "seed")
+
+
+def test_n_beyond_max_num_seqs_is_served(oai, structured_llm):
+    """n above max_num_seqs (8 here) runs its samples in turns, as vLLM serves it (it was a 400 above 16);
+    above OpenAI's 128 it is a 400."""
+    out = oai.completions.create(
+        model="m", prompt="yes", max_tokens=3, temperature=1.0, seed=1, n=20, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in out.choices] == list(range(20)) and out.usage.completion_tokens == 60
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        oai.completions.create(model="m", prompt="yes", max_tokens=3, n=129)
