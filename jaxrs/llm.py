@@ -5,6 +5,7 @@ A list of prompts runs as one continuous batch on the engine; results come back 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +62,12 @@ class CompletionOutput:
     # `chat` with tools: the calls made, as OpenAI's {id, type, function: {name, arguments}} (then
     # `text` is the text outside them); None when none were made
     tool_calls: list[dict] | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (not EOS)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the chosen tokens' log-probabilities (None unless logprobs were asked)."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
 
 
 @dataclasses.dataclass
@@ -107,6 +114,7 @@ def request_output(request: Request, prompt: str | None) -> RequestOutput:
             list(s.output_ids),
             s.finish_reason or "abort",
             list(s.logprobs) if s.params.logprobs is not None else None,
+            stop_reason=s.stop_reason,
         )
         for s in seqs
     ]
@@ -362,8 +370,12 @@ class LLM:
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool | None = None,
         tool_call_parser: str | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, object] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate. A
+        """Apply the model's chat template (or `chat_template`, a Jinja template, as vLLM's `LLM.chat`
+        takes one) to one conversation or a list of them, then generate; `chat_template_kwargs` are
+        more template variables (e.g. `enable_thinking`). A
         message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
         (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
         "image", "image": PIL.Image}`, or a PIL image itself). `lora`: the adapter every conversation
@@ -378,18 +390,23 @@ class LLM:
         template that renders no tools gets the generic one (tools described in the system turn, the
         answer one JSON object held to a call or a `response`)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        plan = tool_plan(self.tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
+        tokenizer = self.tokenizer
+        if chat_template is not None:  # a copy, so the model's own template stays for other calls
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = chat_template
+        plan = tool_plan(tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
         params = tool_params(plan, sampling_params or SamplingParams())
         vision = self.engine.model.vision
         inputs = [
             chat_inputs(
-                self.tokenizer,
+                tokenizer,
                 vision,
-                tool_conversation(self.tokenizer, plan, [template_message(dict(m)) for m in c]),
+                tool_conversation(tokenizer, plan, [template_message(dict(m)) for m in c]),
                 self.media,
                 add_generation_prompt=add_generation_prompt,
                 tools=plan.template_tools if plan else None,
                 continue_final_message=continue_final_message,
+                template_variables=chat_template_kwargs,
             )
             for c in conversations
         ]

@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Request, Response, post
 from msgspec import UNSET
 
+from jaxrs.chat_template import extra_template_variables
 from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
 from jaxrs.errors import JaxrsError
@@ -60,15 +61,6 @@ from server.xlora import xlora_scalings
 ROUTE = "/v1/chat/completions"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
-# What the server itself gives the chat template (chat_template_kwargs adds other variables).
-_TEMPLATE_ARGUMENTS = {
-    "messages",
-    "tools",
-    "add_generation_prompt",
-    "continue_final_message",
-    "bos_token",
-    "eos_token",
-}
 
 
 def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
@@ -172,16 +164,17 @@ def prompt_text(
             "continue_final_message needs add_generation_prompt: false",
             param="continue_final_message",
         )
-    taken = sorted(_TEMPLATE_ARGUMENTS & set(req.chat_template_kwargs or {}))
-    if taken:
-        raise APIError(400, f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
+    try:
+        variables = extra_template_variables(req.chat_template_kwargs)
+    except JaxrsError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
     try:
         return ctx.chat_tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=req.add_generation_prompt,
             tools=tools,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            **variables,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None

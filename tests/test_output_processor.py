@@ -122,3 +122,14 @@ def test_no_stop_string_before_min_tokens(processor):
     eos = sequence(processor, stop_token_ids=[6], min_tokens=2, max_tokens=10)
     assert feed(processor, eos, [EOS]) == ["stop"]
     assert feed(processor, sequence(processor, stop_token_ids=[6], min_tokens=2), [6]) == ["stop"]
+
+
+def test_stop_reason_names_the_stop_token_or_string(processor):
+    """vLLM's stop_reason: the stop token id or the stop string that ended the output; None for EOS."""
+    by_token = sequence(processor, stop_token_ids=[6])
+    feed(processor, by_token, [5, 6])
+    by_string = sequence(processor, stop=["w7"])
+    feed(processor, by_string, [5, 7])
+    by_eos = sequence(processor, stop_token_ids=[6])
+    feed(processor, by_eos, [5, EOS])
+    assert (by_token.stop_reason, by_string.stop_reason, by_eos.stop_reason) == (6, "w7", None)

@@ -74,6 +74,7 @@ class OutputProcessor:
             seq.logprobs.append(logprob)
         may_stop = len(seq.output_ids) >= p.min_tokens  # vLLM's: no stop string before min_tokens tokens
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            seq.stop_reason = token if token in p.stop_token_ids else None
             if p.include_stop_str_in_output:
                 seq.text += seq.detokenizer.push(token)
             self.flush(seq)
@@ -84,6 +85,7 @@ class OutputProcessor:
             at = seq.text.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
                 seq.text = seq.text[: at + len(stop) if p.include_stop_str_in_output else at]
+                seq.stop_reason = stop
                 return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self.flush(seq)
