@@ -359,7 +359,8 @@ def apply_token_limits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> 
     """In rows that list allowed tokens, every other token becomes -inf; then banned tokens (while the
     token index `step` is below the ban's end) do too, unless that would leave the row nothing to draw:
     there the bans yield. A grammar that can only end (EOS alone allowed) under min_tokens therefore
-    ends the output rather than drawing a token it forbids (`Engine._append` lets that EOS stop)."""
+    ends the output rather than drawing a token it forbids (a stop token ends the output however early:
+    `OutputProcessor.append_token`)."""
     rows = jnp.arange(logits.shape[0])[:, None]
     if flags.allowed:
         listed = jnp.zeros(logits.shape, bool).at[rows, batch["allowed_ids"]].set(True, mode="drop")
