@@ -193,6 +193,7 @@ class ChoiceState:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class Choices:
@@ -212,6 +213,7 @@ class Choices:
             state.token_ids += u.token_ids
             state.logprobs += u.logprobs
             state.finish_reason = u.finish_reason or state.finish_reason
+            state.stop_reason = u.stop_reason if u.finish_reason else state.stop_reason
             touched.append((index, u))
         return touched
 

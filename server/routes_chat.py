@@ -285,6 +285,7 @@ def _completion(
             i,
             *assistant_message("".join(s.text), s.finish_reason, plan),
             chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
+            s.stop_reason,
         )
         for i, s in enumerate(choices.states)
     ]
@@ -332,7 +333,8 @@ async def _stream(
                     for d in tool_deltas:
                         yield chunk([ChatChunkChoice(index, Delta(tool_calls=[_tool_delta(d)]))])
                     if reason:
-                        yield chunk([ChatChunkChoice(index, Delta(), finish_reason=reason)])
+                        ended = ChatChunkChoice(index, Delta(), reason, stop_reason=u.stop_reason)
+                        yield chunk([ended])
         if include_usage:
             total = record.prompt_tokens + choices.completion_tokens
             yield chunk([], Usage(record.prompt_tokens, choices.completion_tokens, total))

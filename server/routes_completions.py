@@ -180,7 +180,8 @@ def _completion(
                 ctx.llm.tokenizer, s.logprobs, top=req.logprobs, offset=len(echoes[i])
             )
             logprobs = _joined(echoed[i] if echoed else None, logprobs)
-        out.append(CompletionChoice(i, echoes[i] + "".join(s.text), s.finish_reason, logprobs))
+        text = echoes[i] + "".join(s.text)
+        out.append(CompletionChoice(i, text, s.finish_reason, logprobs, stop_reason=s.stop_reason))
     tokens = choices.completion_tokens
     usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
     return Completion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage=usage)
@@ -218,7 +219,8 @@ async def _stream(
                     if u.text or logprobs:
                         yield chunk([CompletionChoice(index, u.text, None, logprobs)])
                     if u.finish_reason:
-                        yield chunk([CompletionChoice(index, "", u.finish_reason)])
+                        ended = CompletionChoice(index, "", u.finish_reason, stop_reason=u.stop_reason)
+                        yield chunk([ended])
         if include_usage:
             tokens = choices.completion_tokens
             yield chunk([], Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens))

@@ -146,6 +146,7 @@ class ChatChoice(msgspec.Struct):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it (not EOS)
 
 
 class PromptLogprob(msgspec.Struct):
@@ -183,6 +184,7 @@ class ChatChunkChoice(msgspec.Struct):
     delta: Delta
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):
@@ -211,6 +213,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: CompletionLogprobs | None = None
     # vLLM's: None for the first prompt token, then {token id: entry} for the prompt token and the top N
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = UNSET
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it (not EOS)
 
 
 class Completion(msgspec.Struct):

@@ -107,3 +107,23 @@ def test_n_beyond_max_num_seqs_is_served(oai, structured_llm):
     assert [c.index for c in out.choices] == list(range(20)) and out.usage.completion_tokens == 60
     with pytest.raises(openai.BadRequestError, match="n must be"):
         oai.completions.create(model="m", prompt="yes", max_tokens=3, n=129)
+
+
+def test_choices_carry_vllms_stop_reason(client, oai):
+    """vLLM's `stop_reason` in each choice: the stop string or stop token id that ended it; null otherwise."""
+    free = oai.completions.create(model="m", prompt="yes", max_tokens=6, temperature=0)
+    assert free.choices[0].model_extra["stop_reason"] is None
+    stop = free.choices[0].text[1:3]
+    cut = oai.completions.create(model="m", prompt="yes", max_tokens=6, temperature=0, stop=[stop])
+    assert cut.choices[0].model_extra["stop_reason"] == stop
+    streamed = oai.completions.create(
+        model="m", prompt="yes", max_tokens=6, temperature=0, stop=[stop], stream=True
+    )
+    assert [c.choices[0].model_extra.get("stop_reason") for c in streamed if c.choices][-1] == stop
+    every = list(range(structured_llm_vocab(client)))  # whatever comes first is a stop token
+    chat = client.post(CHAT, json={"messages": ASK, "max_tokens": 4, "stop_token_ids": every}).json()
+    assert chat["choices"][0]["stop_reason"] in every and chat["usage"]["completion_tokens"] == 1
+
+
+def structured_llm_vocab(client) -> int:
+    return client.app.state.ctx.llm.engine.vocab_size
