@@ -121,6 +121,24 @@ def request_output(request: Request, prompt: str | None) -> RequestOutput:
     return RequestOutput(request.request_id, prompt, seqs[0].prompt_ids, outputs, seqs[0].num_cached_tokens)
 
 
+def requested_adapters(llm: LLM, requests: object) -> str | list[str | None] | None:
+    """vLLM's `lora_request` (a `LoRARequest`, anything with `lora_name` and `lora_path`, or one per
+    prompt) as adapter names; an adapter not loaded yet is loaded from its `lora_path` under its name."""
+    if requests is None:
+        return None
+    many = isinstance(requests, Sequence) and not isinstance(requests, str)
+    names: list[str | None] = []
+    for request in requests if many else [requests]:  # type: ignore[union-attr]
+        name = None if request is None else getattr(request, "lora_name", None)
+        if request is not None and not isinstance(name, str):
+            raise JaxrsError(f"lora_request must have a lora_name (vLLM's LoRARequest), not {request!r}")
+        path = getattr(request, "lora_path", None)
+        if name is not None and name not in llm.lora_adapters() and path:
+            llm.load_lora(name, str(path))
+        names.append(name)
+    return names if many else names[0]
+
+
 def per_prompt(lora: str | Sequence[str | None] | None, count: int) -> list[str | None]:
     """The adapter of each of `count` prompts: one name (or None) for all, or one per prompt."""
     names = [lora] * count if lora is None or isinstance(lora, str) else list(lora)
@@ -294,13 +312,19 @@ class LLM:
         use_tqdm: bool = True,
         images: Sequence[ImagePrompt | None] | None = None,
         lora: str | Sequence[str | None] | None = None,
+        lora_request: object = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt; results come back in prompt order. A prompt is text, token ids, or
         vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, either with `"multi_modal_data":
         {"image": PIL image or list}` (the text holding the model's image marker per image; see
         `jaxrs.prompt_inputs`). `images`: each prompt's placed images (`jaxrs.vision.prompt.place_images`;
         `chat` makes them). `lora`: the adapter every prompt runs with, or one per prompt (None: the base
-        model)."""
+        model); or vLLM's `lora_request` (`LoRARequest(name, id, path)`, or one per prompt: loaded from
+        its path on first use, see `requested_adapters`)."""
+        if lora_request is not None:
+            if lora is not None:
+                raise JaxrsError("give lora or lora_request, not both")
+            lora = requested_adapters(self, lora_request)
         if is_one_prompt(prompts):
             prompts = [prompts]  # type: ignore[list-item]
         vision = self.engine.model.vision
