@@ -22,7 +22,7 @@ from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
 from server.sampling import param_of
-from server.schemas import PromptLogprob, SamplingFields
+from server.schemas import PromptLogprob, SamplingFields, Usage
 
 
 def check_prompt(
@@ -91,6 +91,14 @@ def check_stream_fields(req: SamplingFields) -> None:
             "prompt_logprobs are not available with stream: true (as in vLLM); ask without streaming",
             param="prompt_logprobs",
         )
+
+
+def stream_usage(req: SamplingFields) -> tuple[bool, bool]:
+    """vLLM's stream_options as read: a last chunk with the usage (`include_usage`), and with it each
+    chunk's running usage of its choice (`continuous_usage_stats`, only beside `include_usage`)."""
+    options = req.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and bool(options and options.continuous_usage_stats)
 
 
 def prompt_entries(
@@ -216,6 +224,11 @@ class Choices:
             state.stop_reason = u.stop_reason if u.finish_reason else state.stop_reason
             touched.append((index, u))
         return touched
+
+    def running_usage(self, index: int, prompt_tokens: int) -> Usage:
+        """Choice `index`'s usage so far (vLLM's continuous usage: its prompt and its tokens)."""
+        tokens = len(self.states[index].token_ids)
+        return Usage(prompt_tokens, tokens, prompt_tokens + tokens)
 
     @property
     def completion_tokens(self) -> int:

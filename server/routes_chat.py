@@ -35,6 +35,7 @@ from server.generation import (
     generate_all,
     prompt_entries,
     score_prompts,
+    stream_usage,
     truncated,
 )
 from server.images import image_marker, load_request_images, place_request_images, template_messages
@@ -306,13 +307,15 @@ async def _stream(
 ) -> AsyncGenerator[bytes, None]:
     """Role chunks, content (or tool-call) chunks, a finish chunk per choice, the usage chunk if asked,
     [DONE]."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req)
     created, model = int(record.timestamp), record.model or ctx.served_name
     tokenizer = ctx.llm.tokenizer
     choices = Choices(1, req.n)
     calls = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None else None
 
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        if continuous and parts and usage is None:
+            usage = choices.running_usage(parts[0].index, record.prompt_tokens)
         return sse(
             ChatCompletionChunk(record.id, created, model, parts, usage=usage if include_usage else UNSET)
         )

@@ -22,6 +22,7 @@ from server.generation import (
     generate_all,
     prompt_entries,
     score_prompts,
+    stream_usage,
     truncated,
 )
 from server.logprobs import completion_logprobs, token_text
@@ -107,7 +108,8 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
         echoed = [scored[i // req.n] for i in range(len(ids) * req.n)] if scored else None
         if req.stream:
-            return event_stream(_stream(ctx, req, record, updates, echoes, echoed))
+            lens = [len(p) for p in ids]
+            return event_stream(_stream(ctx, req, record, updates, echoes, lens, echoed))
         choices = Choices(len(ids), req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
@@ -193,15 +195,19 @@ async def _stream(
     record: RequestRecord,
     updates: AsyncGenerator[tuple[int, RequestUpdate], None],
     echoes: list[str],
+    prompt_lens: list[int],
     echoed: list[CompletionLogprobs] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Echoed prompts first, then text chunks, a finish chunk per choice, usage if asked, [DONE]."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req)
     created, model = int(record.timestamp), record.model or ctx.served_name
     choices = Choices(len(echoes) // req.n, req.n)
     offsets = [len(e) for e in echoes]
 
     def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        if continuous and parts and usage is None:
+            index = parts[0].index
+            usage = choices.running_usage(index, prompt_lens[index // req.n])
         return sse(Completion(record.id, created, model, parts, usage=usage if include_usage else UNSET))
 
     try:

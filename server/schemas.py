@@ -39,10 +39,11 @@ class StreamOptions(msgspec.Struct):
     """Unset fields stay UNSET, so `{}` (which vLLM takes without `stream`) is told from a set field."""
 
     include_usage: bool | UnsetType = UNSET
+    continuous_usage_stats: bool | UnsetType = UNSET  # vLLM's: each chunk's running usage too
 
     @property
     def given(self) -> bool:
-        return self.include_usage is not UNSET
+        return self.include_usage is not UNSET or self.continuous_usage_stats is not UNSET
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):

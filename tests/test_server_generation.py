@@ -127,3 +127,24 @@ def test_choices_carry_vllms_stop_reason(client, oai):
 
 def structured_llm_vocab(client) -> int:
     return client.app.state.ctx.llm.engine.vocab_size
+
+
+def test_continuous_usage_stats_give_each_chunk_its_choices_running_usage(oai):
+    """vLLM's stream_options.continuous_usage_stats (beside include_usage): every chunk carries its choice's
+    usage so far; the last chunk the request's."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kwargs = dict(model="m", max_tokens=4, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = list(oai.completions.create(prompt=["yes", "no no"], stream_options=options, **kwargs))
+    running = [
+        (c.choices[0].index, c.usage.prompt_tokens, c.usage.completion_tokens) for c in chunks if c.choices
+    ]
+    assert {(i, tokens) for i, _, tokens in running if tokens == 4} == {(0, 4), (1, 4)}
+    prompt_counts = {i: {p for j, p, _ in running if j == i} for i in (0, 1)}  # each prompt's own count
+    assert len(prompt_counts[0]) == len(prompt_counts[1]) == 1 and prompt_counts[0] != prompt_counts[1]
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    chat = list(oai.chat.completions.create(messages=ASK, stream_options=options, n=2, **kwargs))
+    assert all(c.usage is not None for c in chat) and chat[-1].usage.completion_tokens == 8
+    plain = list(
+        oai.chat.completions.create(messages=ASK, stream_options={"continuous_usage_stats": True}, **kwargs)
+    )
+    assert all(c.usage is None for c in plain)  # only beside include_usage, as vLLM reads it
