@@ -150,6 +150,21 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
+# The variables a caller sets through its own arguments, which extra template variables may not replace.
+TEMPLATE_ARGUMENTS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token"}
+)
+
+
+def extra_template_variables(variables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """vLLM's `chat_template_kwargs` (e.g. `enable_thinking`), checked: one that would replace an argument
+    of its own (`TEMPLATE_ARGUMENTS`) raises JaxrsError naming it."""
+    taken = sorted(TEMPLATE_ARGUMENTS & set(variables or {}))
+    if taken:
+        raise JaxrsError(f"chat_template_kwargs may not set {taken[0]!r}")
+    return dict(variables or {})
+
+
 def render_chat_template(
     template: str,
     messages: Sequence[Any],

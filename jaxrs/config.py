@@ -76,7 +76,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
     attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
-    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: main
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: the main RoPE
+    rope_local_scaling: RopeScaling = RopeScaling()  # sliding layers' own scaling, with rope_local_theta
     rotary_dim: int | None = None  # RoPE rotates only the first `rotary_dim` dims of a head (Phi); None: all
     layer_norm: bool = False  # norms are LayerNorm (mean-centred, bias when the checkpoint has one)
     parallel_block: bool = False  # attention and MLP read one normalized input, both add to the residual
@@ -93,6 +94,11 @@ class ModelConfig:
         if self.sliding_window is None:
             return (False,) * self.num_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def rope_by_length(self) -> bool:
+        """Some layer's rotation depends on the sequence's length (`RopeScaling.by_length`)."""
+        return self.rope_scaling.by_length or self.rope_local_scaling.by_length
 
     @property
     def attention_scale(self) -> float:

@@ -5,6 +5,7 @@ A list of prompts runs as one continuous batch on the engine; results come back 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from jaxrs.lora.config import lora_options
 from jaxrs.lora.xlora_config import xlora_options
 from jaxrs.ops import Kernels
 from jaxrs.parallel.data_parallel import replicate, spare_trees
+from jaxrs.prompt_inputs import Prompt, is_one_prompt, prompt_input
 from jaxrs.structured.tools import (
     answer_calls,
     template_message,
@@ -46,7 +48,6 @@ from jaxrs.vision.prompt import ImagePrompt
 log = logging.getLogger("jaxrs")
 
 Message = Mapping[str, object]
-Prompt = str | list[int]
 
 
 @dataclasses.dataclass
@@ -61,6 +62,12 @@ class CompletionOutput:
     # `chat` with tools: the calls made, as OpenAI's {id, type, function: {name, arguments}} (then
     # `text` is the text outside them); None when none were made
     tool_calls: list[dict] | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (not EOS)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the chosen tokens' log-probabilities (None unless logprobs were asked)."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
 
 
 @dataclasses.dataclass
@@ -107,10 +114,29 @@ def request_output(request: Request, prompt: str | None) -> RequestOutput:
             list(s.output_ids),
             s.finish_reason or "abort",
             list(s.logprobs) if s.params.logprobs is not None else None,
+            stop_reason=s.stop_reason,
         )
         for s in seqs
     ]
     return RequestOutput(request.request_id, prompt, seqs[0].prompt_ids, outputs, seqs[0].num_cached_tokens)
+
+
+def requested_adapters(llm: LLM, requests: object) -> str | list[str | None] | None:
+    """vLLM's `lora_request` (a `LoRARequest`, anything with `lora_name` and `lora_path`, or one per
+    prompt) as adapter names; an adapter not loaded yet is loaded from its `lora_path` under its name."""
+    if requests is None:
+        return None
+    many = isinstance(requests, Sequence) and not isinstance(requests, str)
+    names: list[str | None] = []
+    for request in requests if many else [requests]:  # type: ignore[union-attr]
+        name = None if request is None else getattr(request, "lora_name", None)
+        if request is not None and not isinstance(name, str):
+            raise JaxrsError(f"lora_request must have a lora_name (vLLM's LoRARequest), not {request!r}")
+        path = getattr(request, "lora_path", None)
+        if name is not None and name not in llm.lora_adapters() and path:
+            llm.load_lora(name, str(path))
+        names.append(name)
+    return names if many else names[0]
 
 
 def per_prompt(lora: str | Sequence[str | None] | None, count: int) -> list[str | None]:
@@ -286,12 +312,25 @@ class LLM:
         use_tqdm: bool = True,
         images: Sequence[ImagePrompt | None] | None = None,
         lora: str | Sequence[str | None] | None = None,
+        lora_request: object = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results come back in prompt order. `images`:
-        each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them). `lora`: the
-        adapter every prompt runs with, or one per prompt (None: the base model)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for each prompt; results come back in prompt order. A prompt is text, token ids, or
+        vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, either with `"multi_modal_data":
+        {"image": PIL image or list}` (the text holding the model's image marker per image; see
+        `jaxrs.prompt_inputs`). `images`: each prompt's placed images (`jaxrs.vision.prompt.place_images`;
+        `chat` makes them). `lora`: the adapter every prompt runs with, or one per prompt (None: the base
+        model); or vLLM's `lora_request` (`LoRARequest(name, id, path)`, or one per prompt: loaded from
+        its path on first use, see `requested_adapters`)."""
+        if lora_request is not None:
+            if lora is not None:
+                raise JaxrsError("give lora or lora_request, not both")
+            lora = requested_adapters(self, lora_request)
+        if is_one_prompt(prompts):
             prompts = [prompts]  # type: ignore[list-item]
+        vision = self.engine.model.vision
+        inputs = [prompt_input(p, self.tokenizer, vision, self.media) for p in prompts]
+        if images is not None:
+            inputs = [dataclasses.replace(x, images=im) for x, im in zip(inputs, images, strict=True)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -302,20 +341,19 @@ class LLM:
         elif self.engine.xlora is not None:  # an X-LoRA LLM runs X-LoRA unless told otherwise
             name = self.engine.xlora.name
             params_list = [p if p.lora else dataclasses.replace(p, lora=name) for p in params_list]
+        for x, p in zip(inputs, params_list, strict=True):
+            if x.images is not None and p.prompt_logprobs is not None:
+                raise JaxrsError("prompt_logprobs cannot score a prompt with images")
         requests = []
         try:
-            for k, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                requests.append(self.engine.add_request(ids, p, images=images[k] if images else None))
+            for x, p in zip(inputs, params_list, strict=True):
+                requests.append(self.engine.add_request(x.ids, p, images=x.images))
             self._run(requests, use_tqdm)
         finally:
             for r in requests:
                 if not r.finished:
                     self.engine.abort(r.request_id)
-        outputs = [
-            request_output(r, p if isinstance(p, str) else None)
-            for r, p in zip(requests, prompts, strict=True)
-        ]
+        outputs = [request_output(r, x.text) for r, x in zip(requests, inputs, strict=True)]
         for request, output in zip(requests, outputs, strict=True):
             seqs = sorted(request.seqs, key=lambda s: s.index)
             if (top := seqs[0].params.prompt_logprobs) is not None:
@@ -356,8 +394,12 @@ class LLM:
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool | None = None,
         tool_call_parser: str | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, object] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate. A
+        """Apply the model's chat template (or `chat_template`, a Jinja template, as vLLM's `LLM.chat`
+        takes one) to one conversation or a list of them, then generate; `chat_template_kwargs` are
+        more template variables (e.g. `enable_thinking`). A
         message's content may be a list of parts: text (`{"type": "text", "text": ...}`) and images
         (`{"type": "image_url", "image_url": {"url": ...}}` with a data/http(s)/file URL, `{"type":
         "image", "image": PIL.Image}`, or a PIL image itself). `lora`: the adapter every conversation
@@ -372,18 +414,23 @@ class LLM:
         template that renders no tools gets the generic one (tools described in the system turn, the
         answer one JSON object held to a call or a `response`)."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        plan = tool_plan(self.tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
+        tokenizer = self.tokenizer
+        if chat_template is not None:  # a copy, so the model's own template stays for other calls
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = chat_template
+        plan = tool_plan(tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
         params = tool_params(plan, sampling_params or SamplingParams())
         vision = self.engine.model.vision
         inputs = [
             chat_inputs(
-                self.tokenizer,
+                tokenizer,
                 vision,
-                tool_conversation(self.tokenizer, plan, [template_message(dict(m)) for m in c]),
+                tool_conversation(tokenizer, plan, [template_message(dict(m)) for m in c]),
                 self.media,
                 add_generation_prompt=add_generation_prompt,
                 tools=plan.template_tools if plan else None,
                 continue_final_message=continue_final_message,
+                template_variables=chat_template_kwargs,
             )
             for c in conversations
         ]
@@ -434,8 +481,8 @@ class LLM:
 
     def score(
         self,
-        prompts: Sequence[Prompt],
-        continuations: Sequence[Prompt],
+        prompts: Sequence[str | list[int]],
+        continuations: Sequence[str | list[int]],
         *,
         lora: str | Sequence[str | None] | None = None,
     ) -> list[list[float]]:

@@ -31,6 +31,7 @@ from server.routes_health import health, metrics
 from server.routes_images import image_routes
 from server.routes_lora import runtime_lora_routes
 from server.routes_models import get_model, list_models
+from server.routes_tokenize import detokenize, tokenize
 
 log = logging.getLogger("jaxrs.server")
 
@@ -93,7 +94,8 @@ def create_app(
     images = image_routes(image_model, image_output_dir) if image_model is not None else []
     handlers = [*generation, embeddings, list_models, get_model, *images, *runtime_lora_routes(ctx)]
     v1 = Router("/v1", route_handlers=handlers, guards=guards)
-    admin = [Router("/", route_handlers=[re_isq], guards=guards)] if llm.generates else []  # /re_isq
+    root = [re_isq, tokenize, detokenize]  # /re_isq, and vLLM's /tokenize and /detokenize
+    admin = [Router("/", route_handlers=root, guards=guards)] if llm.generates else []
     app = Litestar(
         route_handlers=[v1, *admin, health, metrics],
         dependencies={"ctx": Provide(lambda: ctx, use_cache=True, sync_to_thread=False)},

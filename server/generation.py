@@ -22,7 +22,7 @@ from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
 from server.sampling import param_of
-from server.schemas import PromptLogprob
+from server.schemas import PromptLogprob, SamplingFields, Usage
 
 
 def check_prompt(
@@ -80,9 +80,25 @@ async def score_prompts(
     return out
 
 
-def check_prompt_logprobs(top: int | None, stream: bool) -> None:
-    if top is not None and stream:
-        raise APIError(400, "prompt_logprobs is not supported with stream", param="prompt_logprobs")
+def check_stream_fields(req: SamplingFields) -> None:
+    """vLLM's checks of the fields that depend on `stream`: `stream_options` only with `stream: true`, and
+    no prompt_logprobs above 0 with it (its stream has nowhere to put them; 0 asks for nothing)."""
+    if req.stream_options is not None and req.stream_options.given and not req.stream:
+        raise APIError(400, "stream_options can only be given with stream: true", param="stream_options")
+    if req.stream and req.prompt_logprobs:
+        raise APIError(
+            400,
+            "prompt_logprobs are not available with stream: true (as in vLLM); ask without streaming",
+            param="prompt_logprobs",
+        )
+
+
+def stream_usage(req: SamplingFields) -> tuple[bool, bool]:
+    """vLLM's stream_options as read: a last chunk with the usage (`include_usage`), and with it each
+    chunk's running usage of its choice (`continuous_usage_stats`, only beside `include_usage`)."""
+    options = req.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and bool(options and options.continuous_usage_stats)
 
 
 def prompt_entries(
@@ -185,6 +201,7 @@ class ChoiceState:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class Choices:
@@ -204,8 +221,14 @@ class Choices:
             state.token_ids += u.token_ids
             state.logprobs += u.logprobs
             state.finish_reason = u.finish_reason or state.finish_reason
+            state.stop_reason = u.stop_reason if u.finish_reason else state.stop_reason
             touched.append((index, u))
         return touched
+
+    def running_usage(self, index: int, prompt_tokens: int) -> Usage:
+        """Choice `index`'s usage so far (vLLM's continuous usage: its prompt and its tokens)."""
+        tokens = len(self.states[index].token_ids)
+        return Usage(prompt_tokens, tokens, prompt_tokens + tokens)
 
     @property
     def completion_tokens(self) -> int:

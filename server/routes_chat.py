@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Request, Response, post
 from msgspec import UNSET
 
+from jaxrs.chat_template import extra_template_variables
 from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
 from jaxrs.errors import JaxrsError
@@ -29,11 +30,12 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
-    check_prompt_logprobs,
+    check_stream_fields,
     collect,
     generate_all,
     prompt_entries,
     score_prompts,
+    stream_usage,
     truncated,
 )
 from server.images import image_marker, load_request_images, place_request_images, template_messages
@@ -60,15 +62,6 @@ from server.xlora import xlora_scalings
 ROUTE = "/v1/chat/completions"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _IMAGE_PARTS = {"image_url", "input_image", "image"}
-# What the server itself gives the chat template (chat_template_kwargs adds other variables).
-_TEMPLATE_ARGUMENTS = {
-    "messages",
-    "tools",
-    "add_generation_prompt",
-    "continue_final_message",
-    "bos_token",
-    "eos_token",
-}
 
 
 def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
@@ -172,16 +165,17 @@ def prompt_text(
             "continue_final_message needs add_generation_prompt: false",
             param="continue_final_message",
         )
-    taken = sorted(_TEMPLATE_ARGUMENTS & set(req.chat_template_kwargs or {}))
-    if taken:
-        raise APIError(400, f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs")
+    try:
+        variables = extra_template_variables(req.chat_template_kwargs)
+    except JaxrsError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
     try:
         return ctx.chat_tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=req.add_generation_prompt,
             tools=tools,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            **variables,
         )
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -224,6 +218,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
     choices: Choices | None = None
     try:
         req = await read_json(request, ChatCompletionRequest)
+        check_stream_fields(req)
         record.model, record.stream = ctx.check_model(req.model), req.stream
         messages, sources = conversation(req.messages, image_marker(ctx))
         record.prompt = messages
@@ -249,9 +244,8 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         check_capacity(driver, 1)
         if req.prompt_logprobs is not None and placed is not None:
             raise APIError(400, "prompt_logprobs cannot score a prompt with images", param="prompt_logprobs")
-        check_prompt_logprobs(req.prompt_logprobs, req.stream)
         scored = None
-        if req.prompt_logprobs is not None:
+        if req.prompt_logprobs is not None and not req.stream:  # a stream takes only 0: nothing to send
             top = req.prompt_logprobs
             scores = await score_prompts(driver, [ids], max(top, 1), params.lora, "prompt_logprobs")
             scored = prompt_entries(ctx.llm.engine, scores, top)
@@ -292,6 +286,7 @@ def _completion(
             i,
             *assistant_message("".join(s.text), s.finish_reason, plan),
             chat_logprobs(tokenizer, s.logprobs) if req.logprobs else None,
+            s.stop_reason,
         )
         for i, s in enumerate(choices.states)
     ]
@@ -312,13 +307,15 @@ async def _stream(
 ) -> AsyncGenerator[bytes, None]:
     """Role chunks, content (or tool-call) chunks, a finish chunk per choice, the usage chunk if asked,
     [DONE]."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req)
     created, model = int(record.timestamp), record.model or ctx.served_name
     tokenizer = ctx.llm.tokenizer
     choices = Choices(1, req.n)
     calls = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None else None
 
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        if continuous and parts and usage is None:
+            usage = choices.running_usage(parts[0].index, record.prompt_tokens)
         return sse(
             ChatCompletionChunk(record.id, created, model, parts, usage=usage if include_usage else UNSET)
         )
@@ -339,7 +336,8 @@ async def _stream(
                     for d in tool_deltas:
                         yield chunk([ChatChunkChoice(index, Delta(tool_calls=[_tool_delta(d)]))])
                     if reason:
-                        yield chunk([ChatChunkChoice(index, Delta(), finish_reason=reason)])
+                        ended = ChatChunkChoice(index, Delta(), reason, stop_reason=u.stop_reason)
+                        yield chunk([ended])
         if include_usage:
             total = record.prompt_tokens + choices.completion_tokens
             yield chunk([], Usage(record.prompt_tokens, choices.completion_tokens, total))

@@ -17,11 +17,12 @@ from server.generation import (
     Choices,
     check_capacity,
     check_prompt,
-    check_prompt_logprobs,
+    check_stream_fields,
     collect,
     generate_all,
     prompt_entries,
     score_prompts,
+    stream_usage,
     truncated,
 )
 from server.logprobs import completion_logprobs, token_text
@@ -88,6 +89,7 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
     choices: Choices | None = None
     try:
         req = await read_json(request, CompletionRequest)
+        check_stream_fields(req)
         record.model, record.stream = ctx.check_model(req.model), req.stream
         record.prompt = req.prompt
         texts, ids = zip(*prompts(ctx, req.prompt), strict=True)
@@ -98,7 +100,6 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         params = ctx.with_adapter(completion_params(ctx, req, list(ids)), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, len(ids))
-        check_prompt_logprobs(req.prompt_logprobs, req.stream)
         scored, prompt_scores = await _scored_prompts(ctx, req, list(ids), params.lora)
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
@@ -107,7 +108,8 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
         echoed = [scored[i // req.n] for i in range(len(ids) * req.n)] if scored else None
         if req.stream:
-            return event_stream(_stream(ctx, req, record, updates, echoes, echoed))
+            lens = [len(p) for p in ids]
+            return event_stream(_stream(ctx, req, record, updates, echoes, lens, echoed))
         choices = Choices(len(ids), req.n)
         await collect(request, updates, choices)
         ctx.log_request(record, choices)
@@ -136,7 +138,7 @@ async def _scored_prompts(
     `logprobs`, each prompt's own tokens with their log-probabilities (the first token has none) and the
     `logprobs` likeliest tokens at each; with `prompt_logprobs`, vLLM's entries (`prompt_entries`)."""
     echo = req.logprobs if req.echo and req.logprobs is not None else None
-    wanted = req.prompt_logprobs
+    wanted = None if req.stream else req.prompt_logprobs  # a stream takes only 0, which asks for nothing
     if echo is None and wanted is None:
         return None, None
     top = echo if wanted is None else max(echo or 0, wanted, 1)
@@ -180,7 +182,8 @@ def _completion(
                 ctx.llm.tokenizer, s.logprobs, top=req.logprobs, offset=len(echoes[i])
             )
             logprobs = _joined(echoed[i] if echoed else None, logprobs)
-        out.append(CompletionChoice(i, echoes[i] + "".join(s.text), s.finish_reason, logprobs))
+        text = echoes[i] + "".join(s.text)
+        out.append(CompletionChoice(i, text, s.finish_reason, logprobs, stop_reason=s.stop_reason))
     tokens = choices.completion_tokens
     usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
     return Completion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage=usage)
@@ -192,15 +195,19 @@ async def _stream(
     record: RequestRecord,
     updates: AsyncGenerator[tuple[int, RequestUpdate], None],
     echoes: list[str],
+    prompt_lens: list[int],
     echoed: list[CompletionLogprobs] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Echoed prompts first, then text chunks, a finish chunk per choice, usage if asked, [DONE]."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = stream_usage(req)
     created, model = int(record.timestamp), record.model or ctx.served_name
     choices = Choices(len(echoes) // req.n, req.n)
     offsets = [len(e) for e in echoes]
 
     def chunk(parts: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        if continuous and parts and usage is None:
+            index = parts[0].index
+            usage = choices.running_usage(index, prompt_lens[index // req.n])
         return sse(Completion(record.id, created, model, parts, usage=usage if include_usage else UNSET))
 
     try:
@@ -218,7 +225,8 @@ async def _stream(
                     if u.text or logprobs:
                         yield chunk([CompletionChoice(index, u.text, None, logprobs)])
                     if u.finish_reason:
-                        yield chunk([CompletionChoice(index, "", u.finish_reason)])
+                        ended = CompletionChoice(index, "", u.finish_reason, stop_reason=u.stop_reason)
+                        yield chunk([ended])
         if include_usage:
             tokens = choices.completion_tokens
             yield chunk([], Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens))

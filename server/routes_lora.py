@@ -21,17 +21,11 @@ from server.errors import APIError
 from server.schemas import ModelCard
 
 
-class AdapterCard(ModelCard):
-    """A LoRA adapter in /v1/models: `parent` is the base model's served name, `root` the adapter's path."""
-
-    parent: str | None = None
-    root: str | None = None
-
-
-def adapter_cards(ctx: ServerContext) -> list[AdapterCard]:
+def adapter_cards(ctx: ServerContext) -> list[ModelCard]:
+    """The LoRA adapters in /v1/models: `parent` the base model's served name, `root` the adapter's path."""
     names = adapter_names(ctx.llm)
     loaded = ctx.llm.engine.loras.loaded if names else {}
-    return [AdapterCard(n, ctx.created, parent=ctx.served_name, root=loaded[n].adapter.path) for n in names]
+    return [ModelCard(n, ctx.created, parent=ctx.served_name, root=loaded[n].adapter.path) for n in names]
 
 
 class LoadLoraRequest(msgspec.Struct):

@@ -34,7 +34,9 @@ _PARAMS = {
     "prompt_logprobs": "prompt_logprobs",
 }
 
-MAX_N = 16  # samples per request: each is a full sequence in the batch
+# Samples per request (OpenAI's bound; vLLM sets none): each is a sequence of its own, and the scheduler
+# runs them max_num_seqs at a time, so a large n waits rather than fails.
+MAX_N = 128
 MAX_TEMPERATURE = 2.0  # OpenAI's bound (far above it, sampling is noise)
 INT32_MAX = 2**31 - 1  # the engine packs top_k into int32; any top_k >= the vocabulary means "off"
 
@@ -52,6 +54,8 @@ def sampling_params(
     `server.structured`) are already resolved per endpoint."""
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:  # OpenAI's and vLLM's int64
+        raise APIError(400, f"seed must be a 64-bit integer, not {req.seed}", param="seed")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
         raise APIError(
             400,

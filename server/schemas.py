@@ -36,7 +36,14 @@ class ChatMessage(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    """Unset fields stay UNSET, so `{}` (which vLLM takes without `stream`) is told from a set field."""
+
+    include_usage: bool | UnsetType = UNSET
+    continuous_usage_stats: bool | UnsetType = UNSET  # vLLM's: each chunk's running usage too
+
+    @property
+    def given(self) -> bool:
+        return self.include_usage is not UNSET or self.continuous_usage_stats is not UNSET
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -140,6 +147,7 @@ class ChatChoice(msgspec.Struct):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it (not EOS)
 
 
 class PromptLogprob(msgspec.Struct):
@@ -177,6 +185,7 @@ class ChatChunkChoice(msgspec.Struct):
     delta: Delta
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):
@@ -205,6 +214,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: CompletionLogprobs | None = None
     # vLLM's: None for the first prompt token, then {token id: entry} for the prompt token and the top N
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = UNSET
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it (not EOS)
 
 
 class Completion(msgspec.Struct):
@@ -220,10 +230,16 @@ class Completion(msgspec.Struct):
 
 
 class ModelCard(msgspec.Struct):
+    """A served model (vLLM's card: `root` the model's source, `max_model_len` its context) or a LoRA
+    adapter (`parent` the base model's served name, `root` the adapter's path)."""
+
     id: str
     created: int
     owned_by: str = "jaxrs"
     object: Literal["model"] = "model"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(msgspec.Struct):

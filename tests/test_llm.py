@@ -116,3 +116,27 @@ def test_prompt_logprobs_score_the_prompt(llm):
         best = min(entry.values(), key=lambda lp: lp.rank)
         assert best.rank == 1 and len(entry) == (1 if entry[token].rank == 1 else 2)
     assert llm.generate(ids, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_logprobs is None
+
+
+def test_chat_takes_vllms_chat_template_and_its_kwargs(structured_llm):
+    """vLLM's `LLM.chat(..., chat_template=, chat_template_kwargs=)`: another template for this call only,
+    and more template variables; one that would replace an argument is refused by name."""
+    ask = [{"role": "user", "content": "hi"}]
+    template = "{{ greeting }}|{% for m in messages %}{{ m.content }}{% endfor %}|"
+    one = SamplingParams(temperature=0, max_tokens=1)
+    out = structured_llm.chat(ask, one, chat_template=template, chat_template_kwargs={"greeting": "yo"})
+    assert out[0].prompt_token_ids == structured_llm.tokenizer.encode("yo|hi|", add_special_tokens=False)
+    own = structured_llm.chat(ask, one)[0].prompt_token_ids
+    assert own == structured_llm.chat_prompt_ids(ask)  # the model's template is untouched
+    with pytest.raises(JaxrsError, match="'tools'"):
+        structured_llm.chat(ask, one, chat_template_kwargs={"tools": []})
+
+
+def test_completion_outputs_carry_vllms_stop_reason_and_cumulative_logprob(structured_llm):
+    free = structured_llm.generate("hello", SamplingParams(temperature=0, max_tokens=6, logprobs=0))[0]
+    out = free.outputs[0]
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    assert out.stop_reason is None and out.finish_reason == "length"
+    stop = free.text[2:4]
+    cut = structured_llm.generate("hello", SamplingParams(temperature=0, max_tokens=6, stop=[stop]))[0]
+    assert cut.outputs[0].stop_reason == stop and cut.outputs[0].cumulative_logprob is None

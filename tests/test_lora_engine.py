@@ -205,3 +205,26 @@ def test_fused_projections_split_as_peft_adapts_them(tmp_path):
     ref = peft_model(base, adapters)
     out = llm.generate([PROMPTS[0]], GREEDY, lora="fused", use_tqdm=False)[0]
     assert_matches(out, peft_greedy(ref, PROMPTS[0], "fused"))
+
+
+def test_vllms_lora_request_loads_and_names_adapters(models):
+    """vLLM's `generate(..., lora_request=LoRARequest(name, id, path))`: the adapter is loaded from its path
+    on first use (runtime LoRA) and the output is `lora=name`'s; one request per prompt works too."""
+    base, adapters = models
+    llm = LLM(str(base), enable_runtime_lora=True, max_loras=2, max_lora_rank=8, kv_cache_dtype="float32")
+
+    class LoRARequest:  # vLLM's fields
+        def __init__(self, lora_name: str, lora_int_id: int, lora_path: str):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    name, path = next(iter(adapters.items()))
+    plain = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    got = llm.generate(PROMPTS[:2], plain, lora_request=LoRARequest(name, 1, str(path)), use_tqdm=False)
+    assert llm.lora_adapters() == [name]
+    want = llm.generate(PROMPTS[:2], plain, lora=name, use_tqdm=False)
+    base_out = llm.generate(PROMPTS[:2], plain, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] != [o.token_ids for o in base_out]
+    mixed = llm.generate(
+        PROMPTS[:2], plain, lora_request=[None, LoRARequest(name, 1, str(path))], use_tqdm=False
+    )
+    assert [o.token_ids for o in mixed] == [base_out[0].token_ids, want[1].token_ids]

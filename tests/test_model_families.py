@@ -119,6 +119,22 @@ CONFIGS = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         },
     ),
+    # transformers 5's per-layer-type RoPE: the sliding layers scaled too (YaRN here), globals linear
+    "gemma3-local-yarn": Gemma3TextConfig(
+        **GEMMA,
+        num_hidden_layers=2,
+        layer_types=[SLIDING, FULL],
+        sliding_window=8,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            "sliding_attention": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 100.0,
+            },
+        },
+    ),
 }
 PROMPT_LEN, DECODE_STEPS = 32, 8
 
@@ -189,6 +205,12 @@ def test_configs_normalize():
     assert g3.layer_types == (SLIDING, FULL, SLIDING) and (g3.rope_theta, g3.rope_local_theta) == (5.0, 7.0)
     assert (g3.rope_scaling.kind, g3.rope_scaling.factor) == ("linear", 8.0)
     assert g3.attn_logit_softcap is None and g3.final_logit_softcap is None
+    local = hf_config(raws["gemma3-local-yarn"])
+    assert (local.rope_local_theta, local.rope_local_scaling.kind, local.rope_scaling.kind) == (
+        100.0,
+        "yarn",
+        "linear",
+    )
     g3_caps = hf_config(raws["gemma3-sss-full"])
     assert g3_caps.attn_logit_softcap is None and g3_caps.final_logit_softcap == 3.0
     q3 = hf_config(raws["qwen3-yarn-bias"])
@@ -311,8 +333,9 @@ def test_gemma2_chunked_prefill_and_pallas_kernel(tiny):
         assert relative_error(chunked, whole) <= 1e-5, impl
 
 
-def test_gguf_yarn_metadata_it_cannot_honour_is_refused():
-    """A YaRN GGUF with a key that changes llama.cpp's cos/sin scale is refused, naming the key."""
+def test_gguf_yarn_magnitude_is_llama_cpps():
+    """llama.cpp's YaRN magnitude: 0.1 ln(factor) + 1, or mscale(factor, 1) / mscale(factor, L) with
+    `yarn_log_multiplier` L, times `attn_factor`; a model-specific `yarn_attn_factor` is refused."""
     meta = {
         "general.architecture": "qwen3",
         "qwen3.attention.head_count": 4,
@@ -327,7 +350,14 @@ def test_gguf_yarn_metadata_it_cannot_honour_is_refused():
     rs = config_from_gguf(meta, Path("m.gguf"), has_output=True).rope_scaling
     assert (rs.kind, rs.factor, rs.original_max_position_embeddings) == ("yarn", 4.0, 64)
     assert rs.attention_factor == pytest.approx(0.1 * np.log(4) + 1)
-    with pytest.raises(ModelLoadError, match="yarn_log_multiplier"):
-        config_from_gguf(
-            meta | {"qwen3.rope.scaling.yarn_log_multiplier": 0.1}, Path("m.gguf"), has_output=True
-        )
+
+    def magnitude(**keys: float) -> float:
+        extra = {f"qwen3.rope.scaling.{k}": v for k, v in keys.items()}
+        return config_from_gguf(meta | extra, Path("m.gguf"), has_output=True).rope_scaling.attention_factor
+
+    assert magnitude(attn_factor=0.7) == pytest.approx(0.7 * (0.1 * np.log(4) + 1))
+    logged = (0.1 * np.log(4) + 1) / (0.1 * 0.5 * np.log(4) + 1)
+    assert magnitude(yarn_log_multiplier=0.5) == pytest.approx(logged)
+    assert magnitude(yarn_log_multiplier=0.5, attn_factor=2.0) == pytest.approx(2 * logged)
+    with pytest.raises(ModelLoadError, match="yarn_attn_factor"):
+        magnitude(yarn_attn_factor=0.1)

@@ -113,10 +113,23 @@ def test_logprob_records_follow_the_request(processor):
     assert none_asked.logprobs == []
 
 
-def test_no_stop_before_min_tokens(processor):
-    """vLLM's min_tokens: neither a stop string, a stop token nor EOS ends the output before it."""
-    seq = sequence(processor, stop=["w5"], stop_token_ids=[6], min_tokens=3, max_tokens=10)
-    assert feed(processor, seq, [5, 6, 7, 5]) == [None, None, None, "stop"]
-    assert seq.output_ids == [5, 6, 7, 5]
-    eos = sequence(processor, min_tokens=2, max_tokens=10)
-    assert feed(processor, eos, [EOS, 5, EOS]) == [None, None, "stop"]
+def test_no_stop_string_before_min_tokens(processor):
+    """vLLM's min_tokens: no stop string ends the output before it. Stop tokens and EOS are held back by
+    the sampler instead; one that comes anyway (nothing else could be drawn) ends the output."""
+    seq = sequence(processor, stop=["w5"], min_tokens=3, max_tokens=10)
+    assert feed(processor, seq, [5, 7, 5]) == [None, None, "stop"]
+    assert seq.output_ids == [5, 7, 5]
+    eos = sequence(processor, stop_token_ids=[6], min_tokens=2, max_tokens=10)
+    assert feed(processor, eos, [EOS]) == ["stop"]
+    assert feed(processor, sequence(processor, stop_token_ids=[6], min_tokens=2), [6]) == ["stop"]
+
+
+def test_stop_reason_names_the_stop_token_or_string(processor):
+    """vLLM's stop_reason: the stop token id or the stop string that ended the output; None for EOS."""
+    by_token = sequence(processor, stop_token_ids=[6])
+    feed(processor, by_token, [5, 6])
+    by_string = sequence(processor, stop=["w7"])
+    feed(processor, by_string, [5, 7])
+    by_eos = sequence(processor, stop_token_ids=[6])
+    feed(processor, by_eos, [5, EOS])
+    assert (by_token.stop_reason, by_string.stop_reason, by_eos.stop_reason) == (6, "w7", None)

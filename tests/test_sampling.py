@@ -376,6 +376,19 @@ def test_allowed_token_ids_mask_every_other_token():
     assert (out[1] == np.asarray(logits[1])).all()
 
 
+def test_bans_yield_where_they_would_leave_nothing_to_draw():
+    """A row whose allowed tokens (here allowed_token_ids; a grammar's mask alike) are all banned by
+    min_tokens draws among them instead of from an all -inf row (which picked token 0, outside both);
+    a row with something left keeps its bans."""
+    rows = [
+        SamplingParams(temperature=0, min_tokens=3, allowed_token_ids=[2], eos_token_ids=(2,)),
+        SamplingParams(temperature=1.0, seed=1, min_tokens=3, allowed_token_ids=[2, 5], eos_token_ids=(2,)),
+    ]
+    arrays, flags = build_sampling_batch(rows, [1, 1], [0, 0], [[1]] * 2, [[]] * 2, 2, V)
+    out = _sample(jnp.zeros((2, V)), {k: jnp.asarray(v) for k, v in arrays.items()}, flags)
+    assert out.tokens.tolist() == [2, 5]
+
+
 def test_bad_words_ban_a_last_token_after_the_rest():
     """A one-token word is always banned; a longer one's last token only after its other tokens."""
     p = SamplingParams(bad_words_token_ids=((4,), (6, 9)))

@@ -165,6 +165,8 @@ def value_cases(vocab: int) -> list[tuple[str, dict | bytes, int, str, str | Non
         (CHAT, {**m, "repetition_penalty": 0}, 400, "repetition_penalty", "repetition_penalty"),
         (CHAT, {**m, "n": 0}, 400, "n must be", "n"),
         (CHAT, {**m, "n": 1000}, 400, "n must be", "n"),
+        (CHAT, {**m, "seed": 10**30}, 400, "64-bit", "seed"),
+        (CHAT, {**m, "stream_options": {"include_usage": True}}, 400, "stream", "stream_options"),
         (CHAT, {**m, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", "top_logprobs"),
         (CHAT, {**m, "top_logprobs": 2}, 400, "logprobs", "top_logprobs"),
         (COMPLETIONS, {"prompt": "Hi", "logprobs": 50}, 400, "logprobs", "logprobs"),
@@ -262,13 +264,14 @@ def test_bad_input_matrix(client, llm):
 
 def test_edge_values_that_are_valid_are_served(client, llm):
     """Extreme but legal values generate normally (none may fail the engine step, which would fail every
-    request in the batch): top_k past int32 or -1, huge and negative seeds, tiny temperatures, odd roles."""
+    request in the batch): top_k past int32 or -1, the int64 ends for seeds (vLLM refuses beyond: a 400),
+    tiny temperatures, odd roles."""
     m = {"messages": HI}
     bodies = [
         {**m, "top_k": 2**40},
         {**m, "top_k": -1, "temperature": 1},  # vLLM's "no top-k"
-        {**m, "seed": 10**30, "temperature": 1},
-        {**m, "seed": -(10**30), "temperature": 1},
+        {**m, "seed": 2**63 - 1, "temperature": 1},
+        {**m, "seed": -(2**63), "temperature": 1},
         {**m, "temperature": 1e-300, "top_p": 1e-300, "min_p": 1.0},
         {**m, "repetition_penalty": 1e300, "presence_penalty": -2, "frequency_penalty": 2},
         {**m, "logit_bias": {"0": -100, " 5": 100}},

@@ -45,6 +45,7 @@ class SequenceUpdate:
     token_ids: list[int]  # new tokens
     logprobs: list[TokenLogprob]
     finish_reason: str | None  # set on the last update of the sample
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or string that ended it (not EOS)
 
 
 @dataclasses.dataclass
@@ -299,9 +300,9 @@ class AsyncEngine:
         text = seq.text[stream.text_sent : safe]
         logprobs = seq.logprobs[stream.tokens_sent :] if seq.params.logprobs is not None else []
         stream.text_sent, stream.tokens_sent = safe, len(seq.output_ids)
-        return SequenceUpdate(
-            seq.index, text, new_tokens, logprobs, seq.finish_reason if seq.finished else None
-        )
+        if not seq.finished:
+            return SequenceUpdate(seq.index, text, new_tokens, logprobs, None)
+        return SequenceUpdate(seq.index, text, new_tokens, logprobs, seq.finish_reason, seq.stop_reason)
 
     def _forget(self, request: Request) -> None:
         self._requests.pop(request.request_id, None)

@@ -146,10 +146,11 @@ class Engine:
         self._reload = reload or source_reloader(loaded.source, self.dtype)
         cfg = loaded.config
         self.prefix_caching = config.prefix_caching
-        if self.prefix_caching and cfg.rope_scaling.by_length:
+        if self.prefix_caching and cfg.rope_by_length:
             # LongRoPE (dynamic NTK) rotates keys by a factor set (a base) chosen from the sequence's
             # length when they are written; a cached block does not record which, so reusing it could mix.
-            log.warning("prefix caching is off for this %s RoPE model", cfg.rope_scaling.kind)
+            kind = (cfg.rope_scaling if cfg.rope_scaling.by_length else cfg.rope_local_scaling).kind
+            log.warning("prefix caching is off for this %s RoPE model", kind)
             self.prefix_caching = False
         self._eos = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._rng = random.Random(config.seed)

@@ -2,7 +2,9 @@
 
 Runs on the host after every step. A stop token (a request's `stop_token_ids`, or EOS unless
 `ignore_eos`) ends a sequence without adding its text; a stop string ends it with the text cut before
-the string (both kept with `include_stop_str_in_output`); neither ends one shorter than `min_tokens`.
+the string (both kept with `include_stop_str_in_output`). No stop string ends one shorter than
+`min_tokens`, and the sampler holds stop tokens back until then, unless nothing else may be drawn (a
+grammar or `allowed_token_ids` that can only end): a stop token that comes anyway ends the sequence.
 A stream must not show text that a later token could turn into a stop string, so it shows a running
 sequence's text up to `stream_end` only.
 """
@@ -70,8 +72,9 @@ class OutputProcessor:
             seq.first_token_time = time.monotonic()
         if logprob is not None:
             seq.logprobs.append(logprob)
-        may_stop = len(seq.output_ids) >= p.min_tokens  # vLLM's: no stop before min_tokens tokens
-        if may_stop and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
+        may_stop = len(seq.output_ids) >= p.min_tokens  # vLLM's: no stop string before min_tokens tokens
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            seq.stop_reason = token if token in p.stop_token_ids else None
             if p.include_stop_str_in_output:
                 seq.text += seq.detokenizer.push(token)
             self.flush(seq)
@@ -82,6 +85,7 @@ class OutputProcessor:
             at = seq.text.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
                 seq.text = seq.text[: at + len(stop) if p.include_stop_str_in_output else at]
+                seq.stop_reason = stop
                 return "stop"
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self.flush(seq)

@@ -356,15 +356,20 @@ def build_sampling_batch(
 
 
 def apply_token_limits(logits: jax.Array, batch: dict, flags: SamplingFlags) -> jax.Array:
-    """Banned tokens (while the token index `step` is below the ban's end) and, in rows that list
-    allowed tokens, every other token become -inf."""
+    """In rows that list allowed tokens, every other token becomes -inf; then banned tokens (while the
+    token index `step` is below the ban's end) do too, unless that would leave the row nothing to draw:
+    there the bans yield. A grammar that can only end (EOS alone allowed) under min_tokens therefore
+    ends the output rather than drawing a token it forbids (a stop token ends the output however early:
+    `OutputProcessor.append_token`)."""
     rows = jnp.arange(logits.shape[0])[:, None]
-    if flags.bans:
-        active = batch["step"][:, None] < batch["ban_until"]
-        logits = logits.at[rows, batch["ban_ids"]].min(jnp.where(active, -jnp.inf, jnp.inf), mode="drop")
     if flags.allowed:
         listed = jnp.zeros(logits.shape, bool).at[rows, batch["allowed_ids"]].set(True, mode="drop")
         logits = jnp.where(listed | ~batch["allowed_only"][:, None], logits, -jnp.inf)
+    if flags.bans:
+        active = batch["step"][:, None] < batch["ban_until"]
+        banned = logits.at[rows, batch["ban_ids"]].min(jnp.where(active, -jnp.inf, jnp.inf), mode="drop")
+        left = jnp.any(banned > -jnp.inf, axis=-1, keepdims=True)
+        logits = jnp.where(left, banned, logits)
     return logits
 
 

@@ -45,6 +45,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (not EOS)
     text: str = ""
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -131,10 +131,9 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     hidden = raw["hidden_size"]
     rope_params = raw.get("rope_parameters") or {}
     local_theta = raw.get("rope_local_base_freq")
-    if "full_attention" in rope_params:  # per layer type (Gemma 3): global layers' and sliding layers'
+    local: dict = {}
+    if "full_attention" in rope_params:  # per layer type (transformers 5's Gemma 3): each its own RoPE
         local = rope_params.get("sliding_attention") or {}
-        if local.get("rope_type", "default") != "default":
-            raise ModelLoadError(path, f"unsupported sliding-layer rope type {local['rope_type']!r}")
         local_theta = local.get("rope_theta", local_theta)
         rope_params = rope_params["full_attention"] or {}
     rope_scaling = raw.get("rope_scaling") or (rope_params if rope_params.get("rope_type") else None)
@@ -143,6 +142,7 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
     partial = raw.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * partial) if family(arch).partial_rotary else head_dim
     max_pos = raw.get("max_position_embeddings", 4096)
+    original_max = raw.get("original_max_position_embeddings")
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise ModelLoadError(path, f"unsupported activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
@@ -158,10 +158,7 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=rope_scaling_from_hf(
-            rope_scaling,
-            path,
-            max_position_embeddings=max_pos,
-            original_max=raw.get("original_max_position_embeddings"),
+            rope_scaling, path, max_position_embeddings=max_pos, original_max=original_max
         ),
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -177,28 +174,34 @@ def config_from_hf(raw: dict, path: Path) -> ModelConfig:
         attn_logit_softcap=raw.get("attn_logit_softcapping"),
         final_logit_softcap=raw.get("final_logit_softcapping"),
         rope_local_theta=None if local_theta is None else float(local_theta),
+        rope_local_scaling=rope_scaling_from_hf(
+            local, path, max_position_embeddings=max_pos, original_max=original_max
+        ),
         rotary_dim=rotary_dim if rotary_dim != head_dim else None,
     )
     return _finish(cfg, "finish_hf_config", raw, path)
 
 
 def gguf_yarn(meta: dict[str, Any], arch: str, path: Path) -> RopeScaling:
-    """YaRN as llama.cpp's converter writes it for a transformers `yarn` config: factor, original length
-    and the betas; cos/sin scaled by 0.1 ln(factor) + 1 (ggml's and transformers' default). The keys
-    that change that scale (an explicit attention factor, DeepSeek's log multiplier, an extrapolation
-    factor) are refused, naming them."""
+    """YaRN as llama.cpp reads it: factor, original length and the betas; cos/sin scaled by llama.cpp's
+    magnitude, 0.1 ln(factor) + 1, or with `yarn_log_multiplier` L (transformers' `mscale_all_dim`)
+    mscale(factor, 1) / mscale(factor, L), times `attn_factor` (default 1; llama.cpp multiplies the
+    magnitude by it). The keys llama.cpp reads only for other architectures (a model-specific
+    `yarn_attn_factor`, an extrapolation factor other than 1) are refused, naming them."""
     key = f"{arch}.rope.scaling."
-    odd = [k for k in ("yarn_attn_factor", "yarn_log_multiplier", "attn_factor") if key + k in meta]
+    odd = ["yarn_attn_factor"] if key + "yarn_attn_factor" in meta else []
     if meta.get(key + "yarn_ext_factor", 1.0) != 1.0:
         odd.append("yarn_ext_factor")
     if odd:
         raise ModelLoadError(path, f"unsupported YaRN metadata {', '.join(key + k for k in odd)}")
     factor = float(meta[key + "factor"])
+    log_multiplier = float(meta.get(key + "yarn_log_multiplier", 0.0))
+    magnitude = yarn_attention_factor({"mscale": 1.0, "mscale_all_dim": log_multiplier}, factor)
     return RopeScaling(
         kind="yarn",
         factor=factor,
         original_max_position_embeddings=int(meta[key + "original_context_length"]),
-        attention_factor=yarn_attention_factor({}, factor),
+        attention_factor=magnitude * float(meta.get(key + "attn_factor", 1.0)),
         beta_fast=float(meta.get(key + "yarn_beta_fast", 32.0)),
         beta_slow=float(meta.get(key + "yarn_beta_slow", 1.0)),
     )

@@ -283,7 +283,7 @@ class DecoderModel(nnx.Module):
         rope = _rope(cfg, cfg.rope_theta, cfg.rope_scaling, meta)
         rope_local = rope
         if cfg.rope_local_theta is not None:
-            rope_local = _rope(cfg, cfg.rope_local_theta, RopeScaling(), meta)
+            rope_local = _rope(cfg, cfg.rope_local_theta, cfg.rope_local_scaling, meta)
         sliding_layers = cfg.sliding_layers
 
         if isinstance(self.layers, nnx.List):  # unrolled: each layer's kind is known here

@@ -1,6 +1,7 @@
 """Gemma 3 (text): Gemma 2's layer with q/k RMSNorms and no soft-capping; local (sliding) layers use
-their own unscaled RoPE base (`rope_local_base_freq`, 10000), global layers the main RoPE and its
-scaling; the layer pattern comes from `layer_types` (or `sliding_window_pattern`, default 6).
+their own RoPE base (`rope_local_base_freq`, 10000), unscaled unless transformers 5's per-layer-type
+`rope_parameters` give them a scaling, global layers the main RoPE and its scaling; the layer pattern
+comes from `layer_types` (or `sliding_window_pattern`, default 6).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from jaxrs.chat_template import extra_template_variables
 from jaxrs.errors import JaxrsError
 from jaxrs.vision.encoder import VisionModel
 from jaxrs.vision.media import ImageError, MediaPolicy, load_image
@@ -164,9 +165,11 @@ def chat_inputs(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
+    template_variables: Mapping[str, Any] | None = None,
 ) -> tuple[list[int], ImagePrompt | None]:
     """Token ids of the rendered conversation (with `tools` for the template, if given; the final
-    message left open with `continue_final_message`) with the images placed (None: no images)."""
+    message left open with `continue_final_message`; `template_variables`: more template variables, as
+    `extra_template_variables` checks them) with the images placed (None: no images)."""
     marker = vision.marker if vision is not None else None
     texts, sources = split_images(messages, marker)
     texts = template_contents(tokenizer, texts, marker)
@@ -176,6 +179,7 @@ def chat_inputs(
         add_generation_prompt=add_generation_prompt,
         tools=tools,
         continue_final_message=continue_final_message,
+        **extra_template_variables(template_variables),
     )
     try:
         return assemble_prompt(tokenizer, text, vision, images)
