@@ -6,11 +6,13 @@ it leaves unchecked without extra packages (date-time, time, uri, hostname, dura
 from __future__ import annotations
 
 import datetime
+import enum
 import re
 from fractions import Fraction
 from typing import Any
 
 import jsonschema
+import pydantic
 import regex
 from jsonschema import ValidationError, validators
 
@@ -20,6 +22,19 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s\"<>\\^`{|}]*")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _DURATION = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?")
+
+
+class Color(enum.Enum):
+    """A pydantic enum: its schema reaches the model's through `#/$defs/Color`."""
+
+    red = "red"
+    green = "green"
+
+
+class Point(pydantic.BaseModel):
+    x: float
+    y: float = 0.0
+
 
 FORMATS = jsonschema.FormatChecker()
 

@@ -6,7 +6,6 @@ preparation itself: boolean schemas, keywords that constrain nothing, schemas ne
 
 from __future__ import annotations
 
-import enum
 import json
 from typing import Literal
 
@@ -17,17 +16,7 @@ from jaxrs import SamplingParams
 from jaxrs.structured import Grammar
 from jaxrs.structured.grammar import GrammarError
 from jaxrs.structured.json_schemas import prepared_schema
-from tests.schema_check import schema_errors
-
-
-class Color(enum.Enum):
-    red = "red"
-    green = "green"
-
-
-class Point(pydantic.BaseModel):
-    x: float
-    y: float = 0.0
+from tests.schema_check import Color, Point, schema_errors
 
 
 class Item(pydantic.BaseModel):

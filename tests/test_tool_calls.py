@@ -3,7 +3,6 @@ parser chosen from a chat template."""
 
 from __future__ import annotations
 
-import enum
 import json
 
 import jsonschema
@@ -23,6 +22,7 @@ from jaxrs.structured.tool_calls import (
     parser_named,
 )
 from jaxrs.structured.tools import answer_calls, tool_plan
+from tests.schema_check import Color, Point
 
 HERMES = (
     'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
@@ -153,22 +153,12 @@ def test_parser_from_template_and_by_name():
         parser_named("nope")
 
 
-class _Color(enum.Enum):
-    red = "red"
-    green = "green"
-
-
-class _Point(pydantic.BaseModel):
-    x: float
-    y: float = 0.0
-
-
 class _Paint(pydantic.BaseModel):
     """A pydantic tool: its parameters reach each other through `#/$defs/...`."""
 
-    color: _Color
-    at: _Point | None = None
-    path: list[_Point] = pydantic.Field(default_factory=list, max_length=2)
+    color: Color
+    at: Point | None = None
+    path: list[Point] = pydantic.Field(default_factory=list, max_length=2)
 
 
 @pytest.mark.parametrize("parser", ["hermes", "mistral", "llama3_json", "generic"])
