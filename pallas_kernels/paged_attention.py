@@ -121,8 +121,9 @@ def paged_attention_xla(
 def decode_chunk_rows(rows: int, row_elements: int) -> int:
     """How many decode rows one chunk of `_dense_decode` takes when each gathers `row_elements` key
     elements: all of them while they gather at most `DECODE_CHUNK_ELEMENTS` together, else the most that
-    do and divide `rows` (at least one)."""
-    most = max(1, DECODE_CHUNK_ELEMENTS // row_elements)
+    do (but at least two: Gemma-3-270M's 32 rows at 512 keys took 0.94x the CPU time a row a chunk, 0.91x
+    two) and divide `rows`."""
+    most = max(2, DECODE_CHUNK_ELEMENTS // row_elements)
     return max(d for d in range(1, min(most, rows) + 1) if rows % d == 0)
 
 

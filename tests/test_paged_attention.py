@@ -281,7 +281,7 @@ def test_decode_chunk_rows_divide_the_batch() -> None:
     assert paged.decode_chunk_rows(32, most // 4) == 4
     assert paged.decode_chunk_rows(24, most // 5) == 4  # 5 do not divide 24
     assert paged.decode_chunk_rows(7, most // 3) == 1  # 7 is prime
-    assert paged.decode_chunk_rows(8, most * 2) == 1  # one row over the chunk's keys: a row a chunk
+    assert paged.decode_chunk_rows(8, most * 2) == 2  # one row over the chunk's keys: two rows a chunk
 
 
 @pytest.mark.parametrize(
@@ -296,7 +296,7 @@ def test_decode_chunk_rows_divide_the_batch() -> None:
 def test_decode_in_row_chunks_equals_the_whole_batch(
     group: int, window: int | None, soft_cap: float | None, cache_dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Decode rows attended a chunk at a time (1 and 4 rows a chunk; ragged rows, a padding row,
+    """Decode rows attended a chunk at a time (2 and 4 rows a chunk; ragged rows, a padding row,
     shuffled tables, narrowed or not, windowed or not): the same as all rows at once."""
     lens = [47, 20, 1, 16, 0, 30, 5, 33]
     inputs = make_inputs(
@@ -317,7 +317,7 @@ def test_decode_in_row_chunks_equals_the_whole_batch(
     assert "scan" not in str(jax.make_jaxpr(lambda: attend())())  # a new function: traced again
     pages = 12 if window is None else 3  # the table's width, or the pages a window of 6 keys spans
     row = pages * 4 * 2 * 32  # a row's key elements: blocks of 4 keys, 2 KV heads of 32
-    for rows in (1, 4):
+    for rows in (2, 4):
         monkeypatch.setattr(paged, "DECODE_CHUNK_ELEMENTS", rows * row)
         assert "scan" in str(jax.make_jaxpr(lambda: attend())())  # the rows' loop
         for narrowed, expected in whole.items():
