@@ -37,9 +37,9 @@ WINDOWED_DECODE = True
 # Decode attends its rows a chunk at a time (`_dense_decode`), each chunk gathering at most this many key
 # elements (rows x keys x KV heads x head_dim: 1 MiB of keys in f32), so its gathered pages are still in
 # cache when its dots read them. The demo's decode step at 512 keys took 0.79-0.85x the CPU time at 32
-# rows, 0.87x at 16, 0.88x at 8; Gemma-3-270M's 0.91x at 32; Qwen2.5-0.5B's within the noise (bench/
-# RESULTS.md, "Decode attention at 2-64 rows"). Read when tracing, so a benchmark may set it between
-# compiles.
+# rows, 0.86x at 16, 0.88x at 8; Gemma-3-270M's 0.91x at 32; Qwen2.5-0.5B's 0.91x at 32, but 1.02-1.05x
+# at 32 rows of 128 keys (bench/RESULTS.md, "Decode attention at 2-64 rows"). Read when tracing, so a
+# benchmark may set it between compiles.
 DECODE_CHUNK_ELEMENTS = 2**18
 
 
