@@ -238,17 +238,18 @@ def paged_flash(chunk_pages: int):
 
 
 def row_chunks(rows: int | None):
-    """(g) jaxrs's attention `rows` rows a chunk (`paged_attention.DECODE_CHUNK_ELEMENTS` set for the
-    trace; None: the whole batch at once, as before chunks)."""
+    """(g) jaxrs's attention `rows` rows a chunk (`paged_attention.DECODE_CHUNK_ELEMENTS` and
+    `DECODE_CHUNK_FROM` set for the trace; None: the whole batch at once, as before chunks)."""
 
     def attention(q, k_cache, v_cache, layer, tables, *args, **options):
         row_elements = tables.shape[1] * math.prod(k_cache.shape[2:])
-        saved = paged_attention.DECODE_CHUNK_ELEMENTS
+        saved = paged_attention.DECODE_CHUNK_ELEMENTS, paged_attention.DECODE_CHUNK_FROM
         paged_attention.DECODE_CHUNK_ELEMENTS = 2**62 if rows is None else rows * row_elements
+        paged_attention.DECODE_CHUNK_FROM = 0
         try:
             return paged_attention_xla(q, k_cache, v_cache, layer, tables, *args, narrowed=False, **options)
         finally:
-            paged_attention.DECODE_CHUNK_ELEMENTS = saved
+            paged_attention.DECODE_CHUNK_ELEMENTS, paged_attention.DECODE_CHUNK_FROM = saved
 
     return attention
 

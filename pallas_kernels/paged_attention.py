@@ -37,10 +37,14 @@ WINDOWED_DECODE = True
 # Decode attends its rows a chunk at a time (`_dense_decode`), each chunk gathering at most this many key
 # elements (rows x keys x KV heads x head_dim: 1 MiB of keys in f32), so its gathered pages are still in
 # cache when its dots read them. The demo's decode step at 512 keys took 0.79-0.85x the CPU time at 32
-# rows, 0.86x at 16, 0.88x at 8; Gemma-3-270M's 0.91x at 32; Qwen2.5-0.5B's 0.91x at 32, but 1.02-1.05x
-# at 32 rows of 128 keys (bench/RESULTS.md, "Decode attention at 2-64 rows"). Read when tracing, so a
-# benchmark may set it between compiles.
+# rows, 0.86x at 16, 0.88x at 8; Gemma-3-270M's 0.91-0.97x at 32; Qwen2.5-0.5B's 0.91x at 32 (bench/
+# RESULTS.md, "Decode attention at 2-64 rows"). Read when tracing, so a benchmark may set these between
+# compiles.
 DECODE_CHUNK_ELEMENTS = 2**18
+# ... once the rows gather more than this many together: below it the chunks' loop cost about what they
+# saved (demo, 32 rows over 112 keys, 0.69 M elements: 1.02x; Qwen2.5-0.5B, 32 over 160, 0.66 M:
+# 1.02-1.05x; the demo's 32 over 160, 0.98 M: 0.90-0.95x).
+DECODE_CHUNK_FROM = 3 * 2**18
 
 
 def write_kv_xla(
@@ -121,9 +125,11 @@ def paged_attention_xla(
 
 def decode_chunk_rows(rows: int, row_elements: int) -> int:
     """How many decode rows one chunk of `_dense_decode` takes when each gathers `row_elements` key
-    elements: all of them while they gather at most `DECODE_CHUNK_ELEMENTS` together, else the most that
-    do (but at least two: Gemma-3-270M's 32 rows at 512 keys took 0.94x the CPU time a row a chunk, 0.91x
-    two) and divide `rows`."""
+    elements: all of them while they gather at most `DECODE_CHUNK_FROM` together, else the most that
+    gather at most `DECODE_CHUNK_ELEMENTS` (but at least two: Gemma-3-270M's 32 rows at 512 keys took
+    0.94x the CPU time a row a chunk, 0.91x two) and divide `rows`."""
+    if rows * row_elements <= DECODE_CHUNK_FROM:
+        return rows
     most = max(2, DECODE_CHUNK_ELEMENTS // row_elements)
     return max(d for d in range(1, min(most, rows) + 1) if rows % d == 0)
 

@@ -277,10 +277,11 @@ def test_decode_chunk_rows_divide_the_batch() -> None:
     """All rows while they gather few keys together; else the most rows that stay under a chunk's keys and
     divide the batch."""
     most = paged.DECODE_CHUNK_ELEMENTS
-    assert paged.decode_chunk_rows(32, most // 32) == 32
+    assert paged.decode_chunk_rows(32, paged.DECODE_CHUNK_FROM // 32) == 32
+    assert paged.decode_chunk_rows(32, paged.DECODE_CHUNK_FROM // 32 + 1) < 32
     assert paged.decode_chunk_rows(32, most // 4) == 4
     assert paged.decode_chunk_rows(24, most // 5) == 4  # 5 do not divide 24
-    assert paged.decode_chunk_rows(7, most // 3) == 1  # 7 is prime
+    assert paged.decode_chunk_rows(7, most) == 1  # 7 is prime
     assert paged.decode_chunk_rows(8, most * 2) == 2  # one row over the chunk's keys: two rows a chunk
 
 
@@ -317,6 +318,7 @@ def test_decode_in_row_chunks_equals_the_whole_batch(
     assert "scan" not in str(jax.make_jaxpr(lambda: attend())())  # a new function: traced again
     pages = 12 if window is None else 3  # the table's width, or the pages a window of 6 keys spans
     row = pages * 4 * 2 * 32  # a row's key elements: blocks of 4 keys, 2 KV heads of 32
+    monkeypatch.setattr(paged, "DECODE_CHUNK_FROM", 0)
     for rows in (2, 4):
         monkeypatch.setattr(paged, "DECODE_CHUNK_ELEMENTS", rows * row)
         assert "scan" in str(jax.make_jaxpr(lambda: attend())())  # the rows' loop
