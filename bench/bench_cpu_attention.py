@@ -13,7 +13,8 @@ dearer kind for a mask). Every layer runs attention then o_proj (in U8M, the pac
 attention writes its output decides how o_proj's GEMV reads it. Variants (ms per step, all layers):
 
 - jaxrs: `paged_attention_xla` (scores a dot per KV head over keys transposed to [kv_head, s, d], the
-  weighted sum of values as products and sums), reading the whole table like the others (not narrowed);
+  weighted sum of values as products and sums, rows a chunk at a time past `DECODE_CHUNK_ELEMENTS`),
+  reading the whole table like the others (not narrowed);
 - dots / products: both as dots, both as products and sums (the multi-row and one-row forms before);
 - block_diagonal: the keys and values in the pages' own [s, kv_heads * d] layout, no transpose: scores for
   every head as one product with a block-diagonal query matrix [q_heads, kv_heads * d], values as
@@ -23,6 +24,11 @@ attention writes its output decides how o_proj's GEMV reads it. Variants (ms per
 - float16_dots: the float16 pages kept through the gather into both dots (converted inside them);
 - lean_softmax: jaxrs's with the scale folded into the query and the probabilities normalized after the
   weighted sum, a running-max floor instead of a second select (fewer passes over [heads, s]).
+- rows_ORDER_FORM[_lean]: several rows; scores written keys-minor (bkgs, as jaxrs) or group-minor (bksg,
+  the order XLA:CPU's dot writes), values as a dot over transposed pages or as products and sums;
+- flash_N: flash-decoding over the pages, N table columns a `fori_loop` step with an online softmax;
+- unchunked / chunks_N: jaxrs's with all rows at once (as before row chunks) / N rows a chunk.
+The last three kinds run only when named in --variants.
 
 Variants run interleaved in one process; each output is checked against jaxrs's first. Reports the median
 wall and process CPU time a step; writes JSON (--out).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import time
 from pathlib import Path
@@ -40,10 +47,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import machine_facts, markdown_table, write_json
+from jax import lax
 
 from jaxrs.engine.runner import STEP_XLA_OPTIONS
 from jaxrs.models.layers import dense
 from jaxrs.quant import quantize, stack
+from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention import paged_attention_xla
 from pallas_kernels.tiled_attention import NEG_INF, cap_scores, visible
 
@@ -156,6 +165,95 @@ def lean_softmax(
     return (out / jnp.where(total > 0, total, 1.0)).reshape(b, 1, heads, d)
 
 
+def rows_form(scores_order: str, values_as_dot: bool, lean: bool = False):
+    """Several rows: scores as a dot written in `scores_order` ("bkgs": keys minor, as jaxrs; "bksg": the
+    group minor, the order XLA:CPU's dot writes), values as a dot over the transposed pages or as products
+    and sums; `lean`: the scale in the query and the division after the weighted sum."""
+
+    def attention(
+        q, k_cache, v_cache, layer, tables, positions, context_lens, *, scale, sliding_window, soft_cap
+    ):
+        b, _, heads, d = q.shape
+        kv = k_cache.shape[3]
+        k, v = _gather(k_cache, layer, tables), _gather(v_cache, layer, tables)
+        qg = q.reshape(b, kv, heads // kv, d) * (scale if lean else 1.0)
+        axis = scores_order.index("s")
+        scores = jnp.einsum(f"bkgd,bskd->{scores_order}", qg, k, preferred_element_type=F32)
+        scores = cap_scores(scores if lean else scores * scale, soft_cap)
+        mask = _mask(positions, context_lens, k.shape[1], sliding_window)
+        mask = mask[:, None, None] if axis == 3 else mask[:, None, :, None]
+        scores = jnp.where(mask, scores, NEG_INF)
+        if lean:
+            top = jnp.maximum(jnp.max(scores, axis=axis, keepdims=True), _FLOOR)
+            probs = jnp.exp(scores - top)
+            total = jnp.sum(probs, axis=axis)  # [b, k, g]
+        else:
+            probs = jax.nn.softmax(scores, axis=axis)
+        probs = probs if axis == 3 else probs.transpose(0, 1, 3, 2)  # [b, k, g, s]
+        if values_as_dot:
+            out = jnp.einsum("bkgs,bskd->bkgd", probs, v.astype(F32))
+        else:
+            out = jnp.sum(probs.transpose(0, 3, 1, 2)[..., None] * v[:, :, :, None].astype(F32), axis=1)
+        if lean:
+            out = out / jnp.where(total > 0, total, 1.0)[..., None]
+        return out.reshape(b, 1, heads, d)
+
+    return attention
+
+
+def paged_flash(chunk_pages: int):
+    """(f) Flash-decoding over the pages: `chunk_pages` table columns a loop step, an online softmax, so
+    no [rows, table keys] score matrix and no gather of the whole table at once."""
+
+    def attention(
+        q, k_cache, v_cache, layer, tables, positions, context_lens, *, scale, sliding_window, soft_cap
+    ):
+        b, _, heads, d = q.shape
+        kv, block = k_cache.shape[3], k_cache.shape[2]
+        g = heads // kv
+        qg = q.reshape(b, kv, g, d) * scale
+        steps = -(-tables.shape[1] // chunk_pages)
+        tables_p = jnp.pad(tables, ((0, 0), (0, steps * chunk_pages - tables.shape[1])))
+        keys = chunk_pages * block
+
+        def body(i, carry):
+            acc, top, total = carry
+            cols = lax.dynamic_slice_in_dim(tables_p, i * chunk_pages, chunk_pages, axis=1)
+            k, v = _gather(k_cache, layer, cols), _gather(v_cache, layer, cols)
+            s = cap_scores(jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=F32), soft_cap)
+            key_pos = i * keys + jnp.arange(keys)[None, :]
+            m = visible(key_pos, positions[:, :1], context_lens[:, None], sliding_window)[:, None, None]
+            s = jnp.where(m, s, NEG_INF)
+            new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+            fix = jnp.exp(top - new_top)
+            p = jnp.exp(s - new_top[..., None])
+            pv = jnp.sum(p.transpose(0, 3, 1, 2)[..., None] * v[:, :, :, None].astype(F32), axis=1)
+            return acc * fix[..., None] + pv, new_top, total * fix + jnp.sum(p, axis=-1)
+
+        init = (jnp.zeros((b, kv, g, d), F32), jnp.full((b, kv, g), _FLOOR, F32), jnp.zeros((b, kv, g), F32))
+        acc, _, total = lax.fori_loop(0, steps, body, init)
+        return (acc / jnp.where(total > 0, total, 1.0)[..., None]).reshape(b, 1, heads, d)
+
+    return attention
+
+
+def row_chunks(rows: int | None):
+    """(g) jaxrs's attention `rows` rows a chunk (`paged_attention.DECODE_CHUNK_ELEMENTS` and
+    `DECODE_CHUNK_FROM` set for the trace; None: the whole batch at once, as before chunks)."""
+
+    def attention(q, k_cache, v_cache, layer, tables, *args, **options):
+        row_elements = tables.shape[1] * math.prod(k_cache.shape[2:])
+        saved = paged_attention.DECODE_CHUNK_ELEMENTS, paged_attention.DECODE_CHUNK_FROM
+        paged_attention.DECODE_CHUNK_ELEMENTS = 2**62 if rows is None else rows * row_elements
+        paged_attention.DECODE_CHUNK_FROM = 0
+        try:
+            return paged_attention_xla(q, k_cache, v_cache, layer, tables, *args, narrowed=False, **options)
+        finally:
+            paged_attention.DECODE_CHUNK_ELEMENTS, paged_attention.DECODE_CHUNK_FROM = saved
+
+    return attention
+
+
 VARIANTS = {
     "jaxrs": functools.partial(paged_attention_xla, narrowed=False),
     "dots": formulated(True, True),
@@ -164,6 +262,17 @@ VARIANTS = {
     "head_gemvs": head_gemvs,
     "float16_dots": float16_dots,
     "lean_softmax": lean_softmax,
+    "rows_bksg_sum": rows_form("bksg", False),
+    "rows_bkgs_dot": rows_form("bkgs", True),
+    "rows_bksg_dot": rows_form("bksg", True),
+    "rows_bksg_dot_lean": rows_form("bksg", True, lean=True),
+    "flash_4": paged_flash(4),
+    "flash_8": paged_flash(8),
+    "unchunked": row_chunks(None),
+    "chunks_2": row_chunks(2),
+    "chunks_4": row_chunks(4),
+    "chunks_8": row_chunks(8),
+    "chunks_16": row_chunks(16),
 }
 
 
@@ -208,7 +317,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["demo"], choices=list(SHAPES))
     ap.add_argument("--cases", nargs="+", default=["1:1024:80", "1:512:64", "32:128:16"])
     ap.add_argument("--cache-dtypes", nargs="+", default=["float16"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[:7], choices=list(VARIANTS))
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_attention.json")

@@ -14,6 +14,7 @@ a cached prefix. Query token at position p attends to the keys at positions <= p
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,17 @@ TILED_MIN_KEYS = 512
 # Decode under a sliding window narrower than the block table reads each row's window's pages only
 # (`_windowed_decode`). Read when tracing, so a benchmark may set it between compiles.
 WINDOWED_DECODE = True
+# Decode attends its rows a chunk at a time (`_dense_decode`), each chunk gathering at most this many key
+# elements (rows x keys x KV heads x head_dim: 1 MiB of keys in f32), so its gathered pages are still in
+# cache when its dots read them. The demo's decode step at 512 keys took 0.79-0.85x the CPU time at 32
+# rows, 0.86x at 16, 0.88x at 8; Gemma-3-270M's 0.91-0.97x at 32; Qwen2.5-0.5B's 0.91x at 32 (bench/
+# RESULTS.md, "Decode attention at 2-64 rows"). Read when tracing, so a benchmark may set these between
+# compiles.
+DECODE_CHUNK_ELEMENTS = 2**18
+# ... once the rows gather more than this many together: below it the chunks' loop cost about what they
+# saved (demo, 32 rows over 112 keys, 0.69 M elements: 1.02x; Qwen2.5-0.5B, 32 over 160, 0.66 M:
+# 1.02-1.05x; the demo's 32 over 160, 0.98 M: 0.90-0.95x).
+DECODE_CHUNK_FROM = 3 * 2**18
 
 
 def write_kv_xla(
@@ -84,6 +96,7 @@ def paged_attention_xla(
     `narrowed`: read only the table's first columns that hold the longest context (`read_widths`);
     None: for a decode (one query token) gathering enough keys to gain (`worth_narrowing`), and, under a
     sliding window narrower than the table, each row's window's pages only (`_windowed_decode`).
+    A decode whose rows gather many keys together attends them a chunk of rows at a time (`_dense_decode`).
     """
     if tiled is None:
         tiled = q.shape[1] > 1 and block_tables.shape[1] * k_cache.shape[2] >= TILED_MIN_KEYS
@@ -106,8 +119,19 @@ def paged_attention_xla(
             context_lens,
             k_cache.shape[2],
         )
-    attend = tiled_paged_attention if tiled else _dense_attention
+    attend = tiled_paged_attention if tiled else _dense_attention if q.shape[1] > 1 else _dense_decode
     return attend(*inputs, block_tables, positions, context_lens, **options)
+
+
+def decode_chunk_rows(rows: int, row_elements: int) -> int:
+    """How many decode rows one chunk of `_dense_decode` takes when each gathers `row_elements` key
+    elements: all of them while they gather at most `DECODE_CHUNK_FROM` together, else the most that
+    gather at most `DECODE_CHUNK_ELEMENTS` (but at least two: Gemma-3-270M's 32 rows at 512 keys took
+    0.94x the CPU time a row a chunk, 0.91x two) and divide `rows`."""
+    if rows * row_elements <= DECODE_CHUNK_FROM:
+        return rows
+    most = max(2, DECODE_CHUNK_ELEMENTS // row_elements)
+    return max(d for d in range(1, min(most, rows) + 1) if rows % d == 0)
 
 
 def _window_pages(sliding_window: int | None, block_size: int) -> int:
@@ -139,7 +163,7 @@ def _windowed_decode(
     columns = first[:, None] + jnp.arange(window_pages)[None, :]
     tables = jnp.take_along_axis(block_tables, columns, axis=1)
     attend = functools.partial(
-        _dense_attention,
+        _dense_decode,
         q,
         k_cache,
         v_cache,
@@ -153,6 +177,37 @@ def _windowed_decode(
         lengths = context_lens - first * block_size
         return read_narrowest(lambda t: attend(block_tables=t), tables, lengths, block_size)
     return attend(block_tables=tables)
+
+
+def _dense_decode(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    context_lens: jax.Array,
+    *,
+    key_start: jax.Array | int = 0,
+    **options,
+) -> jax.Array:
+    """`_dense_attention` of one query token a row, `decode_chunk_rows` rows at a time under `lax.map`
+    when the rows gather many keys together: each chunk's gathered pages (f32 for the dots) then stay
+    small enough to be read back from cache by its dots, where the whole batch's are written out to
+    memory and read back."""
+    batch = q.shape[0]
+    row_elements = block_tables.shape[1] * math.prod(k_cache.shape[2:])
+    rows = decode_chunk_rows(batch, row_elements)
+    per_row = dict(q=q, block_tables=block_tables, positions=positions, context_lens=context_lens)
+    if jnp.ndim(key_start):
+        per_row["key_start"] = key_start
+    else:
+        options["key_start"] = key_start
+    attend = functools.partial(_dense_attention, k_cache=k_cache, v_cache=v_cache, layer=layer, **options)
+    if rows == batch:
+        return attend(**per_row)
+    chunks = jax.tree.map(lambda x: x.reshape(batch // rows, rows, *x.shape[1:]), per_row)
+    return lax.map(lambda chunk: attend(**chunk), chunks).reshape(q.shape)
 
 
 def _dense_attention(

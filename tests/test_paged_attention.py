@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxrs import ops
+from pallas_kernels import paged_attention as paged
 from pallas_kernels import read_widths
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla
 
@@ -270,3 +271,57 @@ def test_windowed_decode_reads_only_the_window() -> None:
     options = dict(scale=0.2, sliding_window=8)
     assert np.isnan(np.asarray(paged_attention_xla(**inputs, **options, narrowed=False))).any()
     assert np.isfinite(np.asarray(paged_attention_xla(**inputs, **options))).all()
+
+
+def test_decode_chunk_rows_divide_the_batch() -> None:
+    """All rows while they gather few keys together; else the most rows that stay under a chunk's keys and
+    divide the batch."""
+    most = paged.DECODE_CHUNK_ELEMENTS
+    assert paged.decode_chunk_rows(32, paged.DECODE_CHUNK_FROM // 32) == 32
+    assert paged.decode_chunk_rows(32, paged.DECODE_CHUNK_FROM // 32 + 1) < 32
+    assert paged.decode_chunk_rows(32, most // 4) == 4
+    assert paged.decode_chunk_rows(24, most // 5) == 4  # 5 do not divide 24
+    assert paged.decode_chunk_rows(7, most) == 1  # 7 is prime
+    assert paged.decode_chunk_rows(8, most * 2) == 2  # one row over the chunk's keys: two rows a chunk
+
+
+@pytest.mark.parametrize(
+    ("group", "window", "soft_cap", "cache_dtype"),
+    [
+        (1, None, None, jnp.float32),
+        (3, None, None, jnp.float16),
+        (7, 6, 5.0, jnp.float32),
+        (3, 6, None, jnp.float16),
+    ],
+)
+def test_decode_in_row_chunks_equals_the_whole_batch(
+    group: int, window: int | None, soft_cap: float | None, cache_dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode rows attended a chunk at a time (2 and 4 rows a chunk; ragged rows, a padding row,
+    shuffled tables, narrowed or not, windowed or not): the same as all rows at once."""
+    lens = [47, 20, 1, 16, 0, 30, 5, 33]
+    inputs = make_inputs(
+        block_size=4,
+        group=group,
+        starts=[max(n - 1, 0) for n in lens],
+        new_tokens=[min(n, 1) for n in lens],
+        q_len=1,
+        dtype=jnp.float32,
+        table_width=12,
+        seed=group,
+    )
+    inputs["k_cache"], inputs["v_cache"] = (inputs[c].astype(cache_dtype) for c in ("k_cache", "v_cache"))
+    options = dict(scale=0.3, sliding_window=window, soft_cap=soft_cap)
+    attend = functools.partial(paged_attention_xla, **inputs, **options)
+    monkeypatch.setattr(paged, "DECODE_CHUNK_ELEMENTS", 2**62)
+    whole = {narrowed: np.asarray(attend(narrowed=narrowed)) for narrowed in (None, False)}
+    assert "scan" not in str(jax.make_jaxpr(lambda: attend())())  # a new function: traced again
+    pages = 12 if window is None else 3  # the table's width, or the pages a window of 6 keys spans
+    row = pages * 4 * 2 * 32  # a row's key elements: blocks of 4 keys, 2 KV heads of 32
+    monkeypatch.setattr(paged, "DECODE_CHUNK_FROM", 0)
+    for rows in (2, 4):
+        monkeypatch.setattr(paged, "DECODE_CHUNK_ELEMENTS", rows * row)
+        assert "scan" in str(jax.make_jaxpr(lambda: attend())())  # the rows' loop
+        for narrowed, expected in whole.items():
+            out = np.asarray(attend(narrowed=narrowed))
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6, err_msg=f"{rows} rows a chunk")
