@@ -212,6 +212,15 @@ def chat_params(
     return params
 
 
+def chat_prompt(
+    ctx: ServerContext, req: ChatCompletionRequest, messages: list[dict[str, Any]], plan: ToolPlan | None
+) -> str:
+    """The prompt a conversation and its tool plan render to: the text the chat route feeds and
+    /tokenize counts (the generic tool format rewrites the messages; typed-part templates get parts)."""
+    rendered = template_messages(ctx, tool_conversation(ctx.chat_tokenizer, plan, messages))
+    return prompt_text(ctx, req, rendered, plan.template_tools if plan else None)
+
+
 @post(ROUTE.removeprefix("/v1"), status_code=200)
 async def chat_completions(request: Request, ctx: ServerContext) -> Response:
     record = RequestRecord(new_id("chatcmpl"), ROUTE)
@@ -226,12 +235,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         plan = tool_plan(
             ctx.chat_tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_call_parser
         )
-        rendered = prompt_text(
-            ctx,
-            req,
-            template_messages(ctx, tool_conversation(ctx.chat_tokenizer, plan, messages)),
-            plan.template_tools if plan else None,
-        )
+        rendered = chat_prompt(ctx, req, messages, plan)
         ids, placed = place_request_images(ctx, rendered, images)
         if req.truncate_prompt_tokens is not None and placed is not None:
             raise APIError(

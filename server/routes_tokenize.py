@@ -11,8 +11,9 @@ from litestar import Request, post
 from server.body import read_json
 from server.context import ServerContext
 from server.errors import APIError
-from server.routes_chat import conversation, prompt_text
+from server.routes_chat import chat_prompt, conversation
 from server.schemas import ChatMessage
+from server.tools import tool_plan
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -55,7 +56,8 @@ def _rendered(ctx: ServerContext, req: TokenizeRequest) -> tuple[str, Any]:
     messages, images = conversation(req.messages or [])
     if images:
         raise APIError(400, "tokenize does not take images", param="messages")
-    return prompt_text(ctx, req, messages, req.tools), ctx.chat_tokenizer  # type: ignore[arg-type]
+    plan = tool_plan(ctx.chat_tokenizer, req.tools, None, None, ctx.tool_call_parser)
+    return chat_prompt(ctx, req, messages, plan), ctx.chat_tokenizer  # type: ignore[arg-type]
 
 
 @post("/tokenize", status_code=200)

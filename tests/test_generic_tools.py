@@ -141,6 +141,17 @@ def test_server_streams_the_calls_it_answers_whole(llm):
         validate(call.model_dump())
 
 
+def test_tokenize_counts_the_prompt_the_chat_route_feeds(llm):
+    """/tokenize with tools renders them as the chat route does (here: the generic format's system
+    turn, which the template could not render from `tools` itself)."""
+    with TestClient(create_app(llm, served_model_name="m")) as c:
+        plain = c.post("/tokenize", json={"messages": ASK}).json()["count"]
+        counted = c.post("/tokenize", json={"messages": ASK, "tools": [WEATHER]}).json()["count"]
+        body = {"messages": ASK, "tools": [WEATHER], "max_tokens": 1}
+        usage = c.post("/v1/chat/completions", json=body).json()["usage"]
+    assert counted == usage["prompt_tokens"] > plain
+
+
 def test_generic_parser():
     parser = GenericParser()
     call = '{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]}'
