@@ -66,6 +66,13 @@ def make_inputs(
     )
 
 
+def decode_inputs(lens: list[int], **kwargs) -> dict:
+    """`make_inputs` for one decode token a row over contexts of `lens` keys (0: a padding row)."""
+    return make_inputs(
+        starts=[max(n - 1, 0) for n in lens], new_tokens=[min(n, 1) for n in lens], q_len=1, **kwargs
+    )
+
+
 def check(inputs: dict, *, scale: float = 0.2, sliding_window=None, soft_cap=None, **tuning) -> None:
     options = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     out = paged_attention_pallas(**inputs, **options, **tuning)
@@ -89,14 +96,7 @@ DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf
 def test_decode(block_size: int, group: int, dtype) -> None:
     # contexts: one key, exactly one and two blocks, one past a block, ragged, and a padding row
     lens = [1, block_size, 2 * block_size, block_size + 1, 3 * block_size - 3, 0]
-    inputs = make_inputs(
-        block_size=block_size,
-        group=group,
-        starts=[max(n - 1, 0) for n in lens],
-        new_tokens=[min(n, 1) for n in lens],
-        q_len=1,
-        dtype=dtype,
-    )
+    inputs = decode_inputs(lens, block_size=block_size, group=group, dtype=dtype)
     check(inputs)
 
 
@@ -241,16 +241,7 @@ def test_windowed_decode_equals_the_whole_table(
     monkeypatch.setattr(read_widths, "NARROW_MIN_KEYS", 0)
     lens = [47, 20, 1, 16, 0, 30, 5]
     for rows in (lens[:1], lens):
-        inputs = make_inputs(
-            block_size=4,
-            group=group,
-            starts=[max(n - 1, 0) for n in rows],
-            new_tokens=[min(n, 1) for n in rows],
-            q_len=1,
-            dtype=jnp.float32,
-            table_width=12,
-            seed=group,
-        )
+        inputs = decode_inputs(rows, block_size=4, group=group, dtype=jnp.float32, table_width=12, seed=group)
         options = dict(scale=0.3, sliding_window=window, soft_cap=soft_cap)
         whole = paged_attention_xla(**inputs, **options, narrowed=False)
         windowed = paged_attention_xla(**inputs, **options)
@@ -300,16 +291,7 @@ def test_decode_in_row_chunks_equals_the_whole_batch(
     """Decode rows attended a chunk at a time (2 and 4 rows a chunk; ragged rows, a padding row,
     shuffled tables, narrowed or not, windowed or not): the same as all rows at once."""
     lens = [47, 20, 1, 16, 0, 30, 5, 33]
-    inputs = make_inputs(
-        block_size=4,
-        group=group,
-        starts=[max(n - 1, 0) for n in lens],
-        new_tokens=[min(n, 1) for n in lens],
-        q_len=1,
-        dtype=jnp.float32,
-        table_width=12,
-        seed=group,
-    )
+    inputs = decode_inputs(lens, block_size=4, group=group, dtype=jnp.float32, table_width=12, seed=group)
     inputs["k_cache"], inputs["v_cache"] = (inputs[c].astype(cache_dtype) for c in ("k_cache", "v_cache"))
     options = dict(scale=0.3, sliding_window=window, soft_cap=soft_cap)
     attend = functools.partial(paged_attention_xla, **inputs, **options)
