@@ -317,10 +317,11 @@ class LLM:
         """Generate for each prompt; results come back in prompt order. A prompt is text, token ids, or
         vLLM's `{"prompt": text}` / `{"prompt_token_ids": ids}`, either with `"multi_modal_data":
         {"image": PIL image or list}` (the text holding the model's image marker per image; see
-        `jaxrs.prompt_inputs`). `images`: each prompt's placed images (`jaxrs.vision.prompt.place_images`;
-        `chat` makes them). `lora`: the adapter every prompt runs with, or one per prompt (None: the base
-        model); or vLLM's `lora_request` (`LoRARequest(name, id, path)`, or one per prompt: loaded from
-        its path on first use, see `requested_adapters`)."""
+        `jaxrs.prompt_inputs`) and with `"cache_salt"` (prefix-cache blocks shared only within a salt).
+        `images`: each prompt's placed images (`jaxrs.vision.prompt.place_images`; `chat` makes them).
+        `lora`: the adapter every prompt runs with, or one per prompt (None: the base model); or vLLM's
+        `lora_request` (`LoRARequest(name, id, path)`, or one per prompt: loaded from its path on first
+        use, see `requested_adapters`)."""
         if lora_request is not None:
             if lora is not None:
                 raise JaxrsError("give lora or lora_request, not both")
@@ -347,7 +348,7 @@ class LLM:
         requests = []
         try:
             for x, p in zip(inputs, params_list, strict=True):
-                requests.append(self.engine.add_request(x.ids, p, images=x.images))
+                requests.append(self.engine.add_request(x.ids, p, images=x.images, cache_salt=x.cache_salt))
             self._run(requests, use_tqdm)
         finally:
             for r in requests:

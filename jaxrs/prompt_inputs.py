@@ -1,7 +1,8 @@
 """The prompt shapes `LLM.generate` takes, vLLM's among them: a string, a list of token ids, a `TextPrompt`
 (`{"prompt": text}`) or a `TokensPrompt` (`{"prompt_token_ids": ids}`), either dict with
 `multi_modal_data={"image": image or [images]}` for a vision-language model (a `TokensPrompt` may carry
-its `prompt` text too: the ids are fed, the text reported). Text is tokenized as a plain
+its `prompt` text too: the ids are fed, the text reported), and either with vLLM's `cache_salt` (only
+prompts with the same salt share prefix-cache blocks). Text is tokenized as a plain
 prompt is (the tokenizer's BOS added); each image needs its place in the prompt, the model's marker
 (`<image>`, `<|image_1|>`) in the text or the marker's token ids in the ids, as vLLM's prompts do."""
 
@@ -18,16 +19,18 @@ from jaxrs.vision.media import ImageError, MediaPolicy
 from jaxrs.vision.prompt import ImagePrompt, assemble_prompt, place_images
 
 Prompt = str | list[int] | Mapping[str, Any]
-PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data", "cache_salt")
 
 
 @dataclasses.dataclass
 class PromptInput:
-    """One prompt ready for the engine: its text (None when given as ids), token ids and placed images."""
+    """One prompt ready for the engine: its text (None when given as ids), token ids, placed images and
+    prefix-cache salt."""
 
     text: str | None
     ids: list[int]
     images: ImagePrompt | None = None
+    cache_salt: str | None = None
 
 
 def is_one_prompt(prompts: object) -> bool:
@@ -50,6 +53,14 @@ def prompt_input(
     unknown = sorted(set(prompt) - set(PROMPT_KEYS))
     if unknown:
         raise JaxrsError(f"unsupported prompt keys {unknown} (supported: {', '.join(PROMPT_KEYS)})")
+    return dataclasses.replace(
+        _mapped_input(prompt, tokenizer, vision, policy), cache_salt=prompt.get("cache_salt")
+    )
+
+
+def _mapped_input(
+    prompt: Mapping[str, Any], tokenizer: Any, vision: VisionModel | None, policy: MediaPolicy
+) -> PromptInput:
     text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
     if text is None and ids is None:
         raise JaxrsError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")

@@ -127,15 +127,19 @@ async def generate_all(
     params: SamplingParams,
     request_id: str,
     images: object = None,
+    cache_salt: str | None = None,
 ) -> AsyncGenerator[tuple[int, RequestUpdate], None]:
     """Yield (prompt index, update) for every prompt's engine request until all have finished.
-    `images`: the placed images of a single prompt (`jaxrs.vision.prompt.ImagePrompt`)."""
+    `images`: the placed images of a single prompt (`jaxrs.vision.prompt.ImagePrompt`); `cache_salt`:
+    vLLM's prefix-cache salt (blocks shared only with requests of the same salt)."""
     queue: asyncio.Queue[tuple[int, RequestUpdate | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, ids: list[int]) -> None:
         rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            extra = {"images": images} if images is not None else {}  # text-only calls keep the old shape
+            # text-only, unsalted calls keep the old shape
+            extra = {"images": images} if images is not None else {}
+            extra |= {"cache_salt": cache_salt} if cache_salt is not None else {}
             async for update in driver.generate(ids, params, request_id=rid, **extra):
                 queue.put_nowait((i, update))
         except Exception as e:

@@ -253,7 +253,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
             top = req.prompt_logprobs
             scores = await score_prompts(driver, [ids], max(top, 1), params.lora, "prompt_logprobs")
             scored = prompt_entries(ctx.llm.engine, scores, top)
-        updates = generate_all(driver, [ids], params, record.id, images=placed)
+        updates = generate_all(driver, [ids], params, record.id, images=placed, cache_salt=req.cache_salt)
         if req.stream:
             return event_stream(_stream(ctx, req, record, updates, plan))
         choices = Choices(1, req.n)

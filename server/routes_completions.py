@@ -104,7 +104,7 @@ async def completions(request: Request, ctx: ServerContext) -> Response:
         if req.echo and req.max_tokens == 0:  # scoring the prompt only, as evaluation harnesses do
             updates = _prompts_only(record.id, list(ids), req.n)
         else:
-            updates = generate_all(driver, list(ids), params, record.id)
+            updates = generate_all(driver, list(ids), params, record.id, cache_salt=req.cache_salt)
         echoes = [texts[i // req.n] if req.echo else "" for i in range(len(ids) * req.n)]
         echoed = [scored[i // req.n] for i in range(len(ids) * req.n)] if scored else None
         if req.stream:

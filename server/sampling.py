@@ -52,6 +52,8 @@ def sampling_params(
 ) -> SamplingParams:
     """Build the engine's parameters; `max_tokens`, `logprobs` and the output `grammar` (see
     `server.structured`) are already resolved per endpoint."""
+    if req.cache_salt is not None and not req.cache_salt:
+        raise APIError(400, "cache_salt must be a non-empty string", param="cache_salt")
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], not {req.n}", param="n")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:  # OpenAI's and vLLM's int64

@@ -68,6 +68,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False  # vLLM's: the matched stop string stays in the text
     speculative: bool = True  # extension: false turns speculative decoding off for this request
     xlora_scalings: bool = False  # extension: an X-LoRA answer carries each choice's latest scalings
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only with the same salt
     # vLLM's extras (`jaxrs.engine.sampling.SamplingParams`).
     min_tokens: int | None = None
     allowed_token_ids: list[int] | None = None

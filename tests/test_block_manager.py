@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import pytest
 
-from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.block_manager import BlockManager, BlockTable, SaltedKey, salted
+from jaxrs.errors import JaxrsError
 
 
-def filled(bm: BlockManager, tokens: list[int]) -> BlockTable:
+def filled(bm: BlockManager, tokens: list[int], extra: Hashable = None) -> BlockTable:
     """A table holding `tokens`, all computed and registered."""
     table = BlockTable()
-    bm.match_prefix(table, tokens)
+    bm.match_prefix(table, tokens, extra)
     assert bm.grow(table, len(tokens))
-    bm.register_full_blocks(table, tokens, len(tokens))
+    bm.register_full_blocks(table, tokens, len(tokens), extra)
     return table
 
 
@@ -119,3 +122,25 @@ def test_prefix_cache_counters_carry_over_to_a_new_pool():
     new = BlockManager(8, 8, stats=old.stats)
     filled(new, list(range(16)))
     assert new.stats is old.stats and new.stats.queries == 32
+
+
+def test_a_cache_salt_keys_the_first_block_so_only_equal_salts_share():
+    """vLLM's cache_salt: the salt joins the first block's key, and the chain carries it on."""
+    bm = BlockManager(16, 8)
+    prompt = list(range(24))
+    filled(bm, prompt)  # unsalted
+    salt = salted(None, "a")
+    assert salted("adapter", None) == "adapter"
+    assert salt.block_key(0, 8) == ("cache_salt", "a", None) and salt.block_key(8, 16) is None
+
+    def covered(extra) -> int:
+        table = BlockTable()
+        n = bm.match_prefix(table, prompt, extra)
+        bm.free(table)
+        return n
+
+    assert covered(salt) == 0 and covered(None) == 16
+    filled(bm, prompt, salt)
+    assert covered(SaltedKey("a")) == 16 and covered(salted(None, "b")) == 0 and covered(None) == 16
+    with pytest.raises(JaxrsError, match="cache_salt must be a non-empty string"):
+        salted(None, "")

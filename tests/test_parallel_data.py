@@ -18,7 +18,9 @@ class FakeDriver:
         self.seen, self.calls = [], 0
         self.num_waiting = self.num_running = 0
 
-    async def generate(self, prompt_ids, params, *, request_id=None, cache_key=None, images=None):
+    async def generate(
+        self, prompt_ids, params, *, request_id=None, cache_key=None, images=None, cache_salt=None
+    ):
         self.seen.append((prompt_ids, images))
         yield "update"
 

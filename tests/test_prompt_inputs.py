@@ -102,3 +102,23 @@ def test_an_image_without_its_marker_is_refused(llava):
     llm = LLM(str(path), dtype="float32", kv_cache_dtype="float32", packed=False, block_size=8)
     with pytest.raises(JaxrsError, match="image"):
         llm.generate({"prompt": "w5 w6", "multi_modal_data": {"image": random_image(10, 10)}}, GREEDY)
+
+
+def test_a_cache_salt_shares_the_prefix_cache_only_within_the_salt(structured_llm):
+    """vLLM's `{"prompt": ..., "cache_salt": ...}`: a cached prompt is found again under its own salt,
+    never under another or none."""
+    text = "a prompt long enough to fill a few prefix-cache blocks, " * 2
+    one = SamplingParams(temperature=0, max_tokens=1)
+
+    def cached(prompt: dict) -> int:
+        return structured_llm.generate(prompt, one, use_tqdm=False)[0].num_cached_tokens
+
+    salts = [{"cache_salt": s} for s in ("tenant-a", "tenant-b")]
+    assert cached({"prompt": text} | salts[0]) == 0
+    assert cached({"prompt": text} | salts[1]) == 0
+    assert cached({"prompt": text}) == 0
+    assert cached({"prompt": text} | salts[0]) > 0
+    assert cached({"prompt_token_ids": structured_llm.tokenizer.encode(text)} | salts[1]) > 0
+    with pytest.raises(JaxrsError, match="cache_salt must be a non-empty string"):
+        structured_llm.generate({"prompt": text, "cache_salt": ""}, one, use_tqdm=False)
+    assert not structured_llm.engine.has_unfinished()

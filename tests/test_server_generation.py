@@ -148,3 +148,29 @@ def test_continuous_usage_stats_give_each_chunk_its_choices_running_usage(oai):
         oai.chat.completions.create(messages=ASK, stream_options={"continuous_usage_stats": True}, **kwargs)
     )
     assert all(c.usage is None for c in plain)  # only beside include_usage, as vLLM reads it
+
+
+def test_a_cache_salt_isolates_the_prefix_cache(client, oai, structured_llm):
+    """vLLM's `cache_salt` on both routes: the same prompt under another salt finds nothing cached (the
+    engine's hit counter stands still); under its own salt it hits. An empty salt is a 400."""
+    stats = structured_llm.engine.blocks.stats
+    prompt = "the same long prompt, sent under two salts to see which finds it cached. " * 2
+    chat = [{"role": "user", "content": prompt}]
+
+    def hits(route: str, salt: str) -> int:
+        before = stats.hits
+        if route == CHAT:
+            oai.chat.completions.create(
+                model="m", messages=chat, max_tokens=1, extra_body={"cache_salt": salt}
+            )
+        else:
+            oai.completions.create(model="m", prompt=prompt, max_tokens=1, extra_body={"cache_salt": salt})
+        return stats.hits - before
+
+    for route in (CHAT, COMPLETIONS):
+        assert hits(route, f"{route}-a") == 0
+        assert hits(route, f"{route}-b") == 0
+        assert hits(route, f"{route}-a") > 0
+        assert hits(route, f"{route}-b") > 0
+    for route, body in bodies(cache_salt=""):
+        assert_400(client.post(route, json=body), "cache_salt")

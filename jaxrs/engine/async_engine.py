@@ -118,6 +118,7 @@ class AsyncEngine:
         request_id: str | None = None,
         cache_key: Hashable = None,
         images: Any = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestUpdate]:
         """Submit a request and yield its updates until it finishes; leaving early aborts it."""
         self.engine.validate(prompt_ids, params)
@@ -126,7 +127,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         sink: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = (asyncio.get_running_loop(), sink)
-        self._commands.put(("add", request_id, prompt_ids, params, cache_key, images))
+        self._commands.put(("add", request_id, prompt_ids, params, cache_key, images, cache_salt))
         self._wake.set()
         finished = False
         try:
@@ -223,13 +224,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt_ids, params, cache_key, images = command
+                _, request_id, prompt_ids, params, cache_key, images, cache_salt = command
                 if request_id not in self._sinks:  # the client left before admission
                     self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
                     continue
                 try:
                     self._requests[request_id] = self.engine.add_request(
-                        prompt_ids, params, request_id, cache_key, images
+                        prompt_ids, params, request_id, cache_key, images, cache_salt
                     )
                     self.stats.prompt_tokens += len(prompt_ids)
                 except JaxrsError as e:

@@ -4,8 +4,11 @@ Prefix caching: once a block is full, its content is named by a chain hash of (t
 hash, the block's token ids, extra keys such as an adapter or image id). A later sequence whose prompt
 starts with the same blocks reuses them instead of recomputing their K/V. A hash is not proof of equal
 content, so a block found by its hash is reused only if the key it was registered with (parent hash,
-token ids, extra key) equals the lookup's; a collision is a miss. Blocks nobody references stay cached
-until their space is needed; they are evicted least recently used first.
+token ids, extra key) equals the lookup's; a collision is a miss. A request's `cache_salt` (vLLM's)
+joins its first block's extra key (`SaltedKey`), so through the chain every block of a salted request
+hashes apart from any other salt's (or none): only requests with equal salts share cached blocks.
+Blocks nobody references stay cached until their space is needed; they are evicted least recently used
+first.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 from jaxrs.engine.options import BLOCK_SIZES
+from jaxrs.errors import JaxrsError
 
 
 @dataclasses.dataclass
@@ -39,6 +43,29 @@ def block_extra(extra: Hashable, start: int, end: int) -> Hashable:
     """The extra key of the block holding tokens [start, end): a key with a `block_key` (images) names
     only what overlaps that block."""
     return extra.block_key(start, end) if hasattr(extra, "block_key") else extra
+
+
+@dataclasses.dataclass(frozen=True)
+class SaltedKey:
+    """A request's extra key with its `cache_salt`: the salt joins the first block's key only (as in
+    vLLM); the blocks after it differ through their parent hash."""
+
+    salt: str
+    base: Hashable = None
+
+    def block_key(self, start: int, end: int) -> Hashable:
+        base = block_extra(self.base, start, end)
+        return ("cache_salt", self.salt, base) if start == 0 else base
+
+
+def salted(extra: Hashable, salt: str | None) -> Hashable:
+    """`extra` with `salt` (None: no salt, `extra` itself); a salt that is not a non-empty string is a
+    JaxrsError, as vLLM refuses it."""
+    if salt is None:
+        return extra
+    if not isinstance(salt, str) or not salt:
+        raise JaxrsError("cache_salt must be a non-empty string")
+    return SaltedKey(salt, extra)
 
 
 def chain_hash(parent: int | None, tokens: Sequence[int], extra: Hashable = None) -> int:

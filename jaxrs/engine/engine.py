@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrs.engine.batch_invariance import invariant_kernels
-from jaxrs.engine.block_manager import BlockManager, BlockTable
+from jaxrs.engine.block_manager import BlockManager, BlockTable, salted
 from jaxrs.engine.options import (
     CPU_KV_CACHE_DTYPE,
     CPU_KV_CACHE_FREE_SHARE,
@@ -344,16 +344,18 @@ class Engine:
         request_id: str | None = None,
         cache_key: Hashable = None,
         images: ImagePrompt | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         """Queue a request; raises JaxrsError (and queues nothing) if it cannot be served. `images`: the
-        prompt's images (`jaxrs.vision.prompt.place_images`), which key its prefix-cache blocks."""
+        prompt's images (`jaxrs.vision.prompt.place_images`), which key its prefix-cache blocks.
+        `cache_salt` (vLLM's): only requests with the same salt share prefix-cache blocks."""
         prompt_ids = truncated_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len)
         self.validate(prompt_ids, params)
         if images is not None:
             require_vision(self.model.vision, self.source)
             cache_key = images.cache_key(cache_key)
 
-        cache_key = self._adapter_key(params.lora, cache_key)
+        cache_key = salted(self._adapter_key(params.lora, cache_key), cache_salt)
         params = params.with_defaults(self.model.generation_config)
         params = resolve_token_ids(params, self.tokenizer, self._eos)
         request_id = request_id or f"req-{next(self._ids)}"

@@ -125,6 +125,7 @@ class ReplicaRouter:
         request_id: str | None = None,
         cache_key: Hashable = None,
         images: Any = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestUpdate]:
         """`AsyncEngine.generate` on the replica `pick` chooses."""
         if self.num_waiting >= self.max_waiting:
@@ -134,7 +135,12 @@ class ReplicaRouter:
         self.routed[i] += 1
         try:
             async for update in self.drivers[i].generate(
-                prompt_ids, params, request_id=request_id, cache_key=cache_key, images=images
+                prompt_ids,
+                params,
+                request_id=request_id,
+                cache_key=cache_key,
+                images=images,
+                cache_salt=cache_salt,
             ):
                 yield update
         finally:
