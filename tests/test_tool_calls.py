@@ -49,6 +49,20 @@ def test_hermes_leaves_malformed_calls_as_text():
     assert [c.name for c in HermesParser().parse(cut, final=True).calls] == ["weather", "time"]
 
 
+@pytest.mark.parametrize("tail", ["", "\n", "\n</tool", "\n</tool_call"])
+def test_hermes_takes_a_whole_call_whose_closing_tag_was_cut(tail):
+    """A forced call cut at max_tokens after its JSON, before `</tool_call>`, is still a call, as vLLM's
+    hermes parser reads an unclosed final block; the whole-call and streamed readings agree."""
+    text = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": [1, 2]}}' + tail
+    parsed = HermesParser().parse(text, final=True)
+    assert parsed.content == "Sure." and [(c.name, c.arguments, c.complete) for c in parsed.calls] == [
+        ("f", '{"a": [1, 2]}', True)
+    ]
+    stream = ToolCallStream(HermesParser())
+    deltas = [d for ch in text for d in stream.push(ch, final=False)[1]] + stream.push("", final=True)[1]
+    assert "".join(d["arguments"] for d in deltas) == '{"a": [1, 2]}'
+
+
 # Qwen2.5-Coder-0.5B's answer (temperature 0) to "What's the weather in Paris?" with a weather tool:
 # a fenced JSON object, not the <tool_call> block its template asks for.
 FENCED = (

@@ -179,7 +179,8 @@ class HermesParser(ToolCallParser):
             body = text[body_start : end if complete else len(text)]
             if not complete:  # the closing tag may have begun
                 body = body[: len(body) - _partial_suffix(body, self.CLOSE)]
-            call = _call_body(body, complete)
+            # A final block cut before its closing tag is a call if its JSON is whole (as vLLM reads it).
+            call = (final and not complete and _call_body(body, True)) or _call_body(body, complete)
             if call is None:  # not a well-formed call: leave the text as content
                 return Parsed(text, [])
             calls.append(call)
