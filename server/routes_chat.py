@@ -315,7 +315,7 @@ async def _stream(
     created, model = int(record.timestamp), record.model or ctx.served_name
     tokenizer = ctx.llm.tokenizer
     choices = Choices(1, req.n)
-    calls = [ToolCallStream(plan.parser) for _ in range(req.n)] if plan is not None else None
+    calls = [ToolCallStream(plan.parser, plan.parallel) for _ in range(req.n)] if plan is not None else None
 
     def chunk(parts: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         if continuous and parts and usage is None:

@@ -101,6 +101,22 @@ def test_hermes_reads_bare_json_calls_of_the_tools():
     assert content is None and calls[0]["function"]["name"] == "get_weather" and reason == "tool_calls"
 
 
+def test_parallel_tool_calls_false_keeps_only_the_first_call():
+    """vLLM filters a choice's calls to the first when parallel_tool_calls is false, whole and streamed
+    (a model may write several where no grammar stops it, tool_choice "auto")."""
+    every = answer_calls(tool_plan(None, [WEATHER], "auto", None, "hermes"), HERMES, "stop")[1]
+    assert [c["function"]["name"] for c in every] == ["weather", "time"]
+    plan = tool_plan(None, [WEATHER], "auto", False, "hermes")
+    content, calls, reason = answer_calls(plan, HERMES, "stop")
+    assert content == "Let me check." and reason == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("weather", '{"city": "Paris", "days": [1, 2]}')
+    ]
+    stream = ToolCallStream(plan.parser, plan.parallel)
+    deltas = [d for ch in HERMES for d in stream.push(ch, final=False)[1]] + stream.push("", final=True)[1]
+    assert {d["index"] for d in deltas} == {0} and [d["name"] for d in deltas if "name" in d] == ["weather"]
+
+
 @pytest.mark.parametrize("step", [1, 4])
 def test_a_streamed_bare_call_holds_back_only_what_may_open_one(step):
     stream = ToolCallStream(hermes_for("get_weather"))

@@ -392,10 +392,12 @@ def parser_for_template(template: str | None) -> ToolCallParser | None:
 class ToolCallStream:
     """Turns a choice's growing text into OpenAI stream deltas: content outside calls, then per call
     its id and name first, argument fragments after. Text that may still turn out to start a call is
-    held back until it is known."""
+    held back until it is known. Without `parallel`, calls after the first are not sent (vLLM's
+    parallel_tool_calls: false)."""
 
-    def __init__(self, parser: ToolCallParser):
+    def __init__(self, parser: ToolCallParser, parallel: bool = True):
         self.parser = parser
+        self.parallel = parallel
         self.text = ""
         self.content_sent = 0
         self.ids: list[str] = []
@@ -411,7 +413,7 @@ class ToolCallStream:
         out_content = content[self.content_sent :] if len(content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         deltas = []
-        for index, call in enumerate(parsed.calls):
+        for index, call in enumerate(parsed.calls if self.parallel else parsed.calls[:1]):
             if call.name is None:
                 break
             if index == len(self.ids):

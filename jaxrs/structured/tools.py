@@ -44,6 +44,7 @@ class ToolPlan:
     parser: ToolCallParser
     grammar: Grammar | None
     forced: bool = False  # tool_choice "required" or a named function
+    parallel: bool = True  # False: only the first call is kept (vLLM's parallel_tool_calls: false)
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -134,7 +135,7 @@ def tool_plan(
         raise ToolError(f"tools: {e}", "tools") from None
     except RecursionError:
         raise ToolError("tools: a parameter schema is nested too deeply", "tools") from None
-    return ToolPlan(tools, parser, grammar, forced=choice == "required")
+    return ToolPlan(tools, parser, grammar, forced=choice == "required", parallel=parallel)
 
 
 def renders_tools(tokenizer: Tokenizer) -> bool:
@@ -178,7 +179,8 @@ def answer_calls(
 ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
     """A finished answer's content (the generic format's `response` out of its JSON), its tool calls in
     OpenAI's shape (`{id, type, function: {name, arguments}}`; None when it made none), and its finish
-    reason: "tool_calls" when it stopped after calls. Without a plan the text is all content."""
+    reason: "tool_calls" when it stopped after calls. Without a plan the text is all content; without
+    parallel calls, only the first call is kept (as vLLM filters them)."""
     parsed = plan.parser.parse(text, final=True) if plan is not None else None
     if parsed is None:
         return text, None, finish_reason
@@ -186,7 +188,7 @@ def answer_calls(
         return parsed.content, None, finish_reason
     calls = [
         {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in parsed.calls
+        for c in (parsed.calls if plan.parallel else parsed.calls[:1])
     ]
     return parsed.content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
 
