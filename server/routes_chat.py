@@ -90,6 +90,17 @@ def _tool_fields(i: int, m: ChatMessage, call_ids: set[str]) -> dict[str, Any]:
     return {}
 
 
+_DETAILS = ("auto", "low", "high")
+
+
+def _check_detail(image_url: ImageURL | str | None, param: str) -> None:
+    """OpenAI's `image_url.detail` is "auto", "low" or "high" (a model here sees each image at its own
+    processor's size whatever it says); anything else is a 400, as OpenAI and vLLM refuse it."""
+    detail = image_url.detail if isinstance(image_url, ImageURL) else None
+    if detail is not None and detail not in _DETAILS:
+        raise APIError(400, f"{param} must be 'auto', 'low' or 'high', not {detail!r}", param=param)
+
+
 def conversation(
     messages: list[ChatMessage], marker: str | None = None
 ) -> tuple[list[dict[str, Any]], list[object]]:
@@ -128,6 +139,7 @@ def conversation(
                         code="unsupported_content",
                     )
                 if part.type in _IMAGE_PARTS:
+                    _check_detail(part.image_url, f"messages[{i}].content[{j}].image_url.detail")
                     url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                     if not url:
                         raise APIError(
@@ -139,9 +151,10 @@ def conversation(
                     images.append(url)
                     continue
                 if part.type != "text":
+                    accepted = "'text' parts are" if marker is None else "'text' and 'image_url' parts are"
                     raise APIError(
                         400,
-                        f"messages[{i}].content[{j}] has type {part.type!r}; only 'text' parts are accepted",
+                        f"messages[{i}].content[{j}] has type {part.type!r}; only {accepted} accepted",
                         param=f"messages[{i}].content[{j}].type",
                     )
                 parts.append(text_part(part.text or ""))

@@ -140,12 +140,33 @@ def bomb() -> bytes:
         ("http://host.invalid/p.png", "cannot resolve"),
         ("http://127.0.0.1:9/p.png", "loopback or private"),
         ("file:///etc/passwd", "allowed-local-media-path"),
-        ("ftp://example.com/p.png", "scheme"),
+        ("ftp://example.com/p.png", r"'ftp://example.com/p.png' is not a data, http\(s\) or file URL"),
+        (
+            base64.b64encode(b"\x89PNG" * 40).decode(),
+            r"'iVBOR.*\.\.\.' is not a data, http\(s\) or file URL",
+        ),
     ],
 )
 def test_bad_images_are_400s(oai, content, message):
     with pytest.raises(openai.BadRequestError, match=message):
         oai.chat.completions.create(model="x", messages=ask(content), **GREEDY)
+
+
+def test_detail_and_part_types_are_checked_as_openai_checks_them(oai, picture):
+    """`detail` "auto", "low" or "high" is served (the processor decides the size); another is a 400
+    naming it, and a part of another type a 400 naming the types a vision model takes."""
+    url = data_url(png(picture))
+    for detail in ("auto", "low", "high"):
+        part = {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+        out = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": [part]}], **GREEDY)
+        assert out.choices[0].message.content
+    bad = {"type": "image_url", "image_url": {"url": url, "detail": "ultra"}}
+    with pytest.raises(openai.BadRequestError, match="must be 'auto', 'low' or 'high', not 'ultra'") as e:
+        oai.chat.completions.create(model="x", messages=[{"role": "user", "content": [bad]}], **GREEDY)
+    assert e.value.body["param"] == "messages[0].content[0].image_url.detail"
+    audio = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    with pytest.raises(openai.BadRequestError, match="only 'text' and 'image_url' parts are accepted"):
+        oai.chat.completions.create(model="x", messages=[{"role": "user", "content": [audio]}], **GREEDY)
 
 
 def test_too_large_and_too_many(llm, oai, picture):

@@ -163,4 +163,5 @@ def load_image(source: object, policy: MediaPolicy, what: str = "the image") -> 
         return _http_url(source, policy, what)
     if scheme == "file":
         return _file_url(source, policy, what)
-    raise ImageError(f"{what}: unsupported URL scheme {scheme!r} (data, http, https, file)")
+    shown = source if len(source) <= 40 else source[:37] + "..."
+    raise ImageError(f"{what}: {shown!r} is not a data, http(s) or file URL")
