@@ -419,8 +419,9 @@ class LLM:
         if chat_template is not None:  # a copy, so the model's own template stays for other calls
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = chat_template
-        plan = tool_plan(tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser)
-        params = tool_params(plan, sampling_params or SamplingParams())
+        params = sampling_params or SamplingParams()
+        plan = tool_plan(tokenizer, tools, tool_choice, parallel_tool_calls, tool_call_parser, params.grammar)
+        params = tool_params(plan, params)
         vision = self.engine.model.vision
         inputs = [
             chat_inputs(

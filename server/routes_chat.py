@@ -13,6 +13,7 @@ from jaxrs.chat_template import extra_template_variables
 from jaxrs.engine.async_engine import RequestUpdate
 from jaxrs.engine.sampling import MAX_LOGPROBS, SamplingParams
 from jaxrs.errors import JaxrsError
+from jaxrs.structured import Grammar
 from jaxrs.structured.tool_calls import ToolCallStream
 from jaxrs.structured.tools import (
     ToolError,
@@ -195,10 +196,14 @@ def prompt_text(
 
 
 def chat_params(
-    ctx: ServerContext, req: ChatCompletionRequest, ids: list[int], plan: ToolPlan | None = None
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    ids: list[int],
+    plan: ToolPlan | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     """max_completion_tokens wins over max_tokens; neither means "up to the context length". A forced
-    tool call's grammar and an output constraint cannot both apply."""
+    tool call's grammar and an output constraint (`grammar`, `request_grammar`'s) cannot both apply."""
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
@@ -211,7 +216,6 @@ def chat_params(
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    grammar = request_grammar(ctx.llm.engine, req)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar)
     try:
         params = tool_params(plan, params)
@@ -245,8 +249,14 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
         messages, sources = conversation(req.messages, image_marker(ctx))
         record.prompt = messages
         images = await load_request_images(ctx, sources)
+        grammar = request_grammar(ctx.llm.engine, req)
         plan = tool_plan(
-            ctx.chat_tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls, ctx.tool_call_parser
+            ctx.chat_tokenizer,
+            req.tools,
+            req.tool_choice,
+            req.parallel_tool_calls,
+            ctx.tool_call_parser,
+            grammar,
         )
         rendered = chat_prompt(ctx, req, messages, plan)
         ids, placed = place_request_images(ctx, rendered, images)
@@ -256,7 +266,7 @@ async def chat_completions(request: Request, ctx: ServerContext) -> Response:
             )
         ids = truncated(ctx.llm.engine, ids, req.truncate_prompt_tokens)
         record.prompt_tokens = len(ids)
-        params = ctx.with_adapter(chat_params(ctx, req, ids, plan), record.model)
+        params = ctx.with_adapter(chat_params(ctx, req, ids, plan, grammar), record.model)
         driver = ctx.ready_driver()
         check_capacity(driver, 1)
         if req.prompt_logprobs is not None and placed is not None:

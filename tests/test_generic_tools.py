@@ -11,15 +11,18 @@ import json
 import jsonschema
 import msgspec
 import openai
+import pydantic
 import pytest
 from litestar.testing import TestClient
 
 from jaxrs import LLM, SamplingParams
+from jaxrs.structured import Grammar
 from jaxrs.structured.generic_tools import generic_conversation
 from jaxrs.structured.tool_calls import GenericParser, Parsed, closed_objects
 from jaxrs.structured.tools import ToolError, ToolPlan, answer_calls
 from server import create_app
 from server.routes_chat import assistant_message
+from tests.schema_check import Color, Point
 from tests.structured_model import save_structured_model
 from tests.test_server_structured import ASK, CLOCK, WEATHER
 
@@ -104,13 +107,56 @@ def test_calls_and_results_round_trip_through_a_strict_template(llm):
     assert "You can call these tools" not in llm.tokenizer.decode(none.prompt_token_ids)
 
 
-def test_the_generic_format_and_another_constraint_do_not_mix(llm):
-    from jaxrs.structured import Grammar
-
-    params = SamplingParams(max_tokens=4, grammar=Grammar.json_object())
+def test_the_generic_format_and_a_constraint_other_than_json_do_not_mix(llm):
+    params = SamplingParams(max_tokens=4, grammar=Grammar.regex("[a-z]+"))
     with pytest.raises(ToolError) as error:
         llm.chat(ASK, params, tools=[WEATHER], use_tqdm=False)
     assert error.value.param == "tools" and "generic" in str(error.value)
+    forced = SamplingParams(max_tokens=4, grammar=Grammar.json_object())
+    with pytest.raises(ToolError, match="forces a tool call"):
+        llm.chat(ASK, forced, tools=[WEATHER], tool_choice="required", use_tqdm=False)
+
+
+class Reading(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=6)
+    kind: Color  # a `$defs` reference, as pydantic writes nested types
+
+
+def test_a_json_response_format_joins_auto_answers(llm):
+    """`client.chat.completions.parse(response_format=Model, tools=[...])` on a model without tool
+    rendering: an "auto" answer is a call or an object of the response format (no `{"response"}`
+    wrapper), returned whole as content, whole and streamed, and the prompt names the schema."""
+    schema = openai.lib._pydantic.to_strict_json_schema(Reading)
+    tools = [openai.pydantic_function_tool(Point)]
+    with TestClient(create_app(llm, served_model_name="m")) as c:
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=0)
+        kinds = set()
+        for seed in range(6):
+            kwargs = dict(
+                model="m", messages=ASK, max_tokens=150, temperature=1.0, seed=seed, response_format=Reading
+            )
+            try:
+                out = oai.chat.completions.parse(**kwargs, tools=tools).choices[0]
+            except openai.LengthFinishReasonError:  # a random model may ramble past max_tokens
+                continue
+            message = out.message
+            if message.tool_calls:
+                kinds.add("call")
+                assert out.finish_reason == "tool_calls" and message.content is None
+                assert isinstance(message.tool_calls[0].function.parsed_arguments, Point)
+            else:
+                kinds.add("answer")
+                assert isinstance(message.parsed, Reading), message.content
+                with oai.chat.completions.stream(**kwargs, tools=tools) as stream:
+                    for _ in stream:
+                        pass
+                assert stream.get_final_completion().choices[0].message.parsed == message.parsed
+        assert kinds == {"call", "answer"}
+    one = SamplingParams(max_tokens=1, grammar=Grammar.json_schema(schema))
+    (out,) = llm.chat(ASK, one, tools=[WEATHER], use_tqdm=False)
+    prompt = llm.tokenizer.decode(out.prompt_token_ids)
+    assert "a JSON object of this schema" in prompt and '"$defs"' in prompt and '"response"' not in prompt
+    assert llm.engine.blocks.num_used == 0
 
 
 def test_server_streams_the_calls_it_answers_whole(llm):

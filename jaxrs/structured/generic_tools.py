@@ -13,8 +13,9 @@ from typing import Any
 CALL_EXAMPLE = '{"tool_calls": [{"name": "<tool name>", "arguments": {<the arguments>}}]}'
 
 
-def tools_prompt(tools: list[dict[str, Any]], forced: bool) -> str:
-    """The system text describing `tools` and the answer's JSON shape."""
+def tools_prompt(tools: list[dict[str, Any]], forced: bool, reply: Any = None) -> str:
+    """The system text describing `tools` and the answer's JSON shape (`reply`: the schema a direct
+    answer follows, the request's response_format, instead of `{"response": ...}`)."""
     described = [
         {
             "name": t["function"]["name"],
@@ -23,12 +24,18 @@ def tools_prompt(tools: list[dict[str, Any]], forced: bool) -> str:
         }
         for t in tools
     ]
-    shape = (
-        f"Answer with one JSON object that calls them: {CALL_EXAMPLE}."
-        if forced
-        else f"Answer with one JSON object: {CALL_EXAMPLE} to call tools, "
-        'or {"response": "<your answer>"} to answer directly.'
-    )
+    if forced:
+        shape = f"Answer with one JSON object that calls them: {CALL_EXAMPLE}."
+    elif reply is not None:
+        shape = (
+            f"Answer with one JSON object: {CALL_EXAMPLE} to call tools, or, to answer directly, "
+            f"a JSON object of this schema: {json.dumps(reply)}."
+        )
+    else:
+        shape = (
+            f"Answer with one JSON object: {CALL_EXAMPLE} to call tools, "
+            'or {"response": "<your answer>"} to answer directly.'
+        )
     return f"You can call these tools (their arguments as JSON schemas):\n{json.dumps(described)}\n\n{shape}"
 
 
@@ -52,7 +59,10 @@ def _call_json(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def generic_conversation(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, forced: bool = False
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    forced: bool = False,
+    reply: Any = None,
 ) -> list[dict[str, Any]]:
     """`messages` for a template without tools: the tools' description joined to the system turn
     (one is added when there is none; None: no tools offered), each assistant's `tool_calls` as its
@@ -79,7 +89,7 @@ def generic_conversation(
             out.append(dict(m))
         previous_role = role
     if tools:
-        prompt = tools_prompt(tools, forced)
+        prompt = tools_prompt(tools, forced, reply)
         if out and out[0].get("role") == "system":
             out[0] = {**out[0], "content": f"{_text(out[0].get('content'))}\n\n{prompt}".lstrip()}
         else:

@@ -319,9 +319,11 @@ def _cut_answer(text: str) -> dict[str, Any]:
 
 class GenericParser(ToolCallParser):
     """The answer is one JSON object: `{"tool_calls": [{"name", "arguments"}, ...]}` or `{"response":
-    text}`. Nothing is known before it is whole, so a stream sends it all at the end."""
+    text}` (with `raw_response`, a direct answer is the JSON the request's response_format asks for,
+    returned whole as content). Nothing is known before it is whole, so a stream sends it all at the end."""
 
     name = "generic"
+    raw_response: Any = None
 
     def parse(self, text: str, final: bool) -> Parsed:
         if not final:
@@ -329,8 +331,10 @@ class GenericParser(ToolCallParser):
         try:
             answer = json.loads(text)
         except ValueError:  # cut at max_tokens: the whole calls before the cut stand, or the response
-            answer = _cut_answer(text)
-        if isinstance(answer, dict) and isinstance(answer.get("response"), str):
+            answer = (
+                {"tool_calls": _whole_calls(text)} if self.raw_response is not None else _cut_answer(text)
+            )
+        if self.raw_response is None and isinstance(answer, dict) and isinstance(answer.get("response"), str):
             return Parsed(answer["response"], [])
         items = answer.get("tool_calls") if isinstance(answer, dict) else None
         if not isinstance(items, list) or not items:
@@ -356,14 +360,20 @@ class GenericParser(ToolCallParser):
     def grammar(self, tools: list[dict[str, Any]], parallel: bool, tokenizer: Tokenizer) -> Grammar:
         return Grammar.json_schema(self._calls_schema(tools, parallel))
 
-    def answer_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> Grammar:
-        """`tool_choice` "auto": calls, or a direct answer under "response"."""
+    def answer_grammar(self, tools: list[dict[str, Any]], parallel: bool, reply: Any = None) -> Grammar:
+        """`tool_choice` "auto": calls, or a direct answer under "response" (or, given the schema of
+        the request's JSON `reply`, one of that schema: its own resource, so its local references
+        resolve)."""
         response = {
             "type": "object",
             "properties": {"response": {"type": "string"}},
             "required": ["response"],
             "additionalProperties": False,
         }
+        if isinstance(reply, dict):
+            response = reply if "$id" in reply else {"$id": "urn:jaxrs:response", **reply}
+        elif reply is not None:
+            response = reply
         return Grammar.json_schema({"anyOf": [self._calls_schema(tools, parallel), response]})
 
 

@@ -45,6 +45,9 @@ class ToolPlan:
     grammar: Grammar | None
     forced: bool = False  # tool_choice "required" or a named function
     parallel: bool = True  # False: only the first call is kept (vLLM's parallel_tool_calls: false)
+    # The generic format under "auto" with a JSON output constraint: the schema a direct answer follows
+    # (in place of `{"response": ...}`); the constraint joins the calls instead of being refused.
+    response: Any = None
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -95,12 +98,25 @@ def _chosen(tool_choice: Any, tools: list[dict[str, Any]]) -> tuple[str, list[di
     )
 
 
+def json_reply(response: Grammar | None) -> Any:
+    """The JSON schema an output constraint holds answers to (None: not a JSON constraint)."""
+    if response is None or response.kind not in ("json_schema", "json_object"):
+        return None
+    return response.value if response.kind == "json_schema" else {"type": "object"}
+
+
 def tool_plan(
-    tokenizer: Tokenizer, tools: Any, tool_choice: Any, parallel: bool | None, parser_name: str | None
+    tokenizer: Tokenizer,
+    tools: Any,
+    tool_choice: Any,
+    parallel: bool | None,
+    parser_name: str | None,
+    response: Grammar | None = None,
 ) -> ToolPlan | None:
     """None when the request has no tools or `tool_choice` is "none" (the tools are then left out of
     the prompt). A model whose chat template renders no tools takes the generic format; one that
-    renders them in a format no parser knows needs a parser named."""
+    renders them in a format no parser knows needs a parser named. `response`: the request's output
+    constraint, which a generic "auto" answer follows when it is JSON (`response_format`)."""
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
             raise ToolError("tool_choice needs tools", "tool_choice")
@@ -124,18 +140,20 @@ def tool_plan(
     parser.tool_names = frozenset(t["function"]["name"] for t in allowed)
     # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
     parallel = parallel is not False and not isinstance(tool_choice, dict)
+    reply = None
     try:
         if choice == "required":
             grammar = parser.grammar(allowed, parallel, tokenizer)
         elif isinstance(parser, GenericParser):  # its answers are always JSON: a call or a response
-            grammar = parser.answer_grammar(allowed, parallel)
+            reply = parser.raw_response = json_reply(response)
+            grammar = parser.answer_grammar(allowed, parallel, reply)
         else:
             grammar = None
     except GrammarError as e:
         raise ToolError(f"tools: {e}", "tools") from None
     except RecursionError:
         raise ToolError("tools: a parameter schema is nested too deeply", "tools") from None
-    return ToolPlan(tools, parser, grammar, forced=choice == "required", parallel=parallel)
+    return ToolPlan(tools, parser, grammar, forced=choice == "required", parallel=parallel, response=reply)
 
 
 def renders_tools(tokenizer: Tokenizer) -> bool:
@@ -149,7 +167,7 @@ def tool_conversation(
     """The messages the chat template renders: as they are where it renders tools itself; else the
     generic format's (the tools described in the system turn, calls and results as JSON turns)."""
     if plan is not None and isinstance(plan.parser, GenericParser):
-        return generic_conversation(messages, plan.tools, plan.forced)
+        return generic_conversation(messages, plan.tools, plan.forced, plan.response)
     if plan is None and not renders_tools(tokenizer):
         if any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
             return generic_conversation(messages, None)
@@ -195,16 +213,17 @@ def answer_calls(
 
 def tool_params(plan: ToolPlan | None, params: SamplingParams) -> SamplingParams:
     """`params` for a request with tools: a forced call's grammar (which no other output constraint
-    may join), and special tokens kept in the text, as call markers may be special tokens."""
+    may join; a generic "auto" answer's takes a JSON one in, see `tool_plan`), and special tokens kept
+    in the text, as call markers may be special tokens."""
     if plan is None:
         return params
     grammar = params.grammar
     if plan.grammar is not None:
-        if grammar is not None:
+        if grammar is not None and (plan.response is None or json_reply(grammar) != plan.response):
             if not plan.forced:
                 raise ToolError(
                     "tools on a model whose template renders none answer in JSON (the generic "
-                    "format); drop the output constraint",
+                    "format); only a JSON output constraint (response_format) can join them",
                     "tools",
                 )
             raise ToolError("tool_choice forces a tool call; drop the output constraint", "tool_choice")
