@@ -209,6 +209,18 @@ def test_forced_calls_of_a_pydantic_tool_validate(structured_llm):
         jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
 
 
+def test_a_function_without_parameters_is_called_with_none(structured_llm):
+    """OpenAI: omitting `parameters` defines a function with an empty parameter list, so a forced
+    call's arguments are `{}` (an open object let a small model invent arguments)."""
+    now = {"type": "function", "function": {"name": "now"}}
+    plan = tool_plan(structured_llm.tokenizer, [now], "required", False, None)
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, grammar=plan.grammar) for s in range(6)]
+    outs = structured_llm.generate(["time?"] * 6, params, use_tqdm=False)
+    calls = [answer_calls(plan, o.text, o.finish_reason)[1] or [] for o in outs]
+    got = [[(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in cs] for cs in calls]
+    assert got == [[("now", {})]] * 6, [o.text for o in outs]
+
+
 def test_objects_joined_by_a_union_beside_properties_stay_open():
     schema = {
         "type": "object",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jaxrs.structured.tool_calls import tool_parameters
+
 CALL_EXAMPLE = '{"tool_calls": [{"name": "<tool name>", "arguments": {<the arguments>}}]}'
 
 
@@ -20,7 +22,7 @@ def tools_prompt(tools: list[dict[str, Any]], forced: bool, reply: Any = None) -
         {
             "name": t["function"]["name"],
             "description": t["function"].get("description", ""),
-            "parameters": t["function"].get("parameters") or {"type": "object"},
+            "parameters": tool_parameters(t),
         }
         for t in tools
     ]

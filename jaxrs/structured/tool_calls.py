@@ -127,10 +127,20 @@ def closed_objects(schema: Any, joined: bool = False) -> Any:
     return out
 
 
+# A function without `parameters` takes none (OpenAI: "omitting parameters defines a function with an
+# empty parameter list"; vLLM's forced calls read it so): its arguments are `{}`.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def tool_parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameter schema as given, or `NO_PARAMETERS`."""
+    return tool["function"].get("parameters") or NO_PARAMETERS
+
+
 def _tool_parameters(tool: dict[str, Any], index: int) -> dict[str, Any]:
     """A tool's parameter schema, closed, as its own resource (an `$id`), so its local references
     (`#/$defs/...`, as pydantic writes them) resolve inside it wherever the call schema puts it."""
-    parameters = closed_objects(tool["function"].get("parameters") or {"type": "object"})
+    parameters = closed_objects(tool_parameters(tool))
     return parameters if "$id" in parameters else {"$id": f"urn:jaxrs:tool:{index}", **parameters}
 
 
