@@ -19,6 +19,7 @@ from jaxrs.structured.tools import (
     ToolError,
     ToolPlan,
     answer_calls,
+    call_finish_reason,
     template_message,
     tool_conversation,
     tool_params,
@@ -356,8 +357,8 @@ async def _stream(
                     text, reason, tool_deltas = u.text, u.finish_reason, []
                     if calls is not None:
                         text, tool_deltas = calls[index].push(u.text, final=bool(u.finish_reason))
-                        if reason == "stop" and calls[index].called:
-                            reason = "tool_calls"
+                        if reason and calls[index].called:
+                            reason = call_finish_reason(plan, reason)
                     if text or logprobs:
                         yield chunk([ChatChunkChoice(index, Delta(content=text), logprobs=logprobs)])
                     for d in tool_deltas:

@@ -127,7 +127,7 @@ def test_named_tool_call_streamed_equals_its_deltas(oai):
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (call.function.name, call.function.arguments)
     ]
-    assert reasons[-1] == "tool_calls" == whole.choices[0].finish_reason
+    assert reasons[-1] == "stop" == whole.choices[0].finish_reason  # OpenAI's and vLLM's for a named call
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 

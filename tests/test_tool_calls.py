@@ -101,6 +101,16 @@ def test_hermes_reads_bare_json_calls_of_the_tools():
     assert content is None and calls[0]["function"]["name"] == "get_weather" and reason == "tool_calls"
 
 
+def test_a_named_call_finishes_with_stop_as_openai_reports_it(structured_llm):
+    """OpenAI (and vLLM) finish a forced named function's answer with "stop", "auto" and "required"
+    answers that made calls with "tool_calls"; a cut answer stays "length"."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, reason in (("auto", "tool_calls"), ("required", "tool_calls"), (named, "stop")):
+        plan = tool_plan(structured_llm.tokenizer, [WEATHER], choice, None, "hermes")
+        assert answer_calls(plan, FENCED, "stop")[2] == reason
+        assert answer_calls(plan, FENCED, "length")[2] == "length"
+
+
 def test_parallel_tool_calls_false_keeps_only_the_first_call():
     """vLLM filters a choice's calls to the first when parallel_tool_calls is false, whole and streamed
     (a model may write several where no grammar stops it, tool_choice "auto")."""

@@ -44,6 +44,7 @@ class ToolPlan:
     parser: ToolCallParser
     grammar: Grammar | None
     forced: bool = False  # tool_choice "required" or a named function
+    named: bool = False  # a named function: its answers finish with "stop", as OpenAI's and vLLM's do
     parallel: bool = True  # False: only the first call is kept (vLLM's parallel_tool_calls: false)
     # The generic format under "auto" with a JSON output constraint: the schema a direct answer follows
     # (in place of `{"response": ...}`); the constraint joins the calls instead of being refused.
@@ -153,7 +154,8 @@ def tool_plan(
         raise ToolError(f"tools: {e}", "tools") from None
     except RecursionError:
         raise ToolError("tools: a parameter schema is nested too deeply", "tools") from None
-    return ToolPlan(tools, parser, grammar, forced=choice == "required", parallel=parallel, response=reply)
+    forced, named = choice == "required", isinstance(tool_choice, dict)
+    return ToolPlan(tools, parser, grammar, forced, named, parallel, reply)
 
 
 def renders_tools(tokenizer: Tokenizer) -> bool:
@@ -197,7 +199,7 @@ def answer_calls(
 ) -> tuple[str | None, list[dict[str, Any]] | None, str | None]:
     """A finished answer's content (the generic format's `response` out of its JSON), its tool calls in
     OpenAI's shape (`{id, type, function: {name, arguments}}`; None when it made none), and its finish
-    reason: "tool_calls" when it stopped after calls. Without a plan the text is all content; without
+    reason (`call_finish_reason`). Without a plan the text is all content; without
     parallel calls, only the first call is kept (as vLLM filters them)."""
     parsed = plan.parser.parse(text, final=True) if plan is not None else None
     if parsed is None:
@@ -208,7 +210,13 @@ def answer_calls(
         {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
         for c in (parsed.calls if plan.parallel else parsed.calls[:1])
     ]
-    return parsed.content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
+    return parsed.content or None, calls, call_finish_reason(plan, finish_reason)
+
+
+def call_finish_reason(plan: ToolPlan, finish_reason: str | None) -> str | None:
+    """The finish reason of an answer that made calls: "tool_calls" where it stopped on its own,
+    except for a named function, which OpenAI (and vLLM) finish with "stop"; "length" stays."""
+    return "tool_calls" if finish_reason == "stop" and not plan.named else finish_reason
 
 
 def tool_params(plan: ToolPlan | None, params: SamplingParams) -> SamplingParams:
