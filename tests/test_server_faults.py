@@ -91,6 +91,7 @@ WRONG_TYPES = {
         "max_completion_tokens": [4],
         "ignore_eos": "yes",
         "xlora_scalings": "yes",
+        "cache_salt": 5,
         "skip_special_tokens": 0,
         "include_stop_str_in_output": "yes",
         "stream": "true",
