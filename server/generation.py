@@ -22,7 +22,7 @@ from jaxrs.engine.sequence import TokenLogprob
 from jaxrs.errors import JaxrsError
 from server.errors import APIError
 from server.sampling import param_of
-from server.schemas import PromptLogprob, SamplingFields, Usage
+from server.schemas import PromptLogprob, PromptTokensDetails, SamplingFields, Usage
 
 
 def check_prompt(
@@ -214,10 +214,12 @@ class Choices:
     def __init__(self, num_prompts: int, n: int):
         self.n = n
         self.states = [ChoiceState(i // n) for i in range(num_prompts * n)]
+        self.cached = [0] * num_prompts  # each prompt's tokens found in the prefix cache
 
     def apply(self, prompt_index: int, update: RequestUpdate) -> list[tuple[int, SequenceUpdate]]:
         """Record an update; returns (choice index, what it gained) for each choice it touched."""
         touched = []
+        self.cached[prompt_index] = max(self.cached[prompt_index], update.num_cached_tokens)
         for u in update.updates:
             index = prompt_index * self.n + u.index
             state = self.states[index]
@@ -237,6 +239,13 @@ class Choices:
     @property
     def completion_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.states)
+
+    def usage(self, prompt_tokens: int) -> Usage:
+        """The response's usage: its prompt tokens (OpenAI's `prompt_tokens_details.cached_tokens`: how
+        many of them the prefix cache held) and every choice's tokens."""
+        tokens = self.completion_tokens
+        details = PromptTokensDetails(sum(self.cached))
+        return Usage(prompt_tokens, tokens, prompt_tokens + tokens, prompt_tokens_details=details)
 
     def finish_reasons(self) -> list[str]:
         """Per choice; "abort" for one that never finished (the client left)."""

@@ -318,8 +318,7 @@ def _completion(
         )
         for i, s in enumerate(choices.states)
     ]
-    tokens = choices.completion_tokens
-    usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
+    usage = choices.usage(record.prompt_tokens)
     completion = ChatCompletion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage)
     if req.xlora_scalings:
         completion.xlora_scalings = xlora_scalings(ctx, record.id, req.n)
@@ -367,8 +366,7 @@ async def _stream(
                         ended = ChatChunkChoice(index, Delta(), reason, stop_reason=u.stop_reason)
                         yield chunk([ended])
         if include_usage:
-            total = record.prompt_tokens + choices.completion_tokens
-            yield chunk([], Usage(record.prompt_tokens, choices.completion_tokens, total))
+            yield chunk([], choices.usage(record.prompt_tokens))
         yield DONE
     except Exception as e:
         record.status, record.error = getattr(e, "status", 500), str(e)

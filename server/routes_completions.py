@@ -184,8 +184,7 @@ def _completion(
             logprobs = _joined(echoed[i] if echoed else None, logprobs)
         text = echoes[i] + "".join(s.text)
         out.append(CompletionChoice(i, text, s.finish_reason, logprobs, stop_reason=s.stop_reason))
-    tokens = choices.completion_tokens
-    usage = Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens)
+    usage = choices.usage(record.prompt_tokens)
     return Completion(record.id, int(record.timestamp), record.model or ctx.served_name, out, usage=usage)
 
 
@@ -228,8 +227,7 @@ async def _stream(
                         ended = CompletionChoice(index, "", u.finish_reason, stop_reason=u.stop_reason)
                         yield chunk([ended])
         if include_usage:
-            tokens = choices.completion_tokens
-            yield chunk([], Usage(record.prompt_tokens, tokens, record.prompt_tokens + tokens))
+            yield chunk([], choices.usage(record.prompt_tokens))
         yield DONE
     except Exception as e:
         record.status, record.error = getattr(e, "status", 500), str(e)

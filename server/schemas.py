@@ -114,10 +114,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
 # -- responses ------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens found in the prefix cache (OpenAI's; vLLM's with a flag)
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET  # on a response's final usage
 
 
 class TopLogprob(msgspec.Struct):

@@ -152,25 +152,30 @@ def test_continuous_usage_stats_give_each_chunk_its_choices_running_usage(oai):
 
 def test_a_cache_salt_isolates_the_prefix_cache(client, oai, structured_llm):
     """vLLM's `cache_salt` on both routes: the same prompt under another salt finds nothing cached (the
-    engine's hit counter stands still); under its own salt it hits. An empty salt is a 400."""
+    engine's hit counter stands still, and the usage's `prompt_tokens_details.cached_tokens`, OpenAI's,
+    says 0); under its own salt it hits. An empty salt is a 400."""
     stats = structured_llm.engine.blocks.stats
     prompt = "the same long prompt, sent under two salts to see which finds it cached. " * 2
     chat = [{"role": "user", "content": prompt}]
 
-    def hits(route: str, salt: str) -> int:
+    def hits(route: str, salt: str, stream: bool = False) -> int:
         before = stats.hits
+        extra = dict(max_tokens=1, extra_body={"cache_salt": salt})
+        if stream:
+            extra |= dict(stream=True, stream_options={"include_usage": True})
         if route == CHAT:
-            oai.chat.completions.create(
-                model="m", messages=chat, max_tokens=1, extra_body={"cache_salt": salt}
-            )
+            out = oai.chat.completions.create(model="m", messages=chat, **extra)
         else:
-            oai.completions.create(model="m", prompt=prompt, max_tokens=1, extra_body={"cache_salt": salt})
+            out = oai.completions.create(model="m", prompt=prompt, **extra)
+        usage = list(out)[-1].usage if stream else out.usage
+        assert usage.prompt_tokens_details.cached_tokens == stats.hits - before
         return stats.hits - before
 
     for route in (CHAT, COMPLETIONS):
         assert hits(route, f"{route}-a") == 0
         assert hits(route, f"{route}-b") == 0
         assert hits(route, f"{route}-a") > 0
-        assert hits(route, f"{route}-b") > 0
+        assert hits(route, f"{route}-b", stream=True) > 0
+        assert hits(route, f"{route}-c", stream=True) == 0
     for route, body in bodies(cache_salt=""):
         assert_400(client.post(route, json=body), "cache_salt")
