@@ -25,12 +25,15 @@ def template_messages(ctx: ServerContext, messages: list[dict[str, Any]]) -> lis
     return template_contents(ctx.chat_tokenizer, messages, image_marker(ctx))
 
 
-async def load_request_images(ctx: ServerContext, sources: list[object]) -> list[ImageInput]:
+async def load_request_images(ctx: ServerContext, sources: list[tuple[str, str]]) -> list[ImageInput]:
+    """The request's images, `(url, where the request holds it)` each, loaded and preprocessed; a bad one
+    is a 400 naming its place (`messages[i].content[j]`)."""
     if not sources:
         return []
     llm = ctx.llm
+    urls, names = [url for url, _ in sources], [name for _, name in sources]
     try:
-        return await asyncio.to_thread(load_images, sources, llm.engine.model.vision, llm.media)
+        return await asyncio.to_thread(load_images, urls, llm.engine.model.vision, llm.media, names)
     except JaxrsError as e:
         raise APIError(400, str(e), param="messages", code="invalid_image") from None
 

@@ -105,11 +105,11 @@ def _check_detail(image_url: ImageURL | str | None, param: str) -> None:
 
 def conversation(
     messages: list[ChatMessage], marker: str | None = None
-) -> tuple[list[dict[str, Any]], list[object]]:
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Messages as the chat template expects them (content parts as `jaxrs.vision.chat.split_images`
     writes them, which `template_messages` hands to the template as it reads them; assistant tool calls
-    and tool results kept), and the image URLs in order; a text-only model (`marker` None) refuses image
-    parts."""
+    and tool results kept), and the image URLs in order, each with its place (`messages[i].content[j]`);
+    a text-only model (`marker` None) refuses image parts."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     out, images = [], []
@@ -150,7 +150,7 @@ def conversation(
                             param=f"messages[{i}].content[{j}]",
                         )
                     parts.append(IMAGE_PART)
-                    images.append(url)
+                    images.append((url, f"messages[{i}].content[{j}]"))
                     continue
                 if part.type != "text":
                     accepted = "'text' parts are" if marker is None else "'text' and 'image_url' parts are"

@@ -152,6 +152,19 @@ def test_bad_images_are_400s(oai, content, message):
         oai.chat.completions.create(model="x", messages=ask(content), **GREEDY)
 
 
+def test_a_bad_image_is_named_by_its_place_in_the_messages(oai, picture):
+    """Across turns, the message names the part that holds the bad image, not its rank among images."""
+    good = {"type": "image_url", "image_url": {"url": data_url(png(picture))}}
+    bad = {"type": "image_url", "image_url": {"url": data_url(b"not an image")}}
+    messages = [
+        {"role": "user", "content": [good, {"type": "text", "text": "w5"}]},
+        {"role": "assistant", "content": "w6"},
+        {"role": "user", "content": [{"type": "text", "text": "w7"}, bad]},
+    ]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[2\]\.content\[1\] is not an image"):
+        oai.chat.completions.create(model="x", messages=messages, **GREEDY)
+
+
 def test_detail_and_part_types_are_checked_as_openai_checks_them(oai, picture):
     """`detail` "auto", "low" or "high" is served (the processor decides the size); another is a 400
     naming it, and a part of another type a 400 naming the types a vision model takes."""

@@ -149,11 +149,18 @@ def template_contents(
     return [{**m, "content": content(m["content"])} if "content" in m else dict(m) for m in messages]
 
 
-def load_images(sources: Sequence[object], vision: VisionModel, policy: MediaPolicy) -> list[Any]:
-    """Each source loaded under `policy` and preprocessed by the model's processor."""
+def load_images(
+    sources: Sequence[object],
+    vision: VisionModel,
+    policy: MediaPolicy,
+    names: Sequence[str] | None = None,
+) -> list[Any]:
+    """Each source loaded under `policy` and preprocessed by the model's processor; an error names the
+    image by its `names` entry (where the request holds it), else as "image k"."""
     if len(sources) > policy.limit_images:
         raise ImageError(f"{len(sources)} images in one prompt; the limit is {policy.limit_images}")
-    return [vision.processor(load_image(s, policy, f"image {k}")) for k, s in enumerate(sources)]
+    names = names or [f"image {k}" for k in range(len(sources))]
+    return [vision.processor(load_image(s, policy, name)) for s, name in zip(sources, names, strict=True)]
 
 
 def chat_inputs(
