@@ -35,7 +35,8 @@ async def load_request_images(ctx: ServerContext, sources: list[tuple[str, str]]
     try:
         return await asyncio.to_thread(load_images, urls, llm.engine.model.vision, llm.media, names)
     except JaxrsError as e:
-        raise APIError(400, str(e), param="messages", code="invalid_image") from None
+        place = next((n for n in names if str(e).startswith((f"{n}:", f"{n} "))), "messages")
+        raise APIError(400, str(e), param=place, code="invalid_image") from None
 
 
 def place_request_images(

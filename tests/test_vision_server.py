@@ -161,8 +161,9 @@ def test_a_bad_image_is_named_by_its_place_in_the_messages(oai, picture):
         {"role": "assistant", "content": "w6"},
         {"role": "user", "content": [{"type": "text", "text": "w7"}, bad]},
     ]
-    with pytest.raises(openai.BadRequestError, match=r"messages\[2\]\.content\[1\] is not an image"):
+    with pytest.raises(openai.BadRequestError, match=r"messages\[2\]\.content\[1\] is not an image") as e:
         oai.chat.completions.create(model="x", messages=messages, **GREEDY)
+    assert e.value.body["param"] == "messages[2].content[1]" and e.value.body["code"] == "invalid_image"
 
 
 def test_detail_and_part_types_are_checked_as_openai_checks_them(oai, picture):
