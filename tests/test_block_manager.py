@@ -8,6 +8,7 @@ import pytest
 
 from jaxrs.engine.block_manager import BlockManager, BlockTable, SaltedKey, salted
 from jaxrs.errors import JaxrsError
+from jaxrs.vision.prompt import ImageCacheKey
 
 
 def filled(bm: BlockManager, tokens: list[int], extra: Hashable = None) -> BlockTable:
@@ -144,3 +145,6 @@ def test_a_cache_salt_keys_the_first_block_so_only_equal_salts_share():
     assert covered(SaltedKey("a")) == 16 and covered(salted(None, "b")) == 0 and covered(None) == 16
     with pytest.raises(JaxrsError, match="cache_salt must be a non-empty string"):
         salted(None, "")
+    images = ImageCacheKey("adapter", ((4, 12, b"image"),))  # a keyed base keeps naming its own blocks
+    assert salted(images, "a").block_key(0, 8) == ("cache_salt", "a", images.block_key(0, 8))
+    assert salted(images, "a").block_key(8, 16) == images.block_key(8, 16) != images.block_key(16, 24)
