@@ -12,9 +12,9 @@ ms a decode step (median; and the process's CPU time a step, which contention sw
 over the rows, the ratio to the first loop, the compile seconds, the
 resident memory the compiled step added, and XLA's count of its temporary buffers. `--variant` traces
 each loop's step again under module settings read when tracing (e.g.
-`whole:pallas_kernels.read_widths.READ_WIDTHS=1`) or with more step XLA options (`NAME=VALUE`; an empty
-value drops one), each variant's executable timed in the same interleaved rounds; a bare LABEL is the
-code as it is. Writes bench/results/decode_step.json.
+`whole:pallas_kernels.read_widths.READ_WIDTHS=1`), other kernels (`f32:kernel.qmatmul=xla`) or with
+more step XLA options (`NAME=VALUE`; an empty value drops one), each variant's executable timed in the
+same interleaved rounds; a bare LABEL is the code as it is. Writes bench/results/decode_step.json.
 """
 
 from __future__ import annotations
@@ -34,19 +34,32 @@ def resident_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
 
-def parse_variant(text: str) -> tuple[str, tuple[list[tuple[object, str, object]], dict[str, str]]]:
-    """`LABEL[:SETTING,...]` as (label, ([(module, attribute, value)], {xla option: value})): a setting is
-    `MODULE.ATTR=VALUE` (a Python literal) or `XLA_OPTION=VALUE` (the step compiled with that option)."""
+def parse_variant(
+    text: str,
+) -> tuple[str, tuple[list[tuple[object, str, object]], dict[str, str], dict[str, str]]]:
+    """`LABEL[:SETTING,...]` as (label, ([(module, attribute, value)], {xla option: value}, {op: kernel})):
+    a setting is `MODULE.ATTR=VALUE` (a Python literal), `kernel.OP=NAME` (the step traced with that
+    implementation of an op, e.g. `kernel.qmatmul=xla`) or `XLA_OPTION=VALUE` (the step compiled with that
+    option)."""
     label, _, settings = text.partition(":")
-    found, options = [], {}
+    found, options, kernels = [], {}, {}
     for item in filter(None, settings.split(",")):
         target, _, literal = item.partition("=")
         module, _, attr = target.rpartition(".")
         if not module:
             options[target] = literal
-            continue
-        found.append((importlib.import_module(module), attr, ast.literal_eval(literal)))
-    return label, (found, options)
+        elif module == "kernel":
+            kernels[attr] = literal
+        else:
+            found.append((importlib.import_module(module), attr, ast.literal_eval(literal)))
+    return label, (found, options, kernels)
+
+
+def with_kernels(kernels, chosen: dict[str, str]):
+    """The engine's kernel choice `kernels` with a variant's `chosen` ones over it."""
+    from jaxrs.ops import Kernels
+
+    return Kernels.from_mapping(dict(kernels.choice) | chosen) if chosen else kernels
 
 
 def main() -> None:
@@ -117,7 +130,7 @@ def main() -> None:
     variants = dict(parse_variant(v) for v in args.variant)
     if variants:  # "LOOP LABEL": the same runner, its step traced under the variant's settings
         runners = {f"{loop} {label}": r for loop, r in runners.items() for label in variants}
-    defaults = {(m, a): getattr(m, a) for found, _ in variants.values() for m, a, _ in found}
+    defaults = {(m, a): getattr(m, a) for found, *_ in variants.values() for m, a, _ in found}
     loops = list(runners)
     jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))  # compiler set-up, charged to no loop
     rng = np.random.default_rng(0)
@@ -142,7 +155,7 @@ def main() -> None:
                 qmatmul.CPU_FEW_ROWS = 1 if " whole" in loop else few_rows
                 for (module, attr), value in defaults.items():
                     setattr(module, attr, value)
-                found_settings, options = variants.get(loop.rpartition(" ")[2], ([], {}))
+                found_settings, options, chosen = variants.get(loop.rpartition(" ")[2], ([], {}, {}))
                 for module, attr, value in found_settings:
                     setattr(module, attr, value)
                 steps = jitted_steps(step_xla_options(dict(runner.xla_options) | options))
@@ -152,7 +165,7 @@ def main() -> None:
                     runner.kv,
                     *inputs,
                     cfg=runner.cfg,
-                    kernels=runner.kernels,
+                    kernels=with_kernels(runner.kernels, chosen),
                     flags=flags,
                     max_steps=args.steps,
                 ).compile()

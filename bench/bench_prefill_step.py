@@ -5,13 +5,13 @@
 
 The runner of an `LLM` (the demo model unless `--model`) at its defaults (packed GGUF, float16 cache on CPU;
 prefix caching off) compiles its prefill step for one sequence of `--tokens` prompt tokens from position 0
-(the chunk padded as the engine pads it) once under each variant, as `bench_decode_step.py --variant` does
-for decode: the base settings first, then each variant's module attributes set while that step is traced
-(e.g. `kt256:pallas_kernels.tiled_attention.KEY_TILE=256`, or `pow2:jaxrs.engine.runner.CHUNK_STEP=4096`:
-the chunk padded to a power of two) or its XLA options. The calls then run interleaved, variant by variant,
-`--repeats` times; medians of wall and process CPU time (both threads, steadier on a shared machine) per
-call, and prompt tokens per wall second. The last position's logits under each variant are compared with the
-base's (the greatest difference is printed).
+(the chunk padded as the engine pads it) once under each variant, as `bench_decode_step.py --variant` does for
+decode: the base settings first, then each variant's module attributes set while that step is traced (e.g.
+`kt256:pallas_kernels.tiled_attention.KEY_TILE=256`, or `pow2:jaxrs.engine.runner.CHUNK_STEP=4096`: the chunk
+padded to a power of two), its kernels (`f32:kernel.qmatmul=xla`) or its XLA options. The calls then run
+interleaved, variant by variant, `--repeats` times; medians of wall and process CPU time (both threads,
+steadier on a shared machine) per call, and prompt tokens per wall second. The last position's logits under
+each variant are compared with the base's (the greatest difference is printed).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from bench_decode_step import parse_variant
+from bench_decode_step import parse_variant, with_kernels
 from common import RESULTS, machine_facts, markdown_table, write_json
 
 
@@ -54,16 +54,16 @@ def main() -> None:
     most = max(args.tokens)
     llm = LLM(args.model, max_model_len=most + 16, kv_cache_tokens=most + 64, prefix_caching=False)
     runner = llm.engine.runner
-    variants = {"base": ([], {})} | dict(parse_variant(v) for v in args.variant)
-    defaults = {(m, a): getattr(m, a) for found, _ in variants.values() for m, a, _ in found}
+    variants = {"base": ([], {}, {})} | dict(parse_variant(v) for v in args.variant)
+    defaults = {(m, a): getattr(m, a) for found, *_ in variants.values() for m, a, _ in found}
     rng = np.random.default_rng(0)
     rows, results = [], []
     for tokens in args.tokens:
         prompt = rng.integers(0, runner.cfg.vocab_size, tokens)
         batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1, prefill=True)
-        statics = dict(cfg=runner.cfg, kernels=runner.kernels)
         calls, inputs, checks, times, padded = {}, {}, {}, {}, {}
-        for label, (found, options) in variants.items():
+        for label, (found, options, chosen) in variants.items():
+            statics = dict(cfg=runner.cfg, kernels=with_kernels(runner.kernels, chosen))
             for (module, attr), value in defaults.items():
                 setattr(module, attr, value)
             for module, attr, value in found:
@@ -77,9 +77,9 @@ def main() -> None:
                 runner.params, runner.kv, *inputs[label], batch, flags=flags, **statics
             ).compile()
             logits = jax.jit(
-                lambda p, kv, ids, meta, last: logits_at(p, runner.cfg, runner.kernels, kv, ids, meta, last)[
-                    0
-                ],
+                lambda p, kv, ids, meta, last, kernels=statics["kernels"]: logits_at(
+                    p, runner.cfg, kernels, kv, ids, meta, last
+                )[0],
                 compiler_options=dict(xla) or None,
             )
             checks[label] = np.asarray(logits(runner.params, runner.kv, *inputs[label]))

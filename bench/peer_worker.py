@@ -62,6 +62,8 @@ JAXRS_MODES = {
     # float16 KV cache, as llama.cpp's default cache
     "f32-kv16": {"dtype": "float32", "packed": False, "kv_cache_dtype": "float16"},
     "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
+    # the defaults with a prompt chunk's products in f32 operands whatever the CPU (before bfloat16 GEMMs)
+    "gemm-f32": {"prefill_matmul_dtype": "float32"},
 }
 
 
@@ -71,8 +73,8 @@ def jaxrs_mode(name: str) -> dict:
 
     from jaxrs.engine.engine import EngineConfig
 
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    return {k: v for k, v in JAXRS_MODES[name].items() if k != "kv_cache_dtype" or k in known}
+    known = {f.name for f in dataclasses.fields(EngineConfig)} | {"dtype", "packed"}
+    return {k: v for k, v in JAXRS_MODES[name].items() if k in known}
 
 
 # "<mode>-ynndot": the steps compiled with YNNPACK taking each dot alone on XLA:CPU (an A/B of that option)

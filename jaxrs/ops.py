@@ -120,6 +120,9 @@ register("qmatmul", "pallas", default_on=("gpu",))(qmatmul_pallas)
 register("qmatmul", "invariant")(qmatmul_invariant)  # the batch-invariant mode's (`batch_invariance`)
 # A float weight's product, `fn(x, w [out, in], out_dtype=None)`: `qmatmul.matmul_t`'s signature.
 register("matmul", "xla", default_on=("*",))(qmatmul.matmul_t)
+# The same products with a prompt chunk's GEMMs in bfloat16 operands (`jaxrs.engine.matmul_dtype`).
+register("qmatmul", "xla_bf16")(functools.partial(qmatmul_xla, gemm_dtype=jnp.bfloat16))
+register("matmul", "xla_bf16")(functools.partial(qmatmul.matmul_t, gemm_dtype=jnp.bfloat16))
 register("matmul", "invariant")(batch_invariant.matmul_invariant)
 # A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.
 register("row_sum", "xla", default_on=("*",))(functools.partial(jnp.sum, axis=-1))

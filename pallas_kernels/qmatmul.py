@@ -81,9 +81,12 @@ def _product_t(
     return y.astype(out_dtype or x.dtype)
 
 
-def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+def matmul_t(
+    x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None, *, gemm_dtype: jnp.dtype | None = None
+) -> jax.Array:
     """`x [..., in] @ w.T` (w `[out, in]`, cast to x's dtype) with f32 accumulation, in `out_dtype`
-    (default x's).
+    (default x's). A product of more than CPU_FEW_ROWS rows takes both operands in `gemm_dtype` when
+    that is given (`gemm_operands`).
 
     Written as `matmul`, not `einsum`: on XLA:CPU a one-row product (a batch-1 decode step) then
     compiles to one fused GEMV loop that converts (or dequantizes) each weight as it reads it, and
@@ -94,7 +97,22 @@ def matmul_t(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> 
     """
     in_features = w.shape[-1]
     whole = (0, in_features)
+    x, out_dtype = gemm_operands(x, gemm_dtype, out_dtype)
     return _product_t(x, lambda a, b: w if (a, b) == whole else w[..., a:b], in_features, 1, out_dtype)
+
+
+def gemm_operands(
+    x: jax.Array, gemm_dtype: jnp.dtype | None, out_dtype: jnp.dtype | None = None
+) -> tuple[jax.Array, jnp.dtype]:
+    """x as a product takes it, and the product's output dtype (`out_dtype`, default x's own): cast to
+    `gemm_dtype` when that is given and the product has more than CPU_FEW_ROWS rows (a prompt chunk's
+    GEMM, bound by its multiply-adds; bfloat16 on a CPU with bf16 dot instructions, where XLA:CPU runs
+    it about twice as fast as in f32). One-row and few-row products keep x's dtype: they read their
+    weight once per row or tile, and bfloat16 buys them nothing."""
+    out_dtype = out_dtype or x.dtype
+    if gemm_dtype is None or math.prod(x.shape[:-1]) <= CPU_FEW_ROWS:
+        return x, out_dtype
+    return x.astype(gemm_dtype), out_dtype
 
 
 def qmatmul_xla(
@@ -104,11 +122,13 @@ def qmatmul_xla(
     fmt: str,
     out_in: tuple[int, int],
     layer: jax.Array | None = None,
+    gemm_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
     """`x @ W.T` for the `[out, in]` weight W that `arrays`, the fields of `fmt`'s layout, pack: W is
     dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses the dequantization
     into the dot (a long one-row product in pieces of whole blocks, `matmul_t`). A few rows on CPU go a
-    tile of W at a time (`_few_row_product`).
+    tile of W at a time (`_few_row_product`). A product of more than CPU_FEW_ROWS rows takes x and W in
+    `gemm_dtype` when that is given (`gemm_operands`); the result is in x's dtype.
 
     `layer`: the arrays hold stacked layers `[L, out, in // per]` and W is layer `layer` (a traced
     index, inside the layer loop). The few-row tiles then read W's rows straight out of the stack: a
@@ -119,7 +139,8 @@ def qmatmul_xla(
     if layer is not None:
         arrays = {n: lax.dynamic_index_in_dim(v, layer, keepdims=False) for n, v in arrays.items()}
     _check(x, arrays, fmt, out_in)
-    return _packed_product(x, arrays, fmt, out_in)
+    x, out_dtype = gemm_operands(x, gemm_dtype)
+    return _packed_product(x, arrays, fmt, out_in, out_dtype)
 
 
 def _layer_shapes(arrays: Mapping[str, jax.Array], layer: jax.Array | None) -> Mapping[str, object]:
@@ -143,9 +164,14 @@ def _one_layer(arrays: Mapping[str, jax.Array], layer: jax.Array | None, start, 
 
 
 def _packed_product(
-    x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]
+    x: jax.Array,
+    arrays: Mapping[str, jax.Array],
+    fmt: str,
+    out_in: tuple[int, int],
+    out_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
-    """`x @ W.T` in one product (split along `in` where a one-row product needs it, `_product_t`)."""
+    """`x @ W.T` in one product (split along `in` where a one-row product needs it, `_product_t`), in
+    `out_dtype` (default x's)."""
     layout = LAYOUTS[fmt]
     pers = {f.name: f.per for f in layout.fields}
 
@@ -156,7 +182,7 @@ def _packed_product(
             arrays_ab = arrays
         return dequantize_packed(arrays_ab, fmt=fmt, out_in=(out_in[0], b - a), dtype=x.dtype)
 
-    return _product_t(x, weight, out_in[1], layout.block, None)
+    return _product_t(x, weight, out_in[1], layout.block, out_dtype)
 
 
 # A product of 2..CPU_FEW_ROWS rows with a packed weight on XLA:CPU (a speculative verify of K + 1

@@ -258,9 +258,9 @@ def test_prefill_step_script(tmp_path):
     out = bench(
         "bench_prefill_step.py",
         *("--tokens", "40", "--repeats", "1", "--variant", "kt16:pallas_kernels.tiled_attention.KEY_TILE=16"),
-        *("--out", str(tmp_path / "s.json")),
+        *("--variant", "f32:kernel.qmatmul=xla", "--out", str(tmp_path / "s.json")),
     )
-    assert [(r["tokens"], r["variant"]) for r in out["results"]] == [(40, "base"), (40, "kt16")]
+    assert [(r["tokens"], r["variant"]) for r in out["results"]] == [(40, "base"), (40, "kt16"), (40, "f32")]
     assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["logit_diff"] < 1e-3 for r in out["results"])
 
 
@@ -282,3 +282,19 @@ def test_speculative_script(tmp_path):
     off = {row["engine"]: row for row in out["off_streams"]}
     assert off["speculative engine, requests off"]["spec_decode_drafts"] == 0
     assert min(row["aggregate_tok_s"] for row in off.values()) > 0
+
+
+def test_numerics_script(tmp_path):
+    out = bench(
+        "bench_numerics.py",
+        *(
+            "--setting",
+            "exact:packed=False,kv_cache_dtype=float32",
+            "--setting",
+            "kv16:kv_cache_dtype=float16",
+        ),
+        *("--new-tokens", "2", "--out", str(tmp_path / "n.json")),
+    )
+    exact, kv16 = out["results"]
+    assert (exact["setting"], exact["max_logprob_diff"], exact["greedy_same"]) == ("exact", 0.0, 5)
+    assert kv16["options"] == {"kv_cache_dtype": "float16"} and 20 < kv16["perplexity"] < 35

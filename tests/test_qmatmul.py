@@ -18,6 +18,7 @@ import pytest
 from jaxrs import ops
 from jaxrs.ops import qmatmul_pallas, qmatmul_xla
 from jaxrs.quant import FORMATS, QuantizedTensor, dequantize, quantize
+from pallas_kernels import qmatmul
 from pallas_kernels.qmatmul import plane_permutation
 
 OUT = 40  # not a multiple of BLOCK_N
@@ -116,7 +117,7 @@ def test_pallas_lowers_at_8b_shapes(fmt, rows):
 
 
 def test_registered_as_an_op():
-    assert {"xla", "pallas"} <= set(ops.implementations("qmatmul"))
+    assert {"xla", "xla_bf16", "pallas"} <= set(ops.implementations("qmatmul"))
     assert ops.default_name("qmatmul", "cpu") == "xla"
     assert ops.default_name("qmatmul", "gpu") == "pallas"
     assert ops.Kernels.from_mapping({"qmatmul": "pallas"}).get("qmatmul") is qmatmul_pallas
@@ -149,3 +150,36 @@ def test_one_long_row_is_split_so_xla_cpu_fuses_the_weight_into_each_piece(fmt):
         assert not written, f"the weight is written out before the product: {written}"
         products = [line for line in lines if "kind=kLoop" in line and "dot_general" in line]
         assert len(products) >= 2
+
+
+@pytest.mark.parametrize("fmt", ["F32", "U8M", "Q8F", "Q4_K"])
+def test_gemm_dtype_takes_bfloat16_operands_past_the_few_rows(fmt):
+    """`gemm_dtype` (a prompt chunk's GEMMs on a CPU with bfloat16 dots): past CPU_FEW_ROWS rows the
+    product is the f32-accumulated dot of x and W both rounded to bfloat16, in x's dtype; decode's
+    one-row and few-row products are the very same as without it."""
+    qt = packed(fmt)
+    w = dequantize(qt)
+    bf16 = ops.resolve("qmatmul", "xla_bf16")
+    for rows in (1, 5, qmatmul.CPU_FEW_ROWS):
+        x = inputs(fmt, rows)
+        np.testing.assert_array_equal(np.asarray(bf16(x, qt)), np.asarray(qmatmul_xla(x, qt)))
+    x = inputs(fmt, qmatmul.CPU_FEW_ROWS + 1)
+    y = bf16(x, qt)
+    rounded = jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32
+    close(y, rounded, 1e-5)
+    exact = x @ w.T
+    assert np.max(np.abs(np.asarray(y) - np.asarray(exact))) > 1e-4 * np.max(np.abs(np.asarray(exact)))
+    close(y, exact, 2e-2)
+
+
+def test_float_gemm_dtype_takes_bfloat16_operands_past_the_few_rows():
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((OUT, 96)), jnp.float32)
+    matmul = ops.resolve("matmul", "xla_bf16")
+    few = jnp.asarray(rng.standard_normal((qmatmul.CPU_FEW_ROWS, 96)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(matmul(few, w)), np.asarray(qmatmul.matmul_t(few, w)))
+    x = jnp.asarray(rng.standard_normal((qmatmul.CPU_FEW_ROWS + 1, 96)), jnp.float32)
+    rounded = jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
+    close(matmul(x, w), rounded, 1e-5)
+    assert matmul(x, w, jnp.float16).dtype == jnp.float16

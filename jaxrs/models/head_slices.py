@@ -41,7 +41,8 @@ def head_in_slices(
     """`qmatmul(hidden, head)` in f32, a slice of the head's rows at a time when the step runs on CPU."""
     out, inp = head.out_in
     rows = math.prod(hidden.shape[:-1])
-    whole = qmatmul is qmatmul_xla and few_row_path(rows, head.fmt)  # its tiles never hold the head
+    xla = getattr(qmatmul, "func", qmatmul) is qmatmul_xla  # itself or a partial of it ("xla_bf16")
+    whole = xla and few_row_path(rows, head.fmt)  # its tiles never hold the head
     n = slice_count(out, inp) if jax.default_backend() == "cpu" and not head.lead_shape and not whole else 1
     if n == 1:
         return qmatmul(hidden, head).astype(jnp.float32)

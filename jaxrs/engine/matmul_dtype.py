@@ -1,0 +1,71 @@
+"""The operands of a prompt chunk's products on CPU (`EngineConfig.prefill_matmul_dtype`,
+`--prefill-matmul-dtype`).
+
+A prefill chunk's weight products are GEMMs of hundreds of rows, bound by their multiply-adds. On a CPU
+with bfloat16 dot instructions (AVX512-BF16, AMX-BF16) XLA:CPU runs them with bfloat16 operands and f32
+accumulation about twice as fast as in f32 (bench/RESULTS.md, "Prefill products in bfloat16"). "auto"
+takes that for packed weights (a GGUF's quantized tensors, ISQ): their values carry 8 bits or fewer, and
+rounding the activations to bfloat16 (8 significant bits) is finer than the 8-bit blocks llama.cpp
+quantizes them to for the same products. Float weights keep the compute dtype under "auto" (a float32
+checkpoint stays exact); "bfloat16" takes it for them too, "float32" for neither. Decode's one-row and
+few-row products never change (`qmatmul.gemm_operands`): bfloat16 buys them nothing. Its cost in
+perplexity: README, "Defaults".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from jaxrs.engine.options import PREFILL_MATMUL_DTYPES
+from jaxrs.errors import JaxrsError
+from jaxrs.ops import Kernels
+
+log = logging.getLogger("jaxrs")
+
+BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names for native bfloat16 dot products
+KERNEL = "xla_bf16"  # the `qmatmul` and `matmul` implementations whose GEMMs take bfloat16 operands
+
+
+@functools.cache
+def cpu_has_bf16_dots(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 Linux; elsewhere False, where XLA:CPU would
+    emulate bfloat16 and run slower than f32)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return any(flag in flags for flag in BF16_DOT_FLAGS)
+
+
+def prefill_matmul_kernels(choice: str, kernels: Kernels, platform: str) -> Kernels:
+    """`kernels` with the `qmatmul` (and, for "bfloat16", `matmul`) op taking bfloat16 GEMM operands as
+    `choice` says on `platform`. Under "auto" an op whose kernel was chosen otherwise keeps it; asking for
+    "bfloat16" beside another chosen kernel is an error naming it. Off CPU the products already take the
+    compute dtype (bfloat16 by default), so nothing changes."""
+    if choice not in PREFILL_MATMUL_DTYPES:
+        raise JaxrsError(
+            f"prefill_matmul_dtype must be one of {', '.join(PREFILL_MATMUL_DTYPES)}, not {choice!r}"
+        )
+    if platform != "cpu" or choice == "float32" or (choice == "auto" and not cpu_has_bf16_dots()):
+        return kernels
+    ops = ("qmatmul",) if choice == "auto" else ("qmatmul", "matmul")
+    chosen = dict(kernels.choice)
+    taken = [op for op in ops if chosen.get(op, "xla") in ("xla", KERNEL)]
+    if choice == "bfloat16" and len(taken) < len(ops):
+        op = next(op for op in ops if op not in taken)
+        raise JaxrsError(
+            f"prefill_matmul_dtype bfloat16 takes the {op!r} kernel {KERNEL!r}; {chosen[op]!r} was chosen"
+        )
+    if not taken:
+        return kernels
+    log.info(
+        "prefill products of %s weights: bfloat16 operands, f32 accumulation "
+        "(--prefill-matmul-dtype float32 keeps them in f32)",
+        " and ".join({"qmatmul": "packed", "matmul": "float"}[op] for op in taken),
+    )
+    return Kernels.from_mapping({**chosen, **dict.fromkeys(taken, KERNEL)})
