@@ -19,7 +19,7 @@ import ast
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, machine_facts, markdown_table, write_json
+from common import RESULTS, markdown_table, write_results
 
 ENGLISH = Path(__file__).parent.parent / "tests" / "data" / "english.txt"
 PROMPTS = [
@@ -104,10 +104,7 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
     heads = ["model", "setting", "perplexity", "max |logprob - ref|", "greedy same", "parted at"]
     print(markdown_table(heads, rows))
-    write_json(
-        args.out,
-        {"args": vars(args) | {"out": str(args.out)}, "machine": machine_facts(), "results": results},
-    )
+    write_results(args, results)
 
 
 if __name__ == "__main__":

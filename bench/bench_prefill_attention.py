@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine_facts, markdown_table, write_json
+from common import markdown_table, write_results
 
 from pallas_kernels.paged_attention import paged_attention_xla
 from pallas_kernels.tiled_attention import tiled_paged_attention
@@ -128,10 +128,7 @@ def main() -> None:
             )
             print(" | ".join(rows[-1]), flush=True)
     print(markdown_table(["chunk", "variant", "cpu s", "wall s"], rows))
-    write_json(
-        args.out,
-        {"args": vars(args) | {"out": str(args.out)}, "machine": machine_facts(), "results": results},
-    )
+    write_results(args, results)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import RESULTS, machine_facts, markdown_table, write_json
+from common import RESULTS, markdown_table, write_results
 from jax import lax
 
 from pallas_kernels.dequant import dequantize_packed
@@ -120,10 +120,7 @@ def main() -> None:
                 results.append(dict(shape=shape, variant=name, wall_ms=1e3 * wall, cpu_ms=1e3 * cpu))
                 print(" | ".join(rows[-1]), flush=True)
     print(markdown_table(["shape", "variant", "wall ms", "cpu ms", "GFLOP per CPU s"], rows))
-    write_json(
-        args.out,
-        {"args": vars(args) | {"out": str(args.out)}, "machine": machine_facts(), "results": results},
-    )
+    write_results(args, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from bench_decode_step import parse_variant, with_kernels
-from common import RESULTS, machine_facts, markdown_table, write_json
+from common import RESULTS, markdown_table, write_results
 
 
 def chunk_inputs(runner, prompt: np.ndarray) -> tuple[np.ndarray, object, np.ndarray]:
@@ -116,10 +116,7 @@ def main() -> None:
     print(f"\n{llm.engine.model_name}, prefill step, median of {args.repeats} calls each, interleaved")
     heads = ["tokens", "padded", "variant", "wall s", "cpu s", "tok/s (wall)", "max |logit - base|"]
     print(markdown_table(heads, rows))
-    write_json(
-        args.out,
-        {"args": vars(args) | {"out": str(args.out)}, "machine": machine_facts(), "results": results},
-    )
+    write_results(args, results)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def write_results(args: Any, results: list[dict[str, Any]]) -> None:
+    """A script's `results` with its arguments and the machine's facts, as JSON at `args.out`."""
+    write_json(
+        args.out,
+        {"args": vars(args) | {"out": str(args.out)}, "machine": machine_facts(), "results": results},
+    )
+
+
 def _plain(value: object) -> object:
     """NumPy scalars, paths and the like as JSON values."""
     item = getattr(value, "item", None)

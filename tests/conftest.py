@@ -73,6 +73,14 @@ def save_tiny_hf_model(config, path, seed: int = 0):
     return model
 
 
+def save_tiny_llama(path):
+    """`tiny_llama_config`'s random model and a word-level tokenizer for it, saved at `path` (returned)."""
+    config = tiny_llama_config()
+    save_tiny_hf_model(config, path)
+    save_tiny_tokenizer(path, config.vocab_size)
+    return path
+
+
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 

@@ -10,7 +10,7 @@ from jaxrs.engine import matmul_dtype
 from jaxrs.engine.matmul_dtype import cpu_has_bf16_dots, prefill_matmul_kernels
 from jaxrs.errors import JaxrsError
 from jaxrs.ops import Kernels
-from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
+from tests.conftest import save_tiny_llama
 
 AVX512 = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni"
 
@@ -61,11 +61,7 @@ def test_a_chosen_kernel_stays_and_bfloat16_beside_it_is_an_error(bf16_cpu):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = tiny_llama_config()
-    save_tiny_hf_model(config, path)
-    save_tiny_tokenizer(path, config.vocab_size)
-    return str(path)
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def prompt_logprobs(model: str, **options) -> tuple[np.ndarray, dict[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine import runner as runner_module
 from jaxrs.engine.warmup import Warmup
-from tests.conftest import save_tiny_hf_model, save_tiny_tokenizer, tiny_llama_config
+from tests.conftest import save_tiny_llama
 from tests.test_compiled_steps import FakeStep, call, compiled_with
 
 ROWS = [1, 2, 4, 8, 16]
@@ -70,11 +70,7 @@ def test_without_background_everything_compiles_now():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    config = tiny_llama_config()
-    save_tiny_hf_model(config, path)
-    save_tiny_tokenizer(path, config.vocab_size)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def test_engine_serves_while_the_background_compiles(tiny):
