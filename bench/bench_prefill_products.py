@@ -1,12 +1,14 @@
 """A prompt chunk's layer products on XLA:CPU: the engine's form against other operand forms, interleaved.
 
-    JAX_PLATFORMS=cpu python bench/bench_prefill_products.py [--rows 512] [--shapes gemma3 qwen05]
+    JAX_PLATFORMS=cpu python bench/bench_prefill_products.py [--rows 512] [--shapes demo gemma3 qwen05]
         [--repeats 7]
 
-Each distinct MLP shape of Gemma-3-270M and Qwen2.5-Coder-0.5B (random codes, in the format the engine holds
-it in on CPU: Q8F for gate/up, U8M for down) times `--rows` rows of activations, as:
+Each distinct MLP shape of SmolLM2-135M, Gemma-3-270M and Qwen2.5-Coder-0.5B (random codes, in the format
+the engine holds it in on CPU: Q8F for gate/up, U8M for down; the demo's Q4_1 both U8M) times `--rows` rows of activations, as:
 
 - nt: the engine's `qmatmul_xla` (W dequantized as stored, [out, in], then `x @ W.T`);
+- nt_bf16: the same with bfloat16 operands (`gemm_dtype`, the `xla_bf16` kernel a CPU with bfloat16 dot
+  instructions takes for prefill: `jaxrs.engine.matmul_dtype`);
 - nn: W dequantized straight into [in, out] (from codes and scales stored transposed), then `x @ W`;
 - nt_materialized / nn_materialized: W dequantized and written out whole first (an optimization barrier),
   then the product, in each layout;
@@ -36,6 +38,7 @@ from pallas_kernels.dequant import dequantize_packed
 from pallas_kernels.qmatmul import qmatmul_xla
 
 SHAPES = {  # name: [(matrix, out, in, format on CPU)]
+    "demo": [("gate/up", 1536, 576, "U8M"), ("down", 576, 1536, "U8M")],
     "gemma3": [("gate/up", 2048, 640, "Q8F"), ("down", 640, 2048, "U8M")],
     "qwen05": [("gate/up", 4864, 896, "Q8F"), ("down", 896, 4864, "U8M")],
 }
@@ -78,6 +81,7 @@ def variants(fmt: str, out_in: tuple[int, int]) -> dict[str, Callable]:
 
     return {
         "nt": lambda x, a, at: qmatmul_xla(x, a, fmt=fmt, out_in=out_in),
+        "nt_bf16": lambda x, a, at: qmatmul_xla(x, a, fmt=fmt, out_in=out_in, gemm_dtype=jnp.bfloat16),
         "nn": lambda x, a, at: product(x, dequantize_transposed(at, fmt)),
         "nt_materialized": lambda x, a, at: product(x, lax.optimization_barrier(dequantize(a)).T),
         "nn_materialized": lambda x, a, at: product(x, lax.optimization_barrier(dequantize(a).T)),

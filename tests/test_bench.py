@@ -251,7 +251,7 @@ def test_prefill_products_script(tmp_path):
         "bench_prefill_products.py",
         *("--rows", "8", "--shapes", "gemma3", "--repeats", "1", "--out", str(tmp_path / "m.json")),
     )
-    assert len(out["results"]) == 2 * 7 and all(r["cpu_ms"] >= 0 for r in out["results"])
+    assert len(out["results"]) == 2 * 8 and all(r["cpu_ms"] >= 0 for r in out["results"])
 
 
 def test_prefill_step_script(tmp_path):
