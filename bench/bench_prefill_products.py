@@ -4,7 +4,8 @@
         [--repeats 7]
 
 Each distinct MLP shape of SmolLM2-135M, Gemma-3-270M and Qwen2.5-Coder-0.5B (random codes, in the format
-the engine holds it in on CPU: Q8F for gate/up, U8M for down; the demo's Q4_1 both U8M) times `--rows` rows of activations, as:
+the engine holds it in on CPU: Q8F for gate/up, U8M for down; the demo's Q4_1 both U8M) times `--rows` rows
+of activations, as:
 
 - nt: the engine's `qmatmul_xla` (W dequantized as stored, [out, in], then `x @ W.T`);
 - nt_bf16: the same with bfloat16 operands (`gemm_dtype`, the `xla_bf16` kernel a CPU with bfloat16 dot
