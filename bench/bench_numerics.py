@@ -3,13 +3,14 @@
     JAX_PLATFORMS=cpu python bench/bench_numerics.py [--models PATH ...]
         [--setting LABEL:KEY=VALUE,... ...] [--new-tokens 32] [--out bench/results/numerics.json]
 
-For each model (the demo unless `--models`) and each setting (the first is the reference; default:
-`exact` = `packed=False, kv_cache_dtype=float32, prefill_matmul_dtype=float32`, then `defaults` = no
-options), an `LLM` is loaded with those options and measures: perplexity of tests/data/english.txt
-(`jaxrs.eval.perplexity`, one prefill), the greatest difference of its per-token log-likelihoods from the
-reference's, and greedy tokens of a few prompts (`--new-tokens` each, EOS ignored): how many prompts match
-the reference's tokens exactly, and the first position where the others part. Values are Python literals
-where they parse (`packed=False`), else strings (`kv_cache_dtype=float16`). Prints a table, writes JSON.
+For each model (the demo unless `--models`) and each setting (the first is the reference; default: `exact` =
+`packed=False, kv_cache_dtype=float32, prefill_matmul_dtype=float32`, then `defaults` = no options), an `LLM`
+is loaded with those options and measures: perplexity of tests/data/english.txt (`jaxrs.eval.perplexity`, one
+prefill), the greatest difference of its per-token log-likelihoods from the reference's, and greedy tokens of
+five 96-token prompts (consecutive pieces of `common.prompt_text()`, `--new-tokens` each, EOS ignored): how
+many match the reference's tokens exactly, and the first position where the others part. Values are Python
+literals where they parse (`packed=False`), else strings (`kv_cache_dtype=float16`). Prints a table, writes
+JSON.
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ import ast
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, markdown_table, write_results
+from common import RESULTS, markdown_table, prompt_ids, write_results
 
 ENGLISH = Path(__file__).parent.parent / "tests" / "data" / "english.txt"
-PROMPTS = [
-    "The history of the city of Rome begins",
-    "def fibonacci(n):",
-    "Paris is the capital of",
-    "Water boils at a temperature of",
-    "Once upon a time, in a small village,",
-]
+PROMPT_TOKENS = 96  # each greedy prompt: more rows than decode's few-row products, so a prefill GEMM
+PROMPTS = 5
 DEFAULT_SETTINGS = [
     "exact:packed=False,kv_cache_dtype=float32,prefill_matmul_dtype=float32",
     "defaults",
@@ -57,7 +53,9 @@ def measure(model: str | None, options: dict, new_tokens: int) -> dict:
     ids = llm.tokenizer.encode(text)[:1024]
     logprobs = np.array(llm.score([ids[:1]], [ids[1:]])[0])
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    text_ids = prompt_ids(llm.tokenizer, PROMPTS * PROMPT_TOKENS)
+    prompts = [text_ids[i * PROMPT_TOKENS : (i + 1) * PROMPT_TOKENS] for i in range(PROMPTS)]
+    greedy = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     return {"perplexity": float(np.exp(-logprobs.mean())), "logprobs": logprobs, "greedy": greedy}
 
 
