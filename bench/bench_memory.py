@@ -31,7 +31,11 @@ MODELS = Path.home() / ".cache" / "jaxrs" / "models"
 PEERS = Path(os.environ.get("JAXRS_PEERS", Path.home() / ".cache" / "jaxrs" / "peers"))
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The primary colors are"]
 PARTS = ("weights", "kv_pool", "compiled", "rest")
-MODES = {"default": {}, "dequantized": {"packed": False, "kv_cache_dtype": "float32"}}  # the old defaults
+MODES = {  # "dequantized": the old defaults; "gemm-f32": the defaults with f32 prefill products
+    "default": {},
+    "dequantized": {"packed": False, "kv_cache_dtype": "float32"},
+    "gemm-f32": {"prefill_matmul_dtype": "float32"},
+}
 
 BARE = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()"
 JAXRS = """
