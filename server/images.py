@@ -35,7 +35,7 @@ async def load_request_images(ctx: ServerContext, sources: list[tuple[str, str]]
     try:
         return await asyncio.to_thread(load_images, urls, llm.engine.model.vision, llm.media, names)
     except JaxrsError as e:
-        place = next((n for n in names if str(e).startswith((f"{n}:", f"{n} "))), "messages")
+        place = getattr(e, "image", None) or "messages"  # the part a bad image came from
         raise APIError(400, str(e), param=place, code="invalid_image") from None
 
 

@@ -155,12 +155,20 @@ def load_images(
     policy: MediaPolicy,
     names: Sequence[str] | None = None,
 ) -> list[Any]:
-    """Each source loaded under `policy` and preprocessed by the model's processor; an error names the
-    image by its `names` entry (where the request holds it), else as "image k"."""
+    """Each source loaded under `policy` and preprocessed by the model's processor; a load error names the
+    image by its `names` entry (where the request holds it), else as "image k", and carries that name
+    (`ImageError.image`)."""
     if len(sources) > policy.limit_images:
         raise ImageError(f"{len(sources)} images in one prompt; the limit is {policy.limit_images}")
-    names = names or [f"image {k}" for k in range(len(sources))]
-    return [vision.processor(load_image(s, policy, name)) for s, name in zip(sources, names, strict=True)]
+    images = []
+    for source, name in zip(sources, names or [f"image {k}" for k in range(len(sources))], strict=True):
+        try:
+            image = load_image(source, policy, name)
+        except ImageError as e:
+            e.image = name
+            raise
+        images.append(vision.processor(image))
+    return images
 
 
 def chat_inputs(

@@ -24,7 +24,10 @@ ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 class ImageError(JaxrsError):
-    """An image a request refers to that cannot be used (unreadable, too large, not allowed...)."""
+    """An image a request refers to that cannot be used (unreadable, too large, not allowed...).
+    `image`: the name the loader gave the image (`load_images`' `names`), when it gave one."""
+
+    image: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
