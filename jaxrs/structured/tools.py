@@ -46,9 +46,13 @@ class ToolPlan:
     forced: bool = False  # tool_choice "required" or a named function
     named: bool = False  # a named function: its answers finish with "stop", as OpenAI's and vLLM's do
     parallel: bool = True  # False: only the first call is kept (vLLM's parallel_tool_calls: false)
-    # The generic format under "auto" with a JSON output constraint: the schema a direct answer follows
-    # (in place of `{"response": ...}`); the constraint joins the calls instead of being refused.
-    response: Any = None
+
+    @property
+    def response(self) -> Any:
+        """The generic format under "auto" with a JSON output constraint: the schema a direct answer
+        follows (in place of `{"response": ...}`; the constraint joins the calls instead of being
+        refused), as its parser reads answers; None otherwise."""
+        return getattr(self.parser, "raw_response", None)
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -141,13 +145,12 @@ def tool_plan(
     parser.tool_names = frozenset(t["function"]["name"] for t in allowed)
     # A named function is called once (OpenAI's and vLLM's reading); "required" may call several.
     parallel = parallel is not False and not isinstance(tool_choice, dict)
-    reply = None
     try:
         if choice == "required":
             grammar = parser.grammar(allowed, parallel, tokenizer)
         elif isinstance(parser, GenericParser):  # its answers are always JSON: a call or a response
-            reply = parser.raw_response = json_reply(response)
-            grammar = parser.answer_grammar(allowed, parallel, reply)
+            parser.raw_response = json_reply(response)
+            grammar = parser.answer_grammar(allowed, parallel, parser.raw_response)
         else:
             grammar = None
     except GrammarError as e:
@@ -155,7 +158,7 @@ def tool_plan(
     except RecursionError:
         raise ToolError("tools: a parameter schema is nested too deeply", "tools") from None
     forced, named = choice == "required", isinstance(tool_choice, dict)
-    return ToolPlan(tools, parser, grammar, forced, named, parallel, reply)
+    return ToolPlan(tools, parser, grammar, forced, named, parallel)
 
 
 def renders_tools(tokenizer: Tokenizer) -> bool:
