@@ -34,7 +34,7 @@ PARTS = ("weights", "kv_pool", "compiled", "rest")
 MODES = {  # "dequantized": the old defaults; "gemm-f32": the defaults with f32 prefill products
     "default": {},
     "dequantized": {"packed": False, "kv_cache_dtype": "float32"},
-    "gemm-f32": {"prefill_matmul_dtype": "float32"},
+    "gemm-f32": {"gemm_dtype": "float32"},
 }
 
 BARE = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()"

@@ -4,7 +4,7 @@
         [--setting LABEL:KEY=VALUE,... ...] [--new-tokens 32] [--out bench/results/numerics.json]
 
 For each model (the demo unless `--models`) and each setting (the first is the reference; default: `exact` =
-`packed=False, kv_cache_dtype=float32, prefill_matmul_dtype=float32`, then `defaults` = no options), an `LLM`
+`packed=False, kv_cache_dtype=float32, gemm_dtype=float32`, then `defaults` = no options), an `LLM`
 is loaded with those options and measures: perplexity of tests/data/english.txt (`jaxrs.eval.perplexity`, one
 prefill), the greatest difference of its per-token log-likelihoods from the reference's, and greedy tokens of
 five 96-token prompts (consecutive pieces of `common.prompt_text()`, `--new-tokens` each, EOS ignored): how
@@ -26,7 +26,7 @@ ENGLISH = Path(__file__).parent.parent / "tests" / "data" / "english.txt"
 PROMPT_TOKENS = 96  # each greedy prompt: more rows than decode's few-row products, so a prefill GEMM
 PROMPTS = 5
 DEFAULT_SETTINGS = [
-    "exact:packed=False,kv_cache_dtype=float32,prefill_matmul_dtype=float32",
+    "exact:packed=False,kv_cache_dtype=float32,gemm_dtype=float32",
     "defaults",
 ]
 

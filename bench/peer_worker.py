@@ -63,7 +63,7 @@ JAXRS_MODES = {
     "f32-kv16": {"dtype": "float32", "packed": False, "kv_cache_dtype": "float16"},
     "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
     # the defaults with a prompt chunk's products in f32 operands whatever the CPU (before bfloat16 GEMMs)
-    "gemm-f32": {"prefill_matmul_dtype": "float32"},
+    "gemm-f32": {"gemm_dtype": "float32"},
 }
 
 

@@ -16,7 +16,7 @@ from jaxrs.engine.options import (
     KV_CACHE_DTYPES,
     LAYER_LOOPS,
     MAX_WAITING,
-    PREFILL_MATMUL_DTYPES,
+    GEMM_DTYPES,
     config_defaults,
 )
 from jaxrs.engine.speculative_config import from_flags
@@ -149,11 +149,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="each row's logits independent of the batch: seeded requests reproducible in any batch (CPU)",
     )
     p.add_argument(
-        "--prefill-matmul-dtype",
-        choices=PREFILL_MATMUL_DTYPES,
-        default=ENGINE["prefill_matmul_dtype"],
-        help="operands of a prompt chunk's weight products on CPU (auto: bfloat16 for packed weights where "
-        "the CPU has bfloat16 dot instructions)",
+        "--gemm-dtype",
+        choices=GEMM_DTYPES,
+        default=ENGINE["gemm_dtype"],
+        help="operands of weight products of 4 or more rows (prompt chunks, decode batches) on CPU "
+        "(auto: bfloat16 for packed weights where the CPU has bfloat16 dot instructions)",
     )
 
     add_lora_args(p)
@@ -328,7 +328,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         layer_loop=args.layer_loop,
         tensor_parallel_size=args.tensor_parallel_size,
         batch_invariant=args.batch_invariant,
-        prefill_matmul_dtype=args.prefill_matmul_dtype,
+        gemm_dtype=args.gemm_dtype,
         **lora_kwargs(args),
         speculative_config=from_flags(args.speculative_config, args.draft_model, args.num_speculative_tokens),
     )

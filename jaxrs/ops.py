@@ -124,6 +124,16 @@ register("matmul", "xla", default_on=("*",))(qmatmul.matmul_t)
 register("qmatmul", "xla_bf16")(functools.partial(qmatmul_xla, gemm_dtype=jnp.bfloat16))
 register("matmul", "xla_bf16")(functools.partial(qmatmul.matmul_t, gemm_dtype=jnp.bfloat16))
 register("matmul", "invariant")(batch_invariant.matmul_invariant)
+
+
+def takes_row_tiles(qmatmul_op: Callable, rows: int, fmt: str) -> bool:
+    """Whether the `qmatmul` implementation `qmatmul_op` reads a `fmt` weight a row or a tile at a time in
+    a product of `rows` rows (`qmatmul.few_row_path`: the XLA kernel on CPU, unless its GEMM dtype
+    takes that many rows whole): the callers that lay weights out for those tiles ask this."""
+    kernel, options = getattr(qmatmul_op, "func", qmatmul_op), getattr(qmatmul_op, "keywords", {})
+    return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, options.get("gemm_dtype"))
+
+
 # A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.
 register("row_sum", "xla", default_on=("*",))(functools.partial(jnp.sum, axis=-1))
 register("row_sum", "invariant")(batch_invariant.tree_sum)

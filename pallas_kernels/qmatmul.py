@@ -85,7 +85,7 @@ def matmul_t(
     x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None, *, gemm_dtype: jnp.dtype | None = None
 ) -> jax.Array:
     """`x [..., in] @ w.T` (w `[out, in]`, cast to x's dtype) with f32 accumulation, in `out_dtype`
-    (default x's). A product of more than CPU_FEW_ROWS rows takes both operands in `gemm_dtype` when
+    (default x's). A product of CPU_GEMM_ROWS rows or more takes both operands in `gemm_dtype` when
     that is given (`gemm_operands`).
 
     Written as `matmul`, not `einsum`: on XLA:CPU a one-row product (a batch-1 decode step) then
@@ -105,14 +105,21 @@ def gemm_operands(
     x: jax.Array, gemm_dtype: jnp.dtype | None, out_dtype: jnp.dtype | None = None
 ) -> tuple[jax.Array, jnp.dtype]:
     """x as a product takes it, and the product's output dtype (`out_dtype`, default x's own): cast to
-    `gemm_dtype` when that is given and the product has more than CPU_FEW_ROWS rows (a prompt chunk's
-    GEMM, bound by its multiply-adds; bfloat16 on a CPU with bf16 dot instructions, where XLA:CPU runs
-    it about twice as fast as in f32). One-row and few-row products keep x's dtype: they read their
-    weight once per row or tile, and bfloat16 buys them nothing."""
+    `gemm_dtype` when that is given and the product has CPU_GEMM_ROWS rows or more (a prompt chunk, a
+    decode batch, a speculative verify: GEMMs bound by their multiply-adds; bfloat16 on a CPU with bf16
+    dot instructions, where XLA:CPU runs them about twice as fast as in f32). Products of one to
+    CPU_GEMV_ROWS rows keep x's dtype: each row is a fused GEMV reading W once, which bfloat16 does not
+    speed up."""
     out_dtype = out_dtype or x.dtype
-    if gemm_dtype is None or math.prod(x.shape[:-1]) <= CPU_FEW_ROWS:
+    if not gemm_rows(math.prod(x.shape[:-1]), gemm_dtype):
         return x, out_dtype
     return x.astype(gemm_dtype), out_dtype
+
+
+def gemm_rows(rows: int, gemm_dtype: jnp.dtype | None) -> bool:
+    """Whether a product of `rows` rows takes its operands in `gemm_dtype` (given) as one GEMM: from
+    CPU_GEMM_ROWS rows up, where XLA:CPU's bfloat16 GEMM beats both the few-row tiles and f32."""
+    return gemm_dtype is not None and rows >= CPU_GEMM_ROWS
 
 
 def qmatmul_xla(
@@ -127,13 +134,14 @@ def qmatmul_xla(
     """`x @ W.T` for the `[out, in]` weight W that `arrays`, the fields of `fmt`'s layout, pack: W is
     dequantized in f32, cast to x's dtype, dotted with f32 accumulation; XLA fuses the dequantization
     into the dot (a long one-row product in pieces of whole blocks, `matmul_t`). A few rows on CPU go a
-    tile of W at a time (`_few_row_product`). A product of more than CPU_FEW_ROWS rows takes x and W in
-    `gemm_dtype` when that is given (`gemm_operands`); the result is in x's dtype.
+    tile of W at a time (`_few_row_product`), unless `gemm_dtype` is given: then a product of
+    CPU_GEMM_ROWS rows or more takes x and W in that dtype as one GEMM (`gemm_operands`); the result is
+    in x's dtype.
 
     `layer`: the arrays hold stacked layers `[L, out, in // per]` and W is layer `layer` (a traced
     index, inside the layer loop). The few-row tiles then read W's rows straight out of the stack: a
     loop over tiles that took the layer's slice as its operand would make XLA copy the slice out first."""
-    if few_row_path(math.prod(x.shape[:-1]), fmt):
+    if few_row_path(math.prod(x.shape[:-1]), fmt, gemm_dtype):
         _check(x, _layer_shapes(arrays, layer), fmt, out_in)
         return _few_row_product(x, arrays, fmt, out_in, layer)
     if layer is not None:
@@ -199,15 +207,25 @@ def _packed_product(
 # every row count once no layer is copied out of its stack (`qmatmul_xla`'s `layer`).
 CPU_FEW_ROWS = 64
 CPU_GEMV_ROWS = 3
+# With bfloat16 GEMM operands (`gemm_dtype`, a CPU with bfloat16 dots) a product of this many rows or more
+# is one GEMM instead: W dequantized whole in bfloat16 and multiplied on both cores, 1.5-2.1x the tiles'
+# speed at 4-32 rows on the demo, Gemma-3-270M and Qwen2.5-0.5B (the tile loop runs one small dot at a
+# time, on one core); two rows measured even (bench/RESULTS.md, "Decode batches in bfloat16").
+CPU_GEMM_ROWS = CPU_GEMV_ROWS + 1
 CPU_TILE_BYTES = 256 * 1024
 CPU_TILE_SLACK = 0.25  # how far under CPU_TILE_BYTES a tile may go to divide `out`
 FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
 
 
-def few_row_path(rows: int, fmt: str) -> bool:
-    """Whether `qmatmul_xla` takes a product of `rows` rows with a `fmt` weight a row or a tile of W at
-    a time (never writing all of W out in f32)."""
-    return jax.default_backend() == "cpu" and 1 < rows <= CPU_FEW_ROWS and fmt in FEW_ROW_FORMATS
+def few_row_path(rows: int, fmt: str, gemm_dtype: jnp.dtype | None = None) -> bool:
+    """Whether `qmatmul_xla` (with `gemm_dtype`) takes a product of `rows` rows with a `fmt` weight a
+    row or a tile of W at a time (never writing all of W out in f32)."""
+    return (
+        jax.default_backend() == "cpu"
+        and 1 < rows <= CPU_FEW_ROWS
+        and fmt in FEW_ROW_FORMATS
+        and not gemm_rows(rows, gemm_dtype)
+    )
 
 
 def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:

@@ -1,4 +1,4 @@
-"""The operands of a prompt chunk's products on CPU (`prefill_matmul_dtype`): which kernels each choice
+"""The operands of a prompt chunk's products on CPU (`gemm_dtype`): which kernels each choice
 takes, how a CPU's bfloat16 dots are found, and what an engine's prefill computes under each."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrs.engine import matmul_dtype
-from jaxrs.engine.matmul_dtype import cpu_has_bf16_dots, prefill_matmul_kernels
+from jaxrs.engine.matmul_dtype import cpu_has_bf16_dots, gemm_kernels
 from jaxrs.errors import JaxrsError
 from jaxrs.ops import Kernels
 from tests.conftest import save_tiny_llama
@@ -36,27 +36,27 @@ def choice(kernels: Kernels) -> dict[str, str]:
 
 
 def test_auto_takes_bfloat16_for_packed_weights_only_where_the_cpu_has_it(bf16_cpu, monkeypatch):
-    assert choice(prefill_matmul_kernels("auto", Kernels(), "cpu")) == {"qmatmul": "xla_bf16"}
-    assert choice(prefill_matmul_kernels("bfloat16", Kernels(), "cpu")) == {
+    assert choice(gemm_kernels("auto", Kernels(), "cpu")) == {"qmatmul": "xla_bf16"}
+    assert choice(gemm_kernels("bfloat16", Kernels(), "cpu")) == {
         "qmatmul": "xla_bf16",
         "matmul": "xla_bf16",
     }
-    assert choice(prefill_matmul_kernels("float32", Kernels(), "cpu")) == {}
-    assert choice(prefill_matmul_kernels("auto", Kernels(), "gpu")) == {}  # products take the compute dtype
+    assert choice(gemm_kernels("float32", Kernels(), "cpu")) == {}
+    assert choice(gemm_kernels("auto", Kernels(), "gpu")) == {}  # products take the compute dtype
     monkeypatch.setattr(matmul_dtype, "cpu_has_bf16_dots", lambda: False)
-    assert choice(prefill_matmul_kernels("auto", Kernels(), "cpu")) == {}  # emulated bfloat16 is slower
-    assert choice(prefill_matmul_kernels("bfloat16", Kernels(), "cpu"))["qmatmul"] == "xla_bf16"
+    assert choice(gemm_kernels("auto", Kernels(), "cpu")) == {}  # emulated bfloat16 is slower
+    assert choice(gemm_kernels("bfloat16", Kernels(), "cpu"))["qmatmul"] == "xla_bf16"
 
 
 def test_a_chosen_kernel_stays_and_bfloat16_beside_it_is_an_error(bf16_cpu):
     mine = Kernels.from_mapping({"qmatmul": "pallas"})
-    assert prefill_matmul_kernels("auto", mine, "cpu") == mine
+    assert gemm_kernels("auto", mine, "cpu") == mine
     with pytest.raises(JaxrsError, match="'qmatmul' kernel 'xla_bf16'; 'pallas' was chosen"):
-        prefill_matmul_kernels("bfloat16", mine, "cpu")
+        gemm_kernels("bfloat16", mine, "cpu")
     invariant = Kernels.from_mapping({"qmatmul": "invariant", "matmul": "invariant"})
-    assert prefill_matmul_kernels("auto", invariant, "cpu") == invariant  # the batch-invariant mode's
-    with pytest.raises(JaxrsError, match="prefill_matmul_dtype must be one of auto, float32, bfloat16"):
-        prefill_matmul_kernels("float16", Kernels(), "cpu")
+    assert gemm_kernels("auto", invariant, "cpu") == invariant  # the batch-invariant mode's
+    with pytest.raises(JaxrsError, match="gemm_dtype must be one of auto, float32, bfloat16"):
+        gemm_kernels("float16", Kernels(), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,25 @@ def prompt_logprobs(model: str, **options) -> tuple[np.ndarray, dict[str, str]]:
 
 
 def test_an_engine_prefills_packed_weights_in_bfloat16_under_auto(tiny_model, bf16_cpu):
-    exact, f32_kernels = prompt_logprobs(tiny_model, prefill_matmul_dtype="float32")
+    exact, f32_kernels = prompt_logprobs(tiny_model, gemm_dtype="float32")
     auto, auto_kernels = prompt_logprobs(tiny_model)
     assert f32_kernels == {} and auto_kernels == {"qmatmul": "xla_bf16"}
     assert not np.array_equal(auto, exact)  # the products' operands were rounded
     np.testing.assert_allclose(auto, exact, atol=0.05)
+
+
+def test_a_decode_batch_takes_bfloat16_under_auto(tiny_model, bf16_cpu):
+    """Four requests at once decode 4-row GEMMs: bfloat16 operands under "auto", their tokens'
+    log-probabilities within that rounding of what f32 products give the same tokens (one row a step
+    keeps f32: `test_qmatmul.py`)."""
+    from jaxrs import LLM, SamplingParams
+
+    prompts = [list(np.random.default_rng(i).integers(3, 256, 3)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    auto = LLM(tiny_model, isq="Q8_0", max_model_len=64, kv_cache_mb=4)
+    outs = [out.outputs[0] for out in auto.generate(prompts, params)]
+    exact = LLM(tiny_model, isq="Q8_0", max_model_len=64, kv_cache_mb=4, gemm_dtype="float32")
+    scored = np.concatenate(exact.score(prompts, [out.token_ids for out in outs]))
+    got = np.array([lp.logprob for out in outs for lp in out.logprobs])
+    assert np.abs(got - scored).max() > 1e-3  # rounded operands (f32 products part by ~1e-6)
+    np.testing.assert_allclose(got, scored, atol=0.05)

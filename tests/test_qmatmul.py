@@ -153,33 +153,51 @@ def test_one_long_row_is_split_so_xla_cpu_fuses_the_weight_into_each_piece(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["F32", "U8M", "Q8F", "Q4_K"])
-def test_gemm_dtype_takes_bfloat16_operands_past_the_few_rows(fmt):
-    """`gemm_dtype` (a prompt chunk's GEMMs on a CPU with bfloat16 dots): past CPU_FEW_ROWS rows the
-    product is the f32-accumulated dot of x and W both rounded to bfloat16, in x's dtype; decode's
-    one-row and few-row products are the very same as without it."""
+def test_gemm_dtype_takes_bfloat16_operands_from_the_gemm_rows(fmt):
+    """`gemm_dtype` (GEMMs on a CPU with bfloat16 dots): a product of CPU_GEMM_ROWS rows or more (a
+    decode batch, a prompt chunk) is the f32-accumulated dot of x and W both rounded to bfloat16, in x's
+    dtype; one to CPU_GEMV_ROWS rows (single-stream decode) are the very same as without it."""
     qt = packed(fmt)
     w = dequantize(qt)
     bf16 = ops.resolve("qmatmul", "xla_bf16")
-    for rows in (1, 5, qmatmul.CPU_FEW_ROWS):
+    for rows in range(1, qmatmul.CPU_GEMM_ROWS):
         x = inputs(fmt, rows)
         np.testing.assert_array_equal(np.asarray(bf16(x, qt)), np.asarray(qmatmul_xla(x, qt)))
-    x = inputs(fmt, qmatmul.CPU_FEW_ROWS + 1)
-    y = bf16(x, qt)
-    rounded = jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
-    assert y.dtype == jnp.float32
-    close(y, rounded, 1e-5)
-    exact = x @ w.T
-    assert np.max(np.abs(np.asarray(y) - np.asarray(exact))) > 1e-4 * np.max(np.abs(np.asarray(exact)))
-    close(y, exact, 2e-2)
+    for rows in (qmatmul.CPU_GEMM_ROWS, qmatmul.CPU_FEW_ROWS, qmatmul.CPU_FEW_ROWS + 1):
+        x = inputs(fmt, rows)
+        y = bf16(x, qt)
+        rounded = jnp.matmul(
+            x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32
+        )
+        assert y.dtype == jnp.float32
+        close(y, rounded, 1e-5)
+        exact = x @ w.T
+        assert np.max(np.abs(np.asarray(y) - np.asarray(exact))) > 1e-4 * np.max(np.abs(np.asarray(exact)))
+        close(y, exact, 2e-2)
 
 
-def test_float_gemm_dtype_takes_bfloat16_operands_past_the_few_rows():
+def test_the_row_tiles_are_the_xla_kernels_below_the_gemm_rows():
+    """Which products read a packed weight a row or tile at a time (what the decoder keeps in its stack
+    and the head leaves whole for): the XLA kernel's few rows of byte-code formats on CPU, and with
+    bfloat16 GEMMs only those below CPU_GEMM_ROWS."""
+    xla, bf16, pallas = (ops.resolve("qmatmul", name) for name in ("xla", "xla_bf16", "pallas"))
+    cpu = jax.default_backend() == "cpu"
+    assert ops.takes_row_tiles(xla, qmatmul.CPU_FEW_ROWS, "U8M") is cpu
+    assert ops.takes_row_tiles(bf16, qmatmul.CPU_GEMM_ROWS - 1, "U8M") is cpu
+    assert not ops.takes_row_tiles(bf16, qmatmul.CPU_GEMM_ROWS, "U8M")
+    assert not ops.takes_row_tiles(xla, 1, "U8M")
+    assert not ops.takes_row_tiles(xla, qmatmul.CPU_FEW_ROWS + 1, "U8M")
+    assert not ops.takes_row_tiles(xla, 8, "Q4_K")  # nibbles: one product whole
+    assert not ops.takes_row_tiles(pallas, 8, "U8M")
+
+
+def test_float_gemm_dtype_takes_bfloat16_operands_from_the_gemm_rows():
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.standard_normal((OUT, 96)), jnp.float32)
     matmul = ops.resolve("matmul", "xla_bf16")
-    few = jnp.asarray(rng.standard_normal((qmatmul.CPU_FEW_ROWS, 96)), jnp.float32)
+    few = jnp.asarray(rng.standard_normal((qmatmul.CPU_GEMV_ROWS, 96)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(matmul(few, w)), np.asarray(qmatmul.matmul_t(few, w)))
-    x = jnp.asarray(rng.standard_normal((qmatmul.CPU_FEW_ROWS + 1, 96)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((qmatmul.CPU_GEMM_ROWS, 96)), jnp.float32)
     rounded = jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
     close(matmul(x, w), rounded, 1e-5)
     assert matmul(x, w, jnp.float16).dtype == jnp.float16

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxrs.engine.batch_invariance import invariant_kernels
 from jaxrs.engine.block_manager import BlockManager, BlockTable, salted
-from jaxrs.engine.matmul_dtype import prefill_matmul_kernels
+from jaxrs.engine.matmul_dtype import gemm_kernels
 from jaxrs.engine.options import (
     CPU_KV_CACHE_DTYPE,
     CPU_KV_CACHE_FREE_SHARE,
@@ -139,7 +139,7 @@ class Engine:
             log.info("persistent compilation cache: %s", cache)
         if config.batch_invariant:  # one form of each product and of attention whatever the rows
             kernels = invariant_kernels(config, kernels, loaded.config)
-        kernels = prefill_matmul_kernels(config.prefill_matmul_dtype, kernels, jax.default_backend())
+        kernels = gemm_kernels(config.gemm_dtype, kernels, jax.default_backend())
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.kernels = kernels

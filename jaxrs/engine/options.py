@@ -15,7 +15,7 @@ from jaxrs.lora.xlora_config import XLoraOptions
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = FLOAT_DTYPES
 LAYER_LOOPS = ("scan", "unrolled")
-PREFILL_MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+GEMM_DTYPES = ("auto", "float32", "bfloat16")
 BLOCK_SIZES = (8, 16, 32)
 CPU_KV_CACHE_MB = 512  # the KV pool on a device that reports no memory (CPU), unless sized otherwise...
 CPU_KV_CACHE_FREE_SHARE = 0.5  # ...or this share of the host's free memory, if less
@@ -64,9 +64,10 @@ class EngineConfig:
     # Every row's logits the same bits whatever else shares its step, so a seeded request draws the same
     # tokens alone, batched or verified (`batch_invariance`); costs single-stream decode speed (README).
     batch_invariant: bool = False
-    # The operands of a prompt chunk's weight products on CPU (`matmul_dtype`): "auto" (bfloat16 for packed
-    # weights where the CPU has bfloat16 dot instructions), "float32" or "bfloat16" (float weights too).
-    prefill_matmul_dtype: str = "auto"
+    # The operands of weight products of 4 or more rows (prompt chunks, decode batches, speculative
+    # verifies) on CPU (`matmul_dtype`): "auto" (bfloat16 for packed weights where the CPU has bfloat16
+    # dot instructions), "float32" or "bfloat16" (float weights too).
+    gemm_dtype: str = "auto"
 
     lora: LoraConfig | None = None  # LoRA adapters served per request
     xlora: XLoraOptions | None = None  # an X-LoRA model served beside them (requests name it)

@@ -4,7 +4,7 @@ XLA:CPU dequantizes a packed weight into a dense buffer before its dot: for the 
 whole vocabulary in f32 (108 MiB for SmolLM2's 49,152 x 576, 519 MiB for Qwen2.5's 151,936 x 896), the
 largest temporary of every step and most of a serving process's peak above its weights. In slices of at
 most `SLICE_BYTES` under `lax.map` the step reads the same bytes and keeps one slice's buffer. The XLA
-product of a few rows (`qmatmul.few_row_path`) reads the head a tile at a time by itself: it takes the
+product of a few rows (`jaxrs.ops.takes_row_tiles`) reads the head a tile at a time by itself: it takes the
 head whole, as one loop of tiles rather than a loop of slices each with its own tiles and ragged tail.
 """
 
@@ -16,9 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxrs.ops import qmatmul_xla
+from jaxrs.ops import takes_row_tiles
 from jaxrs.quant import QuantizedTensor
-from pallas_kernels.qmatmul import few_row_path
 
 SLICE_BYTES = 8 * 2**20  # f32 bytes of the dequantized head slice a step holds at once
 
@@ -41,8 +40,7 @@ def head_in_slices(
     """`qmatmul(hidden, head)` in f32, a slice of the head's rows at a time when the step runs on CPU."""
     out, inp = head.out_in
     rows = math.prod(hidden.shape[:-1])
-    xla = getattr(qmatmul, "func", qmatmul) is qmatmul_xla  # itself or a partial of it ("xla_bf16")
-    whole = xla and few_row_path(rows, head.fmt)  # its tiles never hold the head
+    whole = takes_row_tiles(qmatmul, rows, head.fmt)  # its tiles never hold the head
     n = slice_count(out, inp) if jax.default_backend() == "cpu" and not head.lead_shape and not whole else 1
     if n == 1:
         return qmatmul(hidden, head).astype(jnp.float32)
