@@ -119,6 +119,7 @@ SCORED = list(range(60, 76))  # scored as 6 prompt tokens and 10 continuation to
 ENGINE = dict(
     kv_cache_tokens=128,
     kv_cache_dtype="float32",
+    gemm_dtype="float32",  # the exact settings: every run's products in f32, whatever its kernels
     block_size=8,
     max_model_len=32,
     max_num_seqs=2,

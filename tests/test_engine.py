@@ -161,8 +161,8 @@ def test_float16_kv_cache(llm, ids):
     """`kv_cache_dtype="float16"` under float32 compute: half the bytes per token, and the same greedy
     tokens with log-probabilities within float16's rounding of the float32 cache's."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    full = engine_with(llm, prefix_caching=False, kv_cache_dtype="float32")
-    half = engine_with(llm, prefix_caching=False)  # the CPU default
+    full = engine_with(llm, prefix_caching=False, kv_cache_dtype="float32", gemm_dtype="float32")
+    half = engine_with(llm, prefix_caching=False, gemm_dtype="float32")  # the CPU default cache
     assert half.runner.kv.k.dtype == jnp.float16 and full.runner.kv.k.dtype == jnp.float32
     assert half.blocks.num_blocks == 2 * full.blocks.num_blocks  # same MiB, twice the tokens
     ref, out = run(full, ids[6:9], params), run(half, ids[6:9], params)
@@ -276,12 +276,15 @@ def test_score_matches_transformers(demo_gguf):
 
 def test_generated_logprobs_equal_score(llm, ids):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    out = run(engine_with(llm), [ids[4]], params)[0].outputs[0]
+    # f32 products: under the defaults the scored prompt's GEMMs take bfloat16 (`gemm_dtype`) on a CPU
+    # with bfloat16 dots, where one-row decode does not
+    engine = engine_with(llm, gemm_dtype="float32")
+    out = run(engine, [ids[4]], params)[0].outputs[0]
     assert [lp.token_id for lp in out.logprobs] == out.token_ids
     for lp in out.logprobs:
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the top alternative
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
-    scored = llm.score([ids[4]], [out.token_ids])[0]
+    scored = engine.score(ids[4], out.token_ids)
     # decode's one-row matmuls sum split rows in another order than scoring's whole-prompt ones
     np.testing.assert_allclose([lp.logprob for lp in out.logprobs], scored, atol=5e-4)
 

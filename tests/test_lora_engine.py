@@ -142,6 +142,7 @@ def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
         max_lora_rank=8,
         kv_cache_tokens=512,
         kv_cache_dtype="float32",
+        gemm_dtype="float32",
     )
     for name in ("alpha", "beta"):
         assert_matches(
