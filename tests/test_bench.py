@@ -261,7 +261,10 @@ def test_prefill_step_script(tmp_path):
         *("--variant", "f32:kernel.qmatmul=xla", "--out", str(tmp_path / "s.json")),
     )
     assert [(r["tokens"], r["variant"]) for r in out["results"]] == [(40, "base"), (40, "kt16"), (40, "f32")]
-    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["logit_diff"] < 1e-3 for r in out["results"])
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in out["results"])
+    diffs = {r["variant"]: r["logit_diff"] for r in out["results"]}
+    assert diffs["kt16"] < 1e-3  # the same products, attention's tiles added in another order
+    assert diffs["f32"] < 1.0  # f32 products against the base's (bfloat16 on a CPU with bfloat16 dots)
 
 
 def test_speculative_script(tmp_path):
