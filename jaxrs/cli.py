@@ -13,10 +13,10 @@ from jaxrs.engine.options import (
     BLOCK_SIZES,
     CPU_KV_CACHE_MB,
     FLOAT_DTYPES,
+    GEMM_DTYPES,
     KV_CACHE_DTYPES,
     LAYER_LOOPS,
     MAX_WAITING,
-    GEMM_DTYPES,
     config_defaults,
 )
 from jaxrs.engine.speculative_config import from_flags

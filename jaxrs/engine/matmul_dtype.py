@@ -51,9 +51,7 @@ def gemm_kernels(choice: str, kernels: Kernels, platform: str) -> Kernels:
     "bfloat16" beside another chosen kernel is an error naming it. Off CPU the products already take the
     compute dtype (bfloat16 by default), so nothing changes."""
     if choice not in GEMM_DTYPES:
-        raise JaxrsError(
-            f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, not {choice!r}"
-        )
+        raise JaxrsError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, not {choice!r}")
     if platform != "cpu" or choice == "float32" or (choice == "auto" and not cpu_has_bf16_dots()):
         return kernels
     ops = ("qmatmul",) if choice == "auto" else ("qmatmul", "matmul")
@@ -61,9 +59,7 @@ def gemm_kernels(choice: str, kernels: Kernels, platform: str) -> Kernels:
     taken = [op for op in ops if chosen.get(op, "xla") in ("xla", KERNEL)]
     if choice == "bfloat16" and len(taken) < len(ops):
         op = next(op for op in ops if op not in taken)
-        raise JaxrsError(
-            f"gemm_dtype bfloat16 takes the {op!r} kernel {KERNEL!r}; {chosen[op]!r} was chosen"
-        )
+        raise JaxrsError(f"gemm_dtype bfloat16 takes the {op!r} kernel {KERNEL!r}; {chosen[op]!r} was chosen")
     if not taken:
         return kernels
     log.info(
