@@ -31,7 +31,7 @@ MODELS = Path.home() / ".cache" / "jaxrs" / "models"
 PEERS = Path(os.environ.get("JAXRS_PEERS", Path.home() / ".cache" / "jaxrs" / "peers"))
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The primary colors are"]
 PARTS = ("weights", "kv_pool", "compiled", "rest")
-MODES = {  # "dequantized": the old defaults; "gemm-f32": the defaults with f32 prefill products
+MODES = {  # "dequantized": the old defaults; "gemm-f32": the defaults with f32 GEMMs (`gemm_dtype`)
     "default": {},
     "dequantized": {"packed": False, "kv_cache_dtype": "float32"},
     "gemm-f32": {"gemm_dtype": "float32"},

@@ -62,7 +62,7 @@ JAXRS_MODES = {
     # float16 KV cache, as llama.cpp's default cache
     "f32-kv16": {"dtype": "float32", "packed": False, "kv_cache_dtype": "float16"},
     "packed-kv16": {"dtype": "float32", "packed": True, "kv_cache_dtype": "float16"},
-    # the defaults with a prompt chunk's products in f32 operands whatever the CPU (before bfloat16 GEMMs)
+    # the defaults with every product in f32 operands whatever the CPU (`gemm_dtype`: before bfloat16 GEMMs)
     "gemm-f32": {"gemm_dtype": "float32"},
 }
 

@@ -120,18 +120,30 @@ register("qmatmul", "pallas", default_on=("gpu",))(qmatmul_pallas)
 register("qmatmul", "invariant")(qmatmul_invariant)  # the batch-invariant mode's (`batch_invariance`)
 # A float weight's product, `fn(x, w [out, in], out_dtype=None)`: `qmatmul.matmul_t`'s signature.
 register("matmul", "xla", default_on=("*",))(qmatmul.matmul_t)
-# The same products with a prompt chunk's GEMMs in bfloat16 operands (`jaxrs.engine.matmul_dtype`).
+# The same products with GEMMs of 4 rows or more in bfloat16 operands (`jaxrs.engine.matmul_dtype`).
 register("qmatmul", "xla_bf16")(functools.partial(qmatmul_xla, gemm_dtype=jnp.bfloat16))
 register("matmul", "xla_bf16")(functools.partial(qmatmul.matmul_t, gemm_dtype=jnp.bfloat16))
 register("matmul", "invariant")(batch_invariant.matmul_invariant)
 
 
+def gemm_dtype(qmatmul_op: Callable) -> jnp.dtype | None:
+    """The GEMM operand dtype a `qmatmul` (or `matmul`) implementation was registered with (`xla_bf16`:
+    bfloat16), None for one without."""
+    return getattr(qmatmul_op, "keywords", {}).get("gemm_dtype")
+
+
+def chosen_gemm_dtype(kernels: Kernels) -> jnp.dtype | None:
+    """`gemm_dtype` of the `qmatmul` implementation `kernels` choose (as registered: not as a mesh wraps
+    it)."""
+    return gemm_dtype(resolve("qmatmul", dict(kernels.choice).get("qmatmul")))
+
+
 def takes_row_tiles(qmatmul_op: Callable, rows: int, fmt: str) -> bool:
     """Whether the `qmatmul` implementation `qmatmul_op` reads a `fmt` weight a row or a tile at a time in
     a product of `rows` rows (`qmatmul.few_row_path`: the XLA kernel on CPU, unless its GEMM dtype
-    takes that many rows whole): the callers that lay weights out for those tiles ask this."""
-    kernel, options = getattr(qmatmul_op, "func", qmatmul_op), getattr(qmatmul_op, "keywords", {})
-    return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, options.get("gemm_dtype"))
+    takes that many rows whole), so that a caller need not cut the weight itself (the head's slices)."""
+    kernel = getattr(qmatmul_op, "func", qmatmul_op)
+    return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, gemm_dtype(qmatmul_op))
 
 
 # A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.

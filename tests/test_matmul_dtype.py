@@ -1,5 +1,5 @@
-"""The operands of a prompt chunk's products on CPU (`gemm_dtype`): which kernels each choice
-takes, how a CPU's bfloat16 dots are found, and what an engine's prefill computes under each."""
+"""The operands of products of 4 or more rows on CPU (`gemm_dtype`): which kernels each choice takes, how
+a CPU's bfloat16 dots are found, and what an engine's prefill and decode batches compute under each."""
 
 from __future__ import annotations
 

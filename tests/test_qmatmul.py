@@ -189,6 +189,9 @@ def test_the_row_tiles_are_the_xla_kernels_below_the_gemm_rows():
     assert not ops.takes_row_tiles(xla, qmatmul.CPU_FEW_ROWS + 1, "U8M")
     assert not ops.takes_row_tiles(xla, 8, "Q4_K")  # nibbles: one product whole
     assert not ops.takes_row_tiles(pallas, 8, "U8M")
+    # the decoder's in-place layer loop reads the dtype from the kernels' choice (a mesh wraps the op)
+    assert ops.chosen_gemm_dtype(ops.Kernels()) is None
+    assert ops.chosen_gemm_dtype(ops.Kernels.from_mapping({"qmatmul": "xla_bf16"})) == jnp.bfloat16
 
 
 def test_float_gemm_dtype_takes_bfloat16_operands_from_the_gemm_rows():

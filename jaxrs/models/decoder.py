@@ -46,8 +46,9 @@ from jaxrs.models.layers import (
 from jaxrs.models.nn import Embedding, Experts, Linear, Norm, head_logits, make_norm, value
 from jaxrs.models.registry import family
 from jaxrs.models.spec import FamilySpec
-from jaxrs.ops import Kernels, takes_row_tiles
+from jaxrs.ops import Kernels, chosen_gemm_dtype
 from jaxrs.quant import QuantizedTensor, dequantize, stacked_layer
+from pallas_kernels.qmatmul import few_row_path
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -294,9 +295,9 @@ class DecoderModel(nnx.Module):
 
         graph, stacked = nnx.split(self.layers)
         if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # few-row tiles read in place
-            rows, qmatmul = math.prod(h.shape[:-1]), kernels.get("qmatmul")
+            rows, gemm = math.prod(h.shape[:-1]), chosen_gemm_dtype(kernels)
             stacked, layer_of = stacked_layer.scan_packed_in_place(
-                stacked, lambda w: takes_row_tiles(qmatmul, rows, w.fmt)
+                stacked, lambda w: few_row_path(rows, w.fmt, gemm)
             )
         else:
             layer_of = None
