@@ -139,17 +139,9 @@ def main() -> None:
         batch, flags = first.profile_batch(SamplingParams(temperature=0), b, prefill=False)
         for keys in args.keys:
             blocks = -(-(keys + args.steps) // first.block_size)
-            tables = np.zeros((b, first.width(blocks)), np.int32)
-            tables[:, :blocks] = rng.permutation(b * blocks).reshape(b, blocks)
-            inputs = (
-                rng.integers(0, first.cfg.vocab_size, b).astype(np.int32),
-                np.full(b, keys - 1, np.int32),
-                tables,
-                np.ones(b, bool),
-                batch,
-                np.int32(args.steps),
-            )
-            calls, found = {}, {}
+            pages = rng.permutation(b * blocks).reshape(b, blocks)
+            tokens = rng.integers(0, first.cfg.vocab_size, b).astype(np.int32)
+            calls, found, inputs = {}, {}, {}
             for loop, runner in runners.items():
                 before, began = resident_mib(), time.perf_counter()
                 qmatmul.CPU_FEW_ROWS = 1 if " whole" in loop else few_rows
@@ -158,18 +150,28 @@ def main() -> None:
                 found_settings, options, chosen = variants.get(loop.rpartition(" ")[2], ([], {}, {}))
                 for module, attr, value in found_settings:
                     setattr(module, attr, value)
+                tables = np.zeros((b, runner.width(blocks, decode_rows=b)), np.int32)  # a setting may widen
+                tables[:, :blocks] = pages
+                inputs[loop] = (
+                    tokens,
+                    np.full(b, keys - 1, np.int32),
+                    tables,
+                    np.ones(b, bool),
+                    batch,
+                    np.int32(args.steps),
+                )
                 steps = jitted_steps(step_xla_options(dict(runner.xla_options) | options))
                 jax.clear_caches()  # trace again under this setting
                 compiled = steps.decode.lower(
                     runner.params,
                     runner.kv,
-                    *inputs,
+                    *inputs[loop],
                     cfg=runner.cfg,
                     kernels=with_kernels(runner.kernels, chosen),
                     flags=flags,
                     max_steps=args.steps,
                 ).compile()
-                runner.kv = compiled(runner.params, runner.kv, *inputs)[1]  # first run: page in
+                runner.kv = compiled(runner.params, runner.kv, *inputs[loop])[1]  # first run: page in
                 jax.block_until_ready(runner.kv)
                 calls[loop] = compiled
                 found[loop] = {
@@ -184,7 +186,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for loop, runner in runners.items():
                     began, cpu = time.perf_counter(), time.process_time()
-                    out, runner.kv = calls[loop](runner.params, runner.kv, *inputs)
+                    out, runner.kv = calls[loop](runner.params, runner.kv, *inputs[loop])
                     jax.block_until_ready(out)
                     found[loop]["times"].append(time.perf_counter() - began)
                     found[loop]["cpu"].append(time.process_time() - cpu)

@@ -79,7 +79,7 @@ def main() -> None:
     batch, flags = runner.profile_batch(SamplingParams(temperature=0), args.rows, prefill=False)
     rng = np.random.default_rng(0)
     blocks = -(-(args.keys + args.steps) // runner.block_size)
-    tables = np.zeros((args.rows, runner.width(blocks)), np.int32)
+    tables = np.zeros((args.rows, runner.width(blocks, decode_rows=args.rows)), np.int32)
     tables[:, :blocks] = rng.permutation(args.rows * blocks).reshape(args.rows, blocks)
     inputs = (
         rng.integers(0, runner.cfg.vocab_size, args.rows).astype(np.int32),

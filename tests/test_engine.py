@@ -43,7 +43,13 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[
 
 
 def engine_with(llm: LLM, **knobs) -> Engine:
-    return Engine(llm.model, EngineConfig(**{"kv_cache_mb": 48, **knobs}), dtype=jnp.float32)
+    """An engine over the demo with f32 products unless `knobs` say otherwise: these tests compare a
+    prompt's tokens across batch compositions, and under the CPU default a batch of 4 rows or more takes
+    bfloat16 GEMMs (`gemm_dtype`), which can flip a near tie (the second prompt's three likeliest first
+    tokens lie within 0.05 in log-probability); `batch_invariant` is the mode that promises that."""
+    return Engine(
+        llm.model, EngineConfig(**{"kv_cache_mb": 48, "gemm_dtype": "float32", **knobs}), dtype=jnp.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +167,8 @@ def test_float16_kv_cache(llm, ids):
     """`kv_cache_dtype="float16"` under float32 compute: half the bytes per token, and the same greedy
     tokens with log-probabilities within float16's rounding of the float32 cache's."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    full = engine_with(llm, prefix_caching=False, kv_cache_dtype="float32", gemm_dtype="float32")
-    half = engine_with(llm, prefix_caching=False, gemm_dtype="float32")  # the CPU default cache
+    full = engine_with(llm, prefix_caching=False, kv_cache_dtype="float32")
+    half = engine_with(llm, prefix_caching=False)  # the CPU default cache
     assert half.runner.kv.k.dtype == jnp.float16 and full.runner.kv.k.dtype == jnp.float32
     assert half.blocks.num_blocks == 2 * full.blocks.num_blocks  # same MiB, twice the tokens
     ref, out = run(full, ids[6:9], params), run(half, ids[6:9], params)
@@ -276,9 +282,9 @@ def test_score_matches_transformers(demo_gguf):
 
 def test_generated_logprobs_equal_score(llm, ids):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    # f32 products: under the defaults the scored prompt's GEMMs take bfloat16 (`gemm_dtype`) on a CPU
+    # f32 products (`engine_with`): under the defaults the scored prompt's GEMMs take bfloat16 on a CPU
     # with bfloat16 dots, where one-row decode does not
-    engine = engine_with(llm, gemm_dtype="float32")
+    engine = engine_with(llm)
     out = run(engine, [ids[4]], params)[0].outputs[0]
     assert [lp.token_id for lp in out.logprobs] == out.token_ids
     for lp in out.logprobs:

@@ -125,3 +125,31 @@ def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):
     doubled = llm.generate([prompt], params, use_tqdm=False)[0]
     assert ("prefill", 1, 64) in {c[:3] for c in runner.shapes}
     assert doubled.token_ids == stepped.token_ids
+
+
+def test_one_row_decodes_take_half_octave_widths(tiny, monkeypatch):
+    """A decode of one row reads its whole table (no width switch), so its tables step by half an octave;
+    several rows, and prefill, keep powers of two. The warm-up lists every such width once, the
+    half-octave ones behind the narrowest width's first shapes, and a request's tokens are those of the
+    power-of-two tables."""
+    llm = LLM(str(tiny), kv_cache_tokens=512, block_size=8, max_model_len=200, max_num_seqs=2)
+    runner = llm.engine.runner
+    assert runner.width(9, decode_rows=1) == 12 and runner.width(9, decode_rows=2) == 16
+    assert runner.width(9) == 16 and runner.width(25, decode_rows=1) == 32  # 200 tokens: 25 blocks
+    assert runner.decode_widths(1) == [8, 12, 16, 24, 32] and runner.decode_widths(2) == [8, 16, 32]
+    calls, first = runner.warmup_calls([SamplingParams(temperature=0)])
+    decodes = [c.label[:2] for c in calls if c.kind == "decode"]
+    assert (
+        sorted(decodes)
+        == sorted({*decodes})
+        == [(1, w) for w in (8, 12, 16, 24, 32)] + [(2, w) for w in (8, 16, 32)]
+    )
+    assert [c.label[:2] for c in calls[:first] if c.kind == "decode"] == [(1, 8)]
+    prompt = [3 + i % 11 for i in range(70)]  # 70 + 10 tokens: 10 blocks, a 12-block table
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    fine = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert ("decode", 1, 12) in {c[:3] for c in runner.shapes}
+    monkeypatch.setattr(runner_module, "FINE_WIDTH_ROWS", 0)  # powers of two only, as before
+    doubled = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert ("decode", 1, 16) in {c[:3] for c in runner.shapes}
+    assert doubled.token_ids == fine.token_ids

@@ -72,11 +72,10 @@ def masked_decode(
 def masked_warmup_calls(runner: ModelRunner, profiles: list[SamplingParams]) -> list[StepCall]:
     """The constrained batches' shapes, fewest rows first: the forward at every rows and width bucket,
     the sampler at every rows bucket for each decode profile (dummy rows write nothing)."""
-    widths, batches = runner.buckets()
     calls = []
-    for b in batches:
+    for b in runner.buckets()[1]:
         zeros, lora = np.zeros(b, np.int32), runner._lora_slots([], b)
-        for w in widths:
+        for w in runner.decode_widths(b):
             tables = np.zeros((b, w), np.int32)
             calls.append(logits_call(runner, zeros, zeros, tables, np.zeros(b, bool), lora))
         calls += [sample_call(runner, *runner.profile_batch(p, b, prefill=False)) for p in profiles]

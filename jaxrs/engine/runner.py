@@ -42,7 +42,8 @@ from jaxrs.parallel.shardings import kv_sharding, pin_step_outputs
 from jaxrs.structured.mask import all_allowed
 from jaxrs.structured.state import token_masks
 from jaxrs.vision.prompt import chunk_embeds
-from pallas_kernels.shapes import next_power_of_2
+from pallas_kernels.read_widths import NARROW_MIN_ROWS
+from pallas_kernels.shapes import next_half_octave, next_power_of_2
 
 log = logging.getLogger("jaxrs")
 
@@ -51,6 +52,13 @@ log = logging.getLogger("jaxrs")
 # 32 short streams most of what 4 gives, at one width fewer (bench/RESULTS.md, "CPU decode, third round:
 # attention").
 MIN_WIDTH = 8
+
+# A decode of fewer rows than this reads its whole block table (`read_widths.NARROW_MIN_ROWS`: no width
+# switch), so its attention costs the table's width, not its context: its width buckets step by half an
+# octave (8, 12, 16, 24, 32, 48, ...) rather than doubling. The demo's one-row step at 512-640 keys reads a
+# 768-key table instead of 1,024: 0.92-0.99x the time (bench/RESULTS.md, "Down_proj's input computed once,
+# and one decode row's tables by half octaves").
+FINE_WIDTH_ROWS = NARROW_MIN_ROWS
 
 # Prompt chunks up to this many tokens (padded), whose block tables fit the narrowest width, are prefilled
 # together, one row each, in a single call, so many short prompts reach their first tokens sooner than one
@@ -318,10 +326,12 @@ class ModelRunner:
         self.kv, self.params = None, None  # type: ignore[assignment]
 
     # -- shapes ---------------------------------------------------------------------------------------
-    def width(self, num_blocks: int) -> int:
-        """Block-table width bucket (at least MIN_WIDTH blocks, at most what max_model_len needs)."""
-        most = bucket(-(-self.max_model_len // self.block_size))
-        return min(bucket(num_blocks, MIN_WIDTH), most)
+    def width(self, num_blocks: int, decode_rows: int | None = None) -> int:
+        """Block-table width bucket (at least MIN_WIDTH blocks, at most what max_model_len needs); a
+        decode call of `decode_rows` (bucketed) rows below `FINE_WIDTH_ROWS` takes the finer buckets."""
+        fine = decode_rows is not None and decode_rows < FINE_WIDTH_ROWS
+        rounded = next_half_octave if fine else bucket
+        return min(rounded(num_blocks, MIN_WIDTH), rounded(-(-self.max_model_len // self.block_size)))
 
     def rows(self, n: int) -> int:
         """Batch-rows bucket of a call serving n sequences."""
@@ -415,7 +425,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
         """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
         b = self.rows(len(seqs))
-        w = self.width(max(len(s.table.blocks) for s in seqs))
+        w = self.width(max(len(s.table.blocks) for s in seqs), decode_rows=b)
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
         tables = np.zeros((b, w), np.int32)
@@ -532,7 +542,7 @@ class ModelRunner:
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = self.decode_profiles(profiles)
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in widths]
+        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in self.decode_widths(b)]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
             for p in prefill_profiles.values()
@@ -544,12 +554,12 @@ class ModelRunner:
         ]
 
         def distance(shape: tuple) -> int:  # doublings away from one row, narrowest width, short chunk
-            w, b, t, _ = shape
+            w, b, t, _ = shape  # a half-octave width counts as the power of two above it
             return (
-                (w // widths[0]).bit_length()
+                (-(-w // widths[0]) - 1).bit_length()
                 + b.bit_length()
                 + (max(t, MAX_BATCHED_CHUNK) // MAX_BATCHED_CHUNK).bit_length()
-                - 3
+                - 2
             )
 
         # At one distance: decode before prefill, a longer sequence before more rows. Stable: profiles
@@ -558,9 +568,14 @@ class ModelRunner:
         return [self._warmup_call(*shape) for shape in work], sum(distance(shape) == 0 for shape in work)
 
     def buckets(self) -> tuple[list[int], list[int]]:
-        """Every block-table width bucket and every batch-rows bucket this runner can meet."""
-        widths = sorted({self.width(b) for b in range(1, -(-self.max_model_len // self.block_size) + 1)})
+        """Every block-table width bucket of a prefill and every batch-rows bucket this runner can meet."""
+        widths = sorted({self.width(n) for n in range(1, -(-self.max_model_len // self.block_size) + 1)})
         return widths, sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+
+    def decode_widths(self, rows: int) -> list[int]:
+        """Every block-table width bucket of a decode call of `rows` (bucketed) rows."""
+        most = -(-self.max_model_len // self.block_size)
+        return sorted({self.width(n, decode_rows=rows) for n in range(1, most + 1)})
 
     def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
         """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""

@@ -39,6 +39,7 @@ from jaxrs.models.layers import (
     activation,
     apply_rope,
     dynamic_inv_freq,
+    gated_activation,
     longrope_inv_freq,
     rope_cos_sin,
     rope_inv_freq,
@@ -147,7 +148,7 @@ class MLP(nnx.Module):
         if self.gate_proj is None:
             hidden = activation(up, self.act)
         else:
-            hidden = activation(self.gate_proj(x, kernels), self.act) * up
+            hidden = gated_activation(self.gate_proj(x, kernels), up, self.act)
         return self.down_proj(hidden, kernels)
 
 
@@ -184,7 +185,7 @@ class MoE(nnx.Module):
         picked = (flat[order], token // shape[-2])  # each copy's expert and batch row (LoRA adapters)
         gate = _ragged(xs, self.gate_proj.dense(xf.dtype), group_sizes) + self.gate_proj.lora(xs, *picked)
         up = _ragged(xs, self.up_proj.dense(xf.dtype), group_sizes) + self.up_proj.lora(xs, *picked)
-        hidden = activation(gate, self.act) * up
+        hidden = gated_activation(gate, up, self.act)
         out = _ragged(hidden, self.down_proj.dense(xf.dtype), group_sizes)
         out = out + self.down_proj.lora(hidden, *picked)
         out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)

@@ -99,6 +99,24 @@ def embed(table: Weight, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return table[tokens].astype(dtype)
 
 
+# A gated MLP's hidden row `act(gate) * up` (silu, tanh-gelu) is computed as `gate * up / (1 + exp(-s))`,
+# ending in a division rather than in multiplications: XLA:CPU fuses a producer of cheap ops into the
+# one-row GEMV that reads it (down_proj, in a decode step) and recomputes it for every tile of output
+# rows, while a division, to it expensive, is computed once. The demo's one-row decode step took 0.90-0.94x
+# the time, Qwen2.5-0.5B's 0.87x (bench/RESULTS.md, "Down_proj's input computed once"). Read when tracing,
+# so a benchmark may set it between compiles.
+GATE_ENDS_IN_DIVISION = True
+
+
+def gated_activation(gate: jax.Array, up: jax.Array, kind: str) -> jax.Array:
+    """`activation(gate, kind) * up`; for silu and tanh-gelu (`x * sigmoid(s)` both) as a division
+    (`GATE_ENDS_IN_DIVISION`): the same value to rounding."""
+    if not GATE_ENDS_IN_DIVISION or kind not in ("silu", "gelu_tanh"):
+        return activation(gate, kind) * up
+    s = gate if kind == "silu" else 2 * math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+    return (gate * up) / (1 + jnp.exp(-s))
+
+
 def activation(x: jax.Array, kind: str) -> jax.Array:
     """The MLP gate activation: silu, gelu_tanh (GeGLU as Gemma runs it) or gelu (exact)."""
     if kind == "silu":
