@@ -25,6 +25,13 @@ def test_gated_activation_is_the_activation_times_up(kind):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_keeps_the_activation_form(dtype):
+    gate = jnp.asarray([-12.0, -3.0, 0.5, 4.0], dtype)
+    up = jnp.asarray([1.0, 2.0, -1.0, 0.25], dtype)
+    np.testing.assert_array_equal(gated_activation(gate, up, "silu"), activation(gate, "silu") * up)
+
+
 def test_an_unknown_activation_is_named():
     with pytest.raises(ValueError, match="relu6"):
         gated_activation(jnp.ones(3), jnp.ones(3), "relu6")
