@@ -87,11 +87,14 @@ def test_stream_concatenates_to_the_text(llm):
     )
 
 
-def test_preemption_loses_nothing(demo_gguf, llm):
+def test_preemption_loses_nothing(demo_gguf):
+    """A preempted sequence is recomputed from its prompt and output and goes on as if never stopped. With
+    f32 products: a recompute is a prompt chunk, whose GEMMs take bfloat16 under the CPU default, so its
+    cache would carry other rounding than the one-row decode steps that first wrote it."""
     prompts = ["Tell me about the moon.", "Tell me about the sun.", "Tell me about the stars."]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    roomy = llm.generate(prompts, params, use_tqdm=False)
-    tight = LLM(str(demo_gguf), kv_cache_tokens=128)  # 8 blocks of 16 tokens: not enough for all three
+    roomy = LLM(str(demo_gguf), gemm_dtype="float32").generate(prompts, params, use_tqdm=False)
+    tight = LLM(str(demo_gguf), kv_cache_tokens=128, gemm_dtype="float32")  # 8 blocks: too few for all
     assert tight.engine.blocks.num_blocks == 8
     squeezed = tight.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
