@@ -5,6 +5,7 @@ Python instead (mixed sliding windows, a local RoPE base, LongRoPE) and a sparse
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxrs import LLM, SamplingParams
 from jaxrs.loading import load_model
 from jaxrs.loading.model_config import config_from_hf
+from jaxrs.models import decoder
 from jaxrs.models.decoder import DecoderModel, model_graph, stack_layers, unstack_layers
 from jaxrs.models.registry import FAMILIES
 from jaxrs.quant import QuantizedTensor
@@ -111,3 +114,30 @@ def test_optional_pieces_follow_the_config_not_the_checkpoint():
     assert "router" in layer("mixtral")["mlp"]
     assert "lm_head" not in model_graph(cfgs["qwen2-tied"])[1]
     assert "bias" in model_graph(cfgs["phi"])[1]["lm_head"]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled code")
+def test_mixed_layer_kinds_leave_o_proj_in_its_stack(tmp_path, monkeypatch):
+    """Sliding and global layers run o_proj inside the layer-kind conditional; a layer's slice handed to it
+    was copied out of its stack first. A one-row decode step keeps the packed weights in their stacks, so
+    no layer-sized copy of o_proj's codes exists (and the check sees the copy without the rule)."""
+    config = test_model_families.CONFIGS["gemma3"]
+    save_tiny_hf_model(config, tmp_path)
+    save_tiny_tokenizer(tmp_path, config.vocab_size)
+    llm = LLM(str(tmp_path), isq="Q8_0", kv_cache_tokens=256, block_size=8, max_model_len=64, max_num_seqs=2)
+    runner = llm.engine.runner
+    o_proj = runner.params["layers"]["attn"]["o_proj"]["weight"]
+    assert isinstance(o_proj, QuantizedTensor) and o_proj.fmt == "Q8F"  # Q8_0 in its CPU layout
+    layer_copy = re.compile(r"s8\[{},{}\]".format(*o_proj.out_in))
+
+    def one_row_step() -> str:
+        batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1, prefill=False)
+        zeros, tables = np.zeros(1, np.int32), np.zeros((1, runner.width(1, decode_rows=1)), np.int32)
+        inputs = (zeros, zeros, tables, np.ones(1, bool), batch, np.int32(1))
+        statics = dict(cfg=runner.cfg, kernels=runner.kernels, flags=flags, max_steps=1)
+        return runner.steps.decode.lower(runner.params, runner.kv, *inputs, **statics).compile().as_text()
+
+    assert not layer_copy.search(one_row_step())
+    monkeypatch.setattr(decoder, "IN_PLACE_UNDER_COND", False)
+    jax.clear_caches()
+    assert layer_copy.search(one_row_step()), "the check would not see the copy"

@@ -49,7 +49,7 @@ from jaxrs.models.registry import family
 from jaxrs.models.spec import FamilySpec
 from jaxrs.ops import Kernels, chosen_gemm_dtype
 from jaxrs.quant import QuantizedTensor, dequantize, stacked_layer
-from pallas_kernels.qmatmul import few_row_path
+from pallas_kernels.qmatmul import CPU_GEMV_ROWS, few_row_path
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -61,6 +61,15 @@ class StepInputs(NamedTuple):
     rope: Rope
     meta: AttentionMetadata
     kernels: Kernels
+
+
+# Where a layer-kind conditional runs o_proj (`Attention._attend_and_project`, sliding and global layers)
+# and the products are one-row GEMVs, the layer loop on CPU keeps every packed weight in its stack
+# (`stacked_layer.scan_packed_in_place`): a layer's slice handed to a conditional is copied out of its stack
+# first (Gemma-3-270M's one-row step: 142 us a layer for o_proj's codes; 0.84-0.96x the step time
+# without; bench/RESULTS.md, "o_proj's weight left in its stack under the layer-kind conditional"). From 4
+# rows the GEMMs or tiles take their own rule. Read when tracing, so a benchmark may set it between compiles.
+IN_PLACE_UNDER_COND = True
 
 
 class Attention(nnx.Module):
@@ -297,8 +306,9 @@ class DecoderModel(nnx.Module):
         graph, stacked = nnx.split(self.layers)
         if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # few-row tiles read in place
             rows, gemm = math.prod(h.shape[:-1]), chosen_gemm_dtype(kernels)
+            in_branches = IN_PLACE_UNDER_COND and len(set(sliding_layers)) == 2 and rows <= CPU_GEMV_ROWS
             stacked, layer_of = stacked_layer.scan_packed_in_place(
-                stacked, lambda w: few_row_path(rows, w.fmt, gemm)
+                stacked, lambda w: in_branches or few_row_path(rows, w.fmt, gemm)
             )
         else:
             layer_of = None
