@@ -136,7 +136,7 @@ def test_one_row_decodes_take_half_octave_widths(tiny, monkeypatch):
     runner = llm.engine.runner
     assert runner.width(9, decode_rows=1) == 12 and runner.width(9, decode_rows=2) == 16
     assert runner.width(9) == 16 and runner.width(25, decode_rows=1) == 32  # 200 tokens: 25 blocks
-    assert runner.decode_widths(1) == [8, 12, 16, 24, 32] and runner.decode_widths(2) == [8, 16, 32]
+    assert runner.widths(1) == [8, 12, 16, 24, 32] and runner.widths(2) == [8, 16, 32] == runner.widths()
     calls, first = runner.warmup_calls([SamplingParams(temperature=0)])
     decodes = [c.label[:2] for c in calls if c.kind == "decode"]
     assert (

@@ -542,7 +542,7 @@ class ModelRunner:
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = self.decode_profiles(profiles)
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in self.decode_widths(b)]
+        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in self.widths(b)]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
             for p in prefill_profiles.values()
@@ -569,13 +569,13 @@ class ModelRunner:
 
     def buckets(self) -> tuple[list[int], list[int]]:
         """Every block-table width bucket of a prefill and every batch-rows bucket this runner can meet."""
-        widths = sorted({self.width(n) for n in range(1, -(-self.max_model_len // self.block_size) + 1)})
-        return widths, sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
+        return self.widths(), sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
 
-    def decode_widths(self, rows: int) -> list[int]:
-        """Every block-table width bucket of a decode call of `rows` (bucketed) rows."""
+    def widths(self, decode_rows: int | None = None) -> list[int]:
+        """Every block-table width bucket of a prefill, or of a decode call of `decode_rows` (bucketed)
+        rows (`width`)."""
         most = -(-self.max_model_len // self.block_size)
-        return sorted({self.width(n, decode_rows=rows) for n in range(1, most + 1)})
+        return sorted({self.width(n, decode_rows) for n in range(1, most + 1)})
 
     def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
         """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""

@@ -66,10 +66,16 @@ class StepInputs(NamedTuple):
 # Where a layer-kind conditional runs o_proj (`Attention._attend_and_project`, sliding and global layers)
 # and the products are one-row GEMVs, the layer loop on CPU keeps every packed weight in its stack
 # (`stacked_layer.scan_packed_in_place`): a layer's slice handed to a conditional is copied out of its stack
-# first (Gemma-3-270M's one-row step: 142 us a layer for o_proj's codes; 0.84-0.96x the step time
-# without; bench/RESULTS.md, "o_proj's weight left in its stack under the layer-kind conditional"). From 4
+# first (Gemma-3-270M's one-row step: 142 us a layer for o_proj's codes; in place it took 0.84-1.00x the
+# time; bench/RESULTS.md, "o_proj's weight left in its stack under the layer-kind conditional"). From 4
 # rows the GEMMs or tiles take their own rule. Read when tracing, so a benchmark may set it between compiles.
 IN_PLACE_UNDER_COND = True
+
+
+def mixes_layer_kinds(cfg: ModelConfig) -> bool:
+    """Whether the model has sliding and global layers both: a scanned layer then picks its attention (and
+    o_proj) under `lax.cond` on its kind."""
+    return len(set(cfg.sliding_layers)) == 2
 
 
 class Attention(nnx.Module):
@@ -134,12 +140,11 @@ class Attention(nnx.Module):
 
             return attend_and_project
 
-        kinds = set(cfg.sliding_layers)
         if isinstance(sliding, bool):  # an unrolled layer: its kind is known when tracing
             return call(cfg.sliding_window if sliding else None)()
-        if len(kinds) == 2:
+        if mixes_layer_kinds(cfg):
             return jax.lax.cond(sliding, call(cfg.sliding_window), call(None))
-        return call(cfg.sliding_window if True in kinds else None)()
+        return call(cfg.sliding_window if any(cfg.sliding_layers) else None)()
 
 
 class MLP(nnx.Module):
@@ -306,7 +311,7 @@ class DecoderModel(nnx.Module):
         graph, stacked = nnx.split(self.layers)
         if jax.default_backend() == "cpu" and stacked_layer.CPU_IN_PLACE:  # few-row tiles read in place
             rows, gemm = math.prod(h.shape[:-1]), chosen_gemm_dtype(kernels)
-            in_branches = IN_PLACE_UNDER_COND and len(set(sliding_layers)) == 2 and rows <= CPU_GEMV_ROWS
+            in_branches = IN_PLACE_UNDER_COND and mixes_layer_kinds(cfg) and rows <= CPU_GEMV_ROWS
             stacked, layer_of = stacked_layer.scan_packed_in_place(
                 stacked, lambda w: in_branches or few_row_path(rows, w.fmt, gemm)
             )

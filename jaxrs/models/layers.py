@@ -102,9 +102,9 @@ def embed(table: Weight, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
 # A gated MLP's hidden row `act(gate) * up` (silu, tanh-gelu) is computed as `gate * up / (1 + exp(-s))`,
 # ending in a division rather than in multiplications: XLA:CPU fuses a producer of cheap ops into the
 # one-row GEMV that reads it (down_proj, in a decode step) and recomputes it for every tile of output
-# rows, while a division, to it expensive, is computed once. The demo's one-row decode step took 0.90-0.94x
-# the time, Qwen2.5-0.5B's 0.87x (bench/RESULTS.md, "Down_proj's input computed once"). Read when tracing,
-# so a benchmark may set it between compiles.
+# rows, while a division, to it expensive, is computed once. One-row decode steps took 0.88-0.94x the time
+# on the demo, 0.93-0.95x on Gemma-3-270M, 0.87-0.90x on Qwen2.5-0.5B (bench/RESULTS.md, "Down_proj's
+# input computed once"). Read when tracing, so a benchmark may set it between compiles.
 GATE_ENDS_IN_DIVISION = True
 
 
