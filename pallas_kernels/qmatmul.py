@@ -69,16 +69,25 @@ def _product_t(
     before they are summed: XLA:CPU would otherwise fuse a one-row product into the add that takes it,
     which keeps W's dequantization out of that product."""
     spans = _input_spans(x, in_features, block)
-    parts = [
-        jnp.matmul(
-            x if len(spans) == 1 else x[..., a:b],
-            weight(a, b).astype(x.dtype).T,
-            preferred_element_type=jnp.float32,
-        )
-        for a, b in spans
-    ]
+    parts = [_dot_t(x if len(spans) == 1 else x[..., a:b], weight(a, b).astype(x.dtype)) for a, b in spans]
     y = parts[0] if len(parts) == 1 else sum(lax.optimization_barrier(parts))
     return y.astype(out_dtype or x.dtype)
+
+
+# A product of more than CPU_GEMV_ROWS rows contracts W's last axis in the dot itself: written as
+# `matmul(x, W.T)`, XLA:CPU met a transposed bfloat16 operand, upcast the dot to f32 and only then folded
+# the transpose, so such a GEMM (the head's slices, ...) ran in f32 whatever `gemm_dtype` said
+# (bench/RESULTS.md, "GEMMs that stayed f32"). One to CPU_GEMV_ROWS rows keep `matmul`, the form XLA:CPU
+# compiles into one fused GEMV loop (as a dot_general it becomes a multiply and a reduce).
+GEMM_CONTRACTS_LAST_AXIS = True
+
+
+def _dot_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., in] @ w.T` (w `[out, in]`) with f32 accumulation."""
+    rows = math.prod(x.shape[:-1])
+    if GEMM_CONTRACTS_LAST_AXIS and w.ndim == 2 and rows > CPU_GEMV_ROWS:
+        return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
 
 
 def matmul_t(

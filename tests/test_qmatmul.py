@@ -176,6 +176,30 @@ def test_gemm_dtype_takes_bfloat16_operands_from_the_gemm_rows(fmt):
         close(y, exact, 2e-2)
 
 
+def _dot_operand_dtypes(compiled_text: str) -> set[str]:
+    """The element types of the operands of every dot in a compiled module's text."""
+    found = set()
+    for computation in compiled_text.split("\n\n"):
+        if " dot(" in computation:
+            header = computation.strip().splitlines()[0]
+            found |= set(re.findall(r": (\w+)\[", header.split("->")[0]))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bfloat16 dots")
+@pytest.mark.parametrize("fmt", ["F32", "U8M", "Q8F"])
+def test_a_bfloat16_gemm_compiles_to_a_bfloat16_dot(fmt):
+    """The GEMM of a decode batch or a head slice runs on bfloat16 operands, not a dot XLA:CPU upcast to
+    f32: written as `matmul(x, W.T)` the compiled dot took f32 operands (the rounding kept, the speed
+    not); fails on that form."""
+    qt = packed(fmt)
+    bf16 = ops.resolve("qmatmul", "xla_bf16")
+    for rows in (qmatmul.CPU_GEMM_ROWS, 32):
+        x = jax.ShapeDtypeStruct((rows, qt.out_in[1]), jnp.float32)
+        text = jax.jit(bf16).lower(x, qt).compile().as_text()
+        assert _dot_operand_dtypes(text) == {"bf16"}, text
+
+
 def test_the_row_tiles_are_the_xla_kernels_below_the_gemm_rows():
     """Which products read a packed weight a row or tile at a time (what the decoder keeps in its stack
     and the head leaves whole for): the XLA kernel's few rows of byte-code formats on CPU, and with
