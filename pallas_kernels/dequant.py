@@ -11,10 +11,17 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.formats import LAYOUTS
 
 f32 = jnp.float32
+
+# On CPU a weight dequantized into bfloat16 (the operand of a bfloat16 GEMM) is rounded to nearest even in
+# integer operations (`round_to_bfloat16`), the same bits as XLA:CPU's convert without its NaN check, which
+# cost about as much again as the dequantization before it (bench/RESULTS.md, "Dequantized weights rounded
+# to bfloat16 in integer operations").
+BF16_BY_INTEGER_ROUNDING = True
 
 
 def _expand(scale: jax.Array) -> jax.Array:
@@ -123,4 +130,17 @@ def dequantize_packed(
         w = _kquant(fmt, a)
     else:
         w = _hqq(fmt, a)
-    return w.reshape(*layout.lead_shape(arrays), *out_in).astype(dtype)
+    w = w.reshape(*layout.lead_shape(arrays), *out_in)
+    cpu_rounds = BF16_BY_INTEGER_ROUNDING and jax.default_backend() == "cpu"
+    if cpu_rounds and w.dtype == f32 and jnp.dtype(dtype) == jnp.bfloat16:
+        return round_to_bfloat16(w)
+    return w.astype(dtype)
+
+
+def round_to_bfloat16(w: jax.Array) -> jax.Array:
+    """f32 `w` in bfloat16, rounded to nearest even as a convert rounds it, in integer operations and
+    without its NaN check (a NaN whose payload lies in the low half alone would become infinite; a
+    dequantized weight is never NaN)."""
+    bits = lax.bitcast_convert_type(w, jnp.uint32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
