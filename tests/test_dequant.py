@@ -16,7 +16,7 @@ def _bf16_bits(x) -> np.ndarray:
 
 def test_round_to_bfloat16_is_the_convert_bit_for_bit():
     """Nearest even on every kind of f32 a weight can be: random magnitudes over the whole range, exact
-    ties (a 9-bit integer times a power of two: its low half is 0x8000), products of small codes and
+    ties (an odd 9-bit integer times a power of two: its low half is 0x8000), products of small codes and
     scales, subnormals, zeros, the largest finite values (rounded past bfloat16's range) and infinities."""
     rng = np.random.default_rng(0)
     values = [
