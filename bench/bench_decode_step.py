@@ -3,6 +3,7 @@
     python bench/bench_decode_step.py [--model PATH] [--rows 1 8 32] [--keys 128 512]
         [--loops scan unrolled] [--kv-cache-dtype float16] [--packed] [--repeats 9] [--batch-invariant-ab]
         [--variant LABEL[:MODULE.ATTR=VALUE|XLA_OPTION=VALUE,...] ...]
+        [--engine-variant LABEL:MODULE.ATTR=VALUE,... ...]
 
 On XLA:CPU an isolated kernel benchmark does not predict the engine's step (YNNPACK fuses across op
 boundaries differently there), so A/Bs of the model code are made on the step itself: one engine per
@@ -14,7 +15,10 @@ resident memory the compiled step added, and XLA's count of its temporary buffer
 each loop's step again under module settings read when tracing (e.g.
 `whole:pallas_kernels.read_widths.READ_WIDTHS=1`), other kernels (`f32:kernel.qmatmul=xla`) or with
 more step XLA options (`NAME=VALUE`; an empty value drops one), each variant's executable timed in the
-same interleaved rounds; a bare LABEL is the code as it is. Writes bench/results/decode_step.json.
+same interleaved rounds; a bare LABEL is the code as it is. `--engine-variant` builds each loop's engine
+again under module settings read while loading (e.g.
+`unsplit:jaxrs.loading.device_layout.SPLIT_LONG_ROWS=False`), its step timed in the same rounds. Writes
+bench/results/decode_step.json.
 """
 
 from __future__ import annotations
@@ -92,6 +96,13 @@ def main() -> None:
         metavar="LABEL[:MODULE.ATTR=VALUE|XLA_OPTION=VALUE,...]",
         help="each loop also traced under these module settings, interleaved (repeatable)",
     )
+    ap.add_argument(
+        "--engine-variant",
+        action="append",
+        default=[],
+        metavar="LABEL:MODULE.ATTR=VALUE,...",
+        help="each loop also as an engine loaded under these module settings (repeatable)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -122,6 +133,13 @@ def main() -> None:
     if args.batch_invariant_ab:  # "LOOP invariant": an engine of that loop in the batch-invariant mode
         modes.append((" invariant", {"batch_invariant": True}))
     llms = {loop + tag: engine(loop, **more) for loop in args.loops for tag, more in modes}
+    for label, (settings, _, _) in map(parse_variant, args.engine_variant):
+        saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
+        for module, attr, value in settings:
+            setattr(module, attr, value)
+        llms.update({f"{loop} {label}": engine(loop) for loop in args.loops})
+        for module, attr, value in saved:
+            setattr(module, attr, value)
     runners = {loop: llm.engine.runner for loop, llm in llms.items()}  # the runner's step is the subject
     first = runners[args.loops[0]]
     few_rows = qmatmul.CPU_FEW_ROWS

@@ -25,9 +25,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrs.errors import JaxrsError
 from jaxrs.parallel.sharded_kernels import for_mesh
+from jaxrs.quant.in_pieces import InPieces
 from jaxrs.quant.stacked_layer import StackedLayer
 from jaxrs.quant.tensor import QuantizedTensor
 from pallas_kernels import batch_invariant, qmatmul
@@ -93,11 +95,19 @@ class Kernels:
         return for_mesh(op, resolve(op, dict(self.choice).get(op)), lambda: resolve(op, "xla"))
 
 
-def _taking_quantized_tensor(kernel: Callable, *, reads_stacks: bool = False) -> Callable:
+def _taking_quantized_tensor(
+    kernel: Callable, *, reads_stacks: bool = False, reads_pieces: bool = False
+) -> Callable:
     """`kernel(x, arrays, *, fmt, out_in, **options)` as the op's `fn(x, qt, **options)`. A kernel that
-    `reads_stacks` gets a `StackedLayer`'s whole stack and its `layer` index instead of the slice."""
+    `reads_stacks` gets a `StackedLayer`'s whole stack and its `layer` index instead of the slice; one
+    that `reads_pieces` multiplies an `InPieces` weight piece by piece (`_product_in_pieces`); any other
+    gets the pieces joined (its own reduction order over `in`: the batch-invariant kernel's)."""
 
     def op(x: jax.Array, qt: QuantizedTensor, **options) -> jax.Array:
+        if isinstance(qt, InPieces):
+            if reads_pieces:
+                return _product_in_pieces(op, x, qt, **options)
+            qt = QuantizedTensor(qt.fmt, qt.out_in, qt.arrays)  # joined inside the step: XLA fuses the join
         if reads_stacks and isinstance(qt, StackedLayer):
             return kernel(x, qt.stack.arrays, fmt=qt.fmt, out_in=qt.out_in, layer=qt.layer, **options)
         return kernel(x, qt.arrays, fmt=qt.fmt, out_in=qt.out_in, **options)
@@ -107,7 +117,20 @@ def _taking_quantized_tensor(kernel: Callable, *, reads_stacks: bool = False) ->
     return op
 
 
-qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla, reads_stacks=True)
+def _product_in_pieces(op: Callable, x: jax.Array, qt: InPieces, **options) -> jax.Array:
+    """`x @ W.T` for W held in pieces along `in`: the pieces' products summed in f32, as
+    `qmatmul._product_t` sums a whole weight's pieces in a one-row product (the same values there; a
+    GEMM's two partial sums round apart). They pass an optimization barrier first: XLA:CPU would
+    otherwise fuse a one-row product into the add that takes it, which keeps W's dequantization out of
+    that product. Joining the pieces for a GEMM instead (XLA fuses the join into the dequantization) made
+    a 32-row step 0.92x (bench/RESULTS.md, "Long rows stored in pieces")."""
+    parts = [op(x[..., a:b], piece, **options) for (a, b), piece in zip(qt.spans, qt.pieces, strict=True)]
+    dtype = parts[0].dtype
+    parts = lax.optimization_barrier([p.astype(jnp.float32) for p in parts])
+    return sum(parts[1:], parts[0]).astype(dtype)
+
+
+qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla, reads_stacks=True, reads_pieces=True)
 qmatmul_pallas = _taking_quantized_tensor(qmatmul.qmatmul_pallas)
 qmatmul_invariant = _taking_quantized_tensor(batch_invariant.qmatmul_invariant)
 

@@ -47,18 +47,26 @@ from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 CPU_GEMV_FUSION_BYTES = 16 * 1024
 
 
-def _input_spans(x: jax.Array, in_features: int, block: int) -> list[tuple[int, int]]:
-    """`[(start, end)]` along `in`: one span, except for a one-row product on CPU whose row is too long
-    for XLA:CPU to fuse the weight into it; then spans of whole `block`s, each row piece short enough."""
-    row_bytes = in_features * x.dtype.itemsize
-    if math.prod(x.shape[:-1]) != 1 or row_bytes < CPU_GEMV_FUSION_BYTES or jax.default_backend() != "cpu":
+def gemv_spans(in_features: int, block: int, itemsize: int = 4) -> list[tuple[int, int]]:
+    """`[(start, end)]` along `in` for a one-row product on XLA:CPU with rows of `in_features` elements of
+    `itemsize` bytes: one span while the row is under CPU_GEMV_FUSION_BYTES (XLA:CPU then fuses the
+    weight's producer into the product), else the fewest spans of whole `block`s each under it."""
+    row_bytes = in_features * itemsize
+    if row_bytes < CPU_GEMV_FUSION_BYTES:
         return [(0, in_features)]
     pieces = -(-row_bytes // CPU_GEMV_FUSION_BYTES)
     while True:
         size = -(-in_features // pieces // block) * block  # whole blocks
-        if size * x.dtype.itemsize < CPU_GEMV_FUSION_BYTES:
+        if size * itemsize < CPU_GEMV_FUSION_BYTES:
             return [(a, min(a + size, in_features)) for a in range(0, in_features, size)]
         pieces += 1
+
+
+def _input_spans(x: jax.Array, in_features: int, block: int) -> list[tuple[int, int]]:
+    """`gemv_spans` for a one-row product on CPU; one span for anything else."""
+    if math.prod(x.shape[:-1]) != 1 or jax.default_backend() != "cpu":
+        return [(0, in_features)]
+    return gemv_spans(in_features, block, x.dtype.itemsize)
 
 
 def _product_t(

@@ -1,5 +1,6 @@
 """Stacked parameters filled in place: one layer's host copies at a time, aligned buffers that XLA:CPU
-uses as device arrays without copying them, mixed packed formats stacked as `unify_formats` stacks them."""
+uses as device arrays without copying them, mixed packed formats stacked as `unify_formats` stacks them,
+long rows in XLA:CPU's layouts stored in contiguous pieces."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import pytest
 from transformers import LlamaConfig
 
 from jaxrs.loading.checkpoint import load_params, parameter_shapes
+from jaxrs.loading.device_layout import cpu_row_spans
 from jaxrs.loading.layer_stack import ALIGN, LayerStack, aligned_empty
 from jaxrs.loading.model_config import config_from_hf
 from jaxrs.models.registry import family
-from jaxrs.quant import stack
+from jaxrs.quant import QuantizedTensor, stack
+from jaxrs.quant.in_pieces import InPieces
 from jaxrs.quant.quantize import quantize
-from jaxrs.quant.transcode import unify_formats
+from jaxrs.quant.transcode import cpu_layout, unify_formats
+from pallas_kernels.qmatmul import gemv_spans
 
 LAYERS = 8
 
@@ -104,3 +108,43 @@ def test_a_layer_of_another_shape_is_an_error():
     packed.set(0, quantize(np.ones((4, 32), np.float32), "Q8_0"))
     with pytest.raises(ValueError, match=r"up: a layer of shape \(8, 32\)"):
         packed.set(1, quantize(np.ones((8, 32), np.float32), "Q8_0"))
+
+
+def _cpu_layout_layers(fmts: tuple[str, ...], in_features: int) -> list:
+    rng = np.random.default_rng(2)
+    return [cpu_layout(quantize(rng.standard_normal((8, in_features), dtype=np.float32), f)) for f in fmts]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU layout's pieces")
+@pytest.mark.parametrize("order", [("Q4_1", "Q4_1", "Q4_1"), ("Q4_0", "Q8_0", "Q4_1")])
+def test_long_rows_in_the_cpu_layout_are_stacked_in_contiguous_pieces(order):
+    # 4,864 inputs (Qwen2.5's down_proj): an f32 row of 19 KiB, over XLA:CPU's 16 KiB for a fused product
+    tensors = _cpu_layout_layers(order, 4864)
+    stacked = LayerStack(len(tensors), np.float32, "down_proj")
+    for i in (2, 0, 1):
+        stacked.set(i, tensors[i])
+    got, want = stacked.value(), stack(unify_formats(tensors))
+    assert isinstance(got, InPieces)
+    assert got.spans == cpu_row_spans(want.fmt, want.out_in) == gemv_spans(4864, 32)
+    assert len(got.spans) > 1 and got.fmt == want.fmt and got.shape == want.shape
+    for piece in got.pieces:
+        for array in piece.arrays.values():
+            assert array.flags.c_contiguous and array.ctypes.data % ALIGN == 0
+    for name, array in want.arrays.items():
+        np.testing.assert_array_equal(got.arrays[name], array)
+
+
+def test_short_rows_experts_and_other_formats_stay_whole():
+    short = LayerStack(2, np.float32, "up")
+    for i, t in enumerate(_cpu_layout_layers(("Q4_1", "Q4_1"), 256)):
+        short.set(i, t)
+    assert type(short.value()) is QuantizedTensor
+    nibbles = LayerStack(2, np.float32, "down")  # not a CPU layout: read whole, as before
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        nibbles.set(i, quantize(rng.standard_normal((8, 4864), dtype=np.float32), "Q6_K"))
+    assert type(nibbles.value()) is QuantizedTensor
+    experts = LayerStack(2, np.float32, "experts")
+    for i in range(2):
+        experts.set(i, stack(_cpu_layout_layers(("Q4_1", "Q4_1"), 4864)))
+    assert type(experts.value()) is QuantizedTensor and experts.value().shape == (2, 2, 8, 4864)

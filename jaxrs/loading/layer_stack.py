@@ -8,15 +8,18 @@ XLA:CPU needs to use a host buffer as the device array itself (no copy: see `ali
 
 Packed layers in mixed formats (llama.cpp's `_M` mixes) end in the format with the most bits among them,
 as `quant.transcode.unify_formats` chooses: the layers written before a richer format turns up are moved
-into it then.
+into it then. Packed layers in XLA:CPU's layouts with rows too long for its fused one-row product are
+stored as pieces along `in`, each contiguous (`loading.device_layout.cpu_row_spans`, `quant.in_pieces`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from jaxrs.loading.device_layout import cpu_row_spans
 from jaxrs.quant import QuantizedTensor
 from jaxrs.quant.formats import FORMATS
+from jaxrs.quant.in_pieces import InPieces
 from jaxrs.quant.transcode import log_unified, to_format
 
 ALIGN = 64  # bytes: XLA:CPU aliases a host buffer aligned to this instead of copying it
@@ -44,9 +47,10 @@ class LayerStack:
     def __init__(self, count: int, dtype: np.dtype, name: str = ""):
         self.count, self.dtype, self.name = count, np.dtype(dtype), name
         self.array: np.ndarray | None = None  # float layers
-        self.fmt: str | None = None  # packed layers: their format, field buffers and logical (out, in)
-        self.fields: dict[str, np.ndarray] = {}
+        self.fmt: str | None = None  # packed layers: their format and logical (out, in),
         self.out_in: tuple[int, int] = (0, 0)
+        self.spans: list[tuple[int, int]] = []  # the pieces along `in` they are stored in (one unless split)
+        self.pieces: list[dict[str, np.ndarray]] = []  # and each piece's field buffers
         self.formats: list[str | None] = [None] * count  # each packed layer's own format, for the log
         self.written: list[int] = []
 
@@ -68,10 +72,25 @@ class LayerStack:
                     self._move_to(x.fmt)
                 else:
                     x = to_format(x, self.fmt)
-            self._check(x.shape, (*self.fields[next(iter(self.fields))].shape[1:-2], *self.out_in))
-            for field, buffer in self.fields.items():
-                buffer[i] = np.asarray(x.arrays[field])
+            self._check(x.shape, (*self.lead, *self.out_in))
+            self._write(i, x)
         self.written.append(i)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """A packed layer's own leading axes (experts)."""
+        return next(iter(self.pieces[0].values())).shape[1:-2]
+
+    def _write(self, i: int, x: QuantizedTensor) -> None:
+        pers = {f.name: f.per for f in x.spec.fields}
+        for (a, b), fields in zip(self.spans, self.pieces, strict=True):
+            for field, buffer in fields.items():
+                buffer[i] = np.asarray(x.arrays[field])[..., a // pers[field] : b // pers[field]]
+
+    def _layer(self, i: int, fmt: str, pieces: list[dict[str, np.ndarray]]) -> QuantizedTensor:
+        """Packed layer `i` of `pieces` (buffers in `fmt`), joined."""
+        arrays = {n: np.concatenate([fields[n][i] for fields in pieces], axis=-1) for n in pieces[0]}
+        return QuantizedTensor(fmt, self.out_in, arrays)
 
     def _check(self, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
         if tuple(shape) != tuple(want):  # NumPy would broadcast some of these silently
@@ -88,19 +107,31 @@ class LayerStack:
         formats = [f for f in self.formats if f is not None]
         if len(set(formats)) > 1:
             log_unified(self.name, formats, self.fmt)
-        return QuantizedTensor(self.fmt, self.out_in, self.fields)
+        out = self.out_in[0]
+        pieces = [
+            QuantizedTensor(self.fmt, (out, b - a), f)
+            for (a, b), f in zip(self.spans, self.pieces, strict=True)
+        ]
+        return pieces[0] if len(pieces) == 1 else InPieces(pieces)
 
     def _allocate(self, x: QuantizedTensor) -> None:
         self.fmt, self.out_in = x.fmt, x.out_in
-        self.fields = {name: aligned_empty((self.count, *a.shape), a.dtype) for name, a in x.arrays.items()}
+        self.spans = [(0, x.out_in[1])] if x.lead_shape else cpu_row_spans(x.fmt, x.out_in)  # not experts
+        pers = {f.name: f.per for f in x.spec.fields}
+        self.pieces = [
+            {
+                n: aligned_empty((self.count, *v.shape[:-1], (b - a) // pers[n]), v.dtype)
+                for n, v in x.arrays.items()
+            }
+            for a, b in self.spans
+        ]
 
     def _move_to(self, fmt: str) -> None:
         """Re-encode the layers written so far into `fmt`, which a richer layer has just brought."""
-        old_fmt, old = self.fmt, self.fields
-        self.fields = {}
+        old_fmt, old_pieces = self.fmt, self.pieces
+        self.pieces = []
         for i in self.written:
-            qt = to_format(QuantizedTensor(old_fmt, self.out_in, {n: a[i] for n, a in old.items()}), fmt)
-            if not self.fields:
+            qt = to_format(self._layer(i, old_fmt, old_pieces), fmt)
+            if not self.pieces:
                 self._allocate(qt)
-            for field, buffer in self.fields.items():
-                buffer[i] = np.asarray(qt.arrays[field])
+            self._write(i, qt)

@@ -33,6 +33,7 @@ from jaxrs.errors import JaxrsError
 from jaxrs.models.layers import KVCache
 from jaxrs.parallel.mesh import TP, mesh_size
 from jaxrs.parallel.split_tensor import SplitTensor, split_of
+from jaxrs.quant.in_pieces import InPieces
 from jaxrs.quant.tensor import QuantizedTensor
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
@@ -146,6 +147,8 @@ def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> ModelConfig:
         leaf = parent[key]
         if heads != cfg.num_kv_heads and path[-2] in KV_PROJ:
             leaf = repeat_kv_rows(leaf, cfg, heads, -2 if path[-1] == "weight" else -1)
+        if isinstance(leaf, InPieces):  # a mesh splits the whole weight its own way
+            leaf = leaf.joined()
         spec = leaf_spec(path, leaf, devices)
         if isinstance(leaf, QuantizedTensor):
             leaf = SplitTensor(leaf, split_of(spec, leaf.ndim))
