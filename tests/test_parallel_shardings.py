@@ -12,8 +12,10 @@ from jaxrs.errors import JaxrsError
 from jaxrs.parallel import data_parallel
 from jaxrs.parallel.data_parallel import ReplicaRouter, replica_meshes
 from jaxrs.parallel.mesh import tensor_mesh
-from jaxrs.parallel.shardings import kv_heads_on, leaf_spec, repeat_kv_rows, split_axis
-from jaxrs.quant import quantize
+from jaxrs.parallel.shardings import kv_heads_on, leaf_spec, repeat_kv_rows, shard_params, split_axis
+from jaxrs.parallel.split_tensor import SplitTensor
+from jaxrs.quant import quantize, stack
+from jaxrs.quant.in_pieces import InPieces, split_in
 
 
 def config(heads: int = 8, kv_heads: int = 2, head_dim: int = 4) -> ModelConfig:
@@ -102,3 +104,22 @@ def test_router_prefers_the_least_loaded_replica_then_the_prompts_own():
     assert router.pick(prompt[: data_parallel.PREFIX_TOKENS] + [7]) == first  # same prefix, same replica
     router.in_flight = [0, 3, 3]
     assert router.pick(prompt) == 0
+
+
+def test_a_weight_in_pieces_is_placed_whole():
+    """A stacked weight stored in pieces along `in` (XLA:CPU's long rows) reaches the mesh joined: the
+    mesh splits the whole weight its own way."""
+    whole = stack(
+        [
+            quantize(np.random.default_rng(i).standard_normal((8, 64), dtype=np.float32), "Q8_0")
+            for i in range(2)
+        ]
+    )
+    params = {"layers": {"mlp": {"down_proj": {"weight": split_in(whole, [(0, 32), (32, 64)])}}}}
+    shard_params(config(), params, tensor_mesh(1))
+    placed = params["layers"]["mlp"]["down_proj"]["weight"]
+    assert (
+        isinstance(placed, SplitTensor) and not isinstance(placed, InPieces) and placed.shape == whole.shape
+    )
+    for name, array in whole.arrays.items():
+        np.testing.assert_array_equal(np.asarray(placed.arrays[name]), array)

@@ -145,10 +145,10 @@ def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> ModelConfig:
     plan = []
     for path, parent, key in leaves:
         leaf = parent[key]
-        if heads != cfg.num_kv_heads and path[-2] in KV_PROJ:
-            leaf = repeat_kv_rows(leaf, cfg, heads, -2 if path[-1] == "weight" else -1)
         if isinstance(leaf, InPieces):  # a mesh splits the whole weight its own way
             leaf = leaf.joined()
+        if heads != cfg.num_kv_heads and path[-2] in KV_PROJ:
+            leaf = repeat_kv_rows(leaf, cfg, heads, -2 if path[-1] == "weight" else -1)
         spec = leaf_spec(path, leaf, devices)
         if isinstance(leaf, QuantizedTensor):
             leaf = SplitTensor(leaf, split_of(spec, leaf.ndim))
