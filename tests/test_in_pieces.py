@@ -98,3 +98,32 @@ def test_a_one_row_product_reads_each_piece_whole():
     assert not whole_rows.search(fn.lower(*args).compile().as_text())
     fn, args = run_layers(qt, x, in_place=False)
     assert whole_rows.search(fn.lower(*args).compile().as_text()), "the check would not see whole rows"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layout")
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_an_engine_over_weights_in_pieces_generates_as_over_whole_ones(tmp_path, monkeypatch, loop):
+    """A tiny Llama quantized to Q8_0 while loading, its rows made "long" by a lower fusion threshold:
+    every layer weight is stored in pieces, and the engine scores and generates as it does over whole
+    weights (the same threshold, so the products take the same spans)."""
+    from jaxrs import LLM, SamplingParams
+    from jaxrs.loading import device_layout
+    from pallas_kernels import qmatmul
+    from tests.conftest import save_tiny_llama
+
+    path = save_tiny_llama(tmp_path / "tiny")
+    monkeypatch.setattr(qmatmul, "CPU_GEMV_FUSION_BYTES", 1024)  # rows of 256 f32 inputs and up split
+    prompts = [[1, 5, 9, 200, 17], [3, 3, 120, 44, 250, 8, 91]]
+    found = {}
+    for split in (True, False):
+        monkeypatch.setattr(device_layout, "SPLIT_LONG_ROWS", split)
+        llm = LLM(
+            str(path), isq="Q8_0", gemm_dtype="float32", layer_loop=loop, kv_cache_mb=4, max_model_len=64
+        )
+        layers = llm.engine.runner.params["layers"]  # unrolled: a tuple of per-layer trees
+        down = (layers[0] if isinstance(layers, tuple) else layers)["mlp"]["down_proj"]["weight"]
+        assert isinstance(down, InPieces) == split and down.out_in == (256, 512)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+        found[split] = ([o.outputs[0].token_ids for o in outs], llm.score(prompts, [[7, 8, 9], [10, 11]]))
+    assert found[True][0] == found[False][0]
+    np.testing.assert_allclose(np.concatenate(found[True][1]), np.concatenate(found[False][1]), atol=1e-4)
