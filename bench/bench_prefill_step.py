@@ -2,6 +2,7 @@
 
     JAX_PLATFORMS=cpu python bench/bench_prefill_step.py [--model M.gguf] [--tokens 512 2048] [--repeats 5]
         [--variant LABEL[:MODULE.ATTR=VALUE|XLA_OPTION=VALUE,...] ...]
+        [--engine-variant LABEL:MODULE.ATTR=VALUE,... ...]
 
 The runner of an `LLM` (the demo model unless `--model`) at its defaults (packed GGUF, float16 cache on CPU;
 prefix caching off) compiles its prefill step for one sequence of `--tokens` prompt tokens from position 0
@@ -11,7 +12,9 @@ decode: the base settings first, then each variant's module attributes set while
 padded to a power of two), its kernels (`f32:kernel.qmatmul=xla`) or its XLA options. The calls then run
 interleaved, variant by variant, `--repeats` times; medians of wall and process CPU time (both threads,
 steadier on a shared machine) per call, and prompt tokens per wall second. The last position's logits under
-each variant are compared with the base's (the greatest difference is printed).
+each variant are compared with the base's (the greatest difference is printed). `--engine-variant` loads a
+second engine under module settings read while loading (e.g.
+`unsplit:jaxrs.loading.device_layout.SPLIT_LONG_ROWS=False`), its step timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL[:SETTING,...]")
+    ap.add_argument("--engine-variant", action="append", default=[], metavar="LABEL:SETTING,...")
     ap.add_argument("--out", type=Path, default=RESULTS / "prefill_step.json")
     args = ap.parse_args()
 
@@ -52,9 +56,22 @@ def main() -> None:
     from jaxrs.engine.runner import jitted_steps, logits_at, step_xla_options
 
     most = max(args.tokens)
-    llm = LLM(args.model, max_model_len=most + 16, kv_cache_tokens=most + 64, prefix_caching=False)
-    runner = llm.engine.runner
+
+    def engine() -> LLM:
+        return LLM(args.model, max_model_len=most + 16, kv_cache_tokens=most + 64, prefix_caching=False)
+
+    llm = engine()
     variants = {"base": ([], {}, {})} | dict(parse_variant(v) for v in args.variant)
+    runners = {label: llm.engine.runner for label in variants}  # trace-time variants share the engine
+    for label, (settings, _, _) in map(parse_variant, args.engine_variant):
+        saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
+        for module, attr, value in settings:
+            setattr(module, attr, value)
+        runners[label] = engine().engine.runner
+        variants[label] = ([], {}, {})
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+    runner = llm.engine.runner
     defaults = {(m, a): getattr(m, a) for found, *_ in variants.values() for m, a, _ in found}
     rng = np.random.default_rng(0)
     rows, results = [], []
@@ -63,6 +80,7 @@ def main() -> None:
         batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1, prefill=True)
         calls, inputs, checks, times, padded = {}, {}, {}, {}, {}
         for label, (found, options, chosen) in variants.items():
+            runner = runners[label]
             statics = dict(cfg=runner.cfg, kernels=with_kernels(runner.kernels, chosen))
             for (module, attr), value in defaults.items():
                 setattr(module, attr, value)
@@ -77,8 +95,8 @@ def main() -> None:
                 runner.params, runner.kv, *inputs[label], batch, flags=flags, **statics
             ).compile()
             logits = jax.jit(
-                lambda p, kv, ids, meta, last, kernels=statics["kernels"]: logits_at(
-                    p, runner.cfg, kernels, kv, ids, meta, last
+                lambda p, kv, ids, meta, last, kernels=statics["kernels"], cfg=runner.cfg: logits_at(
+                    p, cfg, kernels, kv, ids, meta, last
                 )[0],
                 compiler_options=dict(xla) or None,
             )
@@ -89,6 +107,7 @@ def main() -> None:
             setattr(module, attr, value)
         for _ in range(args.repeats):
             for label, call in calls.items():
+                runner = runners[label]
                 began, cpu = time.perf_counter(), time.process_time()
                 out, runner.kv = call(runner.params, runner.kv, *inputs[label], batch)
                 jax.block_until_ready(out)
