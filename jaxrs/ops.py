@@ -107,7 +107,7 @@ def _taking_quantized_tensor(
         if isinstance(qt, InPieces):
             if reads_pieces:
                 return _product_in_pieces(op, x, qt, **options)
-            qt = QuantizedTensor(qt.fmt, qt.out_in, qt.arrays)  # joined inside the step: XLA fuses the join
+            qt = qt.joined()  # a kernel that takes the weight whole
         if reads_stacks and isinstance(qt, StackedLayer):
             return kernel(x, qt.stack.arrays, fmt=qt.fmt, out_in=qt.out_in, layer=qt.layer, **options)
         return kernel(x, qt.arrays, fmt=qt.fmt, out_in=qt.out_in, **options)

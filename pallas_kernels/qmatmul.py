@@ -50,14 +50,15 @@ CPU_GEMV_FUSION_BYTES = 16 * 1024
 def gemv_spans(in_features: int, block: int, itemsize: int = 4) -> list[tuple[int, int]]:
     """`[(start, end)]` along `in` for a one-row product on XLA:CPU with rows of `in_features` elements of
     `itemsize` bytes: one span while the row is under CPU_GEMV_FUSION_BYTES (XLA:CPU then fuses the
-    weight's producer into the product), else the fewest spans of whole `block`s each under it."""
+    weight's producer into the product), else the fewest spans of whole `block`s each under it (one block
+    each if even one is not)."""
     row_bytes = in_features * itemsize
     if row_bytes < CPU_GEMV_FUSION_BYTES:
         return [(0, in_features)]
     pieces = -(-row_bytes // CPU_GEMV_FUSION_BYTES)
     while True:
         size = -(-in_features // pieces // block) * block  # whole blocks
-        if size * itemsize < CPU_GEMV_FUSION_BYTES:
+        if size * itemsize < CPU_GEMV_FUSION_BYTES or size == block:
             return [(a, min(a + size, in_features)) for a in range(0, in_features, size)]
         pieces += 1
 

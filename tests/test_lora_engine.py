@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -111,11 +112,18 @@ def test_each_adapter_alone_and_mixed_equal_peft(models):
 
 
 @pytest.mark.slow
-def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
+@pytest.mark.parametrize("in_pieces", [False, True])
+def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path, monkeypatch, in_pieces):
+    """`in_pieces`: a fusion threshold low enough that every layer weight of the ISQ base is stored in
+    pieces along `in` (XLA:CPU's layout of long rows), the adapters' terms added to the pieces' sum."""
     from jaxrs.loading import load_model
     from jaxrs.models.registry import family
     from jaxrs.quant import QuantizedTensor, dequantize
+    from jaxrs.quant.in_pieces import InPieces
+    from pallas_kernels import qmatmul
 
+    if in_pieces:
+        monkeypatch.setattr(qmatmul, "CPU_GEMV_FUSION_BYTES", 128)  # rows of 32 f32 inputs and up split
     base, adapters = models
     loaded = load_model(str(base), dtype="float32", isq="q8_0")
     table = family(loaded.config.architecture).names.hf(loaded.config)
@@ -144,6 +152,8 @@ def test_isq_base_equals_peft_over_the_dequantized_base(models, tmp_path):
         kv_cache_dtype="float32",
         gemm_dtype="float32",
     )
+    down = llm.engine.runner.params["layers"]["mlp"]["down_proj"]["weight"]
+    assert isinstance(getattr(down, "base", down), InPieces) == (in_pieces and jax.default_backend() == "cpu")
     for name in ("alpha", "beta"):
         assert_matches(
             llm.generate(PROMPTS[0], GREEDY, lora=name, use_tqdm=False)[0], peft_greedy(ref, PROMPTS[0], name)

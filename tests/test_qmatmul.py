@@ -228,3 +228,33 @@ def test_float_gemm_dtype_takes_bfloat16_operands_from_the_gemm_rows():
     rounded = jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32)
     close(matmul(x, w), rounded, 1e-5)
     assert matmul(x, w, jnp.float16).dtype == jnp.float16
+
+
+@pytest.mark.parametrize(
+    ("in_features", "block", "limit"),
+    [
+        (4864, 32, 16384),
+        (8960, 256, 16384),
+        (4096, 32, 16384),
+        (2048, 32, 16384),
+        (128, 32, 128),
+        (96, 32, 64),
+    ],
+)
+def test_gemv_spans_cover_the_row_in_whole_blocks_under_the_fusion_limit(
+    monkeypatch, in_features, block, limit
+):
+    """A one-row product's pieces along `in`: the fewest that each stay under XLA:CPU's fusion limit, in
+    whole blocks; one block each when a single block is already over it (a limit below any real one)."""
+    monkeypatch.setattr(qmatmul, "CPU_GEMV_FUSION_BYTES", limit)
+    spans = qmatmul.gemv_spans(in_features, block)
+    assert spans[0][0] == 0 and spans[-1][1] == in_features
+    assert all(a == prev_b for (_, prev_b), (a, _) in zip(spans, spans[1:], strict=False))
+    assert all(a % block == 0 for a, _ in spans)
+    if in_features * 4 < limit:
+        assert spans == [(0, in_features)]
+    elif block * 4 >= limit:
+        assert all(b - a == block for a, b in spans)
+    else:
+        assert all((b - a) * 4 < limit for a, b in spans)
+        assert len(spans) == 1 or -(-in_features // (len(spans) - 1) // block) * block * 4 >= limit
