@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import statistics
 import time
@@ -57,6 +58,20 @@ def parse_variant(
         else:
             found.append((importlib.import_module(module), attr, ast.literal_eval(literal)))
     return label, (found, options, kernels)
+
+
+@contextlib.contextmanager
+def settings_applied(settings: list[tuple[object, str, object]]):
+    """Module `settings` (as `parse_variant` finds them) set for the `with` block, then put back: an engine
+    of an `--engine-variant` is loaded under them."""
+    saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
+    for module, attr, value in settings:
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def with_kernels(kernels, chosen: dict[str, str]):
@@ -134,12 +149,8 @@ def main() -> None:
         modes.append((" invariant", {"batch_invariant": True}))
     llms = {loop + tag: engine(loop, **more) for loop in args.loops for tag, more in modes}
     for label, (settings, _, _) in map(parse_variant, args.engine_variant):
-        saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
-        for module, attr, value in settings:
-            setattr(module, attr, value)
-        llms.update({f"{loop} {label}": engine(loop) for loop in args.loops})
-        for module, attr, value in saved:
-            setattr(module, attr, value)
+        with settings_applied(settings):
+            llms.update({f"{loop} {label}": engine(loop) for loop in args.loops})
     runners = {loop: llm.engine.runner for loop, llm in llms.items()}  # the runner's step is the subject
     first = runners[args.loops[0]]
     few_rows = qmatmul.CPU_FEW_ROWS

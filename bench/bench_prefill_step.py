@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from bench_decode_step import parse_variant, with_kernels
+from bench_decode_step import parse_variant, settings_applied, with_kernels
 from common import RESULTS, markdown_table, write_results
 
 
@@ -64,13 +64,9 @@ def main() -> None:
     variants = {"base": ([], {}, {})} | dict(parse_variant(v) for v in args.variant)
     runners = {label: llm.engine.runner for label in variants}  # trace-time variants share the engine
     for label, (settings, _, _) in map(parse_variant, args.engine_variant):
-        saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
-        for module, attr, value in settings:
-            setattr(module, attr, value)
-        runners[label] = engine().engine.runner
+        with settings_applied(settings):
+            runners[label] = engine().engine.runner
         variants[label] = ([], {}, {})
-        for module, attr, value in saved:
-            setattr(module, attr, value)
     runner = llm.engine.runner
     defaults = {(m, a): getattr(m, a) for found, *_ in variants.values() for m, a, _ in found}
     rng = np.random.default_rng(0)

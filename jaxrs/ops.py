@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxrs.errors import JaxrsError
 from jaxrs.parallel.sharded_kernels import for_mesh
@@ -118,16 +117,12 @@ def _taking_quantized_tensor(
 
 
 def _product_in_pieces(op: Callable, x: jax.Array, qt: InPieces, **options) -> jax.Array:
-    """`x @ W.T` for W held in pieces along `in`: the pieces' products summed in f32, as
-    `qmatmul._product_t` sums a whole weight's pieces in a one-row product (the same values there; a
-    GEMM's two partial sums round apart). They pass an optimization barrier first: XLA:CPU would
-    otherwise fuse a one-row product into the add that takes it, which keeps W's dequantization out of
-    that product. Joining the pieces for a GEMM instead (XLA fuses the join into the dequantization) made
-    a 32-row step 0.92x (bench/RESULTS.md, "Long rows stored in pieces")."""
+    """`x @ W.T` for W held in pieces along `in`: the pieces' products summed as `qmatmul._product_t` sums
+    a whole weight's pieces in a one-row product (`qmatmul.sum_of_parts`: the same values there; a GEMM's
+    two partial sums round apart). Joining the pieces for a GEMM instead (XLA fuses the join into the
+    dequantization) made a 32-row step 0.92x (bench/RESULTS.md, "Long rows stored in pieces")."""
     parts = [op(x[..., a:b], piece, **options) for (a, b), piece in zip(qt.spans, qt.pieces, strict=True)]
-    dtype = parts[0].dtype
-    parts = lax.optimization_barrier([p.astype(jnp.float32) for p in parts])
-    return sum(parts[1:], parts[0]).astype(dtype)
+    return qmatmul.sum_of_parts(parts).astype(parts[0].dtype)
 
 
 qmatmul_xla = _taking_quantized_tensor(qmatmul.qmatmul_xla, reads_stacks=True, reads_pieces=True)

@@ -80,6 +80,11 @@ class Layout:
         """The leading (stacked: layers, experts) axes of a packed tensor's `arrays`."""
         return tuple(arrays[self.fields[0].name].shape[:-2])
 
+    def columns(self, arrays: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
+        """The entries of each field that hold the weight's columns `start:end` (whole blocks; views)."""
+        pers = {f.name: f.per for f in self.fields}
+        return {n: v[..., start // pers[n] : end // pers[n]] for n, v in arrays.items()}
+
 
 def _layout(name: str, block: int, family: str, *fields: tuple[str, np.dtype, int]) -> Layout:
     return Layout(name, block, tuple(Field(*f) for f in fields), family)

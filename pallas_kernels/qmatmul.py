@@ -74,13 +74,19 @@ def _product_t(
     x: jax.Array, weight: Callable[[int, int], jax.Array], in_features: int, block: int, out_dtype
 ) -> jax.Array:
     """`x @ W.T` with W's columns `a:b` given by `weight(a, b)`, in pieces along `in` where XLA:CPU needs
-    them to fuse W into the product (`_input_spans`). The pieces' products pass an optimization barrier
-    before they are summed: XLA:CPU would otherwise fuse a one-row product into the add that takes it,
-    which keeps W's dequantization out of that product."""
+    them to fuse W into the product (`_input_spans`), summed by `sum_of_parts`."""
     spans = _input_spans(x, in_features, block)
     parts = [_dot_t(x if len(spans) == 1 else x[..., a:b], weight(a, b).astype(x.dtype)) for a, b in spans]
-    y = parts[0] if len(parts) == 1 else sum(lax.optimization_barrier(parts))
+    y = parts[0] if len(parts) == 1 else sum_of_parts(parts)
     return y.astype(out_dtype or x.dtype)
+
+
+def sum_of_parts(parts: list[jax.Array]) -> jax.Array:
+    """The f32 sum of a product's parts along `in` (`_product_t`'s, or a weight held in pieces'). They pass
+    an optimization barrier first: XLA:CPU would otherwise fuse a one-row product into the add that takes
+    it, which keeps W's dequantization out of that product."""
+    parts = lax.optimization_barrier([p.astype(jnp.float32) for p in parts])
+    return sum(parts[1:], parts[0])
 
 
 # A product of more than CPU_GEMV_ROWS rows contracts W's last axis in the dot itself: written as
@@ -199,13 +205,9 @@ def _packed_product(
     """`x @ W.T` in one product (split along `in` where a one-row product needs it, `_product_t`), in
     `out_dtype` (default x's)."""
     layout = LAYOUTS[fmt]
-    pers = {f.name: f.per for f in layout.fields}
 
     def weight(a: int, b: int) -> jax.Array:
-        if (a, b) != (0, out_in[1]):
-            arrays_ab = {n: v[..., a // pers[n] : b // pers[n]] for n, v in arrays.items()}
-        else:
-            arrays_ab = arrays
+        arrays_ab = arrays if (a, b) == (0, out_in[1]) else layout.columns(arrays, a, b)
         return dequantize_packed(arrays_ab, fmt=fmt, out_in=(out_in[0], b - a), dtype=x.dtype)
 
     return _product_t(x, weight, out_in[1], layout.block, out_dtype)

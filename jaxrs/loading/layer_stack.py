@@ -82,10 +82,10 @@ class LayerStack:
         return next(iter(self.pieces[0].values())).shape[1:-2]
 
     def _write(self, i: int, x: QuantizedTensor) -> None:
-        pers = {f.name: f.per for f in x.spec.fields}
+        arrays = {n: np.asarray(v) for n, v in x.arrays.items()}
         for (a, b), fields in zip(self.spans, self.pieces, strict=True):
-            for field, buffer in fields.items():
-                buffer[i] = np.asarray(x.arrays[field])[..., a // pers[field] : b // pers[field]]
+            for field, part in x.spec.columns(arrays, a, b).items():
+                fields[field][i] = part
 
     def _layer(self, i: int, fmt: str, pieces: list[dict[str, np.ndarray]]) -> QuantizedTensor:
         """Packed layer `i` of `pieces` (buffers in `fmt`), joined."""
@@ -117,11 +117,10 @@ class LayerStack:
     def _allocate(self, x: QuantizedTensor) -> None:
         self.fmt, self.out_in = x.fmt, x.out_in
         self.spans = [(0, x.out_in[1])] if x.lead_shape else cpu_row_spans(x.fmt, x.out_in)  # not experts
-        pers = {f.name: f.per for f in x.spec.fields}
         self.pieces = [
             {
-                n: aligned_empty((self.count, *v.shape[:-1], (b - a) // pers[n]), v.dtype)
-                for n, v in x.arrays.items()
+                n: aligned_empty((self.count, *v.shape), v.dtype)
+                for n, v in x.spec.columns(x.arrays, a, b).items()
             }
             for a, b in self.spans
         ]

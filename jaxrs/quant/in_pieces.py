@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxrs.quant.tensor import QuantizedTensor
+from jaxrs.quant.tensor import QuantizedTensor, array_module
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -47,8 +46,7 @@ class InPieces(QuantizedTensor):
     @property
     def arrays(self) -> dict:  # type: ignore[override]
         """The whole weight's fields `[..., out, in // per]`: the pieces' joined along `in` (a copy)."""
-        host = all(isinstance(a, np.ndarray) for p in self.pieces for a in p.arrays.values())
-        xp = np if host else jnp
+        xp = array_module(a for p in self.pieces for a in p.arrays.values())
         return {n: xp.concatenate([p.arrays[n] for p in self.pieces], axis=-1) for n in self.spec.field_names}
 
     @property
@@ -83,13 +81,12 @@ class InPieces(QuantizedTensor):
 
 def split_in(qt: QuantizedTensor, spans: Sequence[tuple[int, int]]) -> InPieces:
     """`qt` as its pieces over `spans` (whole blocks of its format), each piece's arrays a contiguous copy."""
-    pers = {f.name: f.per for f in qt.spec.fields}
-    xp = np if all(isinstance(a, np.ndarray) for a in qt.arrays.values()) else jnp
+    xp = array_module(qt.arrays.values())
     pieces = [
         QuantizedTensor(
             qt.fmt,
             (qt.out_in[0], b - a),
-            {n: xp.array(v[..., a // pers[n] : b // pers[n]]) for n, v in qt.arrays.items()},
+            {n: xp.array(v) for n, v in qt.spec.columns(qt.arrays, a, b).items()},
         )
         for a, b in spans
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -113,9 +113,14 @@ def stack(tensors: Sequence[QuantizedTensor]) -> QuantizedTensor:
     for t in tensors[1:]:
         if t.fmt != first.fmt or t.shape != first.shape:
             raise JaxrsError(f"cannot stack {t!r} onto {first!r}: formats and shapes must match")
-    lib = np if all(isinstance(a, np.ndarray) for t in tensors for a in t.arrays.values()) else jax.numpy
+    lib = array_module(a for t in tensors for a in t.arrays.values())
     arrays = {n: lib.stack([t.arrays[n] for t in tensors]) for n in first.spec.field_names}
     return QuantizedTensor(first.fmt, first.out_in, arrays)
+
+
+def array_module(arrays: Iterable[Any]):
+    """NumPy when every array is a host array (a packed tensor still being built), else `jax.numpy`."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jax.numpy
 
 
 def tree_nbytes(tree: Any) -> int:
