@@ -276,7 +276,7 @@ def _few_row_product(
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] <= CPU_GEMV_ROWS:
         w = _one_layer(arrays, layer, 0, None)
-        parts = [_packed_product(x2[r : r + 1], w, fmt, out_in) for r in range(x2.shape[0])]
+        parts = [_packed_product(_row_apart(x2, r), w, fmt, out_in) for r in range(x2.shape[0])]
         return jnp.concatenate(lax.optimization_barrier(parts)).reshape(*lead, out_features)
 
     tile = few_row_tile(out_in, x.dtype.itemsize)
@@ -294,6 +294,23 @@ def _few_row_product(
         tail = _one_layer(arrays, layer, count * tile, rest)
         y = jnp.concatenate([y, _packed_product(x2, tail, fmt, (rest, in_features))], axis=-1)
     return y.reshape(*lead, out_features)
+
+
+# Each row of a few-row product computed apart from the GEMV that reads it. A row sliced out of x is fused
+# into the GEMV with x's producer; when that producer has another shape (the decode attention's output,
+# [rows, 1, kv_heads, group, head_dim], flattened for o_proj), the GEMV reads x through that reshape,
+# index by index, at a tenth of its speed (Qwen2.5-0.5B two-row step: o_proj 520 against 44 us a layer
+# at one row; bench/RESULTS.md, "A few-row GEMV reading a reshaped row"). A select-and-sum over the rows
+# is not fused into the GEMV: the row is written once, in the GEMV's own shape.
+GEMV_ROWS_APART = True
+
+
+def _row_apart(x2: jax.Array, r: int) -> jax.Array:
+    """Row `r` of `x2` `[rows, in]` as `[1, in]`, the same values (a select of it and a sum with zeros)."""
+    if not GEMV_ROWS_APART:
+        return x2[r : r + 1]
+    picked = (jnp.arange(x2.shape[0]) == r)[:, None]
+    return jnp.where(picked, x2, jnp.zeros((), x2.dtype)).sum(0, keepdims=True, dtype=x2.dtype)
 
 
 def _check(x: jax.Array, arrays: Mapping[str, jax.Array], fmt: str, out_in: tuple[int, int]) -> None:
