@@ -44,7 +44,7 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[
 
 def engine_with(llm: LLM, **knobs) -> Engine:
     """An engine over the demo with f32 products unless `knobs` say otherwise: these tests compare a
-    prompt's tokens across batch compositions, and under the CPU default a batch of 4 rows or more takes
+    prompt's tokens across batch compositions, and under the CPU default a batch of 5 rows or more takes
     bfloat16 GEMMs (`gemm_dtype`), which can flip a near tie (the second prompt's three likeliest first
     tokens lie within 0.05 in log-probability); `batch_invariant` is the mode that promises that."""
     return Engine(
@@ -70,6 +70,16 @@ def test_batched_equals_alone(llm, ids, alone):
     # the short prompts were prefilled several to a call, grouped by padded length
     rows = {(shape[1], shape[2]) for shape in engine.runner.shapes if shape[0] == "prefill"}
     assert len(rows) >= 2 and all(b > 1 for b, _ in rows), rows
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="exact few-row buckets are CPU's")
+def test_three_requests_decode_in_a_three_row_step(llm, ids, alone):
+    """On CPU each row of a few-row product is its own GEMV, so three requests take a 3-row step (no
+    padding row); their tokens are those of each alone."""
+    engine = engine_with(llm, prefix_caching=False)
+    assert [engine.runner.rows(n) for n in range(1, 10)] == [1, 2, 3, 4, 8, 8, 8, 8, 16]
+    assert [o.token_ids for o in run(engine, ids[:3], GREEDY)] == alone[:3]
+    assert {shape[1] for shape in engine.runner.shapes if shape[0] == "decode"} == {3}
 
 
 def test_long_or_deep_chunks_prefill_alone(llm, ids):

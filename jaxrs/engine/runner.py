@@ -42,6 +42,7 @@ from jaxrs.parallel.shardings import kv_sharding, pin_step_outputs
 from jaxrs.structured.mask import all_allowed
 from jaxrs.structured.state import token_masks
 from jaxrs.vision.prompt import chunk_embeds
+from pallas_kernels import qmatmul
 from pallas_kernels.read_widths import NARROW_MIN_ROWS
 from pallas_kernels.shapes import next_half_octave, next_power_of_2
 
@@ -59,6 +60,11 @@ MIN_WIDTH = 8
 # 768-key table instead of 1,024: 0.92-0.99x the time (bench/RESULTS.md, "Down_proj's input computed once,
 # and one decode row's tables by half octaves").
 FINE_WIDTH_ROWS = NARROW_MIN_ROWS
+
+# On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
+# Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 80-89 (bench/RESULTS.md, "A few-row
+# GEMV reading a reshaped row"), at one more decode shape per table width to compile.
+EXACT_FEW_ROWS = True
 
 # Prompt chunks up to this many tokens (padded), whose block tables fit the narrowest width, are prefilled
 # together, one row each, in a single call, so many short prompts reach their first tokens sooner than one
@@ -334,8 +340,11 @@ class ModelRunner:
         return min(rounded(num_blocks, MIN_WIDTH), rounded(-(-self.max_model_len // self.block_size)))
 
     def rows(self, n: int) -> int:
-        """Batch-rows bucket of a call serving n sequences."""
-        return min(bucket(n), bucket(self.max_num_seqs))
+        """Batch-rows bucket of a call serving n sequences: a power of two, except that on CPU up to
+        `qmatmul.CPU_GEMV_ROWS` rows (one GEMV a row there, so a padding row costs what a real one does)
+        are their own bucket: three requests run a 3-row step, not a 4-row one."""
+        exact = qmatmul.CPU_GEMV_ROWS if EXACT_FEW_ROWS and jax.default_backend() == "cpu" else 2
+        return min(n if n <= exact else bucket(n), bucket(self.max_num_seqs))
 
     def chunk_len(self, n: int) -> int:
         """Padded length of a prompt chunk of n tokens (see CHUNK_STEP), at most `max_chunk`'s bucket."""
