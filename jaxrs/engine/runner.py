@@ -5,12 +5,12 @@ ones, then a sample each), `decode` (one or more tokens for every running sequen
 `lax.while_loop` over a dynamic step count feeds each sampled token back on device), and `score`
 (log-probabilities of given next tokens). A decode batch holding a constrained row (a grammar) runs
 as `logits` then `sample` instead, so its token masks are filled on the host while the device runs
-the forward pass (`jaxrs.engine.masked_decode`). Shapes are bucketed to powers of two (batch rows, chunk
-length up to `CHUNK_STEP`, block-table width), so compilations are few and logged; each compiles once,
-ahead of use (`warmup`, in the background while serving if asked) or on first use (`CompiledSteps`). The
-KV cache is donated into every call and updated in place. XLA compiler options for the steps
-(`STEP_XLA_OPTIONS` per platform, or the engine's own) are given per jitted function, so they never
-touch the user's other computations.
+the forward pass (`jaxrs.engine.masked_decode`). Shapes are bucketed to powers of two (batch rows,
+exact up to `qmatmul.CPU_GEMV_ROWS` on CPU; chunk length up to `CHUNK_STEP`; block-table width), so
+compilations are few and logged; each compiles once, ahead of use (`warmup`, in the background while
+serving if asked) or on first use (`CompiledSteps`). The KV cache is donated into every call and
+updated in place. XLA compiler options for the steps (`STEP_XLA_OPTIONS` per platform, or the engine's
+own) are given per jitted function, so they never touch the user's other computations.
 """
 
 from __future__ import annotations
