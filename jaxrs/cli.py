@@ -152,7 +152,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--gemm-dtype",
         choices=GEMM_DTYPES,
         default=ENGINE["gemm_dtype"],
-        help="operands of weight products of 5 or more rows (prompt chunks, decode batches) on CPU "
+        help="operands of weight products of 4 or more rows (prompt chunks, decode batches) on CPU "
         "(auto: bfloat16 for packed weights where the CPU has bfloat16 dot instructions)",
     )
 

@@ -3,7 +3,7 @@
 Why: on XLA:CPU a product takes a different path by its number of rows, and the paths sum in different
 orders. One row is XLA's own fused GEMV (partial sums in vector lanes along `in`, then across them);
 from two rows the dot goes to YNNPACK; the packed few-row products (`qmatmul._few_row_product`) add
-per-row GEMVs at 2-4 rows and tiles at 5-64, the whole product past 64. Attention switches from its
+per-row GEMVs at 2-3 rows and tiles at 4-64, the whole product past 64. Attention switches from its
 dense to its tiled form once a block table reaches 512 keys, and the longest row sets the table's width.
 A seeded sampled request alone and the same request among other rows then differ in the last bits of
 their logits, and can draw different tokens at a near tie.

@@ -226,15 +226,11 @@ def _packed_product(
 # products, third round", a shared machine): 256 KiB matched or beat 128 KiB and 512 KiB to 4 MiB at
 # every row count once no layer is copied out of its stack (`qmatmul_xla`'s `layer`).
 CPU_FEW_ROWS = 64
-CPU_GEMV_ROWS = 4
+CPU_GEMV_ROWS = 3
 # With bfloat16 GEMM operands (`gemm_dtype`, a CPU with bfloat16 dots) a product of this many rows or more
 # is one GEMM instead: W dequantized whole in bfloat16 and multiplied on both cores, 1.5-2.1x the tiles'
 # speed at 4-32 rows on the demo, Gemma-3-270M and Qwen2.5-0.5B (the tile loop runs one small dot at a
-# time, on one core); two rows measured even (bench/RESULTS.md, "Decode batches in bfloat16"). Four rows
-# take per-row GEMVs: once each row reaches its GEMV apart (`_row_apart`), 4 GEMVs beat the bfloat16 GEMM
-# on Qwen2.5-0.5B (1.27-1.43x a step: the GEMM's dequantization and YNNPACK's packing of W cost more than
-# three more reads of it) and tie on the demo and Gemma-3-270M; from 5 rows the GEMM wins on the two
-# smaller models (bench/RESULTS.md, "A few-row GEMV reading a reshaped row").
+# time, on one core); two rows measured even (bench/RESULTS.md, "Decode batches in bfloat16").
 CPU_GEMM_ROWS = CPU_GEMV_ROWS + 1
 CPU_TILE_BYTES = 256 * 1024
 CPU_TILE_SLACK = 0.25  # how far under CPU_TILE_BYTES a tile may go to divide `out`

@@ -2,15 +2,15 @@
 
 A prompt chunk's weight products, a decode batch's and a speculative verify's are GEMMs of several rows,
 bound by their multiply-adds. On a CPU with bfloat16 dot instructions (AVX512-BF16, AMX-BF16) XLA:CPU runs
-them with bfloat16 operands and f32 accumulation about twice as fast as in f32, and from 5 rows up one
+them with bfloat16 operands and f32 accumulation about twice as fast as in f32, and from 4 rows up one
 bfloat16 GEMM beats the tile-at-a-time few-row products as well (bench/RESULTS.md, "Prefill products in
 bfloat16", "Decode batches in bfloat16"). "auto" takes that for packed weights (a GGUF's quantized
 tensors, ISQ): their values carry 8 bits or fewer, and rounding the activations to bfloat16 (8
 significant bits) is finer than the 8-bit blocks llama.cpp quantizes them to for the same products. Float
 weights keep the compute dtype under "auto" (a float32 checkpoint stays exact); "bfloat16" takes it for
-them too, "float32" for neither. Products of one to four rows (single-stream decode, small batches) never
-change (`qmatmul.gemm_operands`): each row is a fused GEMV that bfloat16 does not speed up. So under "auto" a
-request's decode tokens come from f32 products alone and from bfloat16 ones in a batch of 5 or more;
+them too, "float32" for neither. Products of one to three rows (single-stream decode) never change
+(`qmatmul.gemm_operands`): each row is a fused GEMV that bfloat16 does not speed up. So under "auto" a
+request's decode tokens come from f32 products alone and from bfloat16 ones in a batch of 4 or more;
 `batch_invariant=True` is the mode for identical results in any batch. Its cost in perplexity and greedy
 agreement: README, "Defaults".
 """
@@ -63,7 +63,7 @@ def gemm_kernels(choice: str, kernels: Kernels, platform: str) -> Kernels:
     if not taken:
         return kernels
     log.info(
-        "products of 5 or more rows with %s weights: bfloat16 operands, f32 accumulation "
+        "products of 4 or more rows with %s weights: bfloat16 operands, f32 accumulation "
         "(--gemm-dtype float32 keeps them in f32)",
         " and ".join({"qmatmul": "packed", "matmul": "float"}[op] for op in taken),
     )

@@ -64,7 +64,7 @@ class EngineConfig:
     # Every row's logits the same bits whatever else shares its step, so a seeded request draws the same
     # tokens alone, batched or verified (`batch_invariance`); costs single-stream decode speed (README).
     batch_invariant: bool = False
-    # The operands of weight products of 5 or more rows (prompt chunks, decode batches, speculative
+    # The operands of weight products of 4 or more rows (prompt chunks, decode batches, speculative
     # verifies) on CPU (`matmul_dtype`): "auto" (bfloat16 for packed weights where the CPU has bfloat16
     # dot instructions), "float32" or "bfloat16" (float weights too).
     gemm_dtype: str = "auto"
