@@ -44,7 +44,7 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[
 
 def engine_with(llm: LLM, **knobs) -> Engine:
     """An engine over the demo with f32 products unless `knobs` say otherwise: these tests compare a
-    prompt's tokens across batch compositions, and under the CPU default a batch of 5 rows or more takes
+    prompt's tokens across batch compositions, and under the CPU default a batch of 4 rows or more takes
     bfloat16 GEMMs (`gemm_dtype`), which can flip a near tie (the second prompt's three likeliest first
     tokens lie within 0.05 in log-probability); `batch_invariant` is the mode that promises that."""
     return Engine(
