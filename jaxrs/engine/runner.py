@@ -62,7 +62,7 @@ MIN_WIDTH = 8
 FINE_WIDTH_ROWS = NARROW_MIN_ROWS
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
-# Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 80-89 (bench/RESULTS.md, "A few-row
+# Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 112-116 (bench/RESULTS.md, "A few-row
 # GEMV reading a reshaped row"), at one more decode shape per table width to compile.
 EXACT_FEW_ROWS = True
 
