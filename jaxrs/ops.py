@@ -156,12 +156,13 @@ def chosen_gemm_dtype(kernels: Kernels) -> jnp.dtype | None:
     return gemm_dtype(resolve("qmatmul", dict(kernels.choice).get("qmatmul")))
 
 
-def takes_row_tiles(qmatmul_op: Callable, rows: int, fmt: str) -> bool:
-    """Whether the `qmatmul` implementation `qmatmul_op` reads a `fmt` weight a row or a tile at a time in
-    a product of `rows` rows (`qmatmul.few_row_path`: the XLA kernel on CPU, unless its GEMM dtype
-    takes that many rows whole), so that a caller need not cut the weight itself (the head's slices)."""
+def takes_row_tiles(qmatmul_op: Callable, rows: int, fmt: str, out_in: tuple[int, int] | None = None) -> bool:
+    """Whether the `qmatmul` implementation `qmatmul_op` reads a `fmt` (`out_in`) weight a row or a tile
+    at a time in a product of `rows` rows (`qmatmul.few_row_path`: the XLA kernel on CPU, unless its GEMM
+    dtype takes that many rows whole), so that a caller need not cut the weight itself (the head's
+    slices)."""
     kernel = getattr(qmatmul_op, "func", qmatmul_op)
-    return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, gemm_dtype(qmatmul_op))
+    return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, gemm_dtype(qmatmul_op), out_in)
 
 
 # A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.

@@ -140,10 +140,11 @@ def gemm_operands(
     return x.astype(gemm_dtype), out_dtype
 
 
-def gemm_rows(rows: int, gemm_dtype: jnp.dtype | None) -> bool:
-    """Whether a product of `rows` rows takes its operands in `gemm_dtype` (given) as one GEMM: from
-    CPU_GEMM_ROWS rows up, where XLA:CPU's bfloat16 GEMM beats both the few-row tiles and f32."""
-    return gemm_dtype is not None and rows >= CPU_GEMM_ROWS
+def gemm_rows(rows: int, gemm_dtype: jnp.dtype | None, out_in: tuple[int, int] | None = None) -> bool:
+    """Whether a product of `rows` rows (with an `out_in` weight, where known) takes its operands in
+    `gemm_dtype` (given) as one GEMM: from CPU_GEMM_ROWS rows up, where XLA:CPU's bfloat16 GEMM beats both
+    the few-row tiles and f32, past the rows a large weight takes as GEMVs (`gemv_rows`)."""
+    return gemm_dtype is not None and rows >= CPU_GEMM_ROWS and rows > gemv_rows(out_in)
 
 
 def qmatmul_xla(
@@ -165,7 +166,7 @@ def qmatmul_xla(
     `layer`: the arrays hold stacked layers `[L, out, in // per]` and W is layer `layer` (a traced
     index, inside the layer loop). The few-row tiles then read W's rows straight out of the stack: a
     loop over tiles that took the layer's slice as its operand would make XLA copy the slice out first."""
-    if few_row_path(math.prod(x.shape[:-1]), fmt, gemm_dtype):
+    if few_row_path(math.prod(x.shape[:-1]), fmt, gemm_dtype, out_in):
         _check(x, _layer_shapes(arrays, layer), fmt, out_in)
         return _few_row_product(x, arrays, fmt, out_in, layer)
     if layer is not None:
@@ -237,15 +238,37 @@ CPU_TILE_SLACK = 0.25  # how far under CPU_TILE_BYTES a tile may go to divide `o
 FEW_ROW_FORMATS = frozenset(("F32", "F16", "BF16", "Q8_0", "Q8F", "U8M", "Q8_K", "HQQ8"))
 
 
-def few_row_path(rows: int, fmt: str, gemm_dtype: jnp.dtype | None = None) -> bool:
-    """Whether `qmatmul_xla` (with `gemm_dtype`) takes a product of `rows` rows with a `fmt` weight a
-    row or a tile of W at a time (never writing all of W out in f32)."""
+def few_row_path(
+    rows: int, fmt: str, gemm_dtype: jnp.dtype | None = None, out_in: tuple[int, int] | None = None
+) -> bool:
+    """Whether `qmatmul_xla` (with `gemm_dtype`) takes a product of `rows` rows with a `fmt` (`out_in`)
+    weight a row or a tile of W at a time (never writing all of W out in f32)."""
     return (
         jax.default_backend() == "cpu"
         and 1 < rows <= CPU_FEW_ROWS
         and fmt in FEW_ROW_FORMATS
-        and not gemm_rows(rows, gemm_dtype)
+        and not gemm_rows(rows, gemm_dtype, out_in)
     )
+
+
+# A layer-sized weight of CPU_LARGE_WEIGHT entries or more (up to CPU_LARGE_WEIGHT_MAX) takes
+# CPU_LARGE_GEMV_ROWS rows as one GEMV a row too, where others take the bfloat16 GEMM from CPU_GEMM_ROWS.
+# At 4 rows the GEMM dequantizes such a W whole into bfloat16 (past the caches) and YNNPACK packs it again,
+# more than three more reads of W cost (Qwen2.5-0.5B's 4,864 x 896 gate: 1,310 + 790 us a layer against
+# 4 x 180); on small weights the GEMVs' fixed costs (four products and four row selections an input, each
+# GEMV split over both cores) lose (the demo's 4-row step 0.91x with every product as GEMVs); an output
+# head is larger still, and the GEMM takes it in 8 MiB slices that stay in cache (Gemma-3-270M's 4-row step
+# 0.92x with its head as GEMVs). bench/RESULTS.md, "A few-row GEMV reading a reshaped row".
+CPU_LARGE_WEIGHT = 2**21 + 1  # past a head slice's 8 MiB of f32
+CPU_LARGE_WEIGHT_MAX = 2**24
+CPU_LARGE_GEMV_ROWS = 4
+
+
+def gemv_rows(out_in: tuple[int, int] | None = None) -> int:
+    """The most rows a few-row product with an `out_in` weight takes as one GEMV a row."""
+    if out_in is not None and CPU_LARGE_WEIGHT <= math.prod(out_in) <= CPU_LARGE_WEIGHT_MAX:
+        return max(CPU_GEMV_ROWS, CPU_LARGE_GEMV_ROWS)
+    return CPU_GEMV_ROWS
 
 
 def few_row_tile(out_in: tuple[int, int], itemsize: int = 4) -> int:
@@ -274,7 +297,7 @@ def _few_row_product(
     out_features, in_features = out_in
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if x2.shape[0] <= CPU_GEMV_ROWS:
+    if x2.shape[0] <= gemv_rows(out_in):
         w = _one_layer(arrays, layer, 0, None)
         parts = [_packed_product(_row_apart(x2, r), w, fmt, out_in) for r in range(x2.shape[0])]
         return jnp.concatenate(lax.optimization_barrier(parts)).reshape(*lead, out_features)

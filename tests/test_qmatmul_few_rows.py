@@ -160,3 +160,34 @@ def test_a_row_from_a_reshape_reaches_its_gemv_in_the_gemvs_shape(rows):
         "the check would not see a GEMV reading the reshape"
     )
     np.testing.assert_array_equal(np.asarray(step()(heads, qt)), sliced)
+
+
+def test_four_rows_are_gemvs_for_layer_sized_weights_only():
+    """From 4 rows a product takes the bfloat16 GEMM, except a layer-sized weight at 4 rows (one GEMV a
+    row): not a small one, and not an output head (larger; the GEMM takes it in cached slices)."""
+    bf16 = jnp.bfloat16
+    assert qmatmul.gemv_rows((4864, 896)) == 4 and qmatmul.gemv_rows((896, 2432)) == 4  # Qwen2.5-0.5B
+    assert qmatmul.gemv_rows((1536, 576)) == 3 and qmatmul.gemv_rows((2048, 640)) == 3  # demo, Gemma
+    assert qmatmul.gemv_rows((151936, 896)) == 3 and qmatmul.gemv_rows((1187, 896)) == 3  # a head, a slice
+    assert qmatmul.gemv_rows(None) == qmatmul.CPU_GEMV_ROWS
+    cpu = jax.default_backend() == "cpu"
+    assert qmatmul.few_row_path(4, "Q8F", bf16, (4864, 896)) is cpu
+    assert not qmatmul.few_row_path(4, "Q8F", bf16, (896, 896))
+    assert not qmatmul.few_row_path(5, "Q8F", bf16, (4864, 896))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled code")
+def test_a_large_weights_four_rows_are_f32_gemvs_with_the_gemms_values(monkeypatch):
+    qt = packed("Q8F", out=OUT)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, qt.out_in[1])), jnp.float32)
+
+    def product():  # a new function each time: the thresholds are read while tracing
+        return jax.jit(lambda x, w: qmatmul_xla(x, w, gemm_dtype=jnp.bfloat16))
+
+    gemm = product().lower(x, qt).compile().as_text()
+    monkeypatch.setattr(qmatmul, "CPU_LARGE_WEIGHT", OUT * qt.out_in[1])  # this weight counts as large
+    gemvs = product().lower(x, qt).compile().as_text()
+    assert "bf16[4," in gemm and "bf16[4," not in gemvs  # the GEMM's bfloat16 operand is gone
+    assert len(re.findall(rf"= f32\[{OUT}\]\S* dot\(", gemvs)) == 4  # one GEMV a row
+    ref = np.asarray(x @ dequantize(qt).T)
+    np.testing.assert_allclose(np.asarray(product()(x, qt)), ref, rtol=0, atol=1e-5 * np.max(np.abs(ref)))

@@ -9,7 +9,8 @@ tensors, ISQ): their values carry 8 bits or fewer, and rounding the activations 
 significant bits) is finer than the 8-bit blocks llama.cpp quantizes them to for the same products. Float
 weights keep the compute dtype under "auto" (a float32 checkpoint stays exact); "bfloat16" takes it for
 them too, "float32" for neither. Products of one to three rows (single-stream decode) never change
-(`qmatmul.gemm_operands`): each row is a fused GEMV that bfloat16 does not speed up. So under "auto" a
+(`qmatmul.gemm_operands`): each row is a fused GEMV that bfloat16 does not speed up (four rows too with a
+layer weight of 2-16 M entries, `qmatmul.gemv_rows`). So under "auto" a
 request's decode tokens come from f32 products alone and from bfloat16 ones in a batch of 4 or more;
 `batch_invariant=True` is the mode for identical results in any batch. Its cost in perplexity and greedy
 agreement: README, "Defaults".

@@ -313,7 +313,7 @@ class DecoderModel(nnx.Module):
             rows, gemm = math.prod(h.shape[:-1]), chosen_gemm_dtype(kernels)
             in_branches = IN_PLACE_UNDER_COND and mixes_layer_kinds(cfg) and rows <= CPU_GEMV_ROWS
             stacked, layer_of = stacked_layer.scan_packed_in_place(
-                stacked, lambda w: in_branches or few_row_path(rows, w.fmt, gemm)
+                stacked, lambda w: in_branches or few_row_path(rows, w.fmt, gemm, w.out_in)
             )
         else:
             layer_of = None

@@ -40,7 +40,7 @@ def head_in_slices(
     """`qmatmul(hidden, head)` in f32, a slice of the head's rows at a time when the step runs on CPU."""
     out, inp = head.out_in
     rows = math.prod(hidden.shape[:-1])
-    whole = takes_row_tiles(qmatmul, rows, head.fmt)  # its tiles never hold the head
+    whole = takes_row_tiles(qmatmul, rows, head.fmt, head.out_in)  # its tiles never hold the head
     n = slice_count(out, inp) if jax.default_backend() == "cpu" and not head.lead_shape and not whole else 1
     if n == 1:
         return qmatmul(hidden, head).astype(jnp.float32)
