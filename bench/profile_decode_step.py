@@ -9,7 +9,7 @@ every row `--keys` long) as `bench_decode_step.py` does, then called `--calls` t
 thunks inside it) is one trace event named after its HLO instruction: the table lists the names with the
 most time, as microseconds per layer (a call's total over layers x decode steps x calls) and how many
 times a layer runs each. `--hlo` writes the optimized HLO, to read what a name computes. `--set` changes
-module settings before tracing (e.g. `pallas_kernels.read_widths.NARROW_MIN_KEYS=1000000000`).
+module settings before tracing (e.g. `pallas_kernels.read_widths.READ_WIDTHS=1`: the whole table).
 Nested thunks count inside their conditional or loop too, so the column does not add up to the step.
 """
 

@@ -13,6 +13,8 @@ import functools
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
+MAPS = Path("/proc/self/maps")
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 
 
 def _status_kib(key: str) -> int | None:
@@ -44,6 +46,25 @@ def available_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def memory_maps() -> int | None:
+    """How many memory maps (address ranges) the process holds now."""
+    try:
+        with MAPS.open("rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+@functools.cache
+def memory_map_limit() -> int | None:
+    """The most memory maps the system lets a process hold (`vm.max_map_count`): past it every `mmap`
+    fails, a compiler's included."""
+    try:
+        return int(MAX_MAP_COUNT.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.occupancy import auto_splits
-from pallas_kernels.read_widths import read_narrowest, worth_narrowing
+from pallas_kernels.read_widths import narrows, read_narrowest
 from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 from pallas_kernels.tiled_attention import NEG_INF, cap_scores, tiled_paged_attention, visible
 
@@ -94,8 +94,8 @@ def paged_attention_xla(
     visiting only the keys each query tile sees); None: for several query tokens over a table of at
     least `TILED_MIN_KEYS` keys, the dense form otherwise (decode, short chunks).
     `narrowed`: read only the table's first columns that hold the longest context (`read_widths`);
-    None: for a decode (one query token) gathering enough keys to gain (`worth_narrowing`), and, under a
-    sliding window narrower than the table, each row's window's pages only (`_windowed_decode`).
+    None: for a decode (one query token, `narrows`), and, under a sliding window narrower than the table,
+    each row's window's pages only (`_windowed_decode`).
     A decode whose rows gather many keys together attends them a chunk of rows at a time (`_dense_decode`).
     """
     if tiled is None:
@@ -108,8 +108,7 @@ def paged_attention_xla(
         # Decode under a window narrower than the table: each row reads only its window's pages.
         return _windowed_decode(*inputs, block_tables, positions, context_lens, window_pages, **options)
     if narrowed is None:
-        keys = block_tables.shape[1] * k_cache.shape[2]
-        narrowed = q.shape[1] == 1 and not tiled and worth_narrowing(q.shape[0], keys)
+        narrowed = q.shape[1] == 1 and not tiled and narrows()
     if narrowed:
         return read_narrowest(
             lambda tables: paged_attention_xla(
@@ -173,7 +172,7 @@ def _windowed_decode(
         key_start=first * block_size,
         **options,
     )
-    if worth_narrowing(q.shape[0], window_pages * block_size):  # rows whose windows start late need less
+    if narrows():  # rows whose windows start late need less
         lengths = context_lens - first * block_size
         return read_narrowest(lambda t: attend(block_tables=t), tables, lengths, block_size)
     return attend(block_tables=tables)

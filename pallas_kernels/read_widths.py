@@ -21,23 +21,18 @@ from jax import lax
 # How many static widths a table is read at (even fractions of its width, at least one block apart);
 # 1 reads the whole table. Read when tracing, so a benchmark may set it between compiles.
 READ_WIDTHS = 8
-# Decode narrows from this many keys gathered a layer (rows x table keys): below it the switch and the
-# fusions it splits cost more than the keys it saves. One row at a 1,024-key table took 8% more CPU time a
-# step narrowed, 32 rows at 256 and 1,024 keys 13% and 21% less (bench/RESULTS.md, "CPU decode, seventh
-# round").
-NARROW_MIN_KEYS = 2048
-# And from this many rows: one row reads its whole table. Its products are XLA's one-row GEMVs, and the one
-# reading the switch's result (o_proj) ran 4-7x as long as q_proj of the same size after it; reading the
-# whole table cost less even at twice the keys: one demo row took 10% and 15% less CPU time a step whole
-# at 1,024 and 4,000 keys (2,048- and 8,192-key tables), where two rows at 1,024 keys took twice as long
-# whole (bench/RESULTS.md, "Decode attention on XLA:CPU: the formulations, and one row reads its table
-# whole").
-NARROW_MIN_ROWS = 2
+# Every decode narrows, one row and short tables too. The rule before (from two rows and 2,048 gathered keys)
+# was measured while the switch's result reached o_proj as `[rows, 1, heads, head_dim]`: one row's GEMV then
+# read it through that shape, index by index (o_proj 4-7x q_proj's time), so one row read its table whole.
+# The switch now returns each branch's output flat (`[rows, heads * head_dim]`), the shape o_proj reads, and
+# the demo's one-row step took 0.89-0.96x the time at 40-520 keys narrowed, its 2-8-row steps 0.88x over
+# 128-key tables and 0.94-1.02x over 256-key ones; Gemma-3-270M's and Qwen2.5-0.5B's 0.97-1.03x
+# (bench/RESULTS.md, "One decode row reads only the keys it needs").
 
 
-def worth_narrowing(rows: int, table_keys: int) -> bool:
-    """Whether a decode of `rows` rows over tables of `table_keys` keys reads the narrowest width."""
-    return READ_WIDTHS > 1 and rows >= NARROW_MIN_ROWS and rows * table_keys >= NARROW_MIN_KEYS
+def narrows() -> bool:
+    """Whether a decode reads the narrowest width its rows need (`read_narrowest`), not the whole table."""
+    return READ_WIDTHS > 1
 
 
 def read_widths(width: int, count: int | None = None) -> list[int]:
@@ -56,11 +51,13 @@ def read_narrowest(
     count: int | None = None,
 ) -> jax.Array:
     """`attend(tables)` on the first columns of `block_tables` [B, W]: the narrowest of `read_widths(W)`
-    holding every row's `context_lens` keys, chosen at run time."""
+    holding every row's `context_lens` keys, chosen at run time. Each branch returns its result flat,
+    `[B, -1]`, the shape a product after it reads (see `narrows`)."""
     widths = read_widths(block_tables.shape[1], count)
     if len(widths) == 1:
         return attend(block_tables)
     needed = (jnp.max(context_lens).astype(jnp.int32) + block_size - 1) // block_size
     index = jnp.sum(jnp.asarray(widths[:-1], jnp.int32) < needed)  # the widths too narrow for it
-    branches = [lambda tables, w=w: attend(tables[:, :w]) for w in widths]
-    return lax.switch(index, branches, block_tables)
+    shape = jax.eval_shape(attend, block_tables).shape
+    branches = [lambda tables, w=w: attend(tables[:, :w]).reshape(shape[0], -1) for w in widths]
+    return lax.switch(index, branches, block_tables).reshape(shape)

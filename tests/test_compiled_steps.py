@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import types
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -25,6 +26,7 @@ class FakeStep:
         self.gate, self.failures, self.held = gate, failures, held
         self.compiles: list[tuple] = []
         self.cleared = 0  # `clear_cache` calls
+        self.live = weakref.WeakSet()  # executables someone still holds
         self.started = threading.Semaphore(0)
 
     def clear_cache(self):
@@ -44,7 +46,9 @@ class FakeStep:
             self.failures -= 1
             raise RuntimeError("XLA said no")
         self.compiles.append((shapes, dict(statics)))
-        return lambda params, kv, *args: ("ran", shapes)
+        executable = lambda params, kv, *args: ("ran", shapes)  # noqa: E731
+        self.live.add(executable)
+        return executable
 
 
 def compiled_with(step: FakeStep) -> CompiledSteps:
@@ -122,3 +126,37 @@ def test_lean_compile_leaves_no_trace_of_the_shape_in_jaxs_caches():
     lean.lower(jnp.zeros(5))
     assert len(traces) == 3  # traced again: the first trace was dropped
     assert np.asarray(executable(jnp.zeros(5))).tolist() == [1.0] * 5  # the executable still runs
+
+
+def limit_maps(monkeypatch, step: FakeStep, limit: int = 1000, each: int = 100) -> None:
+    """The system allows `limit` memory maps; the process holds 100 and `each` per live executable."""
+    monkeypatch.setattr(compiled_steps, "memory_map_limit", lambda: limit)
+    monkeypatch.setattr(compiled_steps, "memory_maps", lambda: 100 + each * len(step.live))
+
+
+def test_past_the_maps_share_the_least_recently_used_executables_are_dropped(monkeypatch, caplog):
+    """Half the limit holds four executables here: a fifth drops the one used longest ago (not the one
+    just used), which compiles again when asked for."""
+    step = FakeStep()
+    limit_maps(monkeypatch, step)
+    compiled = compiled_with(step)
+    for rows in (1, 2, 3, 4):
+        compiled.get(call(rows))
+    assert compiled.map_share() == 0.5 and compiled.dropped == 0
+    compiled.get(call(1))  # used again: now the most recent but one
+    compiled.get(call(5))
+    assert compiled.dropped == 1 and not compiled.has(call(2))
+    assert all(compiled.has(call(r)) for r in (1, 3, 4, 5)) and compiled.map_share() == 0.5
+    assert "dropped the 1 least recently used" in caplog.text
+    compiled.get(call(2))  # compiled again, dropping the next oldest
+    assert [shapes[0][0] for shapes, _ in step.compiles] == [1, 2, 3, 4, 5, 2]
+    assert not compiled.has(call(3)) and compiled.dropped == 2
+
+
+def test_without_the_systems_figures_nothing_is_dropped(monkeypatch):
+    step = FakeStep()
+    monkeypatch.setattr(compiled_steps, "memory_map_limit", lambda: None)
+    compiled = compiled_with(step)
+    for rows in range(1, 9):
+        compiled.get(call(rows))
+    assert compiled.map_share() is None and compiled.dropped == 0 and len(step.live) == 8

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrs.ops import qmatmul_xla
 from pallas_kernels import read_widths as rw
 from pallas_kernels.paged_attention import paged_attention_xla
 from pallas_kernels.read_widths import read_widths
 from tests.test_paged_attention import make_inputs
+from tests.test_qmatmul_few_rows import _dot_fusion_parameters, packed
 
 
 def test_read_widths_are_even_fractions_ending_at_the_table() -> None:
@@ -60,50 +62,61 @@ def _switches(inputs: dict) -> bool:
     return "cond" in str(jax.make_jaxpr(functools.partial(paged_attention_xla, scale=0.2))(**inputs))
 
 
-def test_decode_narrows_only_when_it_gathers_enough_keys() -> None:
-    """One row over a short table reads it whole; many rows over the same width narrow; prefill never."""
-    width = 8
-    one = make_inputs(
-        block_size=8, group=2, starts=[3], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=width
-    )
-    rows = -(-rw.NARROW_MIN_KEYS // (width * 8))
-    many = make_inputs(
-        block_size=8,
-        group=2,
-        starts=[3] * rows,
-        new_tokens=[1] * rows,
-        q_len=1,
-        dtype=jnp.float32,
-        table_width=width,
-    )
-    prefill = make_inputs(
-        block_size=8,
-        group=2,
-        starts=[0] * rows,
-        new_tokens=[2] * rows,
-        q_len=2,
-        dtype=jnp.float32,
-        table_width=width,
-    )
-    assert not _switches(one)
-    assert _switches(many)
-    assert not _switches(prefill)
+def test_every_decode_narrows_and_prefill_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row over a short table takes the width switch, as do many rows; a prompt chunk never does, nor
+    a decode with READ_WIDTHS = 1 (the whole table, for benchmarks)."""
 
-
-def test_one_row_reads_even_a_wide_table_whole() -> None:
-    """However many keys its table holds, one decode row takes no switch; two rows over it do."""
-    width = -(-rw.NARROW_MIN_KEYS // 8)  # 8-key blocks: NARROW_MIN_KEYS keys in one row's table
-
-    def rows(n: int) -> dict:
+    def inputs(rows: int, q_len: int = 1) -> dict:
         return make_inputs(
             block_size=8,
             group=2,
-            starts=[3] * n,
-            new_tokens=[1] * n,
-            q_len=1,
+            starts=[3] * rows,
+            new_tokens=[q_len] * rows,
+            q_len=q_len,
             dtype=jnp.float32,
-            table_width=width,
+            table_width=8,
         )
 
-    assert not _switches(rows(1))
-    assert _switches(rows(2))
+    assert _switches(inputs(1))
+    assert _switches(inputs(5))
+    assert not _switches(inputs(3, q_len=2))
+    monkeypatch.setattr(rw, "READ_WIDTHS", 1)
+    assert not _switches(inputs(1))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled code")
+def test_one_narrowed_row_reaches_the_next_product_flat() -> None:
+    """The switch hands o_proj's one-row GEMV the attention output as the flat row it reads. Returned in
+    the attention's own shape (the check builds that switch too), the GEMV read it through that shape,
+    index by index, at a fraction of its speed. Same values either way."""
+    inputs = make_inputs(
+        block_size=8, group=2, starts=[19], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=8
+    )
+    heads, dim = inputs["q"].shape[2:]
+    weight = packed("Q8F", out=64, in_features=heads * dim)
+    widths = read_widths(8)
+
+    def unflattened(**inputs) -> jax.Array:  # the switch's branches as they were
+        index = jnp.sum(jnp.asarray(widths[:-1]) < (jnp.max(inputs["context_lens"]) + 7) // 8)
+        whole = functools.partial(paged_attention_xla, **inputs, scale=0.2, narrowed=False)
+        branches = [lambda t, w=w: whole(block_tables=t[:, :w]) for w in widths]
+        return jax.lax.switch(index, branches, inputs["block_tables"])
+
+    def step(attention):
+        return jax.jit(lambda inputs, w: qmatmul_xla(attention(**inputs).reshape(1, heads * dim), w))
+
+    narrowed = functools.partial(paged_attention_xla, scale=0.2)
+    ours = step(narrowed).lower(inputs, weight).compile().as_text()
+    before = step(unflattened).lower(inputs, weight).compile().as_text()
+
+    def gemv_inputs(text: str) -> list[tuple[int, ...]]:  # what the products reading the weight take
+        return [s for shapes in _dot_fusion_parameters(text) if (64, heads * dim) in shapes for s in shapes]
+
+    assert any(len(s) > 2 for s in gemv_inputs(before)), "the check would not see it"
+    assert gemv_inputs(ours) and all(len(s) <= 2 for s in gemv_inputs(ours))
+    np.testing.assert_allclose(
+        np.asarray(step(narrowed)(inputs, weight)),
+        np.asarray(step(unflattened)(inputs, weight)),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -12,7 +12,7 @@ from jaxrs import LLM, SamplingParams
 from jaxrs.engine import runner as runner_module
 from jaxrs.engine.warmup import Warmup
 from tests.conftest import save_tiny_llama
-from tests.test_compiled_steps import FakeStep, call, compiled_with
+from tests.test_compiled_steps import FakeStep, call, compiled_with, limit_maps
 
 ROWS = [1, 2, 4, 8, 16]
 
@@ -46,6 +46,24 @@ def test_first_shapes_now_the_rest_in_the_background_each_once(caplog):
     text = caplog.text
     assert "2 step shapes ready" in text and "compiling 3 more in the background" in text
     assert "warm-up complete: 2 step shapes" in text and "1 more were compiled on first use" in text
+
+
+def test_the_background_stops_short_of_the_memory_maps_share(monkeypatch, caplog):
+    """Past `WARMUP_MAP_SHARE` of the memory maps the system allows, the background compiles no more
+    (before executables would be dropped); the shapes left compile on first use, and none is reported
+    pending (/health's `compiling`)."""
+    step = FakeStep()
+    limit_maps(monkeypatch, step, limit=1000, each=100)  # three executables fill 0.4 of it, four pass it
+    compiled = compiled_with(step)
+    warmup = Warmup(compiled, [call(r) for r in ROWS], first=1)
+    with caplog.at_level(logging.INFO, "jaxrs"):
+        warmup.run(background=True)
+        assert warmup.wait(10)
+    assert compiled_rows(step) == [1, 2, 4, 8] and warmup.pending == 0 and compiled.dropped == 0
+    assert "warm-up stopped with 1 step shapes left, which compile on first use" in caplog.text
+    assert "warm-up complete" not in caplog.text
+    compiled.get(call(16))  # on first use
+    assert compiled.has(call(16))
 
 
 def test_stop_ends_the_background_after_its_compile():
@@ -97,6 +115,26 @@ def test_engine_serves_while_the_background_compiles(tiny):
     assert runner.compile_count() == len(warmup.calls) == len(runner.shapes)  # each shape once
     again = llm.generate(["w3 w4 w5"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert again[0].token_ids == out[0].token_ids and runner.compile_count() == len(warmup.calls)
+
+
+def test_an_engine_whose_executables_are_dropped_serves_the_same_tokens(tiny, monkeypatch):
+    """A system allowing few memory maps: past half of them each new step shape drops the least recently
+    used ones, which compile again when needed; the tokens are those of an engine that keeps them all."""
+    from jaxrs.engine import compiled_steps
+    from jaxrs.host_memory import memory_maps
+
+    prompts = [["w3 w4 w5"], ["w1 w2", "w6 w7 w8 w9"], ["w3 w4 w5"]]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    options = dict(kv_cache_tokens=64, block_size=8, max_model_len=32, max_num_seqs=2, max_decode_steps=4)
+    kept = LLM(str(tiny), **options)
+    expected = [[o.token_ids for o in kept.generate(p, params, use_tqdm=False)] for p in prompts]
+    limited = LLM(str(tiny), **options)
+    limit = 2 * memory_maps()  # at the share now
+    monkeypatch.setattr(compiled_steps, "memory_map_limit", lambda: limit)
+    got = [[o.token_ids for o in limited.generate(p, params, use_tqdm=False)] for p in prompts]
+    assert got == expected
+    compiled = limited.engine.runner.compiled
+    assert compiled.dropped > 0 and len(compiled) > len(compiled.labels) - compiled.dropped > 0
 
 
 def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):

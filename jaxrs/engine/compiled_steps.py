@@ -7,23 +7,36 @@ another thread compiles it waits for that compile rather than starting its own.
 
 Each compile is kept lean on the host (`lean_compile`): a served process's peak resident memory comes
 during its step compiles, not its steps (bench/RESULTS.md, "Serving memory").
+
+The executables held stay within a share of the system's limit on memory maps (`MAP_SHARE`): past it the
+least recently used are dropped, to be compiled again (or read from the compilation cache) when needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import jax
 
-from jaxrs.host_memory import release_freed
+from jaxrs.host_memory import memory_map_limit, memory_maps, release_freed
 
 log = logging.getLogger("jaxrs")
+
+# The share of the system's limit on a process's memory maps (Linux `vm.max_map_count`, 65,530 by default)
+# that the executables held may fill. XLA:CPU maps each kernel of an executable on pages of its own (code,
+# constants, data: three maps), about 360 maps for one of the demo model's decode steps, so the server's
+# whole warm-up (187 shapes) went past the limit, and the next compile failed to map its code ("LLVM
+# compilation error: Cannot allocate memory") and crashed the process. Past this share the least recently
+# used executables are dropped. Each also holds about 10 MiB of host memory, which this bounds too.
+MAP_SHARE = 0.5
 
 
 class StepCall(NamedTuple):
@@ -76,7 +89,10 @@ class CompiledSteps:
         self._lock = threading.Lock()
         self._entries: dict[tuple, Future] = {}
         self._labels: list[tuple] = []  # compiled shapes, in order
+        self._recent: OrderedDict[tuple, None] = OrderedDict()  # compiled ones, least recently used first
         self.seconds = 0.0  # compile time, all threads
+        self.dropped = 0  # executables dropped to stay within the memory maps' share
+        self._maps_before = memory_maps() or 0  # the process's maps before any executable of these
 
     @property
     def labels(self) -> list[tuple]:
@@ -106,9 +122,39 @@ class CompiledSteps:
             mine = entry is None
             if mine:
                 entry = self._entries[key] = Future()
+            elif key in self._recent:
+                self._recent.move_to_end(key)
         if mine:
             self._compile(call, key, entry, why)
+            self._fit_maps(keep=key)
         return entry.result()
+
+    def map_share(self) -> float | None:
+        """The process's memory maps as a share of the system's limit (None where unknown)."""
+        maps, limit = memory_maps(), memory_map_limit()
+        return None if maps is None or not limit else maps / limit
+
+    def _fit_maps(self, keep: tuple) -> None:
+        """Past `MAP_SHARE` of the memory maps' limit, drop the least recently used executables (not `keep`)
+        that take the process back under it, judging each to hold the maps added since, averaged."""
+        share = self.map_share()
+        if share is None or share <= MAP_SHARE:
+            return
+        limit = memory_map_limit()
+        with self._lock:
+            held = [k for k in self._recent if k != keep]
+            each = max(1.0, (share * limit - self._maps_before) / max(1, len(self._recent)))
+            drop = held[: math.ceil((share - MAP_SHARE) * limit / each)]
+            for k in drop:
+                del self._entries[k], self._recent[k]
+            self.dropped += len(drop)
+        log.warning(
+            "compiled steps hold %d of the %d memory maps this system allows a process "
+            "(vm.max_map_count): dropped the %d least recently used, which compile again when needed",
+            round(share * limit),
+            limit,
+            len(drop),
+        )
 
     def _compile(self, call: StepCall, key: tuple, entry: Future, why: str) -> None:
         began = time.perf_counter()
@@ -127,6 +173,7 @@ class CompiledSteps:
         seconds = time.perf_counter() - began
         with self._lock:
             self._labels.append((call.kind, *call.label))
+            self._recent[key] = None
             self.seconds += seconds
             count = len(self._labels)
         entry.set_result(executable)

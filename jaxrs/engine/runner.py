@@ -43,7 +43,6 @@ from jaxrs.structured.mask import all_allowed
 from jaxrs.structured.state import token_masks
 from jaxrs.vision.prompt import chunk_embeds
 from pallas_kernels import qmatmul
-from pallas_kernels.read_widths import NARROW_MIN_ROWS
 from pallas_kernels.shapes import next_half_octave, next_power_of_2
 
 log = logging.getLogger("jaxrs")
@@ -54,12 +53,13 @@ log = logging.getLogger("jaxrs")
 # attention").
 MIN_WIDTH = 8
 
-# A decode of fewer rows than this reads its whole block table (`read_widths.NARROW_MIN_ROWS`: no width
-# switch), so its attention costs the table's width, not its context: its width buckets step by half an
-# octave (8, 12, 16, 24, 32, 48, ...) rather than doubling. The demo's one-row step at 512-640 keys reads a
-# 768-key table instead of 1,024: 0.92-0.99x the time (bench/RESULTS.md, "Down_proj's input computed once,
-# and one decode row's tables by half octaves").
-FINE_WIDTH_ROWS = NARROW_MIN_ROWS
+# A decode of fewer rows than this takes block tables whose width buckets step by half an octave (8, 12,
+# 16, 24, 32, 48, ...) rather than doubling. Chosen while one row read its whole table (its attention then
+# cost the table's width: the demo's one-row step at 512-640 keys read a 768-key table instead of 1,024,
+# 0.92-0.99x the time; bench/RESULTS.md, "Down_proj's input computed once, and one decode row's tables by
+# half octaves"); it now reads the narrowest eighth of the table its row needs (`read_widths`), so the finer
+# buckets save at most a sixteenth of the keys, for one more compiled width per octave.
+FINE_WIDTH_ROWS = 2
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
 # Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 112-116 (bench/RESULTS.md, "A few-row

@@ -26,6 +26,11 @@ FOREGROUND_THREADS = max(1, min(4, os.cpu_count() or 1))
 # How much lower the background compiler's CPU priority is than the engine's (Linux `nice`, per thread).
 BACKGROUND_NICENESS = 10
 
+# The background stops once the process holds this share of the memory maps the system allows it: short of
+# `compiled_steps.MAP_SHARE`, where executables start to be dropped, so the likeliest shapes it compiled
+# first are not dropped for the rarer ones after them (those compile on first use).
+WARMUP_MAP_SHARE = 0.4
+
 
 class Warmup:
     """One warm-up of `calls` (likeliest first), of which the first `first` come before serving."""
@@ -37,12 +42,14 @@ class Warmup:
         self.first = first
         self._stop = threading.Event()
         self._done = threading.Event()
+        self._left_to_first_use = False
         self.thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
-        """Planned shapes not compiled (nor compiling) yet."""
-        return self.compiled.missing(self._keys)
+        """Planned shapes not compiled (nor compiling) yet; none once the warm-up has left the rest to
+        first use (`WARMUP_MAP_SHARE`)."""
+        return 0 if self._left_to_first_use else self.compiled.missing(self._keys)
 
     def run(self, *, background: bool) -> None:
         """Compile the first shapes (`background`) or all of them now; with `background`, start a thread
@@ -86,6 +93,18 @@ class Warmup:
         for call in calls:
             if self._stop.is_set():
                 log.info("warm-up stopped with %d step shapes left", self.pending)
+                break
+            share = self.compiled.map_share()
+            if share is not None and share > WARMUP_MAP_SHARE:
+                log.warning(
+                    "warm-up stopped with %d step shapes left, which compile on first use: the process holds "
+                    "%.0f%% of the memory maps this system allows it (vm.max_map_count), most of them the %d "
+                    "compiled steps' code",
+                    self.pending,
+                    100 * share,
+                    len(self.compiled),
+                )
+                self._left_to_first_use = True
                 break
             if self.compiled.has(call):  # the engine needed it first
                 continue
