@@ -1,5 +1,6 @@
 """How soon `jaxrs serve` answers: process start to /health 200, to the first chat answer, and to the
-end of the background warm-up (the "warm-up complete" log line); or (--run) how soon `jaxrs run`
+end of the background warm-up (the "warm-up complete" log line, or "warm-up stopped" where the compiled
+steps reached the memory maps' share); or (--run) how soon `jaxrs run`
 prints its first token.
 
     python bench/bench_ready.py [--cache off|DIR] [--max-wait 900] [--label NAME] [-- SERVE ARGS...]
@@ -37,7 +38,7 @@ def watch(stream, began: float, marks: dict, lines: list) -> None:
     patterns = {
         "loaded": r" loaded .* in [0-9.]+ s",
         "ready_log": r"step shapes ready in",
-        "complete": r"warm-up complete|warm-up: \d+ shapes",
+        "complete": r"warm-up complete|warm-up: \d+ shapes|warm-up stopped",
     }
     for raw in stream:
         line = raw.decode(errors="replace").rstrip()

@@ -108,7 +108,7 @@ def paged_attention_xla(
         # Decode under a window narrower than the table: each row reads only its window's pages.
         return _windowed_decode(*inputs, block_tables, positions, context_lens, window_pages, **options)
     if narrowed is None:
-        narrowed = q.shape[1] == 1 and not tiled and narrows()
+        narrowed = q.shape[1] == 1 and not tiled and narrows(block_tables.shape[1] * k_cache.shape[2])
     if narrowed:
         return read_narrowest(
             lambda tables: paged_attention_xla(
@@ -172,7 +172,7 @@ def _windowed_decode(
         key_start=first * block_size,
         **options,
     )
-    if narrows():  # rows whose windows start late need less
+    if narrows(window_pages * block_size):  # rows whose windows start late need less
         lengths = context_lens - first * block_size
         return read_narrowest(lambda t: attend(block_tables=t), tables, lengths, block_size)
     return attend(block_tables=tables)

@@ -21,18 +21,22 @@ from jax import lax
 # How many static widths a table is read at (even fractions of its width, at least one block apart);
 # 1 reads the whole table. Read when tracing, so a benchmark may set it between compiles.
 READ_WIDTHS = 8
-# Every decode narrows, one row and short tables too. The rule before (from two rows and 2,048 gathered keys)
-# was measured while the switch's result reached o_proj as `[rows, 1, heads, head_dim]`: one row's GEMV then
-# read it through that shape, index by index (o_proj 4-7x q_proj's time), so one row read its table whole.
-# The switch now returns each branch's output flat (`[rows, heads * head_dim]`), the shape o_proj reads, and
-# the demo's one-row step took 0.89-0.96x the time at 40-520 keys narrowed, its 2-8-row steps 0.88x over
-# 128-key tables and 0.94-1.02x over 256-key ones; Gemma-3-270M's and Qwen2.5-0.5B's 0.97-1.03x
-# (bench/RESULTS.md, "One decode row reads only the keys it needs").
+# Every decode over a table of at least NARROW_MIN_KEYS keys narrows, one row too. The rule before (from two
+# rows and 2,048 gathered keys) was measured while the switch's result reached o_proj as `[rows, 1, heads,
+# head_dim]`: one row's GEMV then read it through that shape, index by index (o_proj 4-7x q_proj's time), so
+# one row read its table whole. The switch now returns each branch's output flat (`[rows, heads *
+# head_dim]`), the shape o_proj reads, and the demo's one-row step took 0.89-0.96x the time at 40-520 keys
+# narrowed (128- to 768-key tables), its 2-8-row steps 0.88x over 128-key tables and 0.94-1.02x over
+# 256-key ones; Gemma-3-270M's and Qwen2.5-0.5B's 0.97-1.03x (bench/RESULTS.md, "One decode row reads only
+# the keys it needs"). Smaller tables, which only small test models' limits give, are read whole: a switch
+# of up to eight attentions costs each decode step twice its compile time.
+NARROW_MIN_KEYS = 128
 
 
-def narrows() -> bool:
-    """Whether a decode reads the narrowest width its rows need (`read_narrowest`), not the whole table."""
-    return READ_WIDTHS > 1
+def narrows(table_keys: int) -> bool:
+    """Whether a decode over tables of `table_keys` keys reads the narrowest width its rows need
+    (`read_narrowest`), not the whole table."""
+    return READ_WIDTHS > 1 and table_keys >= NARROW_MIN_KEYS
 
 
 def read_widths(width: int, count: int | None = None) -> list[int]:

@@ -44,16 +44,28 @@ def test_a_prefilled_answer_is_continued(llm):
 
 
 def test_batched_prompts_equal_alone(llm):
+    """Each prompt's greedy tokens in a batch are its tokens alone, up to a near tie: a batch of 4 rows takes
+    bfloat16 GEMMs (README, "Defaults") where one row takes f32 GEMVs, so the two may part where two tokens'
+    log-probabilities lie within NEAR_TIE of each other, each side's choice then the other's runner-up (the
+    demo's "The three primary colors are" at its 9th token: 0.013 apart alone, 0.003 in the batch)."""
+    near_tie = 0.05
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
     prompts = [
         "The quick brown fox",
         "Once upon a time, in a land far away,",
         "def fibonacci(n):",
         "The three primary colors are",
     ]
-    together = llm.generate(prompts, GREEDY, use_tqdm=False)
+    together = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, together, strict=True):
-        alone = llm.generate(prompt, GREEDY)[0]
-        assert alone.token_ids == out.token_ids, prompt
+        alone = llm.generate(prompt, params)[0]
+        pairs = list(zip(alone.token_ids, out.token_ids, strict=True))
+        parted = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if parted is None:
+            continue
+        (a, b), tops = pairs[parted], [dict(o.outputs[0].logprobs[parted].top) for o in (alone, out)]
+        assert all(a in top and b in top for top in tops), (prompt, parted, tops)
+        assert tops[0][a] - tops[0][b] < near_tie and tops[1][b] - tops[1][a] < near_tie, (prompt, tops)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from jaxrs import ops
 from pallas_kernels import paged_attention as paged
+from pallas_kernels import read_widths
 from pallas_kernels.paged_attention import paged_attention_pallas, paged_attention_xla
 
 NUM_LAYERS = 3
@@ -231,10 +232,13 @@ def test_registered() -> None:
 
 @pytest.mark.parametrize("group", [1, 3, 7])
 @pytest.mark.parametrize(("window", "soft_cap"), [(6, None), (4, 5.0), (1, None), (13, 2.0)])
-def test_windowed_decode_equals_the_whole_table(group: int, window: int, soft_cap: float | None) -> None:
+def test_windowed_decode_equals_the_whole_table(
+    group: int, window: int, soft_cap: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under a sliding window narrower than the table, a decode row reads only its window's pages (rows
     long and short, one ending a block, one shorter than the window, a padding row; one row and several,
     the windowed tables narrowed too): the same as reading the whole table."""
+    monkeypatch.setattr(read_widths, "NARROW_MIN_KEYS", 0)
     lens = [47, 20, 1, 16, 0, 30, 5]
     for rows in (lens[:1], lens):
         inputs = decode_inputs(rows, block_size=4, group=group, dtype=jnp.float32, table_width=12, seed=group)

@@ -62,11 +62,11 @@ def _switches(inputs: dict) -> bool:
     return "cond" in str(jax.make_jaxpr(functools.partial(paged_attention_xla, scale=0.2))(**inputs))
 
 
-def test_every_decode_narrows_and_prefill_never(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One row over a short table takes the width switch, as do many rows; a prompt chunk never does, nor
-    a decode with READ_WIDTHS = 1 (the whole table, for benchmarks)."""
+def test_decodes_over_tables_of_enough_keys_narrow_and_prefill_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row over a table of NARROW_MIN_KEYS keys takes the width switch, as do many rows; a smaller table
+    is read whole; a prompt chunk never narrows, nor a decode with READ_WIDTHS = 1 (for benchmarks)."""
 
-    def inputs(rows: int, q_len: int = 1) -> dict:
+    def inputs(rows: int, q_len: int = 1, width: int = rw.NARROW_MIN_KEYS // 8) -> dict:
         return make_inputs(
             block_size=8,
             group=2,
@@ -74,11 +74,12 @@ def test_every_decode_narrows_and_prefill_never(monkeypatch: pytest.MonkeyPatch)
             new_tokens=[q_len] * rows,
             q_len=q_len,
             dtype=jnp.float32,
-            table_width=8,
+            table_width=width,
         )
 
     assert _switches(inputs(1))
     assert _switches(inputs(5))
+    assert not _switches(inputs(5, width=rw.NARROW_MIN_KEYS // 8 - 1))
     assert not _switches(inputs(3, q_len=2))
     monkeypatch.setattr(rw, "READ_WIDTHS", 1)
     assert not _switches(inputs(1))
@@ -89,12 +90,13 @@ def test_one_narrowed_row_reaches_the_next_product_flat() -> None:
     """The switch hands o_proj's one-row GEMV the attention output as the flat row it reads. Returned in
     the attention's own shape (the check builds that switch too), the GEMV read it through that shape,
     index by index, at a fraction of its speed. Same values either way."""
+    width = rw.NARROW_MIN_KEYS // 8
     inputs = make_inputs(
-        block_size=8, group=2, starts=[19], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=8
+        block_size=8, group=2, starts=[19], new_tokens=[1], q_len=1, dtype=jnp.float32, table_width=width
     )
     heads, dim = inputs["q"].shape[2:]
     weight = packed("Q8F", out=64, in_features=heads * dim)
-    widths = read_widths(8)
+    widths = read_widths(width)
 
     def unflattened(**inputs) -> jax.Array:  # the switch's branches as they were
         index = jnp.sum(jnp.asarray(widths[:-1]) < (jnp.max(inputs["context_lens"]) + 7) // 8)
