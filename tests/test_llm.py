@@ -46,7 +46,7 @@ def test_a_prefilled_answer_is_continued(llm):
 def test_batched_prompts_equal_alone(llm):
     """Each prompt's greedy tokens in a batch are its tokens alone, up to a near tie: a batch of 4 rows takes
     bfloat16 GEMMs (README, "Defaults") where one row takes f32 GEMVs, so the two may part where two tokens'
-    log-probabilities lie within NEAR_TIE of each other, each side's choice then the other's runner-up (the
+    log-probabilities lie within `near_tie` of each other, each side's choice then the other's runner-up (the
     demo's "The three primary colors are" at its 9th token: 0.013 apart alone, 0.003 in the batch)."""
     near_tie = 0.05
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)

@@ -134,7 +134,7 @@ def test_an_engine_whose_executables_are_dropped_serves_the_same_tokens(tiny, mo
     got = [[o.token_ids for o in limited.generate(p, params, use_tqdm=False)] for p in prompts]
     assert got == expected
     compiled = limited.engine.runner.compiled
-    assert compiled.dropped > 0 and len(compiled) > len(compiled.labels) - compiled.dropped > 0
+    assert compiled.dropped > 0 and len(compiled) > compiled.dropped  # some dropped, some still held
 
 
 def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):

@@ -148,6 +148,8 @@ class CompiledSteps:
             for k in drop:
                 del self._entries[k], self._recent[k]
             self.dropped += len(drop)
+        if not drop:  # nothing of these to drop (the maps are another set's, or the process's own)
+            return
         log.warning(
             "compiled steps hold %d of the %d memory maps this system allows a process "
             "(vm.max_map_count): dropped the %d least recently used, which compile again when needed",
