@@ -13,7 +13,7 @@ ms a decode step (median; and the process's CPU time a step, which contention sw
 over the rows, the ratio to the first loop, the compile seconds, the
 resident memory the compiled step added, and XLA's count of its temporary buffers. `--variant` traces
 each loop's step again under module settings read when tracing (e.g.
-`whole:pallas_kernels.read_widths.READ_WIDTHS=1`), other kernels (`f32:kernel.qmatmul=xla`) or with
+`whole:pallas_kernels.read_widths.STEPS_PER_OCTAVE=0`), other kernels (`f32:kernel.qmatmul=xla`) or with
 more step XLA options (`NAME=VALUE`; an empty value drops one), each variant's executable timed in the
 same interleaved rounds; a bare LABEL is the code as it is. `--engine-variant` builds each loop's engine
 again under module settings read while loading (e.g.
@@ -118,6 +118,11 @@ def main() -> None:
         metavar="LABEL:MODULE.ATTR=VALUE,...",
         help="each loop also as an engine loaded under these module settings (repeatable)",
     )
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        help="the engine's limit, which sets the widest block table (default: the longest --keys)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_step.json", help="JSON results file")
     args = ap.parse_args()
 
@@ -138,7 +143,7 @@ def main() -> None:
             packed=args.packed,
             max_num_seqs=most_rows,
             kv_cache_tokens=most_rows * (most_keys + 16),
-            max_model_len=most_keys,
+            max_model_len=args.max_model_len or most_keys,
             prefix_caching=False,
             layer_loop=loop,
             **more,
@@ -179,7 +184,7 @@ def main() -> None:
                 found_settings, options, chosen = variants.get(loop.rpartition(" ")[2], ([], {}, {}))
                 for module, attr, value in found_settings:
                     setattr(module, attr, value)
-                tables = np.zeros((b, runner.width(blocks, decode_rows=b)), np.int32)  # a setting may widen
+                tables = np.zeros((b, runner.width(blocks, decode=True)), np.int32)  # a setting may widen
                 tables[:, :blocks] = pages
                 inputs[loop] = (
                     tokens,

@@ -9,7 +9,7 @@ every row `--keys` long) as `bench_decode_step.py` does, then called `--calls` t
 thunks inside it) is one trace event named after its HLO instruction: the table lists the names with the
 most time, as microseconds per layer (a call's total over layers x decode steps x calls) and how many
 times a layer runs each. `--hlo` writes the optimized HLO, to read what a name computes. `--set` changes
-module settings before tracing (e.g. `pallas_kernels.read_widths.READ_WIDTHS=1`: the whole table).
+module settings before tracing (e.g. `pallas_kernels.read_widths.STEPS_PER_OCTAVE=0`: the whole table).
 Nested thunks count inside their conditional or loop too, so the column does not add up to the step.
 """
 
@@ -79,7 +79,7 @@ def main() -> None:
     batch, flags = runner.profile_batch(SamplingParams(temperature=0), args.rows, prefill=False)
     rng = np.random.default_rng(0)
     blocks = -(-(args.keys + args.steps) // runner.block_size)
-    tables = np.zeros((args.rows, runner.width(blocks, decode_rows=args.rows)), np.int32)
+    tables = np.zeros((args.rows, runner.width(blocks, decode=True)), np.int32)
     tables[:, :blocks] = rng.permutation(args.rows * blocks).reshape(args.rows, blocks)
     inputs = (
         rng.integers(0, runner.cfg.vocab_size, args.rows).astype(np.int32),

@@ -165,6 +165,16 @@ def takes_row_tiles(qmatmul_op: Callable, rows: int, fmt: str, out_in: tuple[int
     return kernel is qmatmul_xla and qmatmul.few_row_path(rows, fmt, gemm_dtype(qmatmul_op), out_in)
 
 
+def attention_cost_follows_context(kernels: Kernels, table_keys: int, *, decode: bool) -> bool:
+    """Whether the `paged_attention` implementation `kernels` choose costs, over a block table of
+    `table_keys` keys, what its rows' contexts need rather than the table's width: its own
+    `cost_follows_context` rule where it has one (the XLA and batch-invariant forms). Others (the Pallas
+    kernel, whose KV splits follow the width; a user's) are sent tables bucketed to the context."""
+    attention = resolve("paged_attention", dict(kernels.choice).get("paged_attention"))
+    rule = getattr(attention, "cost_follows_context", None)
+    return rule is not None and rule(table_keys, decode=decode)
+
+
 # A sum over the last axis (the norms' means), `fn(x) -> x.sum(-1)`.
 register("row_sum", "xla", default_on=("*",))(functools.partial(jnp.sum, axis=-1))
 register("row_sum", "invariant")(batch_invariant.tree_sum)

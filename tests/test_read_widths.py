@@ -17,13 +17,23 @@ from tests.test_paged_attention import make_inputs
 from tests.test_qmatmul_few_rows import _dot_fusion_parameters, packed
 
 
-def test_read_widths_are_even_fractions_ending_at_the_table() -> None:
-    assert read_widths(8, 8) == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert read_widths(16, 8) == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert read_widths(64, 4) == [16, 32, 48, 64]
-    assert read_widths(3, 8) == [1, 2, 3]
-    assert read_widths(16, 1) == [16]
-    assert read_widths(10, 4) == [3, 5, 8, 10]
+def test_read_widths_step_evenly_through_each_octave_to_the_table() -> None:
+    assert read_widths(8) == [2, 4, 6, 8]
+    assert read_widths(16) == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert read_widths(40) == [2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40]
+    assert read_widths(64, 2) == [2, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert read_widths(3) == [2, 3] and read_widths(1) == [1]
+    assert read_widths(16, 0) == [16]
+
+
+@pytest.mark.parametrize("width", [8, 100, 512, 2048])
+def test_a_row_reads_under_a_quarter_octave_more_than_it_needs(width: int) -> None:
+    """Whatever the table's width, a row needing n blocks reads fewer than n / 4 more (at most one more
+    below 8), so a decode over the widest table reads about what a table bucketed to its context would."""
+    widths = read_widths(width)
+    for needed in range(1, width + 1):
+        read = min(w for w in widths if w >= needed)
+        assert read - needed < max(rw.MIN_READ_STEP, needed / 4), (needed, read)
 
 
 @pytest.mark.parametrize("lengths", [[3, 20, 0, 9], [64, 1], [17]])
@@ -64,7 +74,7 @@ def _switches(inputs: dict) -> bool:
 
 def test_decodes_over_tables_of_enough_keys_narrow_and_prefill_never(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row over a table of NARROW_MIN_KEYS keys takes the width switch, as do many rows; a smaller table
-    is read whole; a prompt chunk never narrows, nor a decode with READ_WIDTHS = 1 (for benchmarks)."""
+    is read whole; a prompt chunk never narrows, nor a decode with STEPS_PER_OCTAVE = 0 (for benchmarks)."""
 
     def inputs(rows: int, q_len: int = 1, width: int = rw.NARROW_MIN_KEYS // 8) -> dict:
         return make_inputs(
@@ -81,7 +91,7 @@ def test_decodes_over_tables_of_enough_keys_narrow_and_prefill_never(monkeypatch
     assert _switches(inputs(5))
     assert not _switches(inputs(5, width=rw.NARROW_MIN_KEYS // 8 - 1))
     assert not _switches(inputs(3, q_len=2))
-    monkeypatch.setattr(rw, "READ_WIDTHS", 1)
+    monkeypatch.setattr(rw, "STEPS_PER_OCTAVE", 0)
     assert not _switches(inputs(1))
 
 

@@ -11,6 +11,7 @@ import pytest
 from jaxrs import LLM, SamplingParams
 from jaxrs.engine import runner as runner_module
 from jaxrs.engine.warmup import Warmup
+from pallas_kernels import paged_attention
 from tests.conftest import save_tiny_llama
 from tests.test_compiled_steps import FakeStep, call, compiled_with, limit_maps
 
@@ -165,29 +166,29 @@ def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):
     assert doubled.token_ids == stepped.token_ids
 
 
-def test_one_row_decodes_take_half_octave_widths(tiny, monkeypatch):
-    """A decode of one row reads its whole table (no width switch), so its tables step by half an octave;
-    several rows, and prefill, keep powers of two. The warm-up lists every such width once, the
-    half-octave ones behind the narrowest width's first shapes, and a request's tokens are those of the
-    power-of-two tables."""
-    llm = LLM(str(tiny), kv_cache_tokens=512, block_size=8, max_model_len=200, max_num_seqs=2)
-    runner = llm.engine.runner
-    assert runner.width(9, decode_rows=1) == 12 and runner.width(9, decode_rows=2) == 16
-    assert runner.width(9) == 16 and runner.width(25, decode_rows=1) == 32  # 200 tokens: 25 blocks
-    assert runner.widths(1) == [8, 12, 16, 24, 32] and runner.widths(2) == [8, 16, 32] == runner.widths()
+def test_calls_take_the_widest_table_where_the_attention_costs_the_context(tiny, monkeypatch):
+    """A decode over a table that narrows (NARROW_MIN_KEYS keys) and a prompt chunk over one of the tiled
+    form's width (TILED_MIN_KEYS) cost what their rows' contexts need whatever the table's width, so they
+    take the widest table: one compiled shape for every longer context. Smaller tables, and every table
+    under an attention without that rule, follow the context in powers of two; the tokens are the same."""
+    monkeypatch.setattr(paged_attention, "TILED_MIN_KEYS", 128)  # 16 blocks of 8
+    llm = LLM(str(tiny), kv_cache_tokens=1024, block_size=8, max_model_len=500, max_num_seqs=2)
+    runner = llm.engine.runner  # 500 tokens: 63 blocks, a 64-block table at most
+    assert [runner.width(n, decode=True) for n in (1, 8, 9, 63)] == [8, 8, 64, 64]
+    assert [runner.width(n) for n in (1, 8, 9, 16, 17, 63)] == [8, 8, 64, 64, 64, 64]
+    assert runner.widths(decode=True) == [8, 64] == runner.widths()
     calls, first = runner.warmup_calls([SamplingParams(temperature=0)])
     decodes = [c.label[:2] for c in calls if c.kind == "decode"]
-    assert (
-        sorted(decodes)
-        == sorted({*decodes})
-        == [(1, w) for w in (8, 12, 16, 24, 32)] + [(2, w) for w in (8, 16, 32)]
-    )
+    assert sorted(decodes) == sorted({*decodes}) == [(1, 8), (1, 64), (2, 8), (2, 64)]
     assert [c.label[:2] for c in calls[:first] if c.kind == "decode"] == [(1, 8)]
-    prompt = [3 + i % 11 for i in range(70)]  # 70 + 10 tokens: 10 blocks, a 12-block table
+    prompt = [3 + i % 11 for i in range(70)]  # 70 + 10 tokens: 10 blocks
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    fine = llm.generate([prompt], params, use_tqdm=False)[0]
-    assert ("decode", 1, 12) in {c[:3] for c in runner.shapes}
-    monkeypatch.setattr(runner_module, "FINE_WIDTH_ROWS", 0)  # powers of two only, as before
-    doubled = llm.generate([prompt], params, use_tqdm=False)[0]
+    widest = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert {("prefill", 1, 128, 64), ("decode", 1, 64)} <= {
+        c[:4] if c[0] == "prefill" else c[:3] for c in runner.shapes
+    }
+    monkeypatch.setattr(runner_module, "attention_cost_follows_context", lambda *a, **k: False)
+    assert runner.widths(decode=True) == [8, 16, 32, 64] == runner.widths()
+    bucketed = llm.generate([prompt], params, use_tqdm=False)[0]
     assert ("decode", 1, 16) in {c[:3] for c in runner.shapes}
-    assert doubled.token_ids == fine.token_ids
+    assert bucketed.token_ids == widest.token_ids

@@ -75,7 +75,7 @@ def masked_warmup_calls(runner: ModelRunner, profiles: list[SamplingParams]) -> 
     calls = []
     for b in runner.buckets()[1]:
         zeros, lora = np.zeros(b, np.int32), runner._lora_slots([], b)
-        for w in runner.widths(b):
+        for w in runner.widths(decode=True):
             tables = np.zeros((b, w), np.int32)
             calls.append(logits_call(runner, zeros, zeros, tables, np.zeros(b, bool), lora))
         calls += [sample_call(runner, *runner.profile_batch(p, b, prefill=False)) for p in profiles]

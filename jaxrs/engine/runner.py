@@ -37,29 +37,22 @@ from jaxrs.errors import JaxrsError
 from jaxrs.lora.weight import bind_slots
 from jaxrs.models.decoder import merge
 from jaxrs.models.layers import AttentionMetadata, KVCache, allocate_kv_cache
-from jaxrs.ops import Kernels
+from jaxrs.ops import Kernels, attention_cost_follows_context
 from jaxrs.parallel.shardings import kv_sharding, pin_step_outputs
 from jaxrs.structured.mask import all_allowed
 from jaxrs.structured.state import token_masks
 from jaxrs.vision.prompt import chunk_embeds
 from pallas_kernels import qmatmul
-from pallas_kernels.shapes import next_half_octave, next_power_of_2
+from pallas_kernels.shapes import next_power_of_2
 
 log = logging.getLogger("jaxrs")
 
-# Fewest blocks in a block-table width bucket. The XLA attention reads every key of the bucket, so short
-# sequences pay for this many, while each width below is one more compiled shape per batch bucket. 8 gave
+# Fewest blocks in a block-table width bucket. A dense attention (a short prompt chunk's; any attention
+# without `cost_follows_context`) reads every key of the bucket, so short sequences pay for this many,
+# while each width below is one more compiled shape per batch bucket. 8 gave
 # 32 short streams most of what 4 gives, at one width fewer (bench/RESULTS.md, "CPU decode, third round:
 # attention").
 MIN_WIDTH = 8
-
-# A decode of fewer rows than this takes block tables whose width buckets step by half an octave (8, 12,
-# 16, 24, 32, 48, ...) rather than doubling. Chosen while one row read its whole table (its attention then
-# cost the table's width: the demo's one-row step at 512-640 keys read a 768-key table instead of 1,024,
-# 0.92-0.99x the time; bench/RESULTS.md, "Down_proj's input computed once, and one decode row's tables by
-# half octaves"); it now reads the narrowest eighth of the table its row needs (`read_widths`), so the finer
-# buckets save at most a sixteenth of the keys, for one more compiled width per octave.
-FINE_WIDTH_ROWS = 2
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
 # Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 112-116 (bench/RESULTS.md, "A few-row
@@ -332,12 +325,16 @@ class ModelRunner:
         self.kv, self.params = None, None  # type: ignore[assignment]
 
     # -- shapes ---------------------------------------------------------------------------------------
-    def width(self, num_blocks: int, decode_rows: int | None = None) -> int:
-        """Block-table width bucket (at least MIN_WIDTH blocks, at most what max_model_len needs); a
-        decode call of `decode_rows` (bucketed) rows below `FINE_WIDTH_ROWS` takes the finer buckets."""
-        fine = decode_rows is not None and decode_rows < FINE_WIDTH_ROWS
-        rounded = next_half_octave if fine else bucket
-        return min(rounded(num_blocks, MIN_WIDTH), rounded(-(-self.max_model_len // self.block_size)))
+    def width(self, num_blocks: int, decode: bool = False) -> int:
+        """Block-table width of a call whose longest row holds `num_blocks` blocks: the widest table
+        (what max_model_len needs, as a power of two) where the attention then costs what the rows'
+        contexts need all the same (`ops.attention_cost_follows_context`: a decode that reads only
+        the columns its rows need, a prompt chunk in the tiled form), so one compiled shape serves
+        every context length; else the power-of-two bucket of `num_blocks` (at least MIN_WIDTH)."""
+        widest = bucket(-(-self.max_model_len // self.block_size))
+        width = min(bucket(num_blocks, MIN_WIDTH), widest)
+        follows = attention_cost_follows_context(self.kernels, width * self.block_size, decode=decode)
+        return widest if follows else width
 
     def rows(self, n: int) -> int:
         """Batch-rows bucket of a call serving n sequences: a power of two, except that on CPU up to
@@ -434,7 +431,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence], num_steps: int) -> SampleOutput:
         """`num_steps` tokens for each sequence; arrays come back as [num_steps, len(seqs), ...]."""
         b = self.rows(len(seqs))
-        w = self.width(max(len(s.table.blocks) for s in seqs), decode_rows=b)
+        w = self.width(max(len(s.table.blocks) for s in seqs), decode=True)
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
         tables = np.zeros((b, w), np.int32)
@@ -551,7 +548,8 @@ class ModelRunner:
         # Profiles that compile to the same step (see `step_flags`) are warmed once.
         decode_profiles = self.decode_profiles(profiles)
         prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
-        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in self.widths(b)]
+        decode_widths = self.widths(decode=True)
+        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in decode_widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
             for p in prefill_profiles.values()
@@ -562,10 +560,10 @@ class ModelRunner:
             and (b == 1 or self.shares_prefill_calls(t, w))
         ]
 
-        def distance(shape: tuple) -> int:  # doublings away from one row, narrowest width, short chunk
-            w, b, t, _ = shape  # a half-octave width counts as the power of two above it
+        def distance(shape: tuple) -> int:  # steps away from one row, narrowest width, short chunk
+            w, b, t, _ = shape  # a width by its rank among its kind's widths; rows, chunks by doublings
             return (
-                (-(-w // widths[0]) - 1).bit_length()
+                (decode_widths if t == 0 else widths).index(w)
                 + b.bit_length()
                 + (max(t, MAX_BATCHED_CHUNK) // MAX_BATCHED_CHUNK).bit_length()
                 - 2
@@ -580,11 +578,10 @@ class ModelRunner:
         """Every block-table width bucket of a prefill and every batch-rows bucket this runner can meet."""
         return self.widths(), sorted({self.rows(b) for b in range(1, self.max_num_seqs + 1)})
 
-    def widths(self, decode_rows: int | None = None) -> list[int]:
-        """Every block-table width bucket of a prefill, or of a decode call of `decode_rows` (bucketed)
-        rows (`width`)."""
+    def widths(self, decode: bool = False) -> list[int]:
+        """Every block-table width of a prefill or a decode call (`width`)."""
         most = -(-self.max_model_len // self.block_size)
-        return sorted({self.width(n, decode_rows) for n in range(1, most + 1)})
+        return sorted({self.width(n, decode) for n in range(1, most + 1)})
 
     def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
         """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""

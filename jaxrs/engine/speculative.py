@@ -250,9 +250,7 @@ class Speculator:
         """Every verify and draft shape (each batch bucket and block-table width, per sampling profile)
         and the draft's prefill shapes: the calls speculation adds to the engine's warm-up."""
         target, k = self.target, self.k
-        widths = sorted(
-            {target.width(n) for n in range(1, -(-target.max_model_len // target.block_size) + 1)}
-        )
+        widths = target.widths()
         batches = sorted({target.rows(n) for n in range(1, target.max_num_seqs + 1)})
         calls = []
         for params in profiles:
