@@ -168,10 +168,12 @@ def test_long_chunks_pad_to_multiples_of_the_chunk_step(tiny, monkeypatch):
 
 def test_calls_take_the_widest_table_where_the_attention_costs_the_context(tiny, monkeypatch):
     """A decode over a table that narrows (NARROW_MIN_KEYS keys) and a prompt chunk over one of the tiled
-    form's width (TILED_MIN_KEYS) cost what their rows' contexts need whatever the table's width, so they
-    take the widest table: one compiled shape for every longer context. Smaller tables, and every table
-    under an attention without that rule, follow the context in powers of two; the tokens are the same."""
+    form's width (TILED_MIN_KEYS) cost what their rows' contexts need whatever the table's width, so from
+    WIDEST_FROM_KEYS they take the widest table: one compiled shape for every longer context. Smaller
+    tables, and every table under an attention without that rule, follow the context in powers of two;
+    the tokens are the same."""
     monkeypatch.setattr(paged_attention, "TILED_MIN_KEYS", 128)  # 16 blocks of 8
+    monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 128)
     llm = LLM(str(tiny), kv_cache_tokens=1024, block_size=8, max_model_len=500, max_num_seqs=2)
     runner = llm.engine.runner  # 500 tokens: 63 blocks, a 64-block table at most
     assert [runner.width(n, decode=True) for n in (1, 8, 9, 63)] == [8, 8, 64, 64]
@@ -187,6 +189,9 @@ def test_calls_take_the_widest_table_where_the_attention_costs_the_context(tiny,
     assert {("prefill", 1, 128, 64), ("decode", 1, 64)} <= {
         c[:4] if c[0] == "prefill" else c[:3] for c in runner.shapes
     }
+    monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 512)  # the default: a 64-block table only
+    assert runner.widths(decode=True) == [8, 16, 32, 64] == runner.widths()
+    monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 128)
     monkeypatch.setattr(runner_module, "attention_cost_follows_context", lambda *a, **k: False)
     assert runner.widths(decode=True) == [8, 16, 32, 64] == runner.widths()
     bucketed = llm.generate([prompt], params, use_tqdm=False)[0]

@@ -54,6 +54,13 @@ log = logging.getLogger("jaxrs")
 # attention").
 MIN_WIDTH = 8
 
+# A call whose table bucket holds fewer keys than this keeps its bucket even where the attention's cost
+# follows the context (`width`): such a table is cheap to read whole or at a few widths, while the widest
+# table's decode switch holds up to 36 attentions (`read_widths`), seconds of compile time and MiB of code
+# a compiled step; short contexts, and the test suite's tiny models, then compile the few-width steps. The
+# tiled prefill's threshold (`paged_attention.TILED_MIN_KEYS`) too, so a prefill's widths are unchanged.
+WIDEST_FROM_KEYS = 512
+
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
 # Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 112-116 (bench/RESULTS.md, "A few-row
 # GEMV reading a reshaped row"), at one more decode shape per table width to compile.
@@ -326,15 +333,18 @@ class ModelRunner:
 
     # -- shapes ---------------------------------------------------------------------------------------
     def width(self, num_blocks: int, decode: bool = False) -> int:
-        """Block-table width of a call whose longest row holds `num_blocks` blocks: the widest table
+        """Block-table width of a call whose longest row holds `num_blocks` blocks: the power-of-two
+        bucket of `num_blocks` (at least MIN_WIDTH); from `WIDEST_FROM_KEYS` keys, the widest table
         (what max_model_len needs, as a power of two) where the attention then costs what the rows'
-        contexts need all the same (`ops.attention_cost_follows_context`: a decode that reads only
-        the columns its rows need, a prompt chunk in the tiled form), so one compiled shape serves
-        every context length; else the power-of-two bucket of `num_blocks` (at least MIN_WIDTH)."""
+        contexts need all the same (`ops.attention_cost_follows_context`: a decode that reads only the
+        columns its rows need, a prompt chunk in the tiled form), so one compiled shape serves every
+        longer context."""
         widest = bucket(-(-self.max_model_len // self.block_size))
         width = min(bucket(num_blocks, MIN_WIDTH), widest)
-        follows = attention_cost_follows_context(self.kernels, width * self.block_size, decode=decode)
-        return widest if follows else width
+        keys = width * self.block_size
+        if keys < WIDEST_FROM_KEYS or not attention_cost_follows_context(self.kernels, keys, decode=decode):
+            return width
+        return widest
 
     def rows(self, n: int) -> int:
         """Batch-rows bucket of a call serving n sequences: a power of two, except that on CPU up to
@@ -536,9 +546,10 @@ class ModelRunner:
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
         """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
         first, and how many of them a server compiles before it answers: one row at the narrowest width
-        (decode for each profile, prefill at the chunks short prompts take). The rest follow by their
-        distance from those, one doubling of rows, width or chunk per step, so a growing sequence and a
-        second user both find their shapes early, and the large rare ones come last.
+        of its kind (decode for each profile, prefill at the chunks short prompts take). The rest follow
+        by their distance from those, one width (the next of its kind), doubling of rows or of chunk per
+        step, so a growing sequence and a second user both find their shapes early, and the large rare
+        ones come last.
 
         Dummy rows write nothing to the cache. Rarer variants (penalties, logit bias, top logprobs)
         compile on first use, and are logged.
