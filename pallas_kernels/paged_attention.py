@@ -125,8 +125,8 @@ def paged_attention_xla(
 def cost_follows_context(table_keys: int, *, decode: bool) -> bool:
     """Whether `paged_attention_xla` over a block table of `table_keys` keys costs what its rows' contexts
     need whatever the table's width: a decode that narrows (`read_widths`) or a prompt chunk that takes
-    the tiled form. The engine then sends such calls its widest table, one compiled shape for every
-    context length (`jaxrs.engine.runner.ModelRunner.width`)."""
+    the tiled form. The engine sends such calls over longer contexts its widest table, one compiled
+    shape for all of them (`jaxrs.engine.runner.ModelRunner.width`)."""
     return narrows(table_keys) if decode else table_keys >= TILED_MIN_KEYS
 
 

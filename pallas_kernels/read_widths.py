@@ -5,9 +5,9 @@ the dots: a row of 136 keys in a 16-block table (256 keys) would gather nearly t
 Those gathers were a tenth (packed) to a fifth (f32) of a 32-row demo step (bench/RESULTS.md, "CPU
 decode, seventh round"). Here the table is cut, each step, to the narrowest of a few static widths that
 covers the longest row: a `lax.switch` over the same attention at each width, so nothing is compiled
-per context length (the engine sends every decode the widest table), the keys past a row's context
-stay masked as before, and the result is the whole table's (the columns dropped hold no key any row
-sees).
+per context length (from 512 keys the engine sends a decode its widest table), the keys past a row's
+context stay masked as before, and the result is the whole table's (the columns dropped hold no key any
+row sees).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from jax import lax
 # How many widths a table is read at per octave of its width, at least MIN_READ_STEP blocks apart: a row
 # needing n blocks reads under a quarter of an octave more (at most 25% more keys, about 12% on average),
 # the granularity that eight even fractions of a power-of-two table gave in its top octave, now for a table
-# of any width, so the engine sends every decode its widest table (`runner.ModelRunner.width`) and compiles
-# no decode shape per context length. Each width is one more attention in the step's switch, about 0.2 s of
-# compile time and 1 MiB of resident code a compiled step (bench/RESULTS.md, "One decode width"). 0 reads
-# whole tables. Read when tracing, so a benchmark may set it between compiles.
+# of any width, so the engine sends a decode over a long context its widest table (`runner.WIDEST_FROM_KEYS`)
+# and compiles no decode shape per context length. Each width is one more attention in the step's switch,
+# about 0.2 s of compile time and 1 MiB of resident code a compiled step (bench/RESULTS.md, "One decode width
+# from 512 keys"). 0 reads whole tables. Read when tracing, so a benchmark may set it between compiles.
 STEPS_PER_OCTAVE = 4
 # Two blocks (32 keys at the default block size) at least between widths: finer steps over a short context
 # save a few keys for one more branch each.

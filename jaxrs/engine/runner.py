@@ -57,8 +57,9 @@ MIN_WIDTH = 8
 # A call whose table bucket holds fewer keys than this keeps its bucket even where the attention's cost
 # follows the context (`width`): such a table is cheap to read whole or at a few widths, while the widest
 # table's decode switch holds up to 36 attentions (`read_widths`), seconds of compile time and MiB of code
-# a compiled step; short contexts, and the test suite's tiny models, then compile the few-width steps. The
-# tiled prefill's threshold (`paged_attention.TILED_MIN_KEYS`) too, so a prefill's widths are unchanged.
+# a compiled step; short contexts, and the test suite's tiny models, then compile the few-width steps (every
+# decode on the widest table took the suite 28 minutes instead of 16: bench/RESULTS.md, "One decode width
+# from 512 keys"). The tiled prefill's threshold (`paged_attention.TILED_MIN_KEYS`) too.
 WIDEST_FROM_KEYS = 512
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
