@@ -3,7 +3,7 @@ half-octave one of a one-row decode's block tables."""
 
 from __future__ import annotations
 
-from pallas_kernels.shapes import MIN_DOT_DIM, next_half_octave, next_power_of_2
+from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 
 
 def test_rounds_up_to_a_power_of_two():
@@ -15,12 +15,3 @@ def test_minimum_and_empty_sizes():
     assert next_power_of_2(3, MIN_DOT_DIM) == 16 and next_power_of_2(17, MIN_DOT_DIM) == 32
     assert next_power_of_2(5, 8) == 8 and next_power_of_2(0, 4) == 4
     assert next_power_of_2(0) == 1 and next_power_of_2(-3) == 1
-
-
-def test_half_octaves_between_the_powers_of_two():
-    assert [next_half_octave(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    sizes = (1, 8, 9, 13, 17, 25, 33, 48, 49)
-    assert [next_half_octave(n, 8) for n in sizes] == [8, 8, 12, 16, 24, 32, 48, 48, 64]
-    for n in range(1, 3000):
-        rounded = next_half_octave(n)
-        assert n <= rounded <= next_power_of_2(n) and rounded < 1.5 * n + 1
