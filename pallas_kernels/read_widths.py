@@ -36,8 +36,8 @@ MIN_READ_STEP = 2
 # head_dim]`), the shape o_proj reads, and the demo's one-row step took 0.89-0.96x the time at 40-520 keys
 # narrowed (128- to 768-key tables), its 2-8-row steps 0.88x over 128-key tables and 0.94-1.02x over
 # 256-key ones; Gemma-3-270M's and Qwen2.5-0.5B's 0.97-1.03x (bench/RESULTS.md, "One decode row reads only
-# the keys it needs"). Smaller tables, which only small test models' limits give, are read whole: a switch
-# of attentions multiplies a decode step's compile time.
+# the keys it needs"). Smaller tables (the narrowest bucket at block size 8, small test models' limits) are
+# read whole: a switch of attentions multiplies a decode step's compile time.
 NARROW_MIN_KEYS = 128
 
 

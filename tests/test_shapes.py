@@ -1,5 +1,4 @@
-"""Power-of-two sizes: the one rounding the kernels' tiles and the engine's padded shapes share; and the
-half-octave one of a one-row decode's block tables."""
+"""Power-of-two sizes: the one rounding the kernels' tiles and the engine's padded shapes share."""
 
 from __future__ import annotations
 
