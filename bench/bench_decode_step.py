@@ -170,7 +170,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.rows:
-        batch, flags = first.profile_batch(SamplingParams(temperature=0), b, prefill=False)
+        batch, flags = first.profile_batch(SamplingParams(temperature=0), b)
         for keys in args.keys:
             blocks = -(-(keys + args.steps) // first.block_size)
             pages = rng.permutation(b * blocks).reshape(b, blocks)

@@ -73,7 +73,7 @@ def main() -> None:
     rows, results = [], []
     for tokens in args.tokens:
         prompt = rng.integers(0, runner.cfg.vocab_size, tokens)
-        batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1, prefill=True)
+        batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1)
         calls, inputs, checks, times, padded = {}, {}, {}, {}, {}
         for label, (found, options, chosen) in variants.items():
             runner = runners[label]

@@ -168,7 +168,7 @@ def sampler_cost(rows: int, vocab: int, repeats: int = 20) -> dict[str, float]:
     batch, flags = build_sampling_batch(
         params, list(range(rows)), [0] * rows, [[0]] * rows, [[]] * rows, rows, vocab
     )
-    flags = step_flags(flags, prefill=False)
+    flags = step_flags(flags)
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(rows, vocab)), jnp.float32)
     run = jax.jit(sample, static_argnames="flags")
     out = {}

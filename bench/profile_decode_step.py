@@ -76,7 +76,7 @@ def main() -> None:
         layer_loop="scan",
     )
     runner = llm.engine.runner
-    batch, flags = runner.profile_batch(SamplingParams(temperature=0), args.rows, prefill=False)
+    batch, flags = runner.profile_batch(SamplingParams(temperature=0), args.rows)
     rng = np.random.default_rng(0)
     blocks = -(-(args.keys + args.steps) // runner.block_size)
     tables = np.zeros((args.rows, runner.width(blocks, decode=True)), np.int32)

@@ -131,7 +131,7 @@ def test_mixed_layer_kinds_leave_o_proj_in_its_stack(tmp_path, monkeypatch):
     layer_copy = re.compile(r"s8\[{},{}\]".format(*o_proj.out_in))
 
     def one_row_step() -> str:
-        batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1, prefill=False)
+        batch, flags = runner.profile_batch(SamplingParams(temperature=0), 1)
         zeros, tables = np.zeros(1, np.int32), np.zeros((1, runner.width(1, decode=True)), np.int32)
         inputs = (zeros, zeros, tables, np.ones(1, bool), batch, np.int32(1))
         statics = dict(cfg=runner.cfg, kernels=runner.kernels, flags=flags, max_steps=1)

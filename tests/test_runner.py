@@ -54,7 +54,7 @@ def test_steps_lower_for_cuda_with_compiled_kernels(name, tmp_path, monkeypatch)
     params, kv = abstract(runner.params), abstract(runner.kv)
     rows, width, chunk = 4, runner.width(8), 16
 
-    batch, flags = runner.profile_batch(SamplingParams(temperature=0.7, top_p=0.9), rows, prefill=False)
+    batch, flags = runner.profile_batch(SamplingParams(temperature=0.7, top_p=0.9), rows)
     call = dict(cfg=runner.cfg, kernels=runner.kernels, flags=flags)
     zeros = np.zeros(rows, np.int32)
     decode = runner.steps.decode.trace(
@@ -62,7 +62,7 @@ def test_steps_lower_for_cuda_with_compiled_kernels(name, tmp_path, monkeypatch)
         max_steps=2,
         **call,
     )  # fmt: skip
-    batch, call["flags"] = runner.profile_batch(SamplingParams(temperature=0), rows, prefill=True)
+    batch, call["flags"] = runner.profile_batch(SamplingParams(temperature=0), rows)
     tokens, meta = np.zeros((rows, chunk), np.int32), runner._metadata([], rows, chunk, width)
     prefill = runner.steps.prefill.trace(params, kv, tokens, meta, zeros, batch, **call)
     for traced in (decode, prefill):

@@ -138,6 +138,27 @@ def test_draws_stay_in_the_reference_support_and_greedy_is_the_reference_argmax(
             assert set(tokens.tolist()) == kept, f"row {i}"
 
 
+def test_sampled_flags_serve_greedy_batches_with_the_greedy_samplers_outputs(case):
+    """One compiled step serves greedy and sampled batches (`runner.step_flags`): under sampled flags an
+    all-greedy batch gives exactly what the greedy flags give, penalties and logprobs included, and a
+    batch with one sampled row still draws it."""
+    logits = case[0][:2]
+    greedy = [SamplingParams(temperature=0, logprobs=3), ROWS[1]]
+    batch, flags = make(greedy, prompts=case[1][:2], outputs=case[2][:2], batch=2)
+    assert flags.all_greedy
+    as_sampled = dataclasses.replace(flags, all_greedy=False, filters=True)
+    got, want = _sample(logits, batch, as_sampled), _sample(logits, batch, flags)
+    for name in SampleOutput._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    jaxpr = str(jax.make_jaxpr(lambda x: sample(x, batch, as_sampled))(logits))
+    assert "cond[" in jaxpr and "cond[" not in str(jax.make_jaxpr(lambda x: sample(x, batch, flags))(logits))
+
+    hot = SamplingParams(temperature=50.0)  # near uniform: 64 seeds draw more than one token
+    batch, flags = make([hot] * 64, seeds=list(range(64)), batch=64)
+    tokens = np.asarray(_sample(np.repeat(logits[:1], 64, 0), batch, flags).tokens)
+    assert len(set(tokens.tolist())) > 1
+
+
 def test_a_seeded_draw_does_not_depend_on_the_batch(case):
     logits, prompts, outputs = case
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)

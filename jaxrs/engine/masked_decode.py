@@ -61,7 +61,7 @@ def masked_decode(
     """One token for each of `seqs` (some constrained): the forward dispatched, then the masks filled
     while it runs, then the sampler. Arrays come back as [1, len(seqs), ...], as `decode`'s do."""
     runner._run(logits_call(runner, tokens, positions, tables, valid, lora), lambda logits: logits)
-    batch, flags = runner._sampling(seqs, len(tokens), prefill=False, masks=False)
+    batch, flags = runner._sampling(seqs, len(tokens), masks=False)
     fill_token_masks([s.grammar for s in seqs], batch["token_mask"])
     rows = len(seqs)
     return runner._run(
@@ -78,5 +78,5 @@ def masked_warmup_calls(runner: ModelRunner, profiles: list[SamplingParams]) -> 
         for w in runner.widths(decode=True):
             tables = np.zeros((b, w), np.int32)
             calls.append(logits_call(runner, zeros, zeros, tables, np.zeros(b, bool), lora))
-        calls += [sample_call(runner, *runner.profile_batch(p, b, prefill=False)) for p in profiles]
+        calls += [sample_call(runner, *runner.profile_batch(p, b)) for p in profiles]
     return calls

@@ -57,10 +57,13 @@ MIN_WIDTH = 8
 # A call whose table bucket holds fewer keys than this keeps its bucket even where the attention's cost
 # follows the context (`width`): such a table is cheap to read whole or at a few widths, while the widest
 # table's decode switch holds up to 36 attentions (`read_widths`), seconds of compile time and MiB of code
-# a compiled step; short contexts, and the test suite's tiny models, then compile the few-width steps (every
-# decode on the widest table took the suite 28 minutes instead of 16: bench/RESULTS.md, "One decode width
-# from 512 keys"). The tiled prefill's threshold (`paged_attention.TILED_MIN_KEYS`) too.
-WIDEST_FROM_KEYS = 512
+# a compiled step; the shortest contexts, and the test suite's tiny models, then compile the few-width
+# steps (every decode on the widest table took the suite 28 minutes instead of 16: bench/RESULTS.md, "One
+# decode width from 512 keys"). From 256 keys a decode reads the widest table at the same widths a
+# 16-block table's switch would (2, 4, ..., 16 blocks), so that bucket is one compiled shape per rows
+# bucket the widest already covers (bench/RESULTS.md, "Greedy and sampled in one step"). A prompt chunk
+# takes the widest from the tiled form's threshold (`paged_attention.TILED_MIN_KEYS`, 512).
+WIDEST_FROM_KEYS = 256
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
 # Qwen2.5-0.5B's 3-row decode step takes 62 ms against the 4-row step's 112-116 (bench/RESULTS.md, "A few-row
@@ -89,14 +92,15 @@ CHUNK_STEP = 256
 STEP_XLA_OPTIONS: dict[str, dict[str, str]] = {"cpu": {"xla_cpu_prefer_vector_width": "512"}}
 
 
-def step_flags(flags: SamplingFlags, *, prefill: bool) -> SamplingFlags:
-    """Fewer sampler variants, so fewer compiled steps: a sampled batch always takes the filter path
-    (exact with top-k/top-p/min-p off, a little dearer on CPU: bench/RESULTS.md, "Sampler cost on CPU"),
-    and a prefill step, whose one sample
-    is cheap next to the prompt, always takes the sampled path (greedy rows still take the argmax)."""
-    if prefill:
-        return dataclasses.replace(flags, all_greedy=False, filters=True)
-    return flags if flags.all_greedy else dataclasses.replace(flags, filters=True)
+def step_flags(flags: SamplingFlags, *, greedy_apart: bool = False) -> SamplingFlags:
+    """Fewer sampler variants, so fewer compiled steps: every batch takes the sampled path with the
+    filters (exact with top-k/top-p/min-p off, a little dearer on CPU: bench/RESULTS.md, "Sampler cost
+    on CPU"), whose sampler takes the argmax alone when no row samples (`sampling.sample`), so greedy
+    and sampled batches share one executable. `greedy_apart`: an all-greedy batch keeps its own (the
+    speculative steps, whose arrays are shaped by it)."""
+    if greedy_apart and flags.all_greedy:
+        return flags
+    return dataclasses.replace(flags, all_greedy=False, filters=True)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -382,9 +386,7 @@ class ModelRunner:
         self.device_seconds += time.perf_counter() - began
         return out
 
-    def _sampling(
-        self, seqs: Seq[Sequence], batch: int, *, prefill: bool, masks: bool = True
-    ) -> tuple[dict, SamplingFlags]:
+    def _sampling(self, seqs: Seq[Sequence], batch: int, *, masks: bool = True) -> tuple[dict, SamplingFlags]:
         """The sampler's inputs; the token masks all ones unless `masks` (then filled from the grammars)."""
         arrays, flags = build_sampling_batch(
             [s.params for s in seqs],
@@ -397,7 +399,7 @@ class ModelRunner:
         )
         grammars = [s.grammar for s in seqs] if masks else []
         arrays["token_mask"] = token_masks(grammars, batch, self.cfg.vocab_size)
-        return arrays, step_flags(flags, prefill=prefill)
+        return arrays, step_flags(flags)
 
     def _lora_slots(self, seqs: Seq[Sequence], batch: int) -> np.ndarray | None:
         """Each row's adapter slot (-1: none, and padding rows), when adapters are served."""
@@ -433,7 +435,7 @@ class ModelRunner:
         )
         last = np.zeros(b, np.int32)
         last[:rows] = [end - start - 1 for _, start, end in chunks]
-        batch, flags = self._sampling([seq for seq, _, _ in chunks], b, prefill=True)
+        batch, flags = self._sampling([seq for seq, _, _ in chunks], b)
         embeds = chunk_embeds(chunks, b, t, self.cfg.hidden_size)
         lora = self._lora_slots([seq for seq, _, _ in chunks], b)
         call = self.prefill_call(tokens, meta, last, batch, flags, lora, embeds)
@@ -455,7 +457,7 @@ class ModelRunner:
             if num_steps != 1:
                 raise ValueError(f"constrained rows decode one token per call, not {num_steps}")
             return masked_decode(self, seqs, tokens, positions, tables, valid, lora)
-        batch, flags = self._sampling(seqs, b, prefill=False)
+        batch, flags = self._sampling(seqs, b)
         call = self.decode_call(tokens, positions, tables, valid, batch, flags, num_steps, lora)
         return self._run(
             call, lambda out: jax.tree.map(lambda a: np.asarray(a)[:num_steps, : len(seqs)], out)
@@ -533,16 +535,17 @@ class ModelRunner:
 
     # -- warm-up --------------------------------------------------------------------------------------
     def profile_batch(
-        self, params: SamplingParams, rows: int, *, prefill: bool
+        self, params: SamplingParams, rows: int, *, greedy_apart: bool = False
     ) -> tuple[dict, SamplingFlags]:
         """Sampling arrays and step flags for `rows` placeholder rows sampled with `params`: what warm-up
-        (and a benchmark of the bare steps) passes where sequences would be."""
+        (and a benchmark of the bare steps) passes where sequences would be; `greedy_apart` as in
+        `step_flags`."""
         zeros = [0] * rows
         arrays, flags = build_sampling_batch(
             [params] * rows, zeros, zeros, [[0]] * rows, [[]] * rows, rows, self.cfg.vocab_size
         )
         arrays["token_mask"] = all_allowed(rows, self.cfg.vocab_size)
-        return arrays, step_flags(flags, prefill=prefill)
+        return arrays, step_flags(flags, greedy_apart=greedy_apart)
 
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
         """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
@@ -557,14 +560,12 @@ class ModelRunner:
         """
         widths, batches = self.buckets()
         chunks = sorted({self.chunk_len(n) for n in range(1, self.max_chunk + 1)})
-        # Profiles that compile to the same step (see `step_flags`) are warmed once.
-        decode_profiles = self.decode_profiles(profiles)
-        prefill_profiles = {self.profile_batch(p, 1, prefill=True)[1]: p for p in profiles}
+        profiles = self.step_profiles(profiles)  # those compiling to one step (`step_flags`) warm once
         decode_widths = self.widths(decode=True)
-        work = [(w, b, 0, p) for p in decode_profiles for b in batches for w in decode_widths]
+        work = [(w, b, 0, p) for p in profiles for b in batches for w in decode_widths]
         work += [  # one row at every chunk and width; several rows at the short chunks' narrowest width
             (w, b, t, p)
-            for p in prefill_profiles.values()
+            for p in profiles
             for t in chunks
             for w in widths
             for b in batches
@@ -595,9 +596,9 @@ class ModelRunner:
         most = -(-self.max_model_len // self.block_size)
         return sorted({self.width(n, decode) for n in range(1, most + 1)})
 
-    def decode_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
-        """One of `profiles` per distinct compiled decode sampler (see `step_flags`)."""
-        return list({self.profile_batch(p, 1, prefill=False)[1]: p for p in profiles}.values())
+    def step_profiles(self, profiles: Seq[SamplingParams]) -> list[SamplingParams]:
+        """One of `profiles` per distinct compiled sampler (see `step_flags`: greedy and sampled share)."""
+        return list({self.profile_batch(p, 1)[1]: p for p in profiles}.values())
 
     def warm_masked_steps(self) -> None:
         """Compile the constrained batches' steps (`masked_decode`) in a background thread, once, if this
@@ -605,13 +606,13 @@ class ModelRunner:
         constrains compiles none of them."""
         if self.warmed is None or self.masked_warming is not None or not self.overlap_masks:
             return
-        calls = masked_warmup_calls(self, self.decode_profiles(self.warmed["profiles"]))
+        calls = masked_warmup_calls(self, self.step_profiles(self.warmed["profiles"]))
         self.masked_warming = Warmup(self.compiled, calls, first=0)
         self.masked_warming.run(background=True)
 
     def _warmup_call(self, w: int, b: int, t: int, params: SamplingParams) -> StepCall:
         """Decode (t = 0) or prefill of t tokens, b padding rows with w-block tables, sampled as `params`."""
-        batch, flags = self.profile_batch(params, b, prefill=t > 0)
+        batch, flags = self.profile_batch(params, b)
         zeros = np.zeros(b, np.int32)
         if not t:
             tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)

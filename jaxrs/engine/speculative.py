@@ -256,7 +256,7 @@ class Speculator:
         for params in profiles:
             for b in batches:
                 for w in widths:
-                    batch, flags = target.profile_batch(params, b * (k + 1), prefill=False)
+                    batch, flags = target.profile_batch(params, b * (k + 1), greedy_apart=True)
                     batch.pop("token_mask")  # constrained rows never speculate: these steps take no mask
                     zeros = np.zeros(b, np.int32)
                     q = jnp.zeros(
@@ -272,7 +272,7 @@ class Speculator:
                     )
                     if self.draft is None:
                         continue
-                    arrays, flags = self.draft.profile_batch(params, b, prefill=False)
+                    arrays, flags = self.draft.profile_batch(params, b, greedy_apart=True)
                     arrays.pop("token_mask")
                     flags = dataclasses.replace(flags, top_logprobs=0)
                     tables, valid = np.zeros((b, w), np.int32), np.zeros(b, bool)
@@ -403,7 +403,7 @@ class Speculator:
             b,
             self.target.cfg.vocab_size,
         )
-        flags = dataclasses.replace(step_flags(flags, prefill=False), top_logprobs=0)
+        flags = dataclasses.replace(step_flags(flags, greedy_apart=True), top_logprobs=0)
         history_len = np.zeros(b, np.int32)
         history_len[: len(seqs)] = [len(s.output_ids) for s in seqs]
         call = StepCall(
@@ -440,4 +440,4 @@ class Speculator:
         arrays, flags = build_sampling_batch(
             params, seeds, steps, prompts, outputs, b * t, self.target.cfg.vocab_size
         )
-        return arrays, step_flags(flags, prefill=False)
+        return arrays, step_flags(flags, greedy_apart=True)
