@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.shapes import next_power_of_2
+
+# `jax.experimental.pallas.triton` (GPU compiler parameters, masked loads) is imported by the functions
+# that use it: its MLIR dialects cost every process about 5 MiB of resident memory, GPU or not.
 
 
 def _token_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
@@ -58,6 +60,8 @@ def lora_xla(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.
 
 def _shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, in_features: int, rank: int, block_k: int):
     """h[t] = A[slot(t)] @ x[t] over `in` in steps of `block_k` (masked at the edge)."""
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     t = pl.program_id(0)
     slot = slots_ref[t]
     safe = jnp.maximum(slot, 0)
@@ -75,6 +79,8 @@ def _shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, in_features: int, rank: in
 
 def _expand_kernel(slots_ref, h_ref, b_ref, y_ref, *, out_features: int, block_o: int):
     """y[t, block j] = B[slot(t)][block j] @ h[t] (masked at the edge of `out`)."""
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     t, j = pl.program_id(0), pl.program_id(1)
     slot = slots_ref[t]
     rows = j * block_o + jnp.arange(block_o)
@@ -105,6 +111,8 @@ def lora_pallas(
     """Pallas shrink then expand, with the semantics of `lora_xla`. The stacks are read in place (masked
     loads at the edges of `in` and `out`); a rank that is not a power of two is padded with zeros (the
     engine allocates power-of-two ranks, so it never is there). `interpret=None` interprets on CPU."""
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     num_slots, rank, in_features = a.shape

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.occupancy import auto_splits
 from pallas_kernels.read_widths import narrows, read_narrowest
 from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
 from pallas_kernels.tiled_attention import NEG_INF, cap_scores, tiled_paged_attention, visible
+
+# `jax.experimental.pallas.triton` (GPU compiler parameters, masked loads) is imported by the functions
+# that use it: its MLIR dialects cost every process about 5 MiB of resident memory, GPU or not.
 
 # Prompt chunks over tables of at least this many keys take the tiled (flash-style) form: at a 512-token
 # chunk it took 0.6x the dense form's CPU time, at 2,048 tokens 0.14x, and at a 1,904-token chunk over a
@@ -419,6 +421,8 @@ def paged_attention_pallas(
     multiple of the row block, the block table to whole steps (ids clipped into range). A head dim
     that is not a power of two pads the whole cache (a copy per call): slow, correct.
     """
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     batch, q_len, num_heads, head_dim = q.shape

@@ -33,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dequant import dequantize_packed
 from pallas_kernels.formats import LAYOUTS
 from pallas_kernels.occupancy import auto_splits, even_splits
 from pallas_kernels.shapes import MIN_DOT_DIM, next_power_of_2
+
+# `jax.experimental.pallas.triton` (GPU compiler parameters, masked loads) is imported by the functions
+# that use it: its MLIR dialects cost every process about 5 MiB of resident memory, GPU or not.
 
 # XLA:CPU fuses a weight's producer (a packed weight's dequantization, a `lax.scan` layer's slice) into a
 # one-row product only while the row is under this many bytes (`kFusionThresholdBytes` in XLA's
@@ -495,6 +497,8 @@ def _qmatmul_kernel(
 ):
     """One program: output rows [block_m] x columns [block_n] of one split of the packed columns (grid
     axis 2), written as that split's f32 partial sum."""
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     *w_refs, o_ref = refs
     arrays = dict(zip(names, w_refs, strict=True))
     planes, element_of, _ = _PLANES[fmt]
@@ -561,6 +565,8 @@ def qmatmul_pallas(
     Only activations are padded (rows to `block_m`, planes to whole steps); the packed arrays are
     read in place, with masked loads at the edges, so `out` and `in` need not divide the tiles.
     """
+    from jax.experimental.pallas import triton as plgpu  # where used: see the imports
+
     _check(x, arrays, fmt, out_in)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
