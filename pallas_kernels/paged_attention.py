@@ -31,8 +31,10 @@ from pallas_kernels.tiled_attention import NEG_INF, cap_scores, tiled_paged_atte
 
 # Prompt chunks over tables of at least this many keys take the tiled (flash-style) form: at a 512-token
 # chunk it took 0.6x the dense form's CPU time, at 2,048 tokens 0.14x, and at a 1,904-token chunk over a
-# 6,000-token context 0.07x (bench/RESULTS.md, "CPU prefill of long prompts").
-TILED_MIN_KEYS = 512
+# 6,000-token context 0.07x (bench/RESULTS.md, "CPU prefill of long prompts"); over 256-key tables, the
+# prefill step of 144- and 256-token prompts 0.87x (demo), 0.87-0.93x (Gemma-3-270M), 0.96x (Qwen2.5-0.5B)
+# the dense form's time (bench/RESULTS.md, "Greedy and sampled in one step").
+TILED_MIN_KEYS = 256
 # Decode under a sliding window narrower than the block table reads each row's window's pages only
 # (`_windowed_decode`). Read when tracing, so a benchmark may set it between compiles.
 WINDOWED_DECODE = True

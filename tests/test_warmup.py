@@ -191,8 +191,8 @@ def test_calls_take_the_widest_table_where_the_attention_costs_the_context(tiny,
     }
     monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 512)  # a 64-block table only
     assert runner.widths(decode=True) == [8, 16, 32, 64] == runner.widths()
-    monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 256)  # the default: decode from 32 blocks of 8
-    assert runner.widths(decode=True) == [8, 16, 64] and runner.widths() == [8, 16, 64]
+    monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 256)  # the default: from 32 blocks of 8
+    assert runner.widths(decode=True) == [8, 16, 64] == runner.widths()
     monkeypatch.setattr(runner_module, "WIDEST_FROM_KEYS", 128)
     monkeypatch.setattr(runner_module, "attention_cost_follows_context", lambda *a, **k: False)
     assert runner.widths(decode=True) == [8, 16, 32, 64] == runner.widths()

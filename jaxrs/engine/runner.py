@@ -60,9 +60,10 @@ MIN_WIDTH = 8
 # a compiled step; the shortest contexts, and the test suite's tiny models, then compile the few-width
 # steps (every decode on the widest table took the suite 28 minutes instead of 16: bench/RESULTS.md, "One
 # decode width from 512 keys"). From 256 keys a decode reads the widest table at the same widths a
-# 16-block table's switch would (2, 4, ..., 16 blocks), so that bucket is one compiled shape per rows
-# bucket the widest already covers (bench/RESULTS.md, "Greedy and sampled in one step"). A prompt chunk
-# takes the widest from the tiled form's threshold (`paged_attention.TILED_MIN_KEYS`, 512).
+# 16-block table's switch would (2, 4, ..., 16 blocks), and a prompt chunk over 256 keys takes the tiled
+# form (`paged_attention.TILED_MIN_KEYS`), whose loops run to the context: that bucket was one more
+# compiled shape per rows bucket and chunk that the widest already covers (bench/RESULTS.md, "Greedy and
+# sampled in one step").
 WIDEST_FROM_KEYS = 256
 
 # On CPU, calls of up to `qmatmul.CPU_GEMV_ROWS` rows take exactly as many rows as they serve (`rows`):
