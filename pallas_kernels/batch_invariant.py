@@ -4,9 +4,9 @@ Why: on XLA:CPU a product takes a different path by its number of rows, and the 
 orders. One row is XLA's own fused GEMV (partial sums in vector lanes along `in`, then across them);
 from two rows the dot goes to YNNPACK; the packed few-row products (`qmatmul._few_row_product`) add
 per-row GEMVs at 2-3 rows and tiles at 4-64, the whole product past 64. Attention switches from its
-dense to its tiled form once a block table reaches 512 keys, and the longest row sets the table's width.
-A seeded sampled request alone and the same request among other rows then differ in the last bits of
-their logits, and can draw different tokens at a near tie.
+dense to its tiled form once a block table reaches `paged_attention.TILED_MIN_KEYS` keys, and the
+longest row sets the table's width. A seeded sampled request alone and the same request among other
+rows then differ in the last bits of their logits, and can draw different tokens at a near tie.
 
 Products (`qmatmul_invariant`, `matmul_invariant`): one form at every row count. W goes a tile of its
 rows at a time (`lax.map`, `tile_rows`: set by W's shape alone), each tile dequantized into f32 and

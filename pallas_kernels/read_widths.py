@@ -5,9 +5,9 @@ the dots: a row of 136 keys in a 16-block table (256 keys) would gather nearly t
 Those gathers were a tenth (packed) to a fifth (f32) of a 32-row demo step (bench/RESULTS.md, "CPU
 decode, seventh round"). Here the table is cut, each step, to the narrowest of a few static widths that
 covers the longest row: a `lax.switch` over the same attention at each width, so nothing is compiled
-per context length (from 512 keys the engine sends a decode its widest table), the keys past a row's
-context stay masked as before, and the result is the whole table's (the columns dropped hold no key any
-row sees).
+per context length (from `runner.WIDEST_FROM_KEYS` keys the engine sends a decode its widest table), the
+keys past a row's context stay masked as before, and the result is the whole table's (the columns
+dropped hold no key any row sees).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ log = logging.getLogger("jaxrs")
 # The share of the system's limit on a process's memory maps (Linux `vm.max_map_count`, 65,530 by default)
 # that the executables held may fill. XLA:CPU maps each kernel of an executable on pages of its own (code,
 # constants, data: three maps), about 360 maps for one of the demo model's decode steps, so the server's
-# whole warm-up (then 187 shapes; 81 now) went past the limit, and the next compile failed to map its code
+# whole warm-up (then 187 shapes; 48 now) went past the limit, and the next compile failed to map its code
 # ("LLVM compilation error: Cannot allocate memory") and crashed the process. Past this share the least
 # recently used executables are dropped. Each also holds about 10 MiB of host memory, which this bounds too.
 MAP_SHARE = 0.5

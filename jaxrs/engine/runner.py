@@ -549,9 +549,10 @@ class ModelRunner:
         return arrays, step_flags(flags, greedy_apart=greedy_apart)
 
     def warmup_calls(self, profiles: Seq[SamplingParams]) -> tuple[list[StepCall], int]:
-        """Every decode and prefill bucket for each sampling profile (e.g. greedy, sampled), likeliest
-        first, and how many of them a server compiles before it answers: one row at the narrowest width
-        of its kind (decode for each profile, prefill at the chunks short prompts take). The rest follow
+        """Every decode and prefill bucket for each sampling profile that compiles a step of its own
+        (`step_profiles`: greedy and sampled share one), likeliest first, and how many of them a server
+        compiles before it answers: one row at the narrowest width of its kind (decode, and prefill at the
+        chunks short prompts take). The rest follow
         by their distance from those, one width (the next of its kind), doubling of rows or of chunk per
         step, so a growing sequence and a second user both find their shapes early, and the large rare
         ones come last.
